@@ -1,0 +1,6 @@
+"""structmat: structured matrices as first-class PyTorch layers."""
+
+from .structures import *  # noqa: F401,F403  (the public API is listed in structures.__all__)
+from .structures import __all__
+
+__version__ = "0.1.0"

@@ -1,0 +1,428 @@
+"""The StructuredLinear contract, the structure registry and spec parsing.
+
+Every structure subclasses :class:`StructuredLinear` and supplies only its own math:
+``_matmul`` (the weight applied to a 2-D batch), ``to_dense``, ``_project_`` (fill the
+parameters from a dense weight), ``flops`` and ``_factors`` (fan-in/fan-out of each weight
+factor, from which muP-style ``init_`` and ``param_groups`` are derived here, once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+REGISTRY: dict[str, type["StructuredLinear"]] = {}
+
+
+def register(cls: type["StructuredLinear"]) -> type["StructuredLinear"]:
+    """Class decorator: make a structure reachable by name from specs and plans."""
+    if cls.name in REGISTRY:
+        raise ValueError(f"structure name {cls.name!r} is registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def structure_class(name: str) -> type["StructuredLinear"]:
+    """Look a structure up by name; the registry is the allow-list."""
+    if not isinstance(name, str) or name not in REGISTRY:
+        raise ValueError(f"unknown structure {name!r}; valid structures: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StructureConfig:
+    """Base of the per-structure frozen configs. Subclasses validate in ``__post_init__``."""
+
+    name: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"structure": self.name}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple) and value and isinstance(value[0], StructureConfig):
+                value = [v.to_dict() for v in value]
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @property
+    def spec(self) -> str:
+        """The string form, e.g. ``monarch:nblocks=4,rank=1,pad=False``."""
+        args = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None or (f.default is not dataclasses.MISSING and value == f.default):
+                continue
+            if isinstance(value, tuple):
+                value = "x".join(str(v) for v in value)
+            args.append(f"{f.name}={value}")
+        return f"{self.name}:{','.join(args)}" if args else self.name
+
+
+def config_from_dict(data: dict[str, Any]) -> StructureConfig:
+    """Inverse of ``StructureConfig.to_dict``; types are resolved through the registry only."""
+    if not isinstance(data, dict) or "structure" not in data:
+        raise ValueError(f"a structure config must be a dict with a 'structure' key, got {data!r}")
+    data = dict(data)
+    cls = structure_class(data.pop("structure"))
+    return cls.Config.from_values(data)
+
+
+def check_int(owner: str, key: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: {key} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{owner}: {key} must be >= {minimum}, got {value}")
+
+
+def check_fraction(owner: str, key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}: {key} must be a number, got {value!r}")
+    if not (0.0 < float(value) < 1.0):
+        raise ValueError(f"{owner}: {key} must lie strictly between 0 and 1, got {value}")
+
+
+def _convert(owner: str, key: str, raw: Any, hint: Any) -> Any:
+    """Convert a spec-string or JSON value to the config field's declared type."""
+    text = raw.strip() if isinstance(raw, str) else raw
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if type(None) in args:  # Optional[X]
+        if text is None or text == "None":
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    try:
+        if hint is bool:
+            if isinstance(text, bool):
+                return text
+            if str(text).lower() in ("true", "1", "yes"):
+                return True
+            if str(text).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if hint is int:
+            if isinstance(text, float) and not text.is_integer():
+                raise ValueError
+            return int(text) if not isinstance(text, str) else int(text, 10)
+        if hint is float:
+            return float(text)
+        if origin is tuple and args and args[0] is int:
+            parts = text.split("x") if isinstance(text, str) else list(text)
+            return tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"{owner}: cannot read {key}={raw!r} as {getattr(hint, '__name__', hint)}") from None
+    return text
+
+
+def _config_from_values(cls: type[StructureConfig], values: dict[str, Any]) -> StructureConfig:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(
+            f"{cls.name}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names + ['ratio'])}"
+        )
+    converted = {k: _convert(cls.name, k, v, hints[k]) for k, v in values.items()}
+    try:
+        return cls(**converted)
+    except TypeError as err:  # missing required field
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        raise ValueError(f"{cls.name}: {err}; required keys: {', '.join(required)} (or ratio=)") from None
+
+
+StructureConfig.from_values = classmethod(_config_from_values)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class RatioSpec:
+    """The budget form ``<structure>:ratio=0.5``: the size is chosen once the shape is known."""
+
+    structure: str
+    ratio: float
+    fixed: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        structure_class(self.structure)
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not (0 < self.ratio < 1):
+            raise ValueError(f"{self.structure}: ratio must lie strictly between 0 and 1, got {self.ratio!r}")
+
+    def resolve(self, in_features: int, out_features: int) -> StructureConfig:
+        cls = structure_class(self.structure)
+        return cls.config_for_ratio(in_features, out_features, float(self.ratio), **dict(self.fixed))
+
+
+def parse_spec(spec: str | StructureConfig | RatioSpec) -> StructureConfig | RatioSpec:
+    """Parse ``name:key=value,...``; ``a * b * c`` is a Product of the factors in that order."""
+    if isinstance(spec, (StructureConfig, RatioSpec)):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"a structure spec must be a string or a config object, got {type(spec).__name__}")
+    if "*" in spec:
+        factors = tuple(parse_spec(part) for part in spec.split("*"))
+        if any(isinstance(f, RatioSpec) for f in factors):
+            raise ValueError(f"product {spec!r}: give each factor's size; ratio= is not supported inside a product")
+        return structure_class("product").Config(factors=factors)
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip().lower()
+    cls = structure_class(name)
+    values: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"{name}: cannot read {item!r} in spec {spec!r}; write key=value")
+        values[key.strip()] = value.strip()
+    if "ratio" in values:
+        ratio = _convert(name, "ratio", values.pop("ratio"), float)
+        hints = typing.get_type_hints(cls.Config)
+        names = [f.name for f in dataclasses.fields(cls.Config)]
+        for key in values:
+            if key not in names:
+                raise ValueError(f"{name}: unknown key {key!r}; valid keys: {', '.join(names + ['ratio'])}")
+        fixed = tuple((k, _convert(name, k, v, hints[k])) for k, v in values.items())
+        return RatioSpec(name, ratio, fixed)
+    return cls.Config.from_values(values)
+
+
+def resolve_spec(spec: str | StructureConfig | RatioSpec, in_features: int, out_features: int) -> StructureConfig:
+    parsed = parse_spec(spec)
+    if isinstance(parsed, RatioSpec):
+        return parsed.resolve(in_features, out_features)
+    return parsed
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared numerics helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def mup_std(fan_in: float, fan_out: float) -> float:
+    """muP-style init std of one factor: fan_in^-1/2 * min(1, sqrt(fan_out / fan_in))."""
+    return fan_in**-0.5 * min(1.0, math.sqrt(fan_out / fan_in))
+
+
+def work_dtype(t: Tensor) -> torch.dtype:
+    """Projections run in float64 for float64 input and float32 otherwise (never bf16)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def round_down8(n: int) -> int:
+    """Round a size down to a multiple of 8 (tensor-core friendly) when that costs at most 5% of it."""
+    down = n - n % 8
+    return down if down >= 8 and n - down <= 0.05 * n else n
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def check_divides(owner: str, key: str, value: int, sizes: dict[str, int], pad_ok: bool) -> None:
+    """Raise naming the valid choices when ``value`` does not divide every size."""
+    bad = {k: s for k, s in sizes.items() if s % value}
+    if not bad:
+        return
+    common = sorted(set.intersection(*(set(divisors(s)) for s in sizes.values())) - {1})
+    sizes_text = ", ".join(f"{k}={s}" for k, s in bad.items())
+    hint = " or pass pad=True (padding is counted in params and FLOPs)" if pad_ok else ""
+    raise ValueError(f"{owner}: {key}={value} does not divide {sizes_text}; valid {key}: {common}{hint}")
+
+
+def truncated_svd(blocks: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Batched rank-``rank`` SVD split symmetrically: returns (left, right, discarded sq. sigma)."""
+    u, s, vh = torch.linalg.svd(blocks, full_matrices=False)
+    root = s[..., :rank].sqrt()
+    left = u[..., :rank] * root.unsqueeze(-2)
+    right = root.unsqueeze(-1) * vh[..., :rank, :]
+    return left, right, (s[..., rank:] ** 2).sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# The contract
+# ----------------------------------------------------------------------------------------------
+
+
+class StructuredLinear(nn.Module):
+    """A linear map ``(..., in_features) -> (..., out_features)`` whose weight has a structure."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[StructureConfig]] = StructureConfig
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None, dtype=None) -> None:
+        super().__init__()
+        check_int(self.name, "in_features", in_features)
+        check_int(self.name, "out_features", out_features)
+        self.in_features = in_features
+        self.out_features = out_features
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    # --- what a structure implements --------------------------------------------------------
+    def _matmul(self, x: Tensor) -> Tensor:
+        """Apply the weight (no bias) to a 2-D batch ``(tokens, in_features)``."""
+        raise NotImplementedError
+
+    def to_dense(self) -> Tensor:
+        """The weight as a dense ``(out_features, in_features)`` tensor (differentiable)."""
+        raise NotImplementedError
+
+    def _project_(self, weight: Tensor) -> None:
+        """Fill the parameters with the projection of ``weight`` (called under no_grad)."""
+        raise NotImplementedError
+
+    def _weight_flops(self, tokens: int) -> int:
+        """FLOPs (2 x multiply-adds) of applying the weight to ``tokens`` rows."""
+        raise NotImplementedError
+
+    def _factors(self) -> dict[str, tuple[float, float]]:
+        """Each weight factor's parameter name -> (fan_in, fan_out) it acts with."""
+        raise NotImplementedError
+
+    @classmethod
+    def config_for_ratio(cls, in_features: int, out_features: int, ratio: float, **fixed: Any) -> StructureConfig:
+        """The config whose weight has about ``ratio`` of the dense parameters."""
+        raise ValueError(f"{cls.name}: the budget form ratio= is not supported; give the size explicitly")
+
+    # --- what the base supplies ---------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{self._label()}: input has last dimension {x.shape[-1]}, expected in_features={self.in_features}"
+            )
+        lead = x.shape[:-1]
+        y = self._matmul(x.reshape(-1, self.in_features))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    @property
+    def config(self) -> StructureConfig:
+        return self.Config(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self.Config)})
+
+    @property
+    def spec(self) -> str:
+        return self.config.spec
+
+    def _label(self) -> str:
+        return f"{type(self).__name__}(in_features={self.in_features}, out_features={self.out_features})"
+
+    @classmethod
+    def from_config(cls, config: StructureConfig, in_features: int, out_features: int, bias: bool = True,
+                    *, device=None, dtype=None) -> "StructuredLinear":
+        if not isinstance(config, cls.Config):
+            raise TypeError(f"{cls.name}: expected a {cls.Config.__name__}, got {type(config).__name__}")
+        kwargs = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        return cls(in_features, out_features, bias=bias, device=device, dtype=dtype, **kwargs)
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, bias: Tensor | None = None, **structure_args: Any) -> "StructuredLinear":
+        """The projection of a dense weight onto this structure (see each structure's ``_project_``)."""
+        weight = check_dense_weight(weight, cls.name, bias)
+        out_features, in_features = weight.shape
+        if "ratio" in structure_args:
+            ratio = structure_args.pop("ratio")
+            config = RatioSpec(cls.name, ratio, tuple(structure_args.items())).resolve(in_features, out_features)
+            structure_args = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        layer = cls(in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype,
+                    **structure_args)
+        with torch.no_grad():
+            layer._project_(weight)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **structure_args: Any) -> "StructuredLinear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{cls.name}.from_linear expects an nn.Linear, got {type(linear).__name__}")
+        return cls.from_dense(linear.weight.detach(), None if linear.bias is None else linear.bias.detach(),
+                              **structure_args)
+
+    def relative_error(self, weight: Tensor) -> float:
+        """||W - to_dense()||_F / ||W||_F, computed in float64."""
+        with torch.no_grad():
+            w = weight.detach().to(torch.float64)
+            diff = w - self.to_dense().detach().to(device=w.device, dtype=torch.float64)
+            return (torch.linalg.norm(diff) / torch.linalg.norm(w).clamp_min(1e-300)).item()
+
+    def param_count(self) -> int:
+        """Learnable numbers stored (bias included; sparse index buffers are not parameters)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops(self, tokens: int) -> int:
+        """FLOPs of this layer's own forward on ``tokens`` rows (2 per multiply-add, plus the bias add)."""
+        check_int(self.name, "tokens", tokens, minimum=0)
+        return self._weight_flops(tokens) + (tokens * self.out_features if self.bias is not None else 0)
+
+    def init_(self, generator: torch.Generator | None = None) -> "StructuredLinear":
+        """Fresh muP-style init: each factor ~ N(0, mup_std(fan_in, fan_out)^2); bias zero."""
+        with torch.no_grad():
+            for pname, (fan_in, fan_out) in self._factors().items():
+                self.get_parameter(pname).normal_(0.0, mup_std(fan_in, fan_out), generator=generator)
+            if self.bias is not None:
+                self.bias.zero_()
+        return self
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer groups with per-factor learning-rate multipliers (muP for Adam: lr ~ 1/fan_in,
+        relative to a dense layer of the same shape, so ``lr_mult = in_features / fan_in``)."""
+        groups = [
+            {"name": pname, "params": [self.get_parameter(pname)], "lr_mult": self.in_features / fan_in}
+            for pname, (fan_in, _) in self._factors().items()
+        ]
+        if self.bias is not None:
+            groups.append({"name": "bias", "params": [self.bias], "lr_mult": 1.0, "weight_decay": 0.0})
+        return groups
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+               f"bias={self.bias is not None}, spec={self.spec!r}"
+
+    # --- helpers for structures that pad ----------------------------------------------------------
+    def _pad_input(self, x: Tensor, padded_in: int) -> Tensor:
+        return x if padded_in == self.in_features else F.pad(x, (0, padded_in - self.in_features))
+
+    def _check_smaller_than_dense(self, weight_params: int, hint: str) -> None:
+        dense = self.in_features * self.out_features
+        if weight_params >= dense:
+            raise ValueError(
+                f"{self._label()} {self.spec}: {weight_params} weight parameters >= dense {dense}; {hint}"
+            )
+
+
+def check_dense_weight(weight: Any, owner: str, bias: Any = None) -> Tensor:
+    """Validate a dense weight (and bias) handed to ``from_dense``."""
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{owner}.from_dense: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"{owner}.from_dense: weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"{owner}.from_dense: weight must be floating point, got {weight.dtype}")
+    if weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
+        bad = int((~torch.isfinite(weight)).sum())
+        raise ValueError(f"{owner}.from_dense: weight has {bad} NaN/Inf entries; clean the checkpoint first")
+    if bias is not None:
+        if not isinstance(bias, Tensor) or bias.shape != (weight.shape[0],):
+            raise ValueError(f"{owner}.from_dense: bias must be a tensor of shape ({weight.shape[0]},)")
+        if bias.device.type != "meta" and not bool(torch.isfinite(bias).all()):
+            raise ValueError(f"{owner}.from_dense: bias has NaN/Inf entries; clean the checkpoint first")
+    return weight.detach()
+
