@@ -12,7 +12,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -202,6 +202,27 @@ def resolve_spec(spec: str | StructureConfig | RatioSpec, in_features: int, out_
     if isinstance(parsed, RatioSpec):
         return parsed.resolve(in_features, out_features)
     return parsed
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast paths. kernels/ registers implementations here, so structures never import kernels (the data flow
+# runs structures -> kernels). A fast path returns None when it does not apply to these inputs (device,
+# dtype, shape, the user's forced backend); the pure-PyTorch reference is the fallback and the definition.
+# ----------------------------------------------------------------------------------------------
+
+FAST_PATHS: dict[str, list[Callable[..., Tensor | None]]] = {}
+
+
+def register_fast_path(op: str, fn: Callable[..., Tensor | None]) -> None:
+    FAST_PATHS.setdefault(op, []).append(fn)
+
+
+def run_op(op: str, reference: Callable[..., Tensor], *args: Tensor) -> Tensor:
+    for fn in FAST_PATHS.get(op, ()):
+        out = fn(*args)
+        if out is not None:
+            return out
+    return reference(*args)
 
 
 # ----------------------------------------------------------------------------------------------

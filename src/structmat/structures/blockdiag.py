@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .base import StructuredLinear, StructureConfig, check_divides, check_int, divisors, register, round_up
+from .base import StructuredLinear, StructureConfig, check_divides, check_int, divisors, register, round_up, run_op
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class BlockDiagonal(StructuredLinear):
         return BlockDiagonalConfig(nblocks=nblocks, pad=bool(pad))
 
     def _matmul(self, x: Tensor) -> Tensor:
-        y = blockdiag_bmm(self._pad_input(x, self.in_padded), self.weight)
+        y = run_op("blockdiag", blockdiag_bmm, self._pad_input(x, self.in_padded), self.weight)
         return y[:, : self.out_features]
 
     def to_dense(self) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import StructuredLinear, StructureConfig, check_int, register, round_down8, truncated_svd, work_dtype
+from .base import StructuredLinear, StructureConfig, check_int, register, round_down8, run_op, truncated_svd, work_dtype
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,11 @@ class LowRankConfig(StructureConfig):
 def max_rank(in_features: int, out_features: int) -> int:
     """Largest rank whose factors hold fewer numbers than the dense matrix."""
     return (in_features * out_features - 1) // (in_features + out_features)
+
+
+def lowrank_multiply(x: Tensor, U: Tensor, V: Tensor) -> Tensor:
+    """Reference: x (N, in) -> (N, out) through the rank-r bottleneck."""
+    return F.linear(F.linear(x, V), U)
 
 
 @register
@@ -46,7 +51,7 @@ class LowRank(StructuredLinear):
         return LowRankConfig(rank=max(1, min(rank, max_rank(in_features, out_features))))
 
     def _matmul(self, x: Tensor) -> Tensor:
-        return F.linear(F.linear(x, self.V), self.U)
+        return run_op("lowrank", lowrank_multiply, x, self.U, self.V)
 
     def to_dense(self) -> Tensor:
         return self.U @ self.V

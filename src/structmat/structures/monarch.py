@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import (StructuredLinear, StructureConfig, check_divides, check_int, divisors, register, round_down8, round_up,
-                   truncated_svd, work_dtype)
+                   run_op,                   truncated_svd, work_dtype)
 from .blockdiag import blockdiag_bmm, blocks_of
 
 
@@ -109,7 +109,7 @@ class Monarch(StructuredLinear):
         return MonarchConfig(nblocks=b, block_rank=c, pad=bool(pad))
 
     def _matmul(self, x: Tensor) -> Tensor:
-        y = monarch_multiply(self._pad_input(x, self.in_padded), self.R, self.L)
+        y = run_op("monarch", monarch_multiply, self._pad_input(x, self.in_padded), self.R, self.L)
         return y[:, : self.out_features]
 
     def to_dense(self) -> Tensor:
