@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .base import (StructuredLinear, StructureConfig, check_divides, check_int, divisors, register, round_down8, round_up,
-                   run_op,                   truncated_svd, work_dtype)
+from .base import (StructuredLinear, StructureConfig, check_divides, check_int, divisors, register, round_down8,
+                   round_up, run_op, truncated_svd, work_dtype)
 from .blockdiag import blockdiag_bmm, blocks_of
 
 
