@@ -76,7 +76,7 @@ class Monarch(StructuredLinear):
         self._check_smaller_than_dense(
             b * c * (self.in_padded + self.out_padded),
             f"use more blocks or a lower rank (nblocks >= 3 for square shapes at rank=1; "
-            f"valid nblocks: {[d for d in divisors(in_features) if out_features % d == 0]})",
+            f"valid nblocks: {[d for d in divisors(in_features) if out_features % d == 0 and d > 1]})",
         )
         if c > min(u, p):
             raise ValueError(f"{self._label()}: block rank {c} exceeds the block size {u}x{p}")

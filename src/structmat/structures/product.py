@@ -48,7 +48,11 @@ class ProductConfig(StructureConfig):
         unknown = set(values) - {"factors", "dims"}
         if unknown:
             raise ValueError(f"product: unknown key(s) {sorted(unknown)}; valid keys: factors, dims")
-        factors = tuple(f if isinstance(f, StructureConfig) else config_from_dict(f) for f in values["factors"])
+        factors = values.get("factors")
+        if not isinstance(factors, (list, tuple)):
+            raise ValueError("product: write a product as its factors joined by '*', e.g. "
+                             "'blockdiag:nblocks=8 * nm:n=2,m=4 * blockdiag:nblocks=8'")
+        factors = tuple(f if isinstance(f, StructureConfig) else config_from_dict(f) for f in factors)
         dims = values.get("dims")
         return cls(factors=factors, dims=None if dims is None else tuple(int(d) for d in dims))
 

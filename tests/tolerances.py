@@ -1,0 +1,11 @@
+"""Every numeric tolerance of the test suite, in one table (relative errors unless named otherwise)."""
+
+import torch
+
+FORWARD_REL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}  # layer(x) vs x @ W^T
+GRAD_REL = {torch.float64: 1e-11, torch.float32: 1e-5}  # gradients vs the dense reference
+EXACT_RECOVERY_REL = 1e-10  # from_dense(member) in float64
+OPTIMUM_REL = 1e-9  # projection error vs the theoretical optimum, float64
+GD_IMPROVEMENT_REL = 1e-9  # gradient descent may not beat a closed-form projection by more than this
+INIT_STD_REL = 0.15  # sample std of a fresh factor vs its muP std
+RATIO_ABS = 0.03  # budget form: achieved param fraction vs the asked ratio (moderate shapes)
