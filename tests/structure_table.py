@@ -171,6 +171,7 @@ class Row:
     exact_shapes: list[tuple[int, int]] | None = None  # fixed shapes for recovery (None: the strategy)
     local_method: bool = False  # no closed form: projection is a documented local method
     typical: tuple[int, int] = (40, 24)  # one valid (in, out) for single-shape tests
+    fans: Callable[[Any], dict] | None = None  # layer -> {factor: (fan_in, fan_out)} as DESIGN.md defines them
     extra: dict = field(default_factory=dict)
 
 
@@ -203,19 +204,19 @@ ROWS = [
     Row("dense", lambda i, o: "dense", any_shape,
         lambda l: l.in_features * l.out_features,
         lambda l, t: 2 * t * l.in_features * l.out_features,
-        optimum=lambda w, l: 0.0),
+        optimum=lambda w, l: 0.0, fans=lambda l: {"weight": (l.in_features, l.out_features)}),
     Row("lowrank", lambda i, o: f"lowrank:rank={max(1, min(i, o) // 4)}", any_shape,
         lambda l: l.rank * (l.in_features + l.out_features),
         lambda l, t: 2 * t * l.rank * (l.in_features + l.out_features),
-        optimum=lambda w, l: opt_lowrank(w, l.rank)),
+        optimum=lambda w, l: opt_lowrank(w, l.rank), fans=lambda l: {"V": (l.in_features, l.rank), "U": (l.rank, l.out_features)}),
     Row("blockdiag", lambda i, o: "blockdiag:nblocks=3,pad=True", any_shape,
         lambda l: 3 * round_up(l.out_features, 3) // 3 * round_up(l.in_features, 3) // 3,
         lambda l, t: 2 * t * 3 * (round_up(l.out_features, 3) // 3) * (round_up(l.in_features, 3) // 3),
-        optimum=lambda w, l: opt_blockdiag(w, l.nblocks)),
+        optimum=lambda w, l: opt_blockdiag(w, l.nblocks), fans=lambda l: {"weight": (round_up(l.in_features, 3) // 3, round_up(l.out_features, 3) // 3)}),
     Row("monarch", lambda i, o: "monarch:nblocks=3,pad=True", st.tuples(st.integers(12, 40), st.integers(12, 40)),
         lambda l: 3 * l.c * (round_up(l.in_features, 3) + round_up(l.out_features, 3)),
         lambda l, t: 2 * t * 3 * l.c * (round_up(l.in_features, 3) + round_up(l.out_features, 3)),
-        optimum=lambda w, l: opt_monarch(w, l.nblocks, l.c)),
+        optimum=lambda w, l: opt_monarch(w, l.nblocks, l.c), fans=lambda l: {"R": (round_up(l.in_features, 3) // 3, 3 * l.c), "L": (3 * l.c, round_up(l.out_features, 3) // 3)}),
     Row("monarch_rank2", lambda i, o: "monarch:nblocks=8,rank=2,pad=True", st.tuples(st.integers(40, 72),
                                                                                        st.integers(40, 72)),
         lambda l: 8 * l.c * (round_up(l.in_features, 8) + round_up(l.out_features, 8)),
@@ -225,15 +226,15 @@ ROWS = [
         lambda l: l.rank * (l.a_shape[0] * l.a_shape[1] + l.b_shape[0] * l.b_shape[1]),
         lambda l, t: 2 * t * l.rank * (l.in_features * l.b_shape[0] + l.a_shape[0] * l.a_shape[1] * l.b_shape[0])
         + t * (l.rank - 1) * l.out_features,
-        optimum=lambda w, l: opt_kron(w, l.rank, l.a_shape), typical=(36, 20)),
+        optimum=lambda w, l: opt_kron(w, l.rank, l.a_shape), typical=(36, 20), fans=lambda l: {"B": (l.b_shape[1], l.b_shape[0]), "A": (l.rank * l.a_shape[1], l.a_shape[0])}),
     Row("nm", lambda i, o: "nm:n=2,m=4,pad=True", any_shape,
         lambda l: l.out_features * (round_up(l.in_features, 4) // 4) * 2,
         lambda l, t: 2 * t * l.out_features * (round_up(l.in_features, 4) // 4) * 2,
-        optimum=lambda w, l: opt_nm(w, 2, 4)),
+        optimum=lambda w, l: opt_nm(w, 2, 4), fans=lambda l: {"values": (round_up(l.in_features, 4) / 2, l.out_features / 2)}),
     Row("sparse", lambda i, o: "sparse:density=0.3", any_shape,
         lambda l: max(1, round(0.3 * l.in_features * l.out_features)),
         lambda l, t: 2 * t * max(1, round(0.3 * l.in_features * l.out_features)),
-        optimum=lambda w, l: opt_sparse(w, 0.3)),
+        optimum=lambda w, l: opt_sparse(w, 0.3), fans=lambda l: {"values": (l.values.numel() / l.out_features, l.values.numel() / l.in_features)}),
     Row("splr", lambda i, o: "splr:rank=2,density=0.05", st.tuples(st.integers(24, 40), st.integers(24, 40)),
         lambda l: max(1, round(0.05 * l.in_features * l.out_features)) + 2 * (l.in_features + l.out_features),
         lambda l, t: 2 * t * (max(1, round(0.05 * l.in_features * l.out_features))

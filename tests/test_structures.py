@@ -118,16 +118,18 @@ def test_dtypes_follow_the_layer_and_moves_work(row, dtype):
 
 @rows
 def test_init_is_mup_scaled_and_param_groups_cover_everything(row):
-    inn, out = row.typical
+    inn, out = (4 * d for d in row.typical)  # large enough for a meaningful sample std
     layer = structmat.build(row.spec(inn, out), inn, out)
     layer.init_(torch.Generator().manual_seed(1))
     groups = layer.param_groups()
     seen = [id(p) for g in groups for p in g["params"]]
     assert sorted(seen) == sorted(id(p) for p in layer.parameters())
     assert all(g["lr_mult"] > 0 and math.isfinite(g["lr_mult"]) for g in groups)
+    if row.fans is not None:
+        assert layer._factors() == row.fans(layer)
     for pname, (fan_in, fan_out) in layer._factors().items():
         p = layer.get_parameter(pname)
-        if p.numel() >= 200:
+        if p.numel() >= 100:
             expected = mup_std(fan_in, fan_out)
             assert abs(p.std().item() / expected - 1) < INIT_STD_REL, pname
     assert torch.count_nonzero(layer.bias) == 0
