@@ -12,7 +12,6 @@ Projection (no closed form): a documented local method whose reached error is st
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,8 +67,8 @@ class ProductConfig(StructureConfig):
 class Product(StructuredLinear):
     name = "product"
     Config = ProductConfig
-    als_sweeps = 5
-    adam_steps = 300
+    als_sweeps = 3
+    adam_steps = 200
 
     def __init__(self, in_features: int, out_features: int, factors: tuple[StructureConfig, ...],
                  dims: tuple[int, ...] | None = None, bias: bool = True, *, device=None, dtype=None):
@@ -171,7 +170,7 @@ class Product(StructuredLinear):
         for f in reversed(self.layers[i + 1:]):
             right = f.to_dense().to(w.dtype) @ right
         target = torch.linalg.pinv(left) @ w @ torch.linalg.pinv(right)
-        saved = copy.deepcopy(layer.state_dict())
+        saved = _clone(layer.state_dict())
         before = self._error(w)
         layer._project_(target)
         if self._error(w) > before:
@@ -179,7 +178,7 @@ class Product(StructuredLinear):
 
     def _adam_refine(self, w: Tensor) -> float:
         params = [p for p in self.layers.parameters()]
-        best_err, best_state = self._error(w), copy.deepcopy(self.layers.state_dict())
+        best_err, best_state = self._error(w), _clone(self.layers.state_dict())
         if self.adam_steps == 0:
             return best_err
         with torch.enable_grad():
@@ -193,7 +192,11 @@ class Product(StructuredLinear):
                 sched.step()
                 err = self._error(w)
                 if err < best_err:
-                    best_err, best_state = err, copy.deepcopy(self.layers.state_dict())
+                    best_err, best_state = err, _clone(self.layers.state_dict())
         self.layers.load_state_dict(best_state)
         return best_err
 
+
+
+def _clone(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}

@@ -1,0 +1,1 @@
+"""Evaluation: projection tables, fidelity, perplexity, speed."""
