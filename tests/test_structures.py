@@ -137,3 +137,13 @@ def test_init_is_mup_scaled_and_param_groups_cover_everything(row):
 
 def test_every_registered_structure_has_a_row():
     assert {r.name.split("_")[0] for r in ROWS} == set(structmat.REGISTRY)
+
+
+@rows
+def test_autocast_dtype_is_followed(row):
+    layer = with_random_bias(make(row, row.typical, dtype=torch.float32))
+    x = torch.randn(5, layer.in_features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert rel(y, layer(x)) < FORWARD_REL[torch.bfloat16]

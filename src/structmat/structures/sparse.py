@@ -53,7 +53,7 @@ class _SparseBase(StructuredLinear):
         return super().init_(generator)
 
     def _matmul(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.to_dense().to(x.dtype))
+        return F.linear(x, self.to_dense())
 
 
 @register
