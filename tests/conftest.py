@@ -12,6 +12,10 @@ settings.register_profile("structmat", max_examples=12, deadline=None, derandomi
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "structmat"))
 
 
+# Small problems: one thread avoids oversubscription stalls in LAPACK on small shared machines.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

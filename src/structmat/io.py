@@ -1,0 +1,487 @@
+"""Save and load HF models whose linear layers were structured: safetensors weights + a versioned JSON plan.
+
+A saved directory holds
+
+* ``config.json`` (and ``generation_config.json`` for generative models): the base transformers config;
+* ``model.safetensors``: every tensor of the state dict once (tied/shared tensors are stored under one name and
+  listed in ``structmat.json["shared"]``), with ``{"format": "pt"}`` metadata;
+* ``structmat.json``: ``{"format": "structmat", "version": 1, "model_class": "LlamaForCausalLM",
+  "modules": {qualified_name: config.to_dict() + {"bias", "in_features", "out_features"}}, "shared": {...},
+  "files": {"model.safetensors": {"bytes": ..., "sha256": ...}}}``.
+
+Writes are atomic: the files are written under a staging folder inside the directory, an older ``structmat.json``
+is removed first, the files are renamed into place (``os.replace``) and ``structmat.json`` is written last, so a
+directory with a ``structmat.json`` is always complete. Loading resolves the model class only among transformers'
+``PreTrainedModel`` classes and the structures only through the structure registry (allow-lists), builds the model
+with its parameters on the meta device, and reads the weights with safetensors (never pickle).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .structures.base import StructuredLinear, config_from_dict, structure_class
+from .surgery import _conv1d_class, _locations, dense_weight, structured_modules
+
+FORMAT = "structmat"
+VERSION = 1
+MANIFEST = "structmat.json"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+_STAGING_PREFIX = ".structmat-staging-"
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes
+# ----------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path``, fsync it and rename it over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _file_digest(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Save
+# ----------------------------------------------------------------------------------------------
+
+
+def _module_entry(layer: StructuredLinear) -> dict[str, Any]:
+    entry = layer.config.to_dict()
+    entry.update({"bias": layer.bias is not None, "in_features": layer.in_features,
+                  "out_features": layer.out_features})
+    return entry
+
+
+def _dedupe(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Store every tensor once: identical views of one storage (tied weights) become aliases of the first name;
+    other tensors sharing a storage are copied (safetensors refuses shared storage)."""
+    tensors: dict[str, Tensor] = {}
+    shared: dict[str, str] = {}
+    first: dict[tuple, str] = {}
+    storages: dict[tuple, int] = {}
+    for name, t in state.items():
+        t = t.detach()
+        if t.numel() and t.device.type != "meta":
+            skey = (t.device.type, t.device.index, t.untyped_storage().data_ptr())
+            vkey = (*skey, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            if vkey in first:
+                shared[name] = first[vkey]
+                continue
+            first[vkey] = name
+            storages[skey] = storages.get(skey, 0) + 1
+        tensors[name] = t
+    for name, t in tensors.items():
+        skey = (t.device.type, t.device.index, t.untyped_storage().data_ptr()) if t.numel() else None
+        full = t.untyped_storage().nbytes() == t.numel() * t.element_size() if t.numel() else True
+        if (skey is not None and storages.get(skey, 0) > 1) or not full or not t.is_contiguous():
+            tensors[name] = t.contiguous().clone()
+    return tensors, shared
+
+
+def _model_class_name(model: nn.Module) -> str:
+    import transformers
+
+    if not isinstance(model, transformers.PreTrainedModel):
+        raise ValueError(f"save_pretrained needs a transformers PreTrainedModel (with a .config), got "
+                         f"{type(model).__name__}")
+    name = type(model).__name__
+    if getattr(transformers, name, None) is not type(model):
+        raise ValueError(f"{name} is not a class exported by transformers, so load_pretrained could not rebuild it; "
+                         "save a model whose class is transformers.<ModelClass>")
+    return name
+
+
+def _clean_stale_staging(directory: Path) -> None:
+    for old in directory.glob(_STAGING_PREFIX + "*"):
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and ``structmat.json`` into ``directory`` (atomically)."""
+    from safetensors.torch import save_file
+
+    class_name = _model_class_name(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    meta = sorted(k for k, v in state.items() if v.device.type == "meta")
+    if meta:
+        raise ValueError(f"cannot save: {len(meta)} tensors are on the meta device (e.g. {meta[0]}); load or "
+                         "materialize the weights first")
+    modules = {name: _module_entry(layer) for name, layer in structured_modules(model).items()}
+    tensors, shared = _dedupe(state)
+
+    _clean_stale_staging(directory)
+    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=directory))
+    try:
+        config = copy.deepcopy(model.config)
+        config.architectures = [class_name]
+        config.save_pretrained(staging)
+        files = [CONFIG]
+        generation = getattr(model, "generation_config", None)
+        can_generate = getattr(model, "can_generate", None)
+        if generation is not None and callable(can_generate) and can_generate():
+            generation.save_pretrained(staging)
+            files.append("generation_config.json")
+        save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
+        files.append(WEIGHTS)
+        for name in files:
+            _fsync_file(staging / name)
+        size, digest = _file_digest(staging / WEIGHTS)
+        import transformers
+
+        from . import __version__
+
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model_class": class_name,
+            "modules": modules,
+            "shared": shared,
+            "files": {WEIGHTS: {"bytes": size, "sha256": digest}},
+            "structmat_version": __version__,
+            "transformers_version": transformers.__version__,
+            "torch_version": torch.__version__,
+        }
+        text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+        # Commit: the old manifest goes first, so a crash part-way leaves a directory that refuses to load instead
+        # of one whose manifest describes other weights; the new manifest comes last.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(directory / MANIFEST)
+        for name in files:
+            os.replace(staging / name, directory / name)
+        _fsync_dir(directory)
+        _write_atomic(directory / MANIFEST, text.encode())
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+# ----------------------------------------------------------------------------------------------
+# Load
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Parameters are created on the meta device (no memory, no init cost) while buffers are built for real, so the
+    non-persistent ones (rotary ``inv_freq``, ``position_ids``, ...) get exactly the values the model's own
+    constructor computes."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _fail(directory: Path, what: str, fix: str) -> ValueError:
+    return ValueError(f"cannot load {directory}: {what}; {fix}")
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise _fail(directory, f"{MANIFEST} is missing (not a structmat save, or the save did not finish)",
+                    "save the model again with structmat.io.save_pretrained")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise _fail(directory, f"{MANIFEST} is not valid JSON ({err})", "the file is corrupt: save the model again")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        raise _fail(directory, f"{MANIFEST} has format {fmt!r}, expected {FORMAT!r}",
+                    "point load_pretrained at a directory written by structmat.io.save_pretrained")
+    version = manifest.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise _fail(directory, f"{MANIFEST} has an invalid version {version!r}", "save the model again")
+    if version > VERSION:
+        raise _fail(directory, f"{MANIFEST} has version {version}, newer than this structmat reads (version "
+                    f"{VERSION})", "upgrade structmat (pip install -U structmat)")
+    missing = [k for k in ("model_class", "modules") if k not in manifest]
+    if missing:
+        raise _fail(directory, f"{MANIFEST} lacks the key(s) {', '.join(missing)}", "save the model again")
+    if not isinstance(manifest["model_class"], str) or not manifest["model_class"].isidentifier():
+        raise _fail(directory, f"{MANIFEST} has an invalid model_class {manifest['model_class']!r}",
+                    "save the model again")
+    if not isinstance(manifest["modules"], dict):
+        raise _fail(directory, f"{MANIFEST}: 'modules' must be an object", "save the model again")
+    shared = manifest.get("shared", {})
+    if not isinstance(shared, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in shared.items()):
+        raise _fail(directory, f"{MANIFEST}: 'shared' must map tensor names to tensor names", "save the model again")
+    return manifest
+
+
+def _resolve_class(directory: Path, name: str) -> type:
+    import transformers
+
+    try:
+        cls = getattr(transformers, name, None)
+    except Exception:  # transformers' lazy module may fail to import an optional backend
+        cls = None
+    if not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
+        raise _fail(directory, f"model_class {name!r} is not a transformers PreTrainedModel class",
+                    f"use a transformers version that provides transformers.{name}, or fix model_class in "
+                    f"{MANIFEST}")
+    return cls
+
+
+def _read_config(directory: Path, cls: type, name: str) -> Any:
+    if not (directory / CONFIG).is_file():
+        raise _fail(directory, f"{CONFIG} is missing", "save the model again (save_pretrained writes it)")
+    try:
+        config = cls.config_class.from_pretrained(str(directory), local_files_only=True)
+    except Exception as err:
+        raise _fail(directory, f"{CONFIG} cannot be read as a {cls.config_class.__name__} ({err})",
+                    "the file is corrupt: save the model again") from None
+    architectures = getattr(config, "architectures", None)
+    if architectures and name not in architectures:
+        raise _fail(directory, f"model_class {name!r} is not among the config's architectures {architectures}",
+                    f"make {MANIFEST} and {CONFIG} agree")
+    return config
+
+
+def _swap_in_structured(directory: Path, model: nn.Module, modules: dict[str, Any]) -> None:
+    conv1d = _conv1d_class()
+    where = _locations(model)
+    for name, entry in modules.items():
+        if not isinstance(entry, dict):
+            raise _fail(directory, f"{MANIFEST}: module {name!r} has no structure config", "save the model again")
+        entry = dict(entry)
+        bias = entry.pop("bias", None)
+        in_f = entry.pop("in_features", None)
+        out_f = entry.pop("out_features", None)
+        if not isinstance(bias, bool):
+            raise _fail(directory, f"{MANIFEST}: module {name!r} lacks 'bias': true/false", "save the model again")
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise _fail(directory, f"{MANIFEST} lists module {name!r}, which {type(model).__name__} does not have",
+                        f"check that {CONFIG} is the config the model was saved with") from None
+        if isinstance(old, nn.Linear) or (conv1d is not None and isinstance(old, conv1d)):
+            shape_out, shape_in = dense_weight(old).shape
+            in_f = shape_in if in_f is None else in_f
+            out_f = shape_out if out_f is None else out_f
+            if (in_f, out_f) != (shape_in, shape_out):
+                raise _fail(directory, f"module {name!r} is {shape_in}->{shape_out} in the model but "
+                            f"{in_f}->{out_f} in {MANIFEST}", f"check that {CONFIG} matches the saved model")
+        elif in_f is None or out_f is None:
+            raise _fail(directory, f"module {name!r} is a {type(old).__name__}, not a linear layer, and "
+                        f"{MANIFEST} does not give its in_features/out_features", "save the model again")
+        try:
+            config = config_from_dict(entry)
+            layer = structure_class(config.name).from_config(config, in_f, out_f, bias=bias, device="meta")
+        except (TypeError, ValueError) as err:
+            raise _fail(directory, f"{MANIFEST}: module {name!r}: {err}", "save the model again") from None
+        for parent, key in where.get(id(old), []):
+            setattr(parent, key, layer)
+
+
+def _load_tensors(directory: Path, manifest: dict[str, Any], device: Any, verify: bool) -> dict[str, Tensor]:
+    from safetensors import safe_open
+
+    path = directory / WEIGHTS
+    if not path.is_file():
+        raise _fail(directory, f"{WEIGHTS} is missing", "save the model again")
+    record = manifest.get("files", {}).get(WEIGHTS) if isinstance(manifest.get("files"), dict) else None
+    if isinstance(record, dict):
+        size = path.stat().st_size
+        if isinstance(record.get("bytes"), int) and size != record["bytes"]:
+            raise _fail(directory, f"{WEIGHTS} has {size} bytes but {MANIFEST} records {record['bytes']} "
+                        "(truncated or replaced)", "save the model again or restore the file")
+        if verify and isinstance(record.get("sha256"), str):
+            _, digest = _file_digest(path)
+            if digest != record["sha256"]:
+                raise _fail(directory, f"{WEIGHTS} does not match the sha256 recorded in {MANIFEST} (corrupt)",
+                            "save the model again or restore the file")
+    target = "cpu" if device is None else str(torch.device(device))
+    tensors: dict[str, Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt", device=target) as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    except Exception as err:
+        raise _fail(directory, f"{WEIGHTS} is truncated or corrupt ({type(err).__name__}: {err})",
+                    "save the model again or restore the file") from None
+    return tensors
+
+
+def _check_keys(directory: Path, model: nn.Module, tensors: dict[str, Tensor]) -> None:
+    expected = model.state_dict(keep_vars=True)
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing:
+        raise _fail(directory, f"{WEIGHTS} lacks {len(missing)} tensor(s) the model needs, e.g. "
+                    f"{', '.join(missing[:5])}", "the file does not belong to this config/plan: save the model again")
+    if unexpected:
+        raise _fail(directory, f"{WEIGHTS} has {len(unexpected)} tensor(s) the model does not have, e.g. "
+                    f"{', '.join(unexpected[:5])}", f"the file does not belong to this {CONFIG}/{MANIFEST}: save the "
+                    "model again")
+    for key, want in expected.items():
+        got = tensors[key]
+        if tuple(got.shape) != tuple(want.shape):
+            raise _fail(directory, f"tensor {key!r} in {WEIGHTS} has shape {tuple(got.shape)} but the model expects "
+                        f"{tuple(want.shape)}", f"the file does not match {CONFIG}/{MANIFEST}: save the model again")
+        if got.is_floating_point() != want.is_floating_point():
+            raise _fail(directory, f"tensor {key!r} in {WEIGHTS} has dtype {got.dtype}, the model expects "
+                        f"{want.dtype}", "save the model again")
+
+
+def _reshare(model: nn.Module, shared: dict[str, str]) -> None:
+    """Make every alias the same Parameter/buffer object as its source, as it was when saved."""
+    for alias, source in shared.items():
+        src = model.get_parameter(source) if _is_param(model, source) else model.get_buffer(source)
+        parent_name, _, attr = alias.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if attr in parent._parameters and isinstance(src, nn.Parameter):
+            parent._parameters[attr] = src
+        elif attr in parent._buffers:
+            parent._buffers[attr] = src
+
+
+def _is_param(model: nn.Module, name: str) -> bool:
+    parent_name, _, attr = name.rpartition(".")
+    return attr in model.get_submodule(parent_name)._parameters
+
+
+def _materialize_meta_buffers(directory: Path, model: nn.Module, cls: type, config: Any) -> None:
+    """Fallback for a buffer the constructor derived from a (meta) parameter: rebuild the model on the CPU once and
+    copy those buffers (slow but exact). A parameter left on meta is an error."""
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if left:
+        raise _fail(directory, f"parameters {left[:5]} were not loaded", "save the model again")
+    todo = [n for n, b in model.named_buffers() if b.device.type == "meta"]
+    if not todo:
+        return
+    with torch.no_grad():
+        reference = cls(config)
+    for name in todo:
+        parent_name, _, attr = name.rpartition(".")
+        try:
+            value = reference.get_buffer(name)
+        except AttributeError:
+            raise _fail(directory, f"buffer {name!r} could not be materialized", "report this model class") from None
+        model.get_submodule(parent_name)._buffers[attr] = value
+    del reference
+
+
+def load_pretrained(directory: str | os.PathLike, device: Any = None, dtype: torch.dtype | None = None, *,
+                    verify: bool = True) -> nn.Module:
+    """Rebuild a model saved by :func:`save_pretrained`: same class, same structured layers, same weights (the
+    outputs are bit-identical on the same device and dtype). ``dtype`` casts the floating-point weights;
+    ``verify`` checks the weights file against the sha256 recorded when it was saved. Returns it in eval mode."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"cannot load {directory}: no such directory")
+    manifest = _read_manifest(directory)
+    name = manifest["model_class"]
+    cls = _resolve_class(directory, name)
+    config = _read_config(directory, cls, name)
+    with _parameters_on_meta():
+        model = cls(config)
+    _swap_in_structured(directory, model, manifest["modules"])
+
+    tensors = _load_tensors(directory, manifest, device, verify)
+    shared = manifest.get("shared", {})
+    for alias, source in shared.items():
+        if source not in tensors:
+            raise _fail(directory, f"{MANIFEST} says {alias!r} shares {source!r}, which is not in {WEIGHTS}",
+                        "save the model again")
+        tensors[alias] = tensors[source]
+    _check_keys(directory, model, tensors)
+    if dtype is not None:
+        tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}
+        for alias, source in shared.items():
+            tensors[alias] = tensors[source]
+    model.load_state_dict(tensors, strict=True, assign=True)
+    _reshare(model, shared)
+    _tie_checked(directory, model)
+    _materialize_meta_buffers(directory, model, cls, config)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def _tie_checked(directory: Path, model: nn.Module) -> None:
+    """Call transformers' ``tie_weights`` (it re-ties what the config ties) and make sure it changed no values:
+    a config that ties two tensors saved with different values is an error, never a silent change."""
+    tie = getattr(model, "tie_weights", None)
+    if not callable(tie):
+        return
+    before = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    tie()
+    after = model.state_dict(keep_vars=True)
+    added = sorted(set(after) - set(before))
+    if added:
+        raise _fail(directory, f"transformers' tie_weights added tensors {added[:5]} (a tied layer was structured)",
+                    "set tie_word_embeddings=false in config.json")
+    for key, tensor in after.items():
+        old = before.get(key)
+        if old is None or tensor is old:
+            continue
+        if tensor.shape != old.shape or not torch.equal(tensor.detach(), old.detach()):
+            raise _fail(directory, f"{CONFIG} ties {key!r} to another weight, but the saved values differ",
+                        "set tie_word_embeddings=false in config.json (structmat.surgery.structurize does this when "
+                        "it structures a tied layer)")
+
+
+__all__ = ["save_pretrained", "load_pretrained", "FORMAT", "VERSION"]
