@@ -9,3 +9,7 @@ OPTIMUM_REL = 1e-9  # projection error vs the theoretical optimum, float64
 GD_IMPROVEMENT_REL = 1e-9  # gradient descent may not beat a closed-form projection by more than this
 INIT_STD_REL = 0.15  # sample std of a fresh factor vs its muP std
 RATIO_ABS = 0.03  # budget form: achieved param fraction vs the asked ratio (moderate shapes)
+STATS_REL = 1e-12  # streamed Gram statistics vs a direct X^T X
+NEVER_WORSE_SLACK = 1e-9  # a data-aware projection vs its data-free counterpart on the calibration objective
+CURVE_REL = 1e-8  # predicted low-rank error curve vs the projection's actual error
+STRICT_GAIN = 0.9  # "strictly better": at most this fraction of the data-free error on correlated data

@@ -18,13 +18,17 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+#: Autotune per shape (default). With STRUCTMAT_AUTOTUNE=0 (or AUTOTUNE = False) a fixed heuristic config runs:
+#: one compile per dtype, for quick tests.
+AUTOTUNE = os.environ.get("STRUCTMAT_AUTOTUNE", "1") != "0"
 
 
 def _bench(kernel_call, quantiles):
     # Short autotuning runs: the grid has many shapes and device time is precious. Medians are stable at this length.
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+    return triton.testing.do_bench(kernel_call, warmup=3, rep=15, quantiles=quantiles)
 
 
 def _configs():
@@ -57,8 +61,8 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.jit
 def _grouped_gemm(A, B, C, M, N, K, M_BUCKET,
-                  s_ag, s_am, s_ak, s_bg, s_bk, s_bn, s_cg, s_cm, s_cn, s_cchunk,
-                  CHUNK: tl.constexpr, PRECISION: tl.constexpr,
+                  s_ag, s_am, s_ak, s_bg, s_bk, s_bn, s_cg, s_cm, s_cn, s_cchunk, CHUNK,
+                  PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
@@ -88,19 +92,21 @@ def _grouped_gemm(A, B, C, M, N, K, M_BUCKET,
         a_ptrs += BLOCK_K * s_ak
         b_ptrs += BLOCK_K * s_bk
 
+    # CHUNK is a runtime int (0 = no chunking) so that every Monarch block rank shares one compiled kernel.
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    c_rows = C + g * s_cg + offs_m[:, None] * s_cm
     if CHUNK == 0:
-        col = offs_n * s_cn
+        tl.store(c_rows + (offs_n * s_cn)[None, :], acc.to(C.dtype.element_ty), mask=mask)
     elif CHUNK % BLOCK_N == 0:
-        n0 = pid_n * BLOCK_N  # the whole tile lies in one chunk: contiguous store
-        col = (n0 // CHUNK) * s_cchunk + (n0 % CHUNK) * s_cn + tl.arange(0, BLOCK_N) * s_cn
+        n0 = pid_n * BLOCK_N  # the whole tile lies in one chunk: one contiguous run per row
+        base = (n0 // CHUNK) * s_cchunk + (n0 % CHUNK) * s_cn
+        tl.store(c_rows + (base + tl.arange(0, BLOCK_N) * s_cn)[None, :], acc.to(C.dtype.element_ty), mask=mask)
     else:
         col = (offs_n // CHUNK) * s_cchunk + (offs_n % CHUNK) * s_cn
-    c_ptrs = C + g * s_cg + offs_m[:, None] * s_cm + col[None, :]
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=mask)
+        tl.store(c_rows + col[None, :], acc.to(C.dtype.element_ty), mask=mask)
 
 
-_grouped_gemm_tuned = triton.autotune(_configs(), key=["M_BUCKET", "N", "K", "CHUNK", "s_am", "s_bk"],
+_grouped_gemm_tuned = triton.autotune(_configs(), key=["M_BUCKET", "N", "K", "s_am", "s_bk", "s_cn"],
                                       prune_configs_by={"early_config_prune": _prune}, do_bench=_bench)(_grouped_gemm)
 
 # The interpreter (CPU CI) gets one fixed small config; it cannot time anything.
@@ -125,16 +131,30 @@ def grouped_gemm(a: Tensor, a_strides, b: Tensor, b_strides, c: Tensor, c_stride
     if K == 0:
         # Nothing to accumulate: write the zeros explicitly (the kernel would too, but keep it obvious).
         raise ValueError("grouped_gemm: K == 0 is not supported")
-    args = (a, b, c, M, N, K, _bucket(M), *a_strides, *b_strides, *c_strides, chunk_stride)
+    args = (a, b, c, M, N, K, _bucket(M), *a_strides, *b_strides, *c_strides, chunk_stride, chunk)
     prec = _precision(a.dtype)
     if INTERPRET or not a.is_cuda:
         cfg = _INTERPRET_CONFIG
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), groups)
-        _grouped_gemm[grid](*args, CHUNK=chunk, PRECISION=prec, **cfg)
+        _grouped_gemm[grid](*args, PRECISION=prec, **cfg)
+    elif not AUTOTUNE:
+        cfg = ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8} if M > 64
+               else {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8})
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), groups)
+        _grouped_gemm[grid](*args, PRECISION=prec, num_warps=8 if M > 64 else 4, num_stages=3, **cfg)
     else:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), groups)  # noqa: E731
-        _grouped_gemm_tuned[grid](*args, CHUNK=chunk, PRECISION=prec)
+        key = (_bucket(M), N, K, a_strides[1], b_strides[1], c_strides[2], a.dtype, b.dtype, c.dtype, prec,
+               a.device.index)
+        cfg = _BEST.get(key)
+        if cfg is None:  # first call for this key: autotune, then remember the winner
+            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), groups)  # noqa
+            _grouped_gemm_tuned[grid](*args, PRECISION=prec)
+            _BEST[key] = _grouped_gemm_tuned.best_config.all_kwargs()
+        else:  # later calls skip the autotuner's per-call Python (host time is what few-token calls pay)
+            grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), groups)
+            _grouped_gemm[grid](*args, PRECISION=prec, **cfg)
     return c
 
 
-Tensor = torch.Tensor
+_BEST: dict[tuple, dict] = {}
+

@@ -1,4 +1,4 @@
-"""Triton-backed ``torch.library`` custom ops for the block-diagonal and Monarch products.
+"""``torch.library`` custom ops for the block-diagonal and Monarch products (Triton and cuBLAS engines).
 
 Each op has a fake (meta) implementation and a registered autograd formula whose backward is itself a custom op,
 so ``torch.compile(fullgraph=True)`` traces through them as opaque nodes. Shapes follow the structures' references:
@@ -24,6 +24,26 @@ from ._triton_gemm import grouped_gemm
 #: Tests set this to fill every output buffer with NaN before the kernel writes it (an unwritten element shows).
 POISON = False
 
+#: Which engine runs each GEMM role when an op is called with engine="triton": "triton" (the grouped kernel) or
+#: "cublas" (torch.bmm on strided views, writing through a strided ``out=``: cuBLAS strided-batched accepts any
+#: batch stride, so no copy is made). The permuted roles (Monarch stage 1 and the gradient of its output, whose
+#: output columns are not one strided matrix) use the Triton kernel's chunked store under "triton", and under
+#: engine="cublas" one strided-batched call per output chunk (b calls, still no transposed copy).
+#: Defaults from ``calibrate()`` on an H100 (benchmarks/NOTES.md, run 2): cuBLAS won or tied every non-permuted
+#: role (bd forward 0.102 vs 0.131 ms at 8192x4096, nblocks=4), so Triton keeps only the permuted ones.
+IMPL = {"bd_fwd": "cublas", "bd_dx": "cublas", "bd_dw": "cublas", "mon_s1": "triton", "mon_dh": "triton",
+        "mon_s2": "cublas", "mon_dx": "cublas", "mon_dl": "cublas", "mon_dr": "cublas"}
+ENGINES = ("triton", "cublas")
+
+
+def _impl(role: str, engine: str) -> str:
+    return "cublas" if engine == "cublas" else IMPL[role]
+
+
+def _bmm_into(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    torch.bmm(a, b, out=out)
+    return out
+
 
 def _empty(shape, like: Tensor) -> Tensor:
     if POISON:
@@ -31,74 +51,80 @@ def _empty(shape, like: Tensor) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
-def _zeros_if_empty(t: Tensor, n_tokens: int) -> Tensor | None:
-    return t.zero_() if n_tokens == 0 else None
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Block-diagonal
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _bd_forward(x: Tensor, W: Tensor) -> Tensor:
+def _bd_forward(x: Tensor, W: Tensor, engine: str = "triton") -> Tensor:
     b, u, p = W.shape
     n = x.shape[0]
     y = _empty((n, b * u), x)
     # group g: A = x[:, g*p:(g+1)*p] (n, p); B[j, t] = W[g, t, j] (p, u); C = y[:, g*u:(g+1)*u]
+    if _impl("bd_fwd", engine) == "cublas":
+        _bmm_into(x.reshape(n, b, p).transpose(0, 1), W.transpose(1, 2), y.view(n, b, u).transpose(0, 1))
+        return y
     grouped_gemm(x, (p * x.stride(1), x.stride(0), x.stride(1)), W, (W.stride(0), W.stride(2), W.stride(1)),
                  y, (u, y.stride(0), 1), b, n, u, p)
     return y
 
 
-def _bd_backward(dy: Tensor, x: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
+def _bd_backward(dy: Tensor, x: Tensor, W: Tensor, engine: str = "triton") -> tuple[Tensor, Tensor]:
     b, u, p = W.shape
     n = x.shape[0]
     dx = _empty((n, b * p), x)
     dW = _empty((b, u, p), W)
+    dy = dy.contiguous()  # (autograd may hand an expanded or transposed gradient)
     # dx_g = dy_g @ W_g: A = dy[:, g*u:] (n, u); B[t, j] = W[g, t, j]
-    grouped_gemm(dy, (u * dy.stride(1), dy.stride(0), dy.stride(1)), W, (W.stride(0), W.stride(1), W.stride(2)),
-                 dx, (p, dx.stride(0), 1), b, n, p, u)
+    if _impl("bd_dx", engine) == "cublas":
+        _bmm_into(dy.view(n, b, u).transpose(0, 1), W, dx.reshape(n, b, p).transpose(0, 1))
+    else:
+        grouped_gemm(dy, (u * dy.stride(1), dy.stride(0), dy.stride(1)), W, (W.stride(0), W.stride(1), W.stride(2)),
+                     dx, (p, dx.stride(0), 1), b, n, p, u)
     if n == 0:
         return dx, dW.zero_()
     # dW_g = dy_g^T @ x_g: A[t, r] = dy[r, g*u+t] (u, n); B[r, j] = x[r, g*p+j] (n, p)
+    if _impl("bd_dw", engine) == "cublas":
+        return dx, _bmm_into(dy.view(n, b, u).permute(1, 2, 0), x.reshape(n, b, p).transpose(0, 1), dW)
     grouped_gemm(dy, (u * dy.stride(1), dy.stride(1), dy.stride(0)), x, (p * x.stride(1), x.stride(0), x.stride(1)),
                  dW, (u * p, p, 1), b, u, p, n)
     return dx, dW
 
 
 @torch.library.custom_op("structmat::blockdiag_mm", mutates_args=())
-def blockdiag_mm(x: Tensor, W: Tensor) -> Tensor:
-    return _bd_forward(x, W)
+def blockdiag_mm(x: Tensor, W: Tensor, engine: str = "triton") -> Tensor:
+    return _bd_forward(x, W, engine)
 
 
 @blockdiag_mm.register_fake
-def _(x, W):
+def _(x, W, engine="triton"):
     b, u, _ = W.shape
     return x.new_empty((x.shape[0], b * u))
 
 
 @torch.library.custom_op("structmat::blockdiag_mm_backward", mutates_args=())
-def blockdiag_mm_backward(dy: Tensor, x: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
-    return _bd_backward(dy, x, W)
+def blockdiag_mm_backward(dy: Tensor, x: Tensor, W: Tensor, engine: str = "triton") -> tuple[Tensor, Tensor]:
+    return _bd_backward(dy, x, W, engine)
 
 
 @blockdiag_mm_backward.register_fake
-def _(dy, x, W):
+def _(dy, x, W, engine="triton"):
     return x.new_empty(x.shape), W.new_empty(W.shape)
 
 
 def _bd_setup(ctx, inputs, output):
-    x, W = inputs
+    x, W, engine = inputs
     ctx.save_for_backward(x, W)
+    ctx.engine = engine
     ctx.set_materialize_grads(False)
 
 
 def _bd_grad(ctx, dy):
     x, W = ctx.saved_tensors
     if dy is None:
-        return None, None
-    dx, dW = blockdiag_mm_backward(dy, x, W)
-    return dx, dW
+        return None, None, None
+    dx, dW = blockdiag_mm_backward(dy, x, W, ctx.engine)
+    return dx, dW, None
 
 
 blockdiag_mm.register_autograd(_bd_grad, setup_context=_bd_setup)
@@ -109,7 +135,7 @@ blockdiag_mm.register_autograd(_bd_grad, setup_context=_bd_setup)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _mon_forward(x: Tensor, R: Tensor, L: Tensor) -> tuple[Tensor, Tensor]:
+def _mon_forward(x: Tensor, R: Tensor, L: Tensor, engine: str = "triton") -> tuple[Tensor, Tensor]:
     b, bc, p = R.shape
     u = L.shape[1]
     c = bc // b
@@ -117,64 +143,96 @@ def _mon_forward(x: Tensor, R: Tensor, L: Tensor) -> tuple[Tensor, Tensor]:
     h = _empty((n, b * bc), x)  # (s, k, q) order
     y = _empty((n, b * u), x)
     # stage 1, group k: A = x[:, k*p:] (n, p); B[j, (s,q)] = R[k, s*c+q, j]; column (s,q) -> h[:, s*b*c + k*c + q]
-    grouped_gemm(x, (p * x.stride(1), x.stride(0), x.stride(1)), R, (R.stride(0), R.stride(2), R.stride(1)),
-                 h, (c, h.stride(0), 1), b, n, bc, p, chunk=c, chunk_stride=bc)
+    if _impl("mon_s1", engine) == "cublas":
+        # one strided-batched call per output block s, batched over k: out_k = h[:, s*b*c + k*c : +c]
+        xk = x.reshape(n, b, p).transpose(0, 1)
+        hv = h.view(n, b, b, c)  # [n, s, k, q]
+        Rv = R.view(b, b, c, p)  # [k, s, q, j]
+        for s_ in range(b):
+            _bmm_into(xk, Rv[:, s_].transpose(1, 2), hv[:, s_].transpose(0, 1))
+    else:
+            grouped_gemm(x, (p * x.stride(1), x.stride(0), x.stride(1)), R, (R.stride(0), R.stride(2), R.stride(1)),
+                     h, (c, h.stride(0), 1), b, n, bc, p, chunk=c, chunk_stride=bc)
     # stage 2, group s: A = h[:, s*b*c:] (n, b*c) contiguous; B[(k,q), t] = L[s, t, k*c+q]
+    if _impl("mon_s2", engine) == "cublas":
+        _bmm_into(h.view(n, b, bc).transpose(0, 1), L.transpose(1, 2), y.view(n, b, u).transpose(0, 1))
+        return y, h
     grouped_gemm(h, (bc, h.stride(0), 1), L, (L.stride(0), L.stride(2), L.stride(1)),
                  y, (u, y.stride(0), 1), b, n, u, bc)
     return y, h
 
 
-def _mon_backward(dy: Tensor, x: Tensor, R: Tensor, L: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _mon_backward(dy: Tensor, x: Tensor, R: Tensor, L: Tensor, h: Tensor,
+                  engine: str = "triton") -> tuple[Tensor, Tensor, Tensor]:
     b, bc, p = R.shape
     u = L.shape[1]
     c = bc // b
     n = x.shape[0]
+    dy = dy.contiguous()  # (autograd may hand an expanded or transposed gradient)
     dh = _empty((n, b * bc), x)  # (k, s, q) order, as stage 1 produced it
     dx = _empty((n, b * p), x)
     dR = _empty(R.shape, R)
     dL = _empty(L.shape, L)
     # dh_s = dy_s @ L_s: A = dy[:, s*u:] (n, u); B[t, (k,q)] = L[s, t, k*c+q]; column (k,q) -> dh[:, k*b*c + s*c + q]
-    grouped_gemm(dy, (u * dy.stride(1), dy.stride(0), dy.stride(1)), L, (L.stride(0), L.stride(1), L.stride(2)),
-                 dh, (c, dh.stride(0), 1), b, n, bc, u, chunk=c, chunk_stride=bc)
+    if _impl("mon_dh", engine) == "cublas":
+        # one strided-batched call per input block k, batched over s: out_s = dh[:, k*b*c + s*c : +c]
+        dys = dy.view(n, b, u).transpose(0, 1)
+        dhv = dh.view(n, b, b, c)  # [n, k, s, q]
+        Lv = L.view(b, u, b, c)  # [s, t, k, q]
+        for k_ in range(b):
+            _bmm_into(dys, Lv[:, :, k_], dhv[:, k_].transpose(0, 1))
+    else:
+        grouped_gemm(dy, (u * dy.stride(1), dy.stride(0), dy.stride(1)), L, (L.stride(0), L.stride(1), L.stride(2)),
+                     dh, (c, dh.stride(0), 1), b, n, bc, u, chunk=c, chunk_stride=bc)
     # dx_k = dh_k @ R_k: A = dh[:, k*b*c:] (n, b*c); B[(s,q), j] = R[k, s*c+q, j]
-    grouped_gemm(dh, (bc, dh.stride(0), 1), R, (R.stride(0), R.stride(1), R.stride(2)),
-                 dx, (p, dx.stride(0), 1), b, n, p, bc)
+    if _impl("mon_dx", engine) == "cublas":
+        _bmm_into(dh.view(n, b, bc).transpose(0, 1), R, dx.reshape(n, b, p).transpose(0, 1))
+    else:
+        grouped_gemm(dh, (bc, dh.stride(0), 1), R, (R.stride(0), R.stride(1), R.stride(2)),
+                     dx, (p, dx.stride(0), 1), b, n, p, bc)
     if n == 0:
         return dx, dR.zero_(), dL.zero_()
     # dL_s = dy_s^T @ h_s: A[t, r] = dy[r, s*u+t] (u, n); B[r, (k,q)] = h[r, s*b*c + k*c+q] (n, b*c)
-    grouped_gemm(dy, (u * dy.stride(1), dy.stride(1), dy.stride(0)), h, (bc, h.stride(0), 1),
-                 dL, (u * bc, bc, 1), b, u, bc, n)
+    if _impl("mon_dl", engine) == "cublas":
+        _bmm_into(dy.view(n, b, u).permute(1, 2, 0), h.view(n, b, bc).transpose(0, 1), dL)
+    else:
+        grouped_gemm(dy, (u * dy.stride(1), dy.stride(1), dy.stride(0)), h, (bc, h.stride(0), 1),
+                     dL, (u * bc, bc, 1), b, u, bc, n)
     # dR_k = dh_k^T @ x_k: A[(s,q), r] = dh[r, k*b*c + s*c+q] (b*c, n); B[r, j] = x[r, k*p+j] (n, p)
-    grouped_gemm(dh, (bc, 1, dh.stride(0)), x, (p * x.stride(1), x.stride(0), x.stride(1)),
-                 dR, (bc * p, p, 1), b, bc, p, n)
+    if _impl("mon_dr", engine) == "cublas":
+        _bmm_into(dh.view(n, b, bc).permute(1, 2, 0), x.reshape(n, b, p).transpose(0, 1), dR)
+    else:
+        grouped_gemm(dh, (bc, 1, dh.stride(0)), x, (p * x.stride(1), x.stride(0), x.stride(1)),
+                     dR, (bc * p, p, 1), b, bc, p, n)
     return dx, dR, dL
 
 
 @torch.library.custom_op("structmat::monarch_mm", mutates_args=())
-def monarch_mm(x: Tensor, R: Tensor, L: Tensor) -> tuple[Tensor, Tensor]:
-    return _mon_forward(x, R, L)
+def monarch_mm(x: Tensor, R: Tensor, L: Tensor, engine: str = "triton") -> tuple[Tensor, Tensor]:
+    return _mon_forward(x, R, L, engine)
 
 
 @monarch_mm.register_fake
-def _(x, R, L):
+def _(x, R, L, engine="triton"):
     b, bc, _ = R.shape
     return x.new_empty((x.shape[0], b * L.shape[1])), x.new_empty((x.shape[0], b * bc))
 
 
 @torch.library.custom_op("structmat::monarch_mm_backward", mutates_args=())
-def monarch_mm_backward(dy: Tensor, x: Tensor, R: Tensor, L: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return _mon_backward(dy, x, R, L, h)
+def monarch_mm_backward(dy: Tensor, x: Tensor, R: Tensor, L: Tensor, h: Tensor,
+                        engine: str = "triton") -> tuple[Tensor, Tensor, Tensor]:
+    return _mon_backward(dy, x, R, L, h, engine)
 
 
 @monarch_mm_backward.register_fake
-def _(dy, x, R, L, h):
+def _(dy, x, R, L, h, engine="triton"):
     return x.new_empty(x.shape), R.new_empty(R.shape), L.new_empty(L.shape)
 
 
 def _mon_setup(ctx, inputs, output):
-    x, R, L = inputs
+    x, R, L, engine = inputs
     ctx.save_for_backward(x, R, L, output[1])
+    ctx.engine = engine
     ctx.mark_non_differentiable(output[1])  # h is internal: no gradient flows into it
     ctx.set_materialize_grads(False)
 
@@ -182,17 +240,49 @@ def _mon_setup(ctx, inputs, output):
 def _mon_grad(ctx, dy, dh_unused):
     x, R, L, h = ctx.saved_tensors
     if dy is None:
-        dy = torch.zeros(x.shape[0], L.shape[0] * L.shape[1], dtype=x.dtype, device=x.device)
-    return monarch_mm_backward(dy, x, R, L, h)
+        return None, None, None, None
+    return (*monarch_mm_backward(dy, x, R, L, h, ctx.engine), None)
 
 
 monarch_mm.register_autograd(_mon_grad, setup_context=_mon_setup)
 
 
-def monarch(x: Tensor, R: Tensor, L: Tensor) -> Tensor:
-    """The Monarch product through the Triton kernels; returns only y."""
-    return monarch_mm(x, R, L)[0]
+def monarch(x: Tensor, R: Tensor, L: Tensor, engine: str = "triton") -> Tensor:
+    """The Monarch product through the custom op; returns only y."""
+    return monarch_mm(x, R, L, engine)[0]
 
 
-def blockdiag(x: Tensor, W: Tensor) -> Tensor:
-    return blockdiag_mm(x, W)
+def blockdiag(x: Tensor, W: Tensor, engine: str = "triton") -> Tensor:
+    return blockdiag_mm(x, W, engine)
+
+
+def calibrate(tokens: int = 8192, features: int = 4096, nblocks: int = 4, dtype=torch.bfloat16) -> dict:
+    """Time every switchable GEMM role on both engines at one representative shape (CUDA) and keep the faster in
+    ``IMPL``. Returns {role: {"triton": ms, "cublas": ms}}. The math is the same either way."""
+    import triton.testing
+
+    b, n = nblocks, tokens
+    p = u = features // b
+    c = max(1, min(u, p) // b)
+    bc = b * c
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(n, b * p, device=dev, dtype=dtype, generator=g)
+    W = torch.randn(b, u, p, device=dev, dtype=dtype, generator=g)
+    R = torch.randn(b, bc, p, device=dev, dtype=dtype, generator=g)
+    L = torch.randn(b, u, bc, device=dev, dtype=dtype, generator=g)
+    dy = torch.randn(n, b * u, device=dev, dtype=dtype, generator=g)
+    _, h = _mon_forward(x, R, L)
+    roles = {"bd_fwd": lambda: _bd_forward(x, W), "bd_dx": lambda: _bd_backward(dy, x, W),
+             "bd_dw": lambda: _bd_backward(dy, x, W), "mon_s2": lambda: _mon_forward(x, R, L),
+             "mon_s1": lambda: _mon_forward(x, R, L), "mon_dh": lambda: _mon_backward(dy, x, R, L, h),
+             "mon_dx": lambda: _mon_backward(dy, x, R, L, h), "mon_dl": lambda: _mon_backward(dy, x, R, L, h),
+             "mon_dr": lambda: _mon_backward(dy, x, R, L, h)}
+    out = {}
+    for role, fn in roles.items():
+        out[role] = {}
+        for engine in ("triton", "cublas"):
+            IMPL[role] = engine
+            out[role][engine] = float(triton.testing.do_bench(fn, warmup=10, rep=30, return_mode="median"))
+        IMPL[role] = min(out[role], key=out[role].get)
+    return out

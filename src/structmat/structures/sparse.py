@@ -143,7 +143,8 @@ class FixedSparse(_SparseBase):
 
     def _project_(self, weight: Tensor) -> None:
         flat = weight.reshape(-1)
-        self.index.copy_(flat.abs().topk(self.values.numel()).indices.sort().values)
+        # argsort beats topk when nnz is a large fraction of the matrix
+        self.index.copy_(torch.argsort(flat.abs(), descending=True)[: self.values.numel()].sort().values)
         self.values.copy_(flat[self.index])
 
     def _weight_flops(self, tokens: int) -> int:

@@ -1,0 +1,74 @@
+"""Check the automatic dispatch's cost model against a kernel-benchmark results file, offline (no GPU).
+
+For every row, ``structmat.kernels.dispatch.choose`` picks a backend from the shapes alone; the row's measured
+per-backend timings say what that choice costs against the fastest measured option (forward rows may also use the
+dense pre-merge; forward+backward rows may not: a structure's factors must get their gradients).
+
+    PYTHONPATH=src python benchmarks/eval_dispatch.py benchmarks/results/kernels-20261122T061850Z.json
+"""
+
+import json
+import statistics
+import sys
+
+import torch
+
+from structmat.kernels import dispatch
+from structmat.structures.monarch import monarch_block_rank
+
+DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def row_model(r):
+    in_f, out_f, n = r["in_features"], r["out_features"], r["tokens"]
+    name, _, arg = r["structure"].partition(":")
+    val = int(arg.split("=")[1])
+    es = 4 if r["dtype"] == "fp32" else 2
+    if name == "monarch":
+        b = val
+        u, p = out_f // b, in_f // b
+        c = monarch_block_rank(in_f, out_f, b)
+        numel = b * b * c * p + b * u * b * c
+        nbytes = es * (numel + n * (in_f + 2 * b * b * c + out_f))
+    elif name == "blockdiag":
+        b = val
+        numel = b * (out_f // b) * (in_f // b)
+        nbytes = es * (numel + n * (in_f + out_f))
+    else:
+        b = 1
+        numel = val * (in_f + out_f)
+        nbytes = es * (numel + n * (in_f + out_f + 2 * val))
+    return name, b, 2.0 * n * numel, nbytes
+
+
+def main(path):
+    data = json.load(open(path))
+    regrets, vs_dense, misses = [], [], []
+    for r in data["rows"]:
+        op, b, flops, nbytes = row_model(r)
+        training = r["mode"] == "fwdbwd"
+        pick = dispatch.choose(op, r["tokens"], r["in_features"], r["out_features"], flops, nbytes, DT[r["dtype"]], b,
+                               training, training, True)
+        measured = dict(r["backends"])
+        if op == "lowrank":  # lowrank's "triton"/"cublas" are its reference (two cuBLAS GEMMs)
+            measured.setdefault("triton", measured["reference"])
+        if pick not in measured:
+            pick = "reference"
+        best = min(measured, key=measured.get)
+        regret = measured[pick] / measured[best]
+        regrets.append(regret)
+        vs_dense.append(r["dense_ms"] / measured[pick])
+        if regret > 1.25:
+            misses.append(f"{r['dtype']} {r['mode']:6s} {r['in_features']}->{r['out_features']} n={r['tokens']:<5} "
+                          f"{r['structure']:22s} picked {pick} {measured[pick]:.3f} ms, best {best} "
+                          f"{measured[best]:.3f} ms")
+    print(f"{len(regrets)} rows; regret (picked/best measured): median {statistics.median(regrets):.3f}, "
+          f"within 10%: {sum(x <= 1.1 for x in regrets)}, over 25%: {len(misses)}")
+    fwd = [v for v, r in zip(vs_dense, data["rows"]) if r["mode"] == "fwd"]
+    print(f"forward rows where the pick is slower than dense by > 10%: {sum(v < 0.9 for v in fwd)} of {len(fwd)}")
+    for m in misses:
+        print("  " + m)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

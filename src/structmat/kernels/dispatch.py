@@ -1,0 +1,286 @@
+"""Backend choice for the structured products: which implementation runs for these inputs.
+
+Backends (the math never changes with the backend; only rounding order and speed do):
+  ``reference``  the pure-PyTorch definition in ``structures/`` (the fast path returns None)
+  ``triton``     the custom ops of ``ops.py`` with the Triton grouped-GEMM kernel on the permuted Monarch roles
+                 (stage 1 and the gradient of its output, chunked store) and, per ``ops.IMPL``, cuBLAS
+                 strided-batched calls on strided views for the rest (measured faster on an H100)
+  ``cublas``     the same custom ops with every role on cuBLAS strided-batched calls (Monarch's permuted roles as
+                 b calls, one per output chunk); no Triton launch at all, no transposed copy either.
+                 Low-rank has no kernel of its own under either: its two products are full dense GEMMs that cuBLAS
+                 runs at the roofline, so "triton"/"cublas" give the reference's two cuBLAS calls (``lowrank_fast``)
+  ``dense``      the weight pre-merged into one dense matrix (``to_dense``), cached and invalidated when a factor
+                 changes (tensor ``_version``, storage pointer, dtype, device); one cuBLAS GEMM. Cached only when no
+                 factor needs a gradient; with factor gradients the merge is recomputed differentiably each call
+  ``auto``       per call: a cost model picks the fastest of the above for the device, dtype and token count
+                 (reference on CPU, and wherever Triton is not installed)
+
+Force one with :func:`set_backend` or, for a block of code, ``with use_backend("dense"): ...``; the environment
+variable ``STRUCTMAT_BACKEND`` sets the initial value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import weakref
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+BACKENDS = ("auto", "reference", "triton", "cublas", "dense")
+_default = os.environ.get("STRUCTMAT_BACKEND", "auto").strip().lower() or "auto"
+if _default not in BACKENDS:
+    raise ValueError(f"STRUCTMAT_BACKEND={_default!r}; valid backends: {', '.join(BACKENDS)}")
+# One process-wide setting (a plain global, so torch.compile can guard on it; not per thread).
+_BACKEND = [_default]
+
+#: Set by ``structmat.kernels`` once the Triton ops imported successfully.
+ops = None  # the ``structmat.kernels.ops`` module, or None without Triton
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def set_backend(name: str) -> None:
+    """Force a backend for every structured product (``auto`` restores the automatic choice)."""
+    name = str(name).strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; valid backends: {', '.join(BACKENDS)}")
+    _BACKEND[0] = name
+
+
+def get_backend() -> str:
+    return _BACKEND[0]
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """``with use_backend("reference"): ...`` forces a backend inside the block and restores the previous one."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _BACKEND[0] = previous
+
+
+#: The last choice per op, for the benchmark and for curious users: {op: backend}.
+LAST_CHOICE: dict[str, str] = {}
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dense pre-merge, cached per first factor tensor
+# ----------------------------------------------------------------------------------------------------------------
+
+# id(first factor) -> (weakref to it, validity key, merged weight); the entry dies with the factor.
+_dense_cache: dict[int, tuple[weakref.ref, tuple, Tensor]] = {}
+
+
+def _cache_key(factors: tuple[Tensor, ...], dtype: torch.dtype) -> tuple:
+    return tuple((id(f), f.data_ptr(), f._version, f.dtype, f.device, tuple(f.shape)) for f in factors) + (dtype,)
+
+
+def merged_weight(merge: Callable[..., Tensor], factors: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
+    """``merge(*factors)`` as a dense (out, in) matrix in ``dtype``; cached when no factor needs a gradient."""
+    needs_grad = torch.is_grad_enabled() and any(f.requires_grad for f in factors)
+    work = torch.float64 if dtype == torch.float64 else torch.float32  # merge once in >= fp32, round once
+    if needs_grad or torch.compiler.is_compiling():
+        return merge(*(f.to(work) for f in factors)).to(dtype)
+    key = _cache_key(factors, dtype)
+    owner = factors[0]
+    hit = _dense_cache.get(id(owner))
+    if hit is not None and hit[0]() is owner and hit[1] == key:
+        return hit[2]
+    with torch.no_grad():
+        W = merge(*(f.to(work) for f in factors)).to(dtype)
+    if hit is None or hit[0]() is not owner:
+        weakref.finalize(owner, _dense_cache.pop, id(owner), None)
+    _dense_cache[id(owner)] = (weakref.ref(owner), key, W)
+    return W
+
+
+def clear_cache() -> None:
+    """Drop the cached dense merges and the cached automatic decisions (after changing the cost constants)."""
+    _dense_cache.clear()
+    _decisions.clear()
+
+
+def merge_blockdiag(W: Tensor) -> Tensor:
+    return torch.block_diag(*W)
+
+
+def merge_monarch(R: Tensor, L: Tensor) -> Tensor:
+    b, bc, p = R.shape
+    u, c = L.shape[1], bc // b
+    grid = torch.einsum("stkq,ksqj->stkj", L.reshape(b, u, b, c), R.reshape(b, b, c, p))
+    return grid.reshape(b * u, b * p)
+
+
+def merge_lowrank(U: Tensor, V: Tensor) -> Tensor:
+    return U @ V
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cost model (auto): estimate = max(host time, device time); the host runs ahead of the GPU until it is the
+# bottleneck. Constants measured on the lent H100 (benchmarks/results/kernels-20261122T061850Z.json, run 3, and
+# benchmarks/launch_overhead.py): its host is slow (one torch.bmm call ~19 us, a custom-op call ~100 us, a Triton
+# launch ~46 us), so few-token calls are host-bound and go to the path with the fewest launches.
+# Check a new table against a results file with ``python benchmarks/eval_dispatch.py <json>``.
+# ----------------------------------------------------------------------------------------------------------------
+
+PEAK_TFLOPS = {torch.bfloat16: 790.0, torch.float16: 790.0, torch.float32: 51.0}  # fp32: IEEE (no TF32)
+BANDWIDTH_GBS = 3000.0
+LAUNCH_US = 20.0  # one eager torch op (cuBLAS call, copy) on the measured host
+CUSTOM_OP_US = 100.0  # torch.library custom-op dispatch + our Python around it
+TRITON_LAUNCH_US = 46.0
+
+
+def host_us(op: str, backend: str, nblocks: int, training: bool) -> float:
+    """Host microseconds of one forward (or forward+backward) call, from launch counts."""
+    if backend == "dense":
+        return LAUNCH_US * (6 if training else 1.25)
+    if backend == "reference":
+        launches = {"monarch": 6, "blockdiag": 2.5, "lowrank": 2.0}[op]
+        return LAUNCH_US * launches * (6.5 if training else 1.0)
+    # custom ops: forward = op + output allocations + GEMM launches; backward = its own op + 4 roles (+ autograd)
+    if op == "monarch":
+        fwd_launch = (TRITON_LAUNCH_US + LAUNCH_US) if backend == "triton" else LAUNCH_US * (nblocks + 1)
+        bwd_launch = (TRITON_LAUNCH_US + 3 * LAUNCH_US) if backend == "triton" else LAUNCH_US * (nblocks + 3)
+    else:
+        fwd_launch, bwd_launch = LAUNCH_US, 2 * LAUNCH_US
+    fwd = CUSTOM_OP_US + 10.0 + fwd_launch
+    return fwd if not training else 2.2 * (fwd + CUSTOM_OP_US + 20.0 + bwd_launch) + 250.0
+
+
+# Fraction of PEAK_TFLOPS reached on large problems (medians of run 3, bf16, >= 8192 tokens).
+EFFICIENCY = {"dense": 0.95, "triton": {"monarch": 0.77, "blockdiag": 0.90},
+              "cublas": {"monarch": 0.48, "blockdiag": 0.88},
+              "reference": {"monarch": 0.38, "blockdiag": 0.50, "lowrank": 0.78}}
+FP32_TRITON_MONARCH_EFF = 0.08  # IEEE fp32 dots in the Triton kernel measured far below cuBLAS's fp32 path
+
+
+def _peak(dtype: torch.dtype) -> float:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return 395.0
+    return PEAK_TFLOPS.get(dtype, 51.0)
+
+
+def estimate_us(op: str, backend: str, flops: float, nbytes: float, dtype: torch.dtype, training: bool = False,
+                nblocks: int = 4) -> float:
+    """Estimated microseconds of one call: host-bound or device-bound, whichever is larger. ``flops`` and
+    ``nbytes`` are the forward's; training triples both (grad input and grad weights)."""
+    eff = EFFICIENCY[backend]
+    eff = eff[op] if isinstance(eff, dict) else eff
+    if dtype == torch.float32 and backend == "triton" and op == "monarch":
+        eff = FP32_TRITON_MONARCH_EFF
+    mult = 3.0 if training else 1.0
+    device = mult * max(flops / (_peak(dtype) * 1e12 * eff), nbytes / (BANDWIDTH_GBS * 1e9)) * 1e6
+    return max(host_us(op, backend, nblocks, training), device)
+
+
+def choose(op: str, n: int, in_features: int, out_features: int, struct_flops: float, struct_bytes: float,
+           dtype: torch.dtype, nblocks: int, training: bool, factor_grad: bool, kernels_ok: bool) -> str:
+    """The automatic choice, from shapes only (the benchmark's offline check calls this too)."""
+    est = {"reference": estimate_us(op, "reference", struct_flops, struct_bytes, dtype, training, nblocks)}
+    if kernels_ok and op != "lowrank":
+        for be in ("triton", "cublas"):
+            est[be] = estimate_us(op, be, struct_flops, struct_bytes, dtype, training, nblocks)
+    if not factor_grad:  # a differentiable merge every step costs a dense-size product: never in training
+        es = {torch.float32: 4, torch.float64: 8}.get(dtype, 2)
+        est["dense"] = estimate_us(op, "dense", 2.0 * n * in_features * out_features,
+                                   es * (in_features * out_features + n * (in_features + out_features)), dtype,
+                                   training, nblocks)
+    return min(est, key=est.get)
+
+
+_decisions: dict[tuple, str] = {}
+
+
+def _pick(op: str, x: Tensor, factors: tuple[Tensor, ...], struct_flops: float, struct_bytes: float,
+          out_features: int, nblocks: int = 1) -> str:
+    """Resolve ``auto`` (and impossible forced choices) to a concrete backend."""
+    backend = get_backend()
+    if backend in ("reference", "dense"):
+        return backend
+    on_gpu = x.is_cuda or INTERPRET
+    kernels_ok = ops is not None and on_gpu and _kernel_dtype_ok(x, factors)
+    if backend in ("triton", "cublas"):
+        return backend if kernels_ok else "reference"
+    if not x.is_cuda:
+        return "reference"
+    grad = torch.is_grad_enabled()
+    factor_grad = grad and any(f.requires_grad for f in factors)
+    training = factor_grad or (grad and x.requires_grad)
+    key = (op, tuple(x.shape), tuple(tuple(f.shape) for f in factors), x.dtype, training, factor_grad, kernels_ok)
+    hit = _decisions.get(key)
+    if hit is None:
+        hit = choose(op, x.shape[0], x.shape[1], out_features, struct_flops, struct_bytes, x.dtype, nblocks,
+                     training, factor_grad, kernels_ok)
+        if len(_decisions) < 4096:
+            _decisions[key] = hit
+    return hit
+
+
+def _kernel_dtype_ok(x: Tensor, factors: tuple[Tensor, ...]) -> bool:
+    return (x.dtype in (torch.float16, torch.bfloat16, torch.float32) and all(f.dtype == x.dtype for f in factors)
+            and all(f.device == x.device for f in factors) and x.dim() == 2
+            and max(t.numel() for t in (x, *factors)) < 2**31)
+
+
+def _autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
+    x = tensors[0]
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        return tuple(t.to(dtype) for t in tensors)
+    return tensors
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fast paths registered with structures.base.run_op
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def blockdiag_fast(x: Tensor, W: Tensor) -> Tensor | None:
+    x, W = _autocast(x, W)
+    b, u, p = W.shape
+    n, es = x.shape[0], x.element_size()
+    flops = 2.0 * n * W.numel()
+    choice = _pick("blockdiag", x, (W,), flops, es * (W.numel() + n * b * (u + p)), b * u, b)
+    LAST_CHOICE["blockdiag"] = choice
+    if choice == "reference":
+        return None
+    if choice == "dense":
+        return F.linear(x, merged_weight(merge_blockdiag, (W,), x.dtype))
+    return ops.blockdiag_mm(x, W, choice)
+
+
+def monarch_fast(x: Tensor, R: Tensor, L: Tensor) -> Tensor | None:
+    x, R, L = _autocast(x, R, L)
+    b, bc, p = R.shape
+    u = L.shape[1]
+    n, es = x.shape[0], x.element_size()
+    flops = 2.0 * n * (R.numel() + L.numel())
+    nbytes = es * (R.numel() + L.numel() + n * (b * p + 2 * b * bc + b * u))
+    choice = _pick("monarch", x, (R, L), flops, nbytes, b * u, b)
+    LAST_CHOICE["monarch"] = choice
+    if choice == "reference":
+        return None
+    if choice == "dense":
+        return F.linear(x, merged_weight(merge_monarch, (R, L), x.dtype))
+    return ops.monarch_mm(x, R, L, choice)[0]
+
+
+def lowrank_fast(x: Tensor, U: Tensor, V: Tensor) -> Tensor | None:
+    x, U, V = _autocast(x, U, V)
+    r = U.shape[1]
+    n, es = x.shape[0], x.element_size()
+    flops = 2.0 * n * r * (U.shape[0] + V.shape[1])
+    nbytes = es * (U.numel() + V.numel() + n * (U.shape[0] + V.shape[1] + 2 * r))
+    choice = _pick("lowrank", x, (U, V), flops, nbytes, U.shape[0])
+    LAST_CHOICE["lowrank"] = choice
+    if choice == "dense":
+        return F.linear(x, merged_weight(merge_lowrank, (U, V), x.dtype))
+    # every other backend: two cuBLAS GEMMs are the fastest correct implementation (see the module docstring)
+    if choice != "reference":
+        LAST_CHOICE["lowrank"] = "cublas"
+    return None

@@ -1,0 +1,52 @@
+"""Shared numerics of the data-aware projections: damped Gram, eigh-based square roots, the objective."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def damped(gram: Tensor, damp: float) -> Tensor:
+    """H + damp * mean(diag H) * I (float64). ``damp`` is relative to the mean input energy."""
+    if damp < 0:
+        raise ValueError(f"damp must be >= 0, got {damp}")
+    h = gram.to(torch.float64)
+    h = 0.5 * (h + h.T)
+    if damp > 0:
+        level = h.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+        h = h + damp * level * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return h
+
+
+def sym_eigh(h: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigen-decomposition of a symmetric PSD matrix (batched ok) with eigenvalues clamped at zero."""
+    lam, q = torch.linalg.eigh(0.5 * (h + h.transpose(-1, -2)))
+    return lam.clamp_min(0.0), q
+
+
+def sqrt_factor(h: Tensor) -> Tensor:
+    """S with S S^T = h (clamped to PSD): S = Q diag(sqrt(lambda)). Never inverted."""
+    lam, q = sym_eigh(h)
+    return q * lam.sqrt().unsqueeze(-2)
+
+
+def pinv_psd(h: Tensor, rcond: float = 1e-12) -> Tensor:
+    """Pseudo-inverse of a symmetric PSD matrix (batched) via eigh; eigenvalues below rcond * max are dropped."""
+    lam, q = sym_eigh(h)
+    cutoff = rcond * lam.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(lam.dtype).tiny)
+    inv = torch.where(lam > cutoff, 1.0 / lam.clamp_min(torch.finfo(lam.dtype).tiny), torch.zeros_like(lam))
+    return (q * inv.unsqueeze(-2)) @ q.transpose(-1, -2)
+
+
+def objective(error: Tensor, h: Tensor) -> Tensor:
+    """tr(E H E^T) in float64."""
+    return ((error @ h) * error).sum()
+
+
+def balanced(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
+    """Rewrite left @ right (rank r) as A @ B with A = U sqrt(S), B = sqrt(S) V^T (the truncated-SVD split)."""
+    q1, r1 = torch.linalg.qr(left)
+    q2, r2 = torch.linalg.qr(right.T)
+    u, s, vh = torch.linalg.svd(r1 @ r2.T)
+    root = s.sqrt()
+    return (q1 @ u) * root, root.unsqueeze(-1) * (vh @ q2.T)

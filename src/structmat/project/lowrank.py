@@ -1,0 +1,81 @@
+"""Data-aware low-rank projections. All four are subspace projections found from ONE SVD:
+
+* ``data-free``: truncated SVD of W (Eckart-Young), i.e. W_r = U_r U_r^T W with U from svd(W).
+* ``whitened`` (SVD-LLM objective): minimize ||(W - W_r) X||_F = tr(E H E^T), H = X^T X (+ damping), over rank-r
+  W_r. With any S such that S S^T = H (here S = Q diag(sqrt(lambda)) from ``eigh``, eigenvalues clamped at 0),
+  the objective is ||W S - W_r S||_F^2, and since W_r S has rank <= r it is at least the tail of svd(W S). The
+  matrix W_r = U_r U_r^T W (U_r the top-r left singular vectors of W S) attains it: U_r U_r^T W S = [W S]_r.
+  So the optimum needs no inverse of S or H, and stays exact when H is singular (fewer tokens than inputs).
+* ``asvd`` (ASVD): the same construction with S = diag(mean|x|^alpha) (activation-aware channel scaling,
+  alpha = 0.5 by default): W_r = [W S]_r S^-1 = U_r U_r^T W.
+* ``fisher`` (FWSVD): rows weighted by D = diag(sqrt(sum_j F_ij)) (Fisher row sums): W_r = D^-1 [D W]_r =
+  W V_r V_r^T with V_r the top-r right singular vectors of D W.
+
+Because every method is a projection on one basis, the output error of EVERY rank comes from that one
+decomposition (:func:`error_curve`), which the budget solver uses to price ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..calibrate import InputStats
+from ._linalg import balanced, damped, sqrt_factor
+
+LOWRANK_METHODS = ("data-free", "whitened", "asvd", "fisher")
+
+
+def lowrank_basis(w: Tensor, method: str, stats: InputStats | None, fisher: Tensor | None, *, damp: float = 1e-6,
+                  alpha: float = 0.5) -> tuple[str, Tensor, Tensor]:
+    """(side, basis, singular values): side 'left' means W_r = B_r B_r^T W, 'right' means W_r = W B_r B_r^T.
+
+    ``w`` is float64. The basis has min(out, in) orthonormal columns ordered by importance.
+    """
+    if method == "data-free":
+        u, s, _ = torch.linalg.svd(w, full_matrices=False)
+        return "left", u, s
+    if method == "whitened":
+        target = w @ sqrt_factor(damped(stats.gram.to(w.device), damp))
+        u, s, _ = torch.linalg.svd(target, full_matrices=False)
+        return "left", u, s
+    if method == "asvd":
+        scale = stats.mean_abs.to(w.device, torch.float64).clamp_min(0.0) ** alpha
+        u, s, _ = torch.linalg.svd(w * scale, full_matrices=False)
+        return "left", u, s
+    if method == "fisher":
+        rows = fisher.to(w.device, torch.float64).sum(dim=1)
+        floor = 1e-12 * rows.max().clamp_min(torch.finfo(torch.float64).tiny)
+        _, s, vh = torch.linalg.svd(rows.clamp_min(floor).sqrt().unsqueeze(1) * w, full_matrices=False)
+        return "right", vh.T, s
+    raise ValueError(f"unknown low-rank method {method!r}; valid: {', '.join(LOWRANK_METHODS)}")
+
+
+def apply_basis(w: Tensor, side: str, basis: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Balanced factors (U, V) of the rank-``rank`` projection of ``w`` on ``basis``."""
+    b = basis[:, :rank]
+    if side == "left":
+        return balanced(b, b.T @ w)
+    return balanced(w @ b, b.T)
+
+
+def error_curve(w: Tensor, side: str, basis: Tensor, h: Tensor) -> Tensor:
+    """Relative output error sqrt(tr(E_r H E_r^T) / tr(W H W^T)) of the projection for r = 0..k (float64)."""
+    wh = w @ h
+    total = (wh * w).sum()
+    if side == "left":
+        # E_r = (I - P_r) W with P_r = B_r B_r^T: tr(E_r H E_r^T) = tr(W H W^T) - sum_{i<=r} b_i^T W H W^T b_i.
+        bw = basis.T @ w
+        gains = ((bw @ h) * bw).sum(dim=1)
+        err = total - torch.cat([gains.new_zeros(1), gains.cumsum(0)])
+    else:
+        # E_r = W (I - P_r): tr(E H E^T) = tr(WHW^T) - 2 tr(P_r W^T W H) + tr(P_r W^T W P_r H).
+        wb = w @ basis  # (out, k)
+        cross = ((w.T @ wb) * (h @ basis)).sum(dim=0)  # b_i^T (W^T W) H b_i
+        a = wb.T @ wb  # B^T W^T W B
+        hb = basis.T @ h @ basis  # B^T H B
+        lead = (a * hb).cumsum(0).cumsum(1).diagonal()  # sum over the leading r x r block
+        err = total - 2 * torch.cat([cross.new_zeros(1), cross.cumsum(0)]) + torch.cat([lead.new_zeros(1), lead])
+    if float(total) <= 0:
+        return torch.zeros_like(err)
+    return (err.clamp_min(0.0) / total).sqrt()

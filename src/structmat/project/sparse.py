@@ -1,0 +1,121 @@
+"""Data-aware sparse projections (N:M and unstructured). Each returns a dense float64 matrix that is a member of
+the target sparsity pattern (at most n nonzeros per group of m inputs, or at most nnz nonzeros), so the structure's
+own magnitude projection recovers it exactly.
+
+* ``wanda`` (Wanda): score |W_ij| * ||X_j||_2 (||X_j||_2 = sqrt(H_jj)), keep the top scores per group of m (N:M) or
+  per output row (unstructured: nnz // out per row, the remainder to the best remaining scores overall); kept
+  weights are unchanged. It is the exact minimizer of the output error when H is replaced by its diagonal.
+* ``sparsegpt`` (SparseGPT, OBS with lazy blocked updates): objective tr(E H E^T) with the dampened Hessian
+  H = X^T X / n + damp * mean(diag) * I. Columns are processed left to right. With U the upper Cholesky factor of
+  H^-1 (H^-1 = U^T U; H^-1 from ``eigh`` with clamped eigenvalues, the factorization checked), pruning column j
+  of the remaining problem costs w_ij^2 / U_jj^2 per row and the optimal compensation of the not-yet-processed
+  columns is W[:, j:] -= ((w_j - q_j) / U_jj) U[j, j:], where q_j is column j with its pruned entries set to 0.
+  Masks: N:M picks, at the first column of every group of m, the m - n lowest scores w^2 / U_jj^2 of the group
+  (with the weights already updated by the columns to the left); unstructured picks the lowest scores within
+  each block of ``blocksize`` columns (adaptive per block), with the number kept per block allotted so the total
+  is exactly nnz. Updates within a block are applied column by column, to later blocks once per block
+  (W[:, i2:] -= Err_block U[block, i2:]).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._linalg import damped, sym_eigh
+
+
+def wanda_nm(w: Tensor, gram: Tensor, n: int, m: int, in_padded: int) -> tuple[Tensor, Tensor]:
+    """Wanda N:M: (pruned weight padded to ``in_padded`` columns, keep mask) in float64."""
+    out, cols = w.shape
+    score = w.abs() * gram.diagonal().clamp_min(0.0).sqrt()
+    pad = in_padded - cols
+    score = torch.nn.functional.pad(score, (0, pad), value=-1.0)  # padding is never preferred
+    keep = score.reshape(out, in_padded // m, m).topk(n, dim=-1).indices
+    mask = torch.zeros(out, in_padded // m, m, dtype=torch.bool, device=w.device).scatter_(-1, keep, True)
+    mask = mask.reshape(out, in_padded)
+    return torch.nn.functional.pad(w, (0, pad)) * mask, mask
+
+
+def wanda_unstructured(w: Tensor, gram: Tensor, nnz: int) -> tuple[Tensor, Tensor]:
+    """Wanda with exactly ``nnz`` kept: (pruned weight, keep mask)."""
+    out, cols = w.shape
+    score = w.abs() * gram.diagonal().clamp_min(0.0).sqrt()
+    base, extra = divmod(nnz, out)
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    if base:
+        mask.scatter_(1, score.topk(base, dim=1).indices, True)
+    if extra:
+        rest = score.masked_fill(mask, -1.0).reshape(-1)
+        mask.view(-1)[rest.topk(extra).indices] = True
+    return w * mask, mask
+
+
+def inverse_cholesky_upper(h: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor U of (H + damp * mean(diag) * I)^-1, via eigh with eigenvalue clamping; checked."""
+    hd = damped(h, damp)
+    lam, q = sym_eigh(hd)
+    top = lam.max().clamp_min(torch.finfo(torch.float64).tiny)
+    if damp > 0:  # the damped spectrum is >= damp * mean(diag); clamp rounding below that
+        floor = damp * h.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+        floor = torch.minimum(floor, top) * 0.5
+    else:
+        floor = 1e-12 * top
+    hinv = (q / lam.clamp_min(floor).unsqueeze(-2)) @ q.T
+    hinv = 0.5 * (hinv + hinv.T)
+    upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+    if int(info) != 0 or not bool(torch.isfinite(upper).all()):
+        raise ValueError(f"sparsegpt: the inverse Hessian is not positive definite (damp={damp}); "
+                         "pass a larger damp= (e.g. 0.01 or 0.1)")
+    return upper
+
+
+def sparsegpt(w: Tensor, gram: Tensor, *, nm: tuple[int, int] | None = None, nnz: int | None = None,
+              blocksize: int = 128, damp: float = 0.01) -> tuple[Tensor, Tensor]:
+    """SparseGPT on a float64 ``w`` (out, cols) with Gram ``gram`` (cols, cols); see the module docstring.
+
+    For N:M, ``cols`` must be a multiple of m (pad first). Returns (pruned and updated weight, keep mask).
+    """
+    if (nm is None) == (nnz is None):
+        raise ValueError("sparsegpt: give exactly one of nm=(n, m) or nnz=")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"sparsegpt: blocksize must be a positive int, got {blocksize!r}")
+    out, cols = w.shape
+    if nm is not None:
+        n, m = nm
+        if cols % m:
+            raise ValueError(f"sparsegpt: {cols} columns are not a multiple of m={m}; pad first")
+        blocksize = max(m, blocksize - blocksize % m)
+    upper = inverse_cholesky_upper(gram, damp)
+    w = w.clone()
+    kept = torch.ones_like(w, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        width = i2 - i1
+        w1 = w[:, i1:i2].clone()
+        u1 = upper[i1:i2, i1:i2]
+        d = u1.diagonal()
+        err = torch.zeros_like(w1)
+        pruned = torch.zeros_like(w1, dtype=torch.bool)
+        if nnz is not None:
+            keep = round(nnz * i2 / cols) - round(nnz * i1 / cols)
+            drop = out * width - min(max(keep, 0), out * width)
+            if drop:
+                score = (w1.square() / d.square()).reshape(-1)
+                pruned.view(-1)[torch.argsort(score)[:drop]] = True
+        for j in range(width):
+            if nm is not None and j % m == 0:
+                score = w1[:, j:j + m].square() / d[j:j + m].square()
+                drop_idx = score.topk(m - n, dim=1, largest=False).indices
+                pruned[:, j:j + m].scatter_(1, drop_idx, True)
+            col = w1[:, j]
+            q = col.masked_fill(pruned[:, j], 0.0)
+            e = (col - q) / d[j]
+            w1[:, j:].addr_(e, u1[j, j:], alpha=-1.0)
+            w1[:, j] = q
+            err[:, j] = e
+        w[:, i1:i2] = w1
+        kept[:, i1:i2] = ~pruned
+        if i2 < cols:
+            w[:, i2:] -= err @ upper[i1:i2, i2:]
+    return w, kept

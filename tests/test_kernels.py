@@ -1,0 +1,341 @@
+"""Kernels vs the pure-PyTorch reference: outputs and every gradient, relative RMS error, NaN-poisoned outputs.
+
+On CPU the Triton kernels run through Triton's interpreter. ``TRITON_INTERPRET=1`` must be set before triton is
+imported, and the rest of the suite may already have imported it, so those checks run once, in a subprocess that
+executes this file as a script (``python tests/test_kernels.py --interpret``) and reports JSON; the parametrized
+tests below read that report. GPU-only checks are marked ``gpu`` (run with ``pytest -m gpu`` on a CUDA machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+# Every tolerance of this file: relative RMS error ||kernel - ref|| / ||ref|| against a float64 reference.
+TOL = {
+    "float32": 1e-5,  # IEEE fp32 dots (Triton input_precision="ieee"; TF32 only where torch allows it too)
+    "float16": 5e-3,  # fp16 operands, fp32 accumulation, one rounding of the intermediate
+    "bfloat16": 3e-2,  # bf16 operands, fp32 accumulation, one rounding of the intermediate
+}
+TOL_VS_REFERENCE_FACTOR = 2.0  # the kernel's error may be at most this times the reference's own error (+ TOL/10)
+
+# Small awkward shapes for the interpreter: 1 token, sizes that are not multiples of the 16-wide tiles, a block
+# rank c that is (aligned store path) and is not (per-element chunk path) a multiple of the tile.
+MONARCH_CASES = [  # (tokens, nblocks b, in-block p, out-block u, block rank c)
+    (1, 4, 8, 8, 2),
+    (33, 3, 20, 12, 5),
+    (17, 2, 40, 24, 16),
+    (50, 4, 16, 16, 4),
+]
+BLOCKDIAG_CASES = [(1, 4, 8, 8), (33, 3, 20, 12), (70, 2, 40, 24)]  # (tokens, b, p, u)
+
+
+def rel_rms(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.detach().double().cpu(), ref.detach().double().cpu()
+    if not bool(torch.isfinite(a).all()):
+        return float("inf")  # an unwritten (NaN-poisoned) or overflowed element never passes
+    return float((a - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-300))
+
+
+def _inputs(shapes, dtype, device, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return [torch.randn(*s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype) for s in shapes]
+
+
+def check_op(kind: str, case, dtype=torch.float32, device="cpu", seed=0, engine="triton") -> dict:
+    """Errors of the Triton op (output and all gradients) vs a float64 reference; plus the reference's own."""
+    from structmat.kernels import ops
+    from structmat.structures.blockdiag import blockdiag_bmm
+    from structmat.structures.monarch import monarch_multiply
+
+    ops.POISON = True  # every output buffer starts as NaN: an element the kernel does not write fails the check
+    if kind == "monarch":
+        n, b, p, u, c = case
+        shapes = [(n, b * p), (b, b * c, p), (b, u, b * c)]
+        fn, ref_fn = ops.monarch, monarch_multiply
+    else:
+        n, b, p, u = case
+        shapes = [(n, b * p), (b, u, p)]
+        fn, ref_fn = ops.blockdiag, blockdiag_bmm
+    args = [t.requires_grad_() for t in _inputs(shapes, dtype, device, seed)]
+    args64 = [t.detach().double().requires_grad_() for t in args]
+    y = fn(*args, engine=engine)
+    dy = _inputs([tuple(y.shape)], dtype, device, seed + 1)[0]
+    grads = torch.autograd.grad(y, args, dy)
+    y64 = ref_fn(*args64)
+    grads64 = torch.autograd.grad(y64, args64, dy.double())
+    yr = ref_fn(*[t.detach().requires_grad_() for t in args])  # the reference in the same dtype, for scale
+    names = ["y"] + ["d" + s for s in (["x", "R", "L"] if kind == "monarch" else ["x", "W"])]
+    out = {}
+    for name, a, r in zip(names, (y, *grads), (y64, *grads64)):
+        out[name] = rel_rms(a, r)
+    out["ref_y"] = rel_rms(yr, y64)
+    ops.POISON = False
+    return out
+
+
+def _interpret_report() -> dict:
+    """Run in the subprocess (TRITON_INTERPRET=1): every case, every dtype the interpreter handles quickly."""
+    torch.manual_seed(0)
+    import structmat.kernels as K
+
+    report = {"have_triton": K.HAVE_TRITON, "triton_error": repr(K.TRITON_IMPORT_ERROR)}
+    if not K.HAVE_TRITON:
+        return report
+    from structmat.kernels import ops
+
+    default_impl = dict(ops.IMPL)
+    for engine in ("triton", "cublas", "default"):  # every GEMM role on each engine, then the shipped mix
+        ops.IMPL.update(default_impl if engine == "default" else {k: engine for k in ops.IMPL})
+        for i, case in enumerate(MONARCH_CASES):
+            report[f"monarch-{i}-float32-{engine}"] = check_op("monarch", case, torch.float32, seed=i)
+        for i, case in enumerate(BLOCKDIAG_CASES):
+            report[f"blockdiag-{i}-float32-{engine}"] = check_op("blockdiag", case, torch.float32, seed=10 + i)
+    # (bf16 is checked on the GPU only: Triton's CPU interpreter mishandles bf16 dots, seen with triton 3.9)
+    for i, case in enumerate(MONARCH_CASES):  # engine="cublas": permuted roles as one call per chunk
+        report[f"monarch-{i}-float32-engine_cublas"] = check_op("monarch", case, torch.float32, seed=40 + i,
+                                                                engine="cublas")
+    report["monarch-1-float16"] = check_op("monarch", MONARCH_CASES[1], torch.float16, seed=20)
+    report["blockdiag-1-float16"] = check_op("blockdiag", BLOCKDIAG_CASES[1], torch.float16, seed=21)
+    # Through the layers, forced onto the kernels: padding, leading batch dims, gradients of the parameters.
+    from structmat.structures.blockdiag import BlockDiagonal
+    from structmat.structures.monarch import Monarch
+
+    for name, make in [("layer-monarch", lambda: Monarch(30, 22, nblocks=4, pad=True)),
+                       ("layer-blockdiag", lambda: BlockDiagonal(30, 21, nblocks=3, pad=True))]:
+        layer = make()
+        x = torch.randn(2, 5, 30, requires_grad=True)
+        with K.use_backend("reference"):
+            y_ref = layer(x)
+            g_ref = torch.autograd.grad(y_ref.square().sum(), [x, *layer.parameters()])
+        for backend in ("triton", "cublas"):
+            with K.use_backend(backend):
+                y = layer(x)
+                g = torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])
+                choice = K.LAST_CHOICE[name.split("-")[1]]
+            report[f"{name}-{backend}"] = {"y": rel_rms(y, y_ref), "choice": choice,
+                                           **{f"g{i}": rel_rms(a, b) for i, (a, b) in enumerate(zip(g, g_ref))}}
+    # torch.compile(fullgraph=True) traces the dispatch and the custom ops without a graph break (aot_eager: the
+    # same tracing as inductor, no C++ compiler needed on CI); gradients flow through the registered backward.
+    for name, make in [("compile-monarch", lambda: Monarch(32, 48, nblocks=4)),
+                       ("compile-blockdiag", lambda: BlockDiagonal(32, 48, nblocks=4))]:
+        layer = make()
+        x = torch.randn(5, 32, requires_grad=True)
+        with K.use_backend("reference"):
+            y_ref = layer(x)
+            g_ref = torch.autograd.grad(y_ref.square().sum(), [x, *layer.parameters()])
+        for backend in ("triton", "cublas"):
+            try:
+                with K.use_backend(backend):
+                    y = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+                    g = torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])
+                report[f"{name}-{backend}"] = {"y": rel_rms(y, y_ref), "choice": K.LAST_CHOICE[name.split("-")[1]],
+                                               **{f"g{i}": rel_rms(a, b) for i, (a, b) in enumerate(zip(g, g_ref))}}
+            except Exception as err:
+                report[f"{name}-{backend}"] = {"error": float("inf"), "message": repr(err)[:1500]}
+    # opcheck: schema, fake (meta) kernels and the autograd registration, as torch.compile relies on them.
+    from structmat.kernels import ops
+
+    x, R, L = _inputs([(5, 12), (3, 6, 4), (3, 4, 6)], torch.float32, "cpu", 30)
+    try:
+        for test in ("test_schema", "test_faketensor", "test_autograd_registration"):
+            torch.library.opcheck(ops.monarch_mm, (x.requires_grad_(), R.requires_grad_(), L.requires_grad_()),
+                                  test_utils=test)
+            torch.library.opcheck(ops.blockdiag_mm, (x, R[:, :4, :]), test_utils=test)
+        report["opcheck"] = "ok"
+    except Exception as err:  # report, the test fails with the message
+        report["opcheck"] = repr(err)[:2000]
+    return report
+
+
+@pytest.fixture(scope="module")
+def interpret_report():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONHASHSEED="0")
+    proc = subprocess.run([sys.executable, __file__, "--interpret"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["have_triton"], report["triton_error"]
+    return report
+
+
+def _check(errors: dict, dtype: str):
+    tol = TOL[dtype]
+    bad = {k: v for k, v in errors.items() if k not in ("ref_y", "choice", "message") and not v <= tol}
+    assert not bad, f"relative RMS errors over {tol}: {bad} (all: {errors})"
+
+
+@pytest.mark.parametrize("key", [f"monarch-{i}-float32-{e}" for i in range(len(MONARCH_CASES))
+                                 for e in ("triton", "cublas", "default", "engine_cublas")]
+                         + [f"blockdiag-{i}-float32-{e}" for i in range(len(BLOCKDIAG_CASES))
+                            for e in ("triton", "cublas", "default")]
+                         + ["monarch-1-float16", "blockdiag-1-float16"])
+def test_kernel_matches_reference_interpreter(interpret_report, key):
+    _check(interpret_report[key], key.split("-")[2])
+
+
+@pytest.mark.parametrize("key", ["layer-monarch-triton", "layer-blockdiag-triton", "layer-monarch-cublas",
+                                 "layer-blockdiag-cublas"])
+def test_layers_forced_backend_interpreter(interpret_report, key):
+    errors = interpret_report[key]
+    assert errors["choice"] == key.rsplit("-", 1)[1]
+    _check(errors, "float32")
+
+
+@pytest.mark.parametrize("key", ["compile-monarch-triton", "compile-monarch-cublas", "compile-blockdiag-triton",
+                                 "compile-blockdiag-cublas"])
+def test_compile_fullgraph_interpreter(interpret_report, key):
+    errors = interpret_report[key]
+    assert "message" not in errors, errors.get("message")
+    assert errors["choice"] == key.rsplit("-", 1)[1]
+    _check(errors, "float32")
+
+
+def test_opcheck_interpreter(interpret_report):
+    assert interpret_report["opcheck"] == "ok", interpret_report["opcheck"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dispatch (plain CPU, no interpreter needed)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_backend_setting_and_context_manager():
+    import structmat.kernels as K
+
+    assert K.get_backend() == "auto"
+    with K.use_backend("dense"):
+        assert K.get_backend() == "dense"
+        with K.use_backend("reference"):
+            assert K.get_backend() == "reference"
+        assert K.get_backend() == "dense"
+    assert K.get_backend() == "auto"
+    with pytest.raises(ValueError, match="valid backends"):
+        K.set_backend("cuda-magic")
+
+
+@pytest.mark.parametrize("spec", ["monarch:nblocks=4", "blockdiag:nblocks=4", "lowrank:rank=5"])
+def test_dense_backend_same_math_and_cache_invalidation(spec):
+    import structmat.kernels as K
+    from structmat.structures.base import resolve_spec, structure_class
+
+    cfg = resolve_spec(spec, 24, 20)
+    layer = structure_class(cfg.name)(24, 20, **{k: v for k, v in cfg.to_dict().items() if k != "structure"})
+    layer.double()
+    x = torch.randn(7, 24, dtype=torch.float64)
+    with torch.no_grad():
+        with K.use_backend("reference"):
+            ref = layer(x)
+        assert K.LAST_CHOICE[cfg.name] == "reference"  # on CPU even auto would be
+        with K.use_backend("dense"):
+            y = layer(x)
+            assert K.LAST_CHOICE[cfg.name] == "dense"
+            assert rel_rms(y, ref) < 1e-12
+            for p in layer.parameters():  # an in-place update bumps _version: the cached merge must not survive
+                p.mul_(1.5)
+            y2 = layer(x)
+        with K.use_backend("reference"):
+            ref2 = layer(x)
+    assert rel_rms(y2, ref2) < 1e-12 and rel_rms(y2, ref) > 1e-3
+    # with parameter gradients the dense path merges differentiably: gradients equal the reference's
+    with K.use_backend("dense"):
+        g = torch.autograd.grad(layer(x).square().sum(), list(layer.parameters()))
+    with K.use_backend("reference"):
+        g_ref = torch.autograd.grad(layer(x).square().sum(), list(layer.parameters()))
+    for a, b in zip(g, g_ref):
+        assert rel_rms(a, b) < 1e-10
+
+
+def test_auto_on_cpu_is_reference():
+    import structmat.kernels as K
+    from structmat.structures.monarch import Monarch
+
+    layer = Monarch(16, 16, nblocks=4)
+    layer(torch.randn(3, 16))
+    assert K.LAST_CHOICE["monarch"] == "reference"
+
+
+def test_import_without_triton():
+    """The package must import and compute on a machine without Triton (everything falls through)."""
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, structmat.kernels as K\n"
+            "from structmat.structures.monarch import Monarch\n"
+            "assert not K.HAVE_TRITON\n"
+            "K.set_backend('triton')\n"
+            "y = Monarch(16, 16, nblocks=4)(torch.randn(3, 16)); assert torch.isfinite(y).all()\n"
+            "print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU (pytest -m gpu on a CUDA machine)
+# ---------------------------------------------------------------------------------------------------------------
+
+GPU_MONARCH = [(1, 4, 256, 256, 64), (1000, 4, 300, 200, 75), (4096, 4, 1024, 1024, 256), (257, 8, 128, 512, 16)]
+GPU_BLOCKDIAG = [(1, 4, 256, 256), (1000, 3, 300, 200), (4096, 4, 1024, 1024)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("kind,case", [("monarch", c) for c in GPU_MONARCH] + [("blockdiag", c) for c in GPU_BLOCKDIAG])
+@pytest.mark.parametrize("engine", ["triton", "cublas"])
+def test_kernel_matches_reference_gpu(kind, case, dtype, engine, monkeypatch):
+    from structmat.kernels import _triton_gemm
+
+    monkeypatch.setattr(_triton_gemm, "AUTOTUNE", case[0] == 4096 and dtype == "bfloat16")  # tune the big case only
+    errors = check_op(kind, case, getattr(torch, dtype), device="cuda", seed=sum(case) % 1000, engine=engine)
+    _check(errors, dtype)
+    # and no worse than the reference in the same dtype (a loose factor: the rounding order differs)
+    assert errors["y"] <= TOL_VS_REFERENCE_FACTOR * errors["ref_y"] + TOL[dtype] / 10, errors
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cublas", "dense", "auto"])
+@pytest.mark.parametrize("tokens", [1, 16, 2048])
+def test_backends_agree_gpu(backend, tokens):
+    import structmat.kernels as K
+    from structmat.structures.lowrank import LowRank
+    from structmat.structures.monarch import Monarch
+
+    for layer in (Monarch(1024, 1024, nblocks=4), LowRank(1024, 1024, rank=128)):
+        layer = layer.cuda().to(torch.bfloat16)
+        x = torch.randn(2, tokens, 1024, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            ref = layer.double()(x.double())
+            layer.to(torch.bfloat16)
+            with K.use_backend(backend):
+                y = layer(x)
+        assert rel_rms(y, ref) < TOL["bfloat16"]
+
+
+@pytest.mark.gpu
+def test_torch_compile_fullgraph_gpu():
+    import structmat.kernels as K
+    from structmat.structures.monarch import Monarch
+
+    layer = Monarch(512, 768, nblocks=4).cuda().to(torch.bfloat16)
+    x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with K.use_backend("triton"):
+        compiled = torch.compile(layer, fullgraph=True)
+        y = compiled(x)
+        g = torch.autograd.grad(y.float().square().sum(), [x, layer.R, layer.L])
+    with K.use_backend("reference"):
+        y_ref = layer(x)
+        g_ref = torch.autograd.grad(y_ref.float().square().sum(), [x, layer.R, layer.L])
+    assert rel_rms(y, y_ref) < TOL["bfloat16"]
+    for a, b in zip(g, g_ref):
+        assert rel_rms(a, b) < TOL["bfloat16"]
+
+
+if __name__ == "__main__":
+    if "--interpret" in sys.argv:
+        assert os.environ.get("TRITON_INTERPRET") == "1"
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        print(json.dumps(_interpret_report()))

@@ -1,0 +1,195 @@
+"""Data-aware projections on the calibration objective tr(E H E^T)."""
+
+import numpy as np
+import pytest
+import torch
+
+import structmat.structures as S
+from structmat.calibrate import InputStats
+from structmat.project import METHODS, lowrank_error_curve, methods_for, output_error, project
+from tolerances import CURVE_REL, FORWARD_REL, NEVER_WORSE_SLACK, OPTIMUM_REL
+from tolerances import STRICT_GAIN as STRICT
+
+
+def correlated(n: int, d: int, gen: torch.Generator) -> torch.Tensor:
+    """Mixed Gaussian inputs (strongly correlated channels) with a few large-magnitude outlier channels."""
+    z = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    mix = torch.randn(d, d, generator=gen, dtype=torch.float64) / d**0.5
+    x = z @ mix + 0.05 * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    x[:, torch.randperm(d, generator=gen)[:3]] *= 15.0
+    return x
+
+
+def setup(out=24, inn=32, n=400, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inn, generator=gen, dtype=torch.float64) / inn**0.5
+    stats = InputStats.empty(inn).update(correlated(n, inn, gen))
+    return w, stats
+
+
+def fisher_for(w, seed=0):
+    gen = torch.Generator().manual_seed(seed + 100)
+    rows = torch.rand(w.shape[0], 1, generator=gen, dtype=torch.float64) ** 4 * 10 + 0.01
+    return rows * torch.rand(w.shape, generator=gen, dtype=torch.float64)
+
+
+# (spec, data-aware method, data-free counterpart, strictly better expected)
+PAIRS = [
+    ("lowrank:rank=6", "whitened", "data-free", True),
+    ("lowrank:rank=6", "asvd", "data-free", False),
+    ("lowrank:rank=6", "fisher", "data-free", False),
+    ("nm:n=2,m=4", "wanda", "magnitude", False),
+    ("nm:n=2,m=4", "sparsegpt", "magnitude", True),
+    ("sparse:density=0.5", "wanda", "magnitude", False),
+    ("sparse:density=0.5", "sparsegpt", "magnitude", True),
+    ("monarch:nblocks=4", "whitened", "data-free", True),
+    ("monarch:nblocks=3,pad=True", "whitened", "data-free", True),
+    ("splr:rank=3,density=0.15", "whitened", "data-free", False),
+]
+
+
+@pytest.mark.parametrize("shape", [(24, 32), (40, 20)])
+@pytest.mark.parametrize("spec,method,base,strict", PAIRS)
+def test_never_worse_than_data_free(spec, method, base, strict, shape):
+    w, stats = setup(*shape)
+    fisher = fisher_for(w)
+    ref = output_error(w, project(w, spec, base, stats), stats)
+    layer = project(w, spec, method, stats, fisher=fisher)
+    err = output_error(w, layer, stats)
+    assert err <= ref * (1 + NEVER_WORSE_SLACK), (err, ref)
+    assert layer.fit_info["output_error"] == pytest.approx(err, rel=1e-12)
+    if strict:  # the raw algorithm, no fallback, beats data-free clearly on correlated inputs
+        raw = project(w, spec, method, stats, guard=False)
+        assert output_error(w, raw, stats) < STRICT * ref
+        assert raw.fit_info["used"] == method
+
+
+def test_whitened_lowrank_equals_independent_closed_form():
+    w, stats = setup(24, 32)
+    wn, hn = w.numpy(), stats.gram.numpy()
+    chol = np.linalg.cholesky(hn)  # H = L L^T, full rank here: the objective is ||(W - W_hat) L||_F
+    for rank in (1, 5, 11):
+        u, s, vt = np.linalg.svd(wn @ chol, full_matrices=False)
+        best = (u[:, :rank] * s[:rank]) @ vt[:rank] @ np.linalg.inv(chol)
+        layer = project(w, f"lowrank:rank={rank}", "whitened", stats, damp=0.0, guard=False)
+        got = layer.to_dense().detach().numpy()
+        assert np.linalg.norm(got - best) / np.linalg.norm(best) < OPTIMUM_REL * 1e3
+        optimum = np.sqrt((s[rank:] ** 2).sum() / (s**2).sum())
+        assert output_error(w, layer, stats) == pytest.approx(optimum, rel=OPTIMUM_REL)
+
+
+def test_whitened_lowrank_not_beaten_by_gradient_descent():
+    w, stats = setup(12, 16, n=200, seed=3)
+    rank = 3
+    h = stats.gram / stats.count
+    target = output_error(w, project(w, f"lowrank:rank={rank}", "whitened", stats, damp=0.0, guard=False), stats)
+    for start in range(3):
+        gen = torch.Generator().manual_seed(start)
+        u = (torch.randn(12, rank, generator=gen, dtype=torch.float64) * 0.3).requires_grad_()
+        v = (torch.randn(rank, 16, generator=gen, dtype=torch.float64) * 0.3).requires_grad_()
+        opt = torch.optim.LBFGS([u, v], max_iter=300, tolerance_grad=1e-12, tolerance_change=1e-15,
+                                line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            e = w - u @ v
+            loss = ((e @ h) * e).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        assert output_error(w, (u @ v).detach(), stats) >= target * (1 - 1e-7)
+
+
+@pytest.mark.parametrize("method", ["whitened", "data-free", "asvd", "fisher"])
+@pytest.mark.parametrize("guard", [False, True])
+def test_lowrank_error_curve_matches_projection(method, guard):
+    w, stats = setup(20, 28)
+    fisher = fisher_for(w)
+    curve = lowrank_error_curve(w, stats, method, fisher=fisher, guard=guard, damp=1e-6)
+    assert curve.shape == (21,) and curve[0].item() == pytest.approx(1.0) and curve[-1].item() < 1e-6
+    assert bool((curve[1:] <= curve[:-1] + 1e-12).all()) or method in ("asvd", "fisher")
+    for rank in (1, 4, 9):
+        layer = project(w, f"lowrank:rank={rank}", method, stats, fisher=fisher,
+                        **({} if method == "data-free" else {"guard": guard}))
+        assert curve[rank].item() == pytest.approx(output_error(w, layer, stats), rel=CURVE_REL)
+    if method == "data-free":  # without stats: relative Frobenius error of the truncated SVD
+        plain = lowrank_error_curve(w, None, method)
+        assert plain[4].item() == pytest.approx(project(w, "lowrank:rank=4").relative_error(w), rel=CURVE_REL)
+
+
+@pytest.mark.parametrize("spec", ["nm:n=2,m=4", "nm:n=1,m=4", "nm:n=2,m=4,pad=True"])
+def test_sparsegpt_mask_exact_and_beats_wanda(spec):
+    w, stats = setup(24, 30 if "pad" in spec else 32)
+    n, m = (int(spec.split("n=")[1][0]), 4)
+    layer = project(w, spec, "sparsegpt", stats, guard=False)
+    dense = layer.to_dense().detach()
+    padded = torch.nn.functional.pad(dense, (0, layer.in_padded - dense.shape[1]))
+    assert int((padded.reshape(24, -1, m) != 0).sum(-1).max()) <= n
+    assert layer.values.numel() == 24 * layer.groups * n
+    wanda = project(w, spec, "wanda", stats, guard=False)
+    assert output_error(w, layer, stats) < output_error(w, wanda, stats)
+    x = torch.randn(5, dense.shape[1], dtype=torch.float64)
+    assert torch.allclose(layer(x), x @ dense.T, rtol=FORWARD_REL[torch.float64], atol=0)
+
+
+def test_sparsegpt_unstructured_keeps_exactly_nnz():
+    w, stats = setup(24, 32)
+    layer = project(w, "sparse:density=0.3", "sparsegpt", stats, guard=False, blocksize=8)
+    nnz = round(0.3 * 24 * 32)
+    assert layer.values.numel() == nnz and int((layer.to_dense() != 0).sum()) <= nnz
+    assert torch.equal(layer.index, layer.index.sort().values)
+
+
+def test_dtype_device_bias_and_forward():
+    w64, stats = setup(24, 32)
+    w = w64.float()
+    bias = torch.randn(24)
+    for spec, method in [("lowrank:ratio=0.5", "whitened"), ("monarch:nblocks=4", "whitened"),
+                         ("nm:n=2,m=4", "sparsegpt"), ("sparse:density=0.4", "wanda"),
+                         ("splr:rank=2,density=0.1", "whitened"), ("lowrank:rank=4", "asvd")]:
+        layer = project(w, spec, method, stats, bias=bias)
+        assert layer.bias.dtype == torch.float32 and torch.equal(layer.bias.detach(), bias)
+        assert all(p.dtype == torch.float32 for p in layer.parameters())
+        x = torch.randn(3, 32)
+        ref = x @ layer.to_dense().detach().T + bias
+        assert torch.allclose(layer(x), ref, rtol=1e-4, atol=1e-5)
+        assert "output_error" in layer.fit_info
+
+
+def test_data_free_applies_to_every_structure():
+    w, stats = setup(16, 16)
+    for spec in ["dense", "lowrank:rank=3", "blockdiag:nblocks=2", "monarch:nblocks=4", "kron:rank=1",
+                 "nm:n=2,m=4", "sparse:density=0.3", "blockdiag:nblocks=2 * blockdiag:nblocks=4"]:
+        layer = project(w, spec)
+        assert torch.equal(layer.to_dense().detach(), S.from_dense(w, spec).to_dense().detach())
+    assert set(METHODS["data-free"]) == set(S.REGISTRY)
+    assert methods_for("lowrank") == ["data-free", "whitened", "asvd", "fisher"]
+
+
+def test_error_paths():
+    w, stats = setup(24, 32)
+    with pytest.raises(ValueError, match="valid methods for lowrank: data-free, whitened, asvd, fisher"):
+        project(w, "lowrank:rank=4", "wanda", stats)
+    with pytest.raises(ValueError, match="valid methods for kron: data-free"):
+        project(w, "kron:rank=1", "whitened", stats)
+    with pytest.raises(ValueError, match="unknown method"):
+        project(w, "lowrank:rank=4", "svd-llm", stats)
+    with pytest.raises(ValueError, match="needs calibration statistics"):
+        project(w, "lowrank:rank=4", "whitened")
+    with pytest.raises(ValueError, match="in_features=32.*in_features=24"):
+        project(w.T.contiguous(), "lowrank:rank=4", "whitened", stats)
+    with pytest.raises(ValueError, match="fisher="):
+        project(w, "lowrank:rank=4", "fisher", stats)
+    with pytest.raises(ValueError, match="shape"):
+        project(w, "lowrank:rank=4", "fisher", stats, fisher=fisher_for(w).T)
+    with pytest.raises(ValueError, match="valid options"):
+        project(w, "lowrank:rank=4", "whitened", stats, alpha=0.3)
+    bad = InputStats(stats.gram.clone(), stats.abs_sum.clone(), stats.count)
+    bad.gram[3, 5] = float("inf")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        project(w, "nm:n=2,m=4", "sparsegpt", bad)
+    with pytest.raises(ValueError, match="no tokens"):
+        project(w, "nm:n=2,m=4", "wanda", InputStats.empty(32))
+    with pytest.raises(ValueError, match="needs stats"):
+        lowrank_error_curve(w, None, "asvd")
