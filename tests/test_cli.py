@@ -11,13 +11,13 @@ from structmat.cli import main
 from structmat.data.pretrained import load_minilm
 
 
-def test_demo_projects_real_minilm_weights_and_writes_json(tmp_path, capsys):
-    rc = main(["demo", "--structures", "dense,lowrank,monarch,nm", "--tokens", "8", "--repeats", "2",
+def test_table_projects_real_minilm_weights_and_writes_json(tmp_path, capsys):
+    rc = main(["table", "--structures", "dense,lowrank,monarch,nm", "--tokens", "8", "--repeats", "2",
                "--out", str(tmp_path)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| attention.query  | lowrank (SVD)" in printed and "| mlp.intermediate | monarch" in printed
-    result = json.loads((tmp_path / "demo.json").read_text())
+    result = json.loads((tmp_path / "table.json").read_text())
     rows = {(r["weight"], r["structure"]): r for r in result["metrics"]}
     assert result["run_info"]["torch"] == torch.__version__
     # The low-rank error on the real weight equals Eckart-Young computed independently here.
@@ -32,7 +32,7 @@ def test_demo_projects_real_minilm_weights_and_writes_json(tmp_path, capsys):
     assert rows[("mlp.intermediate", "dense")]["rel_error"] == 0
 
 
-def test_demo_rejects_unknown_structures_and_bad_ratio(capsys):
-    assert main(["demo", "--structures", "butterfly"]) == 2
+def test_table_rejects_unknown_structures_and_bad_ratio(capsys):
+    assert main(["table", "--structures", "butterfly"]) == 2
     assert "unknown structure(s) ['butterfly']" in capsys.readouterr().err
-    assert main(["demo", "--ratio", "1.5"]) == 2
+    assert main(["table", "--ratio", "1.5"]) == 2

@@ -3,13 +3,71 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import io
 import sys
 from pathlib import Path
 
 import torch
 
 
+def _save_png(fig_writer, path: Path) -> Path:
+    """Render a plot into memory, then write it atomically."""
+    from .eval.results import write_atomic
+
+    buf = io.BytesIO()
+    fig_writer(buf)
+    return write_atomic(path, buf.getvalue())
+
+
+def _corpus_split(spec: str):
+    from .data.corpus import corpus_from_spec, split_files
+
+    return split_files(corpus_from_spec(spec))
+
+
+# ------------------------------------------------------------------------------------------------- demo (main job)
 def _demo(args: argparse.Namespace) -> int:
+    from .data.corpus import manifest, minilm_tokenizer, text_chunks
+    from .data.models import encoder_batches
+    from .data.pretrained import load_minilm, minilm_dir
+    from .eval.compression_sweep import METHODS, format_rows, plot_frontier, rows_as_dicts, run_sweep
+    from .eval.fidelity import encoder_fidelity, fidelity_reference
+    from .eval.results import run_info, write_json
+
+    torch.manual_seed(args.seed)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        print(f"structmat demo: unknown method(s) {unknown}; choose from {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    model, tok = load_minilm(), minilm_tokenizer()
+    train, val = _corpus_split("stdlib")
+    calib_texts, eval_texts = text_chunks(train, args.calib_texts), text_chunks(val, args.eval_texts)
+    print(f"MiniLM from {minilm_dir()}; calibrating on {len(calib_texts)} chunks of {len(train)} training files, "
+          f"evaluating on {len(eval_texts)} chunks of {len(val)} held-out files (Python stdlib source)", flush=True)
+    reference = fidelity_reference(model, tok, eval_texts, max_length=args.max_length)
+    rows = run_sweep(model, tok, encoder_batches(tok, calib_texts, max_length=args.max_length), eval_texts,
+                     targets=args.targets, methods=methods, sequential=args.sequential, progress=args.progress,
+                     fidelity_fn=lambda m, ref: encoder_fidelity(ref, m, tok), reference=reference,
+                     on_row=lambda r: print(f"  {r.method:<17} target {r.target:.2f}: cosine {r.cosine:.4f}, "
+                                            f"top-1 agreement {r.top1_agreement:.3f} ({r.seconds:.0f} s)", flush=True))
+    print()
+    print(format_rows(rows))
+    print("\ncosine: mean cosine similarity of sentence embeddings to the original model's on held-out text; "
+          "top-1 agree: fraction of queries whose top-1 retrieved document is the same as the original's.")
+    out = Path(args.out)
+    payload = {"metrics": rows_as_dicts(rows), "corpus": {"train": manifest(train), "validation": manifest(val)},
+               "run_info": run_info(vars(args), seed=args.seed)}
+    print(f"wrote {write_json(out / 'demo.json', payload)}")
+    png = _save_png(lambda buf: plot_frontier(rows, buf, "MiniLM-L6: fidelity vs linear-layer params"),
+                    out / "demo_frontier.png")
+    print(f"wrote {png}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- projection table
+def _table(args: argparse.Namespace) -> int:
     from .data.pretrained import load_minilm, minilm_dir
     from .eval.projection_table import DEFAULT_SPECS, format_table, project_all, rows_as_dicts
     from .eval.results import run_info, write_json
@@ -21,7 +79,7 @@ def _demo(args: argparse.Namespace) -> int:
         known = {label.split()[0]: label for label in DEFAULT_SPECS}
         unknown = [w for w in wanted if w not in known]
         if unknown:
-            print(f"structmat demo: unknown structure(s) {unknown}; choose from {', '.join(known)}", file=sys.stderr)
+            print(f"structmat table: unknown structure(s) {unknown}; choose from {', '.join(known)}", file=sys.stderr)
             return 2
         specs = {known[w]: DEFAULT_SPECS[known[w]] for w in wanted}
     model = load_minilm()
@@ -40,33 +98,159 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"\nforward time: median of {args.repeats} runs on {args.tokens} tokens, this machine "
           f"({torch.get_num_threads()} CPU threads); a ratio > 1 is faster than dense. CPU timings show "
           "correctness of the cost model, not GPU speed.")
-    path = write_json(Path(args.out) / "demo.json", {
-        "metrics": rows_as_dicts(rows),
-        "run_info": run_info(vars(args), seed=args.seed, device="cpu"),
-    })
+    path = write_json(Path(args.out) / "table.json", {"metrics": rows_as_dicts(rows),
+                                                       "run_info": run_info(vars(args), seed=args.seed, device="cpu")})
     print(f"wrote {path}")
     return 0
+
+
+# ------------------------------------------------------------------------------------------------ compress / eval
+def _compress(args: argparse.Namespace) -> int:
+    from .compress import Allowed, budget_plan, calibrate, compress_sequential, matched_layers
+    from .data.models import calibration_batches, load_model
+    from .eval.results import run_info, write_json
+    from .io import save_pretrained
+    from .surgery import Plan, Target, linear_modules, structurize
+
+    loaded = load_model(args.model)
+    train, val = _corpus_split(args.corpus)
+    batches = calibration_batches(loaded, train, args.calib_samples, args.seq_len)
+    scope = Plan.from_dict({args.layers: "dense"})
+    names = [n for n in linear_modules(loaded.model) if scope.match(n) is not None]
+    if not names:
+        print(f"structmat compress: no linear layer matches --layers {args.layers!r}", file=sys.stderr)
+        return 2
+    print(f"{loaded.source}: {len(names)} linear layers in scope; calibrating on {len(batches)} batches", flush=True)
+    stats = calibrate(loaded.model, names, batches)
+    results = []
+    for target in args.target_params:
+        model = loaded.model if len(args.target_params) == 1 else copy.deepcopy(loaded.model)
+        if args.structure:
+            structure, _, method = args.structure.partition("@")
+            plan = Plan.exact({n: Target(f"{structure}:ratio={target}", method or "data-free") for n in names})
+        else:
+            allowed = [Allowed.parse(a) for a in args.allow.split(",")]
+            plan, _ = budget_plan(model, allowed, stats, target, key="flops" if args.flops else "params", names=names)
+        if args.sequential:
+            report = compress_sequential(model, plan, batches, progress=True)
+        else:
+            report = structurize(model, plan, calibration={n: stats[n] for n in matched_layers(model, plan)},
+                                 progress=True)
+        out = Path(args.out) / (f"target-{target:.2f}" if len(args.target_params) > 1 else "")
+        save_pretrained(model, out)
+        print(report.format())
+        results.append({"target": target, "dir": str(out), "report": report.to_dict()})
+    path = write_json(Path(args.out) / "compress.json", {"results": results, "run_info": run_info(vars(args))})
+    print(f"wrote {path}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .data.corpus import text_chunks, token_stream
+    from .data.models import is_causal, load_model
+    from .eval.fidelity import encoder_fidelity, fidelity_reference
+    from .eval.perplexity import perplexity
+    from .eval.results import run_info, write_json
+    from .io import load_pretrained
+
+    path = Path(args.model)
+    model = load_pretrained(path) if (path / "structmat.json").is_file() else load_model(args.model).model
+    tokenizer = load_model(args.tokenizer).tokenizer
+    _, val = _corpus_split(args.corpus)
+    if is_causal(model):
+        tokens = token_stream(val[: args.files], tokenizer)
+        metrics = perplexity(model, tokens, window=args.seq_len)
+    else:
+        texts = text_chunks(val, args.texts)
+        reference = fidelity_reference(load_model(args.reference).model, tokenizer, texts)
+        metrics = encoder_fidelity(reference, model, tokenizer)
+    for k, v in metrics.items():
+        print(f"{k}: {v}")
+    out = write_json(Path(args.out) / "eval.json", {"metrics": metrics, "run_info": run_info(vars(args))})
+    print(f"wrote {out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------- parser
+def _targets(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"a target must lie in (0, 1], got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="structmat", description="Structured matrices for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="project real MiniLM weights onto every structure and print the cost table")
-    demo.add_argument("--ratio", type=float, default=0.5, help="fraction of the dense parameters (default 0.5)")
-    demo.add_argument("--layer", type=int, default=0, help="which of MiniLM's 6 layers (default 0)")
-    demo.add_argument("--tokens", type=int, default=256, help="tokens in the timing batch (default 256)")
-    demo.add_argument("--repeats", type=int, default=20, help="timing repeats (default 20)")
-    demo.add_argument("--structures", default="", help="comma-separated subset, e.g. dense,lowrank,monarch "
-                      "(default: all of dense, lowrank, blockdiag, monarch, kron, nm, sparse, splr, product)")
+
+    demo = sub.add_parser("demo", help="the main job: compress the packaged MiniLM with every method at several "
+                                       "targets, print the fidelity table, write JSON + frontier PNG")
+    demo.add_argument("--targets", type=_targets, nargs="+", default=[0.25, 0.5, 0.75])
+    demo.add_argument("--methods", default="", help="comma-separated subset of the methods (default: all)")
+    demo.add_argument("--calib-texts", type=int, default=128)
+    demo.add_argument("--eval-texts", type=int, default=256)
+    demo.add_argument("--max-length", type=int, default=128)
+    demo.add_argument("--sequential", action="store_true", help="layer-sequential calibration")
+    demo.add_argument("--progress", action="store_true")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default="structmat-out", help="folder for demo.json (default structmat-out)")
+    demo.add_argument("--out", default="structmat-out")
     demo.set_defaults(func=_demo)
+
+    table = sub.add_parser("table", help="project two real MiniLM weights onto every structure (data-free) and "
+                                         "print params, FLOPs, error and forward time vs dense")
+    table.add_argument("--ratio", type=float, default=0.5, help="fraction of the dense parameters (default 0.5)")
+    table.add_argument("--layer", type=int, default=0, help="which of MiniLM's 6 layers (default 0)")
+    table.add_argument("--tokens", type=int, default=256, help="tokens in the timing batch (default 256)")
+    table.add_argument("--repeats", type=int, default=20, help="timing repeats (default 20)")
+    table.add_argument("--structures", default="", help="comma-separated subset, e.g. dense,lowrank,monarch "
+                       "(default: all of dense, lowrank, blockdiag, monarch, kron, nm, sparse, splr, product)")
+    table.add_argument("--seed", type=int, default=0)
+    table.add_argument("--out", default="structmat-out", help="folder for table.json (default structmat-out)")
+    table.set_defaults(func=_table)
+
+    comp = sub.add_parser("compress", help="compress a model (HF id, local dir, or 'minilm') to a parameter target")
+    comp.add_argument("--model", default="minilm")
+    comp.add_argument("--target-params", type=_targets, nargs="+", default=[0.5],
+                      help="fraction(s) of the in-scope linear-layer params (or FLOPs with --flops) to keep")
+    comp.add_argument("--flops", action="store_true", help="the target is a fraction of FLOPs, not params")
+    comp.add_argument("--allow", default="lowrank@whitened,monarch@whitened:nblocks=4,nm@sparsegpt",
+                      help="structures the budget solver may use, structure@method[:nblocks=b], comma-separated")
+    comp.add_argument("--structure", default="", help="instead of the solver: one structure@method for all layers, "
+                                                      "e.g. lowrank@whitened")
+    comp.add_argument("--layers", default=r".*(layer|layers|h)\.\d+\..*", help="full regex of the layers in scope")
+    comp.add_argument("--corpus", default="stdlib")
+    comp.add_argument("--calib-samples", type=int, default=256)
+    comp.add_argument("--seq-len", type=int, default=128)
+    comp.add_argument("--sequential", action="store_true", help="layer-sequential calibration")
+    comp.add_argument("--out", required=True)
+    comp.set_defaults(func=_compress)
+
+    ev = sub.add_parser("eval", help="evaluate a model: perplexity (causal LM) or fidelity to a reference (encoder)")
+    ev.add_argument("--model", required=True, help="a structmat or HF model directory, an HF id, or 'minilm'")
+    ev.add_argument("--tokenizer", default="minilm")
+    ev.add_argument("--reference", default="minilm", help="encoders: the original model to compare with")
+    ev.add_argument("--corpus", default="stdlib")
+    ev.add_argument("--texts", type=int, default=512)
+    ev.add_argument("--files", type=int, default=64, help="causal LMs: validation files to evaluate on")
+    ev.add_argument("--seq-len", type=int, default=512)
+    ev.add_argument("--out", default="structmat-out")
+    ev.set_defaults(func=_eval)
+    bench = sub.add_parser("bench", help="benchmarks: structmat bench kernels|mixer-speed (CUDA GPU) or "
+                           "state-tracking [--smoke] (CPU or GPU); each takes its own flags (--help)")
+    bench.add_argument("which", choices=["kernels", "state-tracking", "mixer-speed"])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"] and len(argv) > 1:  # each benchmark owns its flags
+        from .bench import kernels, mixer_speed, state_tracking
+
+        runners = {"kernels": kernels.main, "state-tracking": state_tracking.main, "mixer-speed": mixer_speed.main}
+        if argv[1] in runners:
+            return runners[argv[1]](argv[2:])
     args = build_parser().parse_args(argv)
-    if getattr(args, "ratio", 0.5) is not None and not 0 < args.ratio < 1:
+    if getattr(args, "ratio", 0.5) is not None and not 0 < getattr(args, "ratio", 0.5) < 1:
         print("structmat: --ratio must lie strictly between 0 and 1", file=sys.stderr)
         return 2
     return args.func(args)

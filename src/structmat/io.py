@@ -31,6 +31,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
+from .atomic import fsync_dir, write_atomic
 from .structures.base import StructuredLinear, config_from_dict, structure_class
 from .surgery import _conv1d_class, _locations, dense_weight, structured_modules
 
@@ -45,36 +46,6 @@ _STAGING_PREFIX = ".structmat-staging-"
 # ----------------------------------------------------------------------------------------------
 # Atomic writes
 # ----------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, fsync it and rename it over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _fsync_file(path: Path) -> None:
@@ -203,8 +174,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
             os.unlink(directory / MANIFEST)
         for name in files:
             os.replace(staging / name, directory / name)
-        _fsync_dir(directory)
-        _write_atomic(directory / MANIFEST, text.encode())
+        fsync_dir(directory)
+        write_atomic(directory / MANIFEST, text.encode())
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory

@@ -8,11 +8,12 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..atomic import write_atomic  # noqa: F401  (re-exported for the result writers)
 
 
 def git_sha() -> str | None:
@@ -47,24 +48,6 @@ def run_info(args: dict[str, Any] | None = None, seed: int | None = None, device
     except ImportError:  # pragma: no cover
         pass
     return info
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write via a temp file in the same folder and rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:

@@ -1,0 +1,196 @@
+"""Speed of the generalized delta rule on a GPU: recurrent reference vs chunked WY/UT form vs softmax attention.
+
+Run on a CUDA GPU:  ``PYTHONPATH=src python -m structmat.bench.mixer_speed [--quick] [--out benchmarks/results]``
+
+Every row is bf16 inputs, forward + backward (gradients w.r.t. q, k, v and beta; for attention q, k, v), at
+B=4, H=16, Dk=Dv=128, over T = 512 .. 16384, timed with CUDA events (median of ``--reps`` after warm-up):
+  ``recurrent``  :func:`structmat.mixers.delta_rule` backend="recurrent" (the token loop; T <= --max-recurrent-T)
+  ``chunked``    backend="chunked", chunk 64 (float32 internals; TF32 matmuls allowed via
+                 ``torch.set_float32_matmul_precision("high")``, recorded in the JSON)
+  ``sdpa``       ``F.scaled_dot_product_attention(..., is_causal=True)`` (PyTorch's fastest available backend)
+All three are measured in the same run on the same device. Before timing, chunked vs recurrent agreement on this
+GPU is checked (float32 and bf16, relative RMS). Writes ``mixer-speed-<UTC date-time>.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from structmat.mixers import delta_rule, l2norm
+
+TS = (512, 1024, 2048, 4096, 8192, 16384)
+
+
+def _time_ms(fn, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _delta_inputs(B, T, H, D, dtype, dev, seed=0):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    q = l2norm(torch.randn(B, T, H, D, device=dev, generator=g)).to(dtype).requires_grad_()
+    k = l2norm(torch.randn(B, T, H, D, device=dev, generator=g)).to(dtype).requires_grad_()
+    v = torch.randn(B, T, H, D, device=dev, generator=g).to(dtype).requires_grad_()
+    beta = (2 * torch.rand(B, T, H, device=dev, generator=g)).to(dtype).requires_grad_()  # eigenvalues in [-1, 1]
+    do = torch.randn(B, T, H, D, device=dev, generator=g).to(dtype)
+    return q, k, v, beta, do
+
+
+def _rrms(x, ref):
+    x, ref = x.double(), ref.double()
+    return ((x - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+
+
+def agreement(dev) -> dict:
+    """chunked vs recurrent on this GPU: outputs, final state and input gradients (relative RMS)."""
+    res = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        q, k, v, beta, do = _delta_inputs(2, 300, 4, 32, dtype, dev, seed=1)
+        lg = (-0.1 * torch.rand(2, 300, 4, device=dev)).requires_grad_()
+        outs = {}
+        for backend in ("recurrent", "chunked"):
+            o, S = delta_rule(q, k, v, beta, lg, output_final_state=True, backend=backend, chunk_size=64)
+            gr = torch.autograd.grad((o.float() * do.float()).sum() + S.sum(), [q, k, v, beta, lg])
+            outs[backend] = [o, S, *gr]
+        names = ["o", "S", "dq", "dk", "dv", "dbeta", "dlog_gate"]
+        res[name] = {n: _rrms(a, b) for n, a, b in zip(names, outs["chunked"], outs["recurrent"])}
+        res[name]["finite"] = all(bool(torch.isfinite(t).all()) for t in outs["chunked"])
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="structmat bench mixer-speed", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="T in 512, 2048, 4096 only")
+    p.add_argument("--B", type=int, default=4)
+    p.add_argument("--H", type=int, default=16)
+    p.add_argument("--D", type=int, default=128)
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--max-recurrent-T", type=int, default=4096)
+    p.add_argument("--out", default="benchmarks/results")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("mixer_speed needs a CUDA GPU", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    torch.set_float32_matmul_precision("high")
+    agree = agreement(dev)
+    print("agreement (chunked vs recurrent, rel. RMS):", json.dumps(agree))
+    Ts = (512, 2048, 4096) if a.quick else TS
+    B, H, D = a.B, a.H, a.D
+    rows = []
+    for T in Ts:
+        q, k, v, beta, do = _delta_inputs(B, T, H, D, torch.bfloat16, dev)
+        row = {"T": T}
+
+        def run_delta(backend):
+            o, _ = delta_rule(q, k, v, beta, backend=backend, chunk_size=a.chunk)
+            torch.autograd.backward(o, do)
+            q.grad = k.grad = v.grad = beta.grad = None
+
+        torch.cuda.reset_peak_memory_stats()
+        row["chunked_ms"] = _time_ms(lambda: run_delta("chunked"), 2, a.reps)
+        row["chunked_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        if T <= a.max_recurrent_T:
+            try:
+                row["recurrent_ms"] = _time_ms(lambda: run_delta("recurrent"), 1, 3)
+            except torch.cuda.OutOfMemoryError:
+                row["recurrent_ms"] = None
+                row["recurrent_note"] = "out of memory"
+            torch.cuda.empty_cache()
+        qa, ka, va = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+        doa = do.transpose(1, 2).contiguous()
+
+        def run_sdpa():
+            o = F.scaled_dot_product_attention(qa, ka, va, is_causal=True)
+            torch.autograd.backward(o, doa)
+            qa.grad = ka.grad = va.grad = None
+
+        row["sdpa_ms"] = _time_ms(run_sdpa, 3, a.reps)
+        if row.get("recurrent_ms"):
+            row["chunked_speedup_vs_recurrent"] = row["recurrent_ms"] / row["chunked_ms"]
+        row["chunked_speedup_vs_sdpa"] = row["sdpa_ms"] / row["chunked_ms"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del q, k, v, beta, do, qa, ka, va, doa
+        torch.cuda.empty_cache()
+    crossover = None
+    for i, r in enumerate(rows):
+        if all(rr["chunked_speedup_vs_sdpa"] > 1 for rr in rows[i:]):
+            crossover = r["T"]
+            break
+    print(f"\n| T | recurrent ms | chunked ms | sdpa ms | chunked vs recurrent | chunked vs sdpa |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        rec = r.get("recurrent_ms")
+        print(f"| {r['T']} | {'-' if rec is None else f'{rec:.1f}'} | {r['chunked_ms']:.2f} | {r['sdpa_ms']:.2f} | "
+              f"{r.get('chunked_speedup_vs_recurrent', float('nan')):.1f}x | {r['chunked_speedup_vs_sdpa']:.2f}x |")
+    print(f"crossover (chunked faster than sdpa from this T on): {crossover}")
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:
+        sha = None
+    payload = {
+        "rows": rows, "crossover_T_vs_sdpa": crossover, "agreement_rel_rms": agree,
+        "setup": {"B": B, "H": H, "Dk": D, "Dv": D, "dtype": "bfloat16", "mode": "fwd+bwd", "chunk": a.chunk,
+                  "n_h": 1, "gate": None, "beta_range": "(0, 2)", "float32_matmul_precision": "high",
+                  "timing": f"CUDA events, median of {a.reps} (recurrent: median of 3)",
+                  "recurrent_max_T": a.max_recurrent_T},
+        "run_info": {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                     "git_sha": sha or os.environ.get("STRUCTMAT_GIT_SHA"), "python": sys.version.split()[0],
+                     "torch": torch.__version__, "device": torch.cuda.get_device_name(), "args": vars(a)},
+    }
+    jpath = out / f"mixer-speed-{stamp}.json"
+    jpath.write_text(json.dumps(payload, indent=2) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, label in (("recurrent_ms", "recurrent (reference)"), ("chunked_ms", "chunked WY/UT"),
+                           ("sdpa_ms", "softmax attention (SDPA)")):
+            pts = [(r["T"], r[key]) for r in rows if r.get(key)]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel("ms, fwd+bwd, bf16")
+        ax.set_title(f"delta rule, B={B} H={H} D={D}, {torch.cuda.get_device_name()}", fontsize=8)
+        ax.legend()
+        ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / f"mixer-speed-{stamp}.png", dpi=120)
+    except ImportError:
+        print("matplotlib missing: no PNG")
+    print(f"wrote {jpath}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
