@@ -36,3 +36,42 @@ def test_table_rejects_unknown_structures_and_bad_ratio(capsys):
     assert main(["table", "--structures", "butterfly"]) == 2
     assert "unknown structure(s) ['butterfly']" in capsys.readouterr().err
     assert main(["table", "--ratio", "1.5"]) == 2
+
+
+def test_demo_sweep_small_run_orders_methods_as_expected(tmp_path, capsys):
+    rc = main(["demo", "--methods", "SVD,whitened SVD", "--targets", "0.5", "--calib-texts", "32",
+               "--eval-texts", "48", "--max-length", "64", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "demo.json").read_text())["metrics"]}
+    assert rows["whitened SVD"]["cosine"] > rows["SVD"]["cosine"]
+    assert (tmp_path / "demo_frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| whitened SVD" in capsys.readouterr().out
+
+
+def test_compress_and_eval_a_local_causal_lm_directory(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from structmat.data.corpus import minilm_tokenizer
+
+    torch.manual_seed(0)
+    tok = minilm_tokenizer()
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    src = tmp_path / "base"
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    out = tmp_path / "small"
+    assert main(["compress", "--model", str(src), "--target-params", "0.5", "0.75", "--structure",
+                 "lowrank@whitened", "--calib-samples", "8", "--seq-len", "32", "--sequential", "--eval-files", "2",
+                 "--eval-window", "64", "--out", str(out)]) == 0
+    results = json.loads((out / "compress.json").read_text())["results"]
+    assert [len(r["report"]["layers"]) for r in results] == [14, 14]  # 2 blocks x (q, k, v, o, gate, up, down)
+    assert results[0]["params_fraction"] < results[1]["params_fraction"] < 1
+    assert all(r["quality"]["ppl"] > 1 for r in results)
+    assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    out = out / "target-0.50"
+    assert (out / "structmat.json").is_file()
+    assert main(["eval", "--model", str(out), "--tokenizer", str(src), "--files", "2", "--seq-len", "64",
+                 "--out", str(out)]) == 0
+    metrics = json.loads((out / "eval.json").read_text())["metrics"]
+    assert metrics["ppl"] > 1 and metrics["windows"] >= 1

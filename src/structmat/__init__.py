@@ -1,8 +1,13 @@
 """structmat: structured matrices as first-class PyTorch layers."""
 
-from .structures import *  # noqa: F401,F403  (the public API is listed in structures.__all__)
-from .structures import __all__
+from .structures import *  # noqa: F401,F403  (the structure API is listed in structures.__all__)
+from .structures import __all__ as _structure_api
 
 __version__ = "0.1.0"
 
 from . import kernels  # noqa: F401,E402  (registers the GPU fast paths; falls back to the reference without triton)
+from .io import load_pretrained, save_pretrained  # noqa: E402
+from .surgery import Plan, Report, Target, densify, structurize  # noqa: E402
+
+__all__ = [*_structure_api, "Plan", "Report", "Target", "structurize", "densify", "save_pretrained",
+           "load_pretrained"]

@@ -105,9 +105,23 @@ def _table(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ compress / eval
+def _quality(kind: str, model, tokenizer, val, args, reference=None) -> dict:
+    """Fidelity to the original (encoders) or validation perplexity (causal LMs) on held-out corpus files."""
+    from .data.corpus import token_stream
+    from .eval.fidelity import encoder_fidelity
+    from .eval.perplexity import perplexity
+
+    if kind == "causal":
+        return perplexity(model, token_stream(val[: args.eval_files], tokenizer), window=args.eval_window)
+    return encoder_fidelity(reference, model, tokenizer)
+
+
 def _compress(args: argparse.Namespace) -> int:
-    from .compress import Allowed, budget_plan, calibrate, compress_sequential, matched_layers
+    from .compress import (Allowed, budget_plan, calibrate, compress_sequential, matched_layers,
+                           output_sensitivity, price_layers)
+    from .data.corpus import text_chunks
     from .data.models import calibration_batches, load_model
+    from .eval.fidelity import fidelity_reference
     from .eval.results import run_info, write_json
     from .io import save_pretrained
     from .surgery import Plan, Target, linear_modules, structurize
@@ -122,6 +136,10 @@ def _compress(args: argparse.Namespace) -> int:
         return 2
     print(f"{loaded.source}: {len(names)} linear layers in scope; calibrating on {len(batches)} batches", flush=True)
     stats = calibrate(loaded.model, names, batches)
+    reference = None
+    if args.evaluate and loaded.kind == "encoder":
+        reference = fidelity_reference(loaded.model, loaded.tokenizer, text_chunks(val, args.eval_texts))
+    priced = sensitivity = None
     results = []
     for target in args.target_params:
         model = loaded.model if len(args.target_params) == 1 else copy.deepcopy(loaded.model)
@@ -130,7 +148,11 @@ def _compress(args: argparse.Namespace) -> int:
             plan = Plan.exact({n: Target(f"{structure}:ratio={target}", method or "data-free") for n in names})
         else:
             allowed = [Allowed.parse(a) for a in args.allow.split(",")]
-            plan, _ = budget_plan(model, allowed, stats, target, key="flops" if args.flops else "params", names=names)
+            if priced is None:  # price every layer's options once for all targets
+                priced = price_layers(loaded.model, allowed, stats, names)
+                sensitivity = output_sensitivity(loaded.model, names, batches)
+            plan, _ = budget_plan(model, allowed, stats, target, key="flops" if args.flops else "params",
+                                  names=names, sensitivity=sensitivity, candidates=priced)
         if args.sequential:
             report = compress_sequential(model, plan, batches, progress=True)
         else:
@@ -139,10 +161,35 @@ def _compress(args: argparse.Namespace) -> int:
         out = Path(args.out) / (f"target-{target:.2f}" if len(args.target_params) > 1 else "")
         save_pretrained(model, out)
         print(report.format())
-        results.append({"target": target, "dir": str(out), "report": report.to_dict()})
+        row = {"target": target, "dir": str(out), "params_fraction": report.params_fraction,
+               "flops_fraction": report.flops_fraction, "report": report.to_dict()}
+        if args.evaluate:
+            row["quality"] = _quality(loaded.kind, model, loaded.tokenizer, val, args, reference)
+            print("quality:", {k: v for k, v in row["quality"].items() if isinstance(v, (int, float))}, flush=True)
+        results.append(row)
     path = write_json(Path(args.out) / "compress.json", {"results": results, "run_info": run_info(vars(args))})
     print(f"wrote {path}")
+    if args.evaluate and len(results) > 1:
+        print(f"wrote {_save_png(lambda buf: _plot_quality(results, loaded.kind, buf), Path(args.out) / 'frontier.png')}")
     return 0
+
+
+def _plot_quality(results: list[dict], kind: str, buf) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key, label = ("ppl", "validation perplexity") if kind == "causal" else ("cosine", "mean cosine to the original")
+    pts = sorted((r["params_fraction"], r["quality"][key]) for r in results)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot([100 * p for p, _ in pts], [q for _, q in pts], marker="o")
+    ax.set_xlabel("linear-layer parameters kept (%)")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -222,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--calib-samples", type=int, default=256)
     comp.add_argument("--seq-len", type=int, default=128)
     comp.add_argument("--sequential", action="store_true", help="layer-sequential calibration")
+    comp.add_argument("--no-eval", dest="evaluate", action="store_false",
+                      help="skip evaluating each compressed model (fidelity or perplexity on held-out files)")
+    comp.add_argument("--eval-texts", type=int, default=256, help="encoders: held-out text chunks for fidelity")
+    comp.add_argument("--eval-files", type=int, default=16, help="causal LMs: held-out files for perplexity")
+    comp.add_argument("--eval-window", type=int, default=512, help="causal LMs: perplexity window")
     comp.add_argument("--out", required=True)
     comp.set_defaults(func=_compress)
 
