@@ -135,7 +135,7 @@ def _compress(args: argparse.Namespace) -> int:
         print(f"structmat compress: no linear layer matches --layers {args.layers!r}", file=sys.stderr)
         return 2
     print(f"{loaded.source}: {len(names)} linear layers in scope; calibrating on {len(batches)} batches", flush=True)
-    stats = calibrate(loaded.model, names, batches)
+    stats = calibrate(loaded.model, names, batches, progress=True)
     reference = None
     if args.evaluate and loaded.kind == "encoder":
         reference = fidelity_reference(loaded.model, loaded.tokenizer, text_chunks(val, args.eval_texts))

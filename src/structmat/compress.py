@@ -43,10 +43,12 @@ def _call_model(model: nn.Module, batch: dict[str, Tensor]) -> Any:
     return model(**kwargs)
 
 
-def run_batches(model: nn.Module, batches: Sequence[dict[str, Tensor]]) -> Callable[[], None]:
+def run_batches(model: nn.Module, batches: Sequence[dict[str, Tensor]], progress: bool = False) -> Callable[[], None]:
     def run() -> None:
+        from tqdm.auto import tqdm
+
         with torch.no_grad():
-            for batch in batches:
+            for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
                 _call_model(model, batch)
     return run
 
@@ -61,9 +63,10 @@ def matched_layers(model: nn.Module, plan: Plan) -> dict[str, Target]:
     return out
 
 
-def calibrate(model: nn.Module, names: Iterable[str], batches: Sequence[dict[str, Tensor]]) -> dict[str, InputStats]:
+def calibrate(model: nn.Module, names: Iterable[str], batches: Sequence[dict[str, Tensor]],
+              progress: bool = False) -> dict[str, InputStats]:
     """One-shot statistics of the inputs of ``names`` over ``batches``."""
-    return collect_input_stats(model, list(names), run_batches(model, batches))
+    return collect_input_stats(model, list(names), run_batches(model, batches, progress))
 
 
 # ------------------------------------------------------------------------------------------------

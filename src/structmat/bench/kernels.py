@@ -110,7 +110,8 @@ def run_grid(quick: bool = False, dtypes=("bf16",), subset_dtypes=("fp16", "fp32
              checkpoint=None) -> dict:
     import structmat.kernels as K
 
-    assert torch.cuda.is_available(), "the kernel benchmark needs a CUDA GPU"
+    if not torch.cuda.is_available():
+        raise RuntimeError("the kernel benchmark needs a CUDA GPU (run it on an H100/H200)")
     torch.manual_seed(0)
     tokens_all = QUICK_TOKENS if quick else TOKENS
     shapes_all = QUICK_SHAPES if quick else SHAPES
