@@ -60,7 +60,7 @@ class StructureConfig:
 
     @property
     def spec(self) -> str:
-        """The string form, e.g. ``monarch:nblocks=4,rank=1,pad=False``."""
+        """The string form, e.g. ``monarch:nblocks=4,rank=2`` (fields at their default are omitted)."""
         args = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -70,6 +70,23 @@ class StructureConfig:
                 value = "x".join(str(v) for v in value)
             args.append(f"{f.name}={value}")
         return f"{self.name}:{','.join(args)}" if args else self.name
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> "StructureConfig":
+        """A config from spec-string or JSON values, converted to the declared field types."""
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ValueError(
+                f"{cls.name}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names + ['ratio'])}"
+            )
+        converted = {k: _convert(cls.name, k, v, hints[k]) for k, v in values.items()}
+        try:
+            return cls(**converted)
+        except TypeError as err:  # missing required field
+            required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+            raise ValueError(f"{cls.name}: {err}; required keys: {', '.join(required)} (or ratio=)") from None
 
 
 def config_from_dict(data: dict[str, Any]) -> StructureConfig:
@@ -128,23 +145,6 @@ def _convert(owner: str, key: str, raw: Any, hint: Any) -> Any:
     return text
 
 
-def _config_from_values(cls: type[StructureConfig], values: dict[str, Any]) -> StructureConfig:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ValueError(
-            f"{cls.name}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names + ['ratio'])}"
-        )
-    converted = {k: _convert(cls.name, k, v, hints[k]) for k, v in values.items()}
-    try:
-        return cls(**converted)
-    except TypeError as err:  # missing required field
-        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
-        raise ValueError(f"{cls.name}: {err}; required keys: {', '.join(required)} (or ratio=)") from None
-
-
-StructureConfig.from_values = classmethod(_config_from_values)  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
