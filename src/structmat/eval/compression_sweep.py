@@ -18,6 +18,7 @@ from typing import Any
 from ..compress import (Allowed, budget_plan, calibrate, compress_sequential, matched_layers, output_sensitivity,
                         price_layers)
 from ..surgery import Plan, Target, linear_modules, structurize
+from .results import markdown_table
 
 ENCODER_LAYERS = r"encoder\.layer\.\d+\..*"
 
@@ -105,13 +106,9 @@ def run_sweep(model, tokenizer, calib_batches, eval_texts, targets=(0.25, 0.5, 0
 
 def format_rows(rows: list[SweepRow]) -> str:
     header = ("method", "target", "spec", "linear params", "cosine", "top-1 agree", "seconds")
-    lines = [header] + [(r.method, f"{r.target:.2f}", r.spec, f"{100 * r.params_frac:.1f}%", f"{r.cosine:.4f}",
-                         f"{r.top1_agreement:.3f}", f"{r.seconds:.1f}") for r in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = ["| " + " | ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) + " |"
-           for line in lines]
-    out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(out)
+    return markdown_table(header, [(r.method, f"{r.target:.2f}", r.spec, f"{100 * r.params_frac:.1f}%",
+                                    f"{r.cosine:.4f}", f"{r.top1_agreement:.3f}", f"{r.seconds:.1f}") for r in rows],
+                          left=3)
 
 
 def plot_frontier(rows: list[SweepRow], path, title: str) -> None:

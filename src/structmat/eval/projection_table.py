@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..structures import from_dense
 from ..structures.base import round_up
+from .results import markdown_table
 from .speed import median_ms
 
 DEFAULT_SPECS = {
@@ -73,16 +74,9 @@ def project_all(name: str, weight: Tensor, ratio: float = 0.5, tokens: int = 256
 
 def format_table(rows: list[Row]) -> str:
     header = ("weight", "structure", "params", "% dense", "FLOPs/tok", "% dense", "rel. error", "fit s", "fwd vs dense")
-    lines = [header]
-    for r in rows:
-        lines.append((r.weight, r.structure, f"{r.params:,}", f"{100 * r.params_frac:.1f}", f"{r.flops_per_token:,}",
-                      f"{100 * r.flops_frac:.1f}", f"{r.rel_error:.4f}", f"{r.fit_seconds:.2f}",
-                      f"{r.forward_vs_dense:.2f}x"))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["| " + " | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) + " |"
-            for line in lines]
-    text.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(text)
+    return markdown_table(header, [(r.weight, r.structure, f"{r.params:,}", f"{100 * r.params_frac:.1f}",
+                                    f"{r.flops_per_token:,}", f"{100 * r.flops_frac:.1f}", f"{r.rel_error:.4f}",
+                                    f"{r.fit_seconds:.2f}", f"{r.forward_vs_dense:.2f}x") for r in rows], left=2)
 
 
 def rows_as_dicts(rows: list[Row]) -> list[dict]:

@@ -52,3 +52,13 @@ def run_info(args: dict[str, Any] | None = None, seed: int | None = None, device
 
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     return write_atomic(path, (json.dumps(payload, indent=2, default=str) + "\n").encode())
+
+
+def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]], left: int = 1) -> str:
+    """A padded Markdown table; the first ``left`` columns are left-aligned, the rest right-aligned (numbers)."""
+    lines = [header, *rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["| " + " | ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+            + " |" for line in lines]
+    text.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(text)
