@@ -290,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks: structmat bench kernels|mixer-speed (CUDA GPU) or "
                            "state-tracking [--smoke] (CPU or GPU); each takes its own flags (--help)")
     bench.add_argument("which", choices=["kernels", "state-tracking", "mixer-speed"])
+
+    from .train.cli import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 

@@ -1,0 +1,474 @@
+"""``train(config) -> dict``: pretrain a (structured) LLaMA-style causal LM from scratch, resumable exactly.
+
+* AdamW; each structured layer's ``param_groups()`` gives its factors' learning-rate multipliers (lr = base lr x
+  lr_mult); dense parameters have lr_mult 1; biases and norm weights (every 1-D parameter) have no weight decay.
+* linear warmup then cosine decay to ``min_lr_ratio`` x lr; gradient clipping; gradient accumulation; bf16 autocast
+  on CUDA only; optional ``torch.compile``; a tqdm bar with loss and tokens/s; validation perplexity every
+  ``eval_every`` steps and at the end.
+* Checkpoints ``<out>/checkpoints/step-XXXXXXX.{safetensors,json}``: the tensors (model, optimizer state, torch CPU/CUDA
+  RNG, numpy RNG key) in safetensors, everything else (optimizer hyper-parameters, schedule step, python/numpy RNG,
+  data position, history) in JSON, which is written LAST and records the sha256 of the tensor file: a checkpoint
+  exists iff its JSON does, and a damaged one raises ``ValueError``. Both writes are atomic. Nothing is unpickled.
+* Results: ``<out>/results.json`` (loss vs step/tokens/FLOPs/wall time, validation, params, corpus manifest,
+  run_info) and the final model in ``<out>/model`` (``structmat.save_pretrained`` + ``tokenizer.json``).
+
+FLOPs: forward per token = every structured layer's ``flops(1)`` + 2*in*out for each dense linear (lm_head included)
++ the attention scores and mixing ``4 * seq_len * hidden`` per layer (full, not causal-halved); a training token is
+counted as 3x the forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..atomic import write_atomic
+from ..surgery import Plan, linear_modules, structured_modules
+
+CKPT_FORMAT = "structmat-train-checkpoint"
+CKPT_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/train"
+    # model
+    preset: str = "5m"
+    vocab_size: int = 8192
+    mlp: str | None = None            # structure spec for gate/up/down, e.g. "lowrank:ratio=0.5"
+    attn: str | None = None           # structure spec for q/k/v/o
+    plan: dict | None = None          # a full plan (Plan.to_dict() form); overrides mlp/attn
+    model_overrides: dict = field(default_factory=dict)
+    # data
+    corpus: str = "stdlib"
+    val_fraction: float = 0.1
+    seq_len: int = 256
+    batch_size: int = 16
+    grad_accum: int = 1
+    # optimisation
+    steps: int = 1000
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    # running
+    seed: int = 0
+    device: str | None = None
+    compile: bool = False
+    threads: int | None = None
+    eval_every: int = 200
+    eval_batches: int = 20
+    ckpt_every: int = 200
+    keep_checkpoints: int = 2
+    resume: bool = True
+    progress: bool = True
+    cache_dir: str | None = None      # default ~/.cache/structmat (tokenizers/ and streams/ under it)
+    throttle_s: float = 0.0           # sleep after each step (a testing aid for the kill-and-resume test)
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        for key in ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "keep_checkpoints"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"train config: {key} must be an int >= 1, got {v!r}")
+        for key in ("warmup", "eval_every", "ckpt_every"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"train config: {key} must be an int >= 0 (0 = off), got {v!r}")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train config: need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, "
+                             f"{self.min_lr_ratio}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"train config: val_fraction must lie in (0, 1), got {self.val_fraction}")
+
+    @classmethod
+    def coerce(cls, config: "TrainConfig | dict[str, Any]") -> "TrainConfig":
+        if isinstance(config, cls):
+            return config
+        if not isinstance(config, dict):
+            raise TypeError(f"train config must be a TrainConfig or a dict, got {type(config).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(config) - names
+        if unknown:
+            raise ValueError(f"train config: unknown key(s) {sorted(unknown)}; valid: {sorted(names)}")
+        return cls(**config)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    def build_plan(self) -> Plan | None:
+        from .models import make_plan
+
+        if self.plan is not None:
+            return Plan.coerce(self.plan)
+        if self.mlp is None and self.attn is None:
+            return None
+        return make_plan(self.mlp, self.attn)
+
+
+# --------------------------------------------------------------------------------------------- optimizer & schedule
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: each structured layer's ``param_groups()`` (lr_mult per factor; its weight_decay if it names
+    one, else ``weight_decay``), then the dense parameters: matrices with decay, 1-D (biases, norms) without."""
+    groups: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for name, layer in structured_modules(model).items():
+        for g in layer.param_groups():
+            params = [p for p in g["params"] if p.requires_grad and id(p) not in seen]
+            if not params:
+                continue
+            seen.update(id(p) for p in params)
+            groups.append({"params": params, "name": f"{name}.{g.get('name', '')}",
+                           "lr_mult": float(g.get("lr_mult", 1.0)),
+                           "weight_decay": float(g.get("weight_decay", weight_decay))})
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    if decay:
+        groups.append({"params": decay, "name": "dense", "lr_mult": 1.0, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "name": "dense.no_decay", "lr_mult": 1.0, "weight_decay": 0.0})
+    return groups
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``total``; ``step`` is 0-based."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = base_lr * g["lr_mult"] * factor
+
+
+# ------------------------------------------------------------------------------------------------------------ FLOPs
+def forward_flops_per_token(model: nn.Module, seq_len: int) -> int:
+    total = sum(layer.flops(1) for layer in structured_modules(model).values())
+    for m in linear_modules(model).values():
+        total += 2 * m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
+    cfg = model.config
+    total += 4 * seq_len * cfg.hidden_size * cfg.num_hidden_layers
+    return int(total)
+
+
+# ------------------------------------------------------------------------------------------------------ checkpoints
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+def checkpoint_paths(ckpt_dir: Path, step: int) -> tuple[Path, Path]:
+    return ckpt_dir / f"step-{step:07d}.safetensors", ckpt_dir / f"step-{step:07d}.json"
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[int]:
+    """Steps of the complete checkpoints (those whose JSON exists), ascending."""
+    if not ckpt_dir.is_dir():
+        return []
+    steps = []
+    for p in ckpt_dir.glob("step-*.json"):
+        try:
+            steps.append(int(p.stem.split("-", 1)[1]))
+        except ValueError:
+            continue
+    return sorted(steps)
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    extra: dict[str, Any]) -> Path:
+    from safetensors.torch import save as st_save
+
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        tensors[f"model.{k}"] = v.detach().cpu().contiguous().clone()
+    osd = optimizer.state_dict()
+    for idx, st in osd["state"].items():
+        for k, v in st.items():
+            if not isinstance(v, torch.Tensor):
+                raise ValueError(f"optimizer state {idx}.{k} is not a tensor; cannot checkpoint it")
+            tensors[f"optim.{idx}.{k}"] = v.detach().cpu().contiguous().clone()
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    np_state = np.random.get_state()
+    tensors["rng.numpy.key"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
+    py_state = random.getstate()
+    state = {
+        "format": CKPT_FORMAT, "version": CKPT_VERSION, "step": step,
+        "optimizer": {"param_groups": _json_safe(osd["param_groups"]),
+                      "state_keys": {str(i): sorted(st) for i, st in osd["state"].items()}},
+        "rng": {"python": [py_state[0], list(py_state[1]), py_state[2]],
+                "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]},
+        **extra,
+    }
+    tpath, jpath = checkpoint_paths(ckpt_dir, step)
+    data = st_save(tensors, metadata={"format": "pt"})
+    write_atomic(tpath, data)
+    state["tensors"] = {"file": tpath.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    write_atomic(jpath, (json.dumps(state) + "\n").encode())  # last: the commit
+    return jpath
+
+
+def load_checkpoint(ckpt_dir: Path, step: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(JSON state, tensors) of a checkpoint, verified; ``ValueError`` naming the file if anything is wrong."""
+    from safetensors.torch import load as st_load
+
+    tpath, jpath = checkpoint_paths(ckpt_dir, step)
+    try:
+        state = json.loads(jpath.read_text())
+        if state.get("format") != CKPT_FORMAT or not isinstance(state.get("tensors"), dict):
+            raise ValueError("not a structmat training checkpoint")
+        if state.get("version") != CKPT_VERSION:
+            raise ValueError(f"checkpoint version {state.get('version')!r}, expected {CKPT_VERSION}")
+    except (OSError, json.JSONDecodeError, ValueError, AttributeError) as err:
+        raise ValueError(f"checkpoint {jpath} is corrupt or unreadable ({err}); delete it to resume from an earlier "
+                         "one, or start over") from None
+    try:
+        data = tpath.read_bytes()
+    except OSError as err:
+        raise ValueError(f"checkpoint {jpath}: its tensor file {tpath} cannot be read ({err})") from None
+    if len(data) != state["tensors"].get("bytes") or hashlib.sha256(data).hexdigest() != state["tensors"].get("sha256"):
+        raise ValueError(f"checkpoint {tpath} is corrupt: its size/sha256 do not match {jpath.name} (a damaged or "
+                         "replaced file); delete this checkpoint to resume from an earlier one, or start over")
+    try:
+        tensors = st_load(data)
+    except Exception as err:
+        raise ValueError(f"checkpoint {tpath} is corrupt: safetensors cannot read it ({err})") from None
+    return state, tensors
+
+
+def _restore(state: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module,
+             optimizer: torch.optim.Optimizer) -> None:
+    model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(model_sd, strict=False)
+    missing = [k for k in missing if k in model.state_dict()]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]} "
+                         "(was the preset or plan changed?)")
+    groups = state["optimizer"]["param_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    opt_state = {int(i): {k: tensors[f"optim.{i}.{k}"] for k in keys}
+                 for i, keys in state["optimizer"]["state_keys"].items()}
+    try:
+        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"checkpoint optimizer state does not fit this model ({err})") from None
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda][: torch.cuda.device_count()])
+    py = state["rng"]["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, pos, has_gauss, cached = state["rng"]["numpy"]
+    np.random.set_state((name, tensors["rng.numpy.key"].numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+# ------------------------------------------------------------------------------------------------------------ train
+def _evaluate(model: nn.Module, forward, val_stream, cfg: TrainConfig, device, autocast) -> float:
+    from .data import validation_batches
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in validation_batches(val_stream, cfg.seq_len, cfg.batch_size, cfg.eval_batches):
+            batch = batch.to(device)
+            with autocast():
+                out = forward(input_ids=batch, labels=batch)
+            n = batch.numel() - batch.shape[0]
+            total += float(out.loss) * n
+            count += n
+    model.train()
+    return total / count
+
+
+def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
+    """Train per ``config`` (a :class:`TrainConfig` or its dict), resuming from the latest checkpoint in
+    ``<out_dir>/checkpoints`` when ``resume``; return the results dict (also written to ``<out_dir>/results.json``)."""
+    cfg = TrainConfig.coerce(config)
+    old_threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _train(cfg: TrainConfig) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from ..data.corpus import corpus_from_spec, manifest, split_files
+    from ..eval.results import run_info, write_json
+    from ..io import save_pretrained
+    from .data import PackedBatches, cached_token_stream
+    from .models import count_params, structured_llama
+    from .tokenizer import EOS, bpe_tokenizer, default_cache_root, tokenizer_sha
+
+    out = Path(cfg.out_dir).expanduser()
+    ckpt_dir = out / "checkpoints"
+    cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_root()
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    # --- data
+    docs = corpus_from_spec(cfg.corpus)
+    train_docs, val_docs = split_files(docs, cfg.val_fraction)
+    if not train_docs or not val_docs:
+        raise ValueError(f"corpus {cfg.corpus!r}: {len(docs)} documents split into {len(train_docs)} training and "
+                         f"{len(val_docs)} validation files at val_fraction={cfg.val_fraction}; both must be non-empty")
+    tok = bpe_tokenizer(train_docs, cfg.vocab_size, cache_dir=cache_root / "tokenizers")
+    train_stream = cached_token_stream(train_docs, tok, cache_root / "streams")
+    val_stream = cached_token_stream(val_docs, tok, cache_root / "streams")
+    batches = PackedBatches(train_stream, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+
+    # --- model and optimizer (built identically on every (re)start; then overwritten by a checkpoint)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    overrides = dict(cfg.model_overrides)
+    overrides.setdefault("eos_token_id", tok.token_to_id(EOS))
+    model = structured_llama(cfg.preset, tok.get_vocab_size(), cfg.build_plan(), seed=cfg.seed,
+                             max_seq_len=cfg.seq_len, **overrides).to(device)
+    model.train()
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay)
+    forward = torch.compile(model) if cfg.compile else model
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
+                else contextlib.nullcontext)
+    flops_token = forward_flops_per_token(model, cfg.seq_len)
+    tokens_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+
+    step, wall, history, val_history = 0, 0.0, [], []
+    resumed_from = None
+    existing = list_checkpoints(ckpt_dir) if cfg.resume else []
+    if existing:
+        state, tensors = load_checkpoint(ckpt_dir, existing[-1])
+        if state.get("config_key") != _resume_key(cfg):
+            raise ValueError(f"checkpoint {existing[-1]} in {ckpt_dir} was written with different settings; use "
+                             "another out_dir, or resume=False to start over")
+        _restore(state, tensors, model, optimizer)
+        batches.load_state_dict(state["data"])
+        step, wall = int(state["step"]), float(state["wall_s"])
+        history, val_history = state["history"], state["val_history"]
+        resumed_from = step
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt_dir, step, model, optimizer, {
+            "config_key": _resume_key(cfg), "config": cfg.to_dict(), "scheduler": {"step": step},
+            "data": batches.state_dict(), "wall_s": wall, "history": history, "val_history": val_history})
+        for old in list_checkpoints(ckpt_dir)[:-cfg.keep_checkpoints]:
+            for p in reversed(checkpoint_paths(ckpt_dir, old)):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+
+    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc="train", unit="step")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        set_lr(optimizer, cfg.lr, lr_factor(step, cfg.warmup, cfg.steps, cfg.min_lr_ratio))
+        loss_sum = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = batches.next().to(device, non_blocking=True)
+            with autocast():
+                loss = forward(input_ids=batch, labels=batch).loss / cfg.grad_accum
+            loss.backward()
+            loss_sum += float(loss.detach())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)) if cfg.grad_clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        wall += dt
+        step += 1
+        history.append({"step": step, "loss": loss_sum, "lr": cfg.lr * lr_factor(step - 1, cfg.warmup, cfg.steps,
+                                                                                   cfg.min_lr_ratio),
+                        "grad_norm": grad_norm, "tokens": step * tokens_step,
+                        "flops": 3 * flops_token * step * tokens_step, "wall_s": wall})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tokens_step / max(dt, 1e-9):,.0f}")
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            vl = _evaluate(model, forward, val_stream, cfg, device, autocast)
+            val_history.append({"step": step, "tokens": step * tokens_step, "loss": vl,
+                                "ppl": math.exp(min(vl, 700.0)), "wall_s": wall})
+        if cfg.ckpt_every and step % cfg.ckpt_every == 0:
+            checkpoint()
+        if cfg.throttle_s:
+            time.sleep(cfg.throttle_s)
+    bar.close()
+    if not cfg.eval_every:
+        vl = _evaluate(model, forward, val_stream, cfg, device, autocast)
+        val_history.append({"step": step, "tokens": step * tokens_step, "loss": vl,
+                            "ppl": math.exp(min(vl, 700.0)), "wall_s": wall})
+
+    model_dir = out / "model"
+    save_pretrained(model, model_dir)
+    write_atomic(model_dir / "tokenizer.json", tok.to_str().encode())
+    structured = structured_modules(model)
+    results = {
+        "config": cfg.to_dict(),
+        "run_info": run_info(cfg.to_dict(), seed=cfg.seed, device=device),
+        "model": {"preset": cfg.preset, "params": count_params(model), "vocab_size": tok.get_vocab_size(),
+                  "structured_layers": len(structured),
+                  "structured_params": sum(m.param_count() for m in structured.values()),
+                  "plan": None if cfg.build_plan() is None else cfg.build_plan().to_dict(),
+                  "forward_flops_per_token": flops_token, "dir": str(model_dir)},
+        "data": {"train": manifest(train_docs, n_tokens=int(train_stream.numel())),
+                 "validation": manifest(val_docs, n_tokens=int(val_stream.numel())),
+                 "tokenizer_sha256": tokenizer_sha(tok), "position": batches.state_dict()},
+        "resumed_from": resumed_from,
+        "history": history,
+        "validation": val_history,
+        "final": {"step": step, "tokens": step * tokens_step, "flops": 3 * flops_token * step * tokens_step,
+                  "wall_s": wall, "train_loss": history[-1]["loss"] if history else None,
+                  "val_loss": val_history[-1]["loss"] if val_history else None,
+                  "val_ppl": val_history[-1]["ppl"] if val_history else None},
+    }
+    write_json(out / "results.json", results)
+    return results
+
+
+def _resume_key(cfg: TrainConfig) -> str:
+    """What must not change between a run and its resumption (everything but the running/logging knobs)."""
+    d = cfg.to_dict()
+    for k in ("out_dir", "device", "compile", "threads", "eval_every", "eval_batches", "ckpt_every",
+              "keep_checkpoints", "resume", "progress", "cache_dir", "throttle_s"):
+        d.pop(k)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
