@@ -155,6 +155,7 @@ def _interpret_report() -> dict:
 
 @pytest.fixture(scope="module")
 def interpret_report():
+    # triton is in the test extra (CI installs it); without it only the interpreter tests skip, never the reference
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONHASHSEED="0")
     proc = subprocess.run([sys.executable, __file__, "--interpret"], capture_output=True, text=True, env=env,

@@ -278,9 +278,6 @@ def test_minilm_realistic(one_thread):
 
 
 def test_calibration_reports_output_error():
-    project = pytest.importorskip("structmat.project")
-    if not hasattr(project, "project") or not hasattr(project, "output_error"):
-        pytest.skip("structmat.project.project/output_error not available yet")
     from structmat.calibrate import collect_input_stats
 
     model = tiny_llama()
