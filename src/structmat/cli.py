@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[1] in runners:
             return runners[argv[1]](argv[2:])
     args = build_parser().parse_args(argv)
-    if getattr(args, "ratio", 0.5) is not None and not 0 < getattr(args, "ratio", 0.5) < 1:
+    if args.command == "table" and not 0 < args.ratio < 1:
         print("structmat: --ratio must lie strictly between 0 and 1", file=sys.stderr)
         return 2
     return args.func(args)

@@ -74,7 +74,7 @@ class Product(StructuredLinear):
                  dims: tuple[int, ...] | None = None, bias: bool = True, *, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         ProductConfig(tuple(factors), dims)
-        self.factors_config, self.dims = tuple(factors), dims
+        self.factors, self.dims = tuple(factors), dims
         k = len(factors)
         if dims is None:
             core = k // 2
@@ -94,16 +94,8 @@ class Product(StructuredLinear):
         self.fit_info: dict[str, float] = {}
 
     @property
-    def factors(self) -> tuple[StructureConfig, ...]:
-        return self.factors_config
-
-    @property
-    def config(self) -> ProductConfig:
-        return ProductConfig(self.factors_config, self.dims)
-
-    @property
     def spec(self) -> str:
-        return " * ".join(f.spec for f in self.factors_config)
+        return " * ".join(f.spec for f in self.factors)  # unlike ProductConfig.spec, never raises for dims
 
     def init_(self, generator: torch.Generator | None = None):
         for layer in self.layers:
