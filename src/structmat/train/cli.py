@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from .loop import TrainConfig
@@ -81,6 +82,8 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"structmat train: {err}", file=sys.stderr)
         return 2
     res = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
     fin = res["final"]
     print(f"step {fin['step']}: train loss {fin['train_loss']:.4f}, validation loss {fin['val_loss']:.4f} "
           f"(perplexity {fin['val_ppl']:.2f}), {fin['tokens']:,} tokens, {fin['flops']:.3e} FLOPs, "

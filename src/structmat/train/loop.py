@@ -5,16 +5,21 @@
 * linear warmup then cosine decay to ``min_lr_ratio`` x lr; gradient clipping; gradient accumulation; bf16 autocast
   on CUDA only; optional ``torch.compile``; a tqdm bar with loss and tokens/s; validation perplexity every
   ``eval_every`` steps and at the end.
-* Checkpoints ``<out>/checkpoints/step-XXXXXXX.{safetensors,json}``: the tensors (model, optimizer state, torch CPU/CUDA
-  RNG, numpy RNG key) in safetensors, everything else (optimizer hyper-parameters, schedule step, python/numpy RNG,
-  data position, history) in JSON, which is written LAST and records the sha256 of the tensor file: a checkpoint
+* Checkpoints ``<out>/checkpoints/step-XXXXXXX.{safetensors,json}``: the tensors (model, optimizer state keyed by
+  parameter name, torch CPU/CUDA RNG, numpy RNG key; full tensors even under FSDP) in safetensors, everything else
+  (optimizer hyper-parameters, schedule step, python/numpy RNG, data position, history) in JSON, which is written LAST and records the sha256 of the tensor file: a checkpoint
   exists iff its JSON does, and a damaged one raises ``ValueError``. Both writes are atomic. Nothing is unpickled.
 * Results: ``<out>/results.json`` (loss vs step/tokens/FLOPs/wall time, validation, params, corpus manifest,
-  run_info) and the final model in ``<out>/model`` (``structmat.save_pretrained`` + ``tokenizer.json``).
+  run_info), ``<out>/loss.png`` (loss vs tokens, FLOPs and wall time) and the final model in ``<out>/model``
+  (``structmat.save_pretrained`` + ``tokenizer.json``).
+* Methods (:mod:`structmat.train.methods`): self-guided training (``guide_steps``), reverse sparsification
+  (``densify_step``); optimizers AdamW or GaLore/Fira (:mod:`structmat.train.galore`, ``optimizer="galore"``).
+* Distributed (:mod:`structmat.train.distributed`): under ``torchrun``, DDP or FSDP2; ``batch_size`` is per process.
 
-FLOPs: forward per token = every structured layer's ``flops(1)`` + 2*in*out for each dense linear (lm_head included)
-+ the attention scores and mixing ``4 * seq_len * hidden`` per layer (full, not causal-halved); a training token is
-counted as 3x the forward.
+FLOPs: forward per token = every structured layer's ``flops(1)`` + 2*in*out for each dense linear (lm_head and
+self-guided guides included) + the attention scores and mixing ``4 * seq_len * hidden`` per layer (full, not
+causal-halved); a training token is counted as 3x the forward; the total is accumulated step by step, since a phase
+switch changes the per-token cost.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from ..atomic import write_atomic
 from ..surgery import Plan, linear_modules, structured_modules
 
 CKPT_FORMAT = "structmat-train-checkpoint"
-CKPT_VERSION = 1
+CKPT_VERSION = 2  # 2: optimizer state keyed by parameter name (FSDP-safe)
 
 
 @dataclass
@@ -66,7 +71,16 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     grad_clip: float = 1.0
+    optimizer: str = "adamw"          # adamw | galore (low-rank gradient projection, structmat.train.galore)
+    galore_rank: int = 128
+    galore_gap: int = 200             # steps between projector refreshes
+    galore_scale: float = 0.25
+    galore_residual: str = "none"     # none | fira (add the scaled out-of-subspace residual, Fira-style)
+    # methods (structmat.train.methods)
+    guide_steps: int = 0              # self-guided training: a dense guide decays to 0 over these steps (0 = off)
+    densify_step: int = 0             # reverse sparsification: structured -> dense after this step (0 = off)
     # running
+    parallel: str = "ddp"             # under torchrun (WORLD_SIZE > 1): ddp | fsdp
     seed: int = 0
     device: str | None = None
     compile: bool = False
@@ -86,13 +100,31 @@ class TrainConfig:
             v = getattr(self, key)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"train config: {key} must be an int >= 1, got {v!r}")
-        for key in ("warmup", "eval_every", "ckpt_every"):
+        for key in ("warmup", "eval_every", "ckpt_every", "guide_steps", "densify_step", "galore_rank",
+                    "galore_gap"):
             v = getattr(self, key)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"train config: {key} must be an int >= 0 (0 = off), got {v!r}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train config: need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, "
                              f"{self.min_lr_ratio}")
+        if self.optimizer not in ("adamw", "galore"):
+            raise ValueError(f"train config: optimizer must be adamw or galore, got {self.optimizer!r}")
+        if self.optimizer == "galore" and (self.galore_rank < 1 or self.galore_gap < 1):
+            raise ValueError("train config: galore needs galore_rank >= 1 and galore_gap >= 1")
+        if self.galore_residual not in ("none", "fira"):
+            raise ValueError(f"train config: galore_residual must be none or fira, got {self.galore_residual!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"train config: parallel must be ddp or fsdp, got {self.parallel!r}")
+        if self.guide_steps and self.densify_step and self.densify_step < self.guide_steps:
+            raise ValueError(f"train config: densify_step ({self.densify_step}) must come after the self-guided phase "
+                             f"ends (guide_steps={self.guide_steps})")
+        if self.guide_steps > self.steps or (self.densify_step and self.densify_step >= self.steps):
+            raise ValueError(f"train config: need guide_steps <= steps and densify_step < steps, got "
+                             f"guide_steps={self.guide_steps}, densify_step={self.densify_step}, steps={self.steps}")
+        if self.guide_steps and self.mlp is None and self.attn is None and self.plan is None:
+            raise ValueError("train config: guide_steps (self-guided training) needs structured layers: give mlp, "
+                             "attn or plan")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"train config: val_fraction must lie in (0, 1), got {self.val_fraction}")
 
@@ -209,19 +241,32 @@ def list_checkpoints(ckpt_dir: Path) -> list[int]:
     return sorted(steps)
 
 
+def _full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Full (unsharded, CPU) model and optimizer state dicts, keyed by parameter name; a collective under FSDP (every
+    rank must call it; rank 0 gets the tensors)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    extra: dict[str, Any]) -> Path:
+                    extra: dict[str, Any], write: bool = True) -> Path:
+    """Write checkpoint ``step``: tensors to safetensors, then the JSON that commits it. ``model`` is the unwrapped
+    module (sharded in place under FSDP); under distributed training every rank calls this, ``write`` on rank 0."""
     from safetensors.torch import save as st_save
 
+    msd, osd = _full_state(model, optimizer)
+    tpath, jpath = checkpoint_paths(ckpt_dir, step)
+    if not write:
+        return jpath
     tensors: dict[str, torch.Tensor] = {}
-    for k, v in model.state_dict().items():
-        tensors[f"model.{k}"] = v.detach().cpu().contiguous().clone()
-    osd = optimizer.state_dict()
-    for idx, st in osd["state"].items():
+    for k, v in msd.items():
+        tensors[f"model.{k}"] = v.detach().cpu().contiguous().clone()  # clone: tied weights are shared tensors
+    for name, st in osd["state"].items():
         for k, v in st.items():
             if not isinstance(v, torch.Tensor):
-                raise ValueError(f"optimizer state {idx}.{k} is not a tensor; cannot checkpoint it")
-            tensors[f"optim.{idx}.{k}"] = v.detach().cpu().contiguous().clone()
+                raise ValueError(f"optimizer state {name}.{k} is not a tensor; cannot checkpoint it")
+            tensors[f"optim.{name}.{k}"] = v.detach().cpu().contiguous().clone()
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -232,12 +277,11 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torc
     state = {
         "format": CKPT_FORMAT, "version": CKPT_VERSION, "step": step,
         "optimizer": {"param_groups": _json_safe(osd["param_groups"]),
-                      "state_keys": {str(i): sorted(st) for i, st in osd["state"].items()}},
+                      "state_keys": {name: sorted(st) for name, st in osd["state"].items()}},
         "rng": {"python": [py_state[0], list(py_state[1]), py_state[2]],
                 "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]},
         **extra,
     }
-    tpath, jpath = checkpoint_paths(ckpt_dir, step)
     data = st_save(tensors, metadata={"format": "pt"})
     write_atomic(tpath, data)
     state["tensors"] = {"file": tpath.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -275,9 +319,11 @@ def load_checkpoint(ckpt_dir: Path, step: int) -> tuple[dict[str, Any], dict[str
 
 def _restore(state: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module,
              optimizer: torch.optim.Optimizer) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
     model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(model_sd, strict=False)
-    missing = [k for k in missing if k in model.state_dict()]
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(model_sd)), sorted(set(model_sd) - expected)
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]} "
                          "(was the preset or plan changed?)")
@@ -285,12 +331,32 @@ def _restore(state: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.
     for g in groups:
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
-    opt_state = {int(i): {k: tensors[f"optim.{i}.{k}"] for k in keys}
-                 for i, keys in state["optimizer"]["state_keys"].items()}
+    names: dict[int, set[str]] = {}  # a tied parameter has several names
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), set()).add(n)
+    mine = [[names.get(id(p), set()) for p in g["params"]] for g in optimizer.param_groups]
+    if len(mine) != len(groups) or any(len(a) != len(b["params"]) or any(n not in s for n, s in zip(b["params"], a))
+                                       for a, b in zip(mine, groups)):
+        raise ValueError("checkpoint optimizer groups do not fit this model's parameters (was the preset, plan, "
+                         "optimizer or a method setting changed?)")
+    # Under FSDP every rank scatters each tensor in dict order, so the order must be the model's on every rank.
+    model_sd = {k: model_sd[k] for k in model.state_dict()}
+    keys = state["optimizer"]["state_keys"]
+    opt_state = {name: {k: tensors[f"optim.{name}.{k}"] for k in keys[name]}
+                 for g in groups for name in g["params"] if name in keys}
     try:
-        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-    except (ValueError, KeyError) as err:
-        raise ValueError(f"checkpoint optimizer state does not fit this model ({err})") from None
+        # not strict: a parameter may legitimately have no state yet (a dense weight created by a switch)
+        set_state_dict(model, optimizer, model_state_dict=model_sd,
+                       optim_state_dict={"state": opt_state, "param_groups": groups},
+                       options=StateDictOptions(full_state_dict=True, strict=False))
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise ValueError(f"checkpoint state does not fit this model/optimizer ({err})") from None
+    # set_state_dict initializes missing state with a zero-gradient step; a parameter that had no state must not
+    # have any now, or its first real update would use step 2's bias correction
+    for g, saved in zip(optimizer.param_groups, groups):
+        for p, name in zip(g["params"], saved["params"]):
+            if name not in opt_state:
+                optimizer.state.pop(p, None)
     torch.set_rng_state(tensors["rng.torch"])
     cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
     if cuda and torch.cuda.is_available():
@@ -302,13 +368,15 @@ def _restore(state: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.
 
 
 # ------------------------------------------------------------------------------------------------------------ train
-def _evaluate(model: nn.Module, forward, val_stream, cfg: TrainConfig, device, autocast) -> float:
+def _evaluate(model: nn.Module, forward, val_stream, cfg: TrainConfig, device, autocast, world: int = 1) -> float:
+    """Mean validation loss over ``eval_batches`` global batches (``batch_size * world`` sequences each, so the
+    number does not depend on the world size); every process computes the same value."""
     from .data import validation_batches
 
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for batch in validation_batches(val_stream, cfg.seq_len, cfg.batch_size, cfg.eval_batches):
+        for batch in validation_batches(val_stream, cfg.seq_len, cfg.batch_size * world, cfg.eval_batches):
             batch = batch.to(device)
             with autocast():
                 out = forward(input_ids=batch, labels=batch)
@@ -333,21 +401,39 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig) -> dict[str, Any]:
+    from . import distributed
+
+    info, device = distributed.setup(cfg.parallel, cfg.device)
+    try:
+        if info.active and info.mode == "fsdp" and (cfg.guide_steps or cfg.densify_step or cfg.optimizer == "galore"):
+            raise ValueError("parallel=fsdp shards parameters, so it cannot swap modules mid-run (guide_steps, "
+                             "densify_step) or take SVDs of whole gradients (optimizer=galore); use parallel=ddp")
+        return _run(cfg, info, device)
+    finally:
+        distributed.teardown(info)
+
+
+def _run(cfg: TrainConfig, info, device: torch.device) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from ..data.corpus import corpus_from_spec, manifest, split_files
     from ..eval.results import run_info, write_json
     from ..io import save_pretrained
+    from ..surgery import densify
+    from . import distributed
     from .data import PackedBatches, cached_token_stream
+    from .methods import apply_phase, detach_guides, guide_alpha, model_phase, rebuild_optimizer, set_guide_alpha
     from .models import count_params, structured_llama
+    from .plots import plot_runs
     from .tokenizer import EOS, bpe_tokenizer, default_cache_root, tokenizer_sha
 
     out = Path(cfg.out_dir).expanduser()
     ckpt_dir = out / "checkpoints"
     cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_root()
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-    # --- data
+    # --- data (rank 0 trains the tokenizer and fills the caches first; the others then read them)
+    if not info.main:
+        distributed.barrier(info)
     docs = corpus_from_spec(cfg.corpus)
     train_docs, val_docs = split_files(docs, cfg.val_fraction)
     if not train_docs or not val_docs:
@@ -356,99 +442,162 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     tok = bpe_tokenizer(train_docs, cfg.vocab_size, cache_dir=cache_root / "tokenizers")
     train_stream = cached_token_stream(train_docs, tok, cache_root / "streams")
     val_stream = cached_token_stream(val_docs, tok, cache_root / "streams")
-    batches = PackedBatches(train_stream, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+    if info.main:
+        distributed.barrier(info)
+    # Every process walks the same order of global batches and takes its own slice of each.
+    batches = PackedBatches(train_stream, cfg.seq_len, cfg.batch_size * info.world, seed=cfg.seed)
+    rows = slice(info.rank * cfg.batch_size, (info.rank + 1) * cfg.batch_size)
 
-    # --- model and optimizer (built identically on every (re)start; then overwritten by a checkpoint)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    # --- model and optimizer, built identically on every (re)start in the form the run has at its step
     overrides = dict(cfg.model_overrides)
     overrides.setdefault("eos_token_id", tok.token_to_id(EOS))
-    model = structured_llama(cfg.preset, tok.get_vocab_size(), cfg.build_plan(), seed=cfg.seed,
-                             max_seq_len=cfg.seq_len, **overrides).to(device)
+
+    def build(at_step: int, on: torch.device) -> nn.Module:
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        m = structured_llama(cfg.preset, tok.get_vocab_size(), cfg.build_plan(), seed=cfg.seed,
+                             max_seq_len=cfg.seq_len, **overrides)
+        apply_phase(m, model_phase(at_step, cfg.guide_steps, cfg.densify_step), m.config.initializer_range)
+        return m.to(on)
+
+    def make_optimizer(m: nn.Module) -> torch.optim.Optimizer:
+        groups = param_groups(m, cfg.weight_decay)
+        if cfg.optimizer == "galore":
+            from .galore import GaLoreAdamW
+
+            return GaLoreAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                               rank=cfg.galore_rank, update_proj_gap=cfg.galore_gap, scale=cfg.galore_scale,
+                               residual=cfg.galore_residual)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+    def make_forward(m: nn.Module) -> nn.Module:
+        f = m if info.mode == "fsdp" else distributed.wrap(m, info, device)  # FSDP2 sharded ``m`` in place
+        return torch.compile(f) if cfg.compile else f
+
+    existing = list_checkpoints(ckpt_dir) if cfg.resume else []
+    step = existing[-1] if existing else 0
+    model = build(step, device)
     model.train()
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                  weight_decay=cfg.weight_decay)
-    forward = torch.compile(model) if cfg.compile else model
+    if info.active and info.mode == "fsdp":
+        distributed.wrap(model, info, device)  # shards in place; the optimizer must see the sharded parameters
+    optimizer = make_optimizer(model)
+    forward = make_forward(model)
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda"
                 else contextlib.nullcontext)
     flops_token = forward_flops_per_token(model, cfg.seq_len)
-    tokens_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    tokens_step = cfg.batch_size * info.world * cfg.grad_accum * cfg.seq_len
 
-    step, wall, history, val_history = 0, 0.0, [], []
-    resumed_from = None
-    existing = list_checkpoints(ckpt_dir) if cfg.resume else []
+    wall, flops, history, val_history, resumed_from = 0.0, 0.0, [], [], None
     if existing:
-        state, tensors = load_checkpoint(ckpt_dir, existing[-1])
+        state, tensors = load_checkpoint(ckpt_dir, step)
         if state.get("config_key") != _resume_key(cfg):
-            raise ValueError(f"checkpoint {existing[-1]} in {ckpt_dir} was written with different settings; use "
+            raise ValueError(f"checkpoint {step} in {ckpt_dir} was written with different settings; use "
                              "another out_dir, or resume=False to start over")
         _restore(state, tensors, model, optimizer)
         batches.load_state_dict(state["data"])
-        step, wall = int(state["step"]), float(state["wall_s"])
-        history, val_history = state["history"], state["val_history"]
+        wall, history, val_history = float(state["wall_s"]), state["history"], state["val_history"]
+        flops = float(history[-1]["flops"]) if history else 0.0
         resumed_from = step
 
     def checkpoint() -> None:
         save_checkpoint(ckpt_dir, step, model, optimizer, {
             "config_key": _resume_key(cfg), "config": cfg.to_dict(), "scheduler": {"step": step},
-            "data": batches.state_dict(), "wall_s": wall, "history": history, "val_history": val_history})
-        for old in list_checkpoints(ckpt_dir)[:-cfg.keep_checkpoints]:
-            for p in reversed(checkpoint_paths(ckpt_dir, old)):
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
+            "data": batches.state_dict(), "wall_s": wall, "history": history, "val_history": val_history,
+            "world_size": info.world}, write=info.main)
+        if info.main:
+            for old in list_checkpoints(ckpt_dir)[:-cfg.keep_checkpoints]:
+                for p in reversed(checkpoint_paths(ckpt_dir, old)):
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+        distributed.barrier(info)
 
-    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc="train", unit="step")
+    def validate() -> None:
+        vl = _evaluate(model, forward, val_stream, cfg, device, autocast, info.world)
+        val_history.append({"step": step, "tokens": step * tokens_step, "flops": flops, "loss": vl,
+                            "ppl": math.exp(min(vl, 700.0)), "wall_s": wall})
+
+    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress or not info.main, desc="train", unit="step")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     while step < cfg.steps:
         t0 = time.perf_counter()
-        set_lr(optimizer, cfg.lr, lr_factor(step, cfg.warmup, cfg.steps, cfg.min_lr_ratio))
+        lr_f = lr_factor(step, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+        set_lr(optimizer, cfg.lr, lr_f)
+        alpha = guide_alpha(step, cfg.guide_steps)
+        if cfg.guide_steps:
+            set_guide_alpha(model, alpha)
         loss_sum = 0.0
         for _ in range(cfg.grad_accum):
-            batch = batches.next().to(device, non_blocking=True)
+            batch = batches.next()[rows].to(device, non_blocking=True)
             with autocast():
                 loss = forward(input_ids=batch, labels=batch).loss / cfg.grad_accum
             loss.backward()
             loss_sum += float(loss.detach())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)) if cfg.grad_clip > 0 else None
+        loss_sum = distributed.mean(loss_sum, info, device)
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"training loss is {loss_sum} at step {step + 1}: the run diverged; lower lr, "
+                                     "raise warmup, or resume from an earlier checkpoint with other settings")
+        grad_norm = None
+        if cfg.grad_clip > 0:
+            gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
         wall += dt
+        flops += 3 * flops_token * tokens_step
         step += 1
-        history.append({"step": step, "loss": loss_sum, "lr": cfg.lr * lr_factor(step - 1, cfg.warmup, cfg.steps,
-                                                                                   cfg.min_lr_ratio),
-                        "grad_norm": grad_norm, "tokens": step * tokens_step,
-                        "flops": 3 * flops_token * step * tokens_step, "wall_s": wall})
+        row = {"step": step, "loss": loss_sum, "lr": cfg.lr * lr_f, "grad_norm": grad_norm,
+               "tokens": step * tokens_step, "flops": flops, "wall_s": wall}
+        if cfg.guide_steps:
+            row["guide_alpha"] = alpha
+        history.append(row)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tokens_step / max(dt, 1e-9):,.0f}")
+        # Phase switches happen after the step that reaches them, before any checkpoint of that step.
+        switched = False
+        if cfg.guide_steps and step == cfg.guide_steps:
+            switched = bool(detach_guides(model))
+        if cfg.densify_step and step == cfg.densify_step:
+            switched = bool(densify(model)) or switched
+        if switched:
+            optimizer = rebuild_optimizer(optimizer, lambda: make_optimizer(model))
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            forward = make_forward(model)
+            flops_token = forward_flops_per_token(model, cfg.seq_len)
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            vl = _evaluate(model, forward, val_stream, cfg, device, autocast)
-            val_history.append({"step": step, "tokens": step * tokens_step, "loss": vl,
-                                "ppl": math.exp(min(vl, 700.0)), "wall_s": wall})
+            validate()
         if cfg.ckpt_every and step % cfg.ckpt_every == 0:
             checkpoint()
         if cfg.throttle_s:
             time.sleep(cfg.throttle_s)
     bar.close()
     if not cfg.eval_every:
-        vl = _evaluate(model, forward, val_stream, cfg, device, autocast)
-        val_history.append({"step": step, "tokens": step * tokens_step, "loss": vl,
-                            "ppl": math.exp(min(vl, 700.0)), "wall_s": wall})
+        validate()
 
     model_dir = out / "model"
-    save_pretrained(model, model_dir)
-    write_atomic(model_dir / "tokenizer.json", tok.to_str().encode())
+    if info.active:  # gather full weights (a collective under FSDP), save from a plain copy on rank 0
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        final = None
+        if info.main:
+            final = build(step, torch.device("cpu"))
+            final.load_state_dict(full)
+    else:
+        final = model
     structured = structured_modules(model)
+    plan = cfg.build_plan()
     results = {
         "config": cfg.to_dict(),
         "run_info": run_info(cfg.to_dict(), seed=cfg.seed, device=device),
-        "model": {"preset": cfg.preset, "params": count_params(model), "vocab_size": tok.get_vocab_size(),
-                  "structured_layers": len(structured),
+        "distributed": {"world_size": info.world, "mode": info.mode},
+        "model": {"preset": cfg.preset, "params": count_params(final if final is not None else model),
+                  "vocab_size": tok.get_vocab_size(), "structured_layers": len(structured),
                   "structured_params": sum(m.param_count() for m in structured.values()),
-                  "plan": None if cfg.build_plan() is None else cfg.build_plan().to_dict(),
+                  "plan": None if plan is None else plan.to_dict(),
                   "forward_flops_per_token": flops_token, "dir": str(model_dir)},
         "data": {"train": manifest(train_docs, n_tokens=int(train_stream.numel())),
                  "validation": manifest(val_docs, n_tokens=int(val_stream.numel())),
@@ -456,12 +605,17 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         "resumed_from": resumed_from,
         "history": history,
         "validation": val_history,
-        "final": {"step": step, "tokens": step * tokens_step, "flops": 3 * flops_token * step * tokens_step,
+        "final": {"step": step, "tokens": step * tokens_step, "flops": flops,
                   "wall_s": wall, "train_loss": history[-1]["loss"] if history else None,
                   "val_loss": val_history[-1]["loss"] if val_history else None,
                   "val_ppl": val_history[-1]["ppl"] if val_history else None},
     }
-    write_json(out / "results.json", results)
+    if info.main:
+        save_pretrained(final, model_dir)
+        write_atomic(model_dir / "tokenizer.json", tok.to_str().encode())
+        write_json(out / "results.json", results)
+        plot_runs({out.name: results}, out / "loss.png", title=f"structmat train: {cfg.preset}")
+    distributed.barrier(info)
     return results
 
 
@@ -469,6 +623,6 @@ def _resume_key(cfg: TrainConfig) -> str:
     """What must not change between a run and its resumption (everything but the running/logging knobs)."""
     d = cfg.to_dict()
     for k in ("out_dir", "device", "compile", "threads", "eval_every", "eval_batches", "ckpt_every",
-              "keep_checkpoints", "resume", "progress", "cache_dir", "throttle_s"):
+              "keep_checkpoints", "resume", "progress", "cache_dir", "throttle_s", "parallel"):
         d.pop(k)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
