@@ -15,3 +15,10 @@ __all__ = ["BACKENDS", "beta_from_logits", "delta_rule", "delta_rule_chunked", "
            "DeltaMixer", "DeltaNet", "DeltaProduct", "DiagonalSSMMixer", "GatedDeltaNet", "MixerCache", "MixerLM",
            "RMSNorm", "ShortConv", "INITS", "S4DKernel", "SelectiveDiagonal", "diag_scan", "diag_scan_recurrent",
            "s4d_init"]
+
+# HF Llama-style integration (no transformers import needed at import time).
+from .hf import (LlamaMixerAttention, mixer_decode_logits, mixer_generate, mixer_prefill, mixer_step,
+                 replace_attention)
+
+__all__ += ["LlamaMixerAttention", "mixer_decode_logits", "mixer_generate", "mixer_prefill", "mixer_step",
+            "replace_attention"]

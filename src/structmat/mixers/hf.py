@@ -1,0 +1,205 @@
+"""structmat token mixers inside HF Llama-style causal LMs (``LlamaForCausalLM`` and kin).
+
+* :func:`replace_attention` swaps every ``model.model.layers[i].self_attn`` for a :class:`LlamaMixerAttention`
+  that wraps one structmat mixer (``"deltanet"``, ``"gated_deltanet"``, ``"deltaproduct"``, ``"ssm"``), and records
+  the choice in ``model.config.structmat_mixer`` (JSON), so ``replace_attention(fresh, **cfg.structmat_mixer)``
+  rebuilds the same architecture for ``load_state_dict``. The rest of the HF model (embedding, norms, MLPs, head,
+  loss) is untouched; rotary position embeddings are ignored (the recurrence is itself position-aware).
+* Decoding: the mixers' recurrent state does not live in HF's KV cache. :func:`mixer_prefill`, :func:`mixer_step`,
+  :func:`mixer_decode_logits` and the greedy :func:`mixer_generate` run the model's own modules with one
+  :class:`~structmat.mixers.layers.MixerCache` per layer (O(1) state per token); they equal the full forward.
+  ``replace_attention`` sets ``config.use_cache = generation_config.use_cache = False``, so plain
+  ``model.generate`` is exact too (it recomputes the prefix each step); a call that would continue from an HF
+  cache (``use_cache=True`` a second time on the same cache object) raises instead of silently dropping context.
+
+What a forward call honours (anything else raises, padding is never silently ignored):
+* ``attention_mask=None`` (unpadded or packed-without-boundaries batches, the usual LM training): exact.
+* a padded batch, left or right padding: pass the usual 2-D ``attention_mask`` to ``model(...)``. HF turns it into a
+  4-D causal mask (sdpa: bool, eager: additive float); the 2-D key-padding mask is recovered from its last row and
+  *verified* against ``causal & padding`` (rows of padded queries excepted). A 2-D mask reaching the layer (the
+  flash-attention route) is used directly. Real tokens then get exactly their unpadded outputs.
+* packed sequences with boundaries: HF's flash-attention kwarg ``cu_seq_lens_q`` (batch of 1, as produced by
+  ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``), delta-rule mixers only. Restarting
+  ``position_ids`` alone are not interpreted (sdpa/eager attention in transformers 5.x does not either).
+* other 4-D masks (custom, sliding-window) and flex-attention ``BlockMask`` s: ``ValueError`` / ``TypeError``.
+Unsupported: beam search / assisted decoding through HF's cache, ``output_attentions`` (nothing is recorded).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import Tensor, nn
+
+from .layers import DeltaNet, DeltaProduct, DiagonalSSMMixer, GatedDeltaNet, MixerCache
+
+__all__ = ["LlamaMixerAttention", "MIXERS", "replace_attention", "mixer_prefill", "mixer_step",
+           "mixer_decode_logits", "mixer_generate"]
+
+# name -> (constructor, takes n_heads)
+MIXERS = {"deltanet": (DeltaNet, True), "gated_deltanet": (GatedDeltaNet, True),
+          "deltaproduct": (DeltaProduct, True), "ssm": (DiagonalSSMMixer, False)}
+
+_NO_HF_CACHE = ("LlamaMixerAttention keeps its recurrent state outside HF's KV cache, so a call continuing from a "
+                "cache is not supported; use structmat.mixers.hf.mixer_generate (or mixer_prefill + mixer_step), "
+                "or model.generate(..., use_cache=False)")
+
+
+def _padding_mask(attention_mask, B: int, T: int) -> Tensor | None:
+    """(B, T) bool key-padding mask (True = real token), or None for 'no padding'; raises on masks it can't honour."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, Tensor):
+        raise TypeError(f"LlamaMixerAttention: unsupported attention mask {type(attention_mask).__name__}; "
+                        "use attn_implementation='sdpa' or 'eager'")
+    if attention_mask.dim() == 2:
+        if attention_mask.shape[-1] != T:
+            raise RuntimeError(_NO_HF_CACHE)
+        pad = attention_mask.bool()
+    elif attention_mask.dim() == 4:
+        if attention_mask.shape[-1] != T or attention_mask.shape[-2] != T:
+            raise RuntimeError(_NO_HF_CACHE)  # keys longer than queries: a continuation
+        if attention_mask.shape[1] != 1:
+            raise ValueError(f"LlamaMixerAttention: expected a (B, 1, T, T) mask, got {tuple(attention_mask.shape)}")
+        m = attention_mask[:, 0]
+        allowed = m if m.dtype == torch.bool else m == 0  # additive float masks: 0 = attend
+        pad = allowed[:, -1].expand(B, T)  # the last query sees every real key (left or right padding)
+        causal = torch.ones(T, T, dtype=torch.bool, device=m.device).tril()
+        # Verify instead of trusting: real queries must see exactly the causal real keys (padded rows may be anything).
+        if not bool(((allowed == (causal & pad[:, None, :])) | ~pad[:, :, None]).all()):
+            raise ValueError("LlamaMixerAttention: the 4-D attention mask is not 'causal & key padding' (custom, "
+                             "sliding-window or block masks are not supported); pass a 2-D padding attention_mask")
+    else:
+        raise ValueError(f"LlamaMixerAttention: unsupported attention mask shape {tuple(attention_mask.shape)}")
+    return None if bool(pad.all()) else pad
+
+
+class LlamaMixerAttention(nn.Module):
+    """Drop-in for ``LlamaDecoderLayer.self_attn``: ``(hidden_states, **hf_kwargs) -> (y, None)``.
+    ``self.mixer`` is the structmat mixer; see the module docstring for masks and caching."""
+
+    def __init__(self, mixer: nn.Module, layer_idx: int | None = None):
+        super().__init__()
+        self.mixer, self.layer_idx = mixer, layer_idx
+
+    def forward(self, hidden_states: Tensor, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache: bool | None = False, position_embeddings=None, **kwargs):
+        cache = past_key_values if past_key_values is not None else kwargs.get("past_key_value")
+        if cache is not None:  # we never fill HF's cache, so a cache object seen twice means lost context
+            seen = getattr(cache, "_structmat_layers", None)
+            if seen is None:
+                seen = set()
+                cache._structmat_layers = seen
+            if self.layer_idx in seen:
+                raise RuntimeError(_NO_HF_CACHE)
+            seen.add(self.layer_idx)
+        B, T = hidden_states.shape[:2]
+        mask = _padding_mask(attention_mask, B, T)
+        y, _ = self.mixer(hidden_states, mask=mask, cu_seqlens=kwargs.get("cu_seq_lens_q"))
+        return y, None  # (output, attention weights): what LlamaDecoderLayer unpacks
+
+
+def _layers(model):
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None or not all(hasattr(l, "self_attn") for l in layers):
+        raise ValueError(f"{type(model).__name__} is not Llama-style (model.model.layers[i].self_attn)")
+    return base, layers
+
+
+def replace_attention(model: nn.Module, mixer: str = "deltanet", n_heads: int | None = None, **mixer_kwargs):
+    """In place: every ``self_attn`` of a Llama-style HF model becomes a :class:`LlamaMixerAttention` around a fresh
+    ``mixer`` (d_model = ``config.hidden_size``; heads = ``n_heads`` or ``config.num_attention_heads``), on the old
+    module's device and dtype. ``mixer_kwargs`` go to the constructor (``allow_neg_eigval``, ``n_householder`` for
+    ``"deltaproduct"``, ``d_state``/``kind`` for ``"ssm"``, ``backend``, ``chunk_size``, ...). Returns ``model``."""
+    if mixer not in MIXERS:
+        raise ValueError(f"unknown mixer {mixer!r}; choose one of {sorted(MIXERS)}")
+    ctor, has_heads = MIXERS[mixer]
+    cfg = model.config
+    if has_heads:
+        n_heads = n_heads or cfg.num_attention_heads
+    elif n_heads is not None:
+        raise ValueError(f"mixer {mixer!r} has no heads; drop n_heads={n_heads}")
+    record = {"mixer": mixer, **({"n_heads": n_heads} if has_heads else {}), **mixer_kwargs}
+    try:  # checked up front so the config stays saveable
+        json.dumps(record)
+    except TypeError as e:
+        raise ValueError(f"mixer arguments must be JSON-serializable to be recorded in the config: {e}") from None
+    _, layers = _layers(model)
+    for i, layer in enumerate(layers):
+        old = layer.self_attn
+        p = next(old.parameters(), None)
+        m = ctor(cfg.hidden_size, n_heads, **mixer_kwargs) if has_heads else ctor(cfg.hidden_size, **mixer_kwargs)
+        if p is not None:
+            m = m.to(device=p.device, dtype=p.dtype)
+        layer.self_attn = LlamaMixerAttention(m, getattr(old, "layer_idx", i))
+    cfg.structmat_mixer = record
+    # HF's KV cache would stay empty (see module docstring): turn it off so forward/generate default to exact paths.
+    cfg.use_cache = False
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.use_cache = False
+    return model
+
+
+def _parts(model):
+    base, layers = _layers(model)
+    for l in layers:
+        if not isinstance(l.self_attn, LlamaMixerAttention):
+            raise ValueError("call replace_attention(model, ...) first: a layer still has HF attention")
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no LM head")
+    return model.get_input_embeddings(), layers, base.norm, head
+
+
+def mixer_prefill(model, input_ids: Tensor, attention_mask: Tensor | None = None):
+    """Run a replaced model over a prompt and return ``(logits (B, T, V), caches)``, one MixerCache per layer.
+    Mirrors ``LlamaDecoderLayer``: h += mixer(input_layernorm(h)); h += mlp(post_attention_layernorm(h)).
+    ``attention_mask`` (B, T): 2-D, left padding only (a cache must end on a real token)."""
+    embed, layers, norm, head = _parts(model)
+    h, caches = embed(input_ids), []
+    for l in layers:
+        y, c = l.self_attn.mixer(l.input_layernorm(h), mask=attention_mask, use_cache=True)
+        h = h + y
+        h = h + l.mlp(l.post_attention_layernorm(h))
+        caches.append(c)
+    return head(norm(h)), caches
+
+
+def mixer_step(model, token: Tensor, caches: list[MixerCache | None] | None = None):
+    """Decode one token per row, ``token`` (B,); returns ``(logits (B, V), caches)`` (caches=None: empty prefix)."""
+    embed, layers, norm, head = _parts(model)
+    h, new = embed(token), []
+    for i, l in enumerate(layers):
+        y, c = l.self_attn.mixer.step(l.input_layernorm(h), None if caches is None else caches[i])
+        h = h + y
+        h = h + l.mlp(l.post_attention_layernorm(h))
+        new.append(c)
+    return head(norm(h)), new
+
+
+def mixer_decode_logits(model, input_ids: Tensor, n_prefill: int = 1) -> Tensor:
+    """Logits (B, T, V) from a prefill of the first ``n_prefill`` tokens, then one recurrent step per token.
+    Equals ``model(input_ids).logits`` (tested): the exactness check of the decode path."""
+    out, caches = [], None
+    if n_prefill > 0:
+        logits, caches = mixer_prefill(model, input_ids[:, :n_prefill])
+        out.append(logits)
+    for t in range(n_prefill, input_ids.shape[1]):
+        logits, caches = mixer_step(model, input_ids[:, t], caches)
+        out.append(logits[:, None])
+    return torch.cat(out, 1)
+
+
+@torch.no_grad()
+def mixer_generate(model, input_ids: Tensor, max_new_tokens: int, attention_mask: Tensor | None = None) -> Tensor:
+    """Greedy decoding with O(1) state per token; returns (B, T + max_new_tokens). Prompts: left padding only."""
+    logits, caches = mixer_prefill(model, input_ids, attention_mask)
+    out, nxt = [input_ids], logits[:, -1].argmax(-1)
+    for i in range(max_new_tokens):
+        out.append(nxt[:, None])
+        if i + 1 < max_new_tokens:
+            logits, caches = mixer_step(model, nxt, caches)
+            nxt = logits.argmax(-1)
+    return torch.cat(out, 1)

@@ -1,0 +1,184 @@
+"""structmat mixers as the attention of an HF LlamaForCausalLM (structmat.mixers.hf), on a tiny CPU model.
+
+Identities checked with the relative RMS error against an independent route: full forward vs prefill-then-decode,
+padded batch vs each sequence alone, packed (cu_seq_lens_q) vs separate calls, state_dict round trip (bit-exact).
+"""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from structmat.mixers import (DeltaMixer, DiagonalSSMMixer, LlamaMixerAttention, mixer_decode_logits,  # noqa: E402
+                              mixer_generate, replace_attention)
+
+# ---- the one tolerance table (relative RMS error, float32) ----------------------------------------------------
+DECODE_REL = 1e-5  # chunked full forward vs recurrent prefill+decode
+PAD_REL = 1e-5  # padded batch vs the same sequence alone
+TRAIN_DROP = 0.5  # 30 AdamW steps on a periodic sequence must at least halve the loss
+
+CASES = [("deltanet", {"chunk_size": 16}), ("gated_deltanet", {"chunk_size": 16}),
+         ("deltaproduct", {"n_householder": 2, "chunk_size": 16}), ("ssm", {"d_state": 8})]
+NAMES = [c[0] for c in CASES]
+V = 97
+
+
+def rrms(x, ref):
+    x, ref = x.double(), ref.double()
+    assert torch.isfinite(x).all(), "non-finite values"
+    return ((x - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+
+
+def tiny(name=None, attn="sdpa", seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=V, attn_implementation=attn)
+    model = LlamaForCausalLM(cfg)
+    if name is not None:
+        replace_attention(model, name, **{**dict(CASES)[name], **kw})
+    return model
+
+
+def ids(B, T, seed=1):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_replace_forward_backward(name):
+    model = tiny(name)
+    kinds = {"ssm": DiagonalSSMMixer}
+    for layer in model.model.layers:
+        assert isinstance(layer.self_attn, LlamaMixerAttention)
+        assert isinstance(layer.self_attn.mixer, kinds.get(name, DeltaMixer))
+    rec = model.config.structmat_mixer
+    assert rec["mixer"] == name and json.loads(model.config.to_json_string())["structmat_mixer"] == rec
+    if name == "deltaproduct":
+        assert model.model.layers[0].self_attn.mixer.nh == 2
+    x = ids(2, 37)
+    out = model(x, labels=x)
+    assert out.logits.shape == (2, 37, V) and torch.isfinite(out.loss)
+    out.loss.backward()
+    for layer in model.model.layers:
+        for n, p in layer.self_attn.mixer.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), n
+        assert any(p.grad.abs().sum() > 0 for p in layer.self_attn.mixer.parameters())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_full_forward_equals_prefill_then_decode(name):
+    model = tiny(name).eval()
+    x = ids(2, 37)
+    with torch.no_grad():
+        full = model(x).logits
+        for n_prefill in (0, 20):
+            dec = mixer_decode_logits(model, x, n_prefill=n_prefill)
+            assert dec.shape == full.shape
+            assert rrms(dec, full) < DECODE_REL, (n_prefill, rrms(dec, full))
+
+
+@pytest.mark.parametrize("name,attn", [("deltanet", "sdpa"), ("gated_deltanet", "eager"), ("ssm", "sdpa"),
+                                       ("deltaproduct", "eager")])
+def test_padded_batch_equals_each_sequence_alone(name, attn):
+    model = tiny(name, attn=attn).eval()
+    a, b = ids(1, 21, seed=2), ids(1, 16, seed=3)
+    with torch.no_grad():
+        ra, rb = model(a).logits, model(b).logits
+        for side in ("left", "right"):
+            fill = torch.full((1, 5), 0)
+            bb = torch.cat([fill, b], 1) if side == "left" else torch.cat([b, fill], 1)
+            mb = (torch.cat([fill, torch.ones_like(b)], 1) if side == "left"
+                  else torch.cat([torch.ones_like(b), fill], 1))
+            out = model(torch.cat([a, bb]), attention_mask=torch.cat([torch.ones_like(a), mb])).logits
+            real = mb[0].bool()
+            assert rrms(out[0], ra[0]) < PAD_REL
+            assert rrms(out[1, real], rb[0]) < PAD_REL, side
+        # greedy decoding from a left-padded prompt batch equals decoding each prompt alone
+        left = torch.cat([torch.zeros(1, 5, dtype=torch.long), b], 1)
+        mask = torch.cat([torch.ones_like(a), (left > -1) & (torch.arange(21) >= 5)])
+        g = mixer_generate(model, torch.cat([a, left]), 4, attention_mask=mask)
+        assert torch.equal(g[0, -4:], mixer_generate(model, a, 4)[0, -4:])
+        assert torch.equal(g[1, -4:], mixer_generate(model, b, 4)[0, -4:])
+
+
+def test_packed_cu_seq_lens_equals_separate_sequences():
+    model = tiny("gated_deltanet").eval()
+    a, b = ids(1, 21, seed=2), ids(1, 16, seed=3)
+    cu = torch.tensor([0, 21, 37], dtype=torch.int32)
+    with torch.no_grad():
+        packed = model(torch.cat([a, b], 1), cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=21,
+                       max_length_k=21).logits
+        assert rrms(packed, torch.cat([model(a).logits, model(b).logits], 1)) < PAD_REL
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        tiny("ssm")(torch.cat([a, b], 1), cu_seq_lens_q=cu)
+
+
+def test_masks_that_cannot_be_honoured_raise():
+    attn = tiny("deltanet").model.layers[0].self_attn
+    h = torch.randn(1, 8, 64)
+    window = torch.ones(8, 8, dtype=torch.bool).tril() & ~torch.ones(8, 8, dtype=torch.bool).tril(-3)
+    with pytest.raises(ValueError, match="causal & key padding"):
+        attn(h, attention_mask=window[None, None])
+    with pytest.raises(TypeError, match="unsupported attention mask"):
+        attn(h, attention_mask=object())
+    y, w = attn(h, attention_mask=torch.ones(8, 8, dtype=torch.bool).tril()[None, None])  # plain causal: fine
+    assert y.shape == h.shape and w is None
+
+
+def test_hf_cache_continuation_raises_and_generate_without_cache_is_exact():
+    model = tiny("deltanet").eval()
+    assert model.config.use_cache is False and model.generation_config.use_cache is False
+    x = ids(1, 9)
+    with torch.no_grad():
+        out = model(x, use_cache=True)
+        with pytest.raises(RuntimeError, match="outside HF's KV cache"):
+            model(ids(1, 1, seed=5), past_key_values=out.past_key_values, use_cache=True)
+        with pytest.raises(RuntimeError, match="outside HF's KV cache"):
+            model.generate(x, max_new_tokens=3, use_cache=True, do_sample=False, pad_token_id=0)
+        model.generation_config.eos_token_id = None  # compare full lengths
+        hf = model.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(hf, mixer_generate(model, x, 6))
+
+
+def test_state_dict_loads_into_a_fresh_replaced_model():
+    model = tiny("deltaproduct", allow_neg_eigval=False).eval()
+    cfg = LlamaConfig.from_dict(json.loads(model.config.to_json_string()))
+    torch.manual_seed(123)
+    fresh = replace_attention(LlamaForCausalLM(cfg), **cfg.structmat_mixer).eval()
+    assert fresh.model.layers[0].self_attn.mixer.allow_neg_eigval is False
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    x = ids(2, 19)
+    with torch.no_grad():
+        assert torch.equal(fresh(x).logits, model(x).logits)
+
+
+def test_training_reduces_loss():
+    model = tiny("gated_deltanet")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    pattern = torch.randint(0, V, (7,), generator=torch.Generator().manual_seed(4))
+    x = pattern.repeat(8)[:48].expand(4, 48).contiguous()
+    losses = []
+    for _ in range(30):
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < TRAIN_DROP * losses[0], losses
+
+
+def test_options_device_dtype_and_errors():
+    model = tiny().double()
+    replace_attention(model, "deltanet", n_heads=2, allow_neg_eigval=False)
+    m = model.model.layers[1].self_attn.mixer
+    assert m.n_heads == 2 and m.allow_neg_eigval is False and m.q_proj.weight.dtype == torch.float64
+    assert model.model.layers[1].self_attn.layer_idx == 1
+    assert model.config.structmat_mixer == {"mixer": "deltanet", "n_heads": 2, "allow_neg_eigval": False}
+    with pytest.raises(ValueError, match="deltanet.*ssm|ssm.*deltanet"):
+        replace_attention(tiny(), "mamba")
+    with pytest.raises(ValueError, match="no heads"):
+        replace_attention(tiny(), "ssm", n_heads=4)
+    with pytest.raises(ValueError, match="JSON"):
+        replace_attention(tiny(), "deltanet", chunk_size=torch.tensor(16))
