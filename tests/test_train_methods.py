@@ -173,3 +173,29 @@ def test_two_gloo_processes_match_one_with_the_doubled_batch(corpus, tmp_path, p
     again = _torchrun(cfg, tmp_path, 2)
     assert again["resumed_from"] == 4
     assert _losses(again) == pytest.approx(_losses(both), abs=1e-6, rel=0)
+
+
+def test_train_compare_smoke(corpus, tmp_path):
+    from structmat.bench import train_compare
+
+    common = ["--preset", "5m", "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--warmup", "1",
+              "--vocab-size", "400", "--corpus", str(corpus), "--eval-every", "2", "--eval-batches", "1",
+              "--no-progress", "--work-dir", str(tmp_path / "runs"), "--cache-dir", str(corpus.parent / "cache")]
+    assert train_compare.main([*common, "--only", "dense,lowrank,blockdiag-dense", "--out", str(tmp_path / "a")]) == 0
+    (first,) = (tmp_path / "a").glob("train-compare-5m-*.json")
+    # a second call adds a variant and the equal-wall runs, comparing against the first call's dense run
+    assert train_compare.main([*common, "--only", "lowrank-sg", "--merge", str(first), "--equal-wall",
+                               "--out", str(tmp_path / "b")]) == 0
+    (report,) = (tmp_path / "b").glob("train-compare-5m-*.json")
+    data = json.loads(report.read_text())
+    runs = data["runs"]
+    assert set(runs) == {"dense", "lowrank", "lowrank-sg", "blockdiag-dense"}
+    assert runs["dense"]["from"] == first.name and "from" not in runs["lowrank-sg"]
+    assert 0.45 < runs["lowrank"]["mlp_params"] / runs["dense"]["mlp_params"] < 0.55
+    assert runs["blockdiag-dense"]["mlp_params"] == runs["dense"]["mlp_params"]  # dense after the switch
+    assert runs["lowrank-sg"]["config"]["guide_steps"] == 1
+    assert set(data["equal_wall"]) == {"lowrank", "blockdiag-dense"}
+    assert all(r["steps"] >= 4 for r in data["equal_wall"].values())
+    assert "val ppl" in data["table"] and "Equal wall time" in data["table"]
+    assert report.with_suffix(".png").stat().st_size > 10_000
+    assert train_compare.main(["--only", "nope"]) == 2

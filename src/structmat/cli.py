@@ -288,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="structmat-out")
     ev.set_defaults(func=_eval)
     bench = sub.add_parser("bench", help="benchmarks: structmat bench kernels|mixer-speed (CUDA GPU) or "
-                           "state-tracking [--smoke] (CPU or GPU); each takes its own flags (--help)")
-    bench.add_argument("which", choices=["kernels", "state-tracking", "mixer-speed"])
+                           "state-tracking [--smoke] | train-compare (CPU or GPU); each takes its own flags (--help)")
+    bench.add_argument("which", choices=["kernels", "state-tracking", "mixer-speed", "train-compare"])
 
     from .train.cli import add_train_parser
 
@@ -300,9 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"] and len(argv) > 1:  # each benchmark owns its flags
-        from .bench import kernels, mixer_speed, state_tracking
+        from .bench import kernels, mixer_speed, state_tracking, train_compare
 
-        runners = {"kernels": kernels.main, "state-tracking": state_tracking.main, "mixer-speed": mixer_speed.main}
+        runners = {"kernels": kernels.main, "state-tracking": state_tracking.main, "mixer-speed": mixer_speed.main,
+                   "train-compare": train_compare.main}
         if argv[1] in runners:
             return runners[argv[1]](argv[2:])
     args = build_parser().parse_args(argv)
