@@ -195,7 +195,7 @@ def test_train_compare_smoke(corpus, tmp_path):
     assert runs["blockdiag-dense"]["mlp_params"] == runs["dense"]["mlp_params"]  # dense after the switch
     assert runs["lowrank-sg"]["config"]["guide_steps"] == 1
     assert set(data["equal_wall"]) == {"lowrank", "blockdiag-dense"}
-    assert all(r["steps"] >= 4 for r in data["equal_wall"].values())
+    assert all(r["steps"] >= 2 for r in data["equal_wall"].values())
     assert "val ppl" in data["table"] and "Equal wall time" in data["table"]
     assert report.with_suffix(".png").stat().st_size > 10_000
     assert train_compare.main(["--only", "nope"]) == 2

@@ -11,7 +11,7 @@ Variants (MLP = gate/up/down projections at ~50% of the dense MLP parameters; at
 
 Every run uses the same data order, schedule and hyper-parameters; only the MLP differs. With ``--equal-wall`` each
 structured variant (without ``-sg``) is trained once more for as many steps as fit in the dense run's wall time
-(its own measured step time, a fresh cosine schedule of that length). Results: one JSON (every run's summary, its
+(its own measured step time, a fresh cosine schedule of that length; fewer steps than dense when it is slower). Results: one JSON (every run's summary, its
 validation curve and a thinned training curve, run_info) and one PNG (loss vs tokens, FLOPs, wall time) under
 ``--out``; the runs' own folders (models, results.json, loss.png) under ``--work-dir``.
 """
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         dense_wall = runs["dense"]["wall_s"]
         for name in [n for n in MLP_SPECS if n in runs]:
             per_step = runs[name]["wall_s"] / runs[name]["steps"]
-            steps = max(a.steps, int(dense_wall / per_step))
+            steps = max(a.warmup + 1, int(dense_wall / per_step))  # fewer steps than dense if it is slower
             over = dict(table[name])
             over["steps"] = steps
             over["warmup"] = a.warmup
