@@ -464,9 +464,9 @@ def _run(cfg: TrainConfig, info, device: torch.device) -> dict[str, Any]:
     def make_optimizer(m: nn.Module) -> torch.optim.Optimizer:
         groups = param_groups(m, cfg.weight_decay)
         if cfg.optimizer == "galore":
-            from .galore import GaLoreAdamW
+            from .galore import GaLoreAdamW, without_embeddings
 
-            return GaLoreAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+            return GaLoreAdamW(without_embeddings(m, groups), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
                                rank=cfg.galore_rank, update_proj_gap=cfg.galore_gap, scale=cfg.galore_scale,
                                residual=cfg.galore_residual)
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
