@@ -265,6 +265,18 @@ def _git_sha():
         return os.environ.get("STRUCTMAT_GIT_SHA")
 
 
+def best_of_seeds(results: list[dict]) -> dict[str, dict[str, float]]:
+    """model -> task -> the best scaled accuracy over the seeds (runs that failed are left out)."""
+    table: dict[str, dict[str, float]] = {}
+    for r in results:
+        if "error" in r:
+            continue
+        cur = table.setdefault(r["model"], {}).get(r["task"])
+        if cur is None or r["scaled_accuracy"] > cur:
+            table[r["model"]][r["task"]] = r["scaled_accuracy"]
+    return table
+
+
 def format_table(table, models, tasks):
     head = "| model | " + " | ".join(tasks) + " |"
     lines = [head, "|" + "---|" * (len(tasks) + 1)]
@@ -328,51 +340,48 @@ def main(argv=None) -> int:
                  conv_size=a.conv_size, train_min=a.train_min, train_max=a.train_max, test_lengths=test_lengths, eval_batch=a.eval_batch)
             for t in tasks for m in models for s in range(a.seeds)]
     t0 = time.time()
-    if a.workers > 1:
-        import multiprocessing as mp
-
-        threads = max(1, (os.cpu_count() or 2) // a.workers)
-        with mp.get_context("spawn").Pool(a.workers) as pool:
-            results = []
-            for r in pool.imap_unordered(_worker, [(j, threads) for j in jobs]):
-                results.append(r)
-                print(json.dumps({k: r.get(k) for k in ("model", "task", "seed", "steps_done", "scaled_accuracy",
-                                                         "error")}), flush=True)
-    else:
-        results = []
-        for j in jobs:
-            r = _worker((j, torch.get_num_threads()))
-            results.append(r)
-            print(json.dumps({k: r.get(k) for k in ("model", "task", "seed", "steps_done", "scaled_accuracy",
-                                                     "error")}), flush=True)
-    table = {}
-    for r in results:
-        if "error" in r:
-            continue
-        cur = table.setdefault(r["model"], {}).get(r["task"])
-        if cur is None or r["scaled_accuracy"] > cur:
-            table[r["model"]][r["task"]] = r["scaled_accuracy"]  # best of seeds
-    md = format_table(table, models, tasks)
-    print(md)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"state-tracking{'-smoke' if a.smoke else ''}-{stamp}.json"
     dev_name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({platform.machine()})"
-    payload = {
-        "table_best_of_seeds_scaled_accuracy": table, "table_markdown": md, "published": {
-            f"{m}/{t}": v for (m, t), v in PUBLISHED.items()},
-        "protocol": {"train_lengths": [a.train_min, a.train_max], "test_lengths": test_lengths, "seeds": a.seeds,
-                     "steps_cap": a.steps, "max_seconds_per_run": a.max_seconds, "batch": a.batch, "lr": a.lr,
-                     "model": {"d_model": a.d_model, "n_layers": a.n_layers, "n_heads": a.n_heads,
-                               "d_state": a.d_state, "conv_size": a.conv_size}, "smoke": a.smoke,
-                     "note": "steps_done per run is in runs[]; runs stopped by max_seconds trained fewer steps"},
-        "runs": results,
-        "run_info": {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "git_sha": _git_sha(),
-                     "python": sys.version.split()[0], "torch": torch.__version__, "device": dev_name,
-                     "wall_s": round(time.time() - t0, 1), "args": vars(a)},
-    }
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    results: list[dict] = []
+
+    def report(r: dict) -> None:
+        """Record one finished run and rewrite the JSON (atomically), so a run cut short keeps what it finished."""
+        results.append(r)
+        print(json.dumps({k: r.get(k) for k in ("model", "task", "seed", "steps_done", "scaled_accuracy", "error")}),
+              flush=True)
+        table = best_of_seeds(results)
+        payload = {
+            "table_best_of_seeds_scaled_accuracy": table, "table_markdown": format_table(table, models, tasks),
+            "published": {f"{m}/{t}": v for (m, t), v in PUBLISHED.items()},
+            "protocol": {"train_lengths": [a.train_min, a.train_max], "test_lengths": test_lengths,
+                         "seeds": a.seeds, "steps_cap": a.steps, "max_seconds_per_run": a.max_seconds,
+                         "batch": a.batch, "lr": a.lr,
+                         "model": {"d_model": a.d_model, "n_layers": a.n_layers, "n_heads": a.n_heads,
+                                   "d_state": a.d_state, "conv_size": a.conv_size}, "smoke": a.smoke,
+                         "note": "steps_done per run is in runs[]; runs stopped by max_seconds trained fewer steps"},
+            "runs": results, "complete": len(results) == len(jobs),
+            "run_info": {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                         "git_sha": _git_sha(), "python": sys.version.split()[0], "torch": torch.__version__,
+                         "device": dev_name, "wall_s": round(time.time() - t0, 1), "args": vars(a)},
+        }
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+
+    if a.workers > 1:
+        import multiprocessing as mp
+
+        threads = max(1, (os.cpu_count() or 2) // a.workers)
+        with mp.get_context("spawn").Pool(a.workers) as pool:
+            for r in pool.imap_unordered(_worker, [(j, threads) for j in jobs]):
+                report(r)
+    else:
+        for j in jobs:
+            report(_worker((j, torch.get_num_threads())))
+    print(format_table(best_of_seeds(results), models, tasks))
     print(f"wrote {path}")
     return 0 if all("error" not in r for r in results) else 1
 
