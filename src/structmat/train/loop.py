@@ -41,6 +41,7 @@ from torch import nn
 
 from ..atomic import write_atomic
 from ..surgery import Plan, linear_modules, structured_modules
+from .galore import state_bytes as optimizer_state_bytes
 
 CKPT_FORMAT = "structmat-train-checkpoint"
 CKPT_VERSION = 2  # 2: optimizer state keyed by parameter name (FSDP-safe)
@@ -608,7 +609,9 @@ def _run(cfg: TrainConfig, info, device: torch.device) -> dict[str, Any]:
         "final": {"step": step, "tokens": step * tokens_step, "flops": flops,
                   "wall_s": wall, "train_loss": history[-1]["loss"] if history else None,
                   "val_loss": val_history[-1]["loss"] if val_history else None,
-                  "val_ppl": val_history[-1]["ppl"] if val_history else None},
+                  "val_ppl": val_history[-1]["ppl"] if val_history else None,
+                  "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+                  "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None},
     }
     if info.main:
         save_pretrained(final, model_dir)
