@@ -134,11 +134,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         scaled = residual * phi
         norm = scaled.norm()
         prev = state.get("residual_norm")
-        if prev is not None and float(prev) > 0:
+        if prev is not None:  # no limit after a zero residual (nothing to grow from); no host sync either way
             limit = GROWTH_LIMIT * prev.to(norm.device)
-            if norm > limit:
-                scaled = scaled * (limit / norm)
-                norm = limit
+            shrink = torch.where((prev > 0) & (norm > limit), limit / norm.clamp_min(1e-30), torch.ones_like(norm))
+            scaled, norm = scaled * shrink, norm * shrink
         state["residual_norm"] = norm.detach().reshape(()).clone()
         return scaled
 
