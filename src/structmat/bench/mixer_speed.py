@@ -3,7 +3,7 @@
 Run on a CUDA GPU:  ``PYTHONPATH=src python -m structmat.bench.mixer_speed [--quick] [--out benchmarks/results]``
 
 Every row is bf16 inputs, forward + backward (gradients w.r.t. q, k, v and beta; for attention q, k, v), at
-B=4, H=16, Dk=Dv=128, over T = 512 .. 16384, timed with CUDA events (median of ``--reps`` after warm-up):
+B=4, H=16, Dk=Dv=128, over T = 512 .. 16384 (``--Ts`` for others), timed with CUDA events (median of ``--reps`` after warm-up):
   ``recurrent``  :func:`structmat.mixers.delta_rule` backend="recurrent" (the token loop; T <= --max-recurrent-T)
   ``chunked``    backend="chunked", chunk 64 (float32 internals; TF32 matmuls allowed via
                  ``torch.set_float32_matmul_precision("high")``, recorded in the JSON)
@@ -81,6 +81,8 @@ def agreement(dev) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="structmat bench mixer-speed", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="T in 512, 2048, 4096 only")
+    p.add_argument("--Ts", default=None, help="comma-separated sequence lengths (default 512..16384; add 32768,65536 "
+                   "to find the crossover with attention)")
     p.add_argument("--B", type=int, default=4)
     p.add_argument("--H", type=int, default=16)
     p.add_argument("--D", type=int, default=128)
@@ -97,6 +99,10 @@ def main(argv=None) -> int:
     agree = agreement(dev)
     print("agreement (chunked vs recurrent, rel. RMS):", json.dumps(agree))
     Ts = (512, 2048, 4096) if a.quick else TS
+    if a.Ts:
+        Ts = tuple(int(t) for t in a.Ts.split(","))
+        if any(t < 1 for t in Ts):
+            p.error(f"--Ts: lengths must be >= 1, got {a.Ts!r}")
     B, H, D = a.B, a.H, a.D
     rows = []
     for T in Ts:
