@@ -134,7 +134,9 @@ def test_hf_cache_continuation_raises_and_generate_without_cache_is_exact():
     with torch.no_grad():
         out = model(x, use_cache=True)
         with pytest.raises(RuntimeError, match="outside HF's KV cache"):
-            model(ids(1, 1, seed=5), past_key_values=out.past_key_values, use_cache=True)
+            cache = getattr(out, "cache", None)  # transformers >= 5.2x names it cache, before past_key_values
+            kw = {"cache": cache} if cache is not None else {"past_key_values": out.past_key_values}
+            model(ids(1, 1, seed=5), use_cache=True, **kw)
         with pytest.raises(RuntimeError, match="outside HF's KV cache"):
             model.generate(x, max_new_tokens=3, use_cache=True, do_sample=False, pad_token_id=0)
         model.generation_config.eos_token_id = None  # compare full lengths

@@ -85,7 +85,9 @@ class LlamaMixerAttention(nn.Module):
 
     def forward(self, hidden_states: Tensor, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache: bool | None = False, position_embeddings=None, **kwargs):
-        cache = past_key_values if past_key_values is not None else kwargs.get("past_key_value")
+        # the cache's keyword changed across transformers versions: past_key_value(s) up to 5.2x, cache after
+        cache = next((c for c in (past_key_values, kwargs.get("cache"), kwargs.get("past_key_value"))
+                      if c is not None), None)
         if cache is not None:  # we never fill HF's cache, so a cache object seen twice means lost context
             seen = getattr(cache, "_structmat_layers", None)
             if seen is None:
