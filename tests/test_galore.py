@@ -5,8 +5,6 @@ tensors that round-trip through ``weights_only`` loading, and a training run wit
 from __future__ import annotations
 
 import io
-import shutil
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,8 @@ from torch import nn
 
 from structmat.train.galore import GaLoreAdamW, state_bytes, without_embeddings
 from structmat.train.loop import checkpoint_paths, list_checkpoints, train
+
+from corpora import STDLIB_FILES, stdlib_corpus
 
 LR, SCALE = 0.1, 0.5
 
@@ -246,17 +246,9 @@ def test_embeddings_keep_plain_adamw():
 
 
 # ------------------------------------------------------------------------------------------------ the trainer
-_FILES = ["bisect.py", "heapq.py", "textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "colorsys.py", "string.py"]
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("galore") / "corpus"
-    root.mkdir()
-    std = Path(sysconfig.get_paths()["stdlib"])
-    for name in _FILES:
-        shutil.copy(std / name, root / name)
-    return root
+    return stdlib_corpus(tmp_path_factory.mktemp("galore"), STDLIB_FILES[:8])
 
 
 def test_training_with_galore_fira_resumes_exactly(corpus, tmp_path):

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -23,19 +21,12 @@ from structmat.train.loop import TrainConfig, list_checkpoints, load_checkpoint,
 from structmat.train.models import PRESETS, count_params, make_plan, structured_llama
 from structmat.train.tokenizer import bpe_tokenizer
 
-# A few small stdlib files (real text); the key of each is "corpus/<name>", so the split below is fixed.
-_FILES = ["bisect.py", "heapq.py", "textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "colorsys.py", "string.py",
-          "queue.py", "sched.py", "keyword.py", "copy.py", "abc.py", "numbers.py"]
+from corpora import stdlib_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train") / "corpus"
-    root.mkdir()
-    std = Path(sysconfig.get_paths()["stdlib"])
-    for name in _FILES:
-        shutil.copy(std / name, root / name)
-    return root
+    return stdlib_corpus(tmp_path_factory.mktemp("train"))
 
 
 def _config(corpus: Path, tmp: Path, out: str, **kw) -> dict:

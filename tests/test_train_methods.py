@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -20,18 +18,12 @@ from structmat.train.loop import TrainConfig, checkpoint_paths, list_checkpoints
 from structmat.train.methods import (SelfGuided, attach_guides, detach_guides, guide_alpha, guides, set_guide_alpha)
 from structmat.train.models import make_plan, structured_llama
 
-_FILES = ["bisect.py", "heapq.py", "textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "colorsys.py", "string.py",
-          "queue.py", "sched.py", "keyword.py", "copy.py", "abc.py", "numbers.py"]
+from corpora import stdlib_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train_methods") / "corpus"
-    root.mkdir()
-    std = Path(sysconfig.get_paths()["stdlib"])
-    for name in _FILES:
-        shutil.copy(std / name, root / name)
-    return root
+    return stdlib_corpus(tmp_path_factory.mktemp("train_methods"))
 
 
 def _config(corpus: Path, tmp: Path, out: str, **kw) -> dict:
