@@ -20,7 +20,8 @@ nothing), or one in a group with ``galore=False`` (embeddings, by the trainer's 
 same hyperparameters. Parameters with more than two dimensions (block-diagonal factors of shape (blocks, a, b)) are
 projected block by block. All state is plain tensors — ``step``, ``exp_avg``, ``exp_avg_sq``, ``projector`` and, for
 Fira, ``residual_norm`` — so it checkpoints through safetensors and loads with ``weights_only=True``. Moments and
-projectors are kept in float32 whatever the parameter's dtype.
+projectors are computed in float32 (``load_state_dict`` casts them to the parameter's dtype, as for torch's AdamW:
+exact resumption assumes float32 master weights, the trainer's default).
 """
 
 from __future__ import annotations

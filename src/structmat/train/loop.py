@@ -467,9 +467,9 @@ def _run(cfg: TrainConfig, info, device: torch.device) -> dict[str, Any]:
         if cfg.optimizer == "galore":
             from .galore import GaLoreAdamW, without_embeddings
 
-            return GaLoreAdamW(without_embeddings(m, groups), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                               rank=cfg.galore_rank, update_proj_gap=cfg.galore_gap, scale=cfg.galore_scale,
-                               residual=cfg.galore_residual)
+            return GaLoreAdamW(without_embeddings(m, groups), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                               weight_decay=cfg.weight_decay, rank=cfg.galore_rank, update_proj_gap=cfg.galore_gap,
+                               scale=cfg.galore_scale, residual=cfg.galore_residual)
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
     def make_forward(m: nn.Module) -> nn.Module:
