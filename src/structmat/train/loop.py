@@ -430,6 +430,7 @@ def _run(cfg: TrainConfig, info, device: torch.device) -> dict[str, Any]:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # peak_gpu_bytes is this run's, also when runs share a process
+
     out = Path(cfg.out_dir).expanduser()
     ckpt_dir = out / "checkpoints"
     cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_root()
