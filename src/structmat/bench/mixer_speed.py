@@ -3,7 +3,8 @@
 Run on a CUDA GPU:  ``PYTHONPATH=src python -m structmat.bench.mixer_speed [--quick] [--out benchmarks/results]``
 
 Every row is bf16 inputs, forward + backward (gradients w.r.t. q, k, v and beta; for attention q, k, v), at
-B=4, H=16, Dk=Dv=128, over T = 512 .. 16384 (``--Ts`` for others), timed with CUDA events (median of ``--reps`` after warm-up):
+B=4, H=16, Dk=Dv=128, over T = 512 .. 16384 (``--Ts`` for others), timed with CUDA events (median of ``--reps``
+after warm-up):
   ``recurrent``  :func:`structmat.mixers.delta_rule` backend="recurrent" (the token loop; T <= --max-recurrent-T)
   ``chunked``    backend="chunked", chunk 64 (float32 internals; TF32 matmuls allowed via
                  ``torch.set_float32_matmul_precision("high")``, recorded in the JSON)

@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from structmat.atomic import write_atomic
+
 TASKS = ("parity", "modarith", "modarith_brackets", "s3", "s5")
 PUBLISHED = {  # scaled accuracy, DeltaNet, Grazzi et al. (train 3-40, test 40-256, best of 3 seeds)
     ("deltanet[0,1]", "parity"): 0.017, ("deltanet[0,1]", "modarith"): 0.314,
@@ -345,6 +347,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"state-tracking{'-smoke' if a.smoke else ''}-{stamp}.json"
     dev_name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({platform.machine()})"
+    sha = _git_sha()
     results: list[dict] = []
 
     def report(r: dict) -> None:
@@ -364,12 +367,10 @@ def main(argv=None) -> int:
                          "note": "steps_done per run is in runs[]; runs stopped by max_seconds trained fewer steps"},
             "runs": results, "complete": len(results) == len(jobs),
             "run_info": {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                         "git_sha": _git_sha(), "python": sys.version.split()[0], "torch": torch.__version__,
+                         "git_sha": sha, "python": sys.version.split()[0], "torch": torch.__version__,
                          "device": dev_name, "wall_s": round(time.time() - t0, 1), "args": vars(a)},
         }
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
+        write_atomic(path, (json.dumps(payload, indent=2, default=str) + "\n").encode())
 
     if a.workers > 1:
         import multiprocessing as mp
