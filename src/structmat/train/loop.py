@@ -41,6 +41,7 @@ from torch import nn
 
 from ..atomic import write_atomic
 from ..surgery import Plan, linear_modules, structured_modules
+from .galore import GaLoreAdamW, without_embeddings
 from .galore import state_bytes as optimizer_state_bytes
 
 CKPT_FORMAT = "structmat-train-checkpoint"
@@ -468,8 +469,6 @@ def _run(cfg: TrainConfig, info, device: torch.device) -> dict[str, Any]:
     def make_optimizer(m: nn.Module) -> torch.optim.Optimizer:
         groups = param_groups(m, cfg.weight_decay)
         if cfg.optimizer == "galore":
-            from .galore import GaLoreAdamW, without_embeddings
-
             return GaLoreAdamW(without_embeddings(m, groups), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                weight_decay=cfg.weight_decay, rank=cfg.galore_rank, update_proj_gap=cfg.galore_gap,
                                scale=cfg.galore_scale, residual=cfg.galore_residual)
