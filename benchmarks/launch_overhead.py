@@ -73,11 +73,36 @@ def main():
         "custom op monarch_mm engine=triton": per_call_us(lambda: ops.monarch_mm(x, R, L, "triton")),
         "custom op monarch_mm engine=cublas": per_call_us(lambda: ops.monarch_mm(x, R, L, "cublas")),
     }
-    xg = x.detach().requires_grad_()
+    xg, Rg, Lg = (t.detach().requires_grad_() for t in (x, R, L))
+    W = torch.randn(b, u, p, device=dev, dtype=dt, requires_grad=True)
+    Wd = torch.randn(b * u, b * p, device=dev, dtype=dt, requires_grad=True)
     g = torch.randn(n, b * u, device=dev, dtype=dt)
-    for engine in ("triton", "cublas"):
-        rows[f"monarch fwd+bwd engine={engine}"] = per_call_us(
-            lambda e=engine: torch.autograd.grad(ops.monarch(xg, R, L, e), [xg], g))
+    for engine in ("triton", "cublas"):  # all gradients (x and the factors), as in training
+        rows[f"monarch fwd+bwd custom op, engine={engine}"] = per_call_us(
+            lambda e=engine: torch.autograd.grad(ops.monarch_mm(xg, Rg, Lg, e)[0], [xg, Rg, Lg], g))
+        rows[f"monarch fwd+bwd eager Function, engine={engine}"] = per_call_us(
+            lambda e=engine: torch.autograd.grad(ops.monarch(xg, Rg, Lg, e), [xg, Rg, Lg], g))
+        rows[f"blockdiag fwd+bwd custom op, engine={engine}"] = per_call_us(
+            lambda e=engine: torch.autograd.grad(ops.blockdiag_mm(xg, W, e), [xg, W], g))
+        rows[f"blockdiag fwd+bwd eager Function, engine={engine}"] = per_call_us(
+            lambda e=engine: torch.autograd.grad(ops.blockdiag(xg, W, e), [xg, W], g))
+    rows["dense F.linear fwd+bwd"] = per_call_us(
+        lambda: torch.autograd.grad(torch.nn.functional.linear(xg, Wd), [xg, Wd], g))
+    # Through the layers (dispatch included), every forced backend, forward and forward+backward.
+    from structmat.structures.blockdiag import BlockDiagonal
+    from structmat.structures.monarch import Monarch
+
+    for name, layer in [("monarch", Monarch(4096, 4096, nblocks=4, bias=False)),
+                        ("blockdiag", BlockDiagonal(4096, 4096, nblocks=4, bias=False))]:
+        layer = layer.to(device=dev, dtype=dt)
+        params = list(layer.parameters())
+        for be in ("triton", "cublas", "reference", "dense", "auto"):
+            with K.use_backend(be):
+                with torch.no_grad():
+                    rows[f"layer {name} fwd, backend={be}"] = per_call_us(lambda: layer._matmul(x))
+                if be != "dense":
+                    rows[f"layer {name} fwd+bwd, backend={be}"] = per_call_us(
+                        lambda: torch.autograd.grad(layer._matmul(xg), [xg, *params], g))
     for k, v in rows.items():
         print(f"{v:9.1f} us  {k}")
     print("backend", K.get_backend())

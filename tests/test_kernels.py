@@ -47,8 +47,12 @@ def _inputs(shapes, dtype, device, seed):
     return [torch.randn(*s, generator=g, dtype=torch.float64).to(device=device, dtype=dtype) for s in shapes]
 
 
-def check_op(kind: str, case, dtype=torch.float32, device="cpu", seed=0, engine="triton") -> dict:
-    """Errors of the Triton op (output and all gradients) vs a float64 reference; plus the reference's own."""
+def check_op(kind: str, case, dtype=torch.float32, device="cpu", seed=0, engine="triton", custom_op=False,
+             grad_mask=None) -> dict:
+    """Errors of the Triton op (output and the gradients asked for) vs a float64 reference; plus the reference's
+    own. ``custom_op``: call the torch.library op directly instead of the eager autograd Function; ``grad_mask``:
+    which inputs require a gradient (default all: a frozen factor must still give the right gradients of the
+    rest, from a backward that skips the frozen one's GEMMs)."""
     from structmat.kernels import ops
     from structmat.structures.blockdiag import blockdiag_bmm
     from structmat.structures.monarch import monarch_multiply
@@ -57,20 +61,22 @@ def check_op(kind: str, case, dtype=torch.float32, device="cpu", seed=0, engine=
     if kind == "monarch":
         n, b, p, u, c = case
         shapes = [(n, b * p), (b, b * c, p), (b, u, b * c)]
-        fn, ref_fn = ops.monarch, monarch_multiply
+        fn, ref_fn = ((lambda *a, engine: ops.monarch_mm(*a, engine)[0]) if custom_op else ops.monarch,
+                      monarch_multiply)
     else:
         n, b, p, u = case
         shapes = [(n, b * p), (b, u, p)]
-        fn, ref_fn = ops.blockdiag, blockdiag_bmm
-    args = [t.requires_grad_() for t in _inputs(shapes, dtype, device, seed)]
-    args64 = [t.detach().double().requires_grad_() for t in args]
+        fn, ref_fn = ops.blockdiag_mm if custom_op else ops.blockdiag, blockdiag_bmm
+    mask = grad_mask or (True,) * len(shapes)
+    args = [t.requires_grad_(m) for t, m in zip(_inputs(shapes, dtype, device, seed), mask)]
+    args64 = [t.detach().double().requires_grad_(m) for t, m in zip(args, mask)]
     y = fn(*args, engine=engine)
     dy = _inputs([tuple(y.shape)], dtype, device, seed + 1)[0]
-    grads = torch.autograd.grad(y, args, dy)
+    grads = torch.autograd.grad(y, [t for t in args if t.requires_grad], dy)
     y64 = ref_fn(*args64)
-    grads64 = torch.autograd.grad(y64, args64, dy.double())
+    grads64 = torch.autograd.grad(y64, [t for t in args64 if t.requires_grad], dy.double())
     yr = ref_fn(*[t.detach().requires_grad_() for t in args])  # the reference in the same dtype, for scale
-    names = ["y"] + ["d" + s for s in (["x", "R", "L"] if kind == "monarch" else ["x", "W"])]
+    names = ["y"] + ["d" + s for s, m in zip(["x", "R", "L"] if kind == "monarch" else ["x", "W"], mask) if m]
     out = {}
     for name, a, r in zip(names, (y, *grads), (y64, *grads64)):
         out[name] = rel_rms(a, r)
@@ -100,6 +106,18 @@ def _interpret_report() -> dict:
     for i, case in enumerate(MONARCH_CASES):  # engine="cublas": permuted roles as one call per chunk
         report[f"monarch-{i}-float32-engine_cublas"] = check_op("monarch", case, torch.float32, seed=40 + i,
                                                                 engine="cublas")
+    for engine in ("triton", "cublas"):  # the torch.library ops called directly (what torch.compile runs)
+        report[f"monarch-1-float32-custom_op_{engine}"] = check_op("monarch", MONARCH_CASES[1], seed=50,
+                                                                   engine=engine, custom_op=True)
+        report[f"blockdiag-1-float32-custom_op_{engine}"] = check_op("blockdiag", BLOCKDIAG_CASES[1], seed=51,
+                                                                     engine=engine, custom_op=True)
+    for mask in [(True, False, False), (False, True, False), (False, False, True), (True, False, True)]:
+        tag = "".join("1" if m else "0" for m in mask)  # frozen factors: the backward skips their GEMMs
+        report[f"monarch-2-float32-grads_{tag}"] = check_op("monarch", MONARCH_CASES[2], seed=60, grad_mask=mask)
+    for mask in [(True, False), (False, True)]:
+        tag = "".join("1" if m else "0" for m in mask)
+        report[f"blockdiag-2-float32-grads_{tag}"] = check_op("blockdiag", BLOCKDIAG_CASES[2], seed=61,
+                                                              grad_mask=mask)
     report["monarch-1-float16"] = check_op("monarch", MONARCH_CASES[1], torch.float16, seed=20)
     report["blockdiag-1-float16"] = check_op("blockdiag", BLOCKDIAG_CASES[1], torch.float16, seed=21)
     # Through the layers, forced onto the kernels: padding, leading batch dims, gradients of the parameters.
@@ -176,7 +194,10 @@ def _check(errors: dict, dtype: str):
                                  for e in ("triton", "cublas", "default", "engine_cublas")]
                          + [f"blockdiag-{i}-float32-{e}" for i in range(len(BLOCKDIAG_CASES))
                             for e in ("triton", "cublas", "default")]
-                         + ["monarch-1-float16", "blockdiag-1-float16"])
+                         + ["monarch-1-float16", "blockdiag-1-float16"]
+                         + [f"{k}-1-float32-custom_op_{e}" for k in ("monarch", "blockdiag") for e in ("triton", "cublas")]
+                         + [f"monarch-2-float32-grads_{t}" for t in ("100", "010", "001", "101")]
+                         + [f"blockdiag-2-float32-grads_{t}" for t in ("10", "01")])
 def test_kernel_matches_reference_interpreter(interpret_report, key):
     _check(interpret_report[key], key.split("-")[2])
 

@@ -251,7 +251,7 @@ def blockdiag_fast(x: Tensor, W: Tensor) -> Tensor | None:
         return None
     if choice == "dense":
         return F.linear(x, merged_weight(merge_blockdiag, (W,), x.dtype))
-    return ops.blockdiag_mm(x, W, choice)
+    return ops.blockdiag(x, W, choice)
 
 
 def monarch_fast(x: Tensor, R: Tensor, L: Tensor) -> Tensor | None:
@@ -267,7 +267,7 @@ def monarch_fast(x: Tensor, R: Tensor, L: Tensor) -> Tensor | None:
         return None
     if choice == "dense":
         return F.linear(x, merged_weight(merge_monarch, (R, L), x.dtype))
-    return ops.monarch_mm(x, R, L, choice)[0]
+    return ops.monarch(x, R, L, choice)
 
 
 def lowrank_fast(x: Tensor, U: Tensor, V: Tensor) -> Tensor | None:

@@ -30,8 +30,10 @@ POISON = False
 #: output columns are not one strided matrix) use the Triton kernel's chunked store under "triton", and under
 #: engine="cublas" one strided-batched call per output chunk (b calls, still no transposed copy).
 #: Defaults from ``calibrate()`` on an H100 (benchmarks/NOTES.md, run 2): cuBLAS won or tied every non-permuted
-#: role (bd forward 0.102 vs 0.131 ms at 8192x4096, nblocks=4), so Triton keeps only the permuted ones.
-IMPL = {"bd_fwd": "cublas", "bd_dx": "cublas", "bd_dw": "cublas", "mon_s1": "triton", "mon_dh": "triton",
+#: role (bd forward 0.102 vs 0.131 ms at 8192x4096, nblocks=4), so Triton keeps only the permuted ones; and of
+#: those only stage 1 (run 6, H200): the GPU times tie, but a Triton launch from autograd's backward thread costs
+#: several times its main-thread cost, so the gradient of the intermediate goes through b cuBLAS calls.
+IMPL = {"bd_fwd": "cublas", "bd_dx": "cublas", "bd_dw": "cublas", "mon_s1": "triton", "mon_dh": "cublas",
         "mon_s2": "cublas", "mon_dx": "cublas", "mon_dl": "cublas", "mon_dr": "cublas"}
 ENGINES = ("triton", "cublas")
 
@@ -40,15 +42,34 @@ def _impl(role: str, engine: str) -> str:
     return "cublas" if engine == "cublas" else IMPL[role]
 
 
-def _bmm_into(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
-    torch.bmm(a, b, out=out)
-    return out
-
-
 def _empty(shape, like: Tensor) -> Tensor:
     if POISON:
         return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
     return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def _gemm(role: str, engine: str, a: Tensor, sa: tuple, b: Tensor, sb: tuple, c: Tensor, sc: tuple, groups: int,
+          M: int, N: int, K: int, chunk: int = 0, chunk_stride: int = 0) -> None:
+    """``C[g] = A[g] @ B[g]`` for every group, each operand given by its (group, row, column) element strides from
+    its tensor's start, so every role below is one description, run by either engine:
+
+    * Triton: the grouped kernel reads the strides directly (chunked output columns included);
+    * cuBLAS: ``torch.bmm`` on ``as_strided`` views writing through a strided ``out=`` (strided-batched GEMM, no
+      copy); a chunked output becomes one call per chunk of output columns.
+
+    Few-token calls are host-bound (about 4-8 us per tensor op on the lent hosts, more on autograd's thread), so
+    this builds each view with one ``as_strided`` instead of view/transpose chains."""
+    if _impl(role, engine) == "triton":
+        grouped_gemm(a, sa, b, sb, c, sc, groups, M, N, K, chunk=chunk, chunk_stride=chunk_stride)
+        return
+    A = a.as_strided((groups, M, K), sa, a.storage_offset())
+    if not chunk:
+        torch.bmm(A, b.as_strided((groups, K, N), sb, b.storage_offset()),
+                  out=c.as_strided((groups, M, N), sc, c.storage_offset()))
+        return
+    for j in range(N // chunk):  # output columns [j*chunk, (j+1)*chunk) of every group -> offset j*chunk_stride
+        torch.bmm(A, b.as_strided((groups, K, chunk), sb, b.storage_offset() + j * chunk * sb[2]),
+                  out=c.as_strided((groups, M, chunk), sc, c.storage_offset() + j * chunk_stride))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -61,33 +82,30 @@ def _bd_forward(x: Tensor, W: Tensor, engine: str = "triton") -> Tensor:
     n = x.shape[0]
     y = _empty((n, b * u), x)
     # group g: A = x[:, g*p:(g+1)*p] (n, p); B[j, t] = W[g, t, j] (p, u); C = y[:, g*u:(g+1)*u]
-    if _impl("bd_fwd", engine) == "cublas":
-        _bmm_into(x.reshape(n, b, p).transpose(0, 1), W.transpose(1, 2), y.view(n, b, u).transpose(0, 1))
-        return y
-    grouped_gemm(x, (p * x.stride(1), x.stride(0), x.stride(1)), W, (W.stride(0), W.stride(2), W.stride(1)),
-                 y, (u, y.stride(0), 1), b, n, u, p)
+    _gemm("bd_fwd", engine, x, (p * x.stride(1), x.stride(0), x.stride(1)), W, (W.stride(0), W.stride(2), W.stride(1)),
+          y, (u, y.stride(0), 1), b, n, u, p)
     return y
 
 
-def _bd_backward(dy: Tensor, x: Tensor, W: Tensor, engine: str = "triton") -> tuple[Tensor, Tensor]:
+def _bd_backward(dy: Tensor, x: Tensor, W: Tensor, engine: str = "triton",
+                 need: tuple[bool, bool] = (True, True)) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of x and W (each only if ``need`` asks for it: a frozen weight costs no GEMM)."""
     b, u, p = W.shape
     n = x.shape[0]
-    dx = _empty((n, b * p), x)
-    dW = _empty((b, u, p), W)
+    dx = dW = None
     dy = dy.contiguous()  # (autograd may hand an expanded or transposed gradient)
-    # dx_g = dy_g @ W_g: A = dy[:, g*u:] (n, u); B[t, j] = W[g, t, j]
-    if _impl("bd_dx", engine) == "cublas":
-        _bmm_into(dy.view(n, b, u).transpose(0, 1), W, dx.reshape(n, b, p).transpose(0, 1))
-    else:
-        grouped_gemm(dy, (u * dy.stride(1), dy.stride(0), dy.stride(1)), W, (W.stride(0), W.stride(1), W.stride(2)),
-                     dx, (p, dx.stride(0), 1), b, n, p, u)
-    if n == 0:
-        return dx, dW.zero_()
-    # dW_g = dy_g^T @ x_g: A[t, r] = dy[r, g*u+t] (u, n); B[r, j] = x[r, g*p+j] (n, p)
-    if _impl("bd_dw", engine) == "cublas":
-        return dx, _bmm_into(dy.view(n, b, u).permute(1, 2, 0), x.reshape(n, b, p).transpose(0, 1), dW)
-    grouped_gemm(dy, (u * dy.stride(1), dy.stride(1), dy.stride(0)), x, (p * x.stride(1), x.stride(0), x.stride(1)),
-                 dW, (u * p, p, 1), b, u, p, n)
+    if need[0]:
+        dx = _empty((n, b * p), x)
+        # dx_g = dy_g @ W_g: A = dy[:, g*u:] (n, u); B[t, j] = W[g, t, j]
+        _gemm("bd_dx", engine, dy, (u, dy.stride(0), 1), W, (W.stride(0), W.stride(1), W.stride(2)),
+              dx, (p, dx.stride(0), 1), b, n, p, u)
+    if need[1]:
+        dW = _empty((b, u, p), W)
+        if n == 0:
+            dW.zero_()
+        else:  # dW_g = dy_g^T @ x_g: A[t, r] = dy[r, g*u+t] (u, n); B[r, j] = x[r, g*p+j] (n, p)
+            _gemm("bd_dw", engine, dy, (u, 1, dy.stride(0)), x, (p * x.stride(1), x.stride(0), x.stride(1)),
+                  dW, (u * p, p, 1), b, u, p, n)
     return dx, dW
 
 
@@ -143,67 +161,46 @@ def _mon_forward(x: Tensor, R: Tensor, L: Tensor, engine: str = "triton") -> tup
     h = _empty((n, b * bc), x)  # (s, k, q) order
     y = _empty((n, b * u), x)
     # stage 1, group k: A = x[:, k*p:] (n, p); B[j, (s,q)] = R[k, s*c+q, j]; column (s,q) -> h[:, s*b*c + k*c + q]
-    if _impl("mon_s1", engine) == "cublas":
-        # one strided-batched call per output block s, batched over k: out_k = h[:, s*b*c + k*c : +c]
-        xk = x.reshape(n, b, p).transpose(0, 1)
-        hv = h.view(n, b, b, c)  # [n, s, k, q]
-        Rv = R.view(b, b, c, p)  # [k, s, q, j]
-        for s_ in range(b):
-            _bmm_into(xk, Rv[:, s_].transpose(1, 2), hv[:, s_].transpose(0, 1))
-    else:
-            grouped_gemm(x, (p * x.stride(1), x.stride(0), x.stride(1)), R, (R.stride(0), R.stride(2), R.stride(1)),
-                     h, (c, h.stride(0), 1), b, n, bc, p, chunk=c, chunk_stride=bc)
+    _gemm("mon_s1", engine, x, (p * x.stride(1), x.stride(0), x.stride(1)), R, (R.stride(0), R.stride(2), R.stride(1)),
+          h, (c, h.stride(0), 1), b, n, bc, p, chunk=c, chunk_stride=bc)
     # stage 2, group s: A = h[:, s*b*c:] (n, b*c) contiguous; B[(k,q), t] = L[s, t, k*c+q]
-    if _impl("mon_s2", engine) == "cublas":
-        _bmm_into(h.view(n, b, bc).transpose(0, 1), L.transpose(1, 2), y.view(n, b, u).transpose(0, 1))
-        return y, h
-    grouped_gemm(h, (bc, h.stride(0), 1), L, (L.stride(0), L.stride(2), L.stride(1)),
-                 y, (u, y.stride(0), 1), b, n, u, bc)
+    _gemm("mon_s2", engine, h, (bc, h.stride(0), 1), L, (L.stride(0), L.stride(2), L.stride(1)),
+          y, (u, y.stride(0), 1), b, n, u, bc)
     return y, h
 
 
-def _mon_backward(dy: Tensor, x: Tensor, R: Tensor, L: Tensor, h: Tensor,
-                  engine: str = "triton") -> tuple[Tensor, Tensor, Tensor]:
+def _mon_backward(dy: Tensor, x: Tensor, R: Tensor, L: Tensor, h: Tensor, engine: str = "triton",
+                  need: tuple[bool, bool, bool] = (True, True, True)) -> tuple[Tensor | None, ...]:
+    """Gradients of x, R and L (each only if ``need`` asks for it; dh is computed only for dx or dR)."""
     b, bc, p = R.shape
     u = L.shape[1]
     c = bc // b
     n = x.shape[0]
     dy = dy.contiguous()  # (autograd may hand an expanded or transposed gradient)
-    dh = _empty((n, b * bc), x)  # (k, s, q) order, as stage 1 produced it
-    dx = _empty((n, b * p), x)
-    dR = _empty(R.shape, R)
-    dL = _empty(L.shape, L)
-    # dh_s = dy_s @ L_s: A = dy[:, s*u:] (n, u); B[t, (k,q)] = L[s, t, k*c+q]; column (k,q) -> dh[:, k*b*c + s*c + q]
-    if _impl("mon_dh", engine) == "cublas":
-        # one strided-batched call per input block k, batched over s: out_s = dh[:, k*b*c + s*c : +c]
-        dys = dy.view(n, b, u).transpose(0, 1)
-        dhv = dh.view(n, b, b, c)  # [n, k, s, q]
-        Lv = L.view(b, u, b, c)  # [s, t, k, q]
-        for k_ in range(b):
-            _bmm_into(dys, Lv[:, :, k_], dhv[:, k_].transpose(0, 1))
-    else:
-        grouped_gemm(dy, (u * dy.stride(1), dy.stride(0), dy.stride(1)), L, (L.stride(0), L.stride(1), L.stride(2)),
-                     dh, (c, dh.stride(0), 1), b, n, bc, u, chunk=c, chunk_stride=bc)
-    # dx_k = dh_k @ R_k: A = dh[:, k*b*c:] (n, b*c); B[(s,q), j] = R[k, s*c+q, j]
-    if _impl("mon_dx", engine) == "cublas":
-        _bmm_into(dh.view(n, b, bc).transpose(0, 1), R, dx.reshape(n, b, p).transpose(0, 1))
-    else:
-        grouped_gemm(dh, (bc, dh.stride(0), 1), R, (R.stride(0), R.stride(1), R.stride(2)),
-                     dx, (p, dx.stride(0), 1), b, n, p, bc)
-    if n == 0:
-        return dx, dR.zero_(), dL.zero_()
-    # dL_s = dy_s^T @ h_s: A[t, r] = dy[r, s*u+t] (u, n); B[r, (k,q)] = h[r, s*b*c + k*c+q] (n, b*c)
-    if _impl("mon_dl", engine) == "cublas":
-        _bmm_into(dy.view(n, b, u).permute(1, 2, 0), h.view(n, b, bc).transpose(0, 1), dL)
-    else:
-        grouped_gemm(dy, (u * dy.stride(1), dy.stride(1), dy.stride(0)), h, (bc, h.stride(0), 1),
-                     dL, (u * bc, bc, 1), b, u, bc, n)
-    # dR_k = dh_k^T @ x_k: A[(s,q), r] = dh[r, k*b*c + s*c+q] (b*c, n); B[r, j] = x[r, k*p+j] (n, p)
-    if _impl("mon_dr", engine) == "cublas":
-        _bmm_into(dh.view(n, b, bc).permute(1, 2, 0), x.reshape(n, b, p).transpose(0, 1), dR)
-    else:
-        grouped_gemm(dh, (bc, 1, dh.stride(0)), x, (p * x.stride(1), x.stride(0), x.stride(1)),
-                     dR, (bc * p, p, 1), b, bc, p, n)
+    dx = dR = dL = None
+    if need[0] or need[1]:
+        dh = _empty((n, b * bc), x)  # (k, s, q) order, as stage 1 produced it
+        # dh_s = dy_s @ L_s: A = dy[:, s*u:] (n, u); B[t, (k,q)] = L[s, t, k*c+q]; column (k,q) -> dh[:, k*b*c + s*c + q]
+        _gemm("mon_dh", engine, dy, (u, dy.stride(0), 1), L, (L.stride(0), L.stride(1), L.stride(2)),
+              dh, (c, dh.stride(0), 1), b, n, bc, u, chunk=c, chunk_stride=bc)
+        if need[0]:  # dx_k = dh_k @ R_k: A = dh[:, k*b*c:] (n, b*c); B[(s,q), j] = R[k, s*c+q, j]
+            dx = _empty((n, b * p), x)
+            _gemm("mon_dx", engine, dh, (bc, dh.stride(0), 1), R, (R.stride(0), R.stride(1), R.stride(2)),
+                  dx, (p, dx.stride(0), 1), b, n, p, bc)
+        if need[1]:  # dR_k = dh_k^T @ x_k: A[(s,q), r] = dh[r, k*b*c + s*c+q] (b*c, n); B[r, j] = x[r, k*p+j]
+            dR = _empty(R.shape, R)
+            if n == 0:
+                dR.zero_()
+            else:
+                _gemm("mon_dr", engine, dh, (bc, 1, dh.stride(0)), x, (p * x.stride(1), x.stride(0), x.stride(1)),
+                      dR, (bc * p, p, 1), b, bc, p, n)
+    if need[2]:  # dL_s = dy_s^T @ h_s: A[t, r] = dy[r, s*u+t] (u, n); B[r, (k,q)] = h[r, s*b*c + k*c+q] (n, b*c)
+        dL = _empty(L.shape, L)
+        if n == 0:
+            dL.zero_()
+        else:
+            _gemm("mon_dl", engine, dy, (u, 1, dy.stride(0)), h, (bc, h.stride(0), 1),
+                  dL, (u * bc, bc, 1), b, u, bc, n)
     return dx, dR, dL
 
 
@@ -247,13 +244,59 @@ def _mon_grad(ctx, dy, dh_unused):
 monarch_mm.register_autograd(_mon_grad, setup_context=_mon_setup)
 
 
+# Eager mode goes through plain autograd Functions over the same implementation: a torch.library custom op's
+# Python dispatch and autograd wrapper cost about as much host time as the launches they wrap (benchmarks/NOTES.md,
+# run 6), and few-token and training calls are host-bound. Under torch.compile the custom ops above are used, so
+# the graph holds opaque nodes with fake kernels.
+
+
+class _MonarchFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, R, L, engine):
+        y, h = _mon_forward(x, R, L, engine)
+        ctx.save_for_backward(x, R, L, h)
+        ctx.engine = engine
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, R, L, h = ctx.saved_tensors
+        return (*_mon_backward(dy, x, R, L, h, ctx.engine, ctx.needs_input_grad[:3]), None)
+
+
+class _BlockdiagFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W, engine):
+        ctx.save_for_backward(x, W)
+        ctx.engine = engine
+        return _bd_forward(x, W, engine)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, W = ctx.saved_tensors
+        return (*_bd_backward(dy, x, W, ctx.engine, ctx.needs_input_grad[:2]), None)
+
+
+def _needs_autograd(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def monarch(x: Tensor, R: Tensor, L: Tensor, engine: str = "triton") -> Tensor:
-    """The Monarch product through the custom op; returns only y."""
-    return monarch_mm(x, R, L, engine)[0]
+    """The Monarch product y (the custom op under torch.compile, the same code without its dispatch otherwise)."""
+    if torch.compiler.is_compiling():
+        return monarch_mm(x, R, L, engine)[0]
+    if _needs_autograd(x, R, L):
+        return _MonarchFunction.apply(x, R, L, engine)
+    return _mon_forward(x, R, L, engine)[0]
 
 
 def blockdiag(x: Tensor, W: Tensor, engine: str = "triton") -> Tensor:
-    return blockdiag_mm(x, W, engine)
+    """The block-diagonal product (custom op under torch.compile, as :func:`monarch`)."""
+    if torch.compiler.is_compiling():
+        return blockdiag_mm(x, W, engine)
+    if _needs_autograd(x, W):
+        return _BlockdiagFunction.apply(x, W, engine)
+    return _bd_forward(x, W, engine)
 
 
 def calibrate(tokens: int = 8192, features: int = 4096, nblocks: int = 4, dtype=torch.bfloat16) -> dict:

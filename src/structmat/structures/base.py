@@ -421,6 +421,10 @@ class StructuredLinear(nn.Module):
     def _pad_input(self, x: Tensor, padded_in: int) -> Tensor:
         return x if padded_in == self.in_features else F.pad(x, (0, padded_in - self.in_features))
 
+    def _trim_output(self, y: Tensor) -> Tensor:
+        # (no slice when nothing was padded: a view is one more autograd node, host time on few-token calls)
+        return y if y.shape[1] == self.out_features else y[:, : self.out_features]
+
     def _check_smaller_than_dense(self, weight_params: int, hint: str) -> None:
         dense = self.in_features * self.out_features
         if weight_params >= dense:

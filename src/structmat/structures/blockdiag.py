@@ -67,7 +67,7 @@ class BlockDiagonal(StructuredLinear):
 
     def _matmul(self, x: Tensor) -> Tensor:
         y = run_op("blockdiag", blockdiag_bmm, self._pad_input(x, self.in_padded), self.weight)
-        return y[:, : self.out_features]
+        return self._trim_output(y)
 
     def to_dense(self) -> Tensor:
         return torch.block_diag(*self.weight)[: self.out_features, : self.in_features]

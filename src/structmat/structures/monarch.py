@@ -110,7 +110,7 @@ class Monarch(StructuredLinear):
 
     def _matmul(self, x: Tensor) -> Tensor:
         y = run_op("monarch", monarch_multiply, self._pad_input(x, self.in_padded), self.R, self.L)
-        return y[:, : self.out_features]
+        return self._trim_output(y)
 
     def to_dense(self) -> Tensor:
         b, c = self.nblocks, self.c
