@@ -2,7 +2,7 @@
 
 For group g in 0..G-1 and output column n in 0..N-1::
 
-    C[:, out_col(g, n)] = A[:, g*K:(g+1)*K] @ B[g*N:(g+1)*N, :]^T        (fp32 accumulation, cast to C's dtype)
+    C[:, out_col(g, n)] = A[:, a_col(g, 0..K-1)] @ B[g*N:(g+1)*N, :]^T    (fp32 accumulation, cast to C's dtype)
 
 with A (M, >=G*K), B (>=G*N, K) and C (M, cols) row-major 2-D tensors (unit column stride). The output column of the
 first column ``n0`` of an output tile (a tile never straddles a chunk) is::
@@ -12,6 +12,15 @@ first column ``n0`` of an output tile (a tile never straddles a chunk) is::
   * plain block-diagonal: GROUP_STRIDE = N, CHUNK = N (the chunk term vanishes);
   * Monarch stage 1 (b blocks, chunk c, N = b*c): GROUP_STRIDE = c, CHUNK = c, CHUNK_STRIDE = b*c;
   * plain GEMM: G = 1.
+
+Symmetrically, the A operand's K index kk of group g reads A column (chunked K; off by default)::
+
+    a_col(g, kk) = g*A_GROUP_STRIDE + (kk // A_CHUNK)*A_CHUNK_STRIDE + (kk % A_CHUNK)
+
+  * default: A_GROUP_STRIDE = K, no chunking (a_col = g*K + kk: A's groups are consecutive column panels);
+  * Monarch stage 2 reading stage 1's natural (k, s, q)-ordered output h1 (b blocks, chunk c, K = b*c):
+    A_GROUP_STRIDE = c, A_CHUNK = c, A_CHUNK_STRIDE = b*c (group s, kk = k*c + q -> h1[:, k*b*c + s*c + q]).
+BLOCK_K must divide A_CHUNK, so every K-tile is one contiguous TMA box (the wrapper returns False otherwise).
 
 Why a second kernel. With K ~ 1024 a non-persistent GEMM runs only K/64 = 16 main-loop steps per tile, so the tile
 prologue (pipeline fill) and epilogue (accumulator -> global) are a large fraction of each CTA's life. This kernel
@@ -98,13 +107,17 @@ def _tile_coords(tile, tiles_per_g, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M", "N", "K", "G", "lda", "ldb", "ldc", "KA", "NB", "NC", "GROUP_STRIDE", "CHUNK",
-                               "CHUNK_STRIDE"])
+                               "CHUNK_STRIDE", "A_GROUP_STRIDE", "A_CHUNK", "A_CHUNK_STRIDE"])
 def _persistent_tma_gemm(a, b, c, M, N, K, G, lda, ldb, ldc, KA, NB, NC, GROUP_STRIDE, CHUNK, CHUNK_STRIDE,
+                         A_GROUP_STRIDE, A_CHUNK, A_CHUNK_STRIDE,
                          NUM_SMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SUBTILE: tl.constexpr,
-                         HOST_DESC: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+                         HOST_DESC: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+                         A_CHUNKED: tl.constexpr):
     # a, b, c: host TensorDescriptors (HOST_DESC) with block shapes [BM, BK], [BN, BK], [BM, BN // SUBTILE];
     # otherwise raw pointers (lda/ldb/ldc row strides; KA = columns of A, NB = rows of B, NC = columns of C).
+    # A_CHUNKED (constexpr) switches on the chunked-K A index; when False the A_* chunk arguments are unused and
+    # the main loop is the plain one (A column g*A_GROUP_STRIDE + kk*BLOCK_K).
     a_desc = a
     b_desc = b
     c_desc = c
@@ -121,6 +134,7 @@ def _persistent_tma_gemm(a, b, c, M, N, K, G, lda, ldb, ldc, KA, NB, NC, GROUP_S
     tiles_per_g = num_m * num_n
     num_tiles = G * tiles_per_g
     k_tiles = K // BLOCK_K
+    a_steps = A_CHUNK // BLOCK_K  # K-tiles per A chunk (BLOCK_K divides A_CHUNK: checked by the wrapper)
     # The epilogue recomputes its tile's coordinates from its own counter: no value is shared between the
     # loads (prologue of the next tile, after flattening) and the stores of the current one.
     tile_c = start - NUM_SMS
@@ -129,10 +143,14 @@ def _persistent_tma_gemm(a, b, c, M, N, K, G, lda, ldb, ldc, KA, NB, NC, GROUP_S
         g, pid_m, pid_n = _tile_coords(tile, tiles_per_g, num_m, num_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_bn = g * N + pid_n * BLOCK_N
-        off_ak = g * K
+        off_ak = g * A_GROUP_STRIDE
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kk in range(k_tiles):
-            a_t = a_desc.load([off_m, off_ak + kk * BLOCK_K])
+            if A_CHUNKED:  # K-tile kk lies in chunk kk // a_steps, at tile kk % a_steps inside it
+                a_col = off_ak + (kk // a_steps) * A_CHUNK_STRIDE + (kk % a_steps) * BLOCK_K
+            else:
+                a_col = off_ak + kk * BLOCK_K
+            a_t = a_desc.load([off_m, a_col])
             b_t = b_desc.load([off_bn, kk * BLOCK_K])
             acc = tl.dot(a_t, b_t.T, acc)
 
@@ -210,16 +228,24 @@ def _bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(m, 1)), 16384)
 
 
-def _fits(cfg: dict, M: int, N: int, K: int, chunk: int) -> bool:
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    if K % bk or N % bn or chunk % bn:
+def _divides(cfg: dict, N: int, K: int, chunk: int, a_chunk: int) -> bool:
+    """The tile shape is legal for this problem: BLOCK_N divides N and the output chunk, BLOCK_K divides K and
+    the A chunk (so no tile straddles a chunk on either side)."""
+    bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
+    return not (K % bk or N % bn or chunk % bn or a_chunk % bk)
+
+
+def _fits(cfg: dict, M: int, N: int, K: int, chunk: int, a_chunk: int = 0) -> bool:
+    bm = cfg["BLOCK_M"]
+    if not _divides(cfg, N, K, chunk, a_chunk or K):
         return False
     if M <= 64:
         return bm == 64
     return bm >= 128
 
 
-def _launch(a, b, c, M, N, K, G, group_stride, chunk, chunk_stride, cfg, desc, warp_specialize, flatten):
+def _launch(a, b, c, M, N, K, G, group_stride, chunk, chunk_stride, cfg, desc, warp_specialize, flatten,
+            a_group_stride=None, a_chunk=0, a_chunk_stride=0):
     bm, bn, bk, sub = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SUBTILE"]
     KA, NB, NC = a.shape[1], b.shape[0], c.shape[1]
     host = desc == "host"
@@ -236,24 +262,33 @@ def _launch(a, b, c, M, N, K, G, group_stride, chunk, chunk_stride, cfg, desc, w
         num_sms = _num_sms(a.device)
     tiles = G * triton.cdiv(M, bm) * (N // bn)
     grid = (min(num_sms, tiles),)
+    a_chunked = bool(a_chunk) and a_chunk != K
     _persistent_tma_gemm[grid](
         ad, bd, cd, M, N, K, G, a.stride(0), b.stride(0), c.stride(0), KA, NB, NC, group_stride, chunk, chunk_stride,
+        K if a_group_stride is None else a_group_stride, a_chunk if a_chunked else K, a_chunk_stride,
         NUM_SMS=num_sms, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, SUBTILE=sub, HOST_DESC=host,
-        FLATTEN=flatten, WARP_SPECIALIZE=warp_specialize, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        FLATTEN=flatten, WARP_SPECIALIZE=warp_specialize, A_CHUNKED=a_chunked, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
 
 
-def _key(a, c, M, N, K, groups, chunk, desc, warp_specialize, flatten) -> tuple:
+def _key(a, c, M, N, K, groups, chunk, desc, warp_specialize, flatten, a_chunk=0) -> tuple:
     # The winner depends on the shape, not on the remap: key on what changes tile counts and pipelining (and on
-    # the largest power of two dividing the chunk, which decides which BLOCK_N are legal).
-    return (_bucket(M), N, K, groups, min(chunk & -chunk, 256), a.dtype, c.dtype, desc, warp_specialize, flatten,
+    # the largest power of two dividing the chunk, which decides which BLOCK_N are legal). A chunked-K A operand
+    # is keyed apart (other code, other read pattern) with its chunk's power of two (which BLOCK_K are legal).
+    base = (_bucket(M), N, K, groups, min(chunk & -chunk, 256), a.dtype, c.dtype, desc, warp_specialize, flatten,
             a.device.index)
+    if not a_chunk or a_chunk == K:
+        return base  # (unchanged key for the plain A operand)
+    return base + (("a_chunk", min(a_chunk & -a_chunk, 256)),)
 
 
 def best_config(a: Tensor, c: Tensor, groups: int, N: int, K: int, chunk: int | None = None, *,
-                desc: str | None = None, warp_specialize: bool = False, flatten: bool = True) -> dict | None:
+                desc: str | None = None, warp_specialize: bool = False, flatten: bool = True,
+                a_chunk: int = 0) -> dict | None:
     """The config the autotuner picked for this problem (None if not tuned yet or nothing compiled)."""
     ch = N if chunk is None else chunk
-    return _BEST.get(_key(a, c, a.shape[0], N, K, groups, ch, desc or DESC_MODE, warp_specialize, flatten))
+    return _BEST.get(_key(a, c, a.shape[0], N, K, groups, ch, desc or DESC_MODE, warp_specialize, flatten,
+                          a_chunk))
 
 
 def _tune(key, cands, launch):
@@ -270,8 +305,10 @@ def _tune(key, cands, launch):
 
 
 def check(a: Tensor, b: Tensor, c: Tensor, groups: int, N: int, K: int, group_stride: int | None = None,
-          chunk: int | None = None, chunk_stride: int = 0) -> str | None:
-    """Why the fast path cannot run this product (a short reason), or None if it can."""
+          chunk: int | None = None, chunk_stride: int = 0, *, a_group_stride: int | None = None, a_chunk: int = 0,
+          a_chunk_stride: int = 0) -> str | None:
+    """Why the fast path cannot run this product (a short reason), or None if it can (tile divisibility, which
+    depends on the config, is checked by the wrapper)."""
     if not HAVE_TMA:
         return "triton without tensor descriptors"
     if not (INTERPRET or (a.is_cuda and b.is_cuda and c.is_cuda)):
@@ -286,13 +323,20 @@ def check(a: Tensor, b: Tensor, c: Tensor, groups: int, N: int, K: int, group_st
     M = a.shape[0]
     if G <= 0 or N <= 0 or K <= 0 or M <= 0 or ch <= 0:
         return "empty problem"
-    if c.shape[0] != M or a.shape[1] < G * K or b.shape[0] < G * N or b.shape[1] != K:
+    ags = K if a_group_stride is None else a_group_stride
+    ach = a_chunk or K
+    if c.shape[0] != M or b.shape[0] < G * N or b.shape[1] != K:
         return "shape mismatch"
     if K % 16 or N % 16 or ch % 16 or N % ch:
         return "K, N and chunk must be multiples of 16 (and chunk must divide N)"  # (and of the tile: see _fits)
+    if a_chunk < 0 or ach % 16 or K % ach:
+        return "a_chunk must be a multiple of 16 dividing K"  # (and of BLOCK_K: see _divides)
     last = (G - 1) * gs + (N // ch - 1) * chunk_stride + ch  # one past the last output column written
     if last > c.shape[1] or gs < 0 or chunk_stride < 0:
         return "output columns out of range"
+    a_last = (G - 1) * ags + (K // ach - 1) * a_chunk_stride + ach  # one past the last A column read
+    if a_last > a.shape[1] or ags < 0 or a_chunk_stride < 0:
+        return "A columns out of range"
     for t in (a, b, c):
         if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
             return "needs 16-byte aligned base and row stride, unit column stride"
@@ -300,41 +344,46 @@ def check(a: Tensor, b: Tensor, c: Tensor, groups: int, N: int, K: int, group_st
 
 
 def linear_groups(a: Tensor, b: Tensor, c: Tensor, groups: int, N: int, K: int, group_stride: int | None = None,
-                  chunk: int | None = None, chunk_stride: int = 0, *, config: dict | None = None,
-                  desc: str | None = None, warp_specialize: bool = False, flatten: bool = True) -> bool:
-    """C[:, out_col(g, n)] = A[:, g*K:(g+1)*K] @ B[g*N:(g+1)*N, :]^T for every group g; True if it ran.
+                  chunk: int | None = None, chunk_stride: int = 0, *, a_group_stride: int | None = None,
+                  a_chunk: int = 0, a_chunk_stride: int = 0, config: dict | None = None, desc: str | None = None,
+                  warp_specialize: bool = False, flatten: bool = True) -> bool:
+    """C[:, out_col(g, n)] = A[:, a_col(g, 0..K-1)] @ B[g*N:(g+1)*N, :]^T for every group g; True if it ran.
 
-    Returns False (writing nothing) when the fast path's preconditions fail, so the caller can fall back.
+    Output remap: ``group_stride`` (default N), ``chunk`` (default N: off), ``chunk_stride``. A remap (chunked K):
+    ``a_group_stride`` (default K), ``a_chunk`` (0 = off), ``a_chunk_stride`` (see the module docstring).
+    Returns False (writing nothing) when the fast path's preconditions fail, so the caller can fall back; this
+    includes a forced ``config`` whose BLOCK_K does not divide ``a_chunk`` (or BLOCK_N the output chunk).
     ``config`` forces one entry shaped like ``_CONFIGS`` (no autotuning); ``desc`` is "host" or "device"
     (default ``DESC_MODE``); ``warp_specialize`` / ``flatten`` are passed to the persistent loop.
     """
-    if check(a, b, c, groups, N, K, group_stride, chunk, chunk_stride) is not None:
+    if check(a, b, c, groups, N, K, group_stride, chunk, chunk_stride, a_group_stride=a_group_stride,
+             a_chunk=a_chunk, a_chunk_stride=a_chunk_stride) is not None:
         return False
     M = a.shape[0]
     gs = N if group_stride is None else group_stride
     ch = N if chunk is None else chunk
+    ach = a_chunk or K
     desc = desc or DESC_MODE
 
     def launch(cfg):
-        _launch(a, b, c, M, N, K, groups, gs, ch, chunk_stride, cfg, desc, warp_specialize, flatten)
+        _launch(a, b, c, M, N, K, groups, gs, ch, chunk_stride, cfg, desc, warp_specialize, flatten,
+                a_group_stride, ach, a_chunk_stride)
 
     if config is None and (INTERPRET or not a.is_cuda):
         config = _INTERPRET_CONFIG
-        if K % config["BLOCK_K"] or N % config["BLOCK_N"] or ch % config["BLOCK_N"]:
-            return False
     if config is not None:
-        if K % config["BLOCK_K"] or N % config["BLOCK_N"] or ch % config["BLOCK_N"]:
+        if not _divides(config, N, K, ch, ach):
             return False
         launch(config)
         return True
-    cands = [cfg for cfg in _CONFIGS if _fits(cfg, M, N, K, ch)]
+    cands = [cfg for cfg in _CONFIGS if _fits(cfg, M, N, K, ch, ach)]
     if not cands:
         return False
     if not AUTOTUNE:
         default = _DEFAULT_SMALL if M <= 64 else _DEFAULT_BIG
         launch(default if default in cands else cands[0])
         return True
-    key = _key(a, c, M, N, K, groups, ch, desc, warp_specialize, flatten)
+    key = _key(a, c, M, N, K, groups, ch, desc, warp_specialize, flatten, ach)
     if key in _BEST:
         cfg = _BEST[key]
     else:

@@ -122,40 +122,45 @@ def merge_lowrank(U: Tensor, V: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Cost model (auto): estimate = max(host time, device time); the host runs ahead of the GPU until it is the
-# bottleneck. Constants measured on the lent H100 (benchmarks/results/kernels-20261122T061850Z.json, run 3, and
-# benchmarks/launch_overhead.py): its host is slow (one torch.bmm call ~19 us, a custom-op call ~100 us, a Triton
-# launch ~46 us), so few-token calls are host-bound and go to the path with the fewest launches.
+# bottleneck. Host times are measured per call on the lent H200's host (benchmarks/NOTES.md, run 6:
+# benchmarks/experiments/impl_variants.py, profile_fwdbwd.py and launch_overhead.py at 16 tokens, where every
+# path is host-bound); device times come from the FLOPs at a measured fraction of peak. Few-token calls are
+# host-bound and go to the path with the fewest host operations.
 # Check a new table against a results file with ``python benchmarks/eval_dispatch.py <json>``.
 # ----------------------------------------------------------------------------------------------------------------
 
 PEAK_TFLOPS = {torch.bfloat16: 790.0, torch.float16: 790.0, torch.float32: 51.0}  # fp32: IEEE (no TF32)
-BANDWIDTH_GBS = 3000.0
-LAUNCH_US = 20.0  # one eager torch op (cuBLAS call, copy) on the measured host
-CUSTOM_OP_US = 100.0  # torch.library custom-op dispatch + our Python around it
-TRITON_LAUNCH_US = 46.0
+BANDWIDTH_GBS = 4300.0  # H200, device-to-device copy (KINDS.md)
+
+#: Host microseconds of one layer call at few tokens: (forward, forward+backward with every gradient).
+#: Forward+backward includes autograd's engine (its device thread runs our backward: each tensor op there costs
+#: about twice what it costs on the main thread).
+HOST_US = {
+    ("monarch", "triton"): (90.0, 650.0),  # forward: 1 Triton + 1 cuBLAS launch; backward: 7 cuBLAS calls
+    ("monarch", "cublas"): (105.0, 700.0),  # b + 1 cuBLAS calls forward (b = 4 measured; see _per_block_us)
+    ("monarch", "reference"): (150.0, 780.0),
+    ("blockdiag", "triton"): (45.0, 260.0),
+    ("blockdiag", "cublas"): (35.0, 260.0),
+    ("blockdiag", "reference"): (40.0, 220.0),
+    ("lowrank", "reference"): (30.0, 250.0),
+    ("dense", "dense"): (25.0, 150.0),  # pre-merged weight: one F.linear (cache check included)
+}
 
 
 def host_us(op: str, backend: str, nblocks: int, training: bool) -> float:
-    """Host microseconds of one forward (or forward+backward) call, from launch counts."""
-    if backend == "dense":
-        return LAUNCH_US * (6 if training else 1.25)
-    if backend == "reference":
-        launches = {"monarch": 6, "blockdiag": 2.5, "lowrank": 2.0}[op]
-        return LAUNCH_US * launches * (6.5 if training else 1.0)
-    # custom ops: forward = op + output allocations + GEMM launches; backward = its own op + 4 roles (+ autograd)
-    if op == "monarch":
-        fwd_launch = (TRITON_LAUNCH_US + LAUNCH_US) if backend == "triton" else LAUNCH_US * (nblocks + 1)
-        bwd_launch = (TRITON_LAUNCH_US + 3 * LAUNCH_US) if backend == "triton" else LAUNCH_US * (nblocks + 3)
-    else:
-        fwd_launch, bwd_launch = LAUNCH_US, 2 * LAUNCH_US
-    fwd = CUSTOM_OP_US + 10.0 + fwd_launch
-    return fwd if not training else 2.2 * (fwd + CUSTOM_OP_US + 20.0 + bwd_launch) + 250.0
+    """Host microseconds of one forward (or forward+backward) call."""
+    fwd, fwdbwd = HOST_US[("dense", "dense") if backend == "dense" else (op, backend)]
+    us = fwdbwd if training else fwd
+    if op == "monarch" and backend in ("triton", "cublas"):  # permuted roles on cuBLAS: one call per block
+        per_block = {"triton": (0.0, 60.0), "cublas": (12.0, 100.0)}[backend][training]
+        us += (nblocks - 4) * per_block
+    return us
 
 
-# Fraction of PEAK_TFLOPS reached on large problems (medians of run 3, bf16, >= 8192 tokens).
-EFFICIENCY = {"dense": 0.95, "triton": {"monarch": 0.77, "blockdiag": 0.90},
-              "cublas": {"monarch": 0.48, "blockdiag": 0.88},
-              "reference": {"monarch": 0.38, "blockdiag": 0.50, "lowrank": 0.78}}
+# Fraction of PEAK_TFLOPS reached on large problems (bf16, >= 8192 tokens; runs 5-6 on the H200).
+EFFICIENCY = {"dense": 0.95, "triton": {"monarch": 0.77, "blockdiag": 0.86},
+              "cublas": {"monarch": 0.77, "blockdiag": 0.86},
+              "reference": {"monarch": 0.36, "blockdiag": 0.46, "lowrank": 0.88}}
 FP32_TRITON_MONARCH_EFF = 0.08  # IEEE fp32 dots in the Triton kernel measured far below cuBLAS's fp32 path
 
 
