@@ -1,8 +1,9 @@
 """Check the automatic dispatch's cost model against a kernel-benchmark results file, offline (no GPU).
 
 For every row, ``structmat.kernels.dispatch.choose`` picks a backend from the shapes alone; the row's measured
-per-backend timings say what that choice costs against the fastest measured option (forward rows may also use the
-dense pre-merge; forward+backward rows may not: a structure's factors must get their gradients).
+per-backend timings say what that choice costs against the fastest measured option. Every row may use the dense
+pre-merge (in forward+backward rows merged differentiably every step); in results measured before that path was
+timed in training, such a pick counts as the reference's time.
 
     PYTHONPATH=src python benchmarks/eval_dispatch.py benchmarks/results/kernels-20261122T061850Z.json
 """
@@ -30,25 +31,28 @@ def row_model(r):
         c = monarch_block_rank(in_f, out_f, b)
         numel = b * b * c * p + b * u * b * c
         nbytes = es * (numel + n * (in_f + 2 * b * b * c + out_f))
+        merge = 2.0 * out_f * in_f * c
     elif name == "blockdiag":
         b = val
         numel = b * (out_f // b) * (in_f // b)
         nbytes = es * (numel + n * (in_f + out_f))
+        merge = 0.0
     else:
         b = 1
         numel = val * (in_f + out_f)
         nbytes = es * (numel + n * (in_f + out_f + 2 * val))
-    return name, b, 2.0 * n * numel, nbytes
+        merge = 2.0 * out_f * in_f * val
+    return name, b, 2.0 * n * numel, nbytes, merge
 
 
 def main(path):
     data = json.load(open(path))
     regrets, vs_dense, misses = [], [], []
     for r in data["rows"]:
-        op, b, flops, nbytes = row_model(r)
+        op, b, flops, nbytes, merge = row_model(r)
         training = r["mode"] == "fwdbwd"
         pick = dispatch.choose(op, r["tokens"], r["in_features"], r["out_features"], flops, nbytes, DT[r["dtype"]], b,
-                               training, training, True)
+                               training, training, True, merge)
         measured = dict(r["backends"])
         if op == "lowrank":  # lowrank's "triton"/"cublas" are its reference (two cuBLAS GEMMs)
             measured.setdefault("triton", measured["reference"])
@@ -66,8 +70,19 @@ def main(path):
           f"within 10%: {sum(x <= 1.1 for x in regrets)}, over 25%: {len(misses)}")
     fwd = [v for v, r in zip(vs_dense, data["rows"]) if r["mode"] == "fwd"]
     print(f"forward rows where the pick is slower than dense by > 10%: {sum(v < 0.9 for v in fwd)} of {len(fwd)}")
+    # What the run itself measured for auto, per mode and token count (bf16), eager and replayed from CUDA graphs.
+    for key, label in (("speedup", "eager"), ("graph_speedup", "CUDA graph")):
+        for mode in ("fwd", "fwdbwd"):
+            sel = [r for r in data["rows"] if r["dtype"] == "bf16" and r["mode"] == mode and r.get(key)]
+            if not sel:
+                continue
+            counts = {n: (sum(r[key] < 0.9 for r in sel if r["tokens"] == n), sum(r["tokens"] == n for r in sel))
+                      for n in sorted({r["tokens"] for r in sel})}
+            print(f"bf16 {mode:6s} {label:10s} auto slower than 0.9x dense (tokens: slower/rows): "
+                  + ", ".join(f"{n}: {a}/{b}" for n, (a, b) in counts.items()))
     for m in misses:
         print("  " + m)
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

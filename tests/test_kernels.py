@@ -274,6 +274,27 @@ def test_dense_backend_same_math_and_cache_invalidation(spec):
         assert rel_rms(a, b) < 1e-10
 
 
+def test_cost_model_picks_by_shape_and_mode():
+    """The automatic choice's shape (H200-host constants): large products go to the kernels, few tokens without
+    gradients to the cached dense merge, small layers in training to the per-step dense merge (one GEMM instead of a
+    structure's several host-bound products), and large layers in training never to it (a dense-size merge)."""
+    from structmat.kernels.dispatch import choose
+
+    def monarch(n, f, training, dtype=torch.bfloat16):
+        b = 4
+        c = f // b // b
+        numel = 2 * b * b * c * (f // b)
+        return choose("monarch", n, f, f, 2.0 * n * numel, 2 * (numel + n * 4 * f), dtype, b, training, training,
+                      True, merge_flops=2.0 * f * f * c)
+
+    assert monarch(8192, 4096, False) in ("triton", "cublas")
+    assert monarch(8192, 4096, True) in ("triton", "cublas")
+    assert monarch(1, 4096, False) == "dense"
+    assert monarch(16, 1024, True) == "dense"
+    assert monarch(16384, 8192, True) in ("triton", "cublas")
+    assert monarch(16, 1024, True, torch.float32) != "dense"  # fp32 factors would merge in fp32 every step
+
+
 def test_auto_on_cpu_is_reference():
     import structmat.kernels as K
     from structmat.structures.monarch import Monarch
@@ -335,6 +356,32 @@ def test_backends_agree_gpu(backend, tokens):
             with K.use_backend(backend):
                 y = layer(x)
         assert rel_rms(y, ref) < TOL["bfloat16"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ["monarch:nblocks=4", "blockdiag:nblocks=4", "lowrank:rank=128"])
+def test_dense_merge_in_training_gpu(spec):
+    """The per-step differentiable merge in the compute dtype (bf16 on CUDA): output and every gradient match a
+    float64 reference within bf16 tolerance."""
+    import structmat.kernels as K
+    from structmat.structures.base import resolve_spec, structure_class
+
+    cfg = resolve_spec(spec, 1024, 1024)
+    layer = structure_class(cfg.name)(1024, 1024, **{k: v for k, v in cfg.to_dict().items() if k != "structure"})
+    layer = layer.cuda().double()
+    x = torch.randn(64, 1024, device="cuda", dtype=torch.float64, requires_grad=True)
+    with K.use_backend("reference"):
+        y_ref = layer(x)
+        g_ref = torch.autograd.grad(y_ref.square().sum(), [x, *layer.parameters()])
+    layer.to(torch.bfloat16)
+    xb = x.detach().to(torch.bfloat16).requires_grad_()
+    with K.use_backend("dense"):
+        y = layer(xb)
+        assert K.LAST_CHOICE[cfg.name] == "dense"
+        g = torch.autograd.grad(y.float().square().sum(), [xb, *layer.parameters()])
+    assert rel_rms(y, y_ref) < TOL["bfloat16"]
+    for a, b in zip(g, g_ref):
+        assert rel_rms(a, b) < TOL["bfloat16"]
 
 
 @pytest.mark.gpu

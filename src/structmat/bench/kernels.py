@@ -5,7 +5,8 @@ Run on a CUDA GPU:  ``PYTHONPATH=src python -m structmat.bench.kernels [--quick]
 
 Every row times, with the median of ``triton.testing.do_bench``, one structure at one (shape, tokens, dtype, mode):
   ``ms``         the layer's product as dispatched by ``auto`` (what a user gets), bias excluded
-  ``backends``   ms of each backend forced (triton, dense pre-merge (forward only), reference PyTorch)
+  ``backends``   ms of each backend forced (triton, cublas, dense pre-merge (in training: merged differentiably
+                 every step), reference PyTorch)
   ``dense_ms``   dense cuBLAS ``F.linear`` with a full weight, measured in the same run
   ``speedup``    dense_ms / ms; ``ideal`` dense FLOPs / structure FLOPs; ``pct_ideal`` = speedup / ideal
   ``tflops``     structure FLOPs / ms (forward+backward counts 3x the forward FLOPs, as for dense)
@@ -37,6 +38,7 @@ SHAPES = ((4096, 4096), (4096, 16384), (16384, 4096), (1024, 1024), (8192, 8192)
 NBLOCKS = (2, 4, 8)
 QUICK_TOKENS = (1, 256, 8192)
 QUICK_SHAPES = ((4096, 4096), (4096, 16384))
+GRAPH_REP_MS = 5  # per CUDA-graph timing (10 replays of ~5 ms each): host noise is gone, a short run is stable
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -155,7 +157,7 @@ def run_grid(quick: bool = False, dtypes=("bf16",), subset_dtypes=("fp16", "fp32
             Wr = W.detach().requires_grad_(mode == "fwdbwd")
             g = torch.randn(n, out_f, device="cuda", dtype=dtype)
             dense_ms = _time_dense(Wr, xr, g, mode, warmup, rep)
-            dense_graph_ms = _graph_ms(_dense_step(Wr, xr, g, mode), rep) if graphs else None
+            dense_graph_ms = _graph_ms(_dense_step(Wr, xr, g, mode), GRAPH_REP_MS) if graphs else None
             dense_flops = 2.0 * n * in_f * out_f * (3 if mode == "fwdbwd" else 1)
             for label, make in structure_cases(in_f, out_f, quick):
                 try:
@@ -168,8 +170,6 @@ def run_grid(quick: bool = False, dtypes=("bf16",), subset_dtypes=("fp16", "fp32
                 backends = {}
                 kind = label.split(":")[0]
                 for be in ("triton", "cublas", "dense", "reference"):
-                    if be == "dense" and mode == "fwdbwd":
-                        continue  # a differentiable merge per step is never a training path
                     if be in ("triton", "cublas") and kind == "lowrank":
                         continue  # low-rank's fast path is cuBLAS (== reference); see kernels/dispatch.py
                     with K.use_backend(be):
@@ -177,7 +177,7 @@ def run_grid(quick: bool = False, dtypes=("bf16",), subset_dtypes=("fp16", "fp32
                 K.clear_cache()
                 with K.use_backend("auto"):
                     ms = _time_layer(layer, xr, g, mode, warmup, rep)
-                    graph_ms = _graph_ms(_layer_step(layer, xr, g, mode), rep) if graphs else None
+                    graph_ms = _graph_ms(_layer_step(layer, xr, g, mode), GRAPH_REP_MS) if graphs else None
                     choice = K.LAST_CHOICE.get(kind, "reference")
                     if kind == "lowrank" and choice != "dense":
                         choice = "cublas"
