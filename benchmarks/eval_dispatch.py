@@ -1,9 +1,8 @@
 """Check the automatic dispatch's cost model against a kernel-benchmark results file, offline (no GPU).
 
 For every row, ``structmat.kernels.dispatch.choose`` picks a backend from the shapes alone; the row's measured
-per-backend timings say what that choice costs against the fastest measured option. Every row may use the dense
-pre-merge (in forward+backward rows merged differentiably every step); in results measured before that path was
-timed in training, such a pick counts as the reference's time.
+per-backend timings say what that choice costs against the fastest measured option (forward rows may also use the
+dense pre-merge; forward+backward rows do not: merged every step it measured slower, see dispatch.choose).
 
     PYTHONPATH=src python benchmarks/eval_dispatch.py benchmarks/results/kernels-20261122T061850Z.json
 """
@@ -31,28 +30,25 @@ def row_model(r):
         c = monarch_block_rank(in_f, out_f, b)
         numel = b * b * c * p + b * u * b * c
         nbytes = es * (numel + n * (in_f + 2 * b * b * c + out_f))
-        merge = 2.0 * out_f * in_f * c
     elif name == "blockdiag":
         b = val
         numel = b * (out_f // b) * (in_f // b)
         nbytes = es * (numel + n * (in_f + out_f))
-        merge = 0.0
     else:
         b = 1
         numel = val * (in_f + out_f)
         nbytes = es * (numel + n * (in_f + out_f + 2 * val))
-        merge = 2.0 * out_f * in_f * val
-    return name, b, 2.0 * n * numel, nbytes, merge
+    return name, b, 2.0 * n * numel, nbytes
 
 
 def main(path):
     data = json.load(open(path))
     regrets, vs_dense, misses = [], [], []
     for r in data["rows"]:
-        op, b, flops, nbytes, merge = row_model(r)
+        op, b, flops, nbytes = row_model(r)
         training = r["mode"] == "fwdbwd"
         pick = dispatch.choose(op, r["tokens"], r["in_features"], r["out_features"], flops, nbytes, DT[r["dtype"]], b,
-                               training, training, True, merge)
+                               training, training, True)
         measured = dict(r["backends"])
         if op == "lowrank":  # lowrank's "triton"/"cublas" are its reference (two cuBLAS GEMMs)
             measured.setdefault("triton", measured["reference"])

@@ -12,9 +12,8 @@ Backends (the math never changes with the backend; only rounding order and speed
   ``dense``      the weight pre-merged into one dense matrix (``to_dense``), cached and invalidated when a factor
                  changes (tensor ``_version``, storage pointer, dtype, device); one cuBLAS GEMM. Cached only when no
                  factor needs a gradient; with factor gradients the merge is recomputed differentiably each call
-                 (16-bit on CUDA: in the compute dtype, fp32 accumulation) -- ``auto`` uses that in training only
-                 where one dense GEMM plus the merge beats the structure's several products (small layers, few
-                 tokens)
+                 (16-bit on CUDA: in the compute dtype, fp32 accumulation); ``auto`` never uses it in training
+                 (measured slower than the structured paths everywhere, run 6)
   ``auto``       per call: a cost model picks the fastest of the above for the device, dtype and token count
                  (reference on CPU, and wherever Triton is not installed)
 
@@ -164,10 +163,6 @@ def host_us(op: str, backend: str, nblocks: int, training: bool) -> float:
     return us
 
 
-#: Extra host microseconds of merging the factors differentiably in a training step (forward + backward ops).
-MERGE_HOST_US = {"monarch": 120.0, "blockdiag": 100.0, "lowrank": 60.0}
-
-
 # Fraction of PEAK_TFLOPS reached on large problems (bf16, >= 8192 tokens; runs 5-6 on the H200).
 EFFICIENCY = {"dense": 0.95, "triton": {"monarch": 0.77, "blockdiag": 0.86},
               "cublas": {"monarch": 0.77, "blockdiag": 0.86},
@@ -195,25 +190,20 @@ def estimate_us(op: str, backend: str, flops: float, nbytes: float, dtype: torch
 
 
 def choose(op: str, n: int, in_features: int, out_features: int, struct_flops: float, struct_bytes: float,
-           dtype: torch.dtype, nblocks: int, training: bool, factor_grad: bool, kernels_ok: bool,
-           merge_flops: float = 0.0) -> str:
-    """The automatic choice, from shapes only (the benchmark's offline check calls this too). ``merge_flops``: the
-    FLOPs of merging the factors into the dense weight (paid every step, with its backward, when the factors
-    train: small layers and few tokens, where a structure's several products cost more than one dense GEMM)."""
+           dtype: torch.dtype, nblocks: int, training: bool, factor_grad: bool, kernels_ok: bool) -> str:
+    """The automatic choice, from shapes only (the benchmark's offline check calls this too)."""
     est = {"reference": estimate_us(op, "reference", struct_flops, struct_bytes, dtype, training, nblocks)}
     if kernels_ok and op != "lowrank":
         for be in ("triton", "cublas"):
             est[be] = estimate_us(op, be, struct_flops, struct_bytes, dtype, training, nblocks)
-    es = {torch.float32: 4, torch.float64: 8}.get(dtype, 2)
-    dense_flops = 2.0 * n * in_features * out_features
-    dense_bytes = es * (in_features * out_features + n * (in_features + out_features))
+    # Never the dense merge when the factors train: merged differentiably every step it measured slower than every
+    # structured path at every token count (run 6, kernels-20261201T012737Z.json: 0.48-0.93 ms for Monarch at <= 2048
+    # tokens, where the structure's own paths took 0.3-0.6 ms), even for 1024^2 layers.
     if not factor_grad:
-        est["dense"] = estimate_us(op, "dense", dense_flops, dense_bytes, dtype, training, nblocks)
-    elif dtype in (torch.bfloat16, torch.float16):  # (fp32 factors merge in fp32: too slow to pay every step)
-        # merge forward + its backward (~3x the merge), on top of the dense layer's forward+backward
-        device = (3.0 * (dense_flops + merge_flops) / (_peak(dtype) * 1e12 * EFFICIENCY["dense"])
-                  + 3.0 * dense_bytes / (BANDWIDTH_GBS * 1e9)) * 1e6
-        est["dense"] = max(host_us(op, "dense", nblocks, training) + MERGE_HOST_US[op], device)
+        es = {torch.float32: 4, torch.float64: 8}.get(dtype, 2)
+        est["dense"] = estimate_us(op, "dense", 2.0 * n * in_features * out_features,
+                                   es * (in_features * out_features + n * (in_features + out_features)), dtype,
+                                   training, nblocks)
     return min(est, key=est.get)
 
 
@@ -221,7 +211,7 @@ _decisions: dict[tuple, str] = {}
 
 
 def _pick(op: str, x: Tensor, factors: tuple[Tensor, ...], struct_flops: float, struct_bytes: float,
-          out_features: int, nblocks: int = 1, merge_flops: float = 0.0) -> str:
+          out_features: int, nblocks: int = 1) -> str:
     """Resolve ``auto`` (and impossible forced choices) to a concrete backend."""
     backend = get_backend()
     if backend in ("reference", "dense"):
@@ -239,7 +229,7 @@ def _pick(op: str, x: Tensor, factors: tuple[Tensor, ...], struct_flops: float, 
     hit = _decisions.get(key)
     if hit is None:
         hit = choose(op, x.shape[0], x.shape[1], out_features, struct_flops, struct_bytes, x.dtype, nblocks,
-                     training, factor_grad, kernels_ok, merge_flops)
+                     training, factor_grad, kernels_ok)
         if len(_decisions) < 4096:
             _decisions[key] = hit
     return hit
@@ -269,7 +259,7 @@ def blockdiag_fast(x: Tensor, W: Tensor) -> Tensor | None:
     b, u, p = W.shape
     n, es = x.shape[0], x.element_size()
     flops = 2.0 * n * W.numel()
-    choice = _pick("blockdiag", x, (W,), flops, es * (W.numel() + n * b * (u + p)), b * u, b)  # (merge: a copy)
+    choice = _pick("blockdiag", x, (W,), flops, es * (W.numel() + n * b * (u + p)), b * u, b)
     LAST_CHOICE["blockdiag"] = choice
     if choice == "reference":
         return None
@@ -285,7 +275,7 @@ def monarch_fast(x: Tensor, R: Tensor, L: Tensor) -> Tensor | None:
     n, es = x.shape[0], x.element_size()
     flops = 2.0 * n * (R.numel() + L.numel())
     nbytes = es * (R.numel() + L.numel() + n * (b * p + 2 * b * bc + b * u))
-    choice = _pick("monarch", x, (R, L), flops, nbytes, b * u, b, merge_flops=2.0 * b * u * b * p * (bc // b))
+    choice = _pick("monarch", x, (R, L), flops, nbytes, b * u, b)
     LAST_CHOICE["monarch"] = choice
     if choice == "reference":
         return None
@@ -300,7 +290,7 @@ def lowrank_fast(x: Tensor, U: Tensor, V: Tensor) -> Tensor | None:
     n, es = x.shape[0], x.element_size()
     flops = 2.0 * n * r * (U.shape[0] + V.shape[1])
     nbytes = es * (U.numel() + V.numel() + n * (U.shape[0] + V.shape[1] + 2 * r))
-    choice = _pick("lowrank", x, (U, V), flops, nbytes, U.shape[0], merge_flops=2.0 * U.numel() * V.shape[1])
+    choice = _pick("lowrank", x, (U, V), flops, nbytes, U.shape[0])
     LAST_CHOICE["lowrank"] = choice
     if choice == "dense":
         return F.linear(x, merged_weight(merge_lowrank, (U, V), x.dtype))
