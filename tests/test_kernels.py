@@ -195,7 +195,8 @@ def _check(errors: dict, dtype: str):
                          + [f"blockdiag-{i}-float32-{e}" for i in range(len(BLOCKDIAG_CASES))
                             for e in ("triton", "cublas", "default")]
                          + ["monarch-1-float16", "blockdiag-1-float16"]
-                         + [f"{k}-1-float32-custom_op_{e}" for k in ("monarch", "blockdiag") for e in ("triton", "cublas")]
+                         + [f"{k}-1-float32-custom_op_{e}" for k in ("monarch", "blockdiag")
+                            for e in ("triton", "cublas")]
                          + [f"monarch-2-float32-grads_{t}" for t in ("100", "010", "001", "101")]
                          + [f"blockdiag-2-float32-grads_{t}" for t in ("10", "01")])
 def test_kernel_matches_reference_interpreter(interpret_report, key):

@@ -7,18 +7,14 @@ block-diagonal 4096x4096 nblocks=4 layers (forced backend "triton", bf16) forwar
     python benchmarks/experiments/impl_variants.py
 """
 
-import os
-import sys
-import time
-
 import torch
 import triton.testing
+from _common import wall_us
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
-import structmat.kernels as K  # noqa: E402
-from structmat.kernels import ops  # noqa: E402
-from structmat.structures.blockdiag import BlockDiagonal  # noqa: E402
-from structmat.structures.monarch import Monarch  # noqa: E402
+import structmat.kernels as K
+from structmat.kernels import ops
+from structmat.structures.blockdiag import BlockDiagonal
+from structmat.structures.monarch import Monarch
 
 MIXES = {
     "shipped": {},
@@ -28,17 +24,6 @@ MIXES = {
     "triton permuted+bwd": {"mon_s1": "triton", "mon_dh": "triton", "mon_dx": "triton", "mon_dr": "triton",
                             "mon_dl": "triton", "bd_dx": "triton", "bd_dw": "triton"},
 }
-
-
-def wall_us(fn, n=200):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e6
 
 
 def main():

@@ -5,6 +5,9 @@ strided-batched GEMM. Here stage 1 is a PLAIN block-diagonal GEMM writing h1 in 
 cuBLAS strided-batched call, as ops._bd_forward) and stage 2 reads its A operand with a chunked K index (the TMA
 kernel of tma_gemm.py): group s, K index kk = k*c + q -> h1[:, k*b*c + s*c + q]. With BLOCK_K | c every K-tile is
 one contiguous TMA box, so stage 2 should run at the plain TMA kernel's rate.
+Result (H200, 2026-12-01, benchmarks/results/monarch-swap-probe-20261201T011800Z.json): correct (40/40), but no
+consistent gain: 4096^2 nb4 at 8192 tokens 0.252 ms swapped vs 0.261 (current triton) and 0.234 (current cublas);
+not used by the package.
 
     python benchmarks/experiments/monarch_swap_probe.py --out DIR      # GPU: correctness + timing, JSON to DIR
     TRITON_INTERPRET=1 python benchmarks/experiments/monarch_swap_probe.py --smoke   # CPU check (fp16, tiny)
@@ -39,33 +42,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "src"))
 sys.path.insert(0, HERE)
 import tma_gemm as T  # noqa: E402  (an experiment, not part of the package)
+from _common import bench, bench_graph, print_summary, rel_rms, run_sections  # noqa: E402
 from structmat.kernels import ops  # noqa: E402
 from structmat.structures.monarch import Monarch, monarch_multiply  # noqa: E402
 
 DT = torch.bfloat16
 DEV = "cuda"
-REP_MS = 20
 T0 = time.time()
 TIME_BUDGET_S = 105  # stop starting new timing shapes after this (the whole run must stay under 2 minutes)
 
 
 def elapsed() -> float:
     return time.time() - T0
-
-
-def bench(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=5, rep=REP_MS, return_mode="median")
-
-
-def bench_graph(fn) -> float:
-    return triton.testing.do_bench_cudagraph(fn, rep=REP_MS, return_mode="median")
-
-
-def rel_rms(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out = out.float()
-    if not torch.isfinite(out).all():
-        return float("inf")  # NaN poison left somewhere: an element was never written
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -484,18 +472,10 @@ def main():
           flush=True)
     rep.save()
     sections = (timing,) if args.skip_correctness else (correctness, timing)
-    for section in sections:
-        try:
-            section(rep)
-        except Exception:
-            rep.data["errors"].append({"case": section.__name__, "trace": traceback.format_exc()[-3000:]})
-            traceback.print_exc()
-        print(f"   [{section.__name__} done at {elapsed():.0f}s]", flush=True)
+    run_sections(rep, sections, elapsed)
     rep.data["elapsed_s"] = elapsed()
     rep.save()
-    n_pass = sum(r.get("status") == "PASS" for r in rep.data["correctness"])
-    print(f"== done in {elapsed():.0f}s: correctness {n_pass}/{len(rep.data['correctness'])} PASS; "
-          f"JSON: {rep.path}", flush=True)
+    print_summary(rep, elapsed())
 
 
 if __name__ == "__main__":

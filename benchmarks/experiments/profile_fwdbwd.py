@@ -1,29 +1,18 @@
 """Where the host time of one few-token forward+backward goes (device machine): wall time per phase and the
 torch.profiler table of one call, for the Monarch and block-diagonal layers on each backend and for dense.
 
-    PYTHONPATH=src python benchmarks/profile_fwdbwd.py [tokens]
+    python benchmarks/experiments/profile_fwdbwd.py [tokens]
 """
 
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from _common import wall_us
 
 import structmat.kernels as K
 from structmat.structures.blockdiag import BlockDiagonal
 from structmat.structures.monarch import Monarch
-
-
-def wall_us(fn, n=200):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e6
 
 
 def main():
@@ -40,10 +29,11 @@ def main():
             cases[f"{name}/{be}"] = (lambda layer=layer, be=be: _with(be, layer, x), [x, *layer.parameters()])
     for label, (fwd, inputs) in cases.items():
         y = fwd()
-        fwd_us = wall_us(fwd)
-        fb_us = wall_us(lambda: torch.autograd.grad(fwd(), inputs, g))
-        x_only = wall_us(lambda: torch.autograd.grad(fwd(), [x], g))
-        print(f"{label:22s} fwd(grad on) {fwd_us:7.1f} us   fwd+bwd {fb_us:7.1f} us   fwd+bwd(dx only) {x_only:7.1f} us")
+        fwd_us = wall_us(fwd, 200)
+        fb_us = wall_us(lambda: torch.autograd.grad(fwd(), inputs, g), 200)
+        x_only = wall_us(lambda: torch.autograd.grad(fwd(), [x], g), 200)
+        print(f"{label:22s} fwd(grad on) {fwd_us:7.1f} us   fwd+bwd {fb_us:7.1f} us   "
+              f"fwd+bwd(dx only) {x_only:7.1f} us")
         del y
     for label in ("monarch/triton", "monarch/reference", "dense"):
         fwd, inputs = cases[label]

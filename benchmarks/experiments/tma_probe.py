@@ -33,29 +33,14 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tma_gemm as T  # noqa: E402  (an experiment, not part of the package)
+from _common import bench, bench_graph, print_summary, rel_rms, run_sections  # noqa: E402
 
 DT = torch.bfloat16
-REP_MS = 20
 T0 = time.time()
 
 
 def elapsed() -> float:
     return time.time() - T0
-
-
-def bench(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=5, rep=REP_MS, return_mode="median")
-
-
-def bench_graph(fn) -> float:
-    return triton.testing.do_bench_cudagraph(fn, rep=REP_MS, return_mode="median")
-
-
-def rel_rms(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out = out.float()
-    if not torch.isfinite(out).all():
-        return float("inf")  # NaN poison left somewhere: an element was never written
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def tflops(flop: float, ms: float) -> float:
@@ -415,13 +400,7 @@ def main():
     print(f"torch {torch.__version__}  triton {triton.__version__}  {props.name}  SMs={props.multi_processor_count}"
           f"  cc={torch.cuda.get_device_capability(0)}", flush=True)
     rep.save()
-    for section in (correctness, timing, extras):
-        try:
-            section(rep)
-        except Exception:
-            rep.data["errors"].append({"case": section.__name__, "trace": traceback.format_exc()[-3000:]})
-            traceback.print_exc()
-        print(f"   [{section.__name__} done at {elapsed():.0f}s]", flush=True)
+    run_sections(rep, (correctness, timing, extras), elapsed)
     rep.save()
 
     if not args.no_ws:
@@ -446,9 +425,7 @@ def main():
         rep.data["ws"] = ws
         rep.save()
 
-    n_pass = sum(r.get("status") == "PASS" for r in rep.data["correctness"])
-    print(f"== done in {elapsed():.0f}s: correctness {n_pass}/{len(rep.data['correctness'])} PASS; "
-          f"JSON: {rep.path}", flush=True)
+    print_summary(rep, elapsed())
 
 
 if __name__ == "__main__":

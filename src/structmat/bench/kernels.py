@@ -278,7 +278,8 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="fwd,fwdbwd")
     ap.add_argument("--rep", type=int, default=20, help="do_bench rep (ms)")
     ap.add_argument("--no-semi", action="store_true", help="skip the 2:4 semi-structured timings")
-    ap.add_argument("--calibrate", action="store_true", help="time each GEMM role on both engines first (ops.calibrate)")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="time each GEMM role on both engines first (ops.calibrate)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new grid points after this long")
     ap.add_argument("--graphs", action="store_true",
                     help="also time auto and dense replayed from CUDA graphs (GPU time without host launch cost)")

@@ -139,8 +139,8 @@ PEAK_TFLOPS = {torch.bfloat16: 790.0, torch.float16: 790.0, torch.float32: 51.0}
 BANDWIDTH_GBS = 4300.0  # H200, device-to-device copy (KINDS.md)
 
 #: Host microseconds of one layer call at few tokens: (forward, forward+backward with every gradient).
-#: Forward+backward includes autograd's engine (its device thread runs our backward: each tensor op there costs
-#: about twice what it costs on the main thread).
+#: Forward+backward includes autograd's engine, which runs a CUDA backward on its device thread (a trivial Python
+#: backward node costs ~46 us more there than on the calling thread: benchmarks/experiments/backward_thread.py).
 HOST_US = {
     ("monarch", "triton"): (90.0, 650.0),  # forward: 1 Triton + 1 cuBLAS launch; backward: 7 cuBLAS calls
     ("monarch", "cublas"): (105.0, 700.0),  # b + 1 cuBLAS calls forward (b = 4 measured; see _per_block_us)

@@ -31,8 +31,9 @@ POISON = False
 #: engine="cublas" one strided-batched call per output chunk (b calls, still no transposed copy).
 #: Defaults from ``calibrate()`` on an H100 (benchmarks/NOTES.md, run 2): cuBLAS won or tied every non-permuted
 #: role (bd forward 0.102 vs 0.131 ms at 8192x4096, nblocks=4), so Triton keeps only the permuted ones; and of
-#: those only stage 1 (run 6, H200): the GPU times tie, but a Triton launch from autograd's backward thread costs
-#: several times its main-thread cost, so the gradient of the intermediate goes through b cuBLAS calls.
+#: those only stage 1 (run 6, H200): the GPU times tie, and with the gradient of the intermediate on Triton the
+#: whole forward+backward measured slower (benchmarks/experiments/impl_variants.py: 0.76 vs 0.63 ms at 8192 tokens,
+#: 699 vs 640 us at 16), so that role goes through b cuBLAS calls.
 IMPL = {"bd_fwd": "cublas", "bd_dx": "cublas", "bd_dw": "cublas", "mon_s1": "triton", "mon_dh": "cublas",
         "mon_s2": "cublas", "mon_dx": "cublas", "mon_dl": "cublas", "mon_dr": "cublas"}
 ENGINES = ("triton", "cublas")
@@ -57,8 +58,8 @@ def _gemm(role: str, engine: str, a: Tensor, sa: tuple, b: Tensor, sb: tuple, c:
     * cuBLAS: ``torch.bmm`` on ``as_strided`` views writing through a strided ``out=`` (strided-batched GEMM, no
       copy); a chunked output becomes one call per chunk of output columns.
 
-    Few-token calls are host-bound (about 4-8 us per tensor op on the lent hosts, more on autograd's thread), so
-    this builds each view with one ``as_strided`` instead of view/transpose chains."""
+    Few-token calls are host-bound (about 4 us per view op on the lent H200's host), so this builds each view with
+    one ``as_strided`` instead of view/transpose chains."""
     if _impl(role, engine) == "triton":
         grouped_gemm(a, sa, b, sb, c, sc, groups, M, N, K, chunk=chunk, chunk_stride=chunk_stride)
         return
@@ -180,7 +181,8 @@ def _mon_backward(dy: Tensor, x: Tensor, R: Tensor, L: Tensor, h: Tensor, engine
     dx = dR = dL = None
     if need[0] or need[1]:
         dh = _empty((n, b * bc), x)  # (k, s, q) order, as stage 1 produced it
-        # dh_s = dy_s @ L_s: A = dy[:, s*u:] (n, u); B[t, (k,q)] = L[s, t, k*c+q]; column (k,q) -> dh[:, k*b*c + s*c + q]
+        # dh_s = dy_s @ L_s: A = dy[:, s*u:] (n, u); B[t, (k,q)] = L[s, t, k*c+q];
+        # column (k,q) -> dh[:, k*b*c + s*c + q]
         _gemm("mon_dh", engine, dy, (u, dy.stride(0), 1), L, (L.stride(0), L.stride(1), L.stride(2)),
               dh, (c, dh.stride(0), 1), b, n, bc, u, chunk=c, chunk_stride=bc)
         if need[0]:  # dx_k = dh_k @ R_k: A = dh[:, k*b*c:] (n, b*c); B[(s,q), j] = R[k, s*c+q, j]

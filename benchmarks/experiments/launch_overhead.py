@@ -2,13 +2,13 @@
 tuned config, and from a second thread as autograd's backward runs it), a cuBLAS bmm, and our custom ops.
 Prints microseconds per call (wall clock over 300 calls, synchronised once at the end).
 
-    PYTHONPATH=src python benchmarks/launch_overhead.py
+    python benchmarks/experiments/launch_overhead.py
 """
 
 import threading
-import time
 
 import torch
+from _common import wall_us
 
 import structmat.kernels as K
 from structmat.kernels import _triton_gemm as tg
@@ -17,21 +17,10 @@ from structmat.kernels import ops
 
 def per_call_us(fn, n=300):
     try:
-        return _per_call_us(fn, n)
+        return wall_us(fn, n)
     except Exception as err:  # report and go on: this is a diagnostic
         print("failed:", repr(err)[:300])
         return float("nan")
-
-
-def _per_call_us(fn, n):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e6
 
 
 def in_thread(fn):
