@@ -89,7 +89,7 @@ def merged_weight(merge: Callable[..., Tensor], factors: tuple[Tensor, ...], dty
     if needs_grad or torch.compiler.is_compiling():
         if all(f.is_cuda and f.dtype == dtype for f in factors) and dtype in (torch.bfloat16, torch.float16):
             # Per-step merge in training: cuBLAS accumulates 16-bit products in fp32 and rounds each element of
-            # the merged weight once, the same numerics as merging in fp32 then casting, minus four casts
+            # the merged weight once, as merging in fp32 then casting does, without the four casts
             return merge(*factors)
         return merge(*(f.to(work) for f in factors)).to(dtype)
     key = _cache_key(factors, dtype)
@@ -143,7 +143,7 @@ BANDWIDTH_GBS = 4300.0  # H200, device-to-device copy (KINDS.md)
 #: backward node costs ~46 us more there than on the calling thread: benchmarks/experiments/backward_thread.py).
 HOST_US = {
     ("monarch", "triton"): (90.0, 650.0),  # forward: 1 Triton + 1 cuBLAS launch; backward: 7 cuBLAS calls
-    ("monarch", "cublas"): (105.0, 700.0),  # b + 1 cuBLAS calls forward (b = 4 measured; see _per_block_us)
+    ("monarch", "cublas"): (105.0, 700.0),  # b + 1 cuBLAS calls forward (measured at b = 4; host_us adds per block)
     ("monarch", "reference"): (150.0, 780.0),
     ("blockdiag", "triton"): (45.0, 260.0),
     ("blockdiag", "cublas"): (35.0, 260.0),
