@@ -28,6 +28,10 @@ Backends (chosen by the caller, never switched silently; an unknown name is a ``
                  affine map between chunk states is sequential (one batched matmul per chunk, a custom autograd
                  function with a reverse loop); all else is batched over chunks. Internals run in float32 (float64 for
                  float64 inputs); every exponent is ``<= 0``, so nothing overflows.
+``"fla"``        flash-linear-attention's Triton kernels (CUDA, bf16/fp16; the ``[gpu]`` extra), arguments mapped exactly
+                 (:mod:`structmat.mixers.fla_backend`); inputs it cannot take are a ``ValueError`` saying why.
+``"auto"``       ``"fla"`` where it can run the inputs (and, when gradients are needed, their backward), else
+                 ``"chunked"``; the decision and its reason are logged once (logger ``structmat.mixers``).
 
 Padding and variable length. ``mask`` (B, T), true/1 for real tokens: a padded token is an identity step (no gate,
 no write) and its output is 0; left or right padding both work. ``cu_seqlens`` (N+1,) int, with batch size 1: the
@@ -42,7 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("recurrent", "chunked")
+from .fla_backend import delta_rule_fla, fla_unsupported, resolve_backend
+
+BACKENDS = ("recurrent", "chunked", "fla", "auto")
 
 __all__ = ["delta_rule", "delta_rule_recurrent", "delta_rule_chunked", "l2norm", "beta_from_logits", "BACKENDS"]
 
@@ -301,11 +307,25 @@ def delta_rule(q, k, v, beta, log_gate=None, initial_state=None, output_final_st
     Shapes: q (B, T, H, Dk); k (B, T, H, Dk) or (B, T, H, n_h, Dk); v (B, T, H, Dv) or (B, T, H, n_h, Dv);
     beta (B, T, H) or (B, T, H, n_h); log_gate (B, T, H), entries <= 0, or None (no gate); initial_state
     (B or N, H, Dk, Dv). Returns ``(o (B, T, H, Dv) in q's dtype, final_state (B or N, H, Dk, Dv) in the compute
-    dtype, or None unless output_final_state)``. ``backend`` is used as named for every length (T = 1 included).
+    dtype, or None unless output_final_state)``. ``backend`` is used as named for every length (T = 1 included);
+    ``"auto"`` decides from the inputs as the module docstring says.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend in ("fla", "auto"):
+        k5, v5, beta5, _, _ = _check(q, k, v, beta, log_gate, initial_state, mask, cu_seqlens)
+        gated = log_gate is not None
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, beta, log_gate, initial_state))
+        if backend == "auto":
+            backend = resolve_backend(backend, q, k5, v5, gated, needs_grad)
+        else:
+            why = fla_unsupported(q, k5, v5, gated, needs_grad)
+            if why:
+                raise ValueError(f"delta_rule(backend='fla'): {why}; use backend='auto' or 'chunked'")
+        if backend == "fla":
+            return delta_rule_fla(q, k5, v5, beta5, log_gate, initial_state, output_final_state, mask, cu_seqlens)
     if backend == "recurrent":
         return delta_rule_recurrent(q, k, v, beta, log_gate, initial_state, output_final_state, mask, cu_seqlens)
-    if backend == "chunked":
-        return delta_rule_chunked(q, k, v, beta, log_gate, initial_state, output_final_state, mask, cu_seqlens,
-                                  chunk_size=chunk_size, max_seqlen=max_seqlen)
-    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    return delta_rule_chunked(q, k, v, beta, log_gate, initial_state, output_final_state, mask, cu_seqlens,
+                              chunk_size=chunk_size, max_seqlen=max_seqlen)

@@ -10,7 +10,9 @@ Every mixer maps ``(B, T, d_model) -> (B, T, d_model)``:
 ``y, cache = mixer(x, mask=None, cu_seqlens=None, cache=None, use_cache=False)``; ``y, cache = mixer.step(x_t, cache)``
 decodes one token ``x_t (B, d_model)`` from the carried :class:`MixerCache` (recurrent state + short-conv window).
 A full sequence equals prefill-then-decode (tested). Sequence calls use the backend named at construction
-(``backend="chunked"`` or ``"recurrent"``); ``step`` is one recurrent step by definition.
+(``"chunked"``, ``"recurrent"``, ``"fla"`` or ``"auto"``: fla on CUDA bf16/fp16 where it can run, else chunked; the
+choice is logged once and shown in the repr as ``backend=auto (last call ran ...)``); ``step`` is one recurrent step by
+definition.
 Padding: ``mask`` (B, T) with 1 for real tokens; padded tokens are identity steps, their outputs 0. When a cache is
 returned, padding must be on the left (checked). ``cu_seqlens`` (B = 1, packed) takes precedence in the sense of
 :mod:`structmat.mixers.delta`: it may not be combined with ``mask``; caching is not supported with it.
@@ -25,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .delta import beta_from_logits, delta_rule, l2norm
+from .delta import BACKENDS, beta_from_logits, delta_rule, l2norm
+from .fla_backend import resolve_backend
 from .ssm import INITS, S4DKernel, SelectiveDiagonal
 
 __all__ = ["MixerCache", "ShortConv", "DeltaMixer", "DeltaNet", "GatedDeltaNet", "DeltaProduct",
@@ -99,7 +102,11 @@ class DeltaMixer(nn.Module):
                  gated: bool = False, allow_neg_eigval: bool = True, conv_size: int = 4, output_gate: bool | None = None,
                  backend: str = "chunked", chunk_size: int = 64):
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"DeltaMixer: unknown backend {backend!r}; choose one of {BACKENDS} ('auto' runs fla on "
+                             "CUDA bf16/fp16 where it is installed and supports the inputs, else 'chunked')")
         hd = head_dim or d_model // n_heads
+        self.backend_used: str | None = None  # what the last sequence call ran (differs from backend for "auto")
         self.d_model, self.n_heads, self.head_dim, self.nh = d_model, n_heads, hd, n_householder
         self.gated, self.allow_neg_eigval, self.backend, self.chunk_size = gated, allow_neg_eigval, backend, chunk_size
         self.output_gate = gated if output_gate is None else output_gate
@@ -122,7 +129,8 @@ class DeltaMixer(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, head_dim={self.head_dim}, n_householder={self.nh}, "
                 f"gated={self.gated}, eig_range={'[-1,1]' if self.allow_neg_eigval else '[0,1]'}, "
-                f"backend={self.backend}")
+                f"backend={self.backend}" + (f" (last call ran {self.backend_used})" if self.backend == "auto" and
+                                              self.backend_used else ""))
 
     def _inputs(self, x, mask, window, cu_seqlens):
         B, T, _ = x.shape
@@ -161,8 +169,10 @@ class DeltaMixer(nn.Module):
         window = None if cache is None else cache.conv
         state = None if cache is None else cache.state
         q, k, v, beta, lg, new_window = self._inputs(x, mask, window, cu_seqlens)
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or beta.requires_grad)
+        self.backend_used = resolve_backend(self.backend, q, k, v, self.gated, needs_grad, who=type(self).__name__)
         o, S = delta_rule(q, k, v, beta, lg, initial_state=state, output_final_state=use_cache, mask=mask,
-                          cu_seqlens=cu_seqlens, backend=self.backend, chunk_size=self.chunk_size)
+                          cu_seqlens=cu_seqlens, backend=self.backend_used, chunk_size=self.chunk_size)
         y = self._out(o, x)
         if not use_cache:
             return y, None
