@@ -6,8 +6,9 @@ from .structures import __all__ as _structure_api
 __version__ = "0.1.0"
 
 from . import kernels  # noqa: F401,E402  (registers the GPU fast paths; falls back to the reference without triton)
+from .inference import merge_for_inference, unmerge_for_inference  # noqa: E402
 from .io import load_pretrained, save_pretrained  # noqa: E402
 from .surgery import Plan, Report, Target, densify, structurize  # noqa: E402
 
 __all__ = [*_structure_api, "Plan", "Report", "Target", "structurize", "densify", "save_pretrained",
-           "load_pretrained"]
+           "load_pretrained", "merge_for_inference", "unmerge_for_inference"]

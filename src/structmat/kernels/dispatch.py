@@ -9,13 +9,15 @@ Backends (the math never changes with the backend; only rounding order and speed
                  b calls, one per output chunk); no Triton launch at all, no transposed copy either.
                  Low-rank has no kernel of its own under either: its two products are full dense GEMMs that cuBLAS
                  runs at the roofline, so "triton"/"cublas" give the reference's two cuBLAS calls (``lowrank_fast``)
-  ``dense``      the weight pre-merged into one dense matrix (``to_dense``), cached and invalidated when a factor
-                 changes (tensor ``_version``, storage pointer, dtype, device); one cuBLAS GEMM. Cached only when no
-                 factor needs a gradient; with factor gradients the merge is recomputed differentiably each call
-                 (16-bit on CUDA: in the compute dtype, fp32 accumulation); ``auto`` never uses it in training
-                 (measured slower than the structured paths everywhere, run 6)
-  ``auto``       per call: a cost model picks the fastest of the above for the device, dtype and token count
-                 (reference on CPU, and wherever Triton is not installed)
+  ``dense``      only when forced: the weight pre-merged into one dense matrix (``to_dense``), cached and
+                 invalidated when a factor changes (tensor ``_version``, storage pointer, dtype, device); one cuBLAS
+                 GEMM. The cache is a full dense copy of the layer (out x in elements), so ``auto`` never picks it:
+                 a compressed model must not hold more memory than the dense one. Keeping a merged copy on purpose
+                 is ``structmat.merge_for_inference(model)`` (``inference.py``). Cached only when no factor needs a
+                 gradient; with factor gradients the merge is recomputed differentiably each call (16-bit on CUDA:
+                 in the compute dtype, fp32 accumulation)
+  ``auto``       a cost model picks the fastest structured path for the device, dtype and token count, once per
+                 shape (the decision is cached); reference on CPU, and wherever Triton is not installed
 
 Force one with :func:`set_backend` or, for a block of code, ``with use_backend("dense"): ...``; the environment
 variable ``STRUCTMAT_BACKEND`` sets the initial value.
@@ -196,14 +198,9 @@ def choose(op: str, n: int, in_features: int, out_features: int, struct_flops: f
     if kernels_ok and op != "lowrank":
         for be in ("triton", "cublas"):
             est[be] = estimate_us(op, be, struct_flops, struct_bytes, dtype, training, nblocks)
-    # Never the dense merge when the factors train: merged differentiably every step it measured slower than every
-    # structured path at every token count (run 6, kernels-20261201T012737Z.json: 0.48-0.93 ms for Monarch at <= 2048
-    # tokens, where the structure's own paths took 0.3-0.6 ms), even for 1024^2 layers.
-    if not factor_grad:
-        es = {torch.float32: 4, torch.float64: 8}.get(dtype, 2)
-        est["dense"] = estimate_us(op, "dense", 2.0 * n * in_features * out_features,
-                                   es * (in_features * out_features + n * (in_features + out_features)), dtype,
-                                   training, nblocks)
+    # Never the dense merge: cached, it is a hidden dense copy of every layer (a "compressed" model then holds more
+    # memory than the dense one: issue 12); merged differentiably every step it measured slower than every structured
+    # path at every token count (run 6, kernels-20261201T012737Z.json). merge_for_inference() is the explicit choice.
     return min(est, key=est.get)
 
 

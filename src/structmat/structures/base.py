@@ -279,6 +279,10 @@ def truncated_svd(blocks: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
 # ----------------------------------------------------------------------------------------------
 
 
+#: Name of the non-persistent buffer that ``structmat.merge_for_inference`` adds (see ``inference.py``).
+MERGED_WEIGHT = "merged_weight"
+
+
 class StructuredLinear(nn.Module):
     """A linear map ``(..., in_features) -> (..., out_features)`` whose weight has a structure."""
 
@@ -329,10 +333,25 @@ class StructuredLinear(nn.Module):
                 f"{self._label()}: input has last dimension {x.shape[-1]}, expected in_features={self.in_features}"
             )
         lead = x.shape[:-1]
+        merged = self._buffers.get(MERGED_WEIGHT)
+        if merged is not None and self._merged_usable(merged):
+            return F.linear(x, merged.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         y = self._matmul(x.reshape(-1, self.in_features))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
+
+    def _merged_usable(self, merged: Tensor) -> bool:
+        """Whether the copy made by ``structmat.merge_for_inference`` may serve this call: not when a factor needs a
+        gradient (the copy is a snapshot, not differentiable in the factors: the factors' own path runs, same math);
+        an error when a factor changed since the merge (the copy would silently compute an old weight)."""
+        factors = [t for n, t in self.named_parameters() if n != "bias"]
+        if torch.is_grad_enabled() and any(f.requires_grad for f in factors):
+            return False
+        if not torch.compiler.is_compiling() and self._merged_versions != tuple(f._version for f in factors):
+            raise ValueError(f"{self._label()}: its factors changed after merge_for_inference; call "
+                             "structmat.unmerge_for_inference(model) (or merge_for_inference again) first")
+        return True
 
     @property
     def config(self) -> StructureConfig:
