@@ -30,7 +30,7 @@ def build(spec: str | StructureConfig | RatioSpec, in_features: int, out_feature
 
 def from_dense(weight: Tensor, spec: str | StructureConfig | RatioSpec, bias: Tensor | None = None) -> StructuredLinear:
     """The projection of a dense ``(out, in)`` weight onto the structure named by ``spec``."""
-    weight = check_dense_weight(weight, "from_dense", bias)
+    weight = check_dense_weight(weight, "structmat", bias)
     config = resolve_spec(spec, weight.shape[1], weight.shape[0])
     args: dict[str, Any] = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     return structure_class(config.name).from_dense(weight, bias, **args)

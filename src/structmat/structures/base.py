@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..validate import check_features, check_finite, check_int, divisors
+
 REGISTRY: dict[str, type["StructuredLinear"]] = {}
 
 
@@ -98,17 +100,10 @@ def config_from_dict(data: dict[str, Any]) -> StructureConfig:
     return cls.Config.from_values(data)
 
 
-def check_int(owner: str, key: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}: {key} must be an int, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{owner}: {key} must be >= {minimum}, got {value}")
-
-
 def check_fraction(owner: str, key: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{owner}: {key} must be a number, got {value!r}")
-    if not (0.0 < float(value) < 1.0):
+    if not (0.0 < float(value) < 1.0):  # also refuses NaN and +-Inf
         raise ValueError(f"{owner}: {key} must lie strictly between 0 and 1, got {value}")
 
 
@@ -140,7 +135,7 @@ def _convert(owner: str, key: str, raw: Any, hint: Any) -> Any:
         if origin is tuple and args and args[0] is int:
             parts = text.split("x") if isinstance(text, str) else list(text)
             return tuple(int(p) for p in parts)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise ValueError(f"{owner}: cannot read {key}={raw!r} as {getattr(hint, '__name__', hint)}") from None
     return text
 
@@ -162,6 +157,8 @@ class RatioSpec:
 
     def resolve(self, in_features: int, out_features: int) -> StructureConfig:
         cls = structure_class(self.structure)
+        check_features(self.structure, "in_features", in_features)
+        check_features(self.structure, "out_features", out_features)
         return cls.config_for_ratio(in_features, out_features, float(self.ratio), **dict(self.fixed))
 
 
@@ -246,10 +243,6 @@ def round_down8(n: int) -> int:
     return down if down >= 8 and n - down <= 0.05 * n else n
 
 
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -291,8 +284,8 @@ class StructuredLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None, dtype=None) -> None:
         super().__init__()
-        check_int(self.name, "in_features", in_features)
-        check_int(self.name, "out_features", out_features)
+        check_features(self.name, "in_features", in_features)
+        check_features(self.name, "out_features", out_features)
         self.in_features = in_features
         self.out_features = out_features
         if bias:
@@ -397,11 +390,35 @@ class StructuredLinear(nn.Module):
                               **structure_args)
 
     def relative_error(self, weight: Tensor) -> float:
-        """||W - to_dense()||_F / ||W||_F, computed in float64."""
+        """||W - to_dense()||_F / ||W||_F in float64, scale-free: both are divided by max|W| first, so the result
+        is the same at 1e-300 and 1e300 scale (0 for W = 0 = to_dense(), inf for W = 0 != to_dense())."""
+        weight = check_dense_weight(weight, f"{self.name}.relative_error", call="")
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"{self._label()}.relative_error: weight has shape {tuple(weight.shape)}, expected "
+                             f"({self.out_features}, {self.in_features})")
         with torch.no_grad():
-            w = weight.detach().to(torch.float64)
-            diff = w - self.to_dense().detach().to(device=w.device, dtype=torch.float64)
-            return (torch.linalg.norm(diff) / torch.linalg.norm(w).clamp_min(1e-300)).item()
+            w = weight.to(torch.float64)
+            dense = self.to_dense().detach().to(device=w.device, dtype=torch.float64)
+            scale = w.abs().max()
+            if scale == 0:
+                return 0.0 if not bool(dense.any()) else math.inf
+            w, dense = w / scale, dense / scale
+            return (torch.linalg.norm(w - dense) / torch.linalg.norm(w)).item()
+
+    def check_state_(self) -> "StructuredLinear":
+        """Check a state that came from outside (a loaded file): finite values, one floating dtype for the weight
+        factors, and each structure's own invariants (``_check_state``). Raises ``ValueError`` naming the tensor."""
+        dtypes = {p.dtype for p in self.parameters()}
+        if len(dtypes) > 1:
+            raise ValueError(f"{self._label()}: its parameters mix dtypes {sorted(map(str, dtypes))}; a layer's "
+                             "factors must share one dtype (save them with one dtype, or load with dtype=)")
+        for pname, p in self.named_parameters():
+            check_finite(self._label(), pname, p, "the weights are corrupt; save the model again")
+        self._check_state()
+        return self
+
+    def _check_state(self) -> None:
+        """Structure-specific invariants of a loaded state (index buffers); nothing to check by default."""
 
     def param_count(self) -> int:
         """Learnable numbers stored (bias included; sparse index buffers are not parameters)."""
@@ -452,21 +469,20 @@ class StructuredLinear(nn.Module):
             )
 
 
-def check_dense_weight(weight: Any, owner: str, bias: Any = None) -> Tensor:
-    """Validate a dense weight (and bias) handed to ``from_dense``."""
+def check_dense_weight(weight: Any, owner: str, bias: Any = None, call: str = ".from_dense") -> Tensor:
+    """Validate a dense weight (and bias) handed to ``from_dense`` (or to ``owner + call``)."""
+    owner = owner + call
     if not isinstance(weight, Tensor):
-        raise TypeError(f"{owner}.from_dense: weight must be a torch.Tensor, got {type(weight).__name__}")
+        raise TypeError(f"{owner}: weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2:
-        raise ValueError(f"{owner}.from_dense: weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
+        raise ValueError(f"{owner}: weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
     if not weight.is_floating_point():
-        raise TypeError(f"{owner}.from_dense: weight must be floating point, got {weight.dtype}")
-    if weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
-        bad = int((~torch.isfinite(weight)).sum())
-        raise ValueError(f"{owner}.from_dense: weight has {bad} NaN/Inf entries; clean the checkpoint first")
+        raise TypeError(f"{owner}: weight must be floating point, got {weight.dtype}")
+    check_finite(f"{owner}", "weight", weight, "clean the checkpoint first")
     if bias is not None:
         if not isinstance(bias, Tensor) or bias.shape != (weight.shape[0],):
-            raise ValueError(f"{owner}.from_dense: bias must be a tensor of shape ({weight.shape[0]},)")
+            raise ValueError(f"{owner}: bias must be a tensor of shape ({weight.shape[0]},)")
         if bias.device.type != "meta" and not bool(torch.isfinite(bias).all()):
-            raise ValueError(f"{owner}.from_dense: bias has NaN/Inf entries; clean the checkpoint first")
+            raise ValueError(f"{owner}: bias has NaN/Inf entries; clean the checkpoint first")
     return weight.detach()
 

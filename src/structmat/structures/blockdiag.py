@@ -57,8 +57,10 @@ class BlockDiagonal(StructuredLinear):
         if fixed:
             raise ValueError(f"blockdiag: ratio= takes no other keys but pad, got {sorted(fixed)}")
         choices = [b for b in divisors(in_features) if out_features % b == 0 and b >= 2]
-        if pad:
-            choices = list(range(2, min(in_features, out_features) + 1))
+        if pad:  # the best nblocks is next to 1 / ratio
+            near = int(1.0 / ratio)
+            choices = [b for b in (near, near + 1) if 2 <= b <= min(in_features, out_features)] or \
+                      ([2] if min(in_features, out_features) >= 2 else [])
         if not choices:
             raise ValueError(f"blockdiag: no nblocks >= 2 divides in_features={in_features} and "
                              f"out_features={out_features}; pass pad=True")

@@ -90,7 +90,7 @@ class Monarch(StructuredLinear):
             raise ValueError(f"monarch: ratio= takes only nblocks and pad besides, got {sorted(fixed)}")
         dense = in_features * out_features
         options = [fixed["nblocks"]] if "nblocks" in fixed else (
-            range(2, 65) if pad else [b for b in divisors(in_features) if out_features % b == 0 and 2 <= b <= 64])
+            range(2, min(65, in_features + 1, out_features + 1)) if pad else [b for b in divisors(in_features) if out_features % b == 0 and 2 <= b <= 64])
         best = None
         for b in options:
             ip, op = round_up(in_features, b), round_up(out_features, b)

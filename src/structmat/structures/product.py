@@ -105,6 +105,10 @@ class Product(StructuredLinear):
                 self.bias.zero_()
         return self
 
+    def _check_state(self) -> None:
+        for layer in self.layers:
+            layer._check_state()
+
     def _factors(self):
         return {f"layers.{i}.{k}": v for i, f in enumerate(self.layers) for k, v in f._factors().items()}
 

@@ -55,6 +55,26 @@ class _SparseBase(StructuredLinear):
     def _matmul(self, x: Tensor) -> Tensor:
         return F.linear(x, self.to_dense())
 
+    def _check_state(self) -> None:
+        self._check_index()
+
+    def _check_index(self) -> None:
+        """Validate the index buffer of a loaded state (range, duplicates, pattern): a bad index would fail at the
+        first forward or, worse, compute another matrix. The one place that knows how indices are stored."""
+        raise NotImplementedError
+
+    def _index_error(self, problem: str) -> ValueError:
+        return ValueError(f"{self._label()} {self.spec}: the sparse index buffer {problem}; the weights are corrupt, "
+                          "save the model again")
+
+    def _check_index_tensor(self, shape: tuple[int, ...]) -> Tensor:
+        index = self.index
+        if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+            raise self._index_error(f"has dtype {index.dtype}, expected an integer dtype")
+        if tuple(index.shape) != shape:
+            raise self._index_error(f"has shape {tuple(index.shape)}, expected {shape}")
+        return index.to(torch.long)
+
 
 @register
 class NMSparse(_SparseBase):
@@ -66,6 +86,9 @@ class NMSparse(_SparseBase):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         NMSparseConfig(n, m, pad)
         self.n, self.m, self.pad = n, m, bool(pad)
+        if m > in_features:  # bounded padding: the group may not exceed the input it pads
+            raise ValueError(f"{self._label()}: m={m} exceeds in_features={in_features}, so padding would dominate "
+                             f"the layer; use m <= {in_features}")
         if not pad:
             check_divides(self._label(), "m", m, {"in_features": in_features}, pad_ok=True)
         self.in_padded = round_up(in_features, m)
@@ -92,6 +115,18 @@ class NMSparse(_SparseBase):
         pos = scores.topk(self.n, dim=-1).indices.sort(dim=-1).values
         offset = torch.arange(self.groups, device=scores.device).unsqueeze(-1) * self.m
         return (pos + offset).reshape(self.out_features, -1)
+
+    def _check_index(self) -> None:
+        if self.index.device.type == "meta":
+            return
+        index = self._check_index_tensor((self.out_features, self.groups * self.n))
+        group = index.reshape(self.out_features, self.groups, self.n)
+        start = torch.arange(self.groups, device=index.device).view(1, -1, 1) * self.m
+        if bool(((group < start) | (group >= start + self.m)).any()):
+            raise self._index_error(f"breaks the {self.n}:{self.m} pattern (an index lies outside its group of "
+                                    f"{self.m} columns, or outside 0..{self.in_padded - 1})")
+        if self.n > 1 and bool((group.sort(dim=-1).values.diff(dim=-1) == 0).any()):
+            raise self._index_error("repeats a column within a group")
 
     def to_dense(self) -> Tensor:
         dense = self.values.new_zeros(self.out_features, self.in_padded).scatter(1, self.index, self.values)
@@ -136,6 +171,16 @@ class FixedSparse(_SparseBase):
         size = self.in_features * self.out_features
         perm = torch.randperm(size, generator=generator, device=self.index.device)
         return perm[: self.values.numel()].sort().values
+
+    def _check_index(self) -> None:
+        if self.index.device.type == "meta":
+            return
+        index = self._check_index_tensor(tuple(self.values.shape))
+        size = self.in_features * self.out_features
+        if index.numel() and bool(((index < 0) | (index >= size)).any()):
+            raise self._index_error(f"has entries outside 0..{size - 1}")
+        if index.numel() > 1 and bool((index.sort().values.diff() == 0).any()):
+            raise self._index_error("repeats a position")
 
     def to_dense(self) -> Tensor:
         flat = self.values.new_zeros(self.out_features * self.in_features).scatter(0, self.index, self.values)

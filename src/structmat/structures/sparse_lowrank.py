@@ -57,6 +57,10 @@ class SparsePlusLowRank(StructuredLinear):
         if set(fixed) - {"rank", "density"}:
             raise ValueError(f"splr: ratio= takes rank or density besides, got {sorted(fixed)}")
         if "rank" in fixed:
+            check_int("splr", "rank", fixed["rank"])
+        if "density" in fixed:
+            check_fraction("splr", "density", fixed["density"])
+        if "rank" in fixed:
             rank = fixed["rank"]
             density = ratio - rank * (in_features + out_features) / dense
         elif "density" in fixed:
@@ -76,6 +80,9 @@ class SparsePlusLowRank(StructuredLinear):
             with torch.no_grad():
                 self.bias.zero_()
         return self
+
+    def _check_state(self) -> None:
+        self.sparse._check_state()
 
     def _factors(self):
         return {f"sparse.{k}": v for k, v in self.sparse._factors().items()} | \
