@@ -9,9 +9,10 @@ A saved directory holds
   "modules": {qualified_name: config.to_dict() + {"bias", "in_features", "out_features"}}, "shared": {...},
   "files": {"model.safetensors": {"bytes": ..., "sha256": ...}}}``.
 
-Writes are atomic: the files are written under a staging folder inside the directory, an older ``structmat.json``
-is removed first, the files are renamed into place (``os.replace``) and ``structmat.json`` is written last, so a
-directory with a ``structmat.json`` is always complete. Loading resolves the model class only among transformers'
+Re-saves are crash-safe: everything is written into a temporary sibling directory (``structmat.json`` last), the
+other files of an existing directory are hard-linked over, and the two directories are swapped by two renames (old
+aside, new in); the old one is removed after. A crash at any point leaves either the old or the new save loadable:
+a loader (or the next save) that finds the directory missing and a sibling set aside moves the complete one back. Loading resolves the model class only among transformers'
 ``PreTrainedModel`` classes and the structures only through the structure registry (allow-lists), builds the model
 with its parameters on the meta device, and reads the weights with safetensors (never pickle).
 """
@@ -34,13 +35,16 @@ from torch import Tensor, nn
 from .atomic import fsync_dir, write_atomic
 from .structures.base import StructuredLinear, config_from_dict, structure_class
 from .surgery import _conv1d_class, _locations, dense_weight, structured_modules
+from .validate import MAX_FEATURES, check_device, check_finite, check_model_config, loads_json
 
 FORMAT = "structmat"
 VERSION = 1
 MANIFEST = "structmat.json"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-_STAGING_PREFIX = ".structmat-staging-"
+OWNED = (CONFIG, "generation_config.json", WEIGHTS, MANIFEST)  # what a save writes; other files are carried over
+_NEW, _OLD = ".structmat-new-", ".structmat-old-"  # sibling directories of a save in progress / set aside
+_LEGACY_STAGING = ".structmat-staging-"  # staging folders inside the directory (older versions)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,19 +118,76 @@ def _model_class_name(model: nn.Module) -> str:
     return name
 
 
-def _clean_stale_staging(directory: Path) -> None:
-    for old in directory.glob(_STAGING_PREFIX + "*"):
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
+def _siblings(directory: Path, kind: str) -> list[Path]:
+    return sorted(p for p in directory.parent.glob(f".{directory.name}{kind}*") if p.is_dir())
+
+
+def _recover(directory: Path) -> None:
+    """Finish a swap that a crash interrupted between its two renames (the directory is missing and a sibling was
+    set aside): move the new save in if it was complete, the old one back otherwise."""
+    if directory.exists() or directory.is_symlink():
+        return
+    aside = _siblings(directory, _OLD)
+    if not aside:
+        return
+    complete = [p for p in _siblings(directory, _NEW) if (p / MANIFEST).is_file()]
+    os.rename(complete[-1] if complete else aside[-1], directory)
+    fsync_dir(directory.parent)
+
+
+def _clean_leftovers(directory: Path) -> None:
+    """Remove what crashed saves left behind (one writer per directory is assumed)."""
+    for leftover in _siblings(directory, _NEW) + _siblings(directory, _OLD):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if directory.is_dir():
+        for old in directory.glob(_LEGACY_STAGING + "*"):
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # no data copied; the old directory's entry is removed after the swap
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Files of an existing directory that a save does not own (a tokenizer, a README) stay in the new one."""
+    for entry in old.iterdir():
+        if entry.name in OWNED or entry.name.startswith(_LEGACY_STAGING) or entry.name.startswith(f".{MANIFEST}."):
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), new / entry.name)
+        elif entry.is_dir():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(entry), str(new / entry.name))
+
+
+def _swap_in(new: Path, directory: Path) -> None:
+    """Make ``new`` the directory: old aside, new in, old removed. Each rename is atomic; between the two, a crash
+    leaves the directory missing, which :func:`_recover` repairs."""
+    if directory.exists():
+        aside = directory.parent / f".{directory.name}{_OLD}{new.name.rsplit('-', 1)[-1]}"
+        os.rename(directory, aside)
+        os.rename(new, directory)
+        fsync_dir(directory.parent)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.rename(new, directory)
+        fsync_dir(directory.parent)
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write ``config.json``, ``model.safetensors`` and ``structmat.json`` into ``directory`` (atomically)."""
+    """Write ``config.json``, ``model.safetensors`` and ``structmat.json`` into ``directory``; a crash at any moment
+    leaves the previous save (or the new one) loadable. Other files in the directory are kept."""
     from safetensors.torch import save_file
 
     class_name = _model_class_name(model)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"cannot save to {directory}: it exists and is not a directory; choose another path")
     state = model.state_dict()
     meta = sorted(k for k, v in state.items() if v.device.type == "meta")
     if meta:
@@ -135,23 +196,28 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
     modules = {name: _module_entry(layer) for name, layer in structured_modules(model).items()}
     tensors, shared = _dedupe(state)
 
-    _clean_stale_staging(directory)
-    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=directory))
+    new = None
     try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        _recover(directory)
+        _clean_leftovers(directory)
+        new = Path(tempfile.mkdtemp(prefix=f".{directory.name}{_NEW}", dir=directory.parent))
+        if directory.is_dir():
+            _carry_over(directory, new)
         config = copy.deepcopy(model.config)
         config.architectures = [class_name]
-        config.save_pretrained(staging)
+        config.save_pretrained(new)
         files = [CONFIG]
         generation = getattr(model, "generation_config", None)
         can_generate = getattr(model, "can_generate", None)
         if generation is not None and callable(can_generate) and can_generate():
-            generation.save_pretrained(staging)
+            generation.save_pretrained(new)
             files.append("generation_config.json")
-        save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
+        save_file(tensors, str(new / WEIGHTS), metadata={"format": "pt"})
         files.append(WEIGHTS)
         for name in files:
-            _fsync_file(staging / name)
-        size, digest = _file_digest(staging / WEIGHTS)
+            _fsync_file(new / name)
+        size, digest = _file_digest(new / WEIGHTS)
         import transformers
 
         from . import __version__
@@ -167,17 +233,16 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
             "transformers_version": transformers.__version__,
             "torch_version": torch.__version__,
         }
-        text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-        # Commit: the old manifest goes first, so a crash part-way leaves a directory that refuses to load instead
-        # of one whose manifest describes other weights; the new manifest comes last.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(directory / MANIFEST)
-        for name in files:
-            os.replace(staging / name, directory / name)
-        fsync_dir(directory)
-        write_atomic(directory / MANIFEST, text.encode())
+        write_atomic(new / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())  # last
+        _swap_in(new, directory)
+        new = None
+    except OSError as err:
+        message = (f"cannot save to {directory}: {err.strerror or err} (the previous save, if any, is kept); free disk "
+                   "space or check permissions, then save again")
+        raise (OSError(err.errno, message) if err.errno else OSError(message)) from err
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if new is not None:
+            shutil.rmtree(new, ignore_errors=True)
     return directory
 
 
@@ -215,9 +280,9 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         raise _fail(directory, f"{MANIFEST} is missing (not a structmat save, or the save did not finish)",
                     "save the model again with structmat.io.save_pretrained")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise _fail(directory, f"{MANIFEST} is not valid JSON ({err})", "the file is corrupt: save the model again")
+        manifest = loads_json(path.read_bytes(), MANIFEST, "save the model again")
+    except ValueError as err:
+        raise ValueError(f"cannot load {directory}: {err}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         fmt = manifest.get("format") if isinstance(manifest, dict) else None
         raise _fail(directory, f"{MANIFEST} has format {fmt!r}, expected {FORMAT!r}",
@@ -249,8 +314,12 @@ def _resolve_class(directory: Path, name: str) -> type:
         cls = getattr(transformers, name, None)
     except Exception:  # transformers' lazy module may fail to import an optional backend
         cls = None
-    if not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
-        raise _fail(directory, f"model_class {name!r} is not a transformers PreTrainedModel class",
+    config_class = getattr(cls, "config_class", None) if isinstance(cls, type) else None
+    concrete = isinstance(config_class, type) and issubclass(config_class, transformers.PretrainedConfig) and \
+        config_class is not transformers.PretrainedConfig
+    if not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel) or not concrete:
+        raise _fail(directory, f"model_class {name!r} is not a concrete transformers model class (one with its own "
+                    "config class, e.g. LlamaForCausalLM)",
                     f"use a transformers version that provides transformers.{name}, or fix model_class in "
                     f"{MANIFEST}")
     return cls
@@ -264,6 +333,10 @@ def _read_config(directory: Path, cls: type, name: str) -> Any:
     except Exception as err:
         raise _fail(directory, f"{CONFIG} cannot be read as a {cls.config_class.__name__} ({err})",
                     "the file is corrupt: save the model again") from None
+    try:
+        check_model_config(config, f"cannot load {directory}: {CONFIG}")
+    except ValueError as err:
+        raise ValueError(str(err)) from None
     architectures = getattr(config, "architectures", None)
     if architectures and name not in architectures:
         raise _fail(directory, f"model_class {name!r} is not among the config's architectures {architectures}",
@@ -271,7 +344,29 @@ def _read_config(directory: Path, cls: type, name: str) -> Any:
     return config
 
 
+def _declared_size(directory: Path, name: str, key: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_FEATURES:
+        raise _fail(directory, f"{MANIFEST}: module {name!r} has {key}={value!r}, not a layer size (an int in "
+                    f"[1, {MAX_FEATURES}])", "the manifest is corrupt or crafted: save the model again")
+    return value
+
+
+def _real_shape(module: nn.Module, conv1d: Any) -> tuple[int, int] | None:
+    """(in, out) of the module the manifest replaces, as the model built from the config has it."""
+    if isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d)):
+        shape_out, shape_in = dense_weight(module).shape
+        return shape_in, shape_out
+    sizes = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in sizes):
+        return sizes  # type: ignore[return-value]
+    return None
+
+
 def _swap_in_structured(directory: Path, model: nn.Module, modules: dict[str, Any]) -> None:
+    """Replace the listed modules by structured layers on the meta device. Every size is checked against the real
+    module of the model built from the config before anything is built."""
     conv1d = _conv1d_class()
     where = _locations(model)
     for name, entry in modules.items():
@@ -279,29 +374,30 @@ def _swap_in_structured(directory: Path, model: nn.Module, modules: dict[str, An
             raise _fail(directory, f"{MANIFEST}: module {name!r} has no structure config", "save the model again")
         entry = dict(entry)
         bias = entry.pop("bias", None)
-        in_f = entry.pop("in_features", None)
-        out_f = entry.pop("out_features", None)
+        in_f = _declared_size(directory, name, "in_features", entry.pop("in_features", None))
+        out_f = _declared_size(directory, name, "out_features", entry.pop("out_features", None))
         if not isinstance(bias, bool):
             raise _fail(directory, f"{MANIFEST}: module {name!r} lacks 'bias': true/false", "save the model again")
         try:
-            old = model.get_submodule(name)
+            old = model.get_submodule(name) if name else None
         except AttributeError:
+            old = None
+        if old is None:
             raise _fail(directory, f"{MANIFEST} lists module {name!r}, which {type(model).__name__} does not have",
-                        f"check that {CONFIG} is the config the model was saved with") from None
-        if isinstance(old, nn.Linear) or (conv1d is not None and isinstance(old, conv1d)):
-            shape_out, shape_in = dense_weight(old).shape
-            in_f = shape_in if in_f is None else in_f
-            out_f = shape_out if out_f is None else out_f
-            if (in_f, out_f) != (shape_in, shape_out):
-                raise _fail(directory, f"module {name!r} is {shape_in}->{shape_out} in the model but "
-                            f"{in_f}->{out_f} in {MANIFEST}", f"check that {CONFIG} matches the saved model")
-        elif in_f is None or out_f is None:
-            raise _fail(directory, f"module {name!r} is a {type(old).__name__}, not a linear layer, and "
-                        f"{MANIFEST} does not give its in_features/out_features", "save the model again")
+                        f"check that {CONFIG} is the config the model was saved with")
+        real = _real_shape(old, conv1d)
+        if real is None:
+            raise _fail(directory, f"module {name!r} is a {type(old).__name__}, which has no linear shape to check "
+                        f"{MANIFEST}'s sizes against", "structure only linear layers, then save the model again")
+        in_f = real[0] if in_f is None else in_f
+        out_f = real[1] if out_f is None else out_f
+        if (in_f, out_f) != real:
+            raise _fail(directory, f"module {name!r} is {real[0]}->{real[1]} in the model but {in_f}->{out_f} in "
+                        f"{MANIFEST}", f"check that {CONFIG} matches the saved model")
         try:
             config = config_from_dict(entry)
             layer = structure_class(config.name).from_config(config, in_f, out_f, bias=bias, device="meta")
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, RecursionError) as err:
             raise _fail(directory, f"{MANIFEST}: module {name!r}: {err}", "save the model again") from None
         for parent, key in where.get(id(old), []):
             setattr(parent, key, layer)
@@ -352,9 +448,28 @@ def _check_keys(directory: Path, model: nn.Module, tensors: dict[str, Tensor]) -
         if tuple(got.shape) != tuple(want.shape):
             raise _fail(directory, f"tensor {key!r} in {WEIGHTS} has shape {tuple(got.shape)} but the model expects "
                         f"{tuple(want.shape)}", f"the file does not match {CONFIG}/{MANIFEST}: save the model again")
-        if got.is_floating_point() != want.is_floating_point():
+        # Floating tensors may come in any floating dtype (a bf16 save); integer ones (indices) must match exactly.
+        if got.is_floating_point() != want.is_floating_point() or (not got.is_floating_point() and
+                                                                   got.dtype != want.dtype):
             raise _fail(directory, f"tensor {key!r} in {WEIGHTS} has dtype {got.dtype}, the model expects "
                         f"{want.dtype}", "save the model again")
+        check_finite(f"cannot load {directory}", f"tensor {key!r} in {WEIGHTS}", got,
+                     "the weights are corrupt: save the model again or restore the file")
+
+
+def _check_loaded_state(directory: Path, model: nn.Module) -> None:
+    """Each structured layer checks its own invariants (sparse indices, one dtype per layer); any other module's
+    parameters must share one dtype too, or its first forward would fail."""
+    for name, module in model.named_modules():
+        try:
+            if isinstance(module, StructuredLinear):
+                module.check_state_()
+                continue
+            dtypes = {p.dtype for p in module._parameters.values() if p is not None and p.is_floating_point()}
+            if len(dtypes) > 1:
+                raise ValueError(f"its parameters mix dtypes {sorted(map(str, dtypes))}")
+        except ValueError as err:
+            raise _fail(directory, f"module {name!r}: {err}", "save the model again") from None
 
 
 def _reshare(model: nn.Module, shared: dict[str, str]) -> None:
@@ -400,7 +515,11 @@ def load_pretrained(directory: str | os.PathLike, device: Any = None, dtype: tor
     """Rebuild a model saved by :func:`save_pretrained`: same class, same structured layers, same weights (the
     outputs are bit-identical on the same device and dtype). ``dtype`` casts the floating-point weights;
     ``verify`` checks the weights file against the sha256 recorded when it was saved. Returns it in eval mode."""
+    check_device(device, "load_pretrained: device")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"load_pretrained: dtype must be a floating torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
     directory = Path(directory)
+    _recover(directory)
     if not directory.is_dir():
         raise ValueError(f"cannot load {directory}: no such directory")
     manifest = _read_manifest(directory)
@@ -414,6 +533,9 @@ def load_pretrained(directory: str | os.PathLike, device: Any = None, dtype: tor
     tensors = _load_tensors(directory, manifest, device, verify)
     shared = manifest.get("shared", {})
     for alias, source in shared.items():
+        if alias in tensors:
+            raise _fail(directory, f"{MANIFEST} says {alias!r} shares {source!r}, but {alias!r} is stored in "
+                        f"{WEIGHTS} itself (a 'shared' entry may not replace a stored tensor)", "save the model again")
         if source not in tensors:
             raise _fail(directory, f"{MANIFEST} says {alias!r} shares {source!r}, which is not in {WEIGHTS}",
                         "save the model again")
@@ -424,6 +546,7 @@ def load_pretrained(directory: str | os.PathLike, device: Any = None, dtype: tor
         for alias, source in shared.items():
             tensors[alias] = tensors[source]
     model.load_state_dict(tensors, strict=True, assign=True)
+    _check_loaded_state(directory, model)
     _reshare(model, shared)
     _tie_checked(directory, model)
     _materialize_meta_buffers(directory, model, cls, config)
