@@ -1,0 +1,464 @@
+"""Fuzz and fault cases (issue 13): crafted spec strings, manifests, configs, weight files, index buffers,
+checkpoints and crashes. Every case either works or raises one ValueError/TypeError/OSError whose message names the
+problem, quickly and with bounded memory. One or more cases per cause; ``benchmarks/hardening_cases.py`` runs and
+times the same list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from structmat.io import load_pretrained, save_pretrained
+from structmat.structures import build, from_dense
+from structmat.surgery import structurize
+from structmat.validate import divisors
+
+ALLOWED = (ValueError, TypeError, OSError)
+
+
+@dataclass(frozen=True)
+class Case:
+    cause: int
+    name: str
+    run: Callable[[Path], Any]
+    error: type[BaseException] | None = None  # None: the case must work
+    match: str = ""  # a regex the message must contain
+
+
+CASES: list[Case] = []
+
+
+def case(cause: int, name: str, error: type[BaseException] | None = ValueError, match: str = ""):
+    def register(fn: Callable[[Path], Any]) -> Callable[[Path], Any]:
+        CASES.append(Case(cause, name, fn, error, match))
+        return fn
+    return register
+
+
+def run_case(c: Case, tmp: Path) -> None:
+    """Run one case; raise AssertionError when it neither works nor fails with the one clear error it should."""
+    try:
+        c.run(tmp)
+    except ALLOWED as err:
+        if c.error is None or not isinstance(err, c.error):
+            raise AssertionError(f"{c.name}: unexpected {type(err).__name__}: {err}") from err
+        import re
+
+        if not re.search(c.match, str(err)):
+            raise AssertionError(f"{c.name}: message {str(err)!r} does not match {c.match!r}") from err
+        return
+    if c.error is not None:
+        raise AssertionError(f"{c.name}: expected {c.error.__name__}, but it worked")
+
+
+# ----------------------------------------------------------------------------------------------
+# A small saved model, written once per process; each case corrupts its own copy.
+# ----------------------------------------------------------------------------------------------
+
+PLAN = {r".*q_proj": "lowrank:rank=4", r".*v_proj": "nm:n=2,m=4", r".*down_proj": "sparse:density=0.2",
+        r".*k_proj": "splr:rank=2,density=0.1"}
+_SAVED: dict[str, Path] = {}
+
+
+def tiny_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    structurize(model, PLAN)
+    return model
+
+
+def saved_copy(tmp: Path) -> Path:
+    if "dir" not in _SAVED:
+        _SAVED["dir"] = save_pretrained(tiny_model(), Path(tempfile.mkdtemp(prefix="structmat-hardening-")) / "m")
+    target = tmp / "m"
+    shutil.copytree(_SAVED["dir"], target)
+    return target
+
+
+def edit_manifest(path: Path, fn: Callable[[dict], Any]) -> Path:
+    manifest = json.loads((path / "structmat.json").read_text())
+    fn(manifest)
+    (path / "structmat.json").write_text(json.dumps(manifest))
+    return path
+
+
+def edit_weights(path: Path, fn: Callable[[dict[str, torch.Tensor]], Any]) -> Path:
+    """Change the tensors and re-record size and sha256, so only the deeper checks can catch the change."""
+    tensors = load_file(str(path / "model.safetensors"))
+    fn(tensors)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    data = (path / "model.safetensors").read_bytes()
+    return edit_manifest(path, lambda m: m["files"].update(
+        {"model.safetensors": {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}))
+
+
+def edit_config(path: Path, **changes: Any) -> Path:
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+V_INDEX = "model.layers.0.self_attn.v_proj.index"
+S_INDEX = "model.layers.0.mlp.down_proj.index"
+Q_U = "model.layers.0.self_attn.q_proj.U"
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Hangs from crafted sizes; divisor search O(sqrt n)
+# ----------------------------------------------------------------------------------------------
+
+for _spec in ("blockdiag:ratio=0.5", "monarch:ratio=0.5", "kron:ratio=0.5", "lowrank:ratio=0.5", "kron:rank=1",
+              "blockdiag:ratio=0.5,pad=True", "monarch:nblocks=4"):
+    case(1, f"build {_spec} 2^62 on meta", match="exceeds the limit")(
+        lambda tmp, s=_spec: build(s, 2**62, 2**62, device="meta"))
+
+case(1, "build blockdiag 10^12 x 8", match="in_features")(lambda tmp: build("blockdiag:nblocks=2", 10**12, 8))
+
+
+@case(1, "divisors(10^12) in O(sqrt n)", error=None)
+def _divisors_fast(tmp):
+    ds = divisors(10**12)
+    assert len(ds) == 169 and ds[0] == 1 and ds[-1] == 10**12 and ds == sorted(ds)
+    assert divisors(36) == [1, 2, 3, 4, 6, 9, 12, 18, 36] and divisors(1) == [1] and divisors(97) == [1, 97]
+
+
+@case(1, "kron with a large prime size on meta", error=None)
+def _kron_prime(tmp):
+    layer = build("kron:rank=1", 16777213, 4, device="meta")  # 2^24 - 3 is prime: a_shape falls back to 1 x n
+    assert layer.a_shape[1] in (1, 16777213)
+
+
+case(1, "manifest: non-linear module with in_features=10^12", match="in_features")(
+    lambda tmp: load_pretrained(edit_manifest(saved_copy(tmp), lambda m: m["modules"].update(
+        {"model.norm": {"structure": "blockdiag", "nblocks": 2, "pad": False, "bias": False,
+                        "in_features": 10**12, "out_features": 10**12}}))))
+case(1, "manifest: non-linear module with plausible sizes", match="no linear shape")(
+    lambda tmp: load_pretrained(edit_manifest(saved_copy(tmp), lambda m: m["modules"].update(
+        {"model.norm": {"structure": "kron", "rank": 1, "a_shape": None, "bias": False,
+                        "in_features": 32, "out_features": 32}}))))
+case(1, "manifest: linear module with sizes unlike the model", match="in the model but")(
+    lambda tmp: load_pretrained(edit_manifest(saved_copy(tmp), lambda m: m["modules"][
+        "model.layers.0.self_attn.q_proj"].update(in_features=4096, out_features=4096))))
+case(1, "manifest: size given as a string", match="not a layer size")(
+    lambda tmp: load_pretrained(edit_manifest(saved_copy(tmp), lambda m: m["modules"][
+        "model.layers.0.self_attn.q_proj"].update(in_features="32"))))
+case(1, "manifest: module that does not exist", match="does not have")(
+    lambda tmp: load_pretrained(edit_manifest(saved_copy(tmp), lambda m: m["modules"].update(
+        {"model.nowhere": {"structure": "lowrank", "rank": 1, "bias": False}}))))
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Bounded N:M padding; counts equal allocations
+# ----------------------------------------------------------------------------------------------
+
+for _m in (30_000_000, 10**11, 25):
+    case(2, f"nm m={_m} pad on 16x24", match="exceeds in_features")(
+        lambda tmp, m=_m: build(f"nm:n=1,m={m},pad=True", 16, 24))
+
+
+@case(2, "nm padding counted and allocated alike", error=None)
+def _nm_counts(tmp):
+    layer = build("nm:n=2,m=8,pad=True", 10, 6)  # 10 inputs padded to 16: two groups
+    allocated = sum(t.numel() for t in layer.parameters())
+    assert layer.param_count() == allocated == 6 * 2 * 2 + 6
+    assert layer.index.numel() == layer.values.numel()
+    assert layer.to_dense().shape == (6, 10)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Config sizes checked before a model is built
+# ----------------------------------------------------------------------------------------------
+
+for _key, _value in (("vocab_size", 10**9), ("hidden_size", 2**40), ("num_hidden_layers", 10**6),
+                     ("max_position_embeddings", 10**12), ("intermediate_size", -5), ("vocab_size", "64")):
+    case(3, f"config {_key}={_value!r}", match=_key)(
+        lambda tmp, k=_key, v=_value: load_pretrained(edit_config(saved_copy(tmp), **{k: v})))
+
+
+# ----------------------------------------------------------------------------------------------
+# 5-8. Loaded state: index buffers, NaN/Inf, shared entries, dtypes
+# ----------------------------------------------------------------------------------------------
+
+def _set(key: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict], None]:
+    return lambda t: t.__setitem__(key, fn(t[key]))
+
+
+def _nm_out_of_range(t):
+    t = t.clone()
+    t[0, 0] = 10**6
+    return t
+
+
+def _nm_duplicate(t):
+    t = t.clone()
+    t[0, 1] = t[0, 0]
+    return t
+
+
+def _nm_wrong_group(t):
+    t = t.clone()
+    t[0, 0] = t[0, 0] + 4  # into the next group of 4
+    t[0, 1] = t[0, 0] + 1 if t[0, 0] + 1 < 8 else t[0, 0] - 1
+    return t
+
+
+def _nm_negative(t):
+    t = t.clone()
+    t[3, 2] = -1
+    return t
+
+
+def _sparse_duplicate(t):
+    t = t.clone()
+    t[5] = t[4]
+    return t
+
+
+def _sparse_out_of_range(t):
+    t = t.clone()
+    t[-1] = 32 * 64
+    return t
+
+
+for _name, _key, _fn, _match in (
+        ("nm index out of range", V_INDEX, _nm_out_of_range, "pattern"),
+        ("nm index negative", V_INDEX, _nm_negative, "pattern"),
+        ("nm index duplicate", V_INDEX, _nm_duplicate, "repeats"),
+        ("nm index breaks the N:M pattern", V_INDEX, _nm_wrong_group, "pattern|repeats"),
+        ("sparse index duplicate", S_INDEX, _sparse_duplicate, "repeats"),
+        ("sparse index out of range", S_INDEX, _sparse_out_of_range, "outside"),
+        ("splr sparse index duplicate", "model.layers.0.self_attn.k_proj.sparse.index", _sparse_duplicate,
+         "repeats")):
+    case(5, _name, match=_match)(lambda tmp, k=_key, f=_fn: load_pretrained(edit_weights(saved_copy(tmp), _set(k, f))))
+
+case(5, "nm index stored as float", match="dtype")(
+    lambda tmp: load_pretrained(edit_weights(saved_copy(tmp), _set(V_INDEX, lambda t: t.float()))))
+
+
+def _poison(value: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        t.view(-1)[0] = value
+        return t
+    return fn
+
+
+for _key in (Q_U, "model.layers.0.self_attn.v_proj.values", "model.embed_tokens.weight", "model.norm.weight"):
+    for _value in (math.nan, math.inf):
+        case(6, f"{_value} in {_key}", match="NaN/Inf")(
+            lambda tmp, k=_key, v=_value: load_pretrained(edit_weights(saved_copy(tmp), _set(k, _poison(v)))))
+
+case(7, "shared entry replaces a stored tensor", match="may not replace")(
+    lambda tmp: load_pretrained(edit_manifest(saved_copy(tmp), lambda m: m["shared"].update(
+        {Q_U: "model.layers.0.self_attn.q_proj.V"}))))
+case(7, "shared entry names a missing source", match="not in")(
+    lambda tmp: load_pretrained(edit_manifest(saved_copy(tmp), lambda m: m["shared"].update(
+        {"lm_head.weight": "nowhere.weight"}))))
+
+case(8, "one factor in float16", match="mix dtypes")(
+    lambda tmp: load_pretrained(edit_weights(saved_copy(tmp), _set(Q_U, lambda t: t.half()))))
+case(8, "index buffer as int32", match="dtype")(
+    lambda tmp: load_pretrained(edit_weights(saved_copy(tmp), _set(V_INDEX, lambda t: t.int()))))
+case(8, "norm weight in float64 next to float32 model", error=None)(
+    lambda tmp: load_pretrained(edit_weights(saved_copy(tmp), _set("model.norm.weight", lambda t: t.double()))))
+
+
+@case(8, "whole model saved in bfloat16 loads and runs", error=None)
+def _bf16_save(tmp):
+    path = edit_weights(saved_copy(tmp), lambda t: t.update({k: v.bfloat16() if v.is_floating_point() else v
+                                                              for k, v in t.items()}))
+    model = load_pretrained(path)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits.float()).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# 11. relative_error is scale-free
+# ----------------------------------------------------------------------------------------------
+
+@case(11, "relative_error at 1e-300 and 1e300", error=None)
+def _relative_error_scale(tmp):
+    w = torch.randn(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    layer = from_dense(w, "lowrank:rank=1")
+    reference = layer.relative_error(w)
+    assert 0.1 < reference < 1.0
+    for scale in (1e-300, 1e300):
+        scaled = from_dense(w * scale, "lowrank:rank=1")
+        assert abs(scaled.relative_error(w * scale) - reference) < 1e-9
+
+
+@case(11, "relative_error of zero against zero and nonzero", error=None)
+def _relative_error_zero(tmp):
+    layer = build("lowrank:rank=1", 4, 4, bias=False)
+    assert layer.relative_error(torch.zeros(4, 4)) == math.inf
+    with torch.no_grad():
+        layer.U.zero_()
+    assert layer.relative_error(torch.zeros(4, 4)) == 0.0
+
+
+case(11, "relative_error of a NaN weight", match="NaN/Inf")(
+    lambda tmp: build("lowrank:rank=1", 4, 4).relative_error(torch.full((4, 4), math.nan)))
+case(11, "relative_error of a wrong shape", match="shape")(
+    lambda tmp: build("lowrank:rank=1", 4, 4).relative_error(torch.ones(3, 4)))
+
+
+# ----------------------------------------------------------------------------------------------
+# 13. One clear error instead of a raw exception
+# ----------------------------------------------------------------------------------------------
+
+for _spec in ("lowrank:ratio=0.5", "splr:ratio=0.5", "monarch:ratio=0.5", "kron:ratio=0.5", "kron:rank=1",
+              "blockdiag:ratio=0.5", "nm:ratio=0.5", "sparse:ratio=0.5"):
+    case(13, f"build {_spec} 0x0", match="in_features")(lambda tmp, s=_spec: build(s, 0, 0))
+
+for _spec, _match in (("sparse:density=-inf", "density"), ("splr:ratio=0.5,density=-inf", "density"),
+                      ("splr:ratio=0.5,rank=inf", "rank"), ("lowrank:rank=1e400", "rank"),
+                      ("lowrank:ratio=inf", "ratio"), ("lowrank:ratio=nan", "ratio"), ("nm:n=2,m=4,pad=maybe", "pad"),
+                      ("kron:rank=1,a_shape=", "a_shape"), ("unknown:x=1", "unknown structure"),
+                      ("lowrank:rank", "key=value"), ("lowrank:rank=2,rank2=3", "unknown key"),
+                      ("*", "structure"), ("lowrank:rank=2 * ", "structure")):
+    case(13, f"spec {_spec!r}", match=_match)(lambda tmp, s=_spec: build(s, 16, 24))
+
+case(13, "spec that is not a string", error=TypeError, match="spec")(lambda tmp: build(42, 16, 24))
+case(13, "manifest nested 100000 deep", match="nested")(
+    lambda tmp: load_pretrained(_write_text(saved_copy(tmp) / "structmat.json", "[" * 100000 + "]" * 100000)))
+case(13, "manifest product nested 40 deep", match="nested|product")(
+    lambda tmp: load_pretrained(edit_manifest(saved_copy(tmp), lambda m: m["modules"][
+        "model.layers.0.self_attn.q_proj"].update(_nested_product(40)))))
+case(13, "model_class PreTrainedModel", match="model_class")(
+    lambda tmp: load_pretrained(edit_manifest(saved_copy(tmp), lambda m: m.update(model_class="PreTrainedModel"))))
+case(13, "model_class a config class", match="model_class")(
+    lambda tmp: load_pretrained(edit_manifest(saved_copy(tmp), lambda m: m.update(model_class="LlamaConfig"))))
+case(13, "model_class not a name", match="model_class")(
+    lambda tmp: load_pretrained(edit_manifest(saved_copy(tmp), lambda m: m.update(model_class="os.system"))))
+case(13, "device that does not exist", match="device")(lambda tmp: load_pretrained(saved_copy(tmp), device="cuda:77"))
+case(13, "device that is not a device", match="device")(lambda tmp: load_pretrained(saved_copy(tmp), device="gpu"))
+case(13, "dtype that is not floating", error=TypeError, match="dtype")(
+    lambda tmp: load_pretrained(saved_copy(tmp), dtype=torch.int8))
+
+
+def _write_text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path.parent
+
+
+def _nested_product(depth: int) -> dict:
+    inner: dict = {"structure": "lowrank", "rank": 1}
+    for _ in range(depth):
+        inner = {"structure": "product", "factors": [inner, {"structure": "lowrank", "rank": 1}]}
+    return inner
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Crash-safe re-saves: nothing saved before is lost by a crash in a later save
+# ----------------------------------------------------------------------------------------------
+
+def _crash_at(monkeypatch_target: str, when: Callable[..., bool]):
+    """Patch ``os.<name>`` to raise (as a crash would stop the process) when ``when(*args)``."""
+    import os
+
+    real = getattr(os, monkeypatch_target)
+
+    def patched(*args, **kwargs):
+        if when(*args):
+            raise OSError("simulated crash")
+        return real(*args, **kwargs)
+    return real, patched
+
+
+def _resave_crashing(tmp: Path, fn_name: str, when: Callable[..., bool], keep_new: bool) -> None:
+    """Crash a re-save at one step; then the directory must load the old model (or the new one, if it was complete),
+    and the file a user put there must survive."""
+    import os
+
+    path = saved_copy(tmp)
+    (path / "notes.txt").write_text("kept")
+    old = load_pretrained(path)
+    new_model = tiny_model()
+    with torch.no_grad():
+        new_model.model.norm.weight.fill_(2.0)
+    real, patched = _crash_at(fn_name, lambda *a: when(path, *a))
+    setattr(os, fn_name, patched)
+    try:
+        with pytest.raises(OSError, match="simulated crash"):
+            save_pretrained(new_model, path)
+    finally:
+        setattr(os, fn_name, real)
+    if keep_new:  # a kill -9 would leave the complete new directory behind: simulate it by not cleaning up
+        pass
+    loaded = load_pretrained(path)
+    assert torch.equal(loaded.model.norm.weight, old.model.norm.weight)
+    assert (path / "notes.txt").read_text() == "kept"
+
+
+case(4, "crash before the old directory is set aside", error=None)(
+    lambda tmp: _resave_crashing(tmp, "rename", lambda path, src, dst: Path(src) == path, False))
+case(4, "crash between the two renames", error=None)(
+    lambda tmp: _resave_crashing(tmp, "rename", lambda path, src, dst: Path(dst) == path, False))
+case(4, "crash while writing the new manifest", error=None)(
+    lambda tmp: _resave_crashing(tmp, "replace", lambda path, src, dst: str(dst).endswith("structmat.json"), False))
+
+
+@case(4, "kill -9 between the two renames: the complete new save is recovered", error=None)
+def _recover_new(tmp):
+    import os
+
+    path = saved_copy(tmp)
+    new = path.parent / ".m.structmat-new-abc123"
+    shutil.copytree(path, new)
+    edit_weights(new, _set("model.norm.weight", lambda t: torch.full_like(t, 3.0)))
+    os.rename(path, path.parent / ".m.structmat-old-abc123")  # the crash came right after the first rename
+    loaded = load_pretrained(path)
+    assert bool((loaded.model.norm.weight == 3.0).all())
+    save_pretrained(loaded, path)  # the next save cleans the leftovers
+    assert sorted(p.name for p in path.parent.iterdir()) == ["m"]
+
+
+@case(4, "kill -9 between the renames with an incomplete new save: the old one comes back", error=None)
+def _recover_old(tmp):
+    import os
+
+    path = saved_copy(tmp)
+    new = path.parent / ".m.structmat-new-abc123"
+    new.mkdir()
+    (new / "model.safetensors").write_bytes(b"partial")
+    os.rename(path, path.parent / ".m.structmat-old-abc123")
+    assert load_pretrained(path).model.norm.weight.shape == (32,)
+
+
+case(4, "save over a file", match="not a directory")(
+    lambda tmp: save_pretrained(tiny_model(), _write_text(tmp / "file", "x") / "file"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The test
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("c", CASES, ids=[f"{c.cause}-{c.name}" for c in CASES])
+def test_case(c: Case, tmp_path: Path) -> None:
+    run_case(c, tmp_path)
+
+
+def test_every_cause_is_covered() -> None:
+    covered = {c.cause for c in CASES}
+    missing = sorted(set(EXPECTED_CAUSES) - covered)
+    assert not missing, f"causes without a case: {missing}"
+
+
+EXPECTED_CAUSES = (1, 2, 3, 4, 5, 6, 7, 8, 11, 13)
