@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .atomic import fsync_dir, write_atomic
 from .structures.base import StructuredLinear, config_from_dict, structure_class
-from .surgery import _conv1d_class, _locations, dense_weight, structured_modules
+from .modules import _conv1d_class, dense_weight, locations as _locations, structured_modules
 from .validate import MAX_FEATURES, check_device, check_finite, check_model_config, loads_json
 
 FORMAT = "structmat"

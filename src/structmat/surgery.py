@@ -1,22 +1,15 @@
-"""Model surgery: swap dense linear layers for structured ones by module-name pattern, and back.
+"""Model surgery: swap dense linear layers for structured ones by plan, and back.
 
-A :class:`Plan` is an ordered list of ``(pattern, target)`` entries:
-
-* a string pattern is a regular expression that must match the module's FULL qualified name (``re.fullmatch``);
-* a list pattern matches exact names or name suffixes: ``name == item or name.endswith("." + item)``;
-* the target is a :class:`Target` (a structure spec + a projection method) or ``None`` (skip the module);
-* the FIRST matching entry wins; a module no entry matches is left alone.
-
-:func:`structurize` works on any model (no per-architecture code): every ``nn.Linear`` and every HF GPT-2 style
-``Conv1D`` (weight stored ``(in, out)``) is a candidate, and a matched module is replaced by setting the attribute on
-its parent module(s). All new layers are built before the first swap, so a failure leaves the model unchanged.
-:func:`densify` turns structured layers back into ``nn.Linear`` (the pre-merge used for decoding).
+:func:`structurize` works on any model (no per-architecture code): every linear layer (:mod:`structmat.modules`)
+that the :class:`~structmat.plan.Plan` matches is replaced by setting the attribute on its parent module(s). All new
+layers are built before the first swap, so a failure leaves the model unchanged. :func:`densify` turns structured
+layers back into ``nn.Linear`` (the pre-merge used for decoding). The plan language lives in :mod:`structmat.plan`
+and module discovery in :mod:`structmat.modules`; their names are re-exported here for compatibility.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -24,294 +17,14 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .modules import (_conv1d_class, _is_linear, _walk, dense_cost, dense_weight, linear_modules,  # noqa: F401
+                      locations, structured_modules)
+from .plan import DATA_FREE, PLAN_VERSION, Plan, SpecLike, Target  # noqa: F401  (re-exported)
 from .structures import from_dense as _from_dense
-from .structures.base import RatioSpec, StructuredLinear, StructureConfig, config_from_dict, parse_spec
+from .structures.base import StructuredLinear
 
-PLAN_VERSION = 1
-DATA_FREE = "data-free"
-
-SpecLike = str | StructureConfig | RatioSpec
-
-
-# ----------------------------------------------------------------------------------------------
-# Targets and plans
-# ----------------------------------------------------------------------------------------------
-
-
-def _spec_to_json(spec: StructureConfig | RatioSpec) -> str | dict[str, Any]:
-    """A JSON value from which ``_spec_from_json`` rebuilds an equal spec."""
-    if isinstance(spec, RatioSpec):
-        parts = [f"ratio={spec.ratio!r}"]
-        for key, value in spec.fixed:
-            if isinstance(value, tuple):
-                value = "x".join(str(v) for v in value)
-            parts.append(f"{key}={value}")
-        return f"{spec.structure}:{','.join(parts)}"
-    return spec.to_dict()
-
-
-def _spec_from_json(value: Any) -> StructureConfig | RatioSpec:
-    if isinstance(value, dict):
-        return config_from_dict(value)
-    return parse_spec(value)
-
-
-@dataclass(frozen=True)
-class Target:
-    """What a matched module becomes: a structure spec (string, config or budget form ``name:ratio=0.5``) and the
-    projection method (``"data-free"``: the Frobenius-optimal projection; anything else is handed to
-    ``structmat.project.project`` with the module's calibration statistics). ``spec`` is stored parsed, so
-    ``Target("lowrank:rank=8") == Target(LowRankConfig(rank=8))``."""
-
-    spec: StructureConfig | RatioSpec
-    method: str = DATA_FREE
-
-    def __post_init__(self) -> None:
-        try:
-            parsed = parse_spec(self.spec)
-        except TypeError as err:
-            raise ValueError(f"Target: {err}") from None
-        object.__setattr__(self, "spec", parsed)
-        if not isinstance(self.method, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*", self.method):
-            raise ValueError(f"Target: method must be a name such as 'data-free' or 'whitened', got {self.method!r}")
-
-    @property
-    def spec_text(self) -> str:
-        value = _spec_to_json(self.spec)
-        if isinstance(value, str):
-            return value
-        try:
-            return self.spec.spec
-        except ValueError:  # a product with explicit inner dims has no string form
-            return repr(value)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"spec": _spec_to_json(self.spec), "method": self.method}
-
-    @classmethod
-    def coerce(cls, value: Any) -> "Target | None":
-        """``None`` (skip), a Target, a spec string / config / RatioSpec, a config dict ``{"structure": ...}`` or a
-        target dict ``{"spec": ..., "method": ...}``."""
-        if value is None or isinstance(value, Target):
-            return value
-        if isinstance(value, (str, StructureConfig, RatioSpec)):
-            return cls(value)
-        if isinstance(value, dict):
-            if "spec" in value:
-                unknown = set(value) - {"spec", "method"}
-                if unknown:
-                    raise ValueError(f"Target: unknown key(s) {sorted(unknown)}; valid keys: spec, method")
-                return cls(_spec_from_json(value["spec"]), value.get("method", DATA_FREE))
-            if "structure" in value:
-                return cls(config_from_dict(value))
-        raise ValueError(f"cannot read a plan target from {value!r}; give a spec string such as 'lowrank:ratio=0.5', "
-                         "a structure config, a Target or None (skip)")
-
-
-Pattern = str | tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class _Entry:
-    pattern: Pattern
-    target: Target | None
-    regex: re.Pattern | None = field(default=None, compare=False, repr=False)
-
-    def matches(self, name: str) -> bool:
-        if self.regex is not None:
-            return self.regex.fullmatch(name) is not None
-        return any(name == item or name.endswith("." + item) for item in self.pattern)
-
-
-def _make_entry(pattern: Any, target: Any) -> _Entry:
-    if isinstance(pattern, str):
-        try:
-            regex = re.compile(pattern)
-        except re.error as err:
-            raise ValueError(f"plan pattern {pattern!r} is not a valid regular expression ({err}); "
-                             "escape special characters (re.escape) or use a list of exact names/suffixes") from None
-        return _Entry(pattern, Target.coerce(target), regex)
-    if isinstance(pattern, (list, tuple)):
-        items = []
-        for item in pattern:
-            if not isinstance(item, str) or not item.lstrip("."):
-                raise ValueError(f"plan pattern {list(pattern)!r}: every item must be a non-empty module name or "
-                                 f"suffix, got {item!r}")
-            items.append(item.lstrip("."))
-        if not items:
-            raise ValueError("plan pattern []: an empty list matches nothing; remove the entry")
-        return _Entry(tuple(items), Target.coerce(target))
-    raise ValueError(f"plan pattern {pattern!r}: use a regex string (full match on the qualified name) or a list of "
-                     "exact names / suffixes")
-
-
-class Plan:
-    """An ordered list of ``(pattern, Target | None)`` entries; the first matching entry wins.
-
-    ``Plan({r".*attention.*": "lowrank:ratio=0.5", r".*pooler.*": None})`` or
-    ``Plan([(["q_proj", "k_proj"], Target("monarch:nblocks=4", "whitened")), (r".*", None)])``.
-    """
-
-    def __init__(self, entries: Mapping[str, Any] | Iterable[tuple[Any, Any]] | None = None) -> None:
-        if entries is None:
-            entries = []
-        if isinstance(entries, Plan):
-            entries = [(e.pattern, e.target) for e in entries.entries]
-        elif isinstance(entries, Mapping):
-            entries = list(entries.items())
-        built = []
-        for item in entries:
-            if isinstance(item, dict) and "pattern" in item:
-                item = (item["pattern"], item.get("target"))
-            if not isinstance(item, (tuple, list)) or len(item) != 2:
-                raise ValueError(f"plan entry {item!r}: write (pattern, target)")
-            built.append(_make_entry(*item))
-        self.entries: tuple[_Entry, ...] = tuple(built)
-
-    # --- construction ---------------------------------------------------------------------------
-    @classmethod
-    def coerce(cls, plan: Any) -> "Plan":
-        if isinstance(plan, Plan):
-            return plan
-        if isinstance(plan, Mapping):
-            return cls.from_dict(plan)
-        if isinstance(plan, (list, tuple)):
-            return cls(plan)
-        raise TypeError(f"a plan must be a Plan, a dict pattern -> target or a list of (pattern, target), "
-                        f"got {type(plan).__name__}")
-
-    @classmethod
-    def exact(cls, targets: Mapping[str, Any]) -> "Plan":
-        """A plan naming modules exactly: ``{qualified_name: target}`` (no suffix or regex semantics)."""
-        return cls([(re.escape(name), target) for name, target in targets.items()])
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
-        """Read ``to_dict()``'s form ``{"version": 1, "entries": [...]}`` or a plain mapping pattern -> target."""
-        if not isinstance(data, Mapping):
-            raise ValueError(f"a plan must be a dict, got {type(data).__name__}")
-        version = data.get("version")
-        if isinstance(version, int) and not isinstance(version, bool):
-            if version > PLAN_VERSION:
-                raise ValueError(f"plan version {version} is newer than this structmat understands "
-                                 f"(version {PLAN_VERSION}); upgrade structmat")
-            if version < 1:
-                raise ValueError(f"plan version {version} is not valid; expected {PLAN_VERSION}")
-            unknown = set(data) - {"version", "entries"}
-            if "entries" not in data or unknown or not isinstance(data["entries"], list):
-                raise ValueError("a versioned plan must be {'version': 1, 'entries': [{'pattern': ..., "
-                                 "'target': ...}, ...]}" + (f"; unknown keys {sorted(unknown)}" if unknown else ""))
-            entries = []
-            for entry in data["entries"]:
-                if not isinstance(entry, dict) or set(entry) - {"pattern", "target"} or "pattern" not in entry:
-                    raise ValueError(f"plan entry {entry!r}: write {{'pattern': ..., 'target': ...}}")
-                entries.append((entry["pattern"], entry.get("target")))
-            return cls(entries)
-        return cls(list(data.items()))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serializable; ``Plan.from_dict(plan.to_dict()) == plan``."""
-        return {
-            "version": PLAN_VERSION,
-            "entries": [{"pattern": e.pattern if isinstance(e.pattern, str) else list(e.pattern),
-                         "target": None if e.target is None else e.target.to_dict()} for e in self.entries],
-        }
-
-    # --- matching --------------------------------------------------------------------------------
-    def match_entry(self, name: str) -> tuple[int, _Entry] | None:
-        """The first entry matching ``name`` (its index and the entry), or None."""
-        for i, entry in enumerate(self.entries):
-            if entry.matches(name):
-                return i, entry
-        return None
-
-    def match(self, name: str) -> Target | None:
-        """The target for module ``name``: None when the first match skips it or nothing matches."""
-        found = self.match_entry(name)
-        return None if found is None else found[1].target
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Plan) and self.entries == other.entries
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __repr__(self) -> str:
-        inner = ", ".join(f"({e.pattern!r}, {e.target!r})" for e in self.entries)
-        return f"Plan([{inner}])"
-
-
-# ----------------------------------------------------------------------------------------------
-# Finding and replacing modules
-# ----------------------------------------------------------------------------------------------
-
-
-def _conv1d_class() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except Exception:  # pragma: no cover - transformers is a dependency
-        return None
-    return Conv1D
-
-
-def _is_linear(module: nn.Module, conv1d: type | None) -> bool:
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
-
-
-def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module | None]]:
-    """(qualified name, module, parent) for every module, first occurrence only, never descending into a
-    StructuredLinear (its factors are internal) nor into torch's MultiheadAttention (which reads its out_proj weight
-    directly, so swapping it would be silently ignored)."""
-    seen: set[int] = set()
-    stack: list[tuple[str, nn.Module, nn.Module | None]] = [("", model, None)]
-    while stack:
-        name, module, parent = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        yield name, module, parent
-        if isinstance(module, (StructuredLinear, nn.MultiheadAttention)):
-            continue
-        children = [(f"{name}.{k}" if name else k, child, module)
-                    for k, child in module._modules.items() if child is not None]
-        stack.extend(reversed(children))
-
-
-def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Qualified name -> every ``nn.Linear`` and HF ``Conv1D`` that is not already structured, in module order."""
-    conv1d = _conv1d_class()
-    return {name: m for name, m, _ in _walk(model) if name and _is_linear(m, conv1d)}
-
-
-def structured_modules(model: nn.Module) -> dict[str, StructuredLinear]:
-    """Qualified name -> every top-level StructuredLinear (the factors inside a Product are not listed)."""
-    return {name: m for name, m, _ in _walk(model) if name and isinstance(m, StructuredLinear)}
-
-
-def _locations(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
-    """id(module) -> every (parent, attribute) that holds it (a module may be registered under several names)."""
-    where: dict[int, list[tuple[nn.Module, str]]] = {}
-    for parent in model.modules():
-        for key, child in parent._modules.items():
-            if child is not None:
-                where.setdefault(id(child), []).append((parent, key))
-    return where
-
-
-def dense_weight(module: nn.Module) -> Tensor:
-    """The ``(out_features, in_features)`` weight of an nn.Linear or HF Conv1D (Conv1D stores it transposed)."""
-    conv1d = _conv1d_class()
-    if conv1d is not None and isinstance(module, conv1d):
-        return module.weight.detach().T
-    if isinstance(module, nn.Linear):
-        return module.weight.detach()
-    raise TypeError(f"{type(module).__name__} is neither nn.Linear nor transformers' Conv1D")
-
-
-def _dense_cost(out_f: int, in_f: int, bias: bool) -> tuple[int, int]:
-    """(params, FLOPs per token) of a dense layer, counted as StructuredLinear counts them."""
-    return in_f * out_f + (out_f if bias else 0), 2 * in_f * out_f + (out_f if bias else 0)
-
+_locations = locations  # old private names, kept for code that imported them from here
+_dense_cost = dense_cost
 
 # ----------------------------------------------------------------------------------------------
 # The report
@@ -481,7 +194,7 @@ def structurize(model: nn.Module, plan: Plan | Mapping[str, Any] | Sequence[Any]
             used.add(found[0])
         if found is None or found[1].target is None:
             out_f, in_f = dense_weight(module).shape
-            params, flops = _dense_cost(out_f, in_f, getattr(module, "bias", None) is not None)
+            params, flops = dense_cost(out_f, in_f, getattr(module, "bias", None) is not None)
             report.skipped[name] = params
             report.skipped_flops[name] = flops
             continue
@@ -519,13 +232,13 @@ def structurize(model: nn.Module, plan: Plan | Mapping[str, Any] | Sequence[Any]
                 f"({name!r}: None) before it. The model was not changed.") from err
         with torch.no_grad():
             weight_error = layer.relative_error(weight)
-            output_error = None
-            if stats is not None:
+            output_error = getattr(layer, "fit_info", {}).get("output_error")  # the projection measured it
+            if stats is not None and output_error is None:
                 from .project import output_error as _output_error  # lazy
 
                 output_error = float(_output_error(weight, layer.to_dense().detach(), stats))
         seconds = time.perf_counter() - start
-        old_params, old_flops = _dense_cost(out_f, in_f, has_bias)
+        old_params, old_flops = dense_cost(out_f, in_f, has_bias)
         try:
             spec_text = layer.spec
         except ValueError:
@@ -537,7 +250,7 @@ def structurize(model: nn.Module, plan: Plan | Mapping[str, Any] | Sequence[Any]
 
     # Every layer is built: now swap (this part cannot fail on shapes or sizes).
     if built:
-        where = _locations(model)
+        where = locations(model)
         shared = _shared_parameter_owners(model)
         for name, module, layer in built:
             for parent, key in where.get(id(module), []):
@@ -590,7 +303,7 @@ def densify(model: nn.Module) -> int:
     found = structured_modules(model)
     if not found:
         return 0
-    where = _locations(model)
+    where = locations(model)
     for name, layer in found.items():
         with torch.no_grad():
             weight = layer.to_dense().detach().clone()
@@ -608,4 +321,4 @@ def densify(model: nn.Module) -> int:
 
 
 __all__ = ["Target", "Plan", "LayerRow", "Report", "linear_modules", "structured_modules", "structurize",
-           "densify", "dense_weight", "PLAN_VERSION"]
+           "densify", "dense_weight", "PLAN_VERSION", "DATA_FREE"]

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from ..structures.base import StructuredLinear
-from ..surgery import _locations, densify, structured_modules
+from ..modules import locations as _locations, structured_modules
+from ..surgery import densify
 
 
 class SelfGuided(nn.Module):

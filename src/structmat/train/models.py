@@ -27,7 +27,8 @@ from torch import nn
 
 from ..structures import build as _build
 from ..structures.base import StructuredLinear
-from ..surgery import DATA_FREE, Plan, _locations, dense_weight, linear_modules
+from ..modules import dense_weight, linear_modules, locations as _locations
+from ..plan import DATA_FREE, Plan
 
 DEFAULT_VOCAB = 16384
 
