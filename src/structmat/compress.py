@@ -23,12 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from .calibrate import InputStats, collect_input_stats
-from .project import lowrank_error_curve, output_error, project
+from .project import check_method, output_error, price
 from .project.budget_solver import Candidate, solve_budget
 from .structures import structure_class
-from .structures.base import divisors, parse_spec
-from .structures.lowrank import max_rank
-from .structures.monarch import monarch_block_rank
+from .structures.base import parse_spec
 from .surgery import Plan, Report, Target, dense_weight, linear_modules, structurize
 
 
@@ -204,25 +202,54 @@ def output_sensitivity(model: nn.Module, names: Iterable[str], batches: Sequence
 
 @dataclass(frozen=True)
 class Allowed:
-    """A structure family the budget solver may use for a layer, and the projection method to use for it."""
+    """A structure family the budget solver may use for a layer, the projection method to use for it, and any
+    arguments of its size ladder held fixed (e.g. Monarch's ``nblocks``)."""
 
-    structure: str  # lowrank | monarch | nm | blockdiag | sparse | dense
+    structure: str
     method: str = "data-free"
-    nblocks: int | None = None  # monarch/blockdiag: fix the block count (None: try the usual ones)
+    nblocks: int | None = None  # kept for the common case; equivalent to fixed=(("nblocks", b),)
+    fixed: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        cls = structure_class(self.structure)
+        check_method(self.method, cls.name)
+        names = {f.name for f in dataclasses.fields(cls.Config)} if hasattr(cls, "Config") else set()
+        unknown = sorted({k for k, _ in self.fixed_args.items()} - names)
+        if unknown:
+            raise ValueError(f"allowed structure {self.text!r}: {cls.name} has no argument(s) {unknown}; "
+                             f"valid: {', '.join(sorted(names)) or 'none'}")
+        try:
+            cls.size_ladder(64, 64, 1, **self.fixed_args)
+        except TypeError as err:
+            raise ValueError(f"allowed structure {self.text!r}: {err}") from None
+
+    @property
+    def fixed_args(self) -> dict[str, Any]:
+        return {**dict(self.fixed), **({"nblocks": self.nblocks} if self.nblocks is not None else {})}
+
+    @property
+    def text(self) -> str:
+        args = ",".join(f"{k}={v}" for k, v in self.fixed_args.items())
+        return f"{self.structure}@{self.method}" + (f":{args}" if args else "")
 
     @classmethod
     def parse(cls, text: str) -> "Allowed":
-        """``lowrank``, ``lowrank@whitened``, ``monarch@whitened:nblocks=4``, ``nm@sparsegpt``."""
-        head, _, args = text.partition(":")
+        """``lowrank``, ``lowrank@whitened``, ``monarch@whitened:nblocks=4``, ``nm@sparsegpt:m=8``."""
+        head, _, args = text.strip().partition(":")
         structure, _, method = head.partition("@")
-        nblocks = None
-        if args:
-            key, _, value = args.partition("=")
-            if key.strip() != "nblocks":
-                raise ValueError(f"allowed structure {text!r}: only nblocks= may be fixed")
-            nblocks = int(value)
-        structure_class(structure.strip())
-        return cls(structure.strip(), method.strip() or "data-free", nblocks)
+        fixed = []
+        for part in filter(None, (p.strip() for p in args.split(","))):
+            key, eq, value = part.partition("=")
+            if not eq:
+                raise ValueError(f"allowed structure {text!r}: write key=value after ':', got {part!r}")
+            try:
+                parsed: Any = int(value)
+            except ValueError:
+                parsed = {"true": True, "false": False}.get(value.strip().lower(), value.strip())
+            fixed.append((key.strip(), parsed))
+        nblocks = dict(fixed).pop("nblocks", None)
+        return cls(structure.strip(), method.strip() or "data-free", nblocks,
+                   tuple((k, v) for k, v in fixed if k != "nblocks"))
 
 
 def _dense_candidate(name: str, weight: Tensor) -> Candidate:
@@ -233,23 +260,6 @@ def _dense_candidate(name: str, weight: Tensor) -> Candidate:
 # Pricing is an estimate: whitened Monarch runs fewer block-coordinate sweeps than the final projection (each
 # sweep only lowers the error, so the price is an upper bound of what the final projection reaches).
 _PRICING_OPTIONS = {("monarch", "whitened"): {"sweeps": 2}}
-
-
-def _priced(name: str, weight: Tensor, spec, method: str, stats: InputStats | None) -> Candidate | None:
-    out_f, in_f = weight.shape
-    structure = spec.name if hasattr(spec, "name") else str(spec).partition(":")[0]
-    try:
-        layer = project(weight, spec, method=method, stats=stats,
-                        **_PRICING_OPTIONS.get((structure, method), {}))
-    except ValueError:
-        return None  # this size does not fit this layer
-    params = layer.param_count()
-    if params >= in_f * out_f:
-        return None
-    approx = layer.to_dense().detach()
-    err = output_error(weight, approx, stats) ** 2 if stats is not None else \
-        float((torch.linalg.norm(weight - approx) / torch.linalg.norm(weight)) ** 2)
-    return Candidate(name, layer.config, method, params, layer.flops(1), err, in_f * out_f)
 
 
 def price_layers(model: nn.Module, allowed: dict[str, Sequence[Allowed]] | Sequence[Allowed],
@@ -277,44 +287,33 @@ def _weighted(model: nn.Module, name: str, options: list[Candidate], stats: dict
 
 def candidates_for(name: str, weight: Tensor, allowed: Sequence[Allowed], stats: InputStats | None,
                    sizes: int = 4) -> list[Candidate]:
-    """Every candidate (structure, size, method) for one layer with its predicted error. Sizes are multiples
-    of 8 where the shape allows."""
+    """Every candidate (structure, size, method) for one layer with its predicted error: each allowed structure
+    offers its own size ladder, priced by the projection registry (one decomposition for every size where the
+    method registered a pricer)."""
     out_f, in_f = weight.shape
     found = [_dense_candidate(name, weight)]
     for a in allowed:
-        if a.structure == "dense":
+        cls = structure_class(a.structure)
+        if cls.name == "dense":
             continue
-        if a.structure == "lowrank":
-            curve = lowrank_error_curve(weight, stats, method=a.method if stats is not None else "data-free")
-            top = max_rank(in_f, out_f)
-            ranks = list(range(8, top + 1, 8)) or list(range(1, top + 1))
-            for r in ranks:
-                spec = parse_spec(f"lowrank:rank={r}")
-                found.append(Candidate(name, spec, a.method, r * (in_f + out_f), 2 * r * (in_f + out_f),
-                                       float(curve[r]) ** 2, in_f * out_f))
-        elif a.structure == "monarch":
-            common = [b for b in divisors(math.gcd(in_f, out_f)) if 2 <= b <= 16]
-            for b in [a.nblocks] if a.nblocks else common:
-                cmax = min(in_f, out_f) // b
-                for frac in [(k + 1) / sizes for k in range(sizes)]:
-                    c = max(1, int(frac * monarch_block_rank(in_f, out_f, b) * 2))
-                    c = min(cmax, c - c % 8 if c >= 16 else c)
-                    cand = _priced(name, weight, parse_spec(f"monarch:nblocks={b},block_rank={c}"), a.method, stats)
-                    if cand is not None:
-                        found.append(cand)
-        elif a.structure == "nm":
-            for n, m in [(1, 4), (2, 4), (3, 4)]:
-                cand = _priced(name, weight, parse_spec(f"nm:n={n},m={m}"), a.method, stats)
-                if cand is not None:
-                    found.append(cand)
-        elif a.structure in ("blockdiag", "sparse"):
-            for ratio in [(k + 1) / (sizes + 1) for k in range(sizes)]:
-                cand = _priced(name, weight, f"{a.structure}:ratio={ratio:.3f}", a.method, stats)
-                if cand is not None:
-                    found.append(cand)
-        else:
-            raise ValueError(f"the budget solver cannot size {a.structure!r}; allowed: lowrank, monarch, nm, "
-                             "blockdiag, sparse, dense")
+        configs = [c for c in cls.size_ladder(in_f, out_f, sizes, **a.fixed_args)]
+        costs = []
+        for config in configs:
+            try:
+                layer = cls.from_config(config, in_f, out_f, bias=False, device="meta")
+            except ValueError:
+                costs.append(None)  # this size does not fit this layer
+                continue
+            costs.append((layer.param_count(), layer.flops(1)))
+        fits = [(c, cost) for c, cost in zip(configs, costs) if cost is not None and cost[0] < in_f * out_f]
+        if not fits:
+            continue
+        method = a.method if stats is not None else "data-free"
+        errors = price(weight, [c for c, _ in fits], method, stats,
+                       options=_PRICING_OPTIONS.get((cls.name, method)))
+        for (config, (params, flops)), err in zip(fits, errors):
+            if err is not None:
+                found.append(Candidate(name, config, a.method, params, flops, float(err), in_f * out_f))
     unique = {}
     for c in found:
         unique.setdefault((str(c.spec), c.method), c)

@@ -6,14 +6,15 @@ import torch
 from torch import Tensor
 
 
-def damped(gram: Tensor, damp: float) -> Tensor:
-    """H + damp * mean(diag H) * I (float64). ``damp`` is relative to the mean input energy."""
+def damped(gram: Tensor, damp: float, dtype: torch.dtype | None = None) -> Tensor:
+    """H + damp * mean(diag H) * I, in ``dtype`` (default: the Gram's own float dtype). ``damp`` is relative to
+    the mean input energy."""
     if damp < 0:
         raise ValueError(f"damp must be >= 0, got {damp}")
-    h = gram.to(torch.float64)
+    h = gram.to(dtype or (gram.dtype if gram.dtype in (torch.float32, torch.float64) else torch.float64))
     h = 0.5 * (h + h.T)
     if damp > 0:
-        level = h.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+        level = h.diagonal().mean().clamp_min(torch.finfo(h.dtype).tiny)
         h = h + damp * level * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     return h
 
@@ -39,7 +40,7 @@ def pinv_psd(h: Tensor, rcond: float = 1e-12) -> Tensor:
 
 
 def objective(error: Tensor, h: Tensor) -> Tensor:
-    """tr(E H E^T) in float64."""
+    """tr(E H E^T) in the operands' dtype."""
     return ((error @ h) * error).sum()
 
 
@@ -50,3 +51,12 @@ def balanced(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor]:
     u, s, vh = torch.linalg.svd(r1 @ r2.T)
     root = s.sqrt()
     return (q1 @ u) * root, root.unsqueeze(-1) * (vh @ q2.T)
+
+
+def cached_factor(stats, kind: str, damp: float, dtype: torch.dtype, device: torch.device, compute) -> Tensor:
+    """``compute()`` once per (statistics object, kind, damp, dtype, device): layers that share an input (q/k/v,
+    gate/up) share one InputStats object, so its factorization is computed once for all of them. The key holds
+    the Gram's version counter, so an updated Gram is never served a stale factor."""
+    if stats is None:
+        return compute()
+    return stats.cached((kind, float(damp), dtype, str(device), stats.gram._version, stats.count), compute)

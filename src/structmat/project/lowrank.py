@@ -21,7 +21,9 @@ import torch
 from torch import Tensor
 
 from ..calibrate import InputStats
-from ._linalg import balanced, damped, sqrt_factor
+from ..structures.lowrank import LowRank
+from ._linalg import balanced, cached_factor, damped, sqrt_factor
+from .registry import Problem, register_projection
 
 LOWRANK_METHODS = ("data-free", "whitened", "asvd", "fisher")
 
@@ -30,22 +32,25 @@ def lowrank_basis(w: Tensor, method: str, stats: InputStats | None, fisher: Tens
                   alpha: float = 0.5) -> tuple[str, Tensor, Tensor]:
     """(side, basis, singular values): side 'left' means W_r = B_r B_r^T W, 'right' means W_r = W B_r B_r^T.
 
-    ``w`` is float64. The basis has min(out, in) orthonormal columns ordered by importance.
+    ``w`` is float32 or float64 (the compute dtype). The basis has min(out, in) orthonormal columns ordered by
+    importance. The whitening factor of a Gram is computed once per statistics object (shared inputs share it).
     """
     if method == "data-free":
         u, s, _ = torch.linalg.svd(w, full_matrices=False)
         return "left", u, s
     if method == "whitened":
-        target = w @ sqrt_factor(damped(stats.gram.to(w.device), damp))
+        root = cached_factor(stats, "sqrt", damp, w.dtype, w.device,
+                             lambda: sqrt_factor(damped(stats.gram.to(w.device), damp, w.dtype)))
+        target = w @ root
         u, s, _ = torch.linalg.svd(target, full_matrices=False)
         return "left", u, s
     if method == "asvd":
-        scale = stats.mean_abs.to(w.device, torch.float64).clamp_min(0.0) ** alpha
+        scale = stats.mean_abs.to(w.device, w.dtype).clamp_min(0.0) ** alpha
         u, s, _ = torch.linalg.svd(w * scale, full_matrices=False)
         return "left", u, s
     if method == "fisher":
-        rows = fisher.to(w.device, torch.float64).sum(dim=1)
-        floor = 1e-12 * rows.max().clamp_min(torch.finfo(torch.float64).tiny)
+        rows = fisher.to(w.device, w.dtype).sum(dim=1)
+        floor = 1e-12 * rows.max().clamp_min(torch.finfo(w.dtype).tiny)
         _, s, vh = torch.linalg.svd(rows.clamp_min(floor).sqrt().unsqueeze(1) * w, full_matrices=False)
         return "right", vh.T, s
     raise ValueError(f"unknown low-rank method {method!r}; valid: {', '.join(LOWRANK_METHODS)}")
@@ -60,7 +65,7 @@ def apply_basis(w: Tensor, side: str, basis: Tensor, rank: int) -> tuple[Tensor,
 
 
 def error_curve(w: Tensor, side: str, basis: Tensor, h: Tensor) -> Tensor:
-    """Relative output error sqrt(tr(E_r H E_r^T) / tr(W H W^T)) of the projection for r = 0..k (float64)."""
+    """Relative output error sqrt(tr(E_r H E_r^T) / tr(W H W^T)) of the projection for r = 0..k (w's dtype)."""
     wh = w @ h
     total = (wh * w).sum()
     if side == "left":
@@ -79,3 +84,40 @@ def error_curve(w: Tensor, side: str, basis: Tensor, h: Tensor) -> Tensor:
     if float(total) <= 0:
         return torch.zeros_like(err)
     return (err.clamp_min(0.0) / total).sqrt()
+
+
+# ----------------------------------------------------------------------------------------------
+# Registered methods: every one is a projection on one basis, so one decomposition also prices every rank.
+# ----------------------------------------------------------------------------------------------
+
+
+def _fit(method: str):
+    def fit(p: Problem, damp: float = 1e-6, alpha: float = 0.5) -> LowRank:
+        side, basis, _ = lowrank_basis(p.w, method, p.stats, p.fisher, damp=damp, alpha=alpha)
+        u, v = apply_basis(p.w, side, basis, p.config.rank)
+        layer = p.new_layer()
+        with torch.no_grad():
+            layer.U.copy_(u)
+            layer.V.copy_(v)
+        return layer
+    return fit
+
+
+def _price(method: str):
+    def price(p: Problem, configs: list, guard: bool, damp: float = 1e-6, alpha: float = 0.5) -> list[float]:
+        side, basis, _ = lowrank_basis(p.w, method, p.stats, p.fisher, damp=damp, alpha=alpha)
+        curve = error_curve(p.w, side, basis, p.h)
+        if guard:  # what the guarded projection returns at each rank
+            side0, basis0, _ = lowrank_basis(p.w, "data-free", None, None)
+            curve = torch.minimum(curve, error_curve(p.w, side0, basis0, p.h))
+        return [float(curve[c.rank]) ** 2 for c in configs]
+    return price
+
+
+# whitened is the exact minimizer of the (damped) objective: no guard by default
+register_projection("whitened", LowRank, needs_stats=True, optimal=True, options={"damp": 1e-6},
+                    pricer=_price("whitened"))(_fit("whitened"))
+register_projection("asvd", LowRank, needs_stats=True, options={"alpha": 0.5},
+                    pricer=_price("asvd"))(_fit("asvd"))
+register_projection("fisher", LowRank, needs_stats=False, needs_fisher=True,
+                    pricer=_price("fisher"))(_fit("fisher"))

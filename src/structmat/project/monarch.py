@@ -27,7 +27,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..structures.monarch import Monarch
 from ._linalg import damped, objective, pinv_psd, sqrt_factor
+from .registry import Problem, register_projection
 
 
 def _diag_blocks(h: Tensor, b: int, p: int) -> Tensor:
@@ -45,16 +47,16 @@ def _fit_column_block(target: Tensor, s_k: Tensor, b: int, c: int) -> Tensor:
 def whitened_monarch(w: Tensor, gram: Tensor, data_free: Tensor, *, nblocks: int, c: int, out_padded: int,
                      in_padded: int, damp: float = 1e-6, sweeps: int = 10, tol: float = 1e-4
                      ) -> tuple[Tensor, dict[str, float]]:
-    """Returns the fitted Monarch member (float64, real shape) and info. ``data_free`` is the data-free member."""
+    """Returns the fitted Monarch member (w's dtype, real shape) and info. ``data_free`` is the data-free member."""
     out, inn = w.shape
     b, p = nblocks, in_padded // nblocks
     wp = w.new_zeros(out_padded, in_padded)
     wp[:out, :inn] = w
     hp = gram.new_zeros(in_padded, in_padded)
-    hp[:inn, :inn] = gram
+    hp[:inn, :inn] = gram.to(w.dtype)
     h = damped(hp, 0.0)
     if damp > 0:
-        level = gram.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+        level = gram.diagonal().mean().clamp_min(torch.finfo(h.dtype).tiny)
         h = h + damp * level * torch.eye(in_padded, dtype=h.dtype, device=h.device)
     hkk = _diag_blocks(h, b, p)
     s = sqrt_factor(hkk)  # (b, p, p)
@@ -97,3 +99,14 @@ def whitened_monarch(w: Tensor, gram: Tensor, data_free: Tensor, *, nblocks: int
     info = {"start": "block-whitened" if f_bd <= f_df else "data-free", "sweeps": len(history) - 1,
             "damped_objective_start": history[0], "damped_objective": history[-1]}
     return m_hat[:out, :inn], info
+
+
+@register_projection("whitened", Monarch, needs_stats=True, optimal=True,
+                     options={"damp": 1e-6, "sweeps": 10, "tol": 1e-4})
+def _whitened(p: Problem, damp: float, sweeps: int, tol: float) -> tuple[Monarch, dict]:
+    base = p.baseline
+    what, info = whitened_monarch(p.w, p.h, base.to_dense().detach().to(p.w.dtype), nblocks=base.nblocks, c=base.c,
+                                  out_padded=base.out_padded, in_padded=base.in_padded, damp=damp, sweeps=sweeps,
+                                  tol=tol)
+    bias = None if p.bias is None else p.bias.to(p.w.dtype)
+    return p.cls.from_dense(what, bias, **p.args).to(dtype=p.weight.dtype), info

@@ -22,11 +22,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._linalg import damped, sym_eigh
+from ..structures.sparse import FixedSparse, NMSparse
+from ._linalg import cached_factor, damped, sym_eigh
+from .registry import Problem, register_projection
 
 
 def wanda_nm(w: Tensor, gram: Tensor, n: int, m: int, in_padded: int) -> tuple[Tensor, Tensor]:
-    """Wanda N:M: (pruned weight padded to ``in_padded`` columns, keep mask) in float64."""
+    """Wanda N:M: (pruned weight padded to ``in_padded`` columns, keep mask) in w's dtype."""
     out, cols = w.shape
     score = w.abs() * gram.diagonal().clamp_min(0.0).sqrt()
     pad = in_padded - cols
@@ -52,12 +54,14 @@ def wanda_unstructured(w: Tensor, gram: Tensor, nnz: int) -> tuple[Tensor, Tenso
 
 
 def inverse_cholesky_upper(h: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor U of (H + damp * mean(diag) * I)^-1, via eigh with eigenvalue clamping; checked."""
+    """Upper Cholesky factor U of (H + damp * mean(diag) * I)^-1, via eigh with eigenvalue clamping; checked.
+    Computed in h's dtype."""
     hd = damped(h, damp)
     lam, q = sym_eigh(hd)
-    top = lam.max().clamp_min(torch.finfo(torch.float64).tiny)
+    tiny = torch.finfo(hd.dtype).tiny
+    top = lam.max().clamp_min(tiny)
     if damp > 0:  # the damped spectrum is >= damp * mean(diag); clamp rounding below that
-        floor = damp * h.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+        floor = damp * h.diagonal().mean().clamp_min(tiny)
         floor = torch.minimum(floor, top) * 0.5
     else:
         floor = 1e-12 * top
@@ -71,8 +75,10 @@ def inverse_cholesky_upper(h: Tensor, damp: float) -> Tensor:
 
 
 def sparsegpt(w: Tensor, gram: Tensor, *, nm: tuple[int, int] | None = None, nnz: int | None = None,
-              blocksize: int = 128, damp: float = 0.01) -> tuple[Tensor, Tensor]:
-    """SparseGPT on a float64 ``w`` (out, cols) with Gram ``gram`` (cols, cols); see the module docstring.
+              blocksize: int = 128, damp: float = 0.01, upper: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """SparseGPT on ``w`` (out, cols; float32 or float64) with Gram ``gram`` (cols, cols); see the module
+    docstring. ``upper``: the precomputed :func:`inverse_cholesky_upper` of the Gram (shared between layers with
+    one input).
 
     For N:M, ``cols`` must be a multiple of m (pad first). Returns (pruned and updated weight, keep mask).
     """
@@ -86,7 +92,8 @@ def sparsegpt(w: Tensor, gram: Tensor, *, nm: tuple[int, int] | None = None, nnz
         if cols % m:
             raise ValueError(f"sparsegpt: {cols} columns are not a multiple of m={m}; pad first")
         blocksize = max(m, blocksize - blocksize % m)
-    upper = inverse_cholesky_upper(gram, damp)
+    if upper is None:
+        upper = inverse_cholesky_upper(gram.to(w.dtype), damp)
     w = w.clone()
     kept = torch.ones_like(w, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
@@ -119,3 +126,57 @@ def sparsegpt(w: Tensor, gram: Tensor, *, nm: tuple[int, int] | None = None, nnz
         if i2 < cols:
             w[:, i2:] -= err @ upper[i1:i2, i2:]
     return w, kept
+
+
+# ----------------------------------------------------------------------------------------------
+# Registered methods (N:M and unstructured)
+# ----------------------------------------------------------------------------------------------
+
+
+def _sparse_layer(p: Problem, what: Tensor, keep: Tensor):
+    """An NMSparse / FixedSparse layer with exactly the support ``keep`` (padded columns for N:M)."""
+    layer = p.new_layer()
+    out_features, in_features = p.weight.shape
+    if p.config.name == "nm":
+        index = keep.nonzero()[:, 1].reshape(out_features, -1)
+    else:
+        index = keep.reshape(-1).nonzero().squeeze(1)
+    if index.shape != layer.index.shape:  # cannot happen for valid masks; the structure's own selection is exact
+        return p.cls.from_dense(what[:, :in_features].to(p.weight.dtype), p.bias, **p.args)
+    with torch.no_grad():
+        layer.index.copy_(index)
+        layer.values.copy_(what.reshape(-1)[index] if p.config.name == "sparse" else what.gather(1, index))
+    return layer
+
+
+def magnitude(p: Problem):
+    """The largest magnitudes: the data-free projection of a sparse structure."""
+    return p.baseline
+
+
+def wanda(p: Problem):
+    if p.config.name == "nm":
+        what, keep = wanda_nm(p.w, p.h, p.config.n, p.config.m, p.baseline.in_padded)
+    else:
+        what, keep = wanda_unstructured(p.w, p.h, p.baseline.values.numel())
+    return _sparse_layer(p, what, keep)
+
+
+def _sparsegpt(p: Problem, damp: float, blocksize: int):
+    pad = p.baseline.in_padded - p.w.shape[1] if p.config.name == "nm" else 0
+    h = torch.nn.functional.pad(p.h, (0, pad, 0, pad)) if pad else p.h
+    upper = cached_factor(p.stats, f"inverse-cholesky+{pad}", damp, p.w.dtype, p.w.device,
+                          lambda: inverse_cholesky_upper(h, damp))
+    if p.config.name == "nm":
+        what, keep = sparsegpt(torch.nn.functional.pad(p.w, (0, pad)), h, nm=(p.config.n, p.config.m),
+                               blocksize=blocksize, damp=damp, upper=upper)
+    else:
+        what, keep = sparsegpt(p.w, h, nnz=p.baseline.values.numel(), blocksize=blocksize, damp=damp, upper=upper)
+    return _sparse_layer(p, what, keep)
+
+
+for _structure in (NMSparse, FixedSparse):
+    register_projection("magnitude", _structure, needs_stats=False, optimal=True)(magnitude)
+    register_projection("wanda", _structure, needs_stats=True)(wanda)
+    register_projection("sparsegpt", _structure, needs_stats=True,
+                        options={"damp": 0.01, "blocksize": 128})(_sparsegpt)

@@ -15,15 +15,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..structures.sparse_lowrank import SparsePlusLowRank
 from ._linalg import balanced, damped, objective, sqrt_factor
+from .registry import Problem, register_projection
 from .sparse import sparsegpt
 
 
 def whitened_splr(w: Tensor, gram: Tensor, sparse0: Tensor, low0: tuple[Tensor, Tensor], *, rank: int, nnz: int,
                   damp: float = 1e-6, sparse_damp: float = 0.01, blocksize: int = 128, rounds: int = 4,
                   tol: float = 1e-4) -> tuple[Tensor, tuple[Tensor, Tensor], dict[str, float]]:
-    """Returns (S dense float64, (U, V) balanced factors of L, info)."""
-    h = gram.to(torch.float64)
+    """Returns (S dense, (U, V) balanced factors of L, info), in w's dtype."""
+    h = gram.to(w.dtype)
     s_factor = sqrt_factor(damped(h, damp))
 
     def lowrank_step(target: Tensor) -> tuple[Tensor, Tensor]:
@@ -55,3 +57,21 @@ def whitened_splr(w: Tensor, gram: Tensor, sparse0: Tensor, low0: tuple[Tensor, 
             "lowrank_steps": steps["lowrank"], "sparse_steps": steps["sparse"]}
     return sparse, (u, v), info
 
+
+
+@register_projection("whitened", SparsePlusLowRank, needs_stats=True, optimal=True,
+                     options={"damp": 1e-6, "sparse_damp": 0.01, "blocksize": 128, "rounds": 4, "tol": 1e-4})
+def _whitened(p: Problem, **options) -> tuple[SparsePlusLowRank, dict]:
+    base = p.baseline
+    s0 = base.sparse.to_dense().detach().to(p.w.dtype)
+    low0 = (base.lowrank.U.detach().to(p.w.dtype), base.lowrank.V.detach().to(p.w.dtype))
+    nnz = base.sparse.values.numel()
+    sparse_part, (u, v), info = whitened_splr(p.w, p.h, s0, low0, rank=p.config.rank, nnz=nnz, **options)
+    layer = p.new_layer()
+    index = sparse_part.reshape(-1).abs().topk(nnz).indices.sort().values
+    with torch.no_grad():
+        layer.lowrank.U.copy_(u)
+        layer.lowrank.V.copy_(v)
+        layer.sparse.index.copy_(index)
+        layer.sparse.values.copy_(sparse_part.reshape(-1)[index])
+    return layer, info

@@ -319,6 +319,18 @@ class StructuredLinear(nn.Module):
         """The config whose weight has about ``ratio`` of the dense parameters."""
         raise ValueError(f"{cls.name}: the budget form ratio= is not supported; give the size explicitly")
 
+    @classmethod
+    def size_ladder(cls, in_features: int, out_features: int, sizes: int = 4, **fixed: Any) -> list[StructureConfig]:
+        """The sizes the budget solver may choose from for an ``out x in`` layer, smallest first: by default the
+        configs for ``sizes`` evenly spaced parameter ratios. Sizes that do not fit the shape are left out."""
+        found: dict[StructureConfig, None] = {}
+        for k in range(sizes):
+            try:
+                found[cls.config_for_ratio(in_features, out_features, (k + 1) / (sizes + 1), **fixed)] = None
+            except ValueError:
+                continue
+        return list(found)
+
     # --- what the base supplies ---------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:

@@ -50,6 +50,15 @@ class LowRank(StructuredLinear):
         rank = round_down8(int(ratio * in_features * out_features / (in_features + out_features)))
         return LowRankConfig(rank=max(1, min(rank, max_rank(in_features, out_features))))
 
+    @classmethod
+    def size_ladder(cls, in_features, out_features, sizes=4, **fixed):
+        """Every rank that is a multiple of 8 below dense (every rank for tiny layers): a low-rank basis prices all
+        of them from one decomposition, so the ladder is fine."""
+        if fixed:
+            raise ValueError(f"lowrank: the size ladder takes no fixed arguments, got {sorted(fixed)}")
+        top = max_rank(in_features, out_features)
+        return [LowRankConfig(rank=r) for r in (list(range(8, top + 1, 8)) or list(range(1, top + 1)))]
+
     def _matmul(self, x: Tensor) -> Tensor:
         return run_op("lowrank", lowrank_multiply, x, self.U, self.V)
 

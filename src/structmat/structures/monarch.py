@@ -108,6 +108,22 @@ class Monarch(StructuredLinear):
         _, b, c = best
         return MonarchConfig(nblocks=b, block_rank=c, pad=bool(pad))
 
+    @classmethod
+    def size_ladder(cls, in_features, out_features, sizes=4, nblocks=None, **fixed):
+        """For each block count (the given one, else the common divisors 2..16), ``sizes`` block ranks up to twice
+        the rank-1 Monarch's, multiples of 8 from 16 up."""
+        if fixed:
+            raise ValueError(f"monarch: the size ladder takes only nblocks=, got {sorted(fixed)}")
+        counts = [nblocks] if nblocks else [b for b in divisors(math.gcd(in_features, out_features)) if 2 <= b <= 16]
+        found: dict[MonarchConfig, None] = {}
+        for b in counts:
+            cmax = min(in_features, out_features) // b
+            for k in range(sizes):
+                c = max(1, int((k + 1) / sizes * monarch_block_rank(in_features, out_features, b) * 2))
+                c = min(cmax, c - c % 8 if c >= 16 else c)
+                found[MonarchConfig(nblocks=b, block_rank=c)] = None
+        return list(found)
+
     def _matmul(self, x: Tensor) -> Tensor:
         y = run_op("monarch", monarch_multiply, self._pad_input(x, self.in_padded), self.R, self.L)
         return self._trim_output(y)

@@ -106,6 +106,13 @@ class NMSparse(_SparseBase):
         n = min(max(1, round(ratio * m)), m - 1)
         return NMSparseConfig(n=n, m=m, pad=bool(pad))
 
+    @classmethod
+    def size_ladder(cls, in_features, out_features, sizes=4, m=4, pad=False, **fixed):
+        """Every n:m with n < m (1:4, 2:4, 3:4 by default)."""
+        if fixed:
+            raise ValueError(f"nm: the size ladder takes only m and pad, got {sorted(fixed)}")
+        return [NMSparseConfig(n=n, m=m, pad=bool(pad)) for n in range(1, m)]
+
     def _random_support(self, generator):
         scores = torch.rand(self.out_features, self.groups, self.m, generator=generator, device=self.index.device)
         return self._group_top(scores)
