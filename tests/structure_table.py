@@ -83,8 +83,45 @@ def ref_splr(layer):
     return ref_sparse(layer.sparse) + ref_lowrank(layer.lowrank)
 
 
+def ref_randbasis(layer):
+    a = sum(layer.alpha[i] * layer.basis_a[i] for i in range(layer.bases))
+    b = sum(layer.beta[i] * layer.basis_b[i] for i in range(layer.bases))
+    return b @ a
+
+
+def ref_ldu(layer):
+    out, inn, r = layer.out_features, layer.in_features, layer.rank
+    lower = layer.L.new_zeros(out, r)
+    upper = layer.U.new_zeros(r, inn)
+    it_l, it_u = iter(layer.L), iter(layer.U)
+    for i in range(out):  # row-major order of the strictly lower entries, as torch.tril_indices lists them
+        for j in range(min(i, r)):
+            lower = lower.index_put((torch.tensor(i), torch.tensor(j)), next(it_l))
+    for i in range(r):
+        for j in range(i + 1, inn):
+            upper = upper.index_put((torch.tensor(i), torch.tensor(j)), next(it_u))
+    lower = lower + torch.eye(out, r, dtype=layer.L.dtype)
+    upper = upper + torch.eye(r, inn, dtype=layer.U.dtype)
+    return sum(layer.d[k] * torch.outer(lower[:, k], upper[k]) for k in range(r))
+
+
+def ref_rows(layer):
+    rows = [layer.values.new_zeros(layer.in_features)] * layer.out_features
+    for j, i in enumerate(layer.index.tolist()):
+        rows[i] = layer.values[j]
+    return torch.stack(rows)
+
+
+def ref_cols(layer):
+    cols = [layer.values.new_zeros(layer.out_features)] * layer.in_features
+    for j, i in enumerate(layer.index.tolist()):
+        cols[i] = layer.values[:, j]
+    return torch.stack(cols, dim=1)
+
+
 REFS = {"dense": ref_dense, "lowrank": ref_lowrank, "blockdiag": ref_blockdiag, "monarch": ref_monarch,
-        "kron": ref_kron, "nm": ref_nm, "sparse": ref_sparse, "splr": ref_splr}
+        "kron": ref_kron, "nm": ref_nm, "sparse": ref_sparse, "splr": ref_splr, "randbasis": ref_randbasis,
+        "ldu": ref_ldu, "rows": ref_rows, "cols": ref_cols}
 
 
 def ref_product(layer):
@@ -149,6 +186,12 @@ def opt_nm(w, n, m, pad=False):
             mags = np.sort(np.abs(row[g:g + m]))[::-1]
             total += float((mags[n:] ** 2).sum())
     return math.sqrt(total)
+
+
+def opt_selected(w, k, axis):
+    W = _np(w)
+    norms = np.sort((W ** 2).sum(axis=1 - axis))
+    return math.sqrt(float(norms[: len(norms) - k].sum()))
 
 
 def opt_sparse(w, density):
@@ -244,6 +287,28 @@ ROWS = [
         lambda l: _armor_params(l.in_features, l.out_features),
         lambda l, t: 2 * t * _armor_params(l.in_features, l.out_features),
         local_method=True, typical=(40, 32)),
+]
+
+ROWS += [
+    Row("randbasis", lambda i, o: "randbasis:rank=2,bases=3,seed=5", any_shape,
+        lambda l: 2 * l.bases,
+        lambda l, t: 2 * t * l.rank * (l.in_features + l.out_features),
+        exact_shapes=[(12, 10), (40, 24), (7, 33)], local_method=True,
+        fans=lambda l: {"alpha": (1.0, 1.0), "beta": (1.0, 1.0)}),
+    Row("ldu", lambda i, o: f"ldu:rank={max(1, min(i, o) // 4)}", any_shape,
+        lambda l: l.rank * (l.in_features + l.out_features) - l.rank ** 2,
+        lambda l, t: 2 * t * l.rank * (l.in_features + l.out_features) + t * l.rank,
+        optimum=lambda w, l: opt_lowrank(w, l.rank),
+        fans=lambda l: {"U": (l.in_features, l.rank), "d": (l.in_features, l.out_features),
+                        "L": (l.rank, l.out_features)}),
+    Row("rows", lambda i, o: f"rows:k={max(1, o // 3)}", any_shape,
+        lambda l: l.k * l.in_features,
+        lambda l, t: 2 * t * l.k * l.in_features,
+        optimum=lambda w, l: opt_selected(w, l.k, 0), fans=lambda l: {"values": (l.in_features, l.k)}),
+    Row("cols", lambda i, o: f"cols:k={max(1, i // 3)}", any_shape,
+        lambda l: l.k * l.out_features,
+        lambda l, t: 2 * t * l.k * l.out_features,
+        optimum=lambda w, l: opt_selected(w, l.k, 1), fans=lambda l: {"values": (l.k, l.out_features)}),
 ]
 
 ROW_IDS = [r.name for r in ROWS]

@@ -81,7 +81,7 @@ def test_padding_is_explicit_and_counted():
 
 
 @pytest.mark.parametrize("spec, error, message", [
-    ("butterfly:nblocks=4", ValueError, r"unknown structure 'butterfly'; valid structures: blockdiag, dense, kron"),
+    ("butterfly:nblocks=4", ValueError, r"unknown structure 'butterfly'; valid structures: blockdiag, cols, dense, kron, ldu"),
     ("lowrank:rnak=4", ValueError, r"unknown key\(s\) rnak; valid keys: rank, ratio"),
     ("monarch:nblocks=4,blocks=2", ValueError, r"unknown key\(s\) blocks; valid keys: nblocks, rank"),
     ("lowrank:rank=four", ValueError, r"cannot read rank='four' as int"),

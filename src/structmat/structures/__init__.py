@@ -13,9 +13,12 @@ from .base import (REGISTRY, RatioSpec, StructuredLinear, StructureConfig, check
 from .blockdiag import BlockDiagonal, BlockDiagonalConfig
 from .dense import Dense, DenseConfig
 from .kronecker import KroneckerSum, KroneckerSumConfig
+from .ldu import LowRankLDU, LowRankLDUConfig
 from .lowrank import LowRank, LowRankConfig
 from .monarch import Monarch, MonarchConfig
 from .product import Product, ProductConfig
+from .randbasis import RandomBasis, RandomBasisConfig
+from .selected import SelectedColumns, SelectedColumnsConfig, SelectedRows, SelectedRowsConfig
 from .sparse import FixedSparse, FixedSparseConfig, NMSparse, NMSparseConfig
 from .sparse_lowrank import SparsePlusLowRank, SparsePlusLowRankConfig
 
@@ -40,7 +43,8 @@ __all__ = [
     "REGISTRY", "RatioSpec", "StructuredLinear", "StructureConfig", "build", "from_dense", "parse_spec",
     "resolve_spec", "config_from_dict", "structure_class",
     "Dense", "LowRank", "BlockDiagonal", "Monarch", "KroneckerSum", "NMSparse", "FixedSparse", "SparsePlusLowRank",
-    "Product",
+    "Product", "RandomBasis", "LowRankLDU", "SelectedRows", "SelectedColumns",
     "DenseConfig", "LowRankConfig", "BlockDiagonalConfig", "MonarchConfig", "KroneckerSumConfig", "NMSparseConfig",
     "FixedSparseConfig", "SparsePlusLowRankConfig", "ProductConfig",
+    "RandomBasisConfig", "LowRankLDUConfig", "SelectedRowsConfig", "SelectedColumnsConfig",
 ]

@@ -281,6 +281,9 @@ class StructuredLinear(nn.Module):
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[StructureConfig]] = StructureConfig
+    # The factor(s) nearest the output: zeroing them makes the weight zero while gradients still reach them (the
+    # zero start of an adapter, LoRA's B = 0). None: the structure has one factor, zeroed as a whole.
+    zero_factors: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None, dtype=None) -> None:
         super().__init__()
@@ -446,6 +449,21 @@ class StructuredLinear(nn.Module):
         with torch.no_grad():
             for pname, (fan_in, fan_out) in self._factors().items():
                 self.get_parameter(pname).normal_(0.0, mup_std(fan_in, fan_out), generator=generator)
+            if self.bias is not None:
+                self.bias.zero_()
+        return self
+
+    def zero_(self) -> "StructuredLinear":
+        """Make the weight exactly zero, keeping a nonzero gradient path (see ``zero_factors``); bias zero too."""
+        names = self.zero_factors
+        if names is None:
+            names = tuple(self._factors())
+            if len(names) != 1:
+                raise ValueError(f"{self.name}: a zero start needs zero_factors (the factors nearest the output); "
+                                 f"this structure has several factors {names}")
+        with torch.no_grad():
+            for pname in names:
+                self.get_parameter(pname).zero_()
             if self.bias is not None:
                 self.bias.zero_()
         return self

@@ -60,6 +60,7 @@ def monarch_multiply(x: Tensor, R: Tensor, L: Tensor) -> Tensor:
 class Monarch(StructuredLinear):
     name = "monarch"
     Config = MonarchConfig
+    zero_factors = ("L",)
 
     def __init__(self, in_features: int, out_features: int, nblocks: int, rank: int = 1,
                  block_rank: int | None = None, pad: bool = False, bias: bool = True, *, device=None, dtype=None):

@@ -109,6 +109,14 @@ class Product(StructuredLinear):
         for layer in self.layers:
             layer._check_state()
 
+    def zero_(self):
+        """Zero the output-side factor's output-side factor(s): the product is zero and still learns."""
+        self.layers[0].zero_()
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.zero_()
+        return self
+
     def _factors(self):
         return {f"layers.{i}.{k}": v for i, f in enumerate(self.layers) for k, v in f._factors().items()}
 

@@ -35,6 +35,7 @@ class SparsePlusLowRankConfig(StructureConfig):
 class SparsePlusLowRank(StructuredLinear):
     name = "splr"
     Config = SparsePlusLowRankConfig
+    zero_factors = ("sparse.values", "lowrank.U")
     godec_sweeps = 30  # support search
     als_rounds, als_sweeps = 5, 40  # support re-picks, and ALS sweeps per support
 
