@@ -68,6 +68,16 @@ class _Selected(StructuredLinear):
                 self.index.copy_(perm)
         return super().init_(generator)
 
+    def _check_state(self) -> None:
+        """A loaded index must name k distinct rows (columns) in range, sorted: anything else is another matrix."""
+        index, size = self.index, (self.out_features, self.in_features)[self.axis]
+        if index.dtype != torch.long or tuple(index.shape) != (self.k,):
+            raise ValueError(f"{self._label()} {self.spec}: the index buffer has {index.dtype} {tuple(index.shape)}, "
+                             f"expected int64 ({self.k},); the weights are corrupt, save the model again")
+        if self.k and (int(index.min()) < 0 or int(index.max()) >= size or bool((index[1:] <= index[:-1]).any())):
+            raise ValueError(f"{self._label()} {self.spec}: the index buffer must hold {self.k} sorted distinct "
+                             f"indices in [0, {size}); the weights are corrupt, save the model again")
+
     def to_dense(self) -> Tensor:
         dense = self.values.new_zeros(self.out_features, self.in_features)
         return dense.index_copy(self.axis, self.index, self.values)
