@@ -32,8 +32,8 @@ def _inputs(B, T, H, D, nh, gated, beta_range, state, seed):
 
 def _run(x, backend, dtype, grads=True, **kw):
     """bf16 (or float32) copies of x's q/k/v, float32 beta/gate/state; returns o, S and every gradient."""
-    lp = {n: None if t is None else (t.to(dtype) if n in ("q", "k", "v") else t.clone()).requires_grad_(grads)
-          for n, t in x.items()}
+    lp = {n: None if t is None else t.detach().to(dtype if n in ("q", "k", "v") else t.dtype, copy=True)
+          .requires_grad_(grads) for n, t in x.items()}
     o, S = delta_rule(lp["q"], lp["k"], lp["v"], lp["beta"], lp["log_gate"], lp["initial_state"],
                       output_final_state=True, backend=backend, **kw)
     if not grads:
