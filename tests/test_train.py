@@ -103,7 +103,7 @@ def test_tiny_training_lowers_loss_and_saves(corpus, tmp_path):
     assert json.loads((tmp_path / "run" / "results.json").read_text())["final"]["step"] == 40
 
 
-def test_kill_and_resume_gives_the_same_loss_curve(corpus, tmp_path):
+def test_kill_and_resume_gives_the_same_loss_curve(corpus, tmp_path, capsys):
     n, k = 30, 10
     reference = train(_config(corpus, tmp_path, "ref", steps=n, ckpt_every=k))
     cfg = _config(corpus, tmp_path, "crash", steps=n, ckpt_every=k, throttle_s=0.25)
@@ -111,20 +111,21 @@ def test_kill_and_resume_gives_the_same_loss_curve(corpus, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, "-m", "structmat.train.cli", "--config", str(tmp_path / "crash.json")],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpt = tmp_path / "crash" / "checkpoints" / f"step-{k:07d}.json"
-    deadline = time.monotonic() + 60
-    while not ckpt.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"no checkpoint at step {k}: {proc.stderr.read().decode()[-2000:]}")
+    ckpt_dir = tmp_path / "crash" / "checkpoints"
+    # Wait on progress, not on the clock: as long as the run is alive it is making its way to a checkpoint (a loaded
+    # machine only makes that slower); the run ending without one is the failure.
+    while not list_checkpoints(ckpt_dir):
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended without a checkpoint: {proc.stderr.read().decode()[-2000:]}")
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     proc.stderr.close()
-    done = list_checkpoints(tmp_path / "crash" / "checkpoints")
+    done = list_checkpoints(ckpt_dir)
     assert k in done and max(done) < n  # killed mid-run
     resumed = train({**cfg, "throttle_s": 0.0})
     assert resumed["resumed_from"] == max(done)
+    assert f"resumed from step {max(done)}" in capsys.readouterr().err
     ref_losses = [h["loss"] for h in reference["history"]]
     got = [h["loss"] for h in resumed["history"]]
     assert len(got) == n

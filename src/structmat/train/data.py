@@ -85,7 +85,15 @@ class PackedBatches:
                 raise ValueError(f"the checkpoint's data position was saved for {key}={state.get(key)!r}, but this "
                                  f"run has {key}={mine[key]!r}: the data or batch settings changed, so it cannot "
                                  "resume exactly")
-        self.epoch, self.index, self._order = int(state["epoch"]), int(state["index"]), None
+        epoch, index = state.get("epoch"), state.get("index")
+        for key, value in (("epoch", epoch), ("index", index)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"the checkpoint's data position has {key}={value!r}, not an int >= 0; the checkpoint "
+                                 "is corrupt")
+        if index > self.num_sequences:
+            raise ValueError(f"the checkpoint's data position index={index} lies beyond the {self.num_sequences} "
+                             "sequences of an epoch; the checkpoint is corrupt")
+        self.epoch, self.index, self._order = epoch, index, None
 
 
 def validation_batches(stream: Tensor, seq_len: int, batch_size: int, max_batches: int | None) -> Iterator[Tensor]:

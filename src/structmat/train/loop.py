@@ -7,8 +7,11 @@
   ``eval_every`` steps and at the end.
 * Checkpoints ``<out>/checkpoints/step-XXXXXXX.{safetensors,json}``: the tensors (model, optimizer state keyed by
   parameter name, torch CPU/CUDA RNG, numpy RNG key; full tensors even under FSDP) in safetensors, everything else
-  (optimizer hyper-parameters, schedule step, python/numpy RNG, data position, history) in JSON, which is written LAST and records the sha256 of the tensor file: a checkpoint
-  exists iff its JSON does, and a damaged one raises ``ValueError``. Both writes are atomic. Nothing is unpickled.
+  (optimizer hyper-parameters, schedule step, python/numpy RNG, data position, history) in JSON, which is written
+  LAST and records the sha256 of the tensor file and of its own body: a checkpoint exists iff its JSON file does, and
+  a damaged or edited one raises ``ValueError``. Both writes are atomic. Nothing is unpickled. One run at a time per
+  output folder (``<out>/.lock``); temporary files of killed writes are removed at the next start; a resumed run
+  says so ("resumed from step N").
 * Results: ``<out>/results.json`` (loss vs step/tokens/FLOPs/wall time, validation, params, corpus manifest,
   run_info), ``<out>/loss.png`` (loss vs tokens, FLOPs and wall time) and the final model in ``<out>/model``
   (``structmat.save_pretrained`` + ``tokenizer.json``).
@@ -29,7 +32,10 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
+import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +47,14 @@ from torch import nn
 
 from ..atomic import write_atomic
 from ..surgery import Plan, linear_modules, structured_modules
+from ..validate import loads_json
 from .galore import GaLoreAdamW, without_embeddings
 from .galore import state_bytes as optimizer_state_bytes
+from .models import DEFAULT_VOCAB
 
 CKPT_FORMAT = "structmat-train-checkpoint"
-CKPT_VERSION = 2  # 2: optimizer state keyed by parameter name (FSDP-safe)
+CKPT_VERSION = 3  # 2: optimizer state keyed by parameter name (FSDP-safe); 3: the JSON carries its own sha256
+_CKPT_NAME = re.compile(r"step-(\d{7,})\.json")
 
 
 @dataclass
@@ -53,7 +62,7 @@ class TrainConfig:
     out_dir: str = "runs/train"
     # model
     preset: str = "5m"
-    vocab_size: int = 8192
+    vocab_size: int = DEFAULT_VOCAB
     mlp: str | None = None            # structure spec for gate/up/down, e.g. "lowrank:ratio=0.5"
     attn: str | None = None           # structure spec for q/k/v/o
     plan: dict | None = None          # a full plan (Plan.to_dict() form); overrides mlp/attn
@@ -147,6 +156,30 @@ class TrainConfig:
         d["betas"] = list(self.betas)
         return d
 
+    def check_model(self) -> None:
+        """Build the model on the meta device (no memory, no data): every spec is checked against the preset's real
+        layer shapes before the tokenizer or any data work starts."""
+        from ..validate import check_model_config
+        from .models import PRESETS, llama_config, structured_llama
+
+        plan = self.build_plan()
+        if self.preset not in PRESETS:
+            raise ValueError(f"train config: unknown model preset {self.preset!r}; choose from {', '.join(PRESETS)}")
+        try:  # transformers validates a config with its own exception classes
+            config = llama_config(self.preset, self.vocab_size, self.seq_len, **self.model_overrides)
+        except Exception as err:
+            raise ValueError(f"train config: the model config is invalid ({type(err).__name__}: "
+                             f"{str(err).strip().splitlines()[-1]}); fix model_overrides/vocab_size/seq_len") from None
+        check_model_config(config, "train config")
+        known = set(type(config)().to_dict())
+        unknown = sorted(set(self.model_overrides) - known)
+        if unknown:
+            raise ValueError(f"train config: model_overrides has unknown LlamaConfig field(s) {unknown}; e.g. "
+                             "num_hidden_layers, hidden_size, intermediate_size, num_attention_heads")
+        with torch.device("meta"):
+            structured_llama(self.preset, self.vocab_size, plan, seed=self.seed, max_seq_len=self.seq_len,
+                             **self.model_overrides)
+
     def build_plan(self) -> Plan | None:
         from .models import make_plan
 
@@ -236,11 +269,64 @@ def list_checkpoints(ckpt_dir: Path) -> list[int]:
         return []
     steps = []
     for p in ckpt_dir.glob("step-*.json"):
-        try:
-            steps.append(int(p.stem.split("-", 1)[1]))
-        except ValueError:
-            continue
+        match = _CKPT_NAME.fullmatch(p.name)
+        if match and p.is_file():  # a stray directory or file named like a checkpoint is not one
+            steps.append(int(match.group(1)))
     return sorted(steps)
+
+
+def remove_checkpoint(ckpt_dir: Path, step: int) -> None:
+    """Delete checkpoint ``step``: its JSON first (it commits the checkpoint), then the tensors; files only."""
+    for p in reversed(checkpoint_paths(ckpt_dir, step)):
+        if p.is_file() or p.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
+def clean_temporary_files(folder: Path) -> list[Path]:
+    """Remove what killed atomic writes left in ``folder`` (``.<name>.<random>.tmp``); returns the removed paths."""
+    removed = []
+    if folder.is_dir():
+        for p in folder.glob(".*.tmp"):
+            if p.is_file():
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    removed.append(p)
+    return removed
+
+
+@contextlib.contextmanager
+def run_lock(out: Path):
+    """Hold ``<out>/.lock`` for the run: a second run in the same folder stops with an error instead of mixing its
+    checkpoints with ours. The lock is released by the OS when the process dies (kill -9 included)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ".lock"
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover (Windows: no advisory locks; one run per folder is then up to the user)
+        yield
+        return
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise ValueError(f"out_dir {out} is in use by another training run (pid {holder} holds {path}); wait "
+                             "for it to finish or use another out_dir") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _body_digest(state: dict[str, Any]) -> str:
+    body = {k: v for k, v in state.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -287,6 +373,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torc
     data = st_save(tensors, metadata={"format": "pt"})
     write_atomic(tpath, data)
     state["tensors"] = {"file": tpath.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    state["sha256"] = _body_digest(state)  # an edited JSON is refused, not half-used
     write_atomic(jpath, (json.dumps(state) + "\n").encode())  # last: the commit
     return jpath
 
@@ -297,14 +384,18 @@ def load_checkpoint(ckpt_dir: Path, step: int) -> tuple[dict[str, Any], dict[str
 
     tpath, jpath = checkpoint_paths(ckpt_dir, step)
     try:
-        state = json.loads(jpath.read_text())
-        if state.get("format") != CKPT_FORMAT or not isinstance(state.get("tensors"), dict):
+        state = loads_json(jpath.read_bytes(), jpath.name, "delete it")
+        if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
             raise ValueError("not a structmat training checkpoint")
         if state.get("version") != CKPT_VERSION:
-            raise ValueError(f"checkpoint version {state.get('version')!r}, expected {CKPT_VERSION}")
-    except (OSError, json.JSONDecodeError, ValueError, AttributeError) as err:
+            raise ValueError(f"checkpoint version {state.get('version')!r}, this structmat reads {CKPT_VERSION} (written "
+                             "by another structmat version)")
+        if state.get("sha256") != _body_digest(state):
+            raise ValueError("its content does not match its sha256 (edited or damaged)")
+        _check_state_fields(state, step)
+    except (OSError, ValueError) as err:
         raise ValueError(f"checkpoint {jpath} is corrupt or unreadable ({err}); delete it to resume from an earlier "
-                         "one, or start over") from None
+                         "one, or start over (resume=False)") from None
     try:
         data = tpath.read_bytes()
     except OSError as err:
@@ -317,6 +408,18 @@ def load_checkpoint(ckpt_dir: Path, step: int) -> tuple[dict[str, Any], dict[str
     except Exception as err:
         raise ValueError(f"checkpoint {tpath} is corrupt: safetensors cannot read it ({err})") from None
     return state, tensors
+
+
+_STATE_FIELDS = {"step": int, "tensors": dict, "optimizer": dict, "rng": dict, "data": dict, "wall_s": (int, float),
+                 "history": list, "val_history": list, "config_key": str}
+
+
+def _check_state_fields(state: dict[str, Any], step: int) -> None:
+    for key, kind in _STATE_FIELDS.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise ValueError(f"field {key!r} is missing or not a {getattr(kind, '__name__', 'number')}")
+    if state["step"] != step:
+        raise ValueError(f"it records step {state['step']} but is named step {step}")
 
 
 def _restore(state: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module,
@@ -393,6 +496,7 @@ def train(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     """Train per ``config`` (a :class:`TrainConfig` or its dict), resuming from the latest checkpoint in
     ``<out_dir>/checkpoints`` when ``resume``; return the results dict (also written to ``<out_dir>/results.json``)."""
     cfg = TrainConfig.coerce(config)
+    cfg.check_model()  # every spec against the real shapes, before the tokenizer and the data
     old_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -410,7 +514,12 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         if info.active and info.mode == "fsdp" and (cfg.guide_steps or cfg.densify_step or cfg.optimizer == "galore"):
             raise ValueError("parallel=fsdp shards parameters, so it cannot swap modules mid-run (guide_steps, "
                              "densify_step) or take SVDs of whole gradients (optimizer=galore); use parallel=ddp")
-        return _run(cfg, info, device)
+        out = Path(cfg.out_dir).expanduser()
+        with run_lock(out) if info.main else contextlib.nullcontext():
+            if info.main:
+                clean_temporary_files(out)
+                clean_temporary_files(out / "checkpoints")
+            return _run(cfg, info, device)
     finally:
         distributed.teardown(info)
 
@@ -497,11 +606,18 @@ def _run(cfg: TrainConfig, info, device: torch.device) -> dict[str, Any]:
         if state.get("config_key") != _resume_key(cfg):
             raise ValueError(f"checkpoint {step} in {ckpt_dir} was written with different settings; use "
                              "another out_dir, or resume=False to start over")
-        _restore(state, tensors, model, optimizer)
-        batches.load_state_dict(state["data"])
-        wall, history, val_history = float(state["wall_s"]), state["history"], state["val_history"]
-        flops = float(history[-1]["flops"]) if history else 0.0
+        try:
+            _restore(state, tensors, model, optimizer)
+            batches.load_state_dict(state["data"])
+            wall, history, val_history = float(state["wall_s"]), state["history"], state["val_history"]
+            flops = float(history[-1]["flops"]) if history else 0.0
+        except (KeyError, TypeError, IndexError, AttributeError) as err:
+            raise ValueError(f"checkpoint {step} in {ckpt_dir} does not hold a usable state ({type(err).__name__}: "
+                             f"{err}); delete it to resume from an earlier one, or start over (resume=False)") from None
         resumed_from = step
+        if info.main:
+            print(f"structmat train: resumed from step {step} ({checkpoint_paths(ckpt_dir, step)[1]})",
+                  file=sys.stderr, flush=True)
 
     def checkpoint() -> None:
         save_checkpoint(ckpt_dir, step, model, optimizer, {
@@ -510,9 +626,7 @@ def _run(cfg: TrainConfig, info, device: torch.device) -> dict[str, Any]:
             "world_size": info.world}, write=info.main)
         if info.main:
             for old in list_checkpoints(ckpt_dir)[:-cfg.keep_checkpoints]:
-                for p in reversed(checkpoint_paths(ckpt_dir, old)):
-                    with contextlib.suppress(FileNotFoundError):
-                        p.unlink()
+                remove_checkpoint(ckpt_dir, old)
         distributed.barrier(info)
 
     def validate() -> None:
