@@ -14,7 +14,8 @@ own magnitude projection recovers it exactly.
   (with the weights already updated by the columns to the left); unstructured picks the lowest scores within
   each block of ``blocksize`` columns (adaptive per block), with the number kept per block allotted so the total
   is exactly nnz. Updates within a block are applied column by column, to later blocks once per block
-  (W[:, i2:] -= Err_block U[block, i2:]).
+  (W[:, i2:] -= Err_block U[block, i2:]). Dead inputs (H_jj = 0) get H_jj = 1 and a zero weight column, as in
+  the reference implementation, so an all-zero Gram needs no damping at all.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def wanda_unstructured(w: Tensor, gram: Tensor, nnz: int) -> tuple[Tensor, Tenso
 
 def inverse_cholesky_upper(h: Tensor, damp: float) -> Tensor:
     """Upper Cholesky factor U of (H + damp * mean(diag) * I)^-1, via eigh with eigenvalue clamping; checked.
-    Computed in h's dtype."""
-    hd = damped(h, damp)
+    Computed in h's dtype. Dead inputs (H_jj = 0) get H_jj = 1 first."""
+    hd = damped(_revive_dead_inputs(h), damp)
     lam, q = sym_eigh(hd)
     tiny = torch.finfo(hd.dtype).tiny
     top = lam.max().clamp_min(tiny)
@@ -72,6 +73,24 @@ def inverse_cholesky_upper(h: Tensor, damp: float) -> Tensor:
         raise ValueError(f"sparsegpt: the inverse Hessian is not positive definite (damp={damp}); "
                          "pass a larger damp= (e.g. 0.01 or 0.1)")
     return upper
+
+
+def dead_inputs(gram: Tensor) -> Tensor:
+    """Inputs that never carry energy (H_jj = 0): they do not affect the output."""
+    return gram.diagonal() <= 0
+
+
+def _revive_dead_inputs(h: Tensor) -> Tensor:
+    """As the reference SparseGPT: H_jj = 1 (row and column otherwise zero) for a dead input, so H stays invertible
+    at any damp, also for an all-zero Gram."""
+    dead = dead_inputs(h)
+    if not bool(dead.any()):
+        return h
+    h = h.clone()
+    h[dead, :] = 0.0
+    h[:, dead] = 0.0
+    h[dead, dead] = 1.0
+    return h
 
 
 def sparsegpt(w: Tensor, gram: Tensor, *, nm: tuple[int, int] | None = None, nnz: int | None = None,
@@ -95,6 +114,7 @@ def sparsegpt(w: Tensor, gram: Tensor, *, nm: tuple[int, int] | None = None, nnz
     if upper is None:
         upper = inverse_cholesky_upper(gram.to(w.dtype), damp)
     w = w.clone()
+    w[:, dead_inputs(gram)] = 0.0  # as the reference: an input that never carries energy gets no weight
     kept = torch.ones_like(w, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)

@@ -392,9 +392,17 @@ class StructuredLinear(nn.Module):
         layer = cls(in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype,
                     **structure_args)
         with torch.no_grad():
-            layer._project_(weight)
+            exponent = _power_of_two_scale(weight)
+            if exponent:  # fit max|W| ~ 1, then scale back exactly: subnormal and near-fp16-max weights fit too
+                layer._project_((weight.to(torch.float64) * 2.0**-exponent).to(work_dtype(weight)))
+                layer._rescale_(exponent)
+            else:
+                layer._project_(weight)
             if bias is not None:
                 layer.bias.copy_(bias)
+        for pname, p in layer.named_parameters():
+            check_finite(f"{layer._label()}.from_dense", pname, p,
+                         f"the projection leaves the range of {p.dtype}; project in float32 or bfloat16")
         return layer
 
     @classmethod
@@ -419,6 +427,15 @@ class StructuredLinear(nn.Module):
                 return 0.0 if not bool(dense.any()) else math.inf
             w, dense = w / scale, dense / scale
             return (torch.linalg.norm(w - dense) / torch.linalg.norm(w)).item()
+
+    def _rescale_(self, exponent: int) -> None:
+        """Multiply the weight by ``2**exponent`` exactly (powers of two), the exponent split over the factors. The
+        default fits structures whose weight is one product of its factors (lowrank, monarch, kron, blockdiag, sparse,
+        dense); a sum or a chain of structures overrides it."""
+        names = list(self._factors())
+        for name, part in zip(names, split_exponent(exponent, len(names))):
+            p = self.get_parameter(name)
+            p.copy_(p.to(torch.float64) * 2.0**part)  # exact in float64; one rounding into p's dtype
 
     def check_state_(self) -> "StructuredLinear":
         """Check a state that came from outside (a loaded file): finite values, one floating dtype for the weight
@@ -497,6 +514,20 @@ class StructuredLinear(nn.Module):
             raise ValueError(
                 f"{self._label()} {self.spec}: {weight_params} weight parameters >= dense {dense}; {hint}"
             )
+
+
+def split_exponent(exponent: int, parts: int) -> list[int]:
+    """Integers summing to ``exponent``, as equal as possible (the larger ones first)."""
+    base, extra = divmod(exponent, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def _power_of_two_scale(weight: Tensor) -> int:
+    """The exponent e with max|W| in [2**(e-1), 2**e); 0 for an all-zero or meta weight."""
+    if weight.device.type == "meta" or weight.numel() == 0:
+        return 0
+    peak = float(weight.detach().abs().max())
+    return 0 if peak == 0.0 else math.frexp(peak)[1]
 
 
 def check_dense_weight(weight: Any, owner: str, bias: Any = None, call: str = ".from_dense") -> Tensor:

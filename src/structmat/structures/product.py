@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import (StructuredLinear, StructureConfig, check_int, config_from_dict, register,
+from .base import (StructuredLinear, StructureConfig, check_int, config_from_dict, register, split_exponent,
                    structure_class, work_dtype)
 
 
@@ -104,6 +104,10 @@ class Product(StructuredLinear):
             with torch.no_grad():
                 self.bias.zero_()
         return self
+
+    def _rescale_(self, exponent: int) -> None:
+        for layer, part in zip(self.layers, split_exponent(exponent, len(self.layers))):
+            layer._rescale_(part)
 
     def _check_state(self) -> None:
         for layer in self.layers:

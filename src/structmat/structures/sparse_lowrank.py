@@ -82,6 +82,10 @@ class SparsePlusLowRank(StructuredLinear):
                 self.bias.zero_()
         return self
 
+    def _rescale_(self, exponent: int) -> None:
+        self.sparse._rescale_(exponent)  # a sum: both parts scale fully
+        self.lowrank._rescale_(exponent)
+
     def _check_state(self) -> None:
         self.sparse._check_state()
 
@@ -145,9 +149,16 @@ def _on_support(w: Tensor, index: Tensor) -> Tensor:
 
 
 def _masked_lstsq(w: Tensor, observed: Tensor, left: Tensor) -> Tensor:
-    """argmin_V sum_ij observed_ij (w_ij - (left @ V)_ij)^2, column by column (ridge 1e-12 for rank loss)."""
-    gram = torch.einsum("ij,ir,is->jrs", observed, left, left)  # (in, r, r)
-    rhs = ((observed * w).T @ left).unsqueeze(-1)  # (in, r, 1)
-    eye = torch.eye(left.shape[1], dtype=w.dtype, device=w.device)
-    scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(w.dtype).tiny)
-    return torch.linalg.solve(gram + 1e-12 * scale[:, None, None] * eye, rhs).squeeze(-1).T
+    """argmin_V sum_ij observed_ij (w_ij - (left @ V)_ij)^2, column by column, as the minimum-norm solution.
+
+    Rank-deficient or constant matrices make the r x r Gram matrices singular, and a ridge below the working
+    precision (1e-12 in float32) does not help; so each Gram is solved through its eigendecomposition (in float64),
+    dropping the directions whose eigenvalue is below the input precision (eps of w's dtype x r x the largest one)."""
+    gram = torch.einsum("ij,ir,is->jrs", observed, left, left).to(torch.float64)  # (in, r, r)
+    rhs = ((observed * w).T @ left).to(torch.float64).unsqueeze(-1)  # (in, r, 1)
+    evals, evecs = torch.linalg.eigh(gram)
+    floor = torch.finfo(w.dtype).eps * left.shape[1] * evals[:, -1:].clamp_min(0.0)
+    keep = evals > floor.clamp_min(torch.finfo(torch.float64).tiny)
+    inverse = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), torch.zeros_like(evals))
+    solution = evecs @ (inverse.unsqueeze(-1) * (evecs.transpose(-2, -1) @ rhs))
+    return solution.squeeze(-1).T.to(w.dtype)
