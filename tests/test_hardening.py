@@ -476,7 +476,8 @@ case(10, "splr on a zero matrix", error=None)(lambda tmp: _fits("splr:rank=2,den
 
 _PRODUCT = "blockdiag:nblocks=8 * nm:n=2,m=4 * blockdiag:nblocks=8"
 for _spec in (_PRODUCT, "splr:rank=2,density=0.1", "lowrank:rank=4", "monarch:nblocks=4", "kron:rank=2",
-              "nm:n=2,m=4", "blockdiag:nblocks=4", "sparse:density=0.2"):
+              "nm:n=2,m=4", "blockdiag:nblocks=4", "sparse:density=0.2", "ldu:rank=4", "rows:k=8", "cols:k=8",
+              "randbasis:rank=4,bases=4"):
     for _scale, _dtype in ((1e-40, torch.float32), (1e-300, torch.float64), (1e300, torch.float64),
                            (2000.0, torch.float16)):
         @case(10, f"{_spec} at scale {_scale:g} in {_dtype}", error=None)

@@ -281,6 +281,9 @@ class StructuredLinear(nn.Module):
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[StructureConfig]] = StructureConfig
+    # Parameters whose product is the weight, each a plain multiplicative factor (W(c * p) = c * W(p)), so that
+    # from_dense can fit max|W| ~ 1 and scale back exactly; empty: project the weight as given.
+    scaled_by: ClassVar[tuple[str, ...]] = ()
     # The factor(s) nearest the output: zeroing them makes the weight zero while gradients still reach them (the
     # zero start of an adapter, LoRA's B = 0). None: the structure has one factor, zeroed as a whole.
     zero_factors: ClassVar[tuple[str, ...] | None] = None
@@ -393,7 +396,8 @@ class StructuredLinear(nn.Module):
                     **structure_args)
         with torch.no_grad():
             exponent = _power_of_two_scale(weight)
-            if exponent:  # fit max|W| ~ 1, then scale back exactly: subnormal and near-fp16-max weights fit too
+            if exponent and layer._rescalable():  # fit max|W| ~ 1, then scale back exactly (subnormal and
+                # near-fp16-max weights fit too)
                 layer._project_((weight.to(torch.float64) * 2.0**-exponent).to(work_dtype(weight)))
                 layer._rescale_(exponent)
             else:
@@ -428,12 +432,12 @@ class StructuredLinear(nn.Module):
             w, dense = w / scale, dense / scale
             return (torch.linalg.norm(w - dense) / torch.linalg.norm(w)).item()
 
+    def _rescalable(self) -> bool:
+        return bool(self.scaled_by)
+
     def _rescale_(self, exponent: int) -> None:
-        """Multiply the weight by ``2**exponent`` exactly (powers of two), the exponent split over the factors. The
-        default fits structures whose weight is one product of its factors (lowrank, monarch, kron, blockdiag, sparse,
-        dense); a sum or a chain of structures overrides it."""
-        names = list(self._factors())
-        for name, part in zip(names, split_exponent(exponent, len(names))):
+        """Multiply the weight by ``2**exponent`` exactly (powers of two), the exponent split over ``scaled_by``."""
+        for name, part in zip(self.scaled_by, split_exponent(exponent, len(self.scaled_by))):
             p = self.get_parameter(name)
             p.copy_(p.to(torch.float64) * 2.0**part)  # exact in float64; one rounding into p's dtype
 

@@ -37,6 +37,7 @@ def blockdiag_bmm(x: Tensor, weight: Tensor) -> Tensor:
 class BlockDiagonal(StructuredLinear):
     name = "blockdiag"
     Config = BlockDiagonalConfig
+    scaled_by = ("weight",)
 
     def __init__(self, in_features: int, out_features: int, nblocks: int, pad: bool = False, bias: bool = True, *,
                  device=None, dtype=None):

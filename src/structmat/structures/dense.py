@@ -20,6 +20,7 @@ class DenseConfig(StructureConfig):
 class Dense(StructuredLinear):
     name = "dense"
     Config = DenseConfig
+    scaled_by = ("weight",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)

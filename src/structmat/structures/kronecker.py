@@ -46,6 +46,7 @@ def rearrange(weight: Tensor, a_shape: tuple[int, int]) -> Tensor:
 class KroneckerSum(StructuredLinear):
     name = "kron"
     Config = KroneckerSumConfig
+    scaled_by = ("A", "B")
     zero_factors = ("A",)
 
     def __init__(self, in_features: int, out_features: int, rank: int, a_shape: tuple[int, int] | None = None,

@@ -31,6 +31,7 @@ class LowRankLDUConfig(StructureConfig):
 class LowRankLDU(StructuredLinear):
     name = "ldu"
     Config = LowRankLDUConfig
+    scaled_by = ("d",)
     zero_factors = ("d",)
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *, device=None, dtype=None):

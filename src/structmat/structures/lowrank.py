@@ -34,6 +34,7 @@ def lowrank_multiply(x: Tensor, U: Tensor, V: Tensor) -> Tensor:
 class LowRank(StructuredLinear):
     name = "lowrank"
     Config = LowRankConfig
+    scaled_by = ("U", "V")
     zero_factors = ("U",)
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *, device=None, dtype=None):

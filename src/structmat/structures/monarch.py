@@ -60,6 +60,7 @@ def monarch_multiply(x: Tensor, R: Tensor, L: Tensor) -> Tensor:
 class Monarch(StructuredLinear):
     name = "monarch"
     Config = MonarchConfig
+    scaled_by = ("L", "R")
     zero_factors = ("L",)
 
     def __init__(self, in_features: int, out_features: int, nblocks: int, rank: int = 1,

@@ -105,6 +105,9 @@ class Product(StructuredLinear):
                 self.bias.zero_()
         return self
 
+    def _rescalable(self) -> bool:
+        return all(layer._rescalable() for layer in self.layers)
+
     def _rescale_(self, exponent: int) -> None:
         for layer, part in zip(self.layers, split_exponent(exponent, len(self.layers))):
             layer._rescale_(part)

@@ -53,6 +53,7 @@ def _solve(gram: Tensor, rhs: Tensor) -> Tensor:
 class RandomBasis(StructuredLinear):
     name = "randbasis"
     Config = RandomBasisConfig
+    scaled_by = ("alpha", "beta")
     zero_factors = ("beta",)
     als_sweeps = 50
 

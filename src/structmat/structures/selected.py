@@ -95,6 +95,7 @@ class _Selected(StructuredLinear):
 class SelectedRows(_Selected):
     name = "rows"
     Config = SelectedRowsConfig
+    scaled_by = ("values",)
     axis = 0
 
     def _matmul(self, x: Tensor) -> Tensor:
@@ -109,6 +110,7 @@ class SelectedRows(_Selected):
 class SelectedColumns(_Selected):
     name = "cols"
     Config = SelectedColumnsConfig
+    scaled_by = ("values",)
     axis = 1
 
     def _matmul(self, x: Tensor) -> Tensor:

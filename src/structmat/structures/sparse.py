@@ -80,6 +80,7 @@ class _SparseBase(StructuredLinear):
 class NMSparse(_SparseBase):
     name = "nm"
     Config = NMSparseConfig
+    scaled_by = ("values",)
 
     def __init__(self, in_features: int, out_features: int, n: int, m: int, pad: bool = False, bias: bool = True, *,
                  device=None, dtype=None):
@@ -156,6 +157,7 @@ class NMSparse(_SparseBase):
 class FixedSparse(_SparseBase):
     name = "sparse"
     Config = FixedSparseConfig
+    scaled_by = ("values",)
 
     def __init__(self, in_features: int, out_features: int, density: float, bias: bool = True, *,
                  device=None, dtype=None):

@@ -82,6 +82,9 @@ class SparsePlusLowRank(StructuredLinear):
                 self.bias.zero_()
         return self
 
+    def _rescalable(self) -> bool:
+        return self.sparse._rescalable() and self.lowrank._rescalable()
+
     def _rescale_(self, exponent: int) -> None:
         self.sparse._rescale_(exponent)  # a sum: both parts scale fully
         self.lowrank._rescale_(exponent)
