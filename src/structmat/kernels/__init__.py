@@ -15,15 +15,16 @@ from .dispatch import BACKENDS, LAST_CHOICE, clear_cache, get_backend, set_backe
 try:  # Triton is optional (the "gpu" extra); a broken or missing install must not break the package.
     import triton  # noqa: F401
 
-    from . import ops
+    from . import decode, ops
 except Exception as err:  # pragma: no cover - depends on the machine
-    ops = None
+    ops = decode = None
     TRITON_IMPORT_ERROR: Exception | None = err
 else:
     TRITON_IMPORT_ERROR = None
 
 HAVE_TRITON = ops is not None
 dispatch.ops = ops
+dispatch.decode = decode
 
 for _op, _fn in (("blockdiag", dispatch.blockdiag_fast), ("monarch", dispatch.monarch_fast),
                  ("lowrank", dispatch.lowrank_fast)):

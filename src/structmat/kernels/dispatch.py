@@ -9,6 +9,8 @@ Backends (the math never changes with the backend; only rounding order and speed
                  b calls, one per output chunk); no Triton launch at all, no transposed copy either.
                  Low-rank has no kernel of its own under either: its two products are full dense GEMMs that cuBLAS
                  runs at the roofline, so "triton"/"cublas" give the reference's two cuBLAS calls (``lowrank_fast``)
+  ``decode``     few-token inference (<= 64 tokens, nothing needs a gradient): the Triton kernels of ``decode.py``,
+                 which spread the weight over all SMs and read each weight byte once (low-rank and N:M too)
   ``dense``      only when forced: the weight pre-merged into one dense matrix (``to_dense``), cached and
                  invalidated when a factor changes (tensor ``_version``, storage pointer, dtype, device); one cuBLAS
                  GEMM. The cache is a full dense copy of the layer (out x in elements), so ``auto`` never picks it:
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("auto", "reference", "triton", "cublas", "dense")
+BACKENDS = ("auto", "reference", "triton", "cublas", "decode", "dense")
 _default = os.environ.get("STRUCTMAT_BACKEND", "auto").strip().lower() or "auto"
 if _default not in BACKENDS:
     raise ValueError(f"STRUCTMAT_BACKEND={_default!r}; valid backends: {', '.join(BACKENDS)}")
@@ -43,6 +45,9 @@ _BACKEND = [_default]
 
 #: Set by ``structmat.kernels`` once the Triton ops imported successfully.
 ops = None  # the ``structmat.kernels.ops`` module, or None without Triton
+decode = None  # the ``structmat.kernels.decode`` module, or None without Triton
+DECODE_MAX_TOKENS = 64
+TRACE_MANY_TOKENS = 4096  # the token count the cost model assumes for a compiled graph's "many tokens" branch
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -152,6 +157,13 @@ HOST_US = {
     ("blockdiag", "reference"): (40.0, 220.0),
     ("lowrank", "reference"): (30.0, 250.0),
     ("dense", "dense"): (25.0, 150.0),  # pre-merged weight: one F.linear (cache check included)
+    # decode kernels (inference only): one launch (block-diagonal, N:M) or two (Monarch, low-rank) plus the tile
+    # plan; predicted from the launches, not yet measured on the lent host
+    ("monarch", "decode"): (40.0, float("inf")),
+    ("blockdiag", "decode"): (25.0, float("inf")),
+    ("lowrank", "decode"): (30.0, float("inf")),
+    ("nm", "decode"): (25.0, float("inf")),
+    ("nm", "reference"): (60.0, 300.0),
 }
 
 
@@ -168,7 +180,13 @@ def host_us(op: str, backend: str, nblocks: int, training: bool) -> float:
 # Fraction of PEAK_TFLOPS reached on large problems (bf16, >= 8192 tokens; runs 5-6 on the H200).
 EFFICIENCY = {"dense": 0.95, "triton": {"monarch": 0.77, "blockdiag": 0.86},
               "cublas": {"monarch": 0.77, "blockdiag": 0.86},
-              "reference": {"monarch": 0.36, "blockdiag": 0.46, "lowrank": 0.88}}
+              "reference": {"monarch": 0.36, "blockdiag": 0.46, "lowrank": 0.88, "nm": 0.5},
+              "decode": 0.3}  # (thin tiles, tokens padded to >= 16 rows: FLOPs rarely bind at <= 64 tokens; bytes do)
+# Fraction of BANDWIDTH_GBS reached where bytes bind (few tokens). Dense cuBLAS GEMV streams near the copy rate;
+# the structures' cuBLAS/reference paths at one token do not (issue 12, H200, 8 MLPs of a 2048/8192 Llama at one
+# token under CUDA graphs: low-rank's two GEMMs took 0.37 ms for half of dense's bytes, dense 0.31 ms, so about 0.4
+# of dense's rate); the decode kernels are written to stream the weight from every SM (predicted, see the infer bench).
+BW_FRACTION = {"dense": 0.9, "decode": 0.8, "other": 0.4}
 FP32_TRITON_MONARCH_EFF = 0.08  # IEEE fp32 dots in the Triton kernel measured far below cuBLAS's fp32 path
 
 
@@ -182,54 +200,80 @@ def estimate_us(op: str, backend: str, flops: float, nbytes: float, dtype: torch
                 nblocks: int = 4) -> float:
     """Estimated microseconds of one call: host-bound or device-bound, whichever is larger. ``flops`` and
     ``nbytes`` are the forward's; training triples both (grad input and grad weights)."""
+    return max(host_us(op, backend, nblocks, training), device_us(op, backend, flops, nbytes, dtype, training))
+
+
+def device_us(op: str, backend: str, flops: float, nbytes: float, dtype: torch.dtype, training: bool = False) -> float:
+    """Estimated GPU microseconds of one call: FLOP-bound or byte-bound, whichever is larger."""
     eff = EFFICIENCY[backend]
     eff = eff[op] if isinstance(eff, dict) else eff
     if dtype == torch.float32 and backend == "triton" and op == "monarch":
         eff = FP32_TRITON_MONARCH_EFF
-    mult = 3.0 if training else 1.0
-    device = mult * max(flops / (_peak(dtype) * 1e12 * eff), nbytes / (BANDWIDTH_GBS * 1e9)) * 1e6
-    return max(host_us(op, backend, nblocks, training), device)
+    bandwidth = BANDWIDTH_GBS * 1e9 * BW_FRACTION.get(backend, BW_FRACTION["other"])
+    return (3.0 if training else 1.0) * max(flops / (_peak(dtype) * 1e12 * eff), nbytes / bandwidth) * 1e6
 
 
 def choose(op: str, n: int, in_features: int, out_features: int, struct_flops: float, struct_bytes: float,
            dtype: torch.dtype, nblocks: int, training: bool, factor_grad: bool, kernels_ok: bool) -> str:
     """The automatic choice, from shapes only (the benchmark's offline check calls this too)."""
     est = {"reference": estimate_us(op, "reference", struct_flops, struct_bytes, dtype, training, nblocks)}
-    if kernels_ok and op != "lowrank":
+    if kernels_ok and op in ("monarch", "blockdiag"):
         for be in ("triton", "cublas"):
             est[be] = estimate_us(op, be, struct_flops, struct_bytes, dtype, training, nblocks)
+    if kernels_ok and not training and n <= DECODE_MAX_TOKENS:  # few tokens: the time is the weight's bytes
+        est["decode"] = estimate_us(op, "decode", struct_flops, struct_bytes, dtype, training, nblocks)
     # Never the dense merge: cached, it is a hidden dense copy of every layer (a "compressed" model then holds more
     # memory than the dense one: issue 12); merged differentiably every step it measured slower than every structured
     # path at every token count (run 6, kernels-20261201T012737Z.json). merge_for_inference() is the explicit choice.
-    return min(est, key=est.get)
+    # Ties (host-bound at few tokens) go to the path with less GPU time: under CUDA graphs (torch.compile's
+    # reduce-overhead, a captured decode step) the host cost is gone and only that remains.
+    best, best_key = "reference", None
+    for be, us in est.items():  # (a plain loop: min(key=...) is a graph break under torch.compile)
+        key = (us, device_us(op, be, struct_flops, struct_bytes, dtype, training))
+        if best_key is None or key < best_key:
+            best, best_key = be, key
+    return best
 
 
 _decisions: dict[tuple, str] = {}
 
 
-def _pick(op: str, x: Tensor, factors: tuple[Tensor, ...], struct_flops: float, struct_bytes: float,
+def _pick(op: str, x: Tensor, factors: tuple[Tensor, ...], cost: Callable[[int], tuple[float, float]],
           out_features: int, nblocks: int = 1) -> str:
-    """Resolve ``auto`` (and impossible forced choices) to a concrete backend."""
+    """Resolve ``auto`` (and impossible forced choices) to a concrete backend. ``cost(tokens)`` gives the
+    structure's forward (FLOPs, bytes) at that many tokens."""
     backend = get_backend()
     if backend in ("reference", "dense"):
         return backend
-    on_gpu = x.is_cuda or INTERPRET
-    kernels_ok = ops is not None and on_gpu and _kernel_dtype_ok(x, factors)
+    if not (x.is_cuda or INTERPRET):  # (the interpreter runs the kernels on CPU tensors: tests)
+        return "reference"
+    kernels_ok = ops is not None and _kernel_dtype_ok(x, factors)
     if backend in ("triton", "cublas"):
         return backend if kernels_ok else "reference"
-    if not x.is_cuda:
-        return "reference"
     grad = torch.is_grad_enabled()
     factor_grad = grad and any(f.requires_grad for f in factors)
     training = factor_grad or (grad and x.requires_grad)
+    if backend == "decode":
+        return "decode" if kernels_ok and not training and x.shape[0] <= DECODE_MAX_TOKENS else "reference"
+    if torch.compiler.is_compiling():
+        # Decided while tracing and baked into the graph, with one guard on the token count (few or many): the cost
+        # model on a symbolic count would guard on every comparison it makes and recompile whenever one flips, and
+        # reading or writing the decision cache would guard on its contents. The choice changes speed, never math.
+        n = DECODE_MAX_TOKENS if x.shape[0] <= DECODE_MAX_TOKENS else TRACE_MANY_TOKENS
+        return choose(op, n, x.shape[1], out_features, *cost(n), x.dtype, nblocks, training, factor_grad,
+                      kernels_ok)
     key = (op, tuple(x.shape), tuple(tuple(f.shape) for f in factors), x.dtype, training, factor_grad, kernels_ok)
     hit = _decisions.get(key)
     if hit is None:
-        hit = choose(op, x.shape[0], x.shape[1], out_features, struct_flops, struct_bytes, x.dtype, nblocks,
-                     training, factor_grad, kernels_ok)
+        hit = choose(op, x.shape[0], x.shape[1], out_features, *cost(x.shape[0]), x.dtype, nblocks, training,
+                     factor_grad, kernels_ok)
         if len(_decisions) < 4096:
             _decisions[key] = hit
     return hit
+
+
+def _record(op: str, choice: str) -> None:
+    LAST_CHOICE[op] = choice  # (under torch.compile a write, never read there: no guard on the dict's contents)
 
 
 def _kernel_dtype_ok(x: Tensor, factors: tuple[Tensor, ...]) -> bool:
@@ -254,14 +298,16 @@ def _autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
 def blockdiag_fast(x: Tensor, W: Tensor) -> Tensor | None:
     x, W = _autocast(x, W)
     b, u, p = W.shape
-    n, es = x.shape[0], x.element_size()
-    flops = 2.0 * n * W.numel()
-    choice = _pick("blockdiag", x, (W,), flops, es * (W.numel() + n * b * (u + p)), b * u, b)
-    LAST_CHOICE["blockdiag"] = choice
+    es = x.element_size()
+    choice = _pick("blockdiag", x, (W,), lambda n: (2.0 * n * W.numel(), es * (W.numel() + n * b * (u + p))),
+                   b * u, b)
+    _record("blockdiag", choice)
     if choice == "reference":
         return None
     if choice == "dense":
         return F.linear(x, merged_weight(merge_blockdiag, (W,), x.dtype))
+    if choice == "decode":
+        return decode.blockdiag(x, W)
     return ops.blockdiag(x, W, choice)
 
 
@@ -269,29 +315,30 @@ def monarch_fast(x: Tensor, R: Tensor, L: Tensor) -> Tensor | None:
     x, R, L = _autocast(x, R, L)
     b, bc, p = R.shape
     u = L.shape[1]
-    n, es = x.shape[0], x.element_size()
-    flops = 2.0 * n * (R.numel() + L.numel())
-    nbytes = es * (R.numel() + L.numel() + n * (b * p + 2 * b * bc + b * u))
-    choice = _pick("monarch", x, (R, L), flops, nbytes, b * u, b)
-    LAST_CHOICE["monarch"] = choice
+    es, numel = x.element_size(), R.numel() + L.numel()
+    choice = _pick("monarch", x, (R, L), lambda n: (2.0 * n * numel, es * (numel + n * (b * p + 2 * b * bc + b * u))),
+                   b * u, b)
+    _record("monarch", choice)
     if choice == "reference":
         return None
     if choice == "dense":
         return F.linear(x, merged_weight(merge_monarch, (R, L), x.dtype))
+    if choice == "decode":
+        return decode.monarch(x, R, L)
     return ops.monarch(x, R, L, choice)
 
 
 def lowrank_fast(x: Tensor, U: Tensor, V: Tensor) -> Tensor | None:
     x, U, V = _autocast(x, U, V)
     r = U.shape[1]
-    n, es = x.shape[0], x.element_size()
-    flops = 2.0 * n * r * (U.shape[0] + V.shape[1])
-    nbytes = es * (U.numel() + V.numel() + n * (U.shape[0] + V.shape[1] + 2 * r))
-    choice = _pick("lowrank", x, (U, V), flops, nbytes, U.shape[0])
-    LAST_CHOICE["lowrank"] = choice
+    es, numel, io = x.element_size(), U.numel() + V.numel(), U.shape[0] + V.shape[1]
+    choice = _pick("lowrank", x, (U, V), lambda n: (2.0 * n * r * io, es * (numel + n * (io + 2 * r))), U.shape[0])
     if choice == "dense":
+        _record("lowrank", choice)
         return F.linear(x, merged_weight(merge_lowrank, (U, V), x.dtype))
+    if choice == "decode":
+        _record("lowrank", choice)
+        return decode.lowrank(x, U, V)
     # every other backend: two cuBLAS GEMMs are the fastest correct implementation (see the module docstring)
-    if choice != "reference":
-        LAST_CHOICE["lowrank"] = "cublas"
+    _record("lowrank", "reference" if choice == "reference" else "cublas")
     return None

@@ -1,0 +1,162 @@
+"""Triton kernels for few-token products (decode, 1-64 tokens): every weight byte is read once, from HBM.
+
+At a few tokens a linear layer is memory-bound: its time is the bytes of its weight. These kernels therefore keep the
+tokens in one tile (``BLOCK_N`` >= tokens) and spread the *weight* over many programs (output-row blocks x groups x
+splits of the reduction), so that every SM streams weight at once; a dense GEMM library's few-token path cannot do
+that for block-structured weights.
+
+``decode_gemv``: ``C[g][:, m] = sum_k A[g][:, k] * W[g][m, k]`` for every group g, with all operands given by
+element strides (so block-diagonal, Monarch and low-rank are views of one description, as in ``_triton_gemm``):
+  * A may be a stack of ``S_A`` fp32 partial sums (split-K output of a previous stage), summed on load and rounded
+    once to the weight's dtype, as the reference rounds its intermediate;
+  * the reduction may be split into ``grid[1]`` ranges, each writing its own fp32 partial copy of C (summed by the
+    next stage: no atomics, no memset, no extra launch);
+  * the output column may be chunked (Monarch's permutation folded into the store, as in ``_triton_gemm``).
+``decode_nm``: N:M sparse from compressed values and uint8 in-group positions; each program rebuilds a dense tile of
+its rows on chip from the values it reads once and runs ``tl.dot`` on it (no dense weight in memory).
+Accumulation is fp32 everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+MAX_TOKENS = 64  # the kernels keep all tokens in one tile
+TARGET_PROGRAMS = 4  # programs per SM to aim for: enough bytes in flight to stream HBM
+
+
+@triton.jit
+def _decode_gemv(A, W, C, N, M, K, S_A, SPLIT_LEN, M_BLOCKS,
+                 s_as, s_ag, s_an, s_ak, s_wg, s_wm, s_wk, s_cs, s_cg, s_cn, s_cm, s_cchunk, CHUNK,
+                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    g = (pid // M_BLOCKS).to(tl.int64)
+    pid_m = pid % M_BLOCKS
+    split = tl.program_id(1)
+    k_start = split * SPLIT_LEN
+    k_end = tl.minimum(K, k_start + SPLIT_LEN)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    rm = offs_m % M  # rows past the end wrap (valid addresses, dropped at the store): no row mask in the loop
+    w_ptrs = W + g * s_wg + rm[:, None] * s_wm + (k_start + offs_k)[None, :] * s_wk
+    a_ptrs = A + g * s_ag + offs_n[:, None] * s_an + (k_start + offs_k)[None, :] * s_ak
+    n_ok = offs_n[:, None] < N
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k_ok = (k0 + offs_k) < k_end
+        w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=n_ok & k_ok[None, :], other=0.0).to(tl.float32)
+        for t in range(1, S_A):  # the previous stage's split-K partials
+            a += tl.load(a_ptrs + t * s_as, mask=n_ok & k_ok[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(a.to(w.dtype), tl.trans(w), acc, input_precision=PRECISION)
+        w_ptrs += BLOCK_K * s_wk
+        a_ptrs += BLOCK_K * s_ak
+    if CHUNK == 0:
+        col = offs_m * s_cm
+    else:
+        col = (offs_m // CHUNK) * s_cchunk + (offs_m % CHUNK) * s_cm
+    c_ptrs = C + split * s_cs + g * s_cg + offs_n[:, None] * s_cn + col[None, :]
+    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=n_ok & (offs_m[None, :] < M))
+
+
+@triton.jit
+def _decode_nm(X, V, P, Y, N, M, K, s_xn, s_xk, s_vm, s_pm, s_yn,
+               NNZ: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Y (N, M) = X (N, K) @ W^T with W (M, K) N:M sparse: row r keeps, in each group of GROUP inputs, NNZ values
+    V[r, grp*NNZ + i] at in-group positions P[r, grp*NNZ + i]."""
+    pid_m = tl.program_id(0)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    rm = offs_m % M
+    n_ok = offs_n[:, None] < N
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + offs_k
+        k_ok = cols < K
+        x = tl.load(X + offs_n[:, None] * s_xn + cols[None, :] * s_xk, mask=n_ok & k_ok[None, :], other=0.0)
+        # the dense tile of rows rm, columns cols, rebuilt on chip: column c holds the value whose position is c % GROUP
+        j0 = (cols // GROUP) * NNZ
+        inner = (cols % GROUP)[None, :]
+        w = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for i in tl.static_range(NNZ):
+            v = tl.load(V + rm[:, None] * s_vm + (j0 + i)[None, :], mask=k_ok[None, :], other=0.0)
+            p = tl.load(P + rm[:, None] * s_pm + (j0 + i)[None, :], mask=k_ok[None, :], other=255)
+            w += tl.where(p.to(tl.int32) == inner, v.to(tl.float32), 0.0)
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
+    tl.store(Y + offs_n[:, None] * s_yn + offs_m[None, :], acc.to(Y.dtype.element_ty),
+             mask=n_ok & (offs_m[None, :] < M))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few programs, as on a small GPU
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"  # only where torch's own fp32 matmul would use TF32 too
+    return "ieee" if dtype == torch.float32 else "tf32"  # (ignored for 16-bit inputs)
+
+
+def _block_n(n: int) -> int:
+    return max(16, triton.next_power_of_2(max(n, 1)))
+
+
+def plan_gemv(n: int, groups: int, M: int, K: int, device: torch.device, split_ok: bool) -> dict:
+    """Tile sizes and the number of K splits: enough programs to keep every SM streaming weight."""
+    target = TARGET_PROGRAMS * _num_sms(device)
+    block_k = 16 if INTERPRET else (256 if K >= 2048 else 128)
+    block_m = 16
+    for bm in (64, 32):  # the largest row block that still leaves enough programs
+        if not INTERPRET and groups * triton.cdiv(M, bm) >= target:
+            block_m = bm
+            break
+    programs = groups * triton.cdiv(M, block_m)
+    splits = 1
+    if split_ok:
+        while programs * splits * 2 <= target and K // (splits * 2) >= max(block_k, 512 if not INTERPRET else 16):
+            splits *= 2
+    split_len = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
+    splits = triton.cdiv(K, split_len)
+    return dict(BLOCK_N=_block_n(n), BLOCK_M=block_m, BLOCK_K=block_k, splits=splits, split_len=split_len)
+
+
+def decode_gemv(a: Tensor, a_strides: tuple, w: Tensor, w_strides: tuple, c: Tensor, c_strides: tuple, groups: int,
+                n: int, M: int, K: int, plan: dict, a_partials: int = 1, a_partial_stride: int = 0,
+                chunk: int = 0, chunk_stride: int = 0, c_split_stride: int = 0) -> Tensor:
+    """Launch ``C[g] = A[g] @ W[g]^T`` over ``groups`` (strides: A (group, token, k), W (group, row, k), C (group,
+    token, column)); ``plan`` from :func:`plan_gemv` (with splits > 1, C is the fp32 partial stack)."""
+    if n == 0 or M == 0 or groups == 0:
+        return c
+    grid = (groups * triton.cdiv(M, plan["BLOCK_M"]), plan["splits"])
+    _decode_gemv[grid](a, w, c, n, M, K, a_partials, plan["split_len"], triton.cdiv(M, plan["BLOCK_M"]),
+                       a_partial_stride, *a_strides, *w_strides, c_split_stride, *c_strides, chunk_stride, chunk,
+                       PRECISION=_precision(w.dtype), BLOCK_N=plan["BLOCK_N"], BLOCK_M=plan["BLOCK_M"],
+                       BLOCK_K=plan["BLOCK_K"], num_warps=4, num_stages=4)
+    return c
+
+
+def decode_nm(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, n_keep: int, group: int) -> Tensor:
+    """``y = x @ W^T`` for the N:M weight stored as ``values`` / ``positions`` (out, groups*n_keep); x (N, K)."""
+    N, K = x.shape
+    M = values.shape[0]
+    if N == 0 or M == 0:
+        return y
+    target = TARGET_PROGRAMS * _num_sms(x.device)
+    block_m = 16 if INTERPRET or triton.cdiv(M, 32) < target else 32
+    block_k = 16 if INTERPRET else 128
+    _decode_nm[(triton.cdiv(M, block_m),)](x, values, positions, y, N, M, K, x.stride(0), x.stride(1),
+                                           values.stride(0), positions.stride(0), y.stride(0), NNZ=n_keep,
+                                           GROUP=group, PRECISION=_precision(x.dtype), BLOCK_N=_block_n(N),
+                                           BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4, num_stages=3)
+    return y
