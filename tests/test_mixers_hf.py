@@ -1,7 +1,9 @@
 """structmat mixers as the attention of an HF LlamaForCausalLM (structmat.mixers.hf), on a tiny CPU model.
 
-Identities checked with the relative RMS error against an independent route: full forward vs prefill-then-decode,
-padded batch vs each sequence alone, packed (cu_seq_lens_q) vs separate calls, state_dict round trip (bit-exact).
+Identities checked with the relative RMS error against an independent route: full forward vs prefill-then-decode
+(structmat's loop and HF's cache), padded batch vs each sequence alone, packed (cu_seq_lens_q) vs separate calls,
+generate with the recurrent state vs recomputing the prefix, hybrids (some layers keep attention), state_dict and
+save/load round trips (bit-exact).
 """
 
 import json
@@ -32,9 +34,9 @@ def rrms(x, ref):
     return ((x - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
 
 
-def tiny(name=None, attn="sdpa", seed=0, **kw):
+def tiny(name=None, attn="sdpa", seed=0, num_layers=2, **kw):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
                       num_key_value_heads=4, vocab_size=V, attn_implementation=attn)
     model = LlamaForCausalLM(cfg)
     if name is not None:
@@ -127,21 +129,73 @@ def test_masks_that_cannot_be_honoured_raise():
     assert y.shape == h.shape and w is None
 
 
-def test_hf_cache_continuation_raises_and_generate_without_cache_is_exact():
-    model = tiny("deltanet").eval()
-    assert model.config.use_cache is False and model.generation_config.use_cache is False
-    x = ids(1, 9)
+def _cache_of(out):
+    cache = getattr(out, "cache", None)  # transformers >= 5.2x names it cache, before past_key_values
+    return cache if cache is not None else out.past_key_values
+
+
+@pytest.mark.parametrize("name,layers", [("deltanet", None), ("ssm", None), ("gated_deltanet", [0, 2]),
+                                         ("deltaproduct", [1])])
+def test_hf_cache_continues_from_the_recurrent_state(name, layers):
+    """A forward given the DynamicCache of earlier calls continues from each mixer layer's state (one token or
+    several), attention layers of a hybrid from their KV cache; the logits equal the full forward's."""
+    model = tiny(name, layers=layers, num_layers=3).eval()
+    x = ids(2, 23)
     with torch.no_grad():
-        out = model(x, use_cache=True)
-        with pytest.raises(RuntimeError, match="outside HF's KV cache"):
-            cache = getattr(out, "cache", None)  # transformers >= 5.2x names it cache, before past_key_values
-            kw = {"cache": cache} if cache is not None else {"past_key_values": out.past_key_values}
-            model(ids(1, 1, seed=5), use_cache=True, **kw)
-        with pytest.raises(RuntimeError, match="outside HF's KV cache"):
-            model.generate(x, max_new_tokens=3, use_cache=True, do_sample=False, pad_token_id=0)
-        model.generation_config.eos_token_id = None  # compare full lengths
-        hf = model.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        assert torch.equal(hf, mixer_generate(model, x, 6))
+        full = model(x).logits
+        out = model(x[:, :9], use_cache=True)
+        cache, got = _cache_of(out), [out.logits]
+        got.append(model(x[:, 9:14], cache=cache, use_cache=True).logits)  # several tokens at once
+        for t in range(14, 23):
+            got.append(model(x[:, t:t + 1], cache=cache, use_cache=True).logits)
+        assert cache.get_seq_length() == 23
+        assert rrms(torch.cat(got, 1), full) < DECODE_REL
+    attn = next(l.self_attn for l in model.model.layers if isinstance(l.self_attn, LlamaMixerAttention))
+    with pytest.raises(RuntimeError, match="no recurrent state"):  # a continuation without the state is refused
+        attn(torch.randn(1, 1, 64), attention_mask=torch.ones(1, 1, 1, 5, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("name,layers", [("deltanet", None), ("gated_deltanet", [0, 2])])
+def test_generate_with_cache_equals_recomputation_and_padding(name, layers):
+    """Greedy HF generate with the recurrent state equals generate recomputing the prefix each step (and
+    mixer_generate for all-mixer models); a left-padded prompt batch decodes each prompt as if alone."""
+    model = tiny(name, layers=layers, num_layers=3).eval()
+    model.generation_config.eos_token_id = None  # compare full lengths
+    a, b = ids(1, 12, seed=2), ids(1, 8, seed=3)
+    with torch.no_grad():
+        kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+        cached = model.generate(a, use_cache=True, **kw)
+        assert torch.equal(cached, model.generate(a, use_cache=False, **kw))
+        if layers is None:
+            assert torch.equal(cached, mixer_generate(model, a, 6))
+        batch = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+        mask = torch.ones_like(batch)
+        mask[1, :4] = 0
+        g = model.generate(batch, attention_mask=mask, use_cache=True, **kw)
+        assert torch.equal(g[0, -6:], cached[0, -6:])
+        assert torch.equal(g[1, -6:], model.generate(b, use_cache=True, **kw)[0, -6:])
+
+
+def test_hybrid_layers_and_save_load_round_trip(tmp_path):
+    from structmat import load_pretrained, save_pretrained
+    from structmat.mixers import hybrid_layers
+
+    assert hybrid_layers(8, 4) == [0, 1, 2, 4, 5, 6] and hybrid_layers(3, 0) == [0, 1, 2]
+    with pytest.raises(ValueError, match="attn_every"):
+        hybrid_layers(8, 1)
+    model = tiny("deltaproduct", layers=hybrid_layers(4, 2), num_layers=4, allow_neg_eigval=False).eval()
+    kinds = [type(l.self_attn).__name__ for l in model.model.layers]
+    assert kinds == ["LlamaMixerAttention", "LlamaAttention"] * 2
+    assert model.config.structmat_mixer["layers"] == [0, 2]
+    save_pretrained(model, tmp_path / "m")
+    back = load_pretrained(tmp_path / "m")
+    assert [type(l.self_attn).__name__ for l in back.model.layers] == kinds
+    assert back.model.layers[0].self_attn.mixer.allow_neg_eigval is False
+    x = ids(2, 19)
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, model(x).logits)
+    with pytest.raises(ValueError, match="layers must be"):
+        replace_attention(tiny(), "deltanet", layers=[5])
 
 
 def test_state_dict_loads_into_a_fresh_replaced_model():

@@ -27,7 +27,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -249,6 +249,19 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
 # ----------------------------------------------------------------------------------------------
 # Load
 # ----------------------------------------------------------------------------------------------
+
+# Build hooks: a config attribute -> fn(model, config) that rebuilds, on the freshly constructed model, the
+# architecture the attribute records (registered by the module that writes it: structmat.mixers.hf registers
+# "structmat_mixer"). load_pretrained runs them before it swaps in the structured layers and loads the weights.
+_BUILD_HOOKS: dict[str, Callable[[nn.Module, Any], Any]] = {}
+
+
+def register_build_hook(config_key: str, fn: Callable[[nn.Module, Any], Any]) -> None:
+    """Have :func:`load_pretrained` call ``fn(model, config)`` when the saved config has ``config_key``."""
+    if not isinstance(config_key, str) or not callable(fn):
+        raise TypeError("register_build_hook(config_key: str, fn: callable)")
+    _BUILD_HOOKS[config_key] = fn
+
 
 
 @contextlib.contextmanager
@@ -528,6 +541,9 @@ def load_pretrained(directory: str | os.PathLike, device: Any = None, dtype: tor
     config = _read_config(directory, cls, name)
     with _parameters_on_meta():
         model = cls(config)
+        for key, hook in _BUILD_HOOKS.items():
+            if getattr(config, key, None) is not None:
+                hook(model, config)
     _swap_in_structured(directory, model, manifest["modules"])
 
     tensors = _load_tensors(directory, manifest, device, verify)
@@ -578,4 +594,4 @@ def _tie_checked(directory: Path, model: nn.Module) -> None:
                         "it structures a tied layer)")
 
 
-__all__ = ["save_pretrained", "load_pretrained", "FORMAT", "VERSION"]
+__all__ = ["save_pretrained", "load_pretrained", "register_build_hook", "FORMAT", "VERSION"]

@@ -19,8 +19,8 @@ __all__ = ["fla_backend", "BACKENDS", "beta_from_logits", "delta_rule", "delta_r
            "s4d_init"]
 
 # HF Llama-style integration (no transformers import needed at import time).
-from .hf import (LlamaMixerAttention, mixer_decode_logits, mixer_generate, mixer_prefill, mixer_step,
-                 replace_attention)
+from .hf import (LlamaMixerAttention, hybrid_layers, mixer_decode_logits, mixer_generate, mixer_prefill, mixer_step,
+                 rebuild_from_config, replace_attention)
 
-__all__ += ["LlamaMixerAttention", "mixer_decode_logits", "mixer_generate", "mixer_prefill", "mixer_step",
-            "replace_attention"]
+__all__ += ["LlamaMixerAttention", "hybrid_layers", "mixer_decode_logits", "mixer_generate", "mixer_prefill",
+            "mixer_step", "rebuild_from_config", "replace_attention"]

@@ -5,12 +5,17 @@
   the choice in ``model.config.structmat_mixer`` (JSON), so ``replace_attention(fresh, **cfg.structmat_mixer)``
   rebuilds the same architecture for ``load_state_dict``. The rest of the HF model (embedding, norms, MLPs, head,
   loss) is untouched; rotary position embeddings are ignored (the recurrence is itself position-aware).
-* Decoding: the mixers' recurrent state does not live in HF's KV cache. :func:`mixer_prefill`, :func:`mixer_step`,
-  :func:`mixer_decode_logits` and the greedy :func:`mixer_generate` run the model's own modules with one
-  :class:`~structmat.mixers.layers.MixerCache` per layer (O(1) state per token); they equal the full forward.
-  ``replace_attention`` sets ``config.use_cache = generation_config.use_cache = False``, so plain
-  ``model.generate`` is exact too (it recomputes the prefix each step); a call that would continue from an HF
-  cache (``use_cache=True`` a second time on the same cache object) raises instead of silently dropping context.
+* Hybrids: ``layers=[...]`` replaces only those layers (the others keep HF attention); :func:`hybrid_layers` gives
+  the usual pattern "every K-th layer keeps attention". Recorded in the config like the rest.
+* Decoding with the recurrent state through HF ``generate`` (and any forward given an HF ``DynamicCache``): each
+  mixer layer keeps its :class:`~structmat.mixers.layers.MixerCache` (state + short-conv window, O(1) per token) on
+  the cache object and continues from it on the next call; attention layers of a hybrid use the KV cache as usual.
+  A mixer layer also appends one number per token to its KV slot, so the cache's sequence length (which HF reads
+  for positions and mask sizes) counts its tokens (2 bytes per token and layer in bf16). Greedy decoding through ``generate`` equals
+  recomputing the prefix at every step (tested). :func:`mixer_prefill`, :func:`mixer_step`,
+  :func:`mixer_decode_logits` and :func:`mixer_generate` do the same without HF's generation loop (all layers mixers).
+* :func:`rebuild_from_config` re-applies ``config.structmat_mixer`` to a freshly built model; it is registered with
+  :mod:`structmat.io` so ``structmat.load_pretrained`` rebuilds mixer (and hybrid) models.
 
 What a forward call honours (anything else raises, padding is never silently ignored):
 * ``attention_mask=None`` (unpadded or packed-without-boundaries batches, the usual LM training): exact.
@@ -22,7 +27,8 @@ What a forward call honours (anything else raises, padding is never silently ign
   ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``), delta-rule mixers only. Restarting
   ``position_ids`` alone are not interpreted (sdpa/eager attention in transformers 5.x does not either).
 * other 4-D masks (custom, sliding-window) and flex-attention ``BlockMask`` s: ``ValueError`` / ``TypeError``.
-Unsupported: beam search / assisted decoding through HF's cache, ``output_attentions`` (nothing is recorded).
+Unsupported: beam search / assisted decoding (they reorder or crop HF's cache, which would not reorder or crop the
+mixer states), ``output_attentions`` (nothing is recorded), caches that are not ``DynamicCache`` s (``TypeError``).
 """
 
 from __future__ import annotations
@@ -32,37 +38,38 @@ import json
 import torch
 from torch import Tensor, nn
 
+from ..io import register_build_hook
 from .layers import DeltaNet, DeltaProduct, DiagonalSSMMixer, GatedDeltaNet, MixerCache
 
-__all__ = ["LlamaMixerAttention", "MIXERS", "replace_attention", "mixer_prefill", "mixer_step",
-           "mixer_decode_logits", "mixer_generate"]
+__all__ = ["LlamaMixerAttention", "MIXERS", "replace_attention", "hybrid_layers", "rebuild_from_config",
+           "mixer_prefill", "mixer_step", "mixer_decode_logits", "mixer_generate"]
 
 # name -> (constructor, takes n_heads)
 MIXERS = {"deltanet": (DeltaNet, True), "gated_deltanet": (GatedDeltaNet, True),
           "deltaproduct": (DeltaProduct, True), "ssm": (DiagonalSSMMixer, False)}
 
-_NO_HF_CACHE = ("LlamaMixerAttention keeps its recurrent state outside HF's KV cache, so a call continuing from a "
-                "cache is not supported; use structmat.mixers.hf.mixer_generate (or mixer_prefill + mixer_step), "
-                "or model.generate(..., use_cache=False)")
+_NO_HF_CACHE = ("LlamaMixerAttention: this call continues a sequence (keys longer than queries) but no recurrent "
+                "state was passed: give the DynamicCache of the earlier calls (cache=/past_key_values=), or use "
+                "structmat.mixers.hf.mixer_generate")
 
 
-def _padding_mask(attention_mask, B: int, T: int) -> Tensor | None:
-    """(B, T) bool key-padding mask (True = real token), or None for 'no padding'; raises on masks it can't honour."""
+def _padding_mask(attention_mask, B: int, T: int, continuing: bool = False) -> Tensor | None:
+    """(B, T) bool key-padding mask of the T new tokens (True = real), or None for 'no padding'; raises on masks it
+    can't honour. ``continuing``: keys may be longer than queries (earlier tokens live in the recurrent state)."""
     if attention_mask is None:
         return None
     if not isinstance(attention_mask, Tensor):
         raise TypeError(f"LlamaMixerAttention: unsupported attention mask {type(attention_mask).__name__}; "
                         "use attn_implementation='sdpa' or 'eager'")
+    if attention_mask.shape[-1] < T or (attention_mask.shape[-1] > T and not continuing):
+        raise RuntimeError(_NO_HF_CACHE)
     if attention_mask.dim() == 2:
-        if attention_mask.shape[-1] != T:
-            raise RuntimeError(_NO_HF_CACHE)
-        pad = attention_mask.bool()
+        pad = attention_mask[:, -T:].bool()
     elif attention_mask.dim() == 4:
-        if attention_mask.shape[-1] != T or attention_mask.shape[-2] != T:
-            raise RuntimeError(_NO_HF_CACHE)  # keys longer than queries: a continuation
-        if attention_mask.shape[1] != 1:
-            raise ValueError(f"LlamaMixerAttention: expected a (B, 1, T, T) mask, got {tuple(attention_mask.shape)}")
-        m = attention_mask[:, 0]
+        if attention_mask.shape[-2] != T or attention_mask.shape[1] != 1:
+            raise ValueError(f"LlamaMixerAttention: expected a (B, 1, T, T + past) mask, got "
+                             f"{tuple(attention_mask.shape)}")
+        m = attention_mask[:, 0, :, -T:]  # the new tokens' keys; earlier keys are in the state
         allowed = m if m.dtype == torch.bool else m == 0  # additive float masks: 0 = attend
         pad = allowed[:, -1].expand(B, T)  # the last query sees every real key (left or right padding)
         causal = torch.ones(T, T, dtype=torch.bool, device=m.device).tril()
@@ -88,18 +95,43 @@ class LlamaMixerAttention(nn.Module):
         # the cache's keyword changed across transformers versions: past_key_value(s) up to 5.2x, cache after
         cache = next((c for c in (past_key_values, kwargs.get("cache"), kwargs.get("past_key_value"))
                       if c is not None), None)
-        if cache is not None:  # we never fill HF's cache, so a cache object seen twice means lost context
-            seen = getattr(cache, "_structmat_layers", None)
-            if seen is None:
-                seen = set()
-                cache._structmat_layers = seen
-            if self.layer_idx in seen:
-                raise RuntimeError(_NO_HF_CACHE)
-            seen.add(self.layer_idx)
         B, T = hidden_states.shape[:2]
-        mask = _padding_mask(attention_mask, B, T)
-        y, _ = self.mixer(hidden_states, mask=mask, cu_seqlens=kwargs.get("cu_seq_lens_q"))
-        return y, None  # (output, attention weights): what LlamaDecoderLayer unpacks
+        cu = kwargs.get("cu_seq_lens_q")
+        if cache is None:
+            y, _ = self.mixer(hidden_states, mask=_padding_mask(attention_mask, B, T), cu_seqlens=cu)
+            return y, None  # (output, attention weights): what LlamaDecoderLayer unpacks
+        if not callable(getattr(cache, "update", None)) or type(cache).__name__ != "DynamicCache":
+            raise TypeError(f"LlamaMixerAttention: {type(cache).__name__} is not supported; the mixer state rides on "
+                            "a DynamicCache (the default of generate)")
+        states = cache.__dict__.setdefault("_structmat_states", {})
+        prev = states.get(self.layer_idx)
+        if isinstance(prev, str):  # the prefill could not leave a state (see below): continuing would lose context
+            raise ValueError(f"LlamaMixerAttention: cannot continue this cache: {prev}")
+        mask = _padding_mask(attention_mask, B, T, continuing=prev is not None)
+        if prev is None and (cu is not None or (mask is not None and not bool(mask[:, -1].all()))):
+            # a right-padded or packed prefill has no single state to continue from: compute, and leave a note
+            y, _ = self.mixer(hidden_states, mask=mask, cu_seqlens=cu)
+            state = ("its prefill was right-padded or packed (cu_seq_lens); decode from left-padded prompts "
+                     "(generate pads on the left with tokenizer.padding_side='left')")
+        elif prev is not None and T == 1 and mask is None:
+            y1, state = self.mixer.step(hidden_states[:, 0], prev)
+            y = y1[:, None]
+        else:  # prefill, or a continuation of several tokens (the mixer checks that padding is on the left)
+            y, state = self.mixer(hidden_states, mask=mask, cache=prev, use_cache=True)
+        states[self.layer_idx] = state
+        # one number per token in this layer's KV slot, so that the cache's length (HF reads layer 0's for positions
+        # and mask sizes) counts the tokens (DynamicLayer does not count zero-width keys)
+        marker = hidden_states.new_zeros(B, 1, T, 1)
+        cache.update(marker, marker, self.layer_idx)
+        return y, None
+
+
+def hybrid_layers(n_layers: int, attn_every: int) -> list[int]:
+    """The layers a mixer replaces when every ``attn_every``-th layer keeps attention (layers K-1, 2K-1, ...);
+    ``attn_every=0`` replaces all."""
+    if not isinstance(attn_every, int) or attn_every < 0 or attn_every == 1:
+        raise ValueError(f"attn_every must be 0 (no attention layers) or an int >= 2, got {attn_every!r}")
+    return [i for i in range(n_layers) if attn_every == 0 or (i + 1) % attn_every != 0]
 
 
 def _layers(model):
@@ -110,11 +142,13 @@ def _layers(model):
     return base, layers
 
 
-def replace_attention(model: nn.Module, mixer: str = "deltanet", n_heads: int | None = None, **mixer_kwargs):
-    """In place: every ``self_attn`` of a Llama-style HF model becomes a :class:`LlamaMixerAttention` around a fresh
-    ``mixer`` (d_model = ``config.hidden_size``; heads = ``n_heads`` or ``config.num_attention_heads``), on the old
-    module's device and dtype. ``mixer_kwargs`` go to the constructor (``allow_neg_eigval``, ``n_householder`` for
-    ``"deltaproduct"``, ``d_state``/``kind`` for ``"ssm"``, ``backend``, ``chunk_size``, ...). Returns ``model``."""
+def replace_attention(model: nn.Module, mixer: str = "deltanet", n_heads: int | None = None,
+                      layers: list[int] | None = None, **mixer_kwargs):
+    """In place: every ``self_attn`` of a Llama-style HF model (or those of ``layers``, indices; the others keep
+    attention: a hybrid) becomes a :class:`LlamaMixerAttention` around a fresh ``mixer`` (d_model =
+    ``config.hidden_size``; heads = ``n_heads`` or ``config.num_attention_heads``), on the old module's device and
+    dtype. ``mixer_kwargs`` go to the constructor (``allow_neg_eigval``, ``n_householder`` for ``"deltaproduct"``,
+    ``d_state``/``kind`` for ``"ssm"``, ``backend``, ``chunk_size``, ...). Returns ``model``."""
     if mixer not in MIXERS:
         raise ValueError(f"unknown mixer {mixer!r}; choose one of {sorted(MIXERS)}")
     ctor, has_heads = MIXERS[mixer]
@@ -123,13 +157,20 @@ def replace_attention(model: nn.Module, mixer: str = "deltanet", n_heads: int | 
         n_heads = n_heads or cfg.num_attention_heads
     elif n_heads is not None:
         raise ValueError(f"mixer {mixer!r} has no heads; drop n_heads={n_heads}")
-    record = {"mixer": mixer, **({"n_heads": n_heads} if has_heads else {}), **mixer_kwargs}
+    _, all_layers = _layers(model)
+    if layers is not None:
+        layers = sorted({int(i) for i in layers})
+        if not layers or layers[0] < 0 or layers[-1] >= len(all_layers):
+            raise ValueError(f"layers must be a non-empty list of indices in [0, {len(all_layers)}), got {layers}")
+    record = {"mixer": mixer, **({"n_heads": n_heads} if has_heads else {}),
+              **({"layers": layers} if layers is not None else {}), **mixer_kwargs}
     try:  # checked up front so the config stays saveable
         json.dumps(record)
     except TypeError as e:
         raise ValueError(f"mixer arguments must be JSON-serializable to be recorded in the config: {e}") from None
-    _, layers = _layers(model)
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(all_layers):
+        if layers is not None and i not in layers:
+            continue
         old = layer.self_attn
         p = next(old.parameters(), None)
         m = ctor(cfg.hidden_size, n_heads, **mixer_kwargs) if has_heads else ctor(cfg.hidden_size, **mixer_kwargs)
@@ -137,11 +178,18 @@ def replace_attention(model: nn.Module, mixer: str = "deltanet", n_heads: int | 
             m = m.to(device=p.device, dtype=p.dtype)
         layer.self_attn = LlamaMixerAttention(m, getattr(old, "layer_idx", i))
     cfg.structmat_mixer = record
-    # HF's KV cache would stay empty (see module docstring): turn it off so forward/generate default to exact paths.
-    cfg.use_cache = False
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.use_cache = False
     return model
+
+
+def rebuild_from_config(model: nn.Module, config=None) -> nn.Module:
+    """Re-apply ``config.structmat_mixer`` (written by :func:`replace_attention`) to a freshly built model; a model
+    without it is returned unchanged. The build hook :func:`structmat.load_pretrained` runs."""
+    record = getattr(config if config is not None else model.config, "structmat_mixer", None)
+    if not record:
+        return model
+    if not isinstance(record, dict) or "mixer" not in record:
+        raise ValueError(f"config.structmat_mixer must be the dict replace_attention wrote, got {record!r}")
+    return replace_attention(model, **record)
 
 
 def _parts(model):
@@ -205,3 +253,6 @@ def mixer_generate(model, input_ids: Tensor, max_new_tokens: int, attention_mask
             logits, caches = mixer_step(model, nxt, caches)
             nxt = logits.argmax(-1)
     return torch.cat(out, 1)
+
+
+register_build_hook("structmat_mixer", rebuild_from_config)
