@@ -292,8 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("which", choices=["kernels", "state-tracking", "mixer-speed", "train-compare"])
 
     from .train.cli import add_train_parser
+    from .train.tune_cli import add_tune_parsers
 
     add_train_parser(sub)
+    add_tune_parsers(sub)
     return parser
 
 

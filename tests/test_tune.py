@@ -1,0 +1,125 @@
+"""structmat finetune / heal: adapters-only training on a tiny causal LM, exact resume, distillation, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from structmat.adapters import load_adapter
+from structmat.train.loop import list_checkpoints
+from structmat.train.tune import TuneConfig, tune
+
+from corpora import stdlib_corpus
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny Llama (MiniLM's word-piece tokenizer, saved next to it) and a small stdlib corpus."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from structmat.data.corpus import minilm_tokenizer
+
+    root = tmp_path_factory.mktemp("tune")
+    tok = minilm_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         architectures=["LlamaForCausalLM"])
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(root / "llama")
+    tok.save_pretrained(root / "llama")
+    return root, stdlib_corpus(root)
+
+
+def _cfg(setup, out, **kw):
+    root, corpus = setup
+    base = dict(out_dir=str(root / out), model=str(root / "llama"), corpus=str(corpus), val_fraction=0.25,
+                adapter="lowrank:rank=4", seq_len=32, batch_size=4, steps=6, lr=1e-2, warmup=2, eval_every=3,
+                ckpt_every=2, eval_files=2, eval_window=32, max_files=8, progress=False, seed=1, threads=1)
+    base.update(kw)
+    return base
+
+
+def test_finetune_trains_only_adapters_and_resumes_exactly(setup):
+    full = tune(_cfg(setup, "full_run"))
+    assert full["params"]["trainable"] == full["params"]["adapter"] > 0
+    assert full["history"][-1]["loss"] < full["history"][0]["loss"]
+    assert [v["step"] for v in full["validation"]] == [0, 3, 6]
+    stopped = tune(_cfg(setup, "resumed", stop_after=4))
+    assert stopped == {"stopped_at": 4}
+    assert list_checkpoints(Path(setup[0] / "resumed" / "checkpoints"))[-1] == 4
+    resumed = tune(_cfg(setup, "resumed"))
+    assert resumed["resumed_from"] == 4
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
+    a = load_adapter_tensors(setup[0] / "full_run" / "adapter")
+    b = load_adapter_tensors(setup[0] / "resumed" / "adapter")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (setup[0] / "full_run" / "curves.png").stat().st_size > 0
+
+
+def load_adapter_tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter.safetensors"))
+
+
+def test_heal_distils_the_teacher_into_adapters_on_a_compressed_student(setup):
+    import structmat
+    from structmat.io import save_pretrained
+    from transformers import AutoModelForCausalLM
+
+    root, _ = setup
+    student = AutoModelForCausalLM.from_pretrained(root / "llama")
+    structmat.structurize(student, {r".*mlp\..*": "lowrank:rank=4"})
+    save_pretrained(student, root / "student")
+    res = tune(_cfg(setup, "heal", task="heal", model=str(root / "student"), teacher=str(root / "llama"),
+                    tokenizer=str(root / "llama"), init="eora", calib_samples=8, steps=8, ckpt_every=0,
+                    eval_every=4, merge=True))
+    assert res["objective"] == "kl"
+    losses = [h["loss"] for h in res["history"]]
+    assert losses[-1] < losses[0]
+    kl = [v["kl"] for v in res["validation"]]
+    assert kl[-1] < kl[0]
+    rows = res["merge"]["layers"]
+    assert {r["base"] for r in rows if ".mlp." in r["name"]} == {"lowrank:rank=4"}
+    assert {r["method"] for r in rows if ".mlp." not in r["name"]} == {"exact"}
+    merged = structmat.load_pretrained(root / "heal" / "model")
+    assert all(isinstance(m, structmat.LowRank) for n, m in structmat.surgery.structured_modules(merged).items())
+
+
+def test_budget_places_ranks_where_the_error_is(setup):
+    import structmat
+    from structmat.io import save_pretrained
+    from transformers import AutoModelForCausalLM
+
+    root, _ = setup
+    student = AutoModelForCausalLM.from_pretrained(root / "llama")
+    structmat.structurize(student, {r".*layers\.0\.mlp\.down_proj": "lowrank:rank=2"})  # one layer damaged
+    save_pretrained(student, root / "student1")
+    res = tune(_cfg(setup, "budget", task="heal", model=str(root / "student1"), teacher=str(root / "llama"),
+                    tokenizer=str(root / "llama"), init="eora", adapter_budget=0.05, calib_samples=8, steps=1,
+                    ckpt_every=0, eval_every=0))
+    ranks = res["setup"]["ranks"]
+    assert set(ranks) == {"model.layers.0.mlp.down_proj"}
+    assert 0 < res["params"]["adapter"] <= 0.05 * res["params"]["linear"]
+
+
+def test_cli_finetune_and_bad_flags(setup, capsys):
+    from structmat.cli import main
+
+    root, corpus = setup
+    code = main(["finetune", "--model", str(root / "llama"), "--adapter", "kron:rank=2", "--corpus", str(corpus),
+                 "--val-fraction", "0.25", "--steps", "2", "--seq-len", "32", "--batch-size", "2", "--eval-every",
+                 "0", "--ckpt-every", "0", "--eval-files", "2", "--eval-window", "32", "--max-files", "4",
+                 "--no-progress", "--out-dir", str(root / "cli")])
+    assert code == 0
+    assert "trainable params" in capsys.readouterr().out
+    res = json.loads((root / "cli" / "results.json").read_text())
+    assert res["setup"]["adapt"]["layers"][0]["delta"].startswith("kron")
+    assert main(["heal", "--student", str(root / "llama"), "--teacher", str(root / "llama"), "--init", "lora",
+                 "--out-dir", str(root / "bad")]) == 2
+    with pytest.raises(ValueError, match="heal needs teacher"):
+        TuneConfig(task="heal", model="x")
