@@ -163,3 +163,32 @@ def test_config_is_validated():
         TrainConfig(seq_len=0)
     with pytest.raises(ValueError, match="preset"):
         structured_llama("7b", 512)
+
+
+def test_mixer_hybrid_training_saves_loads_and_generates(corpus, tmp_path):
+    """structmat train --mixer deltaproduct:n_h=2 --neg-eigval --attn-every 2: a hybrid (layer 1 keeps attention)
+    that learns, saves, loads back as the same hybrid, and decodes with its recurrent state through HF generate."""
+    from structmat.mixers import LlamaMixerAttention
+
+    cfg = _config(corpus, tmp_path, "mix", steps=15, ckpt_every=0, eval_every=15, mlp=None,
+                  mixer="deltaproduct:n_h=2,chunk=16", neg_eigval=True, attn_every=2, mixer_backend="auto",
+                  decode_prompt=24, decode_tokens=4)
+    res = train(cfg)
+    losses = [h["loss"] for h in res["history"]]
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.5
+    assert res["model"]["mixer"]["layers"] == [0] and res["model"]["mixer"]["n_householder"] == 2
+    assert res["final"]["tokens_per_s"] > 0 and res["final"]["decode"]["decode_tokens_per_s"] > 0
+    model = load_pretrained(tmp_path / "mix" / "model")
+    kinds = [type(l.self_attn) for l in model.model.layers]
+    assert kinds[0] is LlamaMixerAttention and kinds[1] is not LlamaMixerAttention
+    mixer = model.model.layers[0].self_attn.mixer
+    assert mixer.allow_neg_eigval and mixer.nh == 2 and mixer.backend == "auto"
+    x = torch.randint(0, 512, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert torch.equal(model.generate(x, use_cache=True, **kw), model.generate(x, use_cache=False, **kw))
+    for bad, match in (({"mixer": "mamba"}, "unknown name"), ({"mixer": "deltanet:n_h=2"}, "deltaproduct only"),
+                       ({"mixer": "deltanet", "attn_every": 1}, "attn_every"), ({"attn_every": 4}, "give mixer"),
+                       ({"mixer": "deltanet", "mixer_backend": "cuda"}, "mixer_backend")):
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**bad)

@@ -20,6 +20,13 @@ _HELP = {
     "mlp": "structure spec for the MLP projections, e.g. lowrank:ratio=0.5 (default dense)",
     "attn": "structure spec for the attention projections (default dense)",
     "corpus": "corpus spec: stdlib, site-packages, a directory, hf:<name> (joined by +)",
+    "mixer": "a sequence mixer in place of attention: deltanet, gated_deltanet, deltaproduct:n_h=2, ssm "
+             "(keys n_h, heads, chunk, d_state, conv)",
+    "neg_eigval": "mixer state-transition eigenvalues in [-1, 1] (beta in (0, 2)) instead of [0, 1]",
+    "attn_every": "hybrid: every K-th layer keeps attention (default 0: all layers are mixers)",
+    "mixer_backend": "delta-rule backend: auto (fla on CUDA bf16 where it can run, else chunked), fla, chunked, "
+                     "recurrent",
+    "decode_prompt": "after training, measure greedy decode tokens/s at batch 1 after a prompt this long (0 = off)",
 }
 _SKIP = {"plan", "model_overrides", "betas"}
 

@@ -90,6 +90,13 @@ class TrainConfig:
     # methods (structmat.train.methods)
     guide_steps: int = 0              # self-guided training: a dense guide decays to 0 over these steps (0 = off)
     densify_step: int = 0             # reverse sparsification: structured -> dense after this step (0 = off)
+    # sequence mixers in place of attention (structmat.mixers.hf.replace_attention)
+    mixer: str | None = None          # deltanet | gated_deltanet | deltaproduct:n_h=2 | ssm (None: attention)
+    neg_eigval: bool = False          # eigenvalues in [-1, 1] (beta in (0, 2)) instead of [0, 1]
+    attn_every: int = 0               # hybrid: every K-th layer keeps attention (0: every layer is a mixer)
+    mixer_backend: str = "auto"       # auto | fla | chunked | recurrent (auto: fla on CUDA bf16 where it can run)
+    decode_prompt: int = 0            # after training: decode tokens/s at batch 1 after a prompt this long (0 = off)
+    decode_tokens: int = 64
     # running
     parallel: str = "ddp"             # under torchrun (WORLD_SIZE > 1): ddp | fsdp
     seed: int = 0
@@ -136,6 +143,25 @@ class TrainConfig:
         if self.guide_steps and self.mlp is None and self.attn is None and self.plan is None:
             raise ValueError("train config: guide_steps (self-guided training) needs structured layers: give mlp, "
                              "attn or plan")
+        if self.mixer is not None:
+            from .models import parse_mixer
+
+            try:
+                parse_mixer(self.mixer)
+            except ValueError as err:
+                raise ValueError(f"train config: {err}") from None
+        if not isinstance(self.attn_every, int) or self.attn_every < 0 or self.attn_every == 1:
+            raise ValueError(f"train config: attn_every must be 0 or an int >= 2 (every K-th layer keeps attention), "
+                             f"got {self.attn_every!r}")
+        if (self.attn_every or self.neg_eigval) and self.mixer is None:
+            raise ValueError("train config: attn_every and neg_eigval apply to a mixer; give mixer (e.g. deltanet)")
+        from ..mixers import BACKENDS
+
+        if self.mixer_backend not in BACKENDS:
+            raise ValueError(f"train config: mixer_backend must be one of {BACKENDS}, got {self.mixer_backend!r}")
+        if self.decode_prompt < 0 or self.decode_tokens < 2:
+            raise ValueError(f"train config: need decode_prompt >= 0 and decode_tokens >= 2, got "
+                             f"{self.decode_prompt}, {self.decode_tokens}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"train config: val_fraction must lie in (0, 1), got {self.val_fraction}")
 
@@ -177,8 +203,17 @@ class TrainConfig:
             raise ValueError(f"train config: model_overrides has unknown LlamaConfig field(s) {unknown}; e.g. "
                              "num_hidden_layers, hidden_size, intermediate_size, num_attention_heads")
         with torch.device("meta"):
-            structured_llama(self.preset, self.vocab_size, plan, seed=self.seed, max_seq_len=self.seq_len,
-                             **self.model_overrides)
+            m = structured_llama(self.preset, self.vocab_size, plan, seed=self.seed, max_seq_len=self.seq_len,
+                                 **self.model_overrides)
+            self.add_mixer(m)
+
+    def add_mixer(self, model: nn.Module) -> nn.Module:
+        """Put the configured mixer in place of attention (nothing when ``mixer`` is None)."""
+        if self.mixer is None:
+            return model
+        from .models import mixer_llama
+
+        return mixer_llama(model, self.mixer, self.neg_eigval, self.attn_every, self.mixer_backend)
 
     def build_plan(self) -> Plan | None:
         from .models import make_plan
@@ -236,7 +271,15 @@ def forward_flops_per_token(model: nn.Module, seq_len: int) -> int:
     for m in linear_modules(model).values():
         total += 2 * m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
     cfg = model.config
-    total += 4 * seq_len * cfg.hidden_size * cfg.num_hidden_layers
+    layers = getattr(getattr(model, "model", model), "layers", [])
+    mixers = [l.self_attn.mixer for l in layers if hasattr(getattr(l, "self_attn", None), "mixer")]
+    total += 4 * seq_len * cfg.hidden_size * (cfg.num_hidden_layers - len(mixers))  # scores and mixing, causal
+    for m in mixers:  # the recurrence, counted in its token-by-token form: per head and Householder factor a read
+        # (S^T k) and a rank-1 write, per token one read S^T q -- 2 Dk Dv FLOPs each; a diagonal SSM: 6 per state
+        if hasattr(m, "nh"):
+            total += m.n_heads * (4 * m.nh + 2) * m.head_dim * m.head_dim
+        else:
+            total += 6 * m.out_proj.in_features * getattr(m.ssm, "d_state", 1)
     return int(total)
 
 
@@ -572,6 +615,7 @@ def _run(cfg: TrainConfig, info, device: torch.device) -> dict[str, Any]:
         np.random.seed(cfg.seed)
         m = structured_llama(cfg.preset, tok.get_vocab_size(), cfg.build_plan(), seed=cfg.seed,
                              max_seq_len=cfg.seq_len, **overrides)
+        cfg.add_mixer(m)
         apply_phase(m, model_phase(at_step, cfg.guide_steps, cfg.densify_step), m.config.initializer_range)
         return m.to(on)
 
@@ -712,6 +756,7 @@ def _run(cfg: TrainConfig, info, device: torch.device) -> dict[str, Any]:
         "run_info": run_info(cfg.to_dict(), seed=cfg.seed, device=device),
         "distributed": {"world_size": info.world, "mode": info.mode},
         "model": {"preset": cfg.preset, "params": count_params(final if final is not None else model),
+                  "mixer": getattr(model.config, "structmat_mixer", None),
                   "vocab_size": tok.get_vocab_size(), "structured_layers": len(structured),
                   "structured_params": sum(m.param_count() for m in structured.values()),
                   "plan": None if plan is None else plan.to_dict(),
@@ -723,12 +768,19 @@ def _run(cfg: TrainConfig, info, device: torch.device) -> dict[str, Any]:
         "history": history,
         "validation": val_history,
         "final": {"step": step, "tokens": step * tokens_step, "flops": flops,
-                  "wall_s": wall, "train_loss": history[-1]["loss"] if history else None,
+                  "wall_s": wall, "tokens_per_s": (history[-1]["tokens"] / wall) if history and wall else None,
+                  "train_loss": history[-1]["loss"] if history else None,
                   "val_loss": val_history[-1]["loss"] if val_history else None,
                   "val_ppl": val_history[-1]["ppl"] if val_history else None,
                   "optimizer_state_bytes": optimizer_state_bytes(optimizer),
                   "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None},
     }
+    if info.main and cfg.decode_prompt:
+        from ..eval.speed import decode_tokens_per_s
+
+        with autocast():
+            results["final"]["decode"] = decode_tokens_per_s(final, cfg.decode_prompt, cfg.decode_tokens,
+                                                             tok.get_vocab_size(), seed=cfg.seed)
     if info.main:
         save_pretrained(final, model_dir)
         write_atomic(model_dir / "tokenizer.json", tok.to_str().encode())

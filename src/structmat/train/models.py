@@ -15,6 +15,9 @@ preset   hidden  layers  heads  kv     ffn (SwiGLU) total params  non-embedding
 :func:`structured_llama` builds the dense model, then replaces every linear layer a :class:`~structmat.surgery.Plan`
 matches by a FRESH structured layer (``structmat.build``: muP-style per-factor init, bias zero) -- never by a
 projection of the random dense weight, which would be a poor, expensive and differently-scaled start.
+
+:func:`mixer_llama` then puts a structmat sequence mixer (DeltaNet, Gated DeltaNet, DeltaProduct, diagonal SSM) in
+place of attention in every layer, or in all but every K-th layer (a hybrid); ``structmat train --mixer``.
 """
 
 from __future__ import annotations
@@ -139,3 +142,50 @@ def structured_llama(preset: str, vocab_size: int = DEFAULT_VOCAB, plan: Plan | 
 def count_params(model: nn.Module) -> int:
     """Distinct learnable numbers (tied tensors counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+_MIXER_KEYS = {"n_h": "n_householder", "heads": "n_heads", "chunk": "chunk_size", "d_state": "d_state",
+               "conv": "conv_size"}
+
+
+def parse_mixer(spec: str) -> tuple[str, dict[str, int]]:
+    """``"deltaproduct:n_h=2"`` -> ``("deltaproduct", {"n_householder": 2})``. Names: deltanet, gated_deltanet,
+    deltaproduct (n_h >= 2, default 2), ssm; keys: n_h, heads, chunk, d_state (ssm), conv (short-conv width)."""
+    from ..mixers.hf import MIXERS
+
+    name, _, rest = str(spec).partition(":")
+    if name not in MIXERS:
+        raise ValueError(f"mixer {spec!r}: unknown name {name!r}; choose from {', '.join(sorted(MIXERS))} "
+                         "(e.g. deltaproduct:n_h=2)")
+    kwargs: dict[str, int] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in _MIXER_KEYS or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"mixer {spec!r}: write name:key=int,... with keys {', '.join(_MIXER_KEYS)}; "
+                             f"could not read {item!r}")
+        kwargs[_MIXER_KEYS[key]] = int(value)
+    if name == "deltaproduct":
+        kwargs.setdefault("n_householder", 2)
+        if kwargs["n_householder"] < 2:
+            raise ValueError(f"mixer {spec!r}: a DeltaProduct has n_h >= 2 (n_h=1 is deltanet)")
+    elif "n_householder" in kwargs:
+        raise ValueError(f"mixer {spec!r}: n_h applies to deltaproduct only")
+    if name == "ssm" and {"n_heads", "chunk_size"} & set(kwargs):
+        raise ValueError(f"mixer {spec!r}: the diagonal SSM has no heads or chunks")
+    if name != "ssm" and "d_state" in kwargs:
+        raise ValueError(f"mixer {spec!r}: d_state applies to ssm only")
+    return name, kwargs
+
+
+def mixer_llama(model: nn.Module, spec: str, neg_eigval: bool = False, attn_every: int = 0,
+                backend: str = "auto") -> nn.Module:
+    """In place: a mixer (``spec`` as in :func:`parse_mixer`) replaces attention in every layer, or, with
+    ``attn_every=K``, in all but layers K-1, 2K-1, ... (a hybrid). Recorded in the config (save/load rebuild it)."""
+    from ..mixers.hf import hybrid_layers, replace_attention
+
+    name, kwargs = parse_mixer(spec)
+    if name != "ssm":
+        kwargs["backend"] = backend
+    n = model.config.num_hidden_layers
+    layers = hybrid_layers(n, attn_every) if attn_every else None
+    return replace_attention(model, name, layers=layers, allow_neg_eigval=bool(neg_eigval), **kwargs)
