@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -58,7 +60,7 @@ def _demo(args: argparse.Namespace) -> int:
           "top-1 agree: fraction of queries whose top-1 retrieved document is the same as the original's.")
     out = Path(args.out)
     payload = {"metrics": rows_as_dicts(rows), "corpus": {"train": manifest(train), "validation": manifest(val)},
-               "run_info": run_info(vars(args), seed=args.seed)}
+               "run_info": run_info(_args_record(args), seed=args.seed)}
     print(f"wrote {write_json(out / 'demo.json', payload)}")
     png = _save_png(lambda buf: plot_frontier(rows, buf, "MiniLM-L6: fidelity vs linear-layer params"),
                     out / "demo_frontier.png")
@@ -99,7 +101,8 @@ def _table(args: argparse.Namespace) -> int:
           f"({torch.get_num_threads()} CPU threads); a ratio > 1 is faster than dense. CPU timings show "
           "correctness of the cost model, not GPU speed.")
     path = write_json(Path(args.out) / "table.json", {"metrics": rows_as_dicts(rows),
-                                                       "run_info": run_info(vars(args), seed=args.seed, device="cpu")})
+                                                       "run_info": run_info(_args_record(args), seed=args.seed,
+                                                                            device="cpu")})
     print(f"wrote {path}")
     return 0
 
@@ -126,6 +129,7 @@ def _compress(args: argparse.Namespace) -> int:
     from .io import save_pretrained
     from .surgery import Plan, Target, linear_modules, structurize
 
+    _check_compress_args(args)
     loaded = load_model(args.model)
     train, val = _corpus_split(args.corpus)
     batches = calibration_batches(loaded, train, args.calib_samples, args.seq_len)
@@ -158,7 +162,7 @@ def _compress(args: argparse.Namespace) -> int:
         else:
             report = structurize(model, plan, calibration={n: stats[n] for n in matched_layers(model, plan)},
                                  progress=True)
-        out = Path(args.out) / (f"target-{target:.2f}" if len(args.target_params) > 1 else "")
+        out = Path(args.out) / f"target-{target:.2f}"  # one folder per target, also for a single one
         save_pretrained(model, out)
         print(report.format())
         row = {"target": target, "dir": str(out), "params_fraction": report.params_fraction,
@@ -167,11 +171,35 @@ def _compress(args: argparse.Namespace) -> int:
             row["quality"] = _quality(loaded.kind, model, loaded.tokenizer, val, args, reference)
             print("quality:", {k: v for k, v in row["quality"].items() if isinstance(v, (int, float))}, flush=True)
         results.append(row)
-    path = write_json(Path(args.out) / "compress.json", {"results": results, "run_info": run_info(vars(args))})
+    path = write_json(Path(args.out) / "compress.json", {"results": results,
+                                                         "run_info": run_info(_args_record(args))})
     print(f"wrote {path}")
     if args.evaluate and len(results) > 1:
         print(f"wrote {_save_png(lambda buf: _plot_quality(results, loaded.kind, buf), Path(args.out) / 'frontier.png')}")
     return 0
+
+
+def _check_compress_args(args: argparse.Namespace) -> None:
+    """Every spec and pattern of ``compress``, checked before a model, a corpus or a tokenizer is touched."""
+    from .compress import Allowed
+
+    try:
+        re.compile(args.layers)
+    except re.error as err:
+        raise ValueError(f"--layers {args.layers!r} is not a regular expression ({err})") from None
+    if args.structure:
+        Allowed.parse(args.structure)  # structure@method: both must exist and fit together
+    else:
+        for item in args.allow.split(","):
+            Allowed.parse(item)
+    for key in ("calib_samples", "seq_len", "eval_texts", "eval_files", "eval_window"):
+        if getattr(args, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+
+
+def _args_record(args: argparse.Namespace) -> dict:
+    """The flags as JSON values: the handler function is stored by name, not as its repr."""
+    return {k: (f"{v.__module__}.{v.__qualname__}" if callable(v) else v) for k, v in vars(args).items()}
 
 
 def _plot_quality(results: list[dict], kind: str, buf) -> None:
@@ -213,7 +241,7 @@ def _eval(args: argparse.Namespace) -> int:
         metrics = encoder_fidelity(reference, model, tokenizer)
     for k, v in metrics.items():
         print(f"{k}: {v}")
-    out = write_json(Path(args.out) / "eval.json", {"metrics": metrics, "run_info": run_info(vars(args))})
+    out = write_json(Path(args.out) / "eval.json", {"metrics": metrics, "run_info": run_info(_args_record(args))})
     print(f"wrote {out}")
     return 0
 
@@ -227,36 +255,47 @@ def _targets(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="structmat", description="Structured matrices for PyTorch.")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="structmat", description="Structured matrices for PyTorch.",
+                                     formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="the main job: compress the packaged MiniLM with every method at several "
-                                       "targets, print the fidelity table, write JSON + frontier PNG")
-    demo.add_argument("--targets", type=_targets, nargs="+", default=[0.25, 0.5, 0.75])
-    demo.add_argument("--methods", default="", help="comma-separated subset of the methods (default: all)")
-    demo.add_argument("--calib-texts", type=int, default=128)
-    demo.add_argument("--eval-texts", type=int, default=256)
-    demo.add_argument("--max-length", type=int, default=128)
+    demo = sub.add_parser("demo", formatter_class=fmt,
+                          help="the main job: compress the packaged MiniLM with every method at several targets, "
+                               "print the fidelity table, write demo.json + demo_frontier.png into --out",
+                          description="Compress the packaged MiniLM (all-MiniLM-L6-v2) with every method at several "
+                                      "targets, print the fidelity table, and write demo.json and "
+                                      "demo_frontier.png into --out.")
+    demo.add_argument("--targets", type=_targets, nargs="+", default=[0.25, 0.5, 0.75],
+                      help="fractions of the linear-layer parameters to keep")
+    demo.add_argument("--methods", default="", help="comma-separated subset of the methods (empty: all)")
+    demo.add_argument("--calib-texts", type=int, default=128, help="calibration text chunks (training files)")
+    demo.add_argument("--eval-texts", type=int, default=256, help="evaluation text chunks (held-out files)")
+    demo.add_argument("--max-length", type=int, default=128, help="tokens per text chunk")
     demo.add_argument("--sequential", action="store_true", help="layer-sequential calibration")
-    demo.add_argument("--progress", action="store_true")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default="structmat-out")
+    demo.add_argument("--progress", action="store_true", help="show progress bars")
+    demo.add_argument("--seed", type=int, default=0, help="random seed")
+    demo.add_argument("--out", default="structmat-out", help="folder for demo.json and demo_frontier.png")
     demo.set_defaults(func=_demo)
 
-    table = sub.add_parser("table", help="project two real MiniLM weights onto every structure (data-free) and "
+    table = sub.add_parser("table", formatter_class=fmt, help="project two real MiniLM weights onto every structure (data-free) and "
                                          "print params, FLOPs, error and forward time vs dense")
-    table.add_argument("--ratio", type=float, default=0.5, help="fraction of the dense parameters (default 0.5)")
-    table.add_argument("--layer", type=int, default=0, help="which of MiniLM's 6 layers (default 0)")
-    table.add_argument("--tokens", type=int, default=256, help="tokens in the timing batch (default 256)")
-    table.add_argument("--repeats", type=int, default=20, help="timing repeats (default 20)")
+    table.add_argument("--ratio", type=float, default=0.5, help="fraction of the dense parameters")
+    table.add_argument("--layer", type=int, default=0, help="which of MiniLM's 6 layers")
+    table.add_argument("--tokens", type=int, default=256, help="tokens in the timing batch")
+    table.add_argument("--repeats", type=int, default=20, help="timing repeats")
     table.add_argument("--structures", default="", help="comma-separated subset, e.g. dense,lowrank,monarch "
-                       "(default: all of dense, lowrank, blockdiag, monarch, kron, nm, sparse, splr, product)")
-    table.add_argument("--seed", type=int, default=0)
-    table.add_argument("--out", default="structmat-out", help="folder for table.json (default structmat-out)")
+                       "(empty: all of dense, lowrank, blockdiag, monarch, kron, nm, sparse, splr, product)")
+    table.add_argument("--seed", type=int, default=0, help="random seed")
+    table.add_argument("--out", default="structmat-out", help="folder for table.json")
     table.set_defaults(func=_table)
 
-    comp = sub.add_parser("compress", help="compress a model (HF id, local dir, or 'minilm') to a parameter target")
-    comp.add_argument("--model", default="minilm")
+    comp = sub.add_parser("compress", formatter_class=fmt,
+                          help="compress a model (HF id, local dir, or 'minilm') to a parameter target",
+                          description="Compress a model to one or more parameter (or FLOP) targets; each target is "
+                                      "saved as a model folder --out/target-<t>/ (e.g. target-0.50), with "
+                                      "compress.json (and frontier.png for several targets) in --out.")
+    comp.add_argument("--model", default="minilm", help="a local model folder, an HF hub id, or 'minilm'")
     comp.add_argument("--target-params", type=_targets, nargs="+", default=[0.5],
                       help="fraction(s) of the in-scope linear-layer params (or FLOPs with --flops) to keep")
     comp.add_argument("--flops", action="store_true", help="the target is a fraction of FLOPs, not params")
@@ -265,31 +304,35 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--structure", default="", help="instead of the solver: one structure@method for all layers, "
                                                       "e.g. lowrank@whitened")
     comp.add_argument("--layers", default=r".*(layer|layers|h)\.\d+\..*", help="full regex of the layers in scope")
-    comp.add_argument("--corpus", default="stdlib")
-    comp.add_argument("--calib-samples", type=int, default=256)
-    comp.add_argument("--seq-len", type=int, default=128)
+    comp.add_argument("--corpus", default="stdlib", help="calibration/evaluation corpus: stdlib, site-packages, a "
+                      "folder, hf:<name> (joined by +)")
+    comp.add_argument("--calib-samples", type=int, default=256, help="calibration sequences")
+    comp.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence")
     comp.add_argument("--sequential", action="store_true", help="layer-sequential calibration")
     comp.add_argument("--no-eval", dest="evaluate", action="store_false",
                       help="skip evaluating each compressed model (fidelity or perplexity on held-out files)")
     comp.add_argument("--eval-texts", type=int, default=256, help="encoders: held-out text chunks for fidelity")
     comp.add_argument("--eval-files", type=int, default=16, help="causal LMs: held-out files for perplexity")
     comp.add_argument("--eval-window", type=int, default=512, help="causal LMs: perplexity window")
-    comp.add_argument("--out", required=True)
+    comp.add_argument("--out", required=True, help="output folder: target-<t>/ model folders and compress.json")
     comp.set_defaults(func=_compress)
 
-    ev = sub.add_parser("eval", help="evaluate a model: perplexity (causal LM) or fidelity to a reference (encoder)")
+    ev = sub.add_parser("eval", formatter_class=fmt,
+                        help="evaluate a model: perplexity (causal LM) or fidelity to a reference (encoder)")
     ev.add_argument("--model", required=True, help="a structmat or HF model directory, an HF id, or 'minilm'")
-    ev.add_argument("--tokenizer", default="minilm")
+    ev.add_argument("--tokenizer", default="minilm", help="where the tokenizer comes from: a model folder, an HF id, "
+                    "or 'minilm'")
     ev.add_argument("--reference", default="minilm", help="encoders: the original model to compare with")
-    ev.add_argument("--corpus", default="stdlib")
-    ev.add_argument("--texts", type=int, default=512)
+    ev.add_argument("--corpus", default="stdlib", help="evaluation corpus (its held-out files are used)")
+    ev.add_argument("--texts", type=int, default=512, help="encoders: held-out text chunks")
     ev.add_argument("--files", type=int, default=64, help="causal LMs: validation files to evaluate on")
-    ev.add_argument("--seq-len", type=int, default=512)
-    ev.add_argument("--out", default="structmat-out")
+    ev.add_argument("--seq-len", type=int, default=512, help="causal LMs: perplexity window")
+    ev.add_argument("--out", default="structmat-out", help="folder for eval.json")
     ev.set_defaults(func=_eval)
     bench = sub.add_parser("bench", help="benchmarks: structmat bench kernels|mixer-speed (CUDA GPU) or "
                            "state-tracking [--smoke] | train-compare (CPU or GPU); each takes its own flags (--help)")
-    bench.add_argument("which", choices=["kernels", "state-tracking", "mixer-speed", "train-compare"])
+    bench.add_argument("which", choices=["kernels", "state-tracking", "mixer-speed", "train-compare"],
+                       help="which benchmark (structmat bench <which> --help for its flags)")
 
     from .train.cli import add_train_parser
     from .train.tune_cli import add_tune_parsers
@@ -312,7 +355,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "table" and not 0 < args.ratio < 1:
         print("structmat: --ratio must lie strictly between 0 and 1", file=sys.stderr)
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, OSError, FloatingPointError) as err:
+        # A clear one-line error (bad input, disk full, a checkpoint that cannot resume), not a traceback;
+        # STRUCTMAT_TRACEBACK=1 shows the traceback for a bug report.
+        if os.environ.get("STRUCTMAT_TRACEBACK"):
+            raise
+        print(f"structmat {args.command}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

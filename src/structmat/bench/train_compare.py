@@ -74,7 +74,7 @@ def format_table(runs: dict[str, dict[str, Any]], dense_mlp: int | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="structmat bench train-compare", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="structmat bench train-compare", description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--preset", default="60m")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=64)

@@ -37,6 +37,11 @@ def load_model(name: str = "minilm", dtype: torch.dtype | None = None) -> Loaded
     if name == "minilm":
         return Loaded(load_minilm(), minilm_tokenizer(), "encoder", str(minilm_dir()))
     local = Path(name).is_dir()
+    if not local and (Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
+                      or Path(name).exists()):
+        # Not a hub id (namespace/name): a local path that is missing or not a folder.
+        raise ValueError(f"model {name!r}: no such model folder; give an existing local folder, an HF hub id "
+                         "(namespace/name), or 'minilm'")
     kwargs: dict[str, Any] = {"local_files_only": True} if local else {}
     if dtype is not None:
         kwargs["dtype"] = dtype

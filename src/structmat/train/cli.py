@@ -17,8 +17,8 @@ from .loop import TrainConfig
 _HELP = {
     "out_dir": "output folder (checkpoints/, model/, results.json)",
     "preset": "model preset: 5m, 20m, 60m, 125m",
-    "mlp": "structure spec for the MLP projections, e.g. lowrank:ratio=0.5 (default dense)",
-    "attn": "structure spec for the attention projections (default dense)",
+    "mlp": "structure spec for the MLP projections, e.g. lowrank:ratio=0.5 (None: dense)",
+    "attn": "structure spec for the attention projections (None: dense)",
     "corpus": "corpus spec: stdlib, site-packages, a directory, hf:<name> (joined by +)",
     "mixer": "a sequence mixer in place of attention: deltanet, gated_deltanet, deltaproduct:n_h=2, ssm "
              "(keys n_h, heads, chunk, d_state, conv)",
@@ -31,26 +31,33 @@ _HELP = {
 _SKIP = {"plan", "model_overrides", "betas"}
 
 
+def _help(name: str, default) -> str:
+    return f"{_HELP.get(name, name.replace('_', ' '))} (default {default})"
+
+
 def add_train_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("train", help="pretrain a (structured) LLaMA-style model from scratch; resumable exactly")
+    p = sub.add_parser("train", help="pretrain a (structured) LLaMA-style model from scratch; resumable exactly",
+                       description="Pretrain a (structured) LLaMA-style model from scratch. Every spec is checked "
+                                   "against the model's shapes before the tokenizer is trained; a run resumes from "
+                                   "the latest checkpoint in <out-dir>/checkpoints and says so.")
     p.add_argument("--config", help="a JSON file of TrainConfig fields (flags given explicitly override it)")
     p.add_argument("--plan-file", help="a JSON plan (Plan.to_dict() form); overrides --mlp/--attn")
     p.add_argument("--override", action="append", default=[], metavar="KEY=JSON",
                    help="a LlamaConfig field override, e.g. num_hidden_layers=2 (repeatable)")
-    p.add_argument("--betas", type=float, nargs=2, default=None)
+    p.add_argument("--betas", type=float, nargs=2, default=None, metavar=("BETA1", "BETA2"),
+                   help=f"AdamW betas (default {' '.join(map(str, TrainConfig().betas))})")
     for f in dataclasses.fields(TrainConfig):
         if f.name in _SKIP:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                           help=_HELP.get(f.name, f"(default {default})"))
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_help(f.name, default))
             continue
         kind = {int: int, float: float}.get(type(default), str)
         if f.name in ("threads",):
             kind = int
-        p.add_argument(flag, type=kind, default=None, help=_HELP.get(f.name, f"(default {default})"))
+        p.add_argument(flag, type=kind, default=None, help=_help(f.name, default))
     p.set_defaults(func=run_train)
     return p
 
