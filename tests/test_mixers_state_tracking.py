@@ -27,9 +27,11 @@ def test_task_labels():
 
 
 def test_smoke_runs(tmp_path):
-    assert main(["--smoke", "--out", str(tmp_path)]) == 0
+    assert main(["--smoke", "--out", str(tmp_path), "--backend", "auto"]) == 0
     (path,) = tmp_path.glob("state-tracking-smoke-*.json")
     d = json.loads(path.read_text())
     assert d["protocol"]["smoke"] and all("error" not in r for r in d["runs"])
+    assert d["protocol"]["backend"] == "auto"  # on the CPU auto runs the chunked form, and each run says so
+    assert {tuple(r["backend_ran"] or ()) for r in d["runs"] if r["model"].startswith("delta")} == {("chunked",)}
     assert set(d["table_best_of_seeds_scaled_accuracy"]["ssm[-1,1]"]) == {"parity", "modarith", "modarith_brackets",
                                                                            "s3", "s5"}

@@ -20,11 +20,14 @@ Run:  ``PYTHONPATH=src python -m structmat.bench.state_tracking [--smoke] [--dev
 (``structmat bench state-tracking`` once the CLI forwards to :func:`main`). Writes
 ``state-tracking-<UTC date-time>.json`` (table, every run, the protocol actually used, run_info).
 ``--smoke``: a CPU pipeline check in seconds (few steps, one seed): its numbers are not results.
+``--backend fla --bf16`` (or ``auto``) trains the delta-rule mixers on flash-linear-attention's kernels; each run
+records the backend its layers actually ran (``backend_ran``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import itertools
 import json
@@ -184,13 +187,13 @@ def task_info(task):
 
 
 def build_model(model: str, vocab: int, classes: int, d_model: int, n_layers: int, n_heads: int, d_state: int,
-                conv_size: int = 4):
+                conv_size: int = 4, backend: str = "chunked"):
     from structmat.mixers import DeltaMixer, DiagonalSSMMixer, MixerLM
 
     spec = MODELS[model]
     if spec["kind"] == "delta":
         factory = lambda: DeltaMixer(d_model, n_heads, n_householder=spec["nh"], allow_neg_eigval=spec["neg"],
-                                     chunk_size=64, conv_size=conv_size)
+                                     chunk_size=64, conv_size=conv_size, backend=backend)
     else:
         factory = lambda: DiagonalSSMMixer(d_model, d_state, "selective", allow_neg_eigval=spec["neg"], expand=2,
                                            conv_size=conv_size)
@@ -206,7 +209,9 @@ def run_one(job: dict) -> dict:
     rng = random.Random(job["seed"])
     vocab, classes, chance = task_info(job["task"])
     lm = build_model(job["model"], vocab, classes, job["d_model"], job["n_layers"], job["n_heads"],
-                     job["d_state"], job["conv_size"]).to(dev)
+                     job["d_state"], job["conv_size"], job.get("backend", "chunked")).to(dev)
+    bf16 = job.get("bf16", False) and dev.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     opt = torch.optim.AdamW(lm.parameters(), lr=job["lr"], weight_decay=0.01, betas=(0.9, 0.98))
     steps, warm = job["steps"], max(1, job["steps"] // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -219,8 +224,9 @@ def run_one(job: dict) -> dict:
         L = rng.randint(job["train_min"], job["train_max"])
         x, y = make_batch(job["task"], job["batch"], L, gen, rng)
         x, y = x.to(dev), y.to(dev)
-        logits, _ = lm(x)
-        loss = F.cross_entropy(logits[..., :classes].reshape(-1, classes), y.reshape(-1), ignore_index=-100)
+        with autocast():
+            logits, _ = lm(x)
+        loss = F.cross_entropy(logits[..., :classes].float().reshape(-1, classes), y.reshape(-1), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
@@ -236,7 +242,8 @@ def run_one(job: dict) -> dict:
         for L in job["test_lengths"]:
             x, y = make_batch(job["task"], job["eval_batch"], L, gen, rng)
             x, y = x.to(dev), y.to(dev)
-            logits, _ = lm(x)
+            with autocast():
+                logits, _ = lm(x)
             pred = logits[..., :classes].argmax(-1)
             sel = y != -100
             acc = (pred[sel] == y[sel]).float().mean().item()
@@ -244,7 +251,9 @@ def run_one(job: dict) -> dict:
     acc = sum(per_len.values()) / len(per_len)
     scaled = (acc - chance) / (1 - chance)
     ok = all(math.isfinite(v) for v in per_len.values())
+    ran = sorted({m.backend_used for m in lm.modules() if getattr(m, "backend_used", None)})
     return dict(model=job["model"], task=job["task"], seed=job["seed"], steps_done=done, train_s=round(train_s, 1),
+                backend_ran=ran or None,
                 accuracy=acc, scaled_accuracy=scaled, per_length=per_len, finite=ok, loss_trace=losses)
 
 
@@ -316,6 +325,9 @@ def main(argv=None) -> int:
     p.add_argument("--test-lengths", default="40,64,96,128,160,192,224,256")
     p.add_argument("--eval-batch", type=int, default=128)
     p.add_argument("--workers", type=int, default=1, help="parallel processes (they share the one device)")
+    p.add_argument("--backend", default="chunked", help="delta-rule backend of the DeltaNet/DeltaProduct mixers: "
+                   "chunked, recurrent, fla or auto (fla needs --bf16 on CUDA)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (what fla's kernels take)")
     p.add_argument("--out", default=None, help="folder for the JSON (default benchmarks/results; "
                    "structmat-out with --smoke)")
     a = p.parse_args(argv)
@@ -336,10 +348,15 @@ def main(argv=None) -> int:
     for m in models:
         if m not in MODELS:
             p.error(f"unknown model {m!r}; choose from {tuple(MODELS)}")
+    from structmat.mixers import BACKENDS
+
+    if a.backend not in BACKENDS:
+        p.error(f"--backend: choose one of {BACKENDS}, got {a.backend!r}")
     test_lengths = [int(x) for x in a.test_lengths.split(",")]
     jobs = [dict(model=m, task=t, seed=s, device=device, steps=a.steps, max_seconds=a.max_seconds, batch=a.batch,
                  lr=a.lr, d_model=a.d_model, n_layers=a.n_layers, n_heads=a.n_heads, d_state=a.d_state,
-                 conv_size=a.conv_size, train_min=a.train_min, train_max=a.train_max, test_lengths=test_lengths, eval_batch=a.eval_batch)
+                 conv_size=a.conv_size, train_min=a.train_min, train_max=a.train_max, test_lengths=test_lengths,
+                 eval_batch=a.eval_batch, backend=a.backend, bf16=a.bf16)
             for t in tasks for m in models for s in range(a.seeds)]
     t0 = time.time()
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -361,7 +378,7 @@ def main(argv=None) -> int:
             "published": {f"{m}/{t}": v for (m, t), v in PUBLISHED.items()},
             "protocol": {"train_lengths": [a.train_min, a.train_max], "test_lengths": test_lengths,
                          "seeds": a.seeds, "steps_cap": a.steps, "max_seconds_per_run": a.max_seconds,
-                         "batch": a.batch, "lr": a.lr,
+                         "batch": a.batch, "lr": a.lr, "backend": a.backend, "bf16_autocast": a.bf16,
                          "model": {"d_model": a.d_model, "n_layers": a.n_layers, "n_heads": a.n_heads,
                                    "d_state": a.d_state, "conv_size": a.conv_size}, "smoke": a.smoke,
                          "note": "steps_done per run is in runs[]; runs stopped by max_seconds trained fewer steps"},
