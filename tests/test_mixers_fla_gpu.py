@@ -60,7 +60,7 @@ def _compare(label, got, ref, tol):
 CASES = [
     (2, 300, 4, 64, 1, False, "[0,1]", True),
     (2, 300, 4, 64, 1, False, "[-1,1]", False),
-    (2, 257, 4, 128, 1, True, "[-1,1]", True),
+    (2, 257, 4, 64, 1, True, "[-1,1]", True),
     (2, 150, 4, 64, 2, False, "[-1,1]", True),
     (1, 120, 2, 64, 4, False, "[0,1]", False),
     (2, 150, 4, 64, 2, True, "[-1,1]", True),
