@@ -123,3 +123,28 @@ def test_cli_finetune_and_bad_flags(setup, capsys):
                  "--out-dir", str(root / "bad")]) == 2
     with pytest.raises(ValueError, match="heal needs teacher"):
         TuneConfig(task="heal", model="x")
+
+
+def test_adapter_table_plans_build_at_about_equal_params(setup):
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from structmat.adapters import adapt
+    from structmat.bench.adapter_table import _sizes, method_plans
+
+    model = AutoModelForCausalLM.from_pretrained(setup[0] / "llama")
+    sizes = _sizes(model, r".*layers\.\d+\..*")
+    assert len(sizes) == 14
+    counts = {}
+    for name, (plan, opts) in method_plans(sizes, 4).items():
+        if name == "full":
+            continue
+        m = copy.deepcopy(model)
+        counts[name] = adapt(m, plan, init=opts["init"], alpha=opts.get("alpha"),
+                             rslora=opts.get("rslora", False)).adapter_params
+    lora = counts["lora"]
+    assert counts["pissa"] == counts["rslora"] == lora
+    for name in ("kron", "ldu", "rows", "splr"):
+        assert 0.7 * lora <= counts[name] <= 1.3 * lora, (name, counts[name], lora)
+    assert counts["randbasis"] <= 0.3 * lora

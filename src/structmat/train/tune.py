@@ -54,6 +54,7 @@ class TuneConfig:
     tokenizer: str | None = None      # default: the teacher's, else the model's
     adapter: str = "lowrank:rank=8"   # delta spec, or "full" (full fine-tuning)
     targets: str = DEFAULT_TARGETS    # full regex of the layers that get adapters
+    plan: dict | None = None          # an explicit plan pattern -> delta spec (overrides adapter for those layers)
     init: str = "zero"                # zero | pissa | eora
     alpha: float | None = None
     rslora: bool = False
@@ -157,6 +158,10 @@ def load_any(name: str):
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        if tok is None and (path / "tokenizer.json").is_file():  # structmat train saves a bare tokenizers file
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(path / "tokenizer.json"))
         return model, tok, "causal" if is_causal(model) else "encoder"
     loaded = load_model(name)
     return loaded.model, loaded.tokenizer, loaded.kind
@@ -188,6 +193,8 @@ class _Objective:
             logp = model(input_ids=batch).logits.float().log_softmax(-1)
             return F.kl_div(logp, target, log_target=True, reduction="none").sum(-1).mean()
         mask = (batch != self.pad_id).long()
+        width = int(mask.sum(1).max())  # texts are padded to seq_len: drop the columns no text reaches
+        batch, mask = batch[:, :width], mask[:, :width]
         with torch.no_grad():
             t = self.teacher(input_ids=batch, attention_mask=mask).last_hidden_state.float()
         s = model(input_ids=batch, attention_mask=mask).last_hidden_state.float()
@@ -407,6 +414,8 @@ def _tune(cfg: TuneConfig) -> dict[str, Any]:
                                  "(or no layer differs from the teacher); raise the budget")
             plan = {re.escape(n): f"lowrank:rank={r}" for n, r in ranks.items()}
             setup["ranks"] = ranks
+        elif cfg.plan:
+            plan = dict(cfg.plan)
         else:
             plan = {re.escape(n): cfg.adapter for n in names}
         _seed(cfg.seed)

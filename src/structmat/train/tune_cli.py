@@ -19,7 +19,7 @@ _HELP = {
     "loss": "auto | lm | kl | cosine | mse (auto: lm for finetune, kl for causal heal, cosine for encoder heal)",
     "corpus": "corpus spec: stdlib, site-packages, a directory (joined by +)",
 }
-_SKIP = {"task", "model", "teacher", "betas"}
+_SKIP = {"task", "model", "teacher", "betas", "plan"}
 
 
 def _add_fields(p: argparse.ArgumentParser) -> None:
