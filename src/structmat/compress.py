@@ -1,33 +1,54 @@
-"""One-shot compression of a pretrained model: calibrate, choose (plan or budget solver), project, swap.
+r"""Compression of a pretrained model in one call: calibrate, choose (a plan or the budget solver), project, swap.
+
+:class:`Compressor` is the library call the CLI, the demo and the sweep use::
+
+    comp = Compressor(model, batches, scope=r".*layers\.\d+\..*", device="cuda", sequential=True)
+    half = comp.budget(0.5)                      # a compressed copy: .model, .report, .plan
+    quarter = comp.budget(0.25)                  # statistics, prices and sensitivities are reused
+    wanda = comp.uniform({r".*": Target("nm:n=2,m=4", "wanda")})
 
 Two ways to calibrate:
-- one-shot: statistics of every matched layer's input are collected in one pass over the ORIGINAL model;
+- one-shot: statistics of every in-scope layer's input are collected in one pass over the ORIGINAL model, once,
+  and reused for every plan and target;
 - layer-sequential (``sequential=True``): blocks are processed in order; the inputs of block l are the outputs of
-  the already-compressed blocks < l, so later layers are fitted to what they will really see. Memory is one block
-  plus the calibration activations. It works for any model whose repeated blocks sit in an ``nn.ModuleList``
-  (found automatically: the ModuleList holding the most linear layers).
+  the already-compressed blocks < l, so later layers are fitted to what they will really see. It works for any
+  model whose repeated blocks sit in an ``nn.ModuleList`` (found automatically: the one holding the most linear
+  layers).
 
-Budget mode prices candidates on one-shot statistics of the original model (the solver needs every layer's
-options before it chooses), then applies its choice (sequentially if asked).
+``device=`` is where statistics and projections are computed; ``offload=True`` keeps the model on the CPU and
+onloads one block at a time (everything outside the blocks — embeddings, norms, head — goes to the device), so
+device memory is bounded by one block, its statistics and the calibration activations. Statistics are float32 by
+default (``stats_dtype=torch.float64`` for float64 projections too). Layers that share an input (q/k/v,
+gate/up) share one statistics object and therefore one factorization.
+
+Budget mode prices every layer's candidates (each allowed structure's size ladder) on the one-shot statistics of
+the original model — the solver needs every layer's options before it chooses — then applies its choice
+(sequentially if asked).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
-import math
+import sys
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .calibrate import InputStats, collect_input_stats
+from .modules import dense_weight, linear_modules
+from .plan import Plan, Target
 from .project import check_method, output_error, price
 from .project.budget_solver import Candidate, solve_budget
 from .structures import structure_class
-from .structures.base import parse_spec
-from .surgery import Plan, Report, Target, dense_weight, linear_modules, structurize
+from .structures.base import RatioSpec, parse_spec
+from .surgery import Report, structurize
+
+DEFAULT_ALLOW = "lowrank@whitened,monarch@whitened:nblocks=4,nm@sparsegpt"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -62,13 +83,29 @@ def matched_layers(model: nn.Module, plan: Plan) -> dict[str, Target]:
 
 
 def calibrate(model: nn.Module, names: Iterable[str], batches: Sequence[dict[str, Tensor]],
-              progress: bool = False) -> dict[str, InputStats]:
+              progress: bool = False, dtype: torch.dtype = torch.float64) -> dict[str, InputStats]:
     """One-shot statistics of the inputs of ``names`` over ``batches``."""
-    return collect_input_stats(model, list(names), run_batches(model, batches, progress))
+    return collect_input_stats(model, list(names), run_batches(model, batches, progress), dtype=dtype)
+
+
+def check_plan(plan: Any) -> Plan:
+    """A Plan whose every target names a known structure and a projection method that applies to it, with valid
+    options: checked before any model is loaded or any batch is run."""
+    plan = Plan.coerce(plan)
+    for entry in plan.entries:
+        target = entry.target
+        if target is None:
+            continue
+        structure = target.spec.structure if isinstance(target.spec, RatioSpec) else target.spec.name
+        try:
+            check_method(target.method, structure)
+        except ValueError as err:
+            raise ValueError(f"plan entry {entry.pattern!r}: {err}") from None
+    return plan
 
 
 # ------------------------------------------------------------------------------------------------
-# Layer-sequential compression
+# Block by block
 # ------------------------------------------------------------------------------------------------
 
 class _StopForward(Exception):
@@ -86,7 +123,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
                 best = (count, name, module)
     if best is None:
         raise ValueError(f"{type(model).__name__}: no nn.ModuleList of blocks with linear layers was found; "
-                         "use one-shot calibration (sequential=False)")
+                         "use one-shot calibration (sequential=False, offload=False)")
     return best[1], best[2]
 
 
@@ -124,28 +161,99 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict
     return args, kwargs
 
 
+def _move(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _move(v, device) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_move(v, device) for v in value)
+    return value
+
+
+def _outside_to(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+    """Move everything but the blocks to ``device`` (the blocks stay where they are)."""
+    held = list(blocks)
+    for i in range(len(held)):
+        blocks[i] = nn.Identity()
+    try:
+        model.to(device)
+    finally:
+        for i, block in enumerate(held):
+            blocks[i] = block
+
+
+def blockwise(model: nn.Module, batches: Sequence[dict[str, Tensor]], names: Sequence[str], *,
+              plan: Plan | None = None, sequential: bool = True, device: torch.device | None = None,
+              offload: bool = False, stats_dtype: torch.dtype = torch.float64, progress: bool = False,
+              keep_stats: bool = False, stats_device: torch.device | str | None = None
+              ) -> tuple[Report, dict[str, InputStats]]:
+    """One pass over the blocks: collect the statistics of ``names`` inside each block and, with a ``plan``,
+    structure the block's matched layers before moving on. ``sequential``: the next block's inputs come from the
+    compressed block (else from the original one). ``offload``: the blocks live on the CPU and visit ``device``
+    one at a time. Returns the report and (with ``keep_stats``) the statistics, moved to ``stats_device``."""
+    from tqdm.auto import tqdm
+
+    prefix, blocks = find_blocks(model)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    outside = [n for n in names if not n.startswith(prefix + ".")]
+    if outside:
+        raise ValueError(f"layers {outside[:3]} lie outside the blocks {prefix!r}; block-by-block calibration "
+                         "covers the layers inside the blocks: narrow the scope (e.g. r'.*layers\\.\\d+\\..*') "
+                         "or calibrate one-shot without offload")
+    if offload:
+        _outside_to(model, blocks, device)
+    batches = [_move(b, device) for b in batches]
+    inputs = _capture_block_inputs(model, blocks[0], batches)
+    reports: list[Report] = []
+    kept: dict[str, InputStats] = {}
+    moved: dict[int, InputStats] = {}
+    for index, block in enumerate(tqdm(blocks, desc="blocks", unit="block", disable=not progress)):
+        block_prefix = f"{prefix}.{index}."
+        here = [n for n in names if n.startswith(block_prefix)]
+        if offload:
+            block.to(device)
+        outputs: list[Tensor] = []
+        with torch.no_grad():
+            if here:
+                def run(save: bool = not sequential or plan is None) -> None:
+                    for a, kw in inputs:
+                        out = _hidden_of(block(*a, **kw))
+                        if save:
+                            outputs.append(out)
+                stats = collect_input_stats(model, here, run, dtype=stats_dtype)
+                if plan is not None:
+                    targets = {n: plan.match(n) for n in here}
+                    targets = {n: t for n, t in targets.items() if t is not None}
+                    if targets:
+                        reports.append(structurize(model, Plan.exact(targets), calibration=stats))
+                for s in stats.values():
+                    s.clear_cache()
+                if keep_stats:
+                    for n, s in stats.items():  # shared objects stay shared after the move
+                        kept[n] = moved.setdefault(id(s), s.to(stats_device) if stats_device is not None else s)
+            if not outputs:
+                outputs = [_hidden_of(block(*a, **kw)) for a, kw in inputs]
+            inputs = [_with_hidden(a, kw, out) for (a, kw), out in zip(inputs, outputs)]
+        if offload:
+            block.to("cpu")
+    return Report.concat(reports), kept
+
+
 def compress_sequential(model: nn.Module, plan: Plan, batches: Sequence[dict[str, Tensor]],
                         progress: bool = False) -> Report:
-    """Compress block by block; each block is calibrated on the outputs of the compressed blocks before it."""
-    prefix, blocks = find_blocks(model)
+    """Compress block by block; each block is calibrated on the outputs of the compressed blocks before it.
+    Layers outside the blocks (e.g. a pooler) are compressed one-shot on the original model first."""
+    plan = Plan.coerce(plan)
+    prefix, _ = find_blocks(model)
     targets = matched_layers(model, plan)
-    inputs = _capture_block_inputs(model, blocks[0], batches)
     reports = []
-    # Layers outside the blocks (e.g. a pooler) are compressed one-shot on the original model first.
     outside = {n: t for n, t in targets.items() if not n.startswith(prefix + ".")}
     if outside:
         stats = calibrate(model, outside, batches)
         reports.append(structurize(model, Plan.exact(outside), calibration=stats, progress=progress))
-    for index, block in enumerate(blocks):
-        block_prefix = f"{prefix}.{index}."
-        here = {n: t for n, t in targets.items() if n.startswith(block_prefix)}
-        if here:
-            run = lambda: [block(*a, **kw) for a, kw in inputs]  # noqa: E731 - the hooks see these calls
-            with torch.no_grad():
-                stats = collect_input_stats(model, list(here), run)
-            reports.append(structurize(model, Plan.exact(here), calibration=stats, progress=progress))
-        with torch.no_grad():
-            inputs = [_with_hidden(a, kw, _hidden_of(block(*a, **kw))) for a, kw in inputs]
+    inside = [n for n in targets if n.startswith(prefix + ".")]
+    reports.append(blockwise(model, batches, inside, plan=plan, sequential=True, progress=progress)[0])
     return Report.concat(reports)
 
 
@@ -263,17 +371,40 @@ _PRICING_OPTIONS = {("monarch", "whitened"): {"sweeps": 2}}
 
 
 def price_layers(model: nn.Module, allowed: dict[str, Sequence[Allowed]] | Sequence[Allowed],
-                 stats: dict[str, InputStats] | None, names: Iterable[str] | None = None) -> dict[str, list[Candidate]]:
-    """Every in-scope layer's candidates with their relative squared output errors."""
+                 stats: dict[str, InputStats] | None, names: Iterable[str] | None = None, progress: bool = False,
+                 device: torch.device | str | None = None) -> dict[str, list[Candidate]]:
+    """Every in-scope layer's candidates with their relative squared output errors, computed on ``device``
+    (default: where the weight is). Layers that share statistics are priced one after the other, so their
+    shared factorization is computed once."""
+    from tqdm.auto import tqdm
+
     modules = linear_modules(model)
+    names = list(names) if names is not None else list(modules)
+    if stats is not None:  # group layers with one statistics object (q/k/v, gate/up) together
+        order = {id(stats[n]): i for i, n in reversed(list(enumerate(names)))}
+        names = sorted(names, key=lambda n: order[id(stats[n])])
     per_layer = {}
-    for name in (list(names) if names is not None else list(modules)):
+    current: tuple[int, InputStats | None] = (-1, None)
+    for name in tqdm(names, desc="pricing", unit="layer", disable=not progress):
         options = allowed if not isinstance(allowed, dict) else next(
             (v for pattern, v in allowed.items() if Plan.from_dict({pattern: "dense"}).match(name) is not None), None)
-        if options is not None:
-            weight = dense_weight(modules[name])
-            per_layer[name] = candidates_for(name, weight, options, None if stats is None else stats[name])
-    return per_layer
+        if options is None:
+            continue
+        weight = dense_weight(modules[name])
+        if device is not None:
+            weight = weight.to(device)
+        layer_stats = None
+        if stats is not None:
+            if current[0] != id(stats[name]):
+                if current[1] is not None:
+                    current[1].clear_cache()
+                moved = stats[name] if device is None else stats[name].to(device)
+                current = (id(stats[name]), moved)
+            layer_stats = current[1]
+        per_layer[name] = candidates_for(name, weight, options, layer_stats)
+    if current[1] is not None:
+        current[1].clear_cache()
+    return {n: per_layer[n] for n in sorted(per_layer, key=list(modules).index)}
 
 
 def _weighted(model: nn.Module, name: str, options: list[Candidate], stats: dict[str, InputStats] | None,
@@ -281,7 +412,8 @@ def _weighted(model: nn.Module, name: str, options: list[Candidate], stats: dict
     if stats is None:
         raise ValueError("sensitivity weighting needs calibration statistics")
     w = dense_weight(linear_modules(model)[name]).to(torch.float64)
-    energy = float(((w @ stats[name].gram.to(w.device)) * w).sum())
+    gram = stats[name].gram.to(w.device, torch.float64)
+    energy = float(((w @ gram) * w).sum())
     return [dataclasses.replace(c, error=c.error * energy * sensitivity) for c in options]
 
 
@@ -342,3 +474,222 @@ def budget_plan(model: nn.Module, allowed: dict[str, Sequence[Allowed]] | Sequen
     targets = {n: (None if c.method == "none" else Target(c.spec, c.method)) for n, c in chosen.items()}
     return Plan.exact({n: t for n, t in targets.items() if t is not None}), chosen
 
+
+
+# ------------------------------------------------------------------------------------------------
+# One call
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Compressed:
+    """A compressed model with what was done to it: the plan applied, the per-layer report, the wall time."""
+
+    model: nn.Module
+    report: Report
+    plan: Plan
+    target: float | None = None
+    seconds: float = 0.0
+    chosen: dict[str, Candidate] | None = None
+
+    def mix(self) -> dict[str, int]:
+        """How many layers took each structure@method (the budget solver's mix)."""
+        counts: dict[str, int] = {}
+        for row in self.report.rows:
+            key = f"{row.spec.partition(':')[0]}@{row.method}"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+
+def parse_allow(allow: str | Sequence[str | Allowed]) -> list[Allowed]:
+    """``"lowrank@whitened,monarch@whitened:nblocks=4,nm@sparsegpt"`` or a list of texts / Allowed."""
+    if isinstance(allow, str):
+        parts, current = [], ""
+        for item in allow.split(","):  # commas also separate fixed arguments: "monarch@whitened:nblocks=4,rank=2"
+            if current and "=" in item and "@" not in item and ":" not in item:
+                current += "," + item
+            else:
+                if current:
+                    parts.append(current)
+                current = item
+        if current:
+            parts.append(current)
+        allow = [p for p in parts if p.strip()]
+    out = [a if isinstance(a, Allowed) else Allowed.parse(a) for a in allow]
+    if not out:
+        raise ValueError("allow: name at least one structure, e.g. 'lowrank@whitened'")
+    return out
+
+
+class Compressor:
+    """Compress ``model`` on calibration ``batches``, restricted to the linear layers ``scope`` matches (a full
+    regex, a list of names/suffixes, or a Plan whose non-skip entries define the scope).
+
+    * :meth:`uniform` applies a plan; :meth:`budget` solves for a parameter (or FLOPs) target over the ``allow``ed
+      structures. Both return a :class:`Compressed` copy (``inplace=True`` changes ``model`` itself).
+    * One-shot statistics, candidate prices and output sensitivities are computed once and reused across calls.
+    * ``sequential``: block by block, each block calibrated on the compressed blocks before it.
+    * ``device``: where calibration and projections run; ``offload``: the model stays on the CPU and blocks
+      are onloaded one at a time (implies block-by-block calibration; sensitivity weighting is off since it needs
+      a backward pass through the whole model).
+    * ``stats_dtype``: float32 (default) or float64 statistics; projections run in the same precision.
+    """
+
+    def __init__(self, model: nn.Module, batches: Sequence[dict[str, Tensor]], scope: Any = r".*", *,
+                 device: torch.device | str | None = None, offload: bool = False, sequential: bool = False,
+                 stats_dtype: torch.dtype = torch.float32, sensitivity: bool = True, progress: bool = False,
+                 log: Callable[[str], None] | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Compressor: model must be an nn.Module, got {type(model).__name__}")
+        if not batches or not all(isinstance(b, Mapping) for b in batches):
+            raise ValueError("Compressor: batches must be a non-empty list of dicts of model inputs "
+                             "(e.g. [{'input_ids': ...}, ...])")
+        if stats_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"Compressor: stats_dtype must be torch.float32 or torch.float64, got {stats_dtype}")
+        self.scope = self._scope(scope)
+        self.names = [n for n in linear_modules(model) if self.scope.match(n) is not None]
+        if not self.names:
+            raise ValueError(f"Compressor: scope {scope!r} matches no linear layer of {type(model).__name__}")
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.offload, self.sequential, self.stats_dtype = bool(offload), bool(sequential), stats_dtype
+        self.progress = progress
+        self.log = log or ((lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda _: None))
+        if self.offload:
+            find_blocks(model)  # raises when there are no blocks to onload
+            model.to("cpu")
+        elif model is not None:
+            model.to(self.device)
+        self.model = model
+        self.batches = [_move(b, torch.device("cpu") if self.offload else self.device) for b in batches]
+        self.use_sensitivity = bool(sensitivity) and not self.offload
+        self._stats: dict[str, InputStats] | None = None
+        self._prices: dict[tuple, dict[str, list[Candidate]]] = {}
+        self._sensitivity: dict[str, float] | None = None
+
+    @staticmethod
+    def _scope(scope: Any) -> Plan:
+        if isinstance(scope, Plan):
+            return Plan([(e.pattern, None if e.target is None else "dense") for e in scope.entries])
+        if isinstance(scope, (str, list, tuple)):
+            return Plan([(scope if isinstance(scope, str) else list(scope), "dense")])
+        raise TypeError(f"Compressor: scope must be a regex string, a list of names or a Plan, got {scope!r}")
+
+    # --- cached work -------------------------------------------------------------------------------
+    def statistics(self) -> dict[str, InputStats]:
+        """One-shot statistics of every in-scope layer on the original model (computed once)."""
+        if self._stats is None:
+            start = time.perf_counter()
+            self.log(f"calibrating {len(self.names)} layers on {len(self.batches)} batches "
+                     f"({'block by block, offloaded' if self.offload else 'one-shot'}, {self.stats_dtype})")
+            if self.offload:
+                _, self._stats = blockwise(self.model, self.batches, self.names, plan=None, sequential=False,
+                                           device=self.device, offload=True, stats_dtype=self.stats_dtype,
+                                           progress=self.progress, keep_stats=True, stats_device="cpu")
+            else:
+                self._stats = calibrate(self.model, self.names, self.batches, progress=self.progress,
+                                        dtype=self.stats_dtype)
+            self.log(f"calibrated in {time.perf_counter() - start:.1f} s")
+        return self._stats
+
+    def prices(self, allow: Sequence[Allowed]) -> dict[str, list[Candidate]]:
+        key = tuple(allow)
+        if key not in self._prices:
+            stats = self.statistics()
+            start = time.perf_counter()
+            self.log(f"pricing {len(self.names)} layers x {', '.join(a.text for a in allow)}")
+            self._prices[key] = price_layers(self.model, list(allow), stats, self.names, progress=self.progress,
+                                             device=self.device)
+            self.log(f"priced in {time.perf_counter() - start:.1f} s")
+        return self._prices[key]
+
+    def sensitivity(self) -> dict[str, float] | None:
+        if not self.use_sensitivity:
+            return None
+        if self._sensitivity is None:
+            self.log("measuring output sensitivities (one backward pass per batch)")
+            self._sensitivity = output_sensitivity(self.model, self.names, self.batches)
+        return self._sensitivity
+
+    # --- the two entry points -----------------------------------------------------------------------
+    def budget(self, target: float, allow: str | Sequence[str | Allowed] = DEFAULT_ALLOW, flops: bool = False,
+               inplace: bool = False) -> Compressed:
+        """Solve every in-scope layer's structure and size so they keep ``target`` of their dense parameters
+        (FLOPs with ``flops=True``) at the least predicted error, then apply that plan."""
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+            raise ValueError(f"Compressor.budget: target must lie in (0, 1], got {target!r}")
+        allowed = parse_allow(allow)
+        start = time.perf_counter()
+        candidates = self.prices(allowed)
+        self.log(f"solving the budget for {target:.2f} of the {'FLOPs' if flops else 'params'}")
+        plan, chosen = budget_plan(self.model, allowed, self.statistics(), target, key="flops" if flops else "params",
+                                   names=self.names, sensitivity=self.sensitivity(), candidates=candidates)
+        done = self._apply(plan, inplace)
+        done.target, done.chosen = target, chosen
+        done.seconds = time.perf_counter() - start  # pricing on the first call included
+        return done
+
+    def uniform(self, plan: Any, inplace: bool = False) -> Compressed:
+        """Apply ``plan`` (patterns -> targets) to the in-scope layers."""
+        plan = check_plan(plan)
+        return self._apply(plan, inplace)
+
+    def _apply(self, plan: Plan, inplace: bool) -> Compressed:
+        start = time.perf_counter()
+        targets = {n: t for n, t in matched_layers(self.model, plan).items() if n in set(self.names)}
+        exact = Plan.exact(targets)
+        model = self.model if inplace else copy.deepcopy(self.model)
+        self.log(f"projecting {len(targets)} layers ({'sequential' if self.sequential else 'one-shot'})")
+        if self.sequential:
+            prefix, _ = find_blocks(model)
+            outside = {n: t for n, t in targets.items() if not n.startswith(prefix + ".")}
+            reports = []
+            if outside:  # e.g. a pooler: one-shot on the original model, before the blocks change
+                stats = self.statistics()
+                reports.append(structurize(model, Plan.exact(outside), calibration={n: stats[n] for n in outside}))
+            inside = [n for n in targets if n not in outside]
+            reports.append(blockwise(model, self.batches, inside, plan=exact, sequential=True, device=self.device,
+                                     offload=self.offload, stats_dtype=self.stats_dtype,
+                                     progress=self.progress)[0])
+            report = Report.concat(reports)
+        elif self.offload:
+            report = self._apply_offloaded(model, exact, targets)
+        else:
+            stats = self.statistics()
+            report = structurize(model, exact, calibration={n: stats[n] for n in targets}, progress=self.progress)
+            for s in {id(stats[n]): stats[n] for n in targets}.values():
+                s.clear_cache()
+        self._count_scope(model, report)
+        return Compressed(model, report, exact, None, time.perf_counter() - start)
+
+    def _apply_offloaded(self, model: nn.Module, plan: Plan, targets: dict[str, Target]) -> Report:
+        """One-shot statistics, model on the CPU: project each block on the device, then put it back."""
+        prefix, blocks = find_blocks(model)
+        stats = self.statistics()
+        reports = []
+        for index, block in enumerate(blocks):
+            here = {n: t for n, t in targets.items() if n.startswith(f"{prefix}.{index}.")}
+            if not here:
+                continue
+            block.to(self.device)
+            moved: dict[int, InputStats] = {}
+            local = {n: moved.setdefault(id(stats[n]), stats[n].to(self.device)) for n in here}
+            reports.append(structurize(model, Plan.exact(here), calibration=local))
+            block.to("cpu")
+        return Report.concat(reports)
+
+    def _count_scope(self, model: nn.Module, report: Report) -> None:
+        """Make the report's skipped set exactly the in-scope layers left dense (so fractions are over scope)."""
+        swapped = {r.name for r in report.rows}
+        modules = linear_modules(model)
+        report.skipped, report.skipped_flops = {}, {}
+        for name in self.names:
+            if name in swapped or name not in modules:
+                continue
+            out_f, in_f = dense_weight(modules[name]).shape
+            bias = getattr(modules[name], "bias", None) is not None
+            report.skipped[name] = in_f * out_f + (out_f if bias else 0)
+            report.skipped_flops[name] = 2 * in_f * out_f + (out_f if bias else 0)
+
+
+__all__ = ["Compressor", "Compressed", "Allowed", "DEFAULT_ALLOW", "parse_allow", "check_plan", "budget_plan",
+           "price_layers", "candidates_for", "output_sensitivity", "compress_sequential", "blockwise", "calibrate",
+           "find_blocks", "matched_layers"]

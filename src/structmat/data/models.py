@@ -1,6 +1,8 @@
 """Loading a model to compress and making its calibration batches.
 
-``minilm`` (the default) is the packaged all-MiniLM-L6-v2; a local directory is read with transformers; any
+``minilm`` (the default) is the packaged all-MiniLM-L6-v2; ``smollm2`` the packaged SmolLM2-135M-Instruct (converted
+once from its GGUF into a cached HF directory, :mod:`structmat.data.smollm2`); a local directory is read with
+transformers; any
 other name is a hub id and is fetched only because the user named it. A directory written by structmat's
 ``save_pretrained`` is rebuilt with ``structmat.io.load_pretrained`` by the caller, not here (data/ comes before io).
 """
@@ -36,6 +38,10 @@ def load_model(name: str = "minilm", dtype: torch.dtype | None = None) -> Loaded
 
     if name == "minilm":
         return Loaded(load_minilm(), minilm_tokenizer(), "encoder", str(minilm_dir()))
+    if name == "smollm2":
+        from .smollm2 import smollm2_dir
+
+        name = str(smollm2_dir())
     local = Path(name).is_dir()
     if not local and (Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
                       or Path(name).exists()):

@@ -1,26 +1,27 @@
-"""The main job: compress the packaged MiniLM at several parameter targets with several methods, measure
-encoder fidelity on held-out text, and draw the quality-vs-params frontier.
+"""The main job: compress a pretrained model at several parameter targets with several methods, measure its
+quality on held-out text (encoder fidelity for MiniLM, perplexity for a causal LM such as SmolLM2), and draw the
+quality-vs-params frontier.
 
 Protocol (all offline): calibration texts come from the training files of the standard-library corpus and
-evaluation texts from its validation files (split by file hash, disjoint). Statistics are collected once on the
-original model (one-shot) unless ``sequential`` is set. Every method structures the same layers — the 36 linear
-layers of the 6 encoder blocks (the pooler is not used for sentence embeddings and stays dense) — and the
-parameter fraction reported is over those layers (weights and biases).
+evaluation texts from its validation files (split by file hash, disjoint). Every method structures the same layers
+— the linear layers of the transformer blocks (MiniLM's pooler, the LM head and embeddings stay dense) — and the
+parameter fraction reported is over those layers (weights and biases). All of it goes through one
+:class:`~structmat.compress.Compressor` per calibration mode, so statistics, prices and sensitivities are computed
+once per mode.
 """
 
 from __future__ import annotations
 
-import copy
 import time
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
-from ..compress import (Allowed, budget_plan, calibrate, compress_sequential, matched_layers, output_sensitivity,
-                        price_layers)
-from ..surgery import Plan, Target, linear_modules, structurize
+from ..compress import Allowed, Compressor
+from ..plan import Target
 from .results import markdown_table
 
 ENCODER_LAYERS = r"encoder\.layer\.\d+\..*"
+BLOCK_LAYERS = r".*(layer|layers|h)\.\d+\..*"
 
 # label -> (structure family used for the spec, method); specs are filled in per target.
 METHODS: dict[str, tuple[str, str]] = {
@@ -44,9 +45,15 @@ class SweepRow:
     target: float
     spec: str
     params_frac: float
-    cosine: float
-    top1_agreement: float
     seconds: float
+    mode: str = "one-shot"
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, key: str) -> Any:  # row.cosine, row.ppl, ...
+        metrics = self.__dict__.get("metrics", {})
+        if key in metrics:
+            return metrics[key]
+        raise AttributeError(key)
 
 
 def spec_for(structure: str, target: float) -> str | None:
@@ -57,72 +64,84 @@ def spec_for(structure: str, target: float) -> str | None:
     return f"{structure}:ratio={target}"
 
 
-def run_sweep(model, tokenizer, calib_batches, eval_texts, targets=(0.25, 0.5, 0.75), methods=None,
-              sequential: bool = False, progress: bool = False, fidelity_fn=None, reference=None,
-              on_row=None) -> list[SweepRow]:
-    """Compress ``model`` with every (method, target) and measure fidelity against ``reference`` embeddings."""
+def run_sweep(model, calib_batches, targets=(0.25, 0.5, 0.75), methods=None, *, scope: str = ENCODER_LAYERS,
+              modes=("one-shot",), quality_fn: Callable[[Any], dict] | None = None, device=None,
+              progress: bool = False, on_row=None, compressors: dict[str, Compressor] | None = None
+              ) -> list[SweepRow]:
+    """Compress ``model`` with every (mode, method, target) and measure ``quality_fn(compressed_model)``.
+    ``modes``: "one-shot" and/or "sequential"."""
     methods = methods or list(METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    layers = [n for n in linear_modules(model) if Plan.from_dict({ENCODER_LAYERS: "dense"}).match(n) is not None]
-    stats = None if sequential else calibrate(model, layers, calib_batches)
-    priced = sensitivity = None
+    bad = [m for m in modes if m not in ("one-shot", "sequential")]
+    if bad:
+        raise ValueError(f"unknown mode(s) {bad}; choose from one-shot, sequential")
     rows: list[SweepRow] = []
-    for label in methods:
-        structure, method = METHODS[label]
-        for target in targets:
-            start = time.perf_counter()
-            work = copy.deepcopy(model)
-            if structure == "mix":
-                if stats is None:
-                    stats = calibrate(model, layers, calib_batches)
-                if priced is None:  # once for all targets
-                    priced = price_layers(model, list(MIX), stats, layers)
-                    sensitivity = output_sensitivity(model, layers, calib_batches)
-                plan, _ = budget_plan(work, list(MIX), stats, target, names=layers, sensitivity=sensitivity,
-                                      candidates=priced)
-                spec_text = "solver: lowrank/monarch/N:M per layer"
-            else:
-                spec = spec_for(structure, target)
-                if spec is None:
-                    continue
-                plan = Plan.from_dict({ENCODER_LAYERS: Target(spec, method)})
-                spec_text = spec
-            if sequential:
-                report = compress_sequential(work, plan, calib_batches, progress=progress)
-            else:
-                report = structurize(work, plan, calibration={n: stats[n] for n in matched_layers(work, plan)},
-                                     progress=progress)
-            fidelity = fidelity_fn(work, reference)
-            kept = sum(report.skipped.get(n, 0) for n in layers)  # in-scope layers the solver left dense
-            scoped = (sum(r.new_params for r in report.rows) + kept) / (sum(r.old_params for r in report.rows) + kept)
-            rows.append(SweepRow(label, target, spec_text, scoped, fidelity["cosine"],
-                                 fidelity["top1_agreement"], time.perf_counter() - start))
-            if on_row is not None:
-                on_row(rows[-1])
+    for mode in modes:
+        comp = (compressors or {}).get(mode) or Compressor(model, calib_batches, scope, device=device,
+                                                            sequential=mode == "sequential", progress=progress)
+        for label in methods:
+            structure, method = METHODS[label]
+            for target in targets:
+                start = time.perf_counter()
+                if structure == "mix":
+                    done = comp.budget(target, allow=list(MIX))
+                    spec_text = "solver: " + ", ".join(f"{k} x{v}" for k, v in sorted(done.mix().items()))
+                else:
+                    spec = spec_for(structure, target)
+                    if spec is None:
+                        continue
+                    done = comp.uniform({scope: Target(spec, method)})
+                    spec_text = spec
+                metrics = quality_fn(done.model) if quality_fn is not None else {}
+                rows.append(SweepRow(label, target, spec_text, done.report.params_fraction,
+                                     time.perf_counter() - start, mode, dict(metrics)))
+                del done
+                if on_row is not None:
+                    on_row(rows[-1])
     return rows
 
 
-def format_rows(rows: list[SweepRow]) -> str:
+def format_rows(rows: list[SweepRow], dense: dict[str, Any] | None = None) -> str:
+    """A markdown table; perplexity rows (causal LMs) also show the ratio to the dense model's perplexity."""
+    causal = any("ppl" in r.metrics for r in rows)
+    if causal:
+        header = ("mode", "method", "target", "spec", "linear params", "ppl", "x dense", "seconds")
+        base = (dense or {}).get("ppl")
+        body = [(r.mode, r.method, f"{r.target:.2f}", r.spec, f"{100 * r.params_frac:.1f}%", f"{r.ppl:.2f}",
+                 "-" if not base else f"{r.ppl / base:.2f}", f"{r.seconds:.1f}") for r in rows]
+        if base:
+            body.insert(0, ("-", "dense", "1.00", "dense", "100.0%", f"{base:.2f}", "1.00", "-"))
+        return markdown_table(header, body, left=4)
     header = ("method", "target", "spec", "linear params", "cosine", "top-1 agree", "seconds")
     return markdown_table(header, [(r.method, f"{r.target:.2f}", r.spec, f"{100 * r.params_frac:.1f}%",
                                     f"{r.cosine:.4f}", f"{r.top1_agreement:.3f}", f"{r.seconds:.1f}") for r in rows],
                           left=3)
 
 
-def plot_frontier(rows: list[SweepRow], path, title: str) -> None:
+def plot_frontier(rows: list[SweepRow], path, title: str, dense: dict[str, Any] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    causal = any("ppl" in r.metrics for r in rows)
+    key = "ppl" if causal else "cosine"
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    for label in dict.fromkeys(r.method for r in rows):
-        pts = sorted((r.params_frac, r.cosine) for r in rows if r.method == label)
-        ax.plot([100 * p for p, _ in pts], [c for _, c in pts], marker="o", label=label)
+    modes = list(dict.fromkeys(r.mode for r in rows))
+    for mode in modes:
+        for label in dict.fromkeys(r.method for r in rows):
+            pts = sorted((r.params_frac, r.metrics[key]) for r in rows if r.method == label and r.mode == mode)
+            if pts:
+                name = label if len(modes) == 1 else f"{label} ({mode})"
+                ax.plot([100 * p for p, _ in pts], [c for _, c in pts], marker="o", label=name,
+                        linestyle="-" if mode == modes[0] else "--")
+    if causal and dense and dense.get("ppl"):
+        ax.axhline(dense["ppl"], color="black", linewidth=0.8, label="dense")
+        ax.set_yscale("log")
     ax.set_xlabel("linear-layer parameters kept (%)")
-    ax.set_ylabel("mean cosine to the original embeddings")
+    ax.set_ylabel("validation perplexity (log)" if causal else "mean cosine to the original embeddings")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -132,4 +151,8 @@ def plot_frontier(rows: list[SweepRow], path, title: str) -> None:
 
 
 def rows_as_dicts(rows: list[SweepRow]) -> list[dict[str, Any]]:
-    return [asdict(r) for r in rows]
+    out = []
+    for r in rows:
+        row = {k: v for k, v in vars(r).items() if k != "metrics"}
+        out.append({**row, **r.metrics})
+    return out
