@@ -49,8 +49,16 @@ def smollm2_dir(convert: bool = True) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, local_files_only=True)
+    loaded = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name, local_files_only=True)
+    # The weights are already dequantized to float32; transformers still marks the model as GGUF-quantized and
+    # refuses to save it, so the same weights go into a plain model built from the config.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:  # write beside, then rename: a crash never leaves a half-written cache that looks complete

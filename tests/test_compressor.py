@@ -1,0 +1,193 @@
+"""Compressor: one call for uniform plans and budgets, caches across targets, sequential and offloaded modes
+agree with the step-by-step pipeline; the projection registry; early validation of flags and plans."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from structmat.calibrate import InputStats
+from structmat.compress import Allowed, Compressor, calibrate, check_plan, compress_sequential, parse_allow
+from structmat.plan import Plan, Target
+from structmat.project import METHODS, methods_for, price, project, register_projection
+from structmat.project.registry import PROJECTIONS
+from structmat.modules import linear_modules
+from structmat.structures import LowRank
+from structmat.surgery import structurize
+
+SCOPE = r".*layers\.\d+\..*"
+
+
+def tiny_llama(layers=2):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def batches(n=2, batch=2, seq=16):
+    g = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(0, 128, (batch, seq), generator=g)} for _ in range(n)]
+
+
+def logits(model, data):
+    with torch.no_grad():
+        return model(**data[0]).logits
+
+
+def test_uniform_matches_structurize_on_one_shot_statistics_and_leaves_the_model_alone():
+    model, data = tiny_llama(), batches()
+    before = logits(model, data)
+    plan = {SCOPE: Target("nm:n=2,m=4", "sparsegpt")}
+    done = Compressor(model, data, SCOPE, stats_dtype=torch.float64).uniform(plan)
+    assert torch.equal(logits(model, data), before)  # a copy was compressed
+    ref = tiny_llama()
+    names = [n for n in linear_modules(ref) if Plan.coerce(plan).match(n) is not None]
+    structurize(ref, plan, calibration=calibrate(ref, names, data))
+    torch.testing.assert_close(logits(done.model, data), logits(ref, data), rtol=1e-5, atol=1e-6)
+    assert len(done.report.rows) == 14 and done.report.params_fraction == pytest.approx(0.5, abs=0.01)
+
+
+def test_budget_reuses_statistics_and_prices_across_targets():
+    model, data = tiny_llama(), batches()
+    comp = Compressor(model, data, SCOPE)
+    calls = {"n": 0}
+    original = comp.statistics
+
+    def counting():
+        calls["n"] += 1
+        return original()
+    comp.statistics = counting
+    fractions = [comp.budget(t, allow="lowrank@whitened,nm@sparsegpt").report.params_fraction for t in (0.3, 0.6)]
+    assert fractions[0] < fractions[1] <= 0.6 + 1e-9 and fractions[0] <= 0.3 + 1e-9
+    assert len(comp._prices) == 1  # priced once for both targets
+    assert all(s.gram.dtype == torch.float32 for s in original().values())  # float32 statistics by default
+
+
+def test_sequential_and_offloaded_modes_match_the_reference_pipeline():
+    data = batches()
+    plan = {SCOPE: Target("lowrank:ratio=0.5", "whitened")}
+    ref = tiny_llama()
+    compress_sequential(ref, Plan.coerce(plan), data)
+    for kwargs in ({"sequential": True}, {"sequential": True, "offload": True, "device": "cpu"}):
+        done = Compressor(tiny_llama(), data, SCOPE, stats_dtype=torch.float64, **kwargs).uniform(plan)
+        torch.testing.assert_close(logits(done.model, data), logits(ref, data), rtol=1e-4, atol=1e-5)
+    # one-shot statistics collected block by block (offload) equal the ones of one full forward pass
+    model = tiny_llama()
+    full = Compressor(model, data, SCOPE, stats_dtype=torch.float64).statistics()
+    offloaded = Compressor(tiny_llama(), data, SCOPE, stats_dtype=torch.float64, offload=True,
+                           device="cpu").statistics()
+    for name, s in full.items():
+        torch.testing.assert_close(offloaded[name].gram, s.gram, rtol=1e-10, atol=1e-9)
+    assert offloaded["model.layers.0.self_attn.q_proj"] is offloaded["model.layers.0.self_attn.v_proj"]
+
+
+def test_shared_inputs_are_factorized_once():
+    model, data = tiny_llama(1), batches()
+    stats = Compressor(model, data, SCOPE).statistics()
+    q = stats["model.layers.0.self_attn.q_proj"]
+    assert q is stats["model.layers.0.self_attn.k_proj"]
+    calls = {"n": 0}
+    original = torch.linalg.eigh
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return original(*a, **k)
+    torch.linalg.eigh = counting
+    try:
+        for name in ("q_proj", "k_proj", "v_proj"):
+            layer = getattr(model.model.layers[0].self_attn, name)
+            project(layer.weight, "lowrank:rank=8", "whitened", q)
+    finally:
+        torch.linalg.eigh = original
+    assert calls["n"] == 1
+
+
+def test_float32_projections_agree_with_float64():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 48, generator=g, dtype=torch.float64) @ torch.randn(48, 48, generator=g,
+                                                                             dtype=torch.float64)
+    w = torch.randn(40, 48, generator=g)
+    s64 = InputStats.empty(48).update(x)
+    s32 = InputStats.empty(48, dtype=torch.float32).update(x)
+    for spec, method in [("lowrank:rank=12", "whitened"), ("nm:n=2,m=4", "sparsegpt"), ("nm:n=2,m=4", "wanda"),
+                         ("monarch:nblocks=4", "whitened")]:
+        e64 = project(w, spec, method, s64).fit_info["output_error"]
+        e32 = project(w, spec, method, s32).fit_info["output_error"]
+        assert e32 == pytest.approx(e64, rel=2e-3), (spec, method)
+
+
+def test_guard_skips_methods_optimal_by_construction():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(20, 24, generator=g, dtype=torch.float64)
+    stats = InputStats.empty(24).update(torch.randn(100, 24, generator=g, dtype=torch.float64))
+    assert "data_free_output_error" not in project(w, "lowrank:rank=4", "whitened", stats).fit_info
+    assert "data_free_output_error" in project(w, "lowrank:rank=4", "asvd", stats).fit_info
+    assert "data_free_output_error" in project(w, "lowrank:rank=4", "whitened", stats, guard=True).fit_info
+
+
+def test_a_projection_registered_in_one_place_is_usable_everywhere():
+    @register_projection("scaled-test", LowRank, needs_stats=True, options={"power": 1.0})
+    def scaled(problem, power):
+        scale = problem.stats.mean_abs.to(problem.w.dtype) ** power
+        u, s, vh = torch.linalg.svd(problem.w * scale, full_matrices=False)
+        layer = problem.new_layer()
+        r = problem.config.rank
+        with torch.no_grad():
+            layer.U.copy_(u[:, :r])
+            layer.V.copy_(u[:, :r].T @ problem.w)
+        return layer
+    try:
+        assert "scaled-test" in methods_for("lowrank") and METHODS["scaled-test"] == ("lowrank",)
+        model, data = tiny_llama(1), batches()
+        comp = Compressor(model, data, SCOPE)
+        done = comp.uniform({SCOPE: Target("lowrank:ratio=0.5", "scaled-test")})
+        assert {r.method for r in done.report.rows} == {"scaled-test"}
+        mix = comp.budget(0.5, allow=[Allowed("lowrank", "scaled-test")])
+        assert mix.report.params_fraction <= 0.5 + 1e-9
+        with pytest.raises(ValueError, match="takes no option"):
+            project(model.model.layers[0].mlp.up_proj.weight, "lowrank:rank=4", "scaled-test",
+                    comp.statistics()["model.layers.0.mlp.up_proj"], alpha=1)
+    finally:
+        PROJECTIONS.pop(("scaled-test", "lowrank"))
+
+
+def test_price_of_a_ladder_matches_the_projections():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 32, generator=g, dtype=torch.float64)
+    stats = InputStats.empty(32).update(torch.randn(200, 32, generator=g, dtype=torch.float64))
+    configs = LowRank.size_ladder(32, 24)
+    assert [c.rank for c in configs] == [8]
+    prices = price(w, configs, "whitened", stats)
+    assert prices[0] == pytest.approx(project(w, configs[0], "whitened", stats).fit_info["output_error"] ** 2,
+                                      rel=1e-6)
+
+
+def test_plans_and_allow_lists_are_checked_before_any_work():
+    with pytest.raises(ValueError, match="has no argument"):
+        parse_allow("monarch@whitened:nblock=4")
+    with pytest.raises(ValueError, match="valid methods for monarch"):
+        parse_allow("monarch@sparsegpt")
+    assert [a.text for a in parse_allow("lowrank@whitened,monarch@whitened:nblocks=4,nm@sparsegpt")] == \
+        ["lowrank@whitened", "monarch@whitened:nblocks=4", "nm@sparsegpt"]
+    with pytest.raises(ValueError, match="plan entry"):
+        check_plan({".*": Target("kron:rank=1", "whitened")})
+    with pytest.raises(ValueError, match="matches no linear layer"):
+        Compressor(tiny_llama(1), batches(), r"nothing\..*")
+    with pytest.raises(ValueError, match="stats_dtype"):
+        Compressor(tiny_llama(1), batches(), SCOPE, stats_dtype=torch.float16)
+
+
+def test_cli_rejects_bad_flags_before_loading_and_runs_as_a_module(tmp_path):
+    from structmat.cli import main
+
+    assert main(["compress", "--allow", "monarch@whitened:nblock=4", "--model", str(tmp_path / "missing"),
+                 "--out", str(tmp_path)]) == 2
+    assert main(["compress", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    result = subprocess.run([sys.executable, "-m", "structmat", "compress", "--structure", "monarch@wanda",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "valid methods for monarch" in result.stderr
