@@ -182,12 +182,15 @@ def test_plans_and_allow_lists_are_checked_before_any_work():
         Compressor(tiny_llama(1), batches(), SCOPE, stats_dtype=torch.float16)
 
 
-def test_cli_rejects_bad_flags_before_loading_and_runs_as_a_module(tmp_path):
+def test_cli_rejects_bad_flags_before_loading_and_runs_as_a_module(tmp_path, capsys):
     from structmat.cli import main
 
-    assert main(["compress", "--allow", "monarch@whitened:nblock=4", "--model", str(tmp_path / "missing"),
-                 "--out", str(tmp_path)]) == 2
-    assert main(["compress", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    missing = str(tmp_path / "missing")
+    assert main(["compress", "--allow", "monarch@whitened:nblock=4", "--model", missing, "--out", str(tmp_path)]) == 1
+    assert "has no argument(s) ['nblock']" in capsys.readouterr().err  # the flag, not the missing model
+    assert main(["compress", "--model", missing, "--out", str(tmp_path)]) == 1
+    assert "no such model folder" in capsys.readouterr().err
+    assert main(["compress", "--device", "nonsense", "--out", str(tmp_path)]) == 2
     result = subprocess.run([sys.executable, "-m", "structmat", "compress", "--structure", "monarch@wanda",
                              "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "valid methods for monarch" in result.stderr
+    assert result.returncode == 1 and "valid methods for monarch" in result.stderr
