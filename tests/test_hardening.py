@@ -442,6 +442,25 @@ def _recover_old(tmp):
     assert load_pretrained(path).model.norm.weight.shape == (32,)
 
 
+@case(4, "re-save through a symlink and into '.' keeps the link and the folder", error=None)
+def _resave_symlink(tmp):
+    import os
+
+    path = saved_copy(tmp)
+    link = tmp / "link"
+    link.symlink_to(path, target_is_directory=True)
+    save_pretrained(tiny_model(), link)
+    assert link.is_symlink() and (path / "structmat.json").is_file()
+    cwd = os.getcwd()
+    os.chdir(path)
+    try:
+        save_pretrained(tiny_model(), ".")
+    finally:
+        os.chdir(cwd)
+    assert sorted(p.name for p in tmp.iterdir()) == ["link", "m"]
+    load_pretrained(link)
+
+
 case(4, "save over a file", match="not a directory")(
     lambda tmp: save_pretrained(tiny_model(), _write_text(tmp / "file", "x") / "file"))
 
@@ -843,3 +862,70 @@ def test_every_cause_is_covered() -> None:
 
 
 EXPECTED_CAUSES = tuple(range(1, 17))
+
+
+def _save_forever(path: Path, model, conn) -> None:  # runs in a forked child until it is killed
+    try:
+        value = 0
+        while True:
+            value += 1
+            with torch.no_grad():
+                model.model.norm.weight.fill_(float(value))
+            conn.send(("begin", value))
+            save_pretrained(model, path)
+            conn.send(("done", value))
+    except BaseException as err:  # report, so the test fails with the child's reason
+        conn.send(("error", f"{type(err).__name__}: {err}"))
+        raise
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_kill_9_during_resaves_never_loses_the_save(tmp_path: Path) -> None:
+    """Cause 4 with real kills: a child re-saves one folder in a loop and is killed with SIGKILL at varied moments
+    of a save; every time, the folder loads and holds the last completed save or the one in progress."""
+    import contextlib
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    model = tiny_model()
+    path = tmp_path / "m"
+    (tmp_path / "keep").mkdir()
+    ctx = multiprocessing.get_context("fork")
+    for round_, delay in enumerate((0.0, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.08)):
+        with torch.no_grad():
+            model.model.norm.weight.fill_(0.0)
+        save_pretrained(model, path)
+        receive, send = ctx.Pipe(duplex=False)
+        child = ctx.Process(target=_save_forever, args=(path, model, send), daemon=True)
+        child.start()
+        send.close()
+        last_done, started = 0, 0
+        while started < 2:  # progress, not a clock: wait for the second save to begin
+            try:
+                kind, value = receive.recv()
+            except EOFError:
+                child.join()
+                raise AssertionError(f"round {round_}: the saving child died first (exit code {child.exitcode})")
+            assert kind != "error", value
+            if kind == "begin":
+                started = value
+            else:
+                last_done = value
+        time.sleep(delay)  # only picks the moment of the kill inside a save; every moment must be safe
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        with contextlib.suppress(EOFError):  # what the child sent before it died; poll() is also true at EOF
+            while receive.poll():
+                kind, value = receive.recv()
+                assert kind != "error", value
+                if kind == "done":
+                    last_done = value
+        receive.close()
+        value = float(load_pretrained(path).model.norm.weight.detach()[0])
+        assert last_done >= 1 and value in (float(last_done), float(last_done + 1)), \
+            f"round {round_}: loaded {value}, last completed save {last_done}"
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name not in ("m", "keep"))
+    save_pretrained(model, path)  # the next save cleans what the kills left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep", "m"], leftovers

@@ -185,7 +185,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 
     class_name = _model_class_name(model)
-    directory = Path(directory)
+    directory = Path(os.path.abspath(directory))  # "." and "x/.." have no name to build siblings from
+    if directory.is_symlink():  # swap the folder the link points to, keep the link
+        directory = directory.resolve()
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"cannot save to {directory}: it exists and is not a directory; choose another path")
     state = model.state_dict()
