@@ -191,3 +191,10 @@ def test_train_compare_smoke(corpus, tmp_path):
     assert "val ppl" in data["table"] and "Equal wall time" in data["table"]
     assert report.with_suffix(".png").stat().st_size > 10_000
     assert train_compare.main(["--only", "nope"]) == 2
+    # the mixer variants: a DeltaNet hybrid (layer 3 of the 5m preset keeps attention), with decode speed
+    assert train_compare.main([*common, "--only", "deltanet-hybrid4", "--decode-prompt", "16",
+                               "--out", str(tmp_path / "c")]) == 0
+    (report,) = (tmp_path / "c").glob("train-compare-5m-*.json")
+    run = json.loads(report.read_text())["runs"]["deltanet-hybrid4"]
+    assert run["config"]["mixer"] == "deltanet" and run["config"]["attn_every"] == 4
+    assert run["decode"]["decode_tokens_per_s"] > 0

@@ -9,7 +9,12 @@ Variants (MLP = gate/up/down projections at ~50% of the dense MLP parameters; at
 * each structured variant again with self-guided training (``-sg``: a dense guide decaying to 0 over the first
   ``--guide-frac`` of the steps).
 
-Every run uses the same data order, schedule and hyper-parameters; only the MLP differs. With ``--equal-wall`` each
+Sequence-mixer variants (named with ``--only``; attention replaced, MLPs dense): ``deltanet`` (DeltaNet, eigenvalues
+in [-1, 1]), ``deltanet-hybrid4`` (the same, every 4th layer keeps attention), ``gated_deltanet``, ``deltaproduct2``;
+compare them with ``dense`` (attention) at the same tokens, e.g. ``--only dense,deltanet,deltanet-hybrid4
+--decode-prompt 2048`` (adds greedy decode tokens/s at batch 1 after a 2048-token prompt).
+
+Every run uses the same data order, schedule and hyper-parameters; only the MLP (or the mixer) differs. With ``--equal-wall`` each
 structured variant (without ``-sg``) is trained once more for as many steps as fit in the dense run's wall time
 (its own measured step time, a fresh cosine schedule of that length; fewer steps than dense when it is slower). Results: one JSON (every run's summary, its
 validation curve and a thinned training curve, run_info) and one PNG (loss vs tokens, FLOPs, wall time) under
@@ -40,6 +45,14 @@ def variants(steps: int, guide_frac: float, densify_at: float) -> dict[str, dict
     return out
 
 
+MIXER_VARIANTS = {
+    "deltanet": {"mixer": "deltanet", "neg_eigval": True},
+    "deltanet-hybrid4": {"mixer": "deltanet", "neg_eigval": True, "attn_every": 4},
+    "gated_deltanet": {"mixer": "gated_deltanet", "neg_eigval": True},
+    "deltaproduct2": {"mixer": "deltaproduct:n_h=2", "neg_eigval": True},
+}
+
+
 def _summary(res: dict[str, Any]) -> dict[str, Any]:
     fin = res["final"]
     hist = res["history"]
@@ -49,7 +62,9 @@ def _summary(res: dict[str, Any]) -> dict[str, Any]:
         "val_loss": fin["val_loss"], "val_ppl": fin["val_ppl"], "train_loss": fin["train_loss"],
         "params": res["model"]["params"], "mlp_params": mlp_params, "steps": fin["step"], "tokens": fin["tokens"],
         "flops": fin["flops"], "wall_s": fin["wall_s"], "tokens_per_s": fin["tokens"] / max(fin["wall_s"], 1e-9),
-        "config": {k2: res["config"][k2] for k2 in ("mlp", "guide_steps", "densify_step", "steps", "lr")},
+        "config": {k2: res["config"].get(k2) for k2 in ("mlp", "guide_steps", "densify_step", "steps", "lr", "mixer",
+                                                         "neg_eigval", "attn_every", "mixer_backend")},
+        "decode": fin.get("decode"),
         "validation": res["validation"], "history": hist[::k] + ([hist[-1]] if hist and (len(hist) - 1) % k else []),
     }
 
@@ -67,10 +82,12 @@ def format_table(runs: dict[str, dict[str, Any]], dense_mlp: int | None) -> str:
     rows = []
     for name, r in runs.items():
         share = f"{r['mlp_params'] / dense_mlp:.0%}" if dense_mlp and r.get("mlp_params") else "?"
+        dec = (r.get("decode") or {}).get("decode_tokens_per_s")
         rows.append((name, f"{r['val_ppl']:.2f}", f"{r['val_loss']:.4f}", f"{r['params'] / 1e6:.1f}M", share,
-                     f"{r['tokens'] / 1e6:.1f}M", f"{r['tokens_per_s']:,.0f}", f"{r['wall_s']:.0f}"))
-    return markdown_table(("run", "val ppl", "val loss", "params", "MLP params", "tokens", "tokens/s", "wall s"),
-                          rows)
+                     f"{r['tokens'] / 1e6:.1f}M", f"{r['tokens_per_s']:,.0f}", f"{r['wall_s']:.0f}",
+                     "-" if dec is None else f"{dec:,.0f}"))
+    return markdown_table(("run", "val ppl", "val loss", "params", "MLP params", "tokens", "tokens/s", "wall s",
+                           "decode tok/s (batch 1)"), rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--decode-prompt", type=int, default=0, help="after each run: greedy decode tokens/s at batch 1 "
+                   "after a prompt this long (0 = off)")
+    p.add_argument("--mixer-backend", default="auto", help="delta-rule backend of the mixer variants")
     p.add_argument("--merge", default=None, help="an earlier train-compare JSON whose runs (e.g. dense) this report "
                    "includes and compares against; runs named again here are retrained")
     a = p.parse_args(argv)
@@ -107,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     table = variants(a.steps, a.guide_frac, a.densify_at)
     names = list(table) if a.only is None else [n.strip() for n in a.only.split(",") if n.strip()]
+    table.update({k: {**v, "mixer_backend": a.mixer_backend} for k, v in MIXER_VARIANTS.items()})
     unknown = [n for n in names if n not in table and n != "-"]
     if unknown:
         print(f"unknown variant(s) {unknown}; choose from {list(table)}", file=sys.stderr)
@@ -116,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(preset=a.preset, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
                   warmup=a.warmup, vocab_size=a.vocab_size, corpus=a.corpus, eval_every=a.eval_every,
                   eval_batches=a.eval_batches, ckpt_every=0, compile=a.compile, seed=a.seed, resume=False,
-                  progress=not a.no_progress, cache_dir=a.cache_dir)
+                  progress=not a.no_progress, cache_dir=a.cache_dir, decode_prompt=a.decode_prompt)
     runs: dict[str, dict[str, Any]] = {}
     full: dict[str, dict[str, Any]] = {}
     report: dict[str, Any] = {"benchmark": "train-compare", "args": vars(a), "variants": {n: table[n] for n in names if n in table},
