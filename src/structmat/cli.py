@@ -456,9 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seq-len", type=int, default=512, help="causal LMs: perplexity window")
     ev.add_argument("--out", default="structmat-out", help="folder for eval.json")
     ev.set_defaults(func=_eval)
-    bench = sub.add_parser("bench", help="benchmarks: structmat bench kernels|mixer-speed (CUDA GPU) or "
+    bench = sub.add_parser("bench", help="benchmarks: structmat bench kernels|infer|mixer-speed (CUDA GPU) or "
                            "state-tracking [--smoke] | train-compare (CPU or GPU); each takes its own flags (--help)")
-    bench.add_argument("which", choices=["kernels", "state-tracking", "mixer-speed", "train-compare"],
+    bench.add_argument("which", choices=["kernels", "infer", "state-tracking", "mixer-speed", "train-compare"],
                        help="which benchmark (structmat bench <which> --help for its flags)")
 
     from .train.cli import add_train_parser
@@ -472,10 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"] and len(argv) > 1:  # each benchmark owns its flags
-        from .bench import kernels, mixer_speed, state_tracking, train_compare
+        from .bench import infer, kernels, mixer_speed, state_tracking, train_compare
 
-        runners = {"kernels": kernels.main, "state-tracking": state_tracking.main, "mixer-speed": mixer_speed.main,
-                   "train-compare": train_compare.main}
+        runners = {"kernels": kernels.main, "infer": infer.main, "state-tracking": state_tracking.main,
+                   "mixer-speed": mixer_speed.main, "train-compare": train_compare.main}
         if argv[1] in runners:
             return runners[argv[1]](argv[2:])
     args = build_parser().parse_args(argv)

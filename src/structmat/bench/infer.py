@@ -1,0 +1,350 @@
+"""Inference benchmark: a dense Llama and the same shape with every linear layer of its blocks structured.
+
+Run on a CUDA GPU:  ``structmat bench infer [--quick] [--out benchmarks/results]``
+(``PYTHONPATH=src python -m structmat.bench.infer`` works too).
+
+For each model (dense and each structure of ``--structures``; ``--checkpoint DIR`` adds a model saved by
+``structmat compress`` / ``save_pretrained``, reloaded with ``load_pretrained``), in ``--dtype`` on one GPU:
+  ``param_bytes``          parameters + buffers
+  ``after_forward_bytes``  ``torch.cuda.memory_allocated`` after a forward of 1 x 512 tokens, outputs released
+                           (what the model holds: parameters, plus anything a forward leaves behind)
+  ``peak_bytes``           the peak of that forward
+  ``prefill_tps``          tokens/s of one forward over ``--prefill`` (batch x tokens, logits of the last token)
+  ``eager``/``compiled``   HF ``generate`` (greedy, a 16-token prompt, ``--new-tokens`` new tokens forced with
+                           ``min_new_tokens``): decode tokens/s = batch x (new - 1) / (t(new) - t(1)), i.e. the prefill
+                           and first token cancel; eager = ``disable_compile``; compiled = static cache with HF's
+                           ``CompileConfig(backend=--compile-backend, mode=--compile-mode)``, graphs counted
+  ``graph``                one decode step (static cache) captured in a CUDA graph and replayed: the GPU time
+                           of a token without host cost, at each ``--batches``
+  ``kernels``              per distinct structured layer shape: the layer's few-token product (auto dispatch)
+                           replayed from a CUDA graph vs dense ``F.linear`` the same way, and the achieved GB/s
+                           on the structure's own weight bytes
+Speed is reported as a ratio to the dense model measured in the same run. Writes ``infer-<UTC>.json`` and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+STRUCTURES = {"lowrank": "lowrank:ratio=0.5", "monarch": "monarch:nblocks=4,ratio=0.5",
+              "blockdiag": "blockdiag:nblocks=4", "nm24": "nm:n=2,m=4"}
+BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=8, num_attention_heads=16,
+             num_key_value_heads=16, vocab_size=32000)
+PROMPT = 16
+
+
+def _sync() -> None:
+    torch.cuda.synchronize()
+
+
+def build(structure: str | None, dtype: torch.dtype, shape: dict, seed: int = 0):
+    from structmat.surgery import Plan
+    from structmat.train.models import llama_config, structure_fresh
+
+    from transformers import LlamaForCausalLM
+
+    config = llama_config("125m", shape["vocab_size"], max_seq_len=4096,
+                          **{k: v for k, v in shape.items() if k != "vocab_size"})
+    config.use_cache = True
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(dtype)
+    if structure is not None:
+        structure_fresh(model, Plan([(BLOCK_LINEARS, STRUCTURES.get(structure, structure))]))
+    return model.eval()
+
+
+def model_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def memory(model) -> dict:
+    gc.collect()
+    torch.cuda.empty_cache()
+    _sync()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    ids = torch.randint(0, model.config.vocab_size, (1, 512), device="cuda")
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=False)
+    del out
+    _sync()
+    return dict(param_bytes=model_bytes(model), before_forward_bytes=before,
+                after_forward_bytes=torch.cuda.memory_allocated(), peak_bytes=torch.cuda.max_memory_allocated())
+
+
+def _time_ms(fn, reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def prefill_tps(model, batch: int, tokens: int, reps: int) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (batch, tokens), device="cuda")
+    with torch.no_grad():
+        ms = _time_ms(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), reps)
+    return batch * tokens / ms * 1e3
+
+
+def generate_tps(model, batch: int, new_tokens: int, compiled: bool, backend: str, mode: str, reps: int) -> dict:
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import CompileConfig
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT), device="cuda")
+    mask = torch.ones_like(ids)
+
+    def cfg(n):
+        c = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None,
+                             cache_implementation="static" if compiled else None, disable_compile=not compiled)
+        if compiled:
+            c.compile_config = CompileConfig(backend=backend, mode=mode, fullgraph=False)
+        return c
+
+    from torch._dynamo.utils import counters
+
+    graphs_before = counters["stats"]["unique_graphs"]
+    run = lambda n: model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg(n))  # noqa: E731
+    with torch.no_grad():
+        t1 = _time_ms(lambda: run(1), reps, warmup=2 if compiled else 1)
+        tn = _time_ms(lambda: run(new_tokens), reps, warmup=2 if compiled else 1)
+    out = dict(batch=batch, tokens_per_s=batch * (new_tokens - 1) / max(tn - t1, 1e-6) * 1e3, t1_ms=t1, tn_ms=tn)
+    if compiled:
+        out["graphs_compiled"] = counters["stats"]["unique_graphs"] - graphs_before
+    return out
+
+
+def graph_decode_tps(model, batch: int, steps: int = 32) -> dict:
+    """One decode step with a static cache, captured in a CUDA graph: GPU time per token without host cost."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=PROMPT + steps + 8)
+    ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT), device="cuda")
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True,
+              cache_position=torch.arange(PROMPT, device="cuda"))
+        tok = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
+        pos = torch.full((1,), PROMPT, dtype=torch.long, device="cuda")
+        step = lambda: model(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos,  # noqa: E731
+                             logits_to_keep=1).logits
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        _sync()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            graph.replay()
+            pos.add_(1)
+        end.record()
+        _sync()
+    ms = start.elapsed_time(end) / steps
+    return dict(batch=batch, ms_per_step=ms, tokens_per_s=batch / ms * 1e3)
+
+
+def kernel_rows(model, dtype, tokens=(1, 8, 32)) -> list[dict]:
+    """Each distinct structured layer shape: auto's product and dense F.linear, both replayed from CUDA graphs."""
+    import triton.testing
+
+    import structmat.kernels as K
+    from structmat.structures.base import StructuredLinear
+
+    rows, seen = [], set()
+    for name, layer in model.named_modules():
+        if not isinstance(layer, StructuredLinear):
+            continue
+        key = (layer.spec, layer.in_features, layer.out_features)
+        if key in seen:
+            continue
+        seen.add(key)
+        W = torch.randn(layer.out_features, layer.in_features, device="cuda", dtype=dtype)
+        wbytes = sum(t.numel() * t.element_size() for n, t in [*layer.named_parameters(), *layer.named_buffers()]
+                     if n != "bias")
+        for n in tokens:
+            x = torch.randn(n, layer.in_features, device="cuda", dtype=dtype)
+            with torch.no_grad():
+                layer._matmul(x)
+                choice = K.LAST_CHOICE.get(layer.name, "?")
+                ms = triton.testing.do_bench_cudagraph(lambda: layer._matmul(x), rep=20)
+                dense_ms = triton.testing.do_bench_cudagraph(lambda: F.linear(x, W), rep=20)
+            rows.append(dict(layer=name, spec=layer.spec, in_features=layer.in_features,
+                             out_features=layer.out_features, tokens=n, choice=choice, ms=ms, dense_ms=dense_ms,
+                             speedup=dense_ms / ms, weight_bytes=wbytes, gbs=wbytes / ms * 1e-6,
+                             dense_gbs=W.numel() * W.element_size() / dense_ms * 1e-6))
+        del W
+    return rows
+
+
+def run(args) -> dict:
+    if not torch.cuda.is_available():
+        raise SystemExit("structmat bench infer needs a CUDA GPU")
+    from structmat.eval.results import run_info
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    shape = dict(SHAPE)
+    if args.quick:
+        shape.update(num_hidden_layers=2)
+    batches = [int(b) for b in args.batches.split(",")]
+    pb, pt = (int(v) for v in args.prefill.split("x"))
+    names = ["dense", *[s for s in args.structures.split(",") if s]]
+    if args.checkpoint:
+        names.append("checkpoint")
+    result: dict[str, Any] = dict(shape=shape, dtype=args.dtype, models={}, errors={})
+    t0 = time.time()
+    for name in names:
+        if time.time() - t0 > args.budget_s:
+            result["errors"][name] = f"not run (time budget {args.budget_s:.0f} s spent)"
+            continue
+        try:
+            if name == "checkpoint":
+                from structmat.io import load_pretrained
+
+                model = load_pretrained(args.checkpoint, device="cuda", dtype=dtype)
+                model.config.use_cache = True
+            else:
+                model = build(None if name == "dense" else name, dtype, shape)
+            row: dict[str, Any] = dict(memory(model))
+            row["prefill_tps"] = prefill_tps(model, pb, pt, args.reps)
+            row["graph"] = [graph_decode_tps(model, b) for b in batches]
+            row["eager"] = [generate_tps(model, b, args.new_tokens, False, "", "", args.reps) for b in batches]
+            if args.compile_backend != "none":
+                torch._dynamo.reset()
+                row["compiled"] = [generate_tps(model, b, args.new_tokens, True, args.compile_backend,
+                                                args.compile_mode, args.reps) for b in args.compiled_batches]
+            if name != "dense" and args.kernels:
+                row["kernels"] = kernel_rows(model, dtype)
+            result["models"][name] = row
+            print(f"{name}: " + json.dumps({k: v for k, v in row.items() if k != "kernels"}, default=str), flush=True)
+        except Exception as err:  # record and go on: one model's failure must not lose the others
+            import traceback
+
+            result["errors"][name] = traceback.format_exc()[-3000:]
+            print(f"{name}: FAILED {err!r}", flush=True)
+        finally:
+            model = None
+            gc.collect()
+            torch.cuda.empty_cache()
+    _ratios(result)
+    result["seconds"] = time.time() - t0
+    result["run_info"] = run_info(vars(args), device="cuda")
+    return result
+
+
+def _ratios(result: dict) -> None:
+    dense = result["models"].get("dense")
+    if not dense:
+        return
+    for name, row in result["models"].items():
+        r = {"prefill": row["prefill_tps"] / dense["prefill_tps"],
+             "after_forward_over_params": row["after_forward_bytes"] / row["param_bytes"],
+             "params_vs_dense": row["param_bytes"] / dense["param_bytes"]}
+        for kind in ("eager", "compiled", "graph"):
+            for a, b in zip(row.get(kind, []), dense.get(kind, [])):
+                r[f"{kind}_b{a['batch']}"] = a["tokens_per_s"] / b["tokens_per_s"]
+        row["vs_dense"] = r
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in result["models"] if n != "dense"]
+    keys = sorted({k for n in names for k in result["models"][n].get("vs_dense", {})
+                   if k.startswith(("eager", "compiled", "graph", "prefill"))})
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(keys) * len(names) / 3), 4))
+    width = 0.8 / max(1, len(names))
+    for i, n in enumerate(names):
+        vals = [result["models"][n]["vs_dense"].get(k, 0.0) for k in keys]
+        ax.bar([j + i * width for j in range(len(keys))], vals, width, label=n)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(keys))], keys, rotation=45, ha="right")
+    ax.set_ylabel("speed vs dense (same run)")
+    ax.set_title(f"structmat bench infer ({result['run_info']['device']}, {result['dtype']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="structmat bench infer", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--structures", default="lowrank,monarch,blockdiag,nm24",
+                   help=f"comma list of {', '.join(STRUCTURES)} or any spec (every block linear gets it)")
+    p.add_argument("--checkpoint", default=None, help="also a model saved by structmat (load_pretrained)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="weights and activations")
+    p.add_argument("--batches", default="1,8,32", help="decode batch sizes")
+    p.add_argument("--compiled-batches", default="1", type=lambda s: [int(v) for v in s.split(",")],
+                   help="batch sizes for compiled generate (each is one more compile)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per timed generate call")
+    p.add_argument("--prefill", default="4x2048", help="prefill batch x tokens")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend for generate, or none")
+    p.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode (inductor)")
+    p.add_argument("--no-kernels", dest="kernels", action="store_false", help="skip the per-layer kernel rows")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions (median)")
+    p.add_argument("--budget-s", type=float, default=480.0, help="stop starting new models after this long")
+    p.add_argument("--quick", action="store_true", help="2 layers instead of 8 (a smoke run)")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    if args.new_tokens < 2:
+        p.error("--new-tokens must be >= 2 (decode speed is measured between 1 and N new tokens)")
+    result = run(args)
+    from structmat.eval.results import write_json
+
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = write_json(out / f"infer-{stamp}.json", result)
+    try:
+        plot(result, path.with_suffix(".png"))
+    except Exception as err:  # the JSON is the result; a plot failure is reported, not fatal
+        print(f"plot failed: {err!r}", file=sys.stderr)
+    print(f"wrote {path}")
+    print(format_table(result))
+    return 0
+
+
+def format_table(result: dict) -> str:
+    lines = ["| model | params GiB | after fwd / params | peak GiB | prefill | eager b1 | compiled b1 | graph b1 | "
+             "graph b8 | graph b32 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, row in result["models"].items():
+        r = row.get("vs_dense", {})
+        f = lambda k: f"{r[k]:.2f}x" if k in r else "-"  # noqa: E731
+        lines.append(f"| {name} | {row['param_bytes'] / 2**30:.3f} | {r.get('after_forward_over_params', 0):.3f} | "
+                     f"{row['peak_bytes'] / 2**30:.2f} | {f('prefill')} | {f('eager_b1')} | {f('compiled_b1')} | "
+                     f"{f('graph_b1')} | {f('graph_b8')} | {f('graph_b32')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
