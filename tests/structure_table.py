@@ -68,9 +68,11 @@ def ref_kron(layer):
 
 
 def ref_nm(layer):
-    rows = torch.arange(layer.out_features).unsqueeze(1).expand_as(layer.index)
+    # index holds uint8 positions inside each group of m inputs; value j of a row sits in group j // n
+    cols = layer.index.long() + torch.arange(layer.index.shape[1]).unsqueeze(0) // layer.n * layer.m
+    rows = torch.arange(layer.out_features).unsqueeze(1).expand_as(cols)
     dense = layer.values.new_zeros(layer.out_features, layer.in_padded)
-    dense = dense.index_put((rows.reshape(-1), layer.index.reshape(-1)), layer.values.reshape(-1))
+    dense = dense.index_put((rows.reshape(-1), cols.reshape(-1)), layer.values.reshape(-1))
     return dense[:, : layer.in_features]
 
 

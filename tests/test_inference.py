@@ -108,6 +108,20 @@ def test_merge_for_inference_is_explicit_and_reversible():
         model(x)
 
 
+def test_sparse_references_rebuild_a_few_rows_at_a_time(monkeypatch):
+    """The sparse references never build the whole dense weight: with tiles of 64 elements the product is the same."""
+    from structmat.structures import sparse
+    from structmat.structures.sparse import FixedSparse
+
+    x = torch.randn(6, 30, dtype=torch.float64)
+    for layer in (NMSparse(30, 20, n=2, m=4, pad=True).double(), FixedSparse(30, 20, density=0.3).double()):
+        ref = x @ layer.to_dense().T + layer.bias
+        monkeypatch.setattr(sparse, "DENSE_TILE_ELEMENTS", 64)  # 2 rows of the (padded) weight per tile
+        assert torch.allclose(layer(x), ref, rtol=1e-12, atol=1e-12)
+        monkeypatch.undo()
+    assert NMSparse(32, 16, n=2, m=4).index.dtype == torch.uint8  # one byte per kept value
+
+
 def test_merge_for_inference_bad_input():
     with pytest.raises(TypeError, match="nn.Module"):
         structmat.merge_for_inference("model")
@@ -191,7 +205,7 @@ def _interpret_report() -> dict:
     # auto dispatch under the interpreter: inference at few tokens takes the decode kernels
     torch.manual_seed(0)
     layers = {"monarch": Monarch(48, 32, nblocks=4), "lowrank": LowRank(48, 32, rank=4),
-              "blockdiag": BlockDiagonal(48, 32, nblocks=4)}
+              "blockdiag": BlockDiagonal(48, 32, nblocks=4), "nm": NMSparse(48, 32, n=2, m=4)}
     x = torch.randn(3, 48)
     for name, layer in layers.items():
         with torch.no_grad():
@@ -219,10 +233,14 @@ def _interpret_report() -> dict:
                 errs.append(rel_rms(y, model(xn)))
     report["compile"] = {"graphs": len(graphs), "max_err": max(errs),
                          "ops": sorted({op for code in graphs for op in ("decode_monarch", "decode_lowrank",
-                                                                          "decode_blockdiag") if op in code})}
-    for name, op in (("lowrank", "decode_lowrank"), ("blockdiag", "decode_blockdiag"), ("monarch", "decode_monarch")):
+                                                                          "decode_blockdiag", "decode_nm")
+                                 if op in code})}
+    for name, op in (("lowrank", "decode_lowrank"), ("blockdiag", "decode_blockdiag"), ("monarch", "decode_monarch"),
+                     ("nm", "decode_nm")):
         layer = layers[name]
         args = (x, *[p.detach() for n_, p in layer.named_parameters() if n_ != "bias"])
+        if name == "nm":
+            args = (*args, layer.index, layer.n, layer.m)
         try:
             torch.library.opcheck(getattr(torch.ops.structmat, op).default, args)
             report[f"opcheck-{name}"] = "ok"
@@ -256,7 +274,7 @@ def test_decode_kernels_match_reference_interpreter(interpret_report):
 
 
 def test_auto_takes_decode_kernels_at_few_tokens_interpreter(interpret_report):
-    for name in ("monarch", "lowrank", "blockdiag"):
+    for name in ("monarch", "lowrank", "blockdiag", "nm"):
         entry = interpret_report[f"auto-{name}"]
         assert entry["choice"] == "decode" and entry["err"] <= TOL["float32"], (name, entry)
 
@@ -267,10 +285,10 @@ def test_compiled_decode_lengths_do_not_recompile_interpreter(interpret_report):
     entry = interpret_report["compile"]
     assert entry["graphs"] <= 2, entry
     assert entry["max_err"] <= TOL["float32"], entry
-    assert entry["ops"] == ["decode_blockdiag", "decode_lowrank", "decode_monarch"], entry
+    assert entry["ops"] == ["decode_blockdiag", "decode_lowrank", "decode_monarch", "decode_nm"], entry
 
 
-@pytest.mark.parametrize("name", ["lowrank", "blockdiag", "monarch"])
+@pytest.mark.parametrize("name", ["lowrank", "blockdiag", "monarch", "nm"])
 def test_decode_custom_ops_opcheck_interpreter(interpret_report, name):
     assert interpret_report[f"opcheck-{name}"] == "ok", interpret_report[f"opcheck-{name}"]
 

@@ -558,6 +558,12 @@ def load_pretrained(directory: str | os.PathLike, device: Any = None, dtype: tor
             raise _fail(directory, f"{MANIFEST} says {alias!r} shares {source!r}, which is not in {WEIGHTS}",
                         "save the model again")
         tensors[alias] = tensors[source]
+    for name, module in model.named_modules():  # older storage formats (e.g. N:M int64 columns -> uint8 positions)
+        if isinstance(module, StructuredLinear):
+            try:
+                module.upgrade_state(tensors, f"{name}." if name else "")
+            except ValueError as err:
+                raise _fail(directory, f"module {name!r}: {err}", "save the model again") from None
     _check_keys(directory, model, tensors)
     if dtype is not None:
         tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()}

@@ -120,8 +120,9 @@ def generate_tps(model, batch: int, new_tokens: int, compiled: bool, backend: st
     def cfg(n):
         c = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None,
                              cache_implementation="static" if compiled else None, disable_compile=not compiled)
-        if compiled:
-            c.compile_config = CompileConfig(backend=backend, mode=mode, fullgraph=False)
+        if compiled:  # (only inductor takes a mode)
+            c.compile_config = CompileConfig(backend=backend, mode=mode if backend == "inductor" else None,
+                                             fullgraph=False)
         return c
 
     from torch._dynamo.utils import counters
@@ -233,22 +234,32 @@ def run(args) -> dict:
             else:
                 model = build(None if name == "dense" else name, dtype, shape)
             row: dict[str, Any] = dict(memory(model))
-            row["prefill_tps"] = prefill_tps(model, pb, pt, args.reps)
-            row["graph"] = [graph_decode_tps(model, b) for b in batches]
-            row["eager"] = [generate_tps(model, b, args.new_tokens, False, "", "", args.reps) for b in batches]
-            if args.compile_backend != "none":
-                torch._dynamo.reset()
-                row["compiled"] = [generate_tps(model, b, args.new_tokens, True, args.compile_backend,
-                                                args.compile_mode, args.reps) for b in args.compiled_batches]
-            if name != "dense" and args.kernels:
-                row["kernels"] = kernel_rows(model, dtype)
             result["models"][name] = row
+            steps = {"prefill_tps": lambda: prefill_tps(model, pb, pt, args.reps),
+                     "graph": lambda: [graph_decode_tps(model, b) for b in batches],
+                     "eager": lambda: [generate_tps(model, b, args.new_tokens, False, "", "", args.reps)
+                                       for b in batches]}
+            if args.compile_backend != "none":
+                steps["compiled"] = lambda: [generate_tps(model, b, args.new_tokens, True, args.compile_backend,
+                                                          args.compile_mode, args.reps) for b in args.compiled_batches]
+            if name != "dense" and args.kernels:
+                steps["kernels"] = lambda: kernel_rows(model, dtype)
+            for key, step in steps.items():
+                try:  # each measurement on its own: one failure must not lose the others
+                    if key == "compiled":
+                        torch._dynamo.reset()
+                    row[key] = step()
+                except Exception as err:
+                    import traceback
+
+                    result["errors"][f"{name}/{key}"] = traceback.format_exc()[-3000:]
+                    print(f"{name}/{key}: FAILED {err!r}"[:500], flush=True)
             print(f"{name}: " + json.dumps({k: v for k, v in row.items() if k != "kernels"}, default=str), flush=True)
         except Exception as err:  # record and go on: one model's failure must not lose the others
             import traceback
 
             result["errors"][name] = traceback.format_exc()[-3000:]
-            print(f"{name}: FAILED {err!r}", flush=True)
+            print(f"{name}: FAILED {err!r}"[:500], flush=True)
         finally:
             model = None
             gc.collect()
@@ -264,9 +275,10 @@ def _ratios(result: dict) -> None:
     if not dense:
         return
     for name, row in result["models"].items():
-        r = {"prefill": row["prefill_tps"] / dense["prefill_tps"],
-             "after_forward_over_params": row["after_forward_bytes"] / row["param_bytes"],
+        r = {"after_forward_over_params": row["after_forward_bytes"] / row["param_bytes"],
              "params_vs_dense": row["param_bytes"] / dense["param_bytes"]}
+        if "prefill_tps" in row and "prefill_tps" in dense:
+            r["prefill"] = row["prefill_tps"] / dense["prefill_tps"]
         for kind in ("eager", "compiled", "graph"):
             for a, b in zip(row.get(kind, []), dense.get(kind, [])):
                 r[f"{kind}_b{a['batch']}"] = a["tokens_per_s"] / b["tokens_per_s"]

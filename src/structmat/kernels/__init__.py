@@ -27,7 +27,7 @@ dispatch.ops = ops
 dispatch.decode = decode
 
 for _op, _fn in (("blockdiag", dispatch.blockdiag_fast), ("monarch", dispatch.monarch_fast),
-                 ("lowrank", dispatch.lowrank_fast)):
+                 ("lowrank", dispatch.lowrank_fast), ("nm", dispatch.nm_fast)):
     if _fn not in FAST_PATHS.get(_op, []):  # idempotent under importlib.reload
         register_fast_path(_op, _fn)
 

@@ -342,3 +342,20 @@ def lowrank_fast(x: Tensor, U: Tensor, V: Tensor) -> Tensor | None:
     # every other backend: two cuBLAS GEMMs are the fastest correct implementation (see the module docstring)
     _record("lowrank", "reference" if choice == "reference" else "cublas")
     return None
+
+
+def nm_fast(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int) -> Tensor | None:
+    """N:M at few tokens in inference: the decode kernel on the compressed values and uint8 positions; otherwise
+    the reference (a few rows of the weight rebuilt at a time)."""
+    x, values = _autocast(x, values)
+    if positions.dtype != torch.uint8 or values.stride(1) != 1 or positions.stride(1) != 1:
+        return None
+    es, numel = x.element_size(), values.numel()
+    choice = _pick("nm", x, (values,), lambda t: (2.0 * t * numel, (es + 1) * numel + es * t * (x.shape[1] +
+                                                                                              values.shape[0])),
+                   values.shape[0])
+    if choice != "decode":  # (no other kernel for N:M: triton/cublas/dense fall back to the reference)
+        _record("nm", "reference")
+        return None
+    _record("nm", choice)
+    return decode.nm(x, values, positions, n, m)

@@ -164,8 +164,12 @@ def _sparse_layer(p: Problem, what: Tensor, keep: Tensor):
     if index.shape != layer.index.shape:  # cannot happen for valid masks; the structure's own selection is exact
         return p.cls.from_dense(what[:, :in_features].to(p.weight.dtype), p.bias, **p.args)
     with torch.no_grad():
-        layer.index.copy_(index)
-        layer.values.copy_(what.reshape(-1)[index] if p.config.name == "sparse" else what.gather(1, index))
+        if p.config.name == "nm":
+            layer.set_support_(index)  # (stored as uint8 in-group positions)
+            layer.values.copy_(what.gather(1, index))
+        else:
+            layer.index.copy_(index)
+            layer.values.copy_(what.reshape(-1)[index])
     return layer
 
 

@@ -453,6 +453,10 @@ class StructuredLinear(nn.Module):
         self._check_state()
         return self
 
+    def upgrade_state(self, state: dict, prefix: str) -> None:
+        """Convert, in place, this layer's tensors in ``state`` (keys ``prefix + name``) that an older version saved in
+        an older storage format (a structure that changed its storage overrides this)."""
+
     def _check_state(self) -> None:
         """Structure-specific invariants of a loaded state (index buffers); nothing to check by default."""
 

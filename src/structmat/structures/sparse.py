@@ -2,7 +2,8 @@
 FixedSparse (any support of a given density). Only the nonzero values are parameters; the support is an
 index buffer. Projection: keep the largest magnitudes (top-n per group, top-k overall), which is the
 Frobenius-optimal member because each kept entry can equal W exactly and dropped ones cost |w|^2.
-The reference forward scatters the values into a dense matrix; kernels may do better.
+The references rebuild a few rows of the weight at a time (never the whole dense matrix); N:M at few tokens runs
+the decode kernel, which reads the values and the uint8 in-group positions once (kernels/decode.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import StructuredLinear, StructureConfig, check_divides, check_fraction, check_int, register, round_up
+from .base import (StructuredLinear, StructureConfig, check_divides, check_fraction, check_int, register, round_up,
+                   run_op)
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,8 @@ class NMSparseConfig(StructureConfig):
         check_int(self.name, "m", self.m, minimum=2)
         if self.n >= self.m:
             raise ValueError(f"nm: n={self.n} must be < m={self.m} (n = m would be dense)")
+        if self.m > 256:
+            raise ValueError(f"nm: m={self.m} exceeds 256 (in-group positions are stored as uint8); use m <= 256")
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,41 @@ class FixedSparseConfig(StructureConfig):
 
     def __post_init__(self) -> None:
         check_fraction(self.name, "density", self.density)
+
+
+#: The references rebuild the weight a block of rows at a time, never more than this many dense elements at once:
+#: a sparse layer holds only its values and support, also while it runs (no dense copy of the whole weight).
+DENSE_TILE_ELEMENTS = 1 << 20
+
+
+def _row_blocks(out_features: int, in_features: int):
+    rows = max(1, DENSE_TILE_ELEMENTS // max(1, in_features))
+    return [(lo, min(out_features, lo + rows)) for lo in range(0, out_features, rows)]
+
+
+def nm_multiply(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int) -> Tensor:
+    """Reference N:M product: x (N, in) -> (N, out) for row r keeping values[r, g*n + i] at column
+    g*m + positions[r, g*n + i] of the input padded to a multiple of m."""
+    out_features, kept = values.shape
+    in_padded = kept // n * m
+    xp = F.pad(x, (0, in_padded - x.shape[1]))
+    columns = positions.long() + (torch.arange(kept, device=values.device) // n * m).unsqueeze(0)
+    parts = []
+    for lo, hi in _row_blocks(out_features, in_padded):
+        tile = values.new_zeros(hi - lo, in_padded).scatter(1, columns[lo:hi], values[lo:hi])
+        parts.append(F.linear(xp, tile.to(x.dtype)))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def sparse_multiply(x: Tensor, values: Tensor, index: Tensor, out_features: int) -> Tensor:
+    """Reference fixed-support product: x (N, in) -> (N, out) for W.flatten()[index] = values."""
+    in_features = x.shape[1]
+    parts = []
+    for lo, hi in _row_blocks(out_features, in_features):
+        sel = (index >= lo * in_features) & (index < hi * in_features)
+        tile = values.new_zeros((hi - lo) * in_features).index_put((index[sel] - lo * in_features,), values[sel])
+        parts.append(F.linear(x, tile.reshape(hi - lo, in_features).to(x.dtype)))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def nnz_for(density: float, in_features: int, out_features: int) -> int:
@@ -51,9 +90,6 @@ class _SparseBase(StructuredLinear):
             if self.index.device.type != "meta":
                 self.index.copy_(self._random_support(generator))
         return super().init_(generator)
-
-    def _matmul(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.to_dense())
 
     def _check_state(self) -> None:
         self._check_index()
@@ -97,7 +133,9 @@ class NMSparse(_SparseBase):
         self._check_smaller_than_dense(out_features * self.groups * n, "use a smaller n/m")
         shape = (out_features, self.groups * n)
         self.values = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
-        self.register_buffer("index", torch.zeros(shape, device=device, dtype=torch.long))
+        # The support as each value's position inside its group of m inputs (0..m-1, uint8): one byte per kept
+        # value, what the decode kernel reads; the column is group * m + position (absolute_index()).
+        self.register_buffer("index", torch.zeros(shape, device=device, dtype=torch.uint8))
         self.init_()
 
     @classmethod
@@ -119,31 +157,66 @@ class NMSparse(_SparseBase):
         return self._group_top(scores)
 
     def _group_top(self, scores: Tensor) -> Tensor:
-        """Absolute column indices of the n largest scores in each group of m, sorted."""
-        pos = scores.topk(self.n, dim=-1).indices.sort(dim=-1).values
-        offset = torch.arange(self.groups, device=scores.device).unsqueeze(-1) * self.m
-        return (pos + offset).reshape(self.out_features, -1)
+        """In-group positions (uint8) of the n largest scores in each group of m, sorted."""
+        return scores.topk(self.n, dim=-1).indices.sort(dim=-1).values.reshape(self.out_features, -1).to(torch.uint8)
+
+    def _group_offsets(self, device) -> Tensor:
+        return (torch.arange(self.groups * self.n, device=device) // self.n * self.m).unsqueeze(0)
+
+    def absolute_index(self) -> Tensor:
+        """The kept columns (int64, (out, groups*n)) of the padded input: group * m + position."""
+        return self.index.long() + self._group_offsets(self.index.device)
+
+    def set_support_(self, columns: Tensor) -> None:
+        """Store a support given as absolute columns of the padded input (n per group of m), after checking it."""
+        self.index.copy_(self._positions_from_columns(columns))
+
+    def _positions_from_columns(self, columns: Tensor) -> Tensor:
+        """Absolute int64 columns (the storage before uint8 positions) -> validated uint8 in-group positions."""
+        if columns.dtype.is_floating_point or columns.dtype.is_complex or columns.dtype == torch.bool:
+            raise self._index_error(f"has dtype {columns.dtype}, expected an integer dtype")
+        if tuple(columns.shape) != (self.out_features, self.groups * self.n):
+            raise self._index_error(f"has shape {tuple(columns.shape)}, expected {(self.out_features, self.groups * self.n)}")
+        pos = columns.long() - self._group_offsets(columns.device)
+        if bool(((pos < 0) | (pos >= self.m)).any()):
+            raise self._index_error(f"breaks the {self.n}:{self.m} pattern (an index lies outside its group of "
+                                    f"{self.m} columns, or outside 0..{self.in_padded - 1})")
+        return pos.to(torch.uint8)
+
+    def upgrade_state(self, state: dict, prefix: str) -> None:
+        """Checkpoints written before positions were uint8 stored absolute int64 columns: convert (and check)."""
+        old = state.get(prefix + "index")
+        if isinstance(old, Tensor) and old.dtype == torch.int64 and old.device.type != "meta":
+            state[prefix + "index"] = self._positions_from_columns(old)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.upgrade_state(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _check_index(self) -> None:
         if self.index.device.type == "meta":
             return
-        index = self._check_index_tensor((self.out_features, self.groups * self.n))
-        group = index.reshape(self.out_features, self.groups, self.n)
-        start = torch.arange(self.groups, device=index.device).view(1, -1, 1) * self.m
-        if bool(((group < start) | (group >= start + self.m)).any()):
-            raise self._index_error(f"breaks the {self.n}:{self.m} pattern (an index lies outside its group of "
-                                    f"{self.m} columns, or outside 0..{self.in_padded - 1})")
+        shape = (self.out_features, self.groups * self.n)
+        if self.index.dtype != torch.uint8:
+            raise self._index_error(f"has dtype {self.index.dtype}, expected torch.uint8 (in-group positions)")
+        pos = self._check_index_tensor(shape)
+        if bool((pos >= self.m).any()):
+            raise self._index_error(f"breaks the {self.n}:{self.m} pattern (a position lies outside 0..{self.m - 1})")
+        group = pos.reshape(self.out_features, self.groups, self.n)
         if self.n > 1 and bool((group.sort(dim=-1).values.diff(dim=-1) == 0).any()):
             raise self._index_error("repeats a column within a group")
 
     def to_dense(self) -> Tensor:
-        dense = self.values.new_zeros(self.out_features, self.in_padded).scatter(1, self.index, self.values)
+        dense = self.values.new_zeros(self.out_features, self.in_padded).scatter(1, self.absolute_index(), self.values)
         return dense[:, : self.in_features]
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        return run_op("nm", nm_multiply, x, self.values, self.index, self.n, self.m)
 
     def _project_(self, weight: Tensor) -> None:
         padded = F.pad(weight, (0, self.in_padded - self.in_features))
         self.index.copy_(self._group_top(padded.abs().reshape(self.out_features, self.groups, self.m)))
-        self.values.copy_(padded.gather(1, self.index))
+        self.values.copy_(padded.gather(1, self.absolute_index()))
 
     def _weight_flops(self, tokens: int) -> int:
         return 2 * tokens * self.values.numel()
@@ -194,6 +267,9 @@ class FixedSparse(_SparseBase):
     def to_dense(self) -> Tensor:
         flat = self.values.new_zeros(self.out_features * self.in_features).scatter(0, self.index, self.values)
         return flat.reshape(self.out_features, self.in_features)
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        return sparse_multiply(x, self.values, self.index, self.out_features)
 
     def _project_(self, weight: Tensor) -> None:
         flat = weight.reshape(-1)
