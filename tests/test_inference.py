@@ -189,6 +189,7 @@ def decode_errors(device: str, dtype: torch.dtype, shapes=DECODE_SHAPES, tokens=
             xd = x.to(device, dtype)
             out[f"{key}-{n}"] = rel_rms(getattr(decode, name)(xd, *operands), ref)
             if n == tokens[-1]:
+                torch._dynamo.reset()  # (one compile per case: never the recompile limit of one lambda)
                 op = getattr(torch.ops.structmat, f"decode_{name}")
                 out[f"{key}-{n}-compiled"] = rel_rms(torch.compile(lambda *a: op(*a), backend="eager",
                                                                    fullgraph=True)(xd, *operands), ref)

@@ -7,8 +7,10 @@ For each model (dense and each structure of ``--structures``; ``--checkpoint DIR
 ``structmat compress`` / ``save_pretrained``, reloaded with ``load_pretrained``), in ``--dtype`` on one GPU:
   ``param_bytes``          parameters + buffers
   ``after_forward_bytes``  ``torch.cuda.memory_allocated`` after a forward of 1 x 512 tokens, outputs released
-                           (what the model holds: parameters, plus anything a forward leaves behind)
-  ``peak_bytes``           the peak of that forward
+                           (what the model holds: parameters, plus anything a forward leaves behind), and
+  ``before_forward_bytes`` the same before that forward; both minus what the process held before the model
+                           was built (``baseline_bytes``)
+  ``peak_bytes``           the peak of that forward, minus the baseline
   ``prefill_tps``          tokens/s of one forward over ``--prefill`` (batch x tokens, logits of the last token)
   ``eager``/``compiled``   HF ``generate`` (greedy, a 16-token prompt, ``--new-tokens`` new tokens forced with
                            ``min_new_tokens``): decode tokens/s = batch x (new - 1) / (t(new) - t(1)), i.e. the prefill
@@ -75,19 +77,21 @@ def model_bytes(model) -> int:
     return total
 
 
-def memory(model) -> dict:
+def memory(model, baseline: int) -> dict:
+    """``baseline``: bytes allocated before the model was built (what the process held already)."""
     gc.collect()
     torch.cuda.empty_cache()
     _sync()
-    before = torch.cuda.memory_allocated()
+    before = torch.cuda.memory_allocated() - baseline
     torch.cuda.reset_peak_memory_stats()
     ids = torch.randint(0, model.config.vocab_size, (1, 512), device="cuda")
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=False)
     del out
     _sync()
-    return dict(param_bytes=model_bytes(model), before_forward_bytes=before,
-                after_forward_bytes=torch.cuda.memory_allocated(), peak_bytes=torch.cuda.max_memory_allocated())
+    return dict(param_bytes=model_bytes(model), baseline_bytes=baseline, before_forward_bytes=before,
+                after_forward_bytes=torch.cuda.memory_allocated() - baseline,
+                peak_bytes=torch.cuda.max_memory_allocated() - baseline)
 
 
 def _time_ms(fn, reps: int, warmup: int = 1) -> float:
@@ -226,6 +230,10 @@ def run(args) -> dict:
             result["errors"][name] = f"not run (time budget {args.budget_s:.0f} s spent)"
             continue
         try:
+            torch._dynamo.reset()  # (compiled graphs of the previous model hold its weights)
+            gc.collect()
+            torch.cuda.empty_cache()
+            baseline = torch.cuda.memory_allocated()
             if name == "checkpoint":
                 from structmat.io import load_pretrained
 
@@ -233,7 +241,7 @@ def run(args) -> dict:
                 model.config.use_cache = True
             else:
                 model = build(None if name == "dense" else name, dtype, shape)
-            row: dict[str, Any] = dict(memory(model))
+            row: dict[str, Any] = dict(memory(model, baseline))
             result["models"][name] = row
             steps = {"prefill_tps": lambda: prefill_tps(model, pb, pt, args.reps),
                      "graph": lambda: [graph_decode_tps(model, b) for b in batches],

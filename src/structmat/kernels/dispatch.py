@@ -172,7 +172,7 @@ def host_us(op: str, backend: str, nblocks: int, training: bool) -> float:
     fwd, fwdbwd = HOST_US[("dense", "dense") if backend == "dense" else (op, backend)]
     us = fwdbwd if training else fwd
     if op == "monarch" and backend in ("triton", "cublas"):  # permuted roles on cuBLAS: one call per block
-        per_block = {"triton": (0.0, 60.0), "cublas": (12.0, 100.0)}[backend][training]
+        per_block = {"triton": (0.0, 60.0), "cublas": (12.0, 100.0)}[backend][int(training)]
         us += (nblocks - 4) * per_block
     return us
 
