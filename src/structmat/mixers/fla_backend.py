@@ -13,6 +13,7 @@ The mapping from :func:`structmat.mixers.delta_rule`'s contract to fla's is exac
 * ``mask`` (padding): folded in as identity steps (beta = 0, log gate = 0) and the outputs of padded tokens zeroed,
   as the pure-PyTorch backends do.
 * ``cu_seqlens``, ``initial_state (N, H, Dk, Dv)``, the final state (float32, as fla returns it): fla's layout.
+* ``chunk_size`` is the chunked form's; fla's kernels use their own (64), which changes rounding only.
 
 What fla cannot do (checked by :func:`fla_unsupported`, which says why): CPU tensors, float32/float64, head dims
 above 256, and, on Hopper with Triton in [3.4, 3.7.1), the backward of the gated kernels (fla refuses it, issue
