@@ -757,6 +757,43 @@ for _argv, _match in (
         lambda tmp, argv=_argv, m=_match: _cli_fails([a.format(tmp=tmp) for a in argv], m))
 
 
+def _llama4():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=4)).eval()
+
+
+@case(14, "structurize: a bad entry for the last layer fails before any projection", match="nblocks=5")
+def _structurize_early(tmp):
+    import structmat.surgery as surgery
+
+    calls = []
+    real = surgery._build_layer
+    surgery._build_layer = lambda *a, **k: calls.append(a[0]) or real(*a, **k)
+    try:
+        model = _llama4()
+        surgery.structurize(model, {r".*q_proj": "lowrank:rank=4", "model.layers.3.mlp.up_proj": "monarch:nblocks=5"})
+    finally:
+        surgery._build_layer = real
+        assert calls == [], f"projected {calls} before the error"
+
+
+@case(14, "compress_sequential: a bad entry for the last block fails before block 0", match="nblocks=5")
+def _sequential_early(tmp):
+    from structmat.compress import compress_sequential
+
+    model = _llama4()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        compress_sequential(model, {r".*q_proj": "lowrank:rank=4", "model.layers.3.mlp.up_proj": "monarch:nblocks=5"},
+                            [{"input_ids": torch.randint(0, 64, (2, 8))}])
+    finally:
+        after = model.state_dict()
+        assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+
+
 @case(13, "cli: a corrupt model folder is one line, not a traceback", error=None)
 def _cli_corrupt(tmp):
     path = saved_copy(tmp)

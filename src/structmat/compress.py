@@ -46,7 +46,7 @@ from .project import check_method, output_error, price
 from .project.budget_solver import Candidate, solve_budget
 from .structures import structure_class
 from .structures.base import RatioSpec, parse_spec
-from .surgery import Report, structurize
+from .surgery import Report, check_plan_fits, structurize
 
 DEFAULT_ALLOW = "lowrank@whitened,monarch@whitened:nblocks=4,nm@sparsegpt"
 
@@ -247,6 +247,7 @@ def compress_sequential(model: nn.Module, plan: Plan, batches: Sequence[dict[str
     plan = Plan.coerce(plan)
     prefix, _ = find_blocks(model)
     targets = matched_layers(model, plan)
+    check_plan_fits(model, Plan.exact(targets))  # every target fits its layer, before block 0 is touched
     reports = []
     outside = {n: t for n, t in targets.items() if not n.startswith(prefix + ".")}
     if outside:

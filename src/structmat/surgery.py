@@ -173,6 +173,35 @@ def _build_layer(name: str, module: nn.Module, target: Target, stats: Any, fishe
     return layer.to(device=weight.device, dtype=weight.dtype)
 
 
+def _check_targets(plan: Plan, work: list[tuple[str, nn.Module, Target, int]]) -> None:
+    """Every target against its layer's shape, by a build on the meta device (no memory, no projection), before the
+    first projection: a bad plan entry fails at once, not after the layers before it were fitted."""
+    from .structures import build
+
+    for name, module, target, index in work:
+        out_f, in_f = dense_weight(module).shape
+        try:
+            build(target.spec, in_f, out_f, bias=getattr(module, "bias", None) is not None, device="meta")
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                f"module {name!r} ({type(module).__name__}, in_features={in_f}, out_features={out_f}) cannot take "
+                f"{target.spec_text} (plan entry {plan.entries[index].pattern!r}): {err}. Fix: change the size in "
+                f"that plan entry (or pass pad=True where the structure supports it), or skip this module by adding "
+                f"an entry ({name!r}: None) before it. The model was not changed.") from err
+
+
+def check_plan_fits(model: nn.Module, plan: Plan | Mapping[str, Any] | Sequence[Any]) -> None:
+    """Raise the ``ValueError`` that ``structurize`` would, for any matched layer whose target does not fit its
+    shape, without projecting anything (used by multi-step pipelines before their first step)."""
+    plan = Plan.coerce(plan)
+    work = []
+    for name, module in linear_modules(model).items():
+        found = plan.match_entry(name)
+        if found is not None and found[1].target is not None:
+            work.append((name, module, found[1].target, found[0]))
+    _check_targets(plan, work)
+
+
 def structurize(model: nn.Module, plan: Plan | Mapping[str, Any] | Sequence[Any],
                 calibration: Mapping[str, Any] | None = None, fisher: Mapping[str, Tensor] | None = None,
                 progress: bool = False) -> Report:
@@ -201,6 +230,8 @@ def structurize(model: nn.Module, plan: Plan | Mapping[str, Any] | Sequence[Any]
         work.append((name, module, found[1].target, found[0]))
     report.unused_patterns = [e.pattern if isinstance(e.pattern, str) else list(e.pattern)
                               for i, e in enumerate(plan.entries) if i not in used]
+
+    _check_targets(plan, work)
 
     iterator: Iterable = work
     if progress:
