@@ -275,9 +275,11 @@ def test_decode_kernels_match_reference_interpreter(interpret_report):
 
 
 def test_auto_takes_decode_kernels_at_few_tokens_interpreter(interpret_report):
-    for name in ("monarch", "lowrank", "blockdiag", "nm"):
+    """Inference at few tokens: the decode kernels, except low-rank, whose two cuBLAS GEMMs measured faster than its
+    decode kernel on the H200 (dispatch.BW_FRACTION); the math is the reference's either way."""
+    for name, want in (("monarch", "decode"), ("lowrank", "reference"), ("blockdiag", "decode"), ("nm", "decode")):
         entry = interpret_report[f"auto-{name}"]
-        assert entry["choice"] == "decode" and entry["err"] <= TOL["float32"], (name, entry)
+        assert entry["choice"] == want and entry["err"] <= TOL["float32"], (name, entry)
 
 
 def test_compiled_decode_lengths_do_not_recompile_interpreter(interpret_report):
@@ -286,7 +288,7 @@ def test_compiled_decode_lengths_do_not_recompile_interpreter(interpret_report):
     entry = interpret_report["compile"]
     assert entry["graphs"] <= 2, entry
     assert entry["max_err"] <= TOL["float32"], entry
-    assert entry["ops"] == ["decode_blockdiag", "decode_lowrank", "decode_monarch", "decode_nm"], entry
+    assert entry["ops"] == ["decode_blockdiag", "decode_monarch", "decode_nm"], entry
 
 
 @pytest.mark.parametrize("name", ["lowrank", "blockdiag", "monarch", "nm"])

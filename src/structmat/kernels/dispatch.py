@@ -185,8 +185,11 @@ EFFICIENCY = {"dense": 0.95, "triton": {"monarch": 0.77, "blockdiag": 0.86},
 # Fraction of BANDWIDTH_GBS reached where bytes bind (few tokens). Dense cuBLAS GEMV streams near the copy rate;
 # the structures' cuBLAS/reference paths at one token do not (issue 12, H200, 8 MLPs of a 2048/8192 Llama at one
 # token under CUDA graphs: low-rank's two GEMMs took 0.37 ms for half of dense's bytes, dense 0.31 ms, so about 0.4
-# of dense's rate); the decode kernels are written to stream the weight from every SM (predicted, see the infer bench).
-BW_FRACTION = {"dense": 0.9, "decode": 0.8, "other": 0.4}
+# of dense's rate). The decode kernels' own rates at one token, replayed from CUDA graphs on the H200
+# (benchmarks/results/infer-20261203T065614Z.json, "kernels" rows, 2048/8192 Llama shapes): block-diagonal
+# 780-1700 GB/s, Monarch 710-1250, low-rank 430-880, N:M 120-150 (so low-rank goes to cuBLAS's two GEMMs).
+BW_FRACTION = {"dense": 0.9, "other": 0.4, ("decode", "blockdiag"): 0.38, ("decode", "monarch"): 0.23,
+               ("decode", "lowrank"): 0.16, ("decode", "nm"): 0.03}
 FP32_TRITON_MONARCH_EFF = 0.08  # IEEE fp32 dots in the Triton kernel measured far below cuBLAS's fp32 path
 
 
@@ -209,7 +212,7 @@ def device_us(op: str, backend: str, flops: float, nbytes: float, dtype: torch.d
     eff = eff[op] if isinstance(eff, dict) else eff
     if dtype == torch.float32 and backend == "triton" and op == "monarch":
         eff = FP32_TRITON_MONARCH_EFF
-    bandwidth = BANDWIDTH_GBS * 1e9 * BW_FRACTION.get(backend, BW_FRACTION["other"])
+    bandwidth = BANDWIDTH_GBS * 1e9 * BW_FRACTION.get((backend, op), BW_FRACTION.get(backend, BW_FRACTION["other"]))
     return (3.0 if training else 1.0) * max(flops / (_peak(dtype) * 1e12 * eff), nbytes / bandwidth) * 1e6
 
 
