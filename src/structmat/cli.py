@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import json
 import os
 import re
 import sys
@@ -99,13 +100,21 @@ def _demo_causal(args: argparse.Namespace, methods: list[str]) -> int:
     dense = quality(loaded.model.to(device))
     print(f"{loaded.source}: dense perplexity {dense['ppl']:.2f} on {args.eval_files} held-out stdlib files "
           f"(window {args.eval_window}); calibrating on {args.calib_samples} x {args.seq_len} tokens", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "demo_rows.jsonl"  # one line per finished row, so a run cut short keeps what it measured
+    partial.write_text(json.dumps({"dense": dense}) + "\n")
+
+    def on_row(r) -> None:
+        print(f"  {r.mode:<10} {r.method:<17} target {r.target:.2f}: ppl {r.ppl:.2f} "
+              f"({r.ppl / dense['ppl']:.2f} x dense, {r.seconds:.0f} s)", flush=True)
+        with partial.open("a") as f:
+            f.write(json.dumps(rows_as_dicts([r])[0]) + "\n")
+
     rows = run_sweep(loaded.model, batches, targets=args.targets, methods=methods, scope=BLOCK_LAYERS,
-                     modes=_modes(args), progress=args.progress, device=device, quality_fn=quality,
-                     on_row=lambda r: print(f"  {r.mode:<10} {r.method:<17} target {r.target:.2f}: ppl {r.ppl:.2f} "
-                                            f"({r.ppl / dense['ppl']:.2f} x dense, {r.seconds:.0f} s)", flush=True))
+                     modes=_modes(args), progress=args.progress, device=device, quality_fn=quality, on_row=on_row)
     print()
     print(format_rows(rows, dense))
-    out = Path(args.out)
     payload = {"metrics": rows_as_dicts(rows), "dense": dense, "model": loaded.source,
                "corpus": {"train": manifest(train), "validation": manifest(val[: args.eval_files])},
                "run_info": run_info(_args_record(args), seed=args.seed, device=str(device))}

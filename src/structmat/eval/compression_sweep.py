@@ -77,13 +77,14 @@ def run_sweep(model, calib_batches, targets=(0.25, 0.5, 0.75), methods=None, *, 
     bad = [m for m in modes if m not in ("one-shot", "sequential")]
     if bad:
         raise ValueError(f"unknown mode(s) {bad}; choose from one-shot, sequential")
+    comps = {mode: (compressors or {}).get(mode) or Compressor(model, calib_batches, scope, device=device,
+                                                                sequential=mode == "sequential", progress=progress)
+             for mode in modes}
     rows: list[SweepRow] = []
-    for mode in modes:
-        comp = (compressors or {}).get(mode) or Compressor(model, calib_batches, scope, device=device,
-                                                            sequential=mode == "sequential", progress=progress)
-        for label in methods:
-            structure, method = METHODS[label]
-            for target in targets:
+    for target in targets:  # target-major: a run cut short still has every method and mode at the first target
+        for mode, comp in comps.items():
+            for label in methods:
+                structure, method = METHODS[label]
                 start = time.perf_counter()
                 if structure == "mix":
                     done = comp.budget(target, allow=list(MIX))
@@ -105,6 +106,9 @@ def run_sweep(model, calib_batches, targets=(0.25, 0.5, 0.75), methods=None, *, 
 
 def format_rows(rows: list[SweepRow], dense: dict[str, Any] | None = None) -> str:
     """A markdown table; perplexity rows (causal LMs) also show the ratio to the dense model's perplexity."""
+    order = list(METHODS)
+    rows = sorted(rows, key=lambda r: (r.mode != "one-shot", order.index(r.method) if r.method in order else 99,
+                                       r.target))
     causal = any("ppl" in r.metrics for r in rows)
     if causal:
         header = ("mode", "method", "target", "spec", "linear params", "ppl", "x dense", "seconds")
