@@ -95,11 +95,14 @@ def _demo_causal(args: argparse.Namespace, methods: list[str]) -> int:
     train, val = _corpus_split("stdlib")
     batches = calibration_batches(loaded, train, args.calib_samples, args.seq_len)
     tokens = token_stream(val[: args.eval_files], loaded.tokenizer)
+    if args.eval_tokens:  # a cheaper, noisier estimate: the first tokens of the held-out stream
+        tokens = tokens[: args.eval_tokens]
     device = args.device or "cpu"
     quality = lambda m: perplexity(m, tokens, window=args.eval_window, device=device)  # noqa: E731
     dense = quality(loaded.model.to(device))
-    print(f"{loaded.source}: dense perplexity {dense['ppl']:.2f} on {args.eval_files} held-out stdlib files "
-          f"(window {args.eval_window}); calibrating on {args.calib_samples} x {args.seq_len} tokens", flush=True)
+    print(f"{loaded.source}: dense perplexity {dense['ppl']:.2f} on {tokens.numel()} tokens of {args.eval_files} "
+          f"held-out stdlib files (window {args.eval_window}); calibrating on {args.calib_samples} x {args.seq_len} "
+          "tokens", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "demo_rows.jsonl"  # one line per finished row, so a run cut short keeps what it measured
@@ -390,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seq-len", type=int, default=256, help="causal LM: tokens per calibration sequence")
     demo.add_argument("--eval-files", type=int, default=16, help="causal LM: held-out files for perplexity")
     demo.add_argument("--eval-window", type=int, default=512, help="causal LM: perplexity window")
+    demo.add_argument("--eval-tokens", type=int, default=0, help="causal LM: evaluate on only the first N held-out "
+                      "tokens (0: all of --eval-files)")
     demo.add_argument("--mode", choices=["one-shot", "sequential", "both"], default=None,
                       help="calibration: one-shot, layer-sequential or both (none: one-shot for minilm, both for "
                            "a causal LM)")

@@ -179,15 +179,16 @@ def _prepare(weight: Tensor, spec: Any, method: str, stats: Any, fisher: Any, bi
 
 def project(weight: Tensor, spec: str | StructureConfig | RatioSpec, method: str = "data-free",
             stats: InputStats | None = None, fisher: Tensor | None = None, bias: Tensor | None = None,
-            dtype: torch.dtype | None = None, **options: Any) -> StructuredLinear:
+            dtype: torch.dtype | None = None, measure: bool = True, **options: Any) -> StructuredLinear:
     """Project a dense ``(out, in)`` weight onto ``spec`` with ``method`` (see :data:`METHODS`).
 
     ``stats`` (the layer's :class:`InputStats`) is required by the methods registered with ``needs_stats``
     (whitened, asvd, wanda, sparsegpt); ``fisher`` (squared gradients shaped like the weight) by fisher. Options
     (``damp``, ``alpha``, ``blocksize``, ``sweeps``, ``rounds``, ``tol``, ``guard``, ...) depend on the method;
     unknown ones raise. ``dtype`` (float32/float64) overrides the working precision (default: the statistics').
-    The returned layer carries ``fit_info`` with the method used and, when stats are given, its relative
-    calibration ``output_error``.
+    The returned layer carries ``fit_info`` with the method used and, when stats are given and ``measure`` is
+    true, its relative calibration ``output_error`` (``measure=False`` skips the measurement and with it the
+    guard: the projection alone).
     """
     problem, found, opts = _prepare(weight, spec, method, stats, fisher, bias, options, dtype, "project")
     if found is None:
@@ -205,7 +206,7 @@ def project(weight: Tensor, spec: str | StructureConfig | RatioSpec, method: str
             layer.bias.copy_(bias)
     info: dict[str, Any] = {"method": method, **extra}
     stats = problem.stats
-    if stats is not None:
+    if stats is not None and measure:
         err = output_error(problem.weight, layer, stats, problem.w.dtype)
         info.update(output_error=err, used=method)
         if guard:

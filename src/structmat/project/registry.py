@@ -59,9 +59,12 @@ class Problem:
         return from_dense(self.weight, self.config, self.bias)
 
     def new_layer(self) -> StructuredLinear:
+        """An UNINITIALIZED layer of the target config (built on the meta device, then given memory): the
+        projection fills every factor and buffer, so a random init would be wasted work."""
         out_features, in_features = self.weight.shape
-        return self.cls(in_features, out_features, bias=self.bias is not None, device=self.weight.device,
-                        dtype=self.weight.dtype, **self.args)
+        layer = self.cls(in_features, out_features, bias=self.bias is not None, device="meta",
+                         dtype=self.weight.dtype, **self.args)
+        return layer.to_empty(device=self.weight.device)
 
 
 @dataclass(frozen=True)

@@ -153,9 +153,8 @@ def sparsegpt(w: Tensor, gram: Tensor, *, nm: tuple[int, int] | None = None, nnz
 # ----------------------------------------------------------------------------------------------
 
 
-def _sparse_layer(p: Problem, what: Tensor, keep: Tensor):
-    """An NMSparse / FixedSparse layer with exactly the support ``keep`` (padded columns for N:M)."""
-    layer = p.new_layer()
+def _sparse_layer(p: Problem, layer, what: Tensor, keep: Tensor):
+    """Fill ``layer`` (from ``p.new_layer()``) with exactly the support ``keep`` (padded columns for N:M)."""
     out_features, in_features = p.weight.shape
     if p.config.name == "nm":
         index = keep.nonzero()[:, 1].reshape(out_features, -1)
@@ -179,15 +178,17 @@ def magnitude(p: Problem):
 
 
 def wanda(p: Problem):
+    layer = p.new_layer()
     if p.config.name == "nm":
-        what, keep = wanda_nm(p.w, p.h, p.config.n, p.config.m, p.baseline.in_padded)
+        what, keep = wanda_nm(p.w, p.h, p.config.n, p.config.m, layer.in_padded)
     else:
-        what, keep = wanda_unstructured(p.w, p.h, p.baseline.values.numel())
-    return _sparse_layer(p, what, keep)
+        what, keep = wanda_unstructured(p.w, p.h, layer.values.numel())
+    return _sparse_layer(p, layer, what, keep)
 
 
 def _sparsegpt(p: Problem, damp: float, blocksize: int):
-    pad = p.baseline.in_padded - p.w.shape[1] if p.config.name == "nm" else 0
+    layer = p.new_layer()
+    pad = layer.in_padded - p.w.shape[1] if p.config.name == "nm" else 0
     h = torch.nn.functional.pad(p.h, (0, pad, 0, pad)) if pad else p.h
     upper = cached_factor(p.stats, f"inverse-cholesky+{pad}", damp, p.w.dtype, p.w.device,
                           lambda: inverse_cholesky_upper(h, damp))
@@ -195,8 +196,8 @@ def _sparsegpt(p: Problem, damp: float, blocksize: int):
         what, keep = sparsegpt(torch.nn.functional.pad(p.w, (0, pad)), h, nm=(p.config.n, p.config.m),
                                blocksize=blocksize, damp=damp, upper=upper)
     else:
-        what, keep = sparsegpt(p.w, h, nnz=p.baseline.values.numel(), blocksize=blocksize, damp=damp, upper=upper)
-    return _sparse_layer(p, what, keep)
+        what, keep = sparsegpt(p.w, h, nnz=layer.values.numel(), blocksize=blocksize, damp=damp, upper=upper)
+    return _sparse_layer(p, layer, what, keep)
 
 
 for _structure in (NMSparse, FixedSparse):
