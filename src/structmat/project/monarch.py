@@ -110,3 +110,16 @@ def _whitened(p: Problem, damp: float, sweeps: int, tol: float) -> tuple[Monarch
                                   tol=tol)
     bias = None if p.bias is None else p.bias.to(p.w.dtype)
     return p.cls.from_dense(what, bias, **p.args).to(dtype=p.weight.dtype), info
+
+
+@register_projection("fisher", Monarch, needs_stats=False, needs_fisher=True)
+def _fisher(p: Problem) -> Monarch:
+    """FWSVD for Monarch: rows weighted by the Fisher row sums, D = diag(sqrt(sum_j F_ij)). A row scaling keeps
+    every block's rank, so the weighted objective ||D (W - M)||_F^2 decouples into the b x b blocks and
+    M = D^-1 Monarch(D W) (the structure's own per-block truncated SVD of D W, rows scaled back) is its exact
+    minimizer over Monarch matrices."""
+    rows = p.fisher.to(p.w.device, p.w.dtype).sum(dim=1)
+    d = rows.clamp_min(1e-12 * rows.max().clamp_min(torch.finfo(p.w.dtype).tiny)).sqrt().unsqueeze(1)
+    scaled = p.cls.from_dense(d * p.w, None, **p.args).to_dense().detach().to(p.w.dtype)
+    bias = None if p.bias is None else p.bias.to(p.w.dtype)
+    return p.cls.from_dense(scaled / d, bias, **p.args).to(dtype=p.weight.dtype)
