@@ -194,3 +194,26 @@ def test_cli_rejects_bad_flags_before_loading_and_runs_as_a_module(tmp_path, cap
     result = subprocess.run([sys.executable, "-m", "structmat", "compress", "--structure", "monarch@wanda",
                              "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "valid methods for monarch" in result.stderr
+
+
+def test_fisher_monarch_minimizes_the_row_weighted_objective_and_registers_in_one_file():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 48, generator=g, dtype=torch.float64)
+    fisher = torch.rand(32, 48, generator=g, dtype=torch.float64) ** 4 * 10
+    d = fisher.sum(dim=1).sqrt().unsqueeze(1)
+
+    def weighted(layer):
+        return float((d * (w - layer.to_dense().detach())).square().sum())
+    fit = project(w, "monarch:nblocks=4", "fisher", fisher=fisher)
+    assert "fisher" in methods_for("monarch")
+    assert weighted(fit) < 0.99 * weighted(project(w, "monarch:nblocks=4"))
+    # exact: each (s, k) block of the 4 x 4 grid is D_s^-1 [D_s W_sk]_c, computed independently here
+    u, q, c = 32 // 4, 48 // 4, fit.c
+    dense = fit.to_dense().detach()
+    for s_ in range(4):
+        for k in range(4):
+            block = w[s_ * u:(s_ + 1) * u, k * q:(k + 1) * q]
+            ds = d[s_ * u:(s_ + 1) * u]
+            uu, ss, vh = torch.linalg.svd(ds * block, full_matrices=False)
+            expect = (uu[:, :c] * ss[:c]) @ vh[:c] / ds
+            torch.testing.assert_close(dense[s_ * u:(s_ + 1) * u, k * q:(k + 1) * q], expect, rtol=1e-8, atol=1e-10)
