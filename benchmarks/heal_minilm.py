@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=0.02, help="adapter params as a fraction of the linear params")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=64, help="training tokens per text (evaluation: 128)")
+    p.add_argument("--extra-trainable", default=None, help="regex of other parameters that train (counted)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--texts", type=int, default=8192, help="training text chunks")
@@ -42,33 +43,27 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from structmat.data.corpus import split_files, corpus_from_spec, minilm_tokenizer, text_chunks
-    from structmat.eval.fidelity import encoder_fidelity, fidelity_reference
-    from structmat.data.pretrained import load_minilm
     from structmat.eval.results import run_info, write_json
-    from structmat.io import load_pretrained
-    from structmat.surgery import structured_modules
     from structmat.train.tune import tune
 
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.time()
-    tok = minilm_tokenizer()
-    _, val = split_files(corpus_from_spec("stdlib"))
-    reference = fidelity_reference(load_minilm(), tok, text_chunks(val, 256), max_length=args.seq_len)
-    student = load_pretrained(args.student).eval()
-    alone = encoder_fidelity(reference, student, tok)
-    kinds: dict[str, int] = {}
-    for layer in structured_modules(student).values():
-        kinds[layer.name] = kinds.get(layer.name, 0) + 1
-    print(f"compressed student alone: cosine {alone['cosine']:.4f}, top-1 {alone['top1_agreement']:.3f}; "
-          f"structures {kinds}", flush=True)
-
     res = tune({"out_dir": args.work, "task": "heal", "model": args.student, "teacher": "minilm", "init": "eora",
                 "adapter": "lowrank:rank=8", "adapter_budget": args.budget, "loss": args.loss, "steps": args.steps,
                 "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "warmup": args.warmup,
-                "texts": args.texts, "eval_every": args.eval_every, "eval_texts": 256, "ckpt_every": args.eval_every,
-                "merge": True, "threads": args.threads})
+                "texts": args.texts, "eval_every": args.eval_every, "extra_trainable": args.extra_trainable,
+                "eval_texts": 256, "ckpt_every": args.eval_every, "merge": True, "threads": args.threads})
+    # The compressed model alone: structmat compress evaluated it with the same protocol and held-out texts.
+    report = json.loads((Path(args.student).parent / "compress.json").read_text())["results"][0]
+    alone = report["quality"]
+    kinds: dict[str, int] = {}
+    for row in report["report"]["layers"]:
+        kind = row["spec"].split(":")[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    print(f"compressed student alone: cosine {alone['cosine']:.4f}, top-1 {alone['top1_agreement']:.3f}; "
+          f"structures {kinds}", flush=True)
+
     curve = [{"step": v["step"], "cosine": v["cosine"], "top1_agreement": v["top1_agreement"], "wall_s": v["wall_s"]}
              for v in res["validation"]]
     nm_rows = [r for r in res["merge"]["layers"] if r["base"].startswith("nm")]
@@ -78,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         "healed": curve[-1], "best": max(curve, key=lambda c: c["cosine"]),
         "merged": res["merged"],
         "nm_bases_merged": len(nm_rows), "nm_violations": sum(r["nm_violations"] or 0 for r in nm_rows),
-        "adapter_params": res["params"]["adapter"], "linear_params": res["params"]["linear"],
-        "adapter_fraction": res["params"]["adapter_fraction_of_linear"], "ranks": res["setup"].get("ranks"),
+        "adapter_params": res["params"]["adapter"], "trainable_params": res["params"]["trainable"],
+        "linear_params": res["params"]["linear"], "adapter_fraction": res["params"]["adapter_fraction_of_linear"],
+        "trainable_fraction": res["params"]["trainable"] / res["params"]["linear"], "ranks": res["setup"].get("ranks"),
         "target_cosine": 0.95, "met": curve[-1]["cosine"] >= 0.95,
         "wall_s_total": time.time() - start, "tokens_per_s": res["tokens_per_s"],
     }

@@ -101,7 +101,8 @@ def test_budget_places_ranks_where_the_error_is(setup):
     save_pretrained(student, root / "student1")
     res = tune(_cfg(setup, "budget", task="heal", model=str(root / "student1"), teacher=str(root / "llama"),
                     tokenizer=str(root / "llama"), init="eora", adapter_budget=0.05, calib_samples=8, steps=1,
-                    ckpt_every=0, eval_every=0))
+                    ckpt_every=0, eval_every=0, extra_trainable=r".*norm\.weight"))
+    assert res["params"]["trainable"] == res["params"]["adapter"] + 5 * 32  # + the 5 RMSNorm weights
     ranks = res["setup"]["ranks"]
     assert set(ranks) == {"model.layers.0.mlp.down_proj"}
     assert 0 < res["params"]["adapter"] <= 0.05 * res["params"]["linear"]

@@ -59,6 +59,7 @@ class TuneConfig:
     alpha: float | None = None
     rslora: bool = False
     adapter_budget: float = 0.0       # > 0 (low rank): ranks per layer from the knapsack, this fraction of linear params
+    extra_trainable: str | None = None  # regex of other parameter names that train too (e.g. ".*LayerNorm.*")
     lr_mult: str = "flat"             # flat: one lr for every factor; mup: the structures' per-factor multipliers
     loss: str = "auto"                # auto: lm (finetune), kl (heal causal), cosine (heal encoder)
     corpus: str = "stdlib"
@@ -77,6 +78,7 @@ class TuneConfig:
     calib_samples: int = 128          # eora / adapter_budget: calibration sequences (texts for encoders)
     eval_every: int = 50
     eval_texts: int = 256             # encoders: held-out chunks for fidelity
+    eval_max_length: int = 128        # encoders: tokens per held-out text (the fidelity protocol's 128)
     eval_files: int = 16              # causal: held-out files for perplexity
     eval_window: int = 256
     ckpt_every: int = 50
@@ -106,7 +108,7 @@ class TuneConfig:
             raise ValueError(f"tune config: lr_mult must be flat or mup, got {self.lr_mult!r}")
         if not 0 <= self.adapter_budget < 1:
             raise ValueError(f"tune config: adapter_budget must lie in [0, 1), got {self.adapter_budget}")
-        for key in ("seq_len", "batch_size", "steps", "keep_checkpoints", "calib_samples", "eval_texts",
+        for key in ("seq_len", "batch_size", "steps", "keep_checkpoints", "calib_samples", "eval_texts", "eval_max_length",
                     "eval_files", "max_files", "texts"):
             v = getattr(self, key)
             if not isinstance(v, int) or v < 1:
@@ -378,7 +380,7 @@ def _tune(cfg: TuneConfig) -> dict[str, Any]:
         stream, pad_id = _encoder_stream(tokenizer, text_chunks(train_docs, cfg.texts, seed=cfg.seed + 1),
                                          cfg.seq_len)
         val_ref = fidelity_reference(teacher if teacher is not None else model, tokenizer,
-                                     text_chunks(val_docs, cfg.eval_texts), max_length=cfg.seq_len)
+                                     text_chunks(val_docs, cfg.eval_texts), max_length=cfg.eval_max_length)
     batches = PackedBatches(stream, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
     objective = _Objective(cfg, kind, teacher, pad_id)
 
@@ -422,6 +424,14 @@ def _tune(cfg: TuneConfig) -> dict[str, Any]:
         report = adapt(model, plan, init=cfg.init, alpha=cfg.alpha, rslora=cfg.rslora, stats=stats,
                        reference=teacher)
         setup["adapt"] = report.to_dict()
+    if cfg.extra_trainable:
+        extra = [n for n, p in model.named_parameters() if re.fullmatch(cfg.extra_trainable, n)]
+        if not extra:
+            raise ValueError(f"tune: extra_trainable {cfg.extra_trainable!r} matches no parameter name")
+        for n, p in model.named_parameters():
+            if n in extra:
+                p.requires_grad_(True)
+        setup["extra_trainable"] = len(extra)
     setup["seconds"] = time.perf_counter() - t0
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
