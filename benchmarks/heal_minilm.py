@@ -55,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
                 "texts": args.texts, "eval_every": args.eval_every, "extra_trainable": args.extra_trainable,
                 "eval_texts": 256, "ckpt_every": args.eval_every, "merge": True, "threads": args.threads})
     # The compressed model alone: structmat compress evaluated it with the same protocol and held-out texts.
-    report = json.loads((Path(args.student).parent / "compress.json").read_text())["results"][0]
+    found = [f for f in (Path(args.student) / "compress.json", Path(args.student).parent / "compress.json")
+             if f.is_file()]  # one target: next to the model; several: in the parent folder
+    report = next(r for r in json.loads(found[0].read_text())["results"]
+                  if Path(r["dir"]).resolve() == Path(args.student).resolve())
     alone = report["quality"]
     kinds: dict[str, int] = {}
     for row in report["report"]["layers"]:
