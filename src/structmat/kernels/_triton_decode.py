@@ -19,6 +19,7 @@ Accumulation is fp32 everywhere.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -96,10 +97,23 @@ def _decode_nm(X, V, P, Y, N, M, K, s_xn, s_xk, s_vm, s_pm, s_yn,
              mask=n_ok & (offs_m[None, :] < M))
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # (triton.cdiv is a jit function: ~10 us per host call, paid on every decode call)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=16)
+def _sms(device_type: str, index: int | None) -> int:
+    if device_type != "cuda":
         return 4  # the interpreter: a few programs, as on a small GPU
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    return _sms(device.type, device.index)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -109,25 +123,31 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _block_n(n: int) -> int:
-    return max(16, triton.next_power_of_2(max(n, 1)))
+    return max(16, _pow2(max(n, 1)))
 
 
 def plan_gemv(n: int, groups: int, M: int, K: int, device: torch.device, split_ok: bool) -> dict:
-    """Tile sizes and the number of K splits: enough programs to keep every SM streaming weight."""
-    target = TARGET_PROGRAMS * _num_sms(device)
+    """Tile sizes and the number of K splits: enough programs to keep every SM streaming weight (cached per shape:
+    few-token calls are host-bound)."""
+    return _plan(n, groups, M, K, device.type, device.index, split_ok)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(n: int, groups: int, M: int, K: int, device_type: str, index: int | None, split_ok: bool) -> dict:
+    target = TARGET_PROGRAMS * _sms(device_type, index)
     block_k = 16 if INTERPRET else (256 if K >= 2048 else 128)
     block_m = 16
     for bm in (64, 32):  # the largest row block that still leaves enough programs
-        if not INTERPRET and groups * triton.cdiv(M, bm) >= target:
+        if not INTERPRET and groups * _cdiv(M, bm) >= target:
             block_m = bm
             break
-    programs = groups * triton.cdiv(M, block_m)
+    programs = groups * _cdiv(M, block_m)
     splits = 1
     if split_ok:
         while programs * splits * 2 <= target and K // (splits * 2) >= max(block_k, 512 if not INTERPRET else 16):
             splits *= 2
-    split_len = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
-    splits = triton.cdiv(K, split_len)
+    split_len = _cdiv(_cdiv(K, splits), block_k) * block_k
+    splits = _cdiv(K, split_len)
     return dict(BLOCK_N=_block_n(n), BLOCK_M=block_m, BLOCK_K=block_k, splits=splits, split_len=split_len)
 
 
@@ -138,8 +158,8 @@ def decode_gemv(a: Tensor, a_strides: tuple, w: Tensor, w_strides: tuple, c: Ten
     token, column)); ``plan`` from :func:`plan_gemv` (with splits > 1, C is the fp32 partial stack)."""
     if n == 0 or M == 0 or groups == 0:
         return c
-    grid = (groups * triton.cdiv(M, plan["BLOCK_M"]), plan["splits"])
-    _decode_gemv[grid](a, w, c, n, M, K, a_partials, plan["split_len"], triton.cdiv(M, plan["BLOCK_M"]),
+    grid = (groups * _cdiv(M, plan["BLOCK_M"]), plan["splits"])
+    _decode_gemv[grid](a, w, c, n, M, K, a_partials, plan["split_len"], _cdiv(M, plan["BLOCK_M"]),
                        a_partial_stride, *a_strides, *w_strides, c_split_stride, *c_strides, chunk_stride, chunk,
                        PRECISION=_precision(w.dtype), BLOCK_N=plan["BLOCK_N"], BLOCK_M=plan["BLOCK_M"],
                        BLOCK_K=plan["BLOCK_K"], num_warps=4, num_stages=4)
@@ -153,9 +173,9 @@ def decode_nm(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, n_keep: i
     if N == 0 or M == 0:
         return y
     target = TARGET_PROGRAMS * _num_sms(x.device)
-    block_m = 16 if INTERPRET or triton.cdiv(M, 32) < target else 32
+    block_m = 16 if INTERPRET or _cdiv(M, 32) < target else 32
     block_k = 16 if INTERPRET else 128
-    _decode_nm[(triton.cdiv(M, block_m),)](x, values, positions, y, N, M, K, x.stride(0), x.stride(1),
+    _decode_nm[(_cdiv(M, block_m),)](x, values, positions, y, N, M, K, x.stride(0), x.stride(1),
                                            values.stride(0), positions.stride(0), y.stride(0), NNZ=n_keep,
                                            GROUP=group, PRECISION=_precision(x.dtype), BLOCK_N=_block_n(N),
                                            BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4, num_stages=3)
