@@ -315,3 +315,30 @@ if __name__ == "__main__":
     if "--interpret" in sys.argv:
         assert os.environ.get("TRITON_INTERPRET") == "1"
         print(json.dumps(_interpret_report()))
+
+
+def test_bench_infer_ratios_and_table():
+    """The infer benchmark's bookkeeping on a recorded result (the measuring itself needs a CUDA GPU)."""
+    from structmat.bench import infer
+
+    def row(params, tps):
+        return {"param_bytes": params, "before_forward_bytes": params, "after_forward_bytes": params + 4096,
+                "peak_bytes": 2 * params, "prefill_tps": tps,
+                "graph": [{"batch": 1, "tokens_per_s": tps}], "eager": [{"batch": 1, "tokens_per_s": tps / 10}]}
+
+    result = {"models": {"dense": row(100, 50.0), "blockdiag": row(40, 75.0)}}
+    infer._ratios(result)
+    r = result["models"]["blockdiag"]["vs_dense"]
+    assert r["prefill"] == pytest.approx(1.5) and r["graph_b1"] == pytest.approx(1.5) and r["eager_b1"] == 1.5
+    assert r["params_vs_dense"] == pytest.approx(0.4) and r["after_forward_over_params"] == pytest.approx(1 + 4096 / 40)
+    table = infer.format_table(result)
+    assert "| blockdiag |" in table and "1.50x" in table
+
+
+def test_bench_infer_needs_cuda():
+    from structmat.bench import infer
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine runs the real benchmark")
+    with pytest.raises(SystemExit, match="CUDA"):
+        infer.main(["--out", "/nonexistent-never-written"])
