@@ -587,6 +587,95 @@ def _dead_columns(tmp):
 
 
 # ----------------------------------------------------------------------------------------------
+# Adapter files (the same causes in adapter.json / adapter.safetensors): checked before the model changes
+# ----------------------------------------------------------------------------------------------
+
+_ADAPT_PLAN = {r".*q_proj": "lowrank:rank=2", r".*v_proj": "nm:n=2,m=4", r".*down_proj": "sparse:density=0.1"}
+
+
+def _adapter_dir(tmp: Path) -> Path:
+    from structmat.adapters import adapt, save_adapter
+
+    model = tiny_model()
+    adapt(model, _ADAPT_PLAN)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".delta." in name:
+                p.normal_(generator=torch.Generator().manual_seed(4))
+    return save_adapter(model, tmp / "adapter")
+
+
+def _adapter_fails_untouched(tmp: Path, edit: Callable[[Path], Any]) -> None:
+    from structmat.adapters import adapter_modules, load_adapter
+
+    path = _adapter_dir(tmp)
+    edit(path)
+    model = tiny_model()
+    try:
+        load_adapter(model, path)
+    finally:
+        assert not adapter_modules(model), "the model was changed before the error"
+
+
+def _edit_adapter_json(fn: Callable[[dict], Any]) -> Callable[[Path], None]:
+    def edit(path: Path) -> None:
+        manifest = json.loads((path / "adapter.json").read_text())
+        fn(manifest)
+        (path / "adapter.json").write_text(json.dumps(manifest))
+    return edit
+
+
+def _edit_adapter_weights(fn: Callable[[dict], Any]) -> Callable[[Path], None]:
+    def edit(path: Path) -> None:
+        tensors = load_file(str(path / "adapter.safetensors"))
+        fn(tensors)
+        save_file(tensors, str(path / "adapter.safetensors"), metadata={"format": "pt"})
+        data = (path / "adapter.safetensors").read_bytes()
+        _edit_adapter_json(lambda m: m["files"].update(
+            {"adapter.safetensors": {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}))(path)
+    return edit
+
+
+A_Q = "model.layers.0.self_attn.q_proj"
+A_V_INDEX = "model.layers.0.self_attn.v_proj.index"
+
+
+@case(5, "adapter round trip", error=None)
+def _adapter_ok(tmp):
+    from structmat.adapters import adapter_modules, load_adapter
+
+    path = _adapter_dir(tmp)
+    model = tiny_model()
+    load_adapter(model, path)
+    assert len(adapter_modules(model)) == 3
+
+
+for _name, _edit, _match in (
+        ("adapter.json nested 100000 deep", lambda p: _write_text(p / "adapter.json", "[" * 100000 + "]" * 100000),
+         "nested"),
+        ("adapter.json in_features=10^12", _edit_adapter_json(lambda m: m["modules"][A_Q].update(
+            in_features=10**12)), "in the adapter"),
+        ("adapter.json module the model lacks", _edit_adapter_json(lambda m: m["modules"].update(
+            {"model.nowhere": m["modules"][A_Q]})), "no linear layer"),
+        ("adapter.json delta that does not fit", _edit_adapter_json(lambda m: m["modules"][A_Q].update(
+            delta={"structure": "monarch", "nblocks": 5})), "nblocks"),
+        ("adapter.json scale NaN", _edit_adapter_json(lambda m: m["modules"][A_Q].update(scale=math.nan)),
+         "scale"),
+        ("adapter.json entry not an object", _edit_adapter_json(lambda m: m["modules"].update({A_Q: 3})),
+         "delta config"),
+        ("adapter.safetensors truncated", lambda p: (p / "adapter.safetensors").write_bytes(
+            (p / "adapter.safetensors").read_bytes()[:100]), "does not match"),
+        ("adapter.safetensors missing", lambda p: (p / "adapter.safetensors").unlink(), "cannot be read"),
+        ("adapter delta NaN", _edit_adapter_weights(_set(A_Q + ".U", _poison(math.nan))), "NaN/Inf"),
+        ("adapter delta of the wrong shape", _edit_adapter_weights(_set(A_Q + ".U", lambda t: t[:, :1].contiguous())),
+         "do not fit"),
+        ("adapter N:M positions out of range", _edit_adapter_weights(_set(A_V_INDEX, lambda t: t + 100)),
+         "index|pattern|position|range"),
+        ("adapter stray tensor", _edit_adapter_weights(lambda t: t.update({"x.y": torch.ones(2)})), "no module")):
+    case(5, _name, match=_match)(lambda tmp, e=_edit: _adapter_fails_untouched(tmp, e))
+
+
+# ----------------------------------------------------------------------------------------------
 # 9. Training checkpoints: checksummed JSON, stray entries, temporary files, one run per folder
 # ----------------------------------------------------------------------------------------------
 

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from ..atomic import write_atomic
-from ..structures import LowRank, config_from_dict
-from .core import AdaptedLinear, adapt, adapter_modules
+from ..structures import LowRank, build, config_from_dict
+from ..validate import check_finite, check_number, loads_json
+from .core import AdaptedLinear, _shape, adaptable_modules, adapt, adapter_modules
 
 FORMAT = "structmat-adapter"
 VERSION = 1
@@ -66,38 +67,102 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model: str
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, freeze: bool = True) -> dict[str, Any]:
-    """Wrap the named layers of ``model`` with the saved deltas (exact weights and scales); return the manifest."""
+    """Wrap the named layers of ``model`` with the saved deltas (exact weights and scales); return the manifest.
+    Everything (manifest, sizes against the model's layers, weights, index buffers) is checked before the model is
+    changed; a bad file raises one ``ValueError``."""
     from safetensors.torch import load
 
     directory = Path(directory)
     try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        manifest = loads_json((directory / MANIFEST).read_bytes(), f"load_adapter: {directory / MANIFEST}",
+                              "save the adapter again")
+    except OSError as err:
         raise ValueError(f"load_adapter: {directory / MANIFEST} cannot be read ({err}); is this a structmat adapter "
                          "directory (save_adapter)?") from None
-    if manifest.get("format") != FORMAT or not isinstance(manifest.get("modules"), dict):
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or \
+            not isinstance(manifest.get("modules"), dict):
         raise ValueError(f"load_adapter: {directory / MANIFEST} is not a structmat adapter manifest")
-    if not isinstance(manifest.get("version"), int) or manifest["version"] > VERSION:
-        raise ValueError(f"load_adapter: adapter version {manifest.get('version')!r} is newer than this structmat "
+    version = manifest.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"load_adapter: {directory / MANIFEST} has an invalid version {version!r}; save the adapter "
+                         "again")
+    if version > VERSION:
+        raise ValueError(f"load_adapter: adapter version {version!r} is newer than this structmat "
                          f"understands ({VERSION}); upgrade structmat")
-    data = (directory / WEIGHTS).read_bytes()
-    expect = manifest.get("files", {}).get(WEIGHTS, {})
+    configs = _checked_configs(model, manifest["modules"])
+    try:
+        data = (directory / WEIGHTS).read_bytes()
+    except OSError as err:
+        raise ValueError(f"load_adapter: {directory / WEIGHTS} cannot be read ({err}); save the adapter again") \
+            from None
+    files = manifest.get("files")
+    expect = files.get(WEIGHTS) if isinstance(files, dict) else None
+    expect = expect if isinstance(expect, dict) else {}
     if len(data) != expect.get("bytes") or hashlib.sha256(data).hexdigest() != expect.get("sha256"):
         raise ValueError(f"load_adapter: {directory / WEIGHTS} does not match its manifest (damaged or replaced)")
-    tensors = load(data)
-    configs = {name: config_from_dict(entry["delta"]) for name, entry in manifest["modules"].items()}
+    try:
+        tensors = load(data)
+    except Exception as err:  # safetensors raises its own error types on a malformed file
+        raise ValueError(f"load_adapter: {directory / WEIGHTS} cannot be read as safetensors ({err})") from None
+    states = _checked_states(model, configs, tensors)
     _adapt_exact(model, configs, freeze)
     found = adapter_modules(model)
     for name, entry in manifest["modules"].items():
         a = found[name]
-        if (a.in_features, a.out_features) != (entry["in_features"], entry["out_features"]):
-            raise ValueError(f"load_adapter: {name!r} is {a.in_features}->{a.out_features} in this model but "
-                             f"{entry['in_features']}->{entry['out_features']} in the adapter")
-        state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-        a.delta.load_state_dict(state, strict=True)
+        a.delta.load_state_dict(states[name], strict=True)
         a.scale, a.alpha, a.rslora, a.init = float(entry["scale"]), entry.get("alpha"), bool(entry.get("rslora")), \
             entry.get("init", "zero")
     return manifest
+
+
+def _checked_configs(model: nn.Module, modules: dict[str, Any]) -> dict[str, Any]:
+    """Each manifest entry: a structure config that fits the model's layer of that name (sizes checked against the
+    layer, the delta built on the meta device) and a finite scale."""
+    present = adaptable_modules(model)
+    configs = {}
+    for name, entry in modules.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("delta"), dict):
+            raise ValueError(f"load_adapter: module {name!r} has no delta config; save the adapter again")
+        if name not in present:
+            raise ValueError(f"load_adapter: the model has no linear layer {name!r}; load the adapter into the base "
+                             "model it was trained on")
+        in_f, out_f = _shape(present[name])
+        if (entry.get("in_features"), entry.get("out_features")) != (in_f, out_f):
+            raise ValueError(f"load_adapter: {name!r} is {in_f}->{out_f} in this model but "
+                             f"{entry.get('in_features')!r}->{entry.get('out_features')!r} in the adapter")
+        try:
+            check_number(f"load_adapter: {name!r}", "scale", entry.get("scale"), -math.inf, math.inf)
+            configs[name] = config_from_dict(entry["delta"])
+            build(configs[name], in_f, out_f, bias=False, device="meta")
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"load_adapter: module {name!r}: {err}") from None
+    return configs
+
+
+def _checked_states(model: nn.Module, configs: dict[str, Any], tensors: dict[str, torch.Tensor]
+                    ) -> dict[str, dict[str, torch.Tensor]]:
+    """Each delta's tensors: the right keys and shapes, finite, and a valid state of its structure (index buffers),
+    checked on a stand-alone copy of the delta so the model is not touched yet."""
+    present = adaptable_modules(model)
+    states, used = {}, set()
+    for name, config in configs.items():
+        state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        used.update(f"{name}.{k}" for k in state)
+        in_f, out_f = _shape(present[name])
+        delta = build(config, in_f, out_f, bias=False)
+        try:
+            for key, value in state.items():
+                check_finite(f"load_adapter: {name!r}", key, value, "the adapter is corrupt; save it again")
+            delta.load_state_dict(state, strict=True)
+            delta.check_state_()
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"load_adapter: module {name!r}: its tensors do not fit {config.spec} "
+                             f"({str(err).strip().splitlines()[0]}); save the adapter again") from None
+        states[name] = state
+    stray = sorted(set(tensors) - used)
+    if stray:
+        raise ValueError(f"load_adapter: the weights file has tensors no module of the manifest owns, e.g. {stray[:3]}")
+    return states
 
 
 def _adapt_exact(model: nn.Module, configs: dict[str, Any], freeze: bool) -> None:
@@ -171,10 +236,11 @@ def load_peft_lora(model: nn.Module, directory: str | os.PathLike, freeze: bool 
 
     directory = Path(directory)
     try:
-        config = json.loads((directory / PEFT_CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        config = loads_json((directory / PEFT_CONFIG).read_bytes(), f"load_peft_lora: {directory / PEFT_CONFIG}",
+                            "save the adapter again")
+    except OSError as err:
         raise ValueError(f"load_peft_lora: {directory / PEFT_CONFIG} cannot be read ({err})") from None
-    if config.get("peft_type") != "LORA":
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise ValueError(f"load_peft_lora: peft_type {config.get('peft_type')!r} is not LORA")
     unsupported = [k for k in ("use_dora", "fan_in_fan_out") if config.get(k)]
     if config.get("bias", "none") != "none":
@@ -186,7 +252,14 @@ def load_peft_lora(model: nn.Module, directory: str | os.PathLike, freeze: bool 
     path = directory / PEFT_WEIGHTS
     if not path.is_file():
         raise ValueError(f"load_peft_lora: {path} is missing (only safetensors adapters are read, never pickles)")
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types on a malformed file
+        raise ValueError(f"load_peft_lora: {path} cannot be read as safetensors ({err})") from None
+    for key, t in tensors.items():
+        if t.dim() != 2:
+            raise ValueError(f"load_peft_lora: tensor {key!r} in {path} has shape {tuple(t.shape)}, not a matrix")
+        check_finite("load_peft_lora", f"tensor {key!r}", t, "the adapter is corrupt; save it again")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
@@ -198,6 +271,14 @@ def load_peft_lora(model: nn.Module, directory: str | os.PathLike, freeze: bool 
         if set(ab) != {"A", "B"}:
             raise ValueError(f"load_peft_lora: {name!r} lacks lora_A or lora_B")
         configs[name] = f"lowrank:rank={ab['A'].shape[0]}"
+    present = adaptable_modules(model)
+    for name, ab in pairs.items():  # every shape against the model's layer before the model is changed
+        if name not in present:
+            continue  # _adapt_exact names the missing layers
+        (in_f, out_f), r = _shape(present[name]), ab["A"].shape[0]
+        if ab["A"].shape != (r, in_f) or ab["B"].shape != (out_f, r):
+            raise ValueError(f"load_peft_lora: {name!r}: lora_A {tuple(ab['A'].shape)} / lora_B "
+                             f"{tuple(ab['B'].shape)} do not fit the layer {in_f}->{out_f}")
     _adapt_exact(model, configs, freeze)
     found = adapter_modules(model)
     use_rslora = bool(config.get("use_rslora"))
