@@ -217,3 +217,30 @@ def test_fisher_monarch_minimizes_the_row_weighted_objective_and_registers_in_on
             uu, ss, vh = torch.linalg.svd(ds * block, full_matrices=False)
             expect = (uu[:, :c] * ss[:c]) @ vh[:c] / ds
             torch.testing.assert_close(dense[s_ * u:(s_ + 1) * u, k * q:(k + 1) * q], expect, rtol=1e-8, atol=1e-10)
+
+
+def test_demo_on_a_causal_lm_prints_the_perplexity_table_with_both_modes(tmp_path, capsys):
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from structmat.cli import main
+    from structmat.data.corpus import minilm_tokenizer
+
+    torch.manual_seed(0)
+    tok = minilm_tokenizer()
+    LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", str(tmp_path / "lm"), "--methods", "whitened SVD,N:M SparseGPT,budget mix",
+                 "--targets", "0.5", "--calib-samples", "4", "--seq-len", "32", "--eval-files", "2",
+                 "--eval-tokens", "256", "--eval-window", "64", "--out", str(out)]) == 0
+    payload = json.loads((out / "demo.json").read_text())
+    rows = payload["metrics"]
+    assert {(r["mode"], r["method"]) for r in rows} == {(m, k) for m in ("one-shot", "sequential")
+                                                        for k in ("whitened SVD", "N:M SparseGPT", "budget mix")}
+    assert all(r["ppl"] > 1 and r["params_frac"] <= 0.5 + 1e-6 for r in rows) and payload["dense"]["ppl"] > 1
+    assert len((out / "demo_rows.jsonl").read_text().splitlines()) == 1 + len(rows)
+    assert (out / "demo_frontier.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| dense " in capsys.readouterr().out  # the dense row of the table
