@@ -106,8 +106,11 @@ def register_projection(method: str, structure: type[StructuredLinear] | str, *,
         raise ValueError("register_projection: 'data-free' is every structure's own from_dense; do not register it")
 
     def decorate(fn: Callable) -> Callable:
-        if (method, name) in PROJECTIONS and PROJECTIONS[(method, name)].fn is not fn:
-            raise ValueError(f"register_projection: {method!r} for {name!r} is already registered")
+        old = PROJECTIONS.get((method, name))
+        same_site = old is not None and (old.fn.__module__, old.fn.__qualname__) == (fn.__module__, fn.__qualname__)
+        if old is not None and not same_site:  # the same definition run again (a reload) may replace itself
+            raise ValueError(f"register_projection: {method!r} for {name!r} is already registered by "
+                             f"{old.fn.__module__}.{old.fn.__qualname__}")
         PROJECTIONS[(method, name)] = Projection(method, name, fn, needs_stats, needs_fisher, optimal,
                                                  dict(options or {}), pricer)
         return fn
