@@ -164,7 +164,9 @@ def test_data_free_applies_to_every_structure():
         layer = project(w, spec)
         assert torch.equal(layer.to_dense().detach(), S.from_dense(w, spec).to_dense().detach())
     assert set(METHODS["data-free"]) == set(S.REGISTRY)
-    assert methods_for("lowrank") == ["data-free", "whitened", "asvd", "fisher"]
+    # the built-in methods, in registration order (the registry is open: a method registered elsewhere, e.g. by
+    # the README's example, is appended)
+    assert methods_for("lowrank")[:4] == ["data-free", "whitened", "asvd", "fisher"]
 
 
 def test_error_paths():
