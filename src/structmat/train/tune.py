@@ -156,14 +156,15 @@ def load_any(name: str):
     if (path / "structmat.json").is_file():
         model = load_pretrained(path).eval()
         tok = None
-        with contextlib.suppress(Exception):
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        if tok is None and (path / "tokenizer.json").is_file():  # structmat train saves a bare tokenizers file
-            from tokenizers import Tokenizer
+        if (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+            from tokenizers import Tokenizer  # structmat train saves a bare tokenizers file (its EOS is known there)
 
             tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        else:
+            with contextlib.suppress(Exception):
+                from transformers import AutoTokenizer
+
+                tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         return model, tok, "causal" if is_causal(model) else "encoder"
     loaded = load_model(name)
     return loaded.model, loaded.tokenizer, loaded.kind
