@@ -121,7 +121,7 @@ def _time(fn, repeats: int) -> float:
     return best
 
 
-def run(layers, repeats: int) -> dict:
+def run(layers, repeats: int, only: list[str] | None = None) -> dict:
     from structmat.project import output_error, project
 
     results = {}
@@ -131,6 +131,8 @@ def run(layers, repeats: int) -> dict:
         "whitened SVD (rank 50%)": ("lowrank:ratio=0.5", "whitened", lambda w, h, c: ref_svdllm(w, h, c)),
     }
     for label, (spec, method, ref) in methods.items():
+        if only and not any(label.startswith(o) for o in only):
+            continue
         per_layer = []
         for name, w, stats in layers:
             rank = project(w, spec).config.rank if method == "whitened" else None
@@ -184,12 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--texts", type=int, default=128)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="best of N per layer")
+    parser.add_argument("--methods", default="", help="comma-separated prefixes (sparsegpt,wanda,whitened); "
+                        "empty: all")
     args = parser.parse_args(argv)
     from structmat.eval.results import run_info, write_json
 
     torch.manual_seed(0)
     layers = minilm_layers(args.texts, args.max_length)
-    results = run(layers, args.repeats)
+    results = run(layers, args.repeats, [m.strip() for m in args.methods.split(",") if m.strip()])
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     payload = {"metrics": results, "threads": torch.get_num_threads(),
                "run_info": run_info(vars(args), seed=0, device="cpu")}

@@ -179,8 +179,17 @@ def magnitude(p: Problem):
 
 def wanda(p: Problem):
     layer = p.new_layer()
-    if p.config.name == "nm":
-        what, keep = wanda_nm(p.w, p.h, p.config.n, p.config.m, layer.in_padded)
+    if p.config.name == "nm":  # the support straight from the per-group top-n (no dense mask, no nonzero())
+        n, m = p.config.n, p.config.m
+        out, cols = p.w.shape
+        pad = layer.in_padded - cols
+        score = torch.nn.functional.pad(p.w.abs() * p.h.diagonal().clamp_min(0.0).sqrt(), (0, pad), value=-1.0)
+        pos = score.reshape(out, -1, m).topk(n, dim=-1).indices.sort(dim=-1).values  # (out, groups, n)
+        columns = (pos + torch.arange(0, layer.in_padded, m, device=pos.device).view(1, -1, 1)).reshape(out, -1)
+        with torch.no_grad():
+            layer.index.copy_(pos.reshape(out, -1).to(layer.index.dtype))
+            layer.values.copy_(torch.nn.functional.pad(p.w, (0, pad)).gather(1, columns))
+        return layer
     else:
         what, keep = wanda_unstructured(p.w, p.h, layer.values.numel())
     return _sparse_layer(p, layer, what, keep)
