@@ -76,7 +76,9 @@ def _check_stats(stats: Any, in_features: int, owner: str) -> InputStats:
                          "transpose an HF Conv1D weight first)")
     if stats.count <= 0:
         raise ValueError(f"{owner}: the statistics saw no tokens; run calibration batches through the model first")
-    stats.check_finite(owner)
+    # once per statistics object and version (layers sharing an input share the check), not once per layer
+    stats.cached(("finite", stats.gram._version, stats.abs_sum._version, stats.count),
+                 lambda: stats.check_finite(owner) or True)
     return stats
 
 
