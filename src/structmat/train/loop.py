@@ -57,6 +57,18 @@ CKPT_VERSION = 3  # 2: optimizer state keyed by parameter name (FSDP-safe); 3: t
 _CKPT_NAME = re.compile(r"step-(\d{7,})\.json")
 
 
+def coerce_config(cls, config, label: str):
+    """A config dataclass from itself or a dict; unknown keys and other types are refused with the valid names."""
+    if isinstance(config, cls):
+        return config
+    if not isinstance(config, dict):
+        raise TypeError(f"{label} must be a {cls.__name__} or a dict, got {type(config).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(config) - names
+    if unknown:
+        raise ValueError(f"{label}: unknown key(s) {sorted(unknown)}; valid: {sorted(names)}")
+    return cls(**config)
+
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/train"
@@ -167,15 +179,7 @@ class TrainConfig:
 
     @classmethod
     def coerce(cls, config: "TrainConfig | dict[str, Any]") -> "TrainConfig":
-        if isinstance(config, cls):
-            return config
-        if not isinstance(config, dict):
-            raise TypeError(f"train config must be a TrainConfig or a dict, got {type(config).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(config) - names
-        if unknown:
-            raise ValueError(f"train config: unknown key(s) {sorted(unknown)}; valid: {sorted(names)}")
-        return cls(**config)
+        return coerce_config(cls, config, "train config")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -37,8 +37,8 @@ from torch import nn
 from ..adapters import adapt, merge, save_adapter
 from ..adapters.core import _weight_of, adaptable_modules
 from ..atomic import write_atomic
-from .loop import (checkpoint_paths, list_checkpoints, load_checkpoint, lr_factor, param_groups, save_checkpoint,
-                   set_lr, _restore)
+from .loop import (checkpoint_paths, coerce_config, list_checkpoints, load_checkpoint, lr_factor, param_groups,
+                   save_checkpoint, set_lr, _restore)
 
 TASKS = ("finetune", "heal")
 LOSSES = ("auto", "lm", "kl", "cosine", "mse")
@@ -127,15 +127,7 @@ class TuneConfig:
 
     @classmethod
     def coerce(cls, config: "TuneConfig | dict[str, Any]") -> "TuneConfig":
-        if isinstance(config, cls):
-            return config
-        if not isinstance(config, dict):
-            raise TypeError(f"tune config must be a TuneConfig or a dict, got {type(config).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(config) - names
-        if unknown:
-            raise ValueError(f"tune config: unknown key(s) {sorted(unknown)}; valid: {sorted(names)}")
-        return cls(**config)
+        return coerce_config(cls, config, "tune config")
 
 
 def _resume_key(cfg: TuneConfig) -> str:
