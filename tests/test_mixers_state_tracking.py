@@ -5,7 +5,7 @@ import random
 
 import torch
 
-from structmat.bench.state_tracking import _eval_expr, _gen_bracket_expr, _group, main, make_batch
+from structmat.bench.state_tracking import PRESETS, _eval_expr, _gen_bracket_expr, _group, lr_factor, main, make_batch
 
 
 def test_task_labels():
@@ -35,3 +35,22 @@ def test_smoke_runs(tmp_path):
     assert {tuple(r["backend_ran"] or ()) for r in d["runs"] if r["model"].startswith("delta")} == {("chunked",)}
     assert set(d["table_best_of_seeds_scaled_accuracy"]["ssm[-1,1]"]) == {"parity", "modarith", "modarith_brackets",
                                                                            "s3", "s5"}
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    assert lr_factor(0.0, 0.1, 1e-3) < 0.01 and abs(lr_factor(0.05, 0.1, 1e-3) - 0.5) < 1e-9
+    assert lr_factor(0.1, 0.1, 1e-3) == 1.0 and abs(lr_factor(1.0, 0.1, 1e-3) - 1e-3) < 1e-12
+    vals = [lr_factor(x / 100, 0.1, 1e-3) for x in range(10, 101)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))  # monotone after warmup
+    assert lr_factor(2.0, 0.1, 0.0) == 0.0  # past the budget: the floor
+
+
+def test_preset_fills_what_flags_leave_open(tmp_path):
+    assert PRESETS["grazzi2025"]["steps"] == 100_000 and PRESETS["grazzi2025"]["batch"] == 256
+    assert main(["--smoke", "--preset", "grazzi2025", "--weight-decay", "0.05", "--tasks", "parity",
+                 "--models", "deltanet[-1,1]", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("state-tracking-smoke-*.json")
+    proto = json.loads(path.read_text())["protocol"]
+    assert proto["preset"] == "grazzi2025" and proto["weight_decay"] == 0.05  # the flag wins
+    assert proto["warmup_frac"] == 0.1 and proto["min_lr_frac"] == 1e-3 and proto["model"]["n_heads"] == 4
+    assert proto["published_budget"]["steps"] == 100_000

@@ -19,7 +19,8 @@ DeltaProduct (n_h = 2, 4; [-1, 1]; n_h = 1 is DeltaNet [-1, 1]) or the selective
 Run:  ``PYTHONPATH=src python -m structmat.bench.state_tracking [--smoke] [--device cuda] [--out benchmarks/results]``
 (``structmat bench state-tracking`` once the CLI forwards to :func:`main`). Writes
 ``state-tracking-<UTC date-time>.json`` (table, every run, the protocol actually used, run_info).
-``--smoke``: a CPU pipeline check in seconds (few steps, one seed): its numbers are not results.
+``--preset grazzi2025`` encodes the published training budget (see ``PRESETS``); ``--preset h200-3min`` a reduced
+one that stops each run on wall time. ``--smoke``: a CPU pipeline check in seconds (few steps, one seed): its numbers are not results.
 ``--backend fla --bf16`` (or ``auto``) trains the delta-rule mixers on flash-linear-attention's kernels; each run
 records the backend its layers actually ran (``backend_ran``).
 """
@@ -58,6 +59,39 @@ MODELS = {
     "ssm[0,1]": dict(kind="ssm", neg=False),
     "ssm[-1,1]": dict(kind="ssm", neg=True),
 }
+
+# Training settings. ``grazzi2025`` is the published budget of the Chomsky-hierarchy tasks (parity, modular arithmetic
+# with/without brackets) in Grazzi et al., "Unlocking State-Tracking in Linear RNNs Through Negative Eigenvalues"
+# (ICLR 2025, arXiv 2411.12537), read from the authors' experiment configs (github.com/adankow/unlocking_state_tracking,
+# xLSTM's formal-language setup): AdamW, 100k steps of batch 256, lr 1e-3 with 10% linear warmup then cosine decay to
+# 1e-3 x lr, weight decay 0.1, bf16 autocast; 2 layers, d_model 128, 4 heads, short convolution; train lengths 3-40,
+# test 40-256; best of 3 seeds. Siems et al. 2025 (DeltaProduct, arXiv 2502.10297) run their own word-problem
+# protocol for S3/S5 whose exact step counts could not be read here, so it is not encoded: ``grazzi2025`` applies
+# the one budget above to every task of this suite, S3/S5 included. ``h200-3min`` keeps that model, batch and
+# schedule shape but stops each run on wall time (the cosine runs over the time budget), 2 seeds: what fits in about
+# three minutes of one H200 shared by ~20 concurrent runs. It is a reduced budget, not the published one.
+PRESETS = {
+    "grazzi2025": dict(steps=100_000, max_seconds=1e9, batch=256, lr=1e-3, warmup_frac=0.1, min_lr_frac=1e-3,
+                       weight_decay=0.1, d_model=128, n_layers=2, n_heads=4, conv_size=4, train_min=3, train_max=40,
+                       test_lengths="40,64,96,128,160,192,224,256", seeds=3, bf16=True),
+    "h200-3min": dict(steps=100_000, max_seconds=150.0, batch=256, lr=1e-3, warmup_frac=0.1, min_lr_frac=1e-3,
+                      weight_decay=0.1, d_model=128, n_layers=2, n_heads=4, conv_size=4, train_min=3, train_max=40,
+                      test_lengths="40,64,96,128,160,192,224,256", seeds=2, bf16=True),
+}
+# the defaults when neither a flag nor a preset sets a value (the earlier runs' settings)
+BASE = dict(steps=2000, max_seconds=1e9, batch=128, lr=1e-3, warmup_frac=0.05, min_lr_frac=0.0, weight_decay=0.01,
+            d_model=64, n_layers=2, n_heads=2, conv_size=4, train_min=3, train_max=40,
+            test_lengths="40,64,96,128,160,192,224,256", seeds=3, bf16=False)
+
+
+def lr_factor(progress: float, warmup_frac: float, min_lr_frac: float) -> float:
+    """Linear warmup over the first ``warmup_frac`` of training, then cosine from 1 to ``min_lr_frac``;
+    ``progress`` in [0, 1] (steps done / steps, or seconds spent / seconds allowed, whichever is further)."""
+    progress = min(max(progress, 0.0), 1.0)
+    if warmup_frac > 0 and progress < warmup_frac:
+        return max(progress / warmup_frac, 1e-3)
+    rest = (progress - warmup_frac) / max(1.0 - warmup_frac, 1e-9)
+    return min_lr_frac + (1.0 - min_lr_frac) * 0.5 * (1.0 + math.cos(math.pi * rest))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,15 +246,18 @@ def run_one(job: dict) -> dict:
                      job["d_state"], job["conv_size"], job.get("backend", "chunked")).to(dev)
     bf16 = job.get("bf16", False) and dev.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    opt = torch.optim.AdamW(lm.parameters(), lr=job["lr"], weight_decay=0.01, betas=(0.9, 0.98))
-    steps, warm = job["steps"], max(1, job["steps"] // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    opt = torch.optim.AdamW(lm.parameters(), lr=job["lr"], weight_decay=job["weight_decay"], betas=(0.9, 0.98))
+    steps = job["steps"]
     t0 = time.time()
     done, losses = 0, []
     for step in range(steps):
-        if time.time() - t0 > job["max_seconds"]:
+        spent = time.time() - t0
+        if spent > job["max_seconds"]:
             break
+        # the schedule follows whichever budget runs out first, so a run stopped by wall time still ends decayed
+        f = lr_factor(max(step / steps, spent / job["max_seconds"]), job["warmup_frac"], job["min_lr_frac"])
+        for group in opt.param_groups:
+            group["lr"] = job["lr"] * f
         L = rng.randint(job["train_min"], job["train_max"])
         x, y = make_batch(job["task"], job["batch"], L, gen, rng)
         x, y = x.to(dev), y.to(dev)
@@ -231,7 +268,6 @@ def run_one(job: dict) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
-        sched.step()
         done += 1
         if step % 50 == 0 or step == steps - 1:
             losses.append((step, round(float(loss.detach()), 4)))
@@ -310,27 +346,42 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=2000, help="training steps per run (the cap)")
-    p.add_argument("--max-seconds", type=float, default=1e9, help="wall-clock cap per run's training")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--n-layers", type=int, default=2)
-    p.add_argument("--n-heads", type=int, default=2)
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="training settings: grazzi2025 (the published budget) or h200-3min (a reduced, wall-time "
+                        "budget); flags given explicitly override the preset")
+    p.add_argument("--seeds", type=int, default=None, help=f"seeds per (model, task) (default {BASE['seeds']})")
+    p.add_argument("--steps", type=int, default=None, help=f"training steps per run, the cap (default {BASE['steps']})")
+    p.add_argument("--max-seconds", type=float, default=None, help="wall-clock cap per run's training; the LR "
+                   "schedule then runs over whichever budget ends first")
+    p.add_argument("--batch", type=int, default=None, help=f"default {BASE['batch']}")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {BASE['lr']})")
+    p.add_argument("--warmup-frac", type=float, default=None, help="linear warmup, fraction of the budget "
+                   f"(default {BASE['warmup_frac']})")
+    p.add_argument("--min-lr-frac", type=float, default=None, help="cosine decays to this fraction of the peak "
+                   f"(default {BASE['min_lr_frac']})")
+    p.add_argument("--weight-decay", type=float, default=None, help=f"AdamW (default {BASE['weight_decay']})")
+    p.add_argument("--d-model", type=int, default=None, help=f"default {BASE['d_model']}")
+    p.add_argument("--n-layers", type=int, default=None, help=f"default {BASE['n_layers']}")
+    p.add_argument("--n-heads", type=int, default=None, help=f"default {BASE['n_heads']}")
     p.add_argument("--d-state", type=int, default=16)
-    p.add_argument("--conv-size", type=int, default=4, help="short-convolution width (1: none)")
-    p.add_argument("--train-min", type=int, default=3)
-    p.add_argument("--train-max", type=int, default=40)
-    p.add_argument("--test-lengths", default="40,64,96,128,160,192,224,256")
+    p.add_argument("--conv-size", type=int, default=None, help="short-convolution width (1: none; default "
+                   f"{BASE['conv_size']})")
+    p.add_argument("--train-min", type=int, default=None, help=f"default {BASE['train_min']}")
+    p.add_argument("--train-max", type=int, default=None, help=f"default {BASE['train_max']}")
+    p.add_argument("--test-lengths", default=None, help=f"default {BASE['test_lengths']}")
     p.add_argument("--eval-batch", type=int, default=128)
     p.add_argument("--workers", type=int, default=1, help="parallel processes (they share the one device)")
     p.add_argument("--backend", default="chunked", help="delta-rule backend of the DeltaNet/DeltaProduct mixers: "
                    "chunked, recurrent, fla or auto (fla needs --bf16 on CUDA)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (what fla's kernels take)")
+    p.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast on CUDA (what fla's kernels "
+                   "take; the presets set it)")
     p.add_argument("--out", default=None, help="folder for the JSON (default benchmarks/results; "
                    "structmat-out with --smoke)")
     a = p.parse_args(argv)
+    settings = {**BASE, **(PRESETS[a.preset] if a.preset else {})}
+    for key, value in settings.items():  # explicit flags win over the preset, the preset over BASE
+        if getattr(a, key) is None:
+            setattr(a, key, value)
     if a.out is None:
         a.out = "structmat-out" if a.smoke else "benchmarks/results"
     if a.smoke:
@@ -352,11 +403,16 @@ def main(argv=None) -> int:
 
     if a.backend not in BACKENDS:
         p.error(f"--backend: choose one of {BACKENDS}, got {a.backend!r}")
+    if a.steps < 1 or a.max_seconds <= 0 or a.batch < 1 or a.seeds < 1:
+        p.error("--steps, --batch and --seeds must be >= 1 and --max-seconds > 0")
+    if not (0 <= a.warmup_frac < 1 and 0 <= a.min_lr_frac <= 1):
+        p.error(f"--warmup-frac must be in [0, 1) and --min-lr-frac in [0, 1], got {a.warmup_frac}, {a.min_lr_frac}")
     test_lengths = [int(x) for x in a.test_lengths.split(",")]
     jobs = [dict(model=m, task=t, seed=s, device=device, steps=a.steps, max_seconds=a.max_seconds, batch=a.batch,
                  lr=a.lr, d_model=a.d_model, n_layers=a.n_layers, n_heads=a.n_heads, d_state=a.d_state,
                  conv_size=a.conv_size, train_min=a.train_min, train_max=a.train_max, test_lengths=test_lengths,
-                 eval_batch=a.eval_batch, backend=a.backend, bf16=a.bf16)
+                 eval_batch=a.eval_batch, backend=a.backend, bf16=a.bf16, warmup_frac=a.warmup_frac,
+                 min_lr_frac=a.min_lr_frac, weight_decay=a.weight_decay)
             for t in tasks for m in models for s in range(a.seeds)]
     t0 = time.time()
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -378,7 +434,11 @@ def main(argv=None) -> int:
             "published": {f"{m}/{t}": v for (m, t), v in PUBLISHED.items()},
             "protocol": {"train_lengths": [a.train_min, a.train_max], "test_lengths": test_lengths,
                          "seeds": a.seeds, "steps_cap": a.steps, "max_seconds_per_run": a.max_seconds,
-                         "batch": a.batch, "lr": a.lr, "backend": a.backend, "bf16_autocast": a.bf16,
+                         "batch": a.batch, "lr": a.lr, "warmup_frac": a.warmup_frac, "min_lr_frac": a.min_lr_frac,
+                         "weight_decay": a.weight_decay, "schedule": "linear warmup, cosine; progress = max(steps, "
+                         "seconds) fraction", "preset": a.preset,
+                         "published_budget": {k: v for k, v in PRESETS["grazzi2025"].items()},
+                         "backend": a.backend, "bf16_autocast": a.bf16,
                          "model": {"d_model": a.d_model, "n_layers": a.n_layers, "n_heads": a.n_heads,
                                    "d_state": a.d_state, "conv_size": a.conv_size}, "smoke": a.smoke,
                          "note": "steps_done per run is in runs[]; runs stopped by max_seconds trained fewer steps"},

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One GPU round for the mixers (issue 16), sized for ~5 minutes of one H200: mixer-speed on a quiet GPU, then the
+# `-m gpu` mixer tests in the background while the state-tracking runs (reduced budget, preset h200-3min) train.
+# Run from the repo root of a checkout with the fla 0.6.0 wheels in .whl/:  OUT=/some/dir bash <this script> [SRC]
+# (SRC: the source tree to test, default ., i.e. ./src and ./tests). Every step has its own timeout.
+set -u
+SRC=${1:-.}
+OUT=${OUT:?set OUT to a folder for the results}
+ST_SECONDS=${ST_SECONDS:-120}
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 3
+export PYTHONPATH=$PWD/$SRC/src:$PWD/$SRC/tests:/tmp/site
+cd "$SRC"
+{ nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv; date -u; } > "$OUT/run.log" 2>&1
+t0=$(date +%s)
+# 1. speed: fla through structmat vs fla called directly vs SDPA, alone on the GPU
+timeout 110 python3 -m structmat.bench.mixer_speed --Ts 2048,8192,16384 --columns chunked,sdpa,fla,fla_direct \
+  --reps 20 --rounds 3 --out "$OUT" >> "$OUT/run.log" 2>&1
+echo "mixer-speed done rc=$? at +$(( $(date +%s) - t0 ))s" >> "$OUT/run.log"
+# 2. GPU tests (correctness only, so they may share the GPU), 4 processes to overlap Triton compiles
+timeout 220 python3 -m pytest tests/test_mixers_fla_gpu.py -m gpu -o addopts="" -n 4 -v -rA -p no:cacheprovider \
+  > "$OUT/gpu-tests.log" 2>&1 &
+tests=$!
+# 3. warm Triton's on-disk cache for the state-tracking shapes once, so 20 runs do not all compile at once
+ST="python3 -m structmat.bench.state_tracking --preset h200-3min --backend fla --device cuda"
+timeout 60 $ST --steps 3 --seeds 1 --tasks parity,s3 --models "deltanet[-1,1],deltaproduct2[-1,1],deltaproduct4[-1,1]" \
+  --workers 3 --out /tmp/warm >> "$OUT/run.log" 2>&1
+echo "warm-up done rc=$? at +$(( $(date +%s) - t0 ))s" >> "$OUT/run.log"
+# 4. state tracking, reduced budget: 2 seeds, ST_SECONDS of training per run, 20 runs at once
+timeout $(( ST_SECONDS + 60 )) $ST --max-seconds "$ST_SECONDS" --tasks parity,modarith \
+  --models "deltanet[0,1],deltanet[-1,1]" --workers 8 --out "$OUT" > "$OUT/state-tracking.log" 2>&1 &
+st1=$!
+sleep 2  # the JSON names carry the start second
+timeout $(( ST_SECONDS + 60 )) $ST --max-seconds "$ST_SECONDS" --tasks s3,s5 \
+  --models "deltanet[-1,1],deltaproduct2[-1,1],deltaproduct4[-1,1]" --workers 12 --out "$OUT" \
+  >> "$OUT/state-tracking.log" 2>&1
+wait $st1
+echo "state-tracking done at +$(( $(date +%s) - t0 ))s" >> "$OUT/run.log"
+wait $tests
+echo "gpu tests rc=$? at +$(( $(date +%s) - t0 ))s" >> "$OUT/run.log"
+ls -la "$OUT" >> "$OUT/run.log"
