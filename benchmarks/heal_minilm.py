@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--texts", type=int, default=8192, help="training text chunks")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--loss", default="cosine")
+    p.add_argument("--hidden-weight", type=float, default=0.0,
+                   help="+ this x the per-block hidden-state error relative to the teacher's")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration texts (EoRA, rank placement)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--work", default="runs/heal-minilm", help="the tune run's folder (checkpoints: resumable)")
     p.add_argument("--out", default="benchmarks/results")
@@ -53,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                 "adapter": "lowrank:rank=8", "adapter_budget": args.budget, "loss": args.loss, "steps": args.steps,
                 "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "warmup": args.warmup,
                 "texts": args.texts, "eval_every": args.eval_every, "extra_trainable": args.extra_trainable,
-                "eval_texts": 256, "ckpt_every": args.eval_every, "merge": True, "threads": args.threads})
+                "eval_texts": 256, "ckpt_every": args.eval_every,
+                "hidden_weight": args.hidden_weight, "calib_samples": args.calib_samples, "merge": True, "threads": args.threads})
     # The compressed model alone: structmat compress evaluated it with the same protocol and held-out texts.
     found = [f for f in (Path(args.student) / "compress.json", Path(args.student).parent / "compress.json")
              if f.is_file()]  # one target: next to the model; several: in the parent folder

@@ -149,3 +149,39 @@ def test_adapter_table_plans_build_at_about_equal_params(setup):
     for name in ("kron", "ldu", "rows", "splr"):
         assert 0.7 * lora <= counts[name] <= 1.3 * lora, (name, counts[name], lora)
     assert counts["randbasis"] <= 0.3 * lora
+
+
+def test_hidden_weight_adds_the_per_block_error_of_every_layer():
+    import copy
+
+    from transformers import BertConfig, BertModel
+
+    from structmat.train.tune import _Objective
+
+    torch.manual_seed(0)
+    teacher = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=32), add_pooling_layer=False).eval()
+    student = copy.deepcopy(teacher)
+    batch = torch.randint(1, 50, (3, 7))
+    batch[0, 5:] = 0  # padding
+    cfg = TuneConfig(task="heal", model="x", teacher="t", loss="cosine", hidden_weight=2.0)
+    plain = _Objective(TuneConfig(task="heal", model="x", teacher="t", loss="cosine"), "encoder", teacher, 0)
+    both = _Objective(cfg, "encoder", teacher, 0)
+    def value(objective):
+        return float(objective(student, batch).detach())
+
+    assert value(both) == pytest.approx(0.0, abs=1e-6)  # identical models: no error anywhere
+    with torch.no_grad():
+        student.encoder.layer[0].intermediate.dense.weight.mul_(1.5)  # only an early block differs
+    extra = value(both) - value(plain)
+    assert extra > 0
+    with torch.no_grad():
+        s = student(input_ids=batch, attention_mask=(batch != 0).long(), output_hidden_states=True).hidden_states
+        t = teacher(input_ids=batch, attention_mask=(batch != 0).long(), output_hidden_states=True).hidden_states
+    m = (batch != 0).unsqueeze(-1).float()
+    expected = sum(float((((a - b) ** 2) * m).sum() / ((b ** 2) * m).sum()) for a, b in zip(s[1:], t[1:])) / 2
+    assert extra == pytest.approx(2.0 * expected, rel=1e-4)
+    with pytest.raises(ValueError, match="hidden_weight"):
+        TuneConfig(task="heal", model="x", teacher="t", hidden_weight=-1.0)
+    with pytest.raises(ValueError, match="needs task=heal"):
+        TuneConfig(task="finetune", model="x", hidden_weight=1.0)

@@ -62,6 +62,7 @@ class TuneConfig:
     extra_trainable: str | None = None  # regex of other parameter names that train too (e.g. ".*LayerNorm.*")
     lr_mult: str = "flat"             # flat: one lr for every factor; mup: the structures' per-factor multipliers
     loss: str = "auto"                # auto: lm (finetune), kl (heal causal), cosine (heal encoder)
+    hidden_weight: float = 0.0        # heal: + this x the per-layer hidden-state error (every block's output)
     corpus: str = "stdlib"
     val_fraction: float = 0.1         # held-out files (split by file-name hash, as everywhere in structmat)
     max_files: int = 400              # causal: training files tokenized (in split order)
@@ -119,6 +120,11 @@ class TuneConfig:
                 raise ValueError(f"tune config: {key} must be an int >= 0, got {v!r}")
         if not self.lr > 0:
             raise ValueError(f"tune config: lr must be > 0, got {self.lr}")
+        if not (isinstance(self.hidden_weight, (int, float)) and math.isfinite(self.hidden_weight)
+                and self.hidden_weight >= 0):
+            raise ValueError(f"tune config: hidden_weight must be a finite number >= 0, got {self.hidden_weight!r}")
+        if self.hidden_weight and self.task != "heal":
+            raise ValueError("tune config: hidden_weight distils the teacher's hidden states; it needs task=heal")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -135,6 +141,8 @@ def _resume_key(cfg: TuneConfig) -> str:
     for k in ("out_dir", "threads", "eval_every", "ckpt_every", "keep_checkpoints", "resume", "progress",
               "stop_after", "merge"):
         d.pop(k)
+    if not d["hidden_weight"]:
+        d.pop("hidden_weight")  # off: the key of the runs written before the option existed
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
@@ -180,24 +188,43 @@ class _Objective:
         self.loss = loss
 
     def __call__(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        hidden = self.cfg.hidden_weight > 0
         if self.kind == "causal":
             if self.loss == "lm":
                 return model(input_ids=batch, labels=batch).loss
             with torch.no_grad():
-                target = self.teacher(input_ids=batch).logits.float().log_softmax(-1)
-            logp = model(input_ids=batch).logits.float().log_softmax(-1)
-            return F.kl_div(logp, target, log_target=True, reduction="none").sum(-1).mean()
+                t_out = self.teacher(input_ids=batch, output_hidden_states=hidden)
+                target = t_out.logits.float().log_softmax(-1)
+            s_out = model(input_ids=batch, output_hidden_states=hidden)
+            logp = s_out.logits.float().log_softmax(-1)
+            loss = F.kl_div(logp, target, log_target=True, reduction="none").sum(-1).mean()
+            return loss + self._hidden_term(s_out, t_out, None) if hidden else loss
         mask = (batch != self.pad_id).long()
         width = int(mask.sum(1).max())  # texts are padded to seq_len: drop the columns no text reaches
         batch, mask = batch[:, :width], mask[:, :width]
         with torch.no_grad():
-            t = self.teacher(input_ids=batch, attention_mask=mask).last_hidden_state.float()
-        s = model(input_ids=batch, attention_mask=mask).last_hidden_state.float()
+            t_out = self.teacher(input_ids=batch, attention_mask=mask, output_hidden_states=hidden)
+        s_out = model(input_ids=batch, attention_mask=mask, output_hidden_states=hidden)
+        t, s = t_out.last_hidden_state.float(), s_out.last_hidden_state.float()
         m = mask.unsqueeze(-1).float()
         if self.loss == "mse":
-            return (((s - t) ** 2) * m).sum() / (m.sum() * t.shape[-1]) / t.pow(2).mean().clamp_min(1e-12)
-        es, et = (s * m).sum(1) / m.sum(1), (t * m).sum(1) / m.sum(1)
-        return (1 - F.cosine_similarity(es, et, dim=-1)).mean()
+            loss = (((s - t) ** 2) * m).sum() / (m.sum() * t.shape[-1]) / t.pow(2).mean().clamp_min(1e-12)
+        else:
+            es, et = (s * m).sum(1) / m.sum(1), (t * m).sum(1) / m.sum(1)
+            loss = (1 - F.cosine_similarity(es, et, dim=-1)).mean()
+        return loss + self._hidden_term(s_out, t_out, m) if hidden else loss
+
+    def _hidden_term(self, s_out, t_out, m: torch.Tensor | None) -> torch.Tensor:
+        """``hidden_weight`` x the mean over blocks of each block output's squared error relative to the teacher's
+        (on real tokens): a signal at every depth, not only through the final embedding."""
+        terms = []
+        for s, t in zip(s_out.hidden_states[1:], t_out.hidden_states[1:]):
+            s, t = s.float(), t.float()
+            if m is None:
+                terms.append((s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12))
+            else:
+                terms.append((((s - t) ** 2) * m).sum() / (((t ** 2) * m).sum()).clamp_min(1e-12))
+        return self.cfg.hidden_weight * torch.stack(terms).mean()
 
 
 def _encoder_stream(tokenizer, texts: list[str], seq_len: int) -> tuple[torch.Tensor, int]:

@@ -17,6 +17,7 @@ _HELP = {
     "init": "zero | pissa | eora (eora: training-free start from the teacher's weights)",
     "adapter_budget": "low rank: place ranks per layer by the knapsack, this fraction of the linear params",
     "loss": "auto | lm | kl | cosine | mse (auto: lm for finetune, kl for causal heal, cosine for encoder heal)",
+    "hidden_weight": "heal: add this x the per-block hidden-state error relative to the teacher's (0: off)",
     "corpus": "corpus spec: stdlib, site-packages, a directory (joined by +)",
 }
 _SKIP = {"task", "model", "teacher", "betas", "plan"}

@@ -1,0 +1,77 @@
+"""benchmarks/smollm2_heal.py end to end on CPU with a tiny Llama folder and a few steps per part, so the GPU run of
+SmolLM2 cannot fail on bookkeeping: every part finishes, the budgets hold, the files are written."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from corpora import stdlib_corpus
+
+
+def _script():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "smollm2_heal.py"
+    spec = importlib.util.spec_from_file_location("smollm2_heal", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smollm2_heal_script_runs_every_part_on_a_tiny_llama(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from structmat.data.corpus import minilm_tokenizer
+
+    tok = minilm_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True, architectures=["LlamaForCausalLM"])
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    corpus = str(stdlib_corpus(tmp_path))
+    out = tmp_path / "out"
+    code = _script().main([
+        "--model", str(tmp_path / "llama"), "--out", str(out), "--device", "cpu", "--threads", "1",
+        "--corpus", corpus, "--finetune-corpus", corpus, "--val-fraction", "0.25", "--eval-files", "2",
+        "--eval-window", "32", "--max-files", "10", "--batch-size", "2", "--seq-len", "32", "--calib-samples", "8",
+        "--calib-len", "32", "--heal-steps", "4", "--budget", "0.2", "--table-steps", "2", "--rank", "2"])
+    assert code == 0
+    files = sorted(p.suffix for p in out.iterdir())
+    assert files == [".json", ".md", ".png"]
+    res = json.loads(next(out.glob("*.json")).read_text())
+    parts = res["parts"]
+    assert set(parts) == {"compress", "heal", "table"}
+    assert not any("errors" in p for p in parts.values()), {k: p.get("errors") for k, p in parts.items()}
+    assert parts["compress"]["backend"] == "auto" and abs(parts["compress"]["params_fraction"] - 0.5) < 0.1
+    heal = parts["heal"]
+    assert heal["trainable_params"] == heal["adapter_params"] + heal["norm_params"] > heal["norm_params"] > 0
+    assert heal["trainable_fraction_of_block_linear"] <= 0.2
+    assert [c["step"] for c in heal["curve"]] == [0, 1, 2, 3, 4] and heal["steps_done"] == 4
+    assert heal["eora_error"]["after"] < heal["eora_error"]["before"]
+    rows = {r["method"]: r for r in parts["table"]["rows"]}
+    assert list(rows) == ["lora", "pissa", "rslora", "kron", "randbasis", "ldu", "rows", "splr", "full"]
+    assert all("error" not in r and r["steps_done"] == 2 and r["ppl"] > 1 for r in rows.values()), rows
+    assert rows["full"]["trainable_params"] == res["model"]["params"]
+    params = res["model"]["params"]  # AdamW: two float32 moments per parameter (+ a step counter per tensor)
+    assert 8 * params <= rows["full"]["optimizer_state_bytes"] < 8 * params + 4096
+    assert rows["lora"]["trainable_params"] == rows["pissa"]["trainable_params"] < res["model"]["params"] // 10
+
+
+def test_training_stops_at_its_wall_clock_cap_and_says_so():
+    script = _script()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16))
+
+    def loss(batch):
+        return torch.nn.functional.cross_entropy(model(batch[:, :-1]).reshape(-1, 16), batch[:, 1:].reshape(-1))
+
+    run = script.train(model, loss, torch.randint(16, (256,)), steps=50, batch_size=2, seq_len=8, lr=1e-2,
+                       device=torch.device("cpu"), autocast=False, max_seconds=0.0)
+    assert run["steps_done"] == 0 and "cap" in run["stopped"]
+    run = script.train(model, loss, torch.randint(16, (256,)), steps=5, batch_size=2, seq_len=8, lr=1e-2,
+                       device=torch.device("cpu"), autocast=False, max_seconds=1e9)
+    assert run["steps_done"] == 5 and run["stopped"] is None and run["optimizer_state_bytes"] > 0
