@@ -136,13 +136,14 @@ def test_merge_for_inference_bad_input():
 # ---------------------------------------------------------------------------------------------------------------
 
 TOL = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 3e-2}  # as tests/test_kernels.py
-DECODE_TOKENS = (1, 5, 17)
+DECODE_TOKENS = (1, 3, 5, 17)  # 1-4: the multiply-reduce path; above: tensor-core tiles
 DECODE_SHAPES = {  # small awkward sizes for the interpreter; (in, out, structure args)
     "lowrank": (40, 24, dict(rank=6)),
     "blockdiag": (40, 24, dict(nblocks=4)),
     "monarch": (40, 24, dict(nblocks=4, block_rank=2)),
     "monarch_wide": (200, 36, dict(nblocks=2, block_rank=3)),  # (split-K partials summed by stage 2)
     "nm": (40, 24, dict(n=2, m=4)),
+    "nm_38": (48, 24, dict(n=3, m=8)),
 }
 
 

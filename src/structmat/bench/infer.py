@@ -18,6 +18,8 @@ For each model (dense and each structure of ``--structures``; ``--checkpoint DIR
                            ``CompileConfig(backend=--compile-backend, mode=--compile-mode)``, graphs counted
   ``graph``                one decode step (static cache) captured in a CUDA graph and replayed: the GPU time
                            of a token without host cost, at each ``--batches``
+  ``graph_compiled``       the same step compiled by inductor first (``--step-compile-mode``; elementwise work
+                           fused), then captured: a serving loop's decode without HF ``generate``'s host loop
   ``kernels``              per distinct structured layer shape: the layer's few-token product (auto dispatch)
                            replayed from a CUDA graph vs dense ``F.linear`` the same way, and the achieved GB/s
                            on the structure's own weight bytes
@@ -142,38 +144,62 @@ def generate_tps(model, batch: int, new_tokens: int, compiled: bool, backend: st
     return out
 
 
-def graph_decode_tps(model, batch: int, steps: int = 32) -> dict:
-    """One decode step with a static cache, captured in a CUDA graph: GPU time per token without host cost."""
+def decode_step(model, batch: int, steps: int = 32):
+    """A static-cache decode step after a ``PROMPT``-token prefill: ``(step, pos)``; ``step()`` runs one token at
+    position ``pos`` (a device tensor the caller advances). The cache holds PROMPT + steps + 8 positions, what the
+    timed steps reach: attention over a longer, mostly empty cache would be time no model shape needs."""
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=PROMPT + steps + 8)
     ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT), device="cuda")
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True,
-              cache_position=torch.arange(PROMPT, device="cuda"))
-        tok = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
-        pos = torch.full((1,), PROMPT, dtype=torch.long, device="cuda")
-        step = lambda: model(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos,  # noqa: E731
-                             logits_to_keep=1).logits
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(PROMPT, device="cuda"))
+    tok = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
+    pos = torch.full((1,), PROMPT, dtype=torch.long, device="cuda")
+
+    def step():
+        with torch.no_grad():
+            return model(input_ids=tok, past_key_values=cache, use_cache=True, cache_position=pos,
+                         logits_to_keep=1).logits
+
+    return step, pos
+
+
+def graph_decode_tps(model, batch: int, steps: int = 32, compile_mode: str | None = None) -> dict:
+    """One decode step with a static cache, captured in a CUDA graph: GPU time per token without host cost.
+    ``compile_mode``: the step is first compiled by inductor (``torch.compile(mode=...)``, elementwise work fused),
+    then captured the same way: what a serving loop gets from the compiled model without HF ``generate``'s host
+    loop."""
+    step, pos = decode_step(model, batch, steps)
+    seconds = 0.0
+    if compile_mode is not None:
+        t0 = time.perf_counter()
+        step = torch.compile(step, mode=None if compile_mode == "default" else compile_mode)
+        step()
+        _sync()
+        seconds = time.perf_counter() - t0
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
             step()
-        _sync()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            graph.replay()
-            pos.add_(1)
-        end.record()
-        _sync()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    _sync()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        graph.replay()
+        pos.add_(1)
+    end.record()
+    _sync()
     ms = start.elapsed_time(end) / steps
-    return dict(batch=batch, ms_per_step=ms, tokens_per_s=batch / ms * 1e3)
+    out = dict(batch=batch, ms_per_step=ms, tokens_per_s=batch / ms * 1e3)
+    if compile_mode is not None:
+        out.update(compile_mode=compile_mode, compile_seconds=seconds)
+    return out
 
 
 def kernel_rows(model, dtype, tokens=(1, 8, 32)) -> list[dict]:
@@ -247,6 +273,9 @@ def run(args) -> dict:
                      "graph": lambda: [graph_decode_tps(model, b) for b in batches],
                      "eager": lambda: [generate_tps(model, b, args.new_tokens, False, "", "", args.reps)
                                        for b in batches]}
+            if args.step_compile_mode != "none":
+                steps["graph_compiled"] = lambda: [graph_decode_tps(model, b, compile_mode=args.step_compile_mode)
+                                                   for b in args.compiled_batches]
             if args.compile_backend != "none":
                 steps["compiled"] = lambda: [generate_tps(model, b, args.new_tokens, True, args.compile_backend,
                                                           args.compile_mode, args.reps) for b in args.compiled_batches]
@@ -254,7 +283,7 @@ def run(args) -> dict:
                 steps["kernels"] = lambda: kernel_rows(model, dtype)
             for key, step in steps.items():
                 try:  # each measurement on its own: one failure must not lose the others
-                    if key == "compiled":
+                    if key in ("compiled", "graph_compiled"):
                         torch._dynamo.reset()
                     row[key] = step()
                 except Exception as err:
@@ -287,7 +316,7 @@ def _ratios(result: dict) -> None:
              "params_vs_dense": row["param_bytes"] / dense["param_bytes"]}
         if "prefill_tps" in row and "prefill_tps" in dense:
             r["prefill"] = row["prefill_tps"] / dense["prefill_tps"]
-        for kind in ("eager", "compiled", "graph"):
+        for kind in ("eager", "compiled", "graph", "graph_compiled"):
             for a, b in zip(row.get(kind, []), dense.get(kind, [])):
                 r[f"{kind}_b{a['batch']}"] = a["tokens_per_s"] / b["tokens_per_s"]
         row["vs_dense"] = r
@@ -330,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill", default="4x2048", help="prefill batch x tokens")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend for generate, or none")
     p.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode (inductor)")
+    p.add_argument("--step-compile-mode", default="default",
+                   help="inductor mode for the compiled decode step replayed from a CUDA graph, or none")
     p.add_argument("--no-kernels", dest="kernels", action="store_false", help="skip the per-layer kernel rows")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (median)")
     p.add_argument("--budget-s", type=float, default=480.0, help="stop starting new models after this long")
@@ -355,14 +386,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def format_table(result: dict) -> str:
-    lines = ["| model | params GiB | after fwd / params | peak GiB | prefill | eager b1 | compiled b1 | graph b1 | "
-             "graph b8 | graph b32 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | params GiB | after fwd / params | peak GiB | prefill | eager b1 | compiled b1 | "
+             "compiled step b1 | graph b1 | graph b8 | graph b32 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in result["models"].items():
         r = row.get("vs_dense", {})
         f = lambda k: f"{r[k]:.2f}x" if k in r else "-"  # noqa: E731
         lines.append(f"| {name} | {row['param_bytes'] / 2**30:.3f} | {r.get('after_forward_over_params', 0):.3f} | "
                      f"{row['peak_bytes'] / 2**30:.2f} | {f('prefill')} | {f('eager_b1')} | {f('compiled_b1')} | "
-                     f"{f('graph_b1')} | {f('graph_b8')} | {f('graph_b32')} |")
+                     f"{f('graph_compiled_b1')} | {f('graph_b1')} | {f('graph_b8')} | {f('graph_b32')} |")
     return "\n".join(lines)
 
 
