@@ -12,8 +12,6 @@ element strides (so block-diagonal, Monarch and low-rank are views of one descri
   * the reduction may be split into ``grid[1]`` ranges, each writing its own fp32 partial copy of C (summed by the
     next stage: no atomics, no memset, no extra launch);
   * the output column may be chunked (Monarch's permutation folded into the store, as in ``_triton_gemm``).
-At 1-4 tokens (``SMALL_TOKENS``) the products run as multiply-reduce on the CUDA cores (no padding of the tokens to
-the 16 rows of a tensor-core tile); above, as ``tl.dot`` tiles.
 ``decode_nm``: N:M sparse from compressed values and uint8 in-group positions, each read once; the dense weight is
 never formed (at few tokens each value meets the input its position selects; with more tokens the dense slice of
 each in-group position is selected on chip and fed to ``tl.dot``).
@@ -33,16 +31,16 @@ from torch import Tensor
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 MAX_TOKENS = 64  # the kernels keep all tokens in one tile
 TARGET_PROGRAMS = 4  # programs per SM to aim for: enough bytes in flight to stream HBM
-#: Up to this many tokens the kernels multiply-reduce on the CUDA cores; above, tensor-core tiles (a one-element list
-#: so a benchmark can compare both; plans are cached per path).
+#: Up to this many tokens the N:M kernel multiply-reduces on the CUDA cores; above, tensor-core tiles (a one-element
+#: list so a benchmark can compare both). (The dense-tile kernel measured slower that way at every token count on the
+#: H200, 1.2-2.9x: benchmarks/results/decode-probe-20261203T091353Z.json, so it always uses tensor-core tiles.)
 SMALL_TOKENS = [4]
 
 
 @triton.jit
 def _decode_gemv(A, W, C, N, M, K, S_A, SPLIT_LEN, M_BLOCKS,
                  s_as, s_ag, s_an, s_ak, s_wg, s_wm, s_wk, s_cs, s_cg, s_cn, s_cm, s_cchunk, CHUNK,
-                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                 USE_DOT: tl.constexpr):
+                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     g = (pid // M_BLOCKS).to(tl.int64)
     pid_m = pid % M_BLOCKS
@@ -63,11 +61,7 @@ def _decode_gemv(A, W, C, N, M, K, S_A, SPLIT_LEN, M_BLOCKS,
         a = tl.load(a_ptrs, mask=n_ok & k_ok[None, :], other=0.0).to(tl.float32)
         for t in range(1, S_A):  # the previous stage's split-K partials
             a += tl.load(a_ptrs + t * s_as, mask=n_ok & k_ok[None, :], other=0.0).to(tl.float32)
-        if USE_DOT:
-            acc = tl.dot(a.to(w.dtype), tl.trans(w), acc, input_precision=PRECISION)
-        else:  # 1-4 tokens: multiply-reduce on the CUDA cores (no 16-row padding, no operand shuffle for the MMA)
-            a = a.to(w.dtype).to(tl.float32)  # (the MMA path rounds the input to the weight's dtype too)
-            acc += tl.sum(a[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        acc = tl.dot(a.to(w.dtype), tl.trans(w), acc, input_precision=PRECISION)
         w_ptrs += BLOCK_K * s_wk
         a_ptrs += BLOCK_K * s_ak
     if CHUNK == 0:
@@ -79,17 +73,39 @@ def _decode_gemv(A, W, C, N, M, K, S_A, SPLIT_LEN, M_BLOCKS,
 
 
 @triton.jit
+def _nm_slot(acc, v, p, X, offs_n, n_ok, grp, g_ok, K, s_xn, s_xk, GROUP: tl.constexpr, PRECISION: tl.constexpr,
+             USE_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+    """acc += the products of one value slot: v, p (BLOCK_M, BLOCK_G) hold, per row and group, a value and its
+    in-group position."""
+    if USE_DOT:  # the dense slice of the weight at in-group position q, selected on chip, into tl.dot
+        for q in tl.static_range(GROUP):
+            cols = grp * GROUP + q
+            x = tl.load(X + offs_n[:, None] * s_xn + cols[None, :] * s_xk, mask=n_ok & (g_ok & (cols < K))[None, :],
+                        other=0.0)
+            w = tl.where(p == q, v, tl.zeros_like(v))
+            acc = tl.dot(x.to(v.dtype), tl.trans(w), acc, input_precision=PRECISION)
+    else:  # each value meets the input its position selects (the inputs are loaded once per program and group)
+        xs = tl.zeros((BLOCK_N, BLOCK_M, BLOCK_G), dtype=tl.float32)
+        for q in tl.static_range(GROUP):
+            cols = grp * GROUP + q
+            x = tl.load(X + offs_n[:, None] * s_xn + cols[None, :] * s_xk, mask=n_ok & (g_ok & (cols < K))[None, :],
+                        other=0.0)
+            x = x.to(v.dtype).to(tl.float32)  # (as the MMA path: the input rounded to the weight's dtype)
+            xs = tl.where((p == q)[None, :, :], x[:, None, :], xs)
+        acc += tl.sum(xs * v.to(tl.float32)[None, :, :], axis=2)
+    return acc
+
+
+@triton.jit
 def _decode_nm(X, V, P, Y, N, M, K, G, s_xn, s_xk, s_vm, s_pm, s_yn,
                NNZ: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, USE_DOT: tl.constexpr):
     """Y (N, M) = X (N, K) @ W^T with W (M, G*GROUP) N:M sparse: row r keeps, in each group g of GROUP inputs, NNZ
-    values V[r, g*NNZ + i] at in-group positions P[r, g*NNZ + i] (inputs past K are zero padding).
-
-    Each value and position is loaded once. At 1-4 tokens (multiply-reduce on the CUDA cores) the input each value
-    meets is selected from the GROUP inputs of its group by its position; with more tokens (tl.dot) the dense slice
-    of the weight at in-group position q is selected per value slot, on chip."""
+    values V[r, g*NNZ + i] at in-group positions P[r, g*NNZ + i] (inputs past K are zero padding). Grid: (row
+    blocks, token blocks). Each value and position is loaded once per token block; with NNZ == 2 (2:4) as one
+    contiguous tile split into its two slots (wide loads), otherwise slot by slot."""
     pid_m = tl.program_id(0)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_g = tl.arange(0, BLOCK_G)
     rm = (offs_m % M).to(tl.int64)
@@ -98,26 +114,23 @@ def _decode_nm(X, V, P, Y, N, M, K, G, s_xn, s_xk, s_vm, s_pm, s_yn,
     for g0 in range(0, G, BLOCK_G):
         grp = g0 + offs_g
         g_ok = grp < G
-        for i in tl.static_range(NNZ):
-            v = tl.load(V + rm[:, None] * s_vm + (grp * NNZ + i)[None, :], mask=g_ok[None, :], other=0.0)
-            p = tl.load(P + rm[:, None] * s_pm + (grp * NNZ + i)[None, :], mask=g_ok[None, :], other=255)
-            p = p.to(tl.int32)
-            if USE_DOT:
-                for q in tl.static_range(GROUP):
-                    cols = grp * GROUP + q
-                    x = tl.load(X + offs_n[:, None] * s_xn + cols[None, :] * s_xk,
-                                mask=n_ok & (g_ok & (cols < K))[None, :], other=0.0)
-                    w = tl.where(p == q, v, tl.zeros_like(v))
-                    acc = tl.dot(x.to(v.dtype), tl.trans(w), acc, input_precision=PRECISION)
-            else:
-                xs = tl.zeros((BLOCK_N, BLOCK_M, BLOCK_G), dtype=tl.float32)
-                for q in tl.static_range(GROUP):
-                    cols = grp * GROUP + q
-                    x = tl.load(X + offs_n[:, None] * s_xn + cols[None, :] * s_xk,
-                                mask=n_ok & (g_ok & (cols < K))[None, :], other=0.0)
-                    x = x.to(v.dtype).to(tl.float32)  # (as the MMA path: the input rounded to the weight's dtype)
-                    xs = tl.where((p == q)[None, :, :], x[:, None, :], xs)
-                acc += tl.sum(xs * v.to(tl.float32)[None, :, :], axis=2)
+        if NNZ == 2:
+            j = g0 * 2 + tl.arange(0, 2 * BLOCK_G)
+            j_ok = (j < G * 2)[None, :]
+            vv = tl.load(V + rm[:, None] * s_vm + j[None, :], mask=j_ok, other=0.0)
+            pp = tl.load(P + rm[:, None] * s_pm + j[None, :], mask=j_ok, other=255).to(tl.int32)
+            v0, v1 = tl.split(tl.reshape(vv, (BLOCK_M, BLOCK_G, 2)))
+            p0, p1 = tl.split(tl.reshape(pp, (BLOCK_M, BLOCK_G, 2)))
+            acc = _nm_slot(acc, v0, p0, X, offs_n, n_ok, grp, g_ok, K, s_xn, s_xk, GROUP, PRECISION, USE_DOT,
+                           BLOCK_N, BLOCK_M, BLOCK_G)
+            acc = _nm_slot(acc, v1, p1, X, offs_n, n_ok, grp, g_ok, K, s_xn, s_xk, GROUP, PRECISION, USE_DOT,
+                           BLOCK_N, BLOCK_M, BLOCK_G)
+        else:
+            for i in tl.static_range(NNZ):
+                v = tl.load(V + rm[:, None] * s_vm + (grp * NNZ + i)[None, :], mask=g_ok[None, :], other=0.0)
+                p = tl.load(P + rm[:, None] * s_pm + (grp * NNZ + i)[None, :], mask=g_ok[None, :], other=255)
+                acc = _nm_slot(acc, v, p.to(tl.int32), X, offs_n, n_ok, grp, g_ok, K, s_xn, s_xk, GROUP, PRECISION,
+                               USE_DOT, BLOCK_N, BLOCK_M, BLOCK_G)
     tl.store(Y + offs_n[:, None] * s_yn + offs_m[None, :], acc.to(Y.dtype.element_ty),
              mask=n_ok & (offs_m[None, :] < M))
 
@@ -152,28 +165,22 @@ def _block_n(n: int) -> int:
 
 
 def use_dot(n: int) -> bool:
-    """Tensor-core tiles (tokens padded to 16 rows) above SMALL_TOKENS tokens, multiply-reduce at or below."""
+    """N:M: tensor-core tiles above SMALL_TOKENS tokens, multiply-reduce at or below."""
     return n > SMALL_TOKENS[0]
 
 
 def plan_gemv(n: int, groups: int, M: int, K: int, device: torch.device, split_ok: bool) -> dict:
     """Tile sizes and the number of K splits: enough programs to keep every SM streaming weight (cached per shape:
     few-token calls are host-bound)."""
-    return _plan(n, groups, M, K, device.type, device.index, split_ok, use_dot(n))
+    return _plan(n, groups, M, K, device.type, device.index, split_ok)
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(n: int, groups: int, M: int, K: int, device_type: str, index: int | None, split_ok: bool,
-          dot: bool) -> dict:
+def _plan(n: int, groups: int, M: int, K: int, device_type: str, index: int | None, split_ok: bool) -> dict:
     target = TARGET_PROGRAMS * _sms(device_type, index)
     block_k = 16 if INTERPRET else (256 if K >= 2048 else 128)
-    if dot:
-        block_n, rows = _block_n(n), (64, 32)
-        block_m = 16
-    else:  # (registers: the product tile is block_n x block_m x block_k fp32 values over 128 threads)
-        block_n, rows = _pow2(max(n, 1)), tuple(bm for bm in (64, 32, 16) if _pow2(max(n, 1)) * bm * block_k <= 16384)
-        block_m = 8
-    for bm in rows:  # the largest row block that still leaves enough programs
+    block_m = 16
+    for bm in (64, 32):  # the largest row block that still leaves enough programs
         if not INTERPRET and groups * _cdiv(M, bm) >= target:
             block_m = bm
             break
@@ -184,7 +191,7 @@ def _plan(n: int, groups: int, M: int, K: int, device_type: str, index: int | No
             splits *= 2
     split_len = _cdiv(_cdiv(K, splits), block_k) * block_k
     splits = _cdiv(K, split_len)
-    return dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k, splits=splits, split_len=split_len, USE_DOT=dot)
+    return dict(BLOCK_N=_block_n(n), BLOCK_M=block_m, BLOCK_K=block_k, splits=splits, split_len=split_len)
 
 
 def decode_gemv(a: Tensor, a_strides: tuple, w: Tensor, w_strides: tuple, c: Tensor, c_strides: tuple, groups: int,
@@ -198,22 +205,26 @@ def decode_gemv(a: Tensor, a_strides: tuple, w: Tensor, w_strides: tuple, c: Ten
     _decode_gemv[grid](a, w, c, n, M, K, a_partials, plan["split_len"], _cdiv(M, plan["BLOCK_M"]),
                        a_partial_stride, *a_strides, *w_strides, c_split_stride, *c_strides, chunk_stride, chunk,
                        PRECISION=_precision(w.dtype), BLOCK_N=plan["BLOCK_N"], BLOCK_M=plan["BLOCK_M"],
-                       BLOCK_K=plan["BLOCK_K"], USE_DOT=plan["USE_DOT"], num_warps=4, num_stages=4)
+                       BLOCK_K=plan["BLOCK_K"], num_warps=4, num_stages=4)
     return c
 
 
 @functools.lru_cache(maxsize=1024)
 def _plan_nm(n: int, M: int, G: int, device_type: str, index: int | None, dot: bool) -> dict:
     target = TARGET_PROGRAMS * _sms(device_type, index)
+    # tokens per program: <= 4 on the CUDA cores; 16 in a tensor-core tile (larger token tiles gave wrong sums and an
+    # illegal address on the H200 with Triton 3.6 at 33-64 tokens; more tokens are more token blocks, whose weight
+    # re-reads come mostly from L2)
+    block_n = 16 if dot else _pow2(max(n, 1))
     if INTERPRET:
-        return dict(BLOCK_N=_block_n(n) if dot else _pow2(max(n, 1)), BLOCK_M=16, BLOCK_G=16)
+        return dict(BLOCK_N=block_n, BLOCK_M=16, BLOCK_G=16)
     block_g = 64 if dot else 128
     block_m = 16 if dot else 8
     for bm in (64, 32) if dot else (32, 16):
         if _cdiv(M, bm) >= target:
             block_m = bm
             break
-    return dict(BLOCK_N=_block_n(n) if dot else _pow2(max(n, 1)), BLOCK_M=block_m, BLOCK_G=block_g)
+    return dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_G=block_g)
 
 
 def decode_nm(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, n_keep: int, group: int) -> Tensor:
@@ -224,8 +235,8 @@ def decode_nm(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, n_keep: i
         return y
     dot = use_dot(N)
     plan = _plan_nm(N, M, values.shape[1] // n_keep, x.device.type, x.device.index, dot)
-    _decode_nm[(_cdiv(M, plan["BLOCK_M"]),)](x, values, positions, y, N, M, K, values.shape[1] // n_keep,
-                                             x.stride(0), x.stride(1), values.stride(0), positions.stride(0),
-                                             y.stride(0), NNZ=n_keep, GROUP=group, PRECISION=_precision(x.dtype),
-                                             USE_DOT=dot, num_warps=4, num_stages=3, **plan)
+    grid = (_cdiv(M, plan["BLOCK_M"]), _cdiv(N, plan["BLOCK_N"]))
+    _decode_nm[grid](x, values, positions, y, N, M, K, values.shape[1] // n_keep, x.stride(0), x.stride(1),
+                     values.stride(0), positions.stride(0), y.stride(0), NNZ=n_keep, GROUP=group,
+                     PRECISION=_precision(x.dtype), USE_DOT=dot, num_warps=4, num_stages=3, **plan)
     return y
