@@ -6,7 +6,7 @@
 set -u
 SRC=${1:-.}
 OUT=${OUT:?set OUT to a folder for the results}
-ST_SECONDS=${ST_SECONDS:-120}
+ST_SECONDS=${ST_SECONDS:-110}
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 3
@@ -15,16 +15,16 @@ cd "$SRC"
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv; date -u; } > "$OUT/run.log" 2>&1
 t0=$(date +%s)
 # 1. speed: fla through structmat vs fla called directly vs SDPA, alone on the GPU
-timeout 110 python3 -m structmat.bench.mixer_speed --Ts 2048,8192,16384 --columns chunked,sdpa,fla,fla_direct \
+timeout 100 python3 -m structmat.bench.mixer_speed --Ts 2048,8192,16384 --columns chunked,sdpa,fla,fla_direct \
   --reps 20 --rounds 3 --out "$OUT" >> "$OUT/run.log" 2>&1
 echo "mixer-speed done rc=$? at +$(( $(date +%s) - t0 ))s" >> "$OUT/run.log"
 # 2. GPU tests (correctness only, so they may share the GPU), 4 processes to overlap Triton compiles
-timeout 220 python3 -m pytest tests/test_mixers_fla_gpu.py -m gpu -o addopts="" -n 4 -v -rA -p no:cacheprovider \
+timeout 200 python3 -m pytest tests/test_mixers_fla_gpu.py -m gpu -o addopts="" -n 4 -v -rA -p no:cacheprovider \
   > "$OUT/gpu-tests.log" 2>&1 &
 tests=$!
 # 3. warm Triton's on-disk cache for the state-tracking shapes once, so 20 runs do not all compile at once
 ST="python3 -m structmat.bench.state_tracking --preset h200-3min --backend fla --device cuda"
-timeout 60 $ST --steps 3 --seeds 1 --tasks parity,s3 --models "deltanet[-1,1],deltaproduct2[-1,1],deltaproduct4[-1,1]" \
+timeout 45 $ST --steps 3 --seeds 1 --tasks parity,s3 --models "deltanet[-1,1],deltaproduct2[-1,1],deltaproduct4[-1,1]" \
   --workers 3 --out /tmp/warm >> "$OUT/run.log" 2>&1
 echo "warm-up done rc=$? at +$(( $(date +%s) - t0 ))s" >> "$OUT/run.log"
 # 4. state tracking, reduced budget: 2 seeds, ST_SECONDS of training per run, 20 runs at once
