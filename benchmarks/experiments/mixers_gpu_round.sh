@@ -8,11 +8,18 @@ SRC=${1:-.}
 OUT=${OUT:?set OUT to a folder for the results}
 ST_SECONDS=${ST_SECONDS:-110}
 export PYTHONUNBUFFERED=1
+# fla compiles and autotunes ~150 Triton configs per kernel set and shape key (H, K, V, ...) on first use: on a fresh
+# H200 that took > 100 s per set (run of 2026-12-03T09:22Z). Keep the cache: the round writes it to
+# $OUT/triton-cache.tgz; put that file into SRC and carry it, and the next round starts warm.
+export TRITON_CACHE_DIR=/tmp/triton-cache
+mkdir -p "$TRITON_CACHE_DIR"
+[ -f "${SRC}/triton-cache.tgz" ] && tar -xzf "${SRC}/triton-cache.tgz" -C /tmp && echo "triton cache: carried" >&2
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 3
 export PYTHONPATH=$PWD/$SRC/src:$PWD/$SRC/tests:/tmp/site
 cd "$SRC"
-{ nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv; date -u; } > "$OUT/run.log" 2>&1
+{ nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv; date -u;
+  du -sh "$TRITON_CACHE_DIR"; } > "$OUT/run.log" 2>&1
 t0=$(date +%s)
 # 1. speed: fla through structmat vs fla called directly vs SDPA, alone on the GPU
 timeout 100 python3 -m structmat.bench.mixer_speed --Ts 2048,8192,16384 --columns chunked,sdpa,fla,fla_direct \
@@ -39,4 +46,5 @@ wait $st1
 echo "state-tracking done at +$(( $(date +%s) - t0 ))s" >> "$OUT/run.log"
 wait $tests
 echo "gpu tests rc=$? at +$(( $(date +%s) - t0 ))s" >> "$OUT/run.log"
+tar -czf "$OUT/triton-cache.tgz" -C /tmp triton-cache  # > 16 MiB does not come back: then prune or split it
 ls -la "$OUT" >> "$OUT/run.log"
