@@ -1,15 +1,31 @@
-"""Compression at LLM scale on a GPU (run on an H100/H200).
+"""Compression at LLM scale on a GPU (run on an H100/H200), all in ONE command of at most ~7 minutes:
 
-1. SmolLM2-135M: the default budget-solver ``structmat compress`` at 0.25/0.5/0.75 in ONE command (256 x 512
-   calibration tokens, --device cuda), timed end to end from outside (model load, calibration, pricing, solving,
-   projection, saving and perplexity of every target included).
-2. A 1B-shaped Llama (hidden 2048, SwiGLU 8192, 16 layers, random bf16 weights written as safetensors shards and
-   read back onto the CPU): layer-sequential compression with the model offloaded to the CPU; peak GPU memory is
-   compared with one block's weights + its statistics + the calibration activations (computed from the shapes).
+    pip install -q --no-deps /tmp/smol/gguf-*.whl; PYTHONPATH=src timeout 420 python3 benchmarks/compress_gpu.py \
+        --smollm2-gguf /tmp/smol/model.gguf --out $OUT
 
-    python benchmarks/compress_gpu.py --out benchmarks/results [--skip-smollm2] [--skip-1b]
+(``--smollm2-gguf`` also takes the GGUF in parts, concatenated in the order given: ``--smollm2-gguf a.part1
+a.part2``; ``--smollm2-folder F`` uses an already converted HF folder instead.) Every stage runs as its own child
+process under its own time limit (``--timeouts``, seconds), and the JSON is rewritten after every stage, so a stage
+that fails or runs out of time costs only itself:
 
-Writes ``compress-gpu-<UTC timestamp>.json``.
+1. ``convert``: the SmolLM2-135M-Instruct GGUF (Q4_1) -> an HF folder under the scratch folder
+   (``structmat.data.smollm2.convert_gguf``; needs ``gguf`` and ``accelerate``).
+2. ``budget``: the default budget-solver ``structmat compress`` at 0.25/0.5/0.75 in ONE command (256 x 512
+   calibration tokens, ``--device cuda``), timed end to end from outside (start-up, model load, calibration,
+   pricing, solving, projection, saving and perplexity of every target included). Target: < 60 s.
+3. ``llama1b``: a 1B-shaped Llama (hidden 2048, SwiGLU 8192, 16 layers, random bf16 weights written as safetensors
+   shards and read back onto the CPU): layer-sequential compression with the model offloaded to the CPU. Peak GPU
+   memory is recorded per block and per stage (inputs, onload, calibrate, project, propagate, offload; the peak
+   statistics are reset after each) and compared with the bound computed from the shapes: weights outside the
+   blocks + one block + its float32 statistics + the calibration activations (+ one batch of outputs), and that
+   bound plus the working set of the largest layer's projection.
+4. ``table``: the SmolLM2 perplexity table on held-out stdlib text: dense; every single method at 50%
+   (one-shot); the budget mix at 25/50/75%; SparseGPT 2:4 (and whitened SVD) one-shot vs sequential at 50%.
+   The dense perplexity of the same run is the baseline (the device's stdlib may differ from another machine's).
+
+Writes ``compress-gpu-<UTC timestamp>.json`` and ``smollm2-ppl-<UTC timestamp>.png`` into ``--out``. On a machine
+without CUDA, ``--device cpu`` with ``--smollm2-folder`` (a tiny Llama folder) and ``--tiny`` runs every stage on
+tiny sizes (the tests do).
 """
 
 from __future__ import annotations
@@ -17,6 +33,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,26 +44,58 @@ from pathlib import Path
 
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("convert", "budget", "llama1b", "table")
+DEFAULT_TIMEOUTS = {"convert": 75, "budget": 100, "llama1b": 90, "table": 145}
 
-def smollm2_budget(work: Path, calib_samples: int, seq_len: int) -> dict:
-    out = work / "smollm2-budget"
-    cmd = [sys.executable, "-m", "structmat", "compress", "--model", "smollm2", "--target-params", "0.25", "0.5",
-           "0.75", "--calib-samples", str(calib_samples), "--seq-len", str(seq_len), "--device", "cuda",
-           "--out", str(out)]
+
+# ------------------------------------------------------------------------------------------------ 1. convert
+def convert(parts: list[str], folder: Path) -> dict:
+    from structmat.data.smollm2 import GGUF_NAME, convert_gguf
+
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if len(parts) == 1:
+        source = Path(parts[0])
+    else:  # the GGUF shipped in parts: join them in the order given
+        source = folder.parent / "gguf" / GGUF_NAME
+        source.parent.mkdir(parents=True, exist_ok=True)
+        with open(source, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 24)
+    convert_gguf(source, folder)
+    return {"gguf": [str(p) for p in parts], "gguf_bytes": source.stat().st_size, "folder": str(folder),
+            "seconds": time.perf_counter() - start}
+
+
+# ------------------------------------------------------------------------------------------------- 2. budget
+def budget(folder: Path, work: Path, calib_samples: int, seq_len: int, device: str, timeout: float,
+           extra: list[str] = ()) -> dict:
+    out = work / "smollm2-budget"
+    cmd = [sys.executable, "-m", "structmat", "compress", "--model", str(folder), "--target-params", "0.25", "0.5",
+           "0.75", "--calib-samples", str(calib_samples), "--seq-len", str(seq_len), "--device", device,
+           "--out", str(out), *extra]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_child_env())
+    except subprocess.TimeoutExpired as err:
+        return {"command": "structmat " + " ".join(cmd[3:]), "timed_out_after_s": timeout,
+                "stderr_tail": (err.stderr or b"")[-3000:].decode(errors="replace")
+                if isinstance(err.stderr, bytes) else (err.stderr or "")[-3000:]}
     seconds = time.perf_counter() - start
-    sys.stdout.write(proc.stdout[-4000:])
-    sys.stderr.write(proc.stderr[-4000:])
+    sys.stdout.write(proc.stdout[-3000:])
+    sys.stderr.write(proc.stderr[-3000:])
+    record = {"command": "structmat " + " ".join(cmd[3:]), "returncode": proc.returncode, "seconds_end_to_end": seconds,
+              "stages_s": {k: float(v) for k, v in re.findall(r"(calibrated|priced) in ([0-9.]+) s", proc.stderr)}}
     if proc.returncode:
-        return {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "seconds": seconds,
-                "stderr_tail": proc.stderr[-2000:]}
+        record["stderr_tail"] = proc.stderr[-3000:]
+        return record
     result = json.loads((out / "compress.json").read_text())
-    rows = [{"target": r["target"], "params_fraction": r["params_fraction"], "seconds": r["seconds"],
-             "ppl": r.get("quality", {}).get("ppl"),
-             "mix": _mix(r["report"]["layers"])} for r in result["results"]]
-    return {"command": "structmat " + " ".join(cmd[3:]), "returncode": 0, "seconds_end_to_end": seconds,
-            "target_seconds": 60.0, "met": seconds < 60.0, "rows": rows}
+    record["rows"] = [{"target": r["target"], "params_fraction": r["params_fraction"], "seconds": r["seconds"],
+                       "ppl": r.get("quality", {}).get("ppl"), "mix": _mix(r["report"]["layers"])}
+                      for r in result["results"]]
+    record.update(target_seconds=60.0, met=seconds < 60.0)
+    return record
 
 
 def _mix(layers: list[dict]) -> dict[str, int]:
@@ -54,6 +104,38 @@ def _mix(layers: list[dict]) -> dict[str, int]:
         key = f"{layer['spec'].partition(':')[0]}@{layer['method']}"
         counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+# ------------------------------------------------------------------------------------------------ 3. llama1b
+class StagePeaks:
+    """``on_stage`` callback for :func:`structmat.compress.blockwise`: after each stage, the device's peak
+    allocation during it and what is still allocated; then the peak statistics are reset for the next stage."""
+
+    def __init__(self, device: str, base: int) -> None:
+        self.cuda = device.startswith("cuda")
+        self.base = base
+        self.records: list[dict] = []
+
+    def __call__(self, stage: str, block: int) -> None:
+        if not self.cuda:
+            self.records.append({"stage": stage, "block": block})
+            return
+        torch.cuda.synchronize()
+        self.records.append({"stage": stage, "block": block,
+                             "peak_bytes": torch.cuda.max_memory_allocated() - self.base,
+                             "allocated_bytes": torch.cuda.memory_allocated() - self.base})
+        torch.cuda.reset_peak_memory_stats()
+
+    def summary(self) -> dict:
+        if not self.cuda or not self.records:
+            return {}
+        top = max(self.records, key=lambda r: r["peak_bytes"])
+        per_stage: dict[str, int] = {}
+        for r in self.records:
+            per_stage[r["stage"]] = max(per_stage.get(r["stage"], 0), r["peak_bytes"])
+        resident = [r["allocated_bytes"] for r in self.records if r["stage"] == "offload"]
+        return {"peak_stage": top["stage"], "peak_block": top["block"], "max_peak_by_stage": per_stage,
+                "allocated_after_each_block": resident}
 
 
 def llama_1b(work: Path, calib_samples: int, seq_len: int, ratio: float, tiny: bool = False,
@@ -77,31 +159,40 @@ def llama_1b(work: Path, calib_samples: int, seq_len: int, ratio: float, tiny: b
     model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, local_files_only=True).eval()
     setup = time.perf_counter() - start
     params = sum(p.numel() for p in model.parameters())
+    whole = sum(p.numel() * p.element_size() for p in model.parameters())
     _, blocks = find_blocks(model)
     block_bytes = sum(p.numel() * p.element_size() for p in blocks[0].parameters())
-    outside_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - block_bytes * len(blocks)
+    outside_bytes = whole - block_bytes * len(blocks)
+    batch = 8
     g = torch.Generator().manual_seed(0)
-    batches = [{"input_ids": torch.randint(0, config.vocab_size, (8, seq_len), generator=g)}
-               for _ in range(calib_samples // 8)]
+    batches = [{"input_ids": torch.randint(0, config.vocab_size, (batch, seq_len), generator=g)}
+               for _ in range(max(1, calib_samples // batch))]
     h, f = config.hidden_size, config.intermediate_size
-    tokens = calib_samples * seq_len
+    tokens = len(batches) * batch * seq_len
     # one hidden state per calibration token (bf16), kept between blocks; statistics of one block in float32:
     # q/k/v share one Gram (h x h), o_proj (h x h), gate/up share one (h x h), down_proj (f x f)
     activation_bytes = tokens * h * 2
+    batch_bytes = batch * seq_len * h * 2
     stats_bytes = (3 * h * h + f * f) * 4
+    # the largest layer's projection (down_proj, f inputs): its damped Gram copy and square-root factor (f x f),
+    # and the float32 weight, W S and the SVD's factors (out x f each)
+    projection_bytes = 2 * f * f * 4 + 4 * h * f * 4
     cuda = device.startswith("cuda")
     if cuda:
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if cuda else 0
+    peaks = StagePeaks(device, base)
     start = time.perf_counter()
     comp = Compressor(model, batches, r".*layers\.\d+\..*", device=device, offload=True, sequential=True,
-                      progress=False)
+                      progress=False, on_stage=peaks)
     done = comp.uniform({r".*": Target(f"lowrank:ratio={ratio}", "whitened")}, inplace=True)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() - base if cuda else 0
-    bound = outside_bytes + block_bytes + stats_bytes + 2 * activation_bytes
+    peak = max((r.get("peak_bytes", 0) for r in peaks.records), default=0)
+    bound = outside_bytes + block_bytes + stats_bytes + activation_bytes + batch_bytes
+    previous_bound = outside_bytes + block_bytes + stats_bytes + 2 * activation_bytes
     return {"config": {"hidden": h, "intermediate": f, "layers": config.num_hidden_layers, "vocab": config.vocab_size,
                        "params": params, "dtype": "bfloat16"},
             "shards": shards, "setup_seconds": setup, "calibration_tokens": tokens, "plan": f"lowrank@whitened "
@@ -109,44 +200,209 @@ def llama_1b(work: Path, calib_samples: int, seq_len: int, ratio: float, tiny: b
             "params_fraction": done.report.params_fraction, "peak_gpu_bytes": peak,
             "one_block_bytes": block_bytes, "outside_blocks_bytes": outside_bytes,
             "one_block_stats_bytes": stats_bytes, "activation_bytes": activation_bytes,
-            "bound_bytes": bound, "bound": "outside-blocks weights + one block + its float32 statistics + "
-            "2 x activations (the block's inputs and outputs)", "within_bound": peak <= bound,
-            "whole_model_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+            "one_batch_bytes": batch_bytes, "largest_projection_bytes": projection_bytes,
+            "bound_bytes": bound, "bound": "outside-blocks weights + one block + its float32 statistics + the "
+            "activations + one batch of outputs", "within_bound": peak <= bound,
+            "bound_with_projection_bytes": bound + projection_bytes,
+            "within_bound_with_projection": peak <= bound + projection_bytes,
+            "previous_bound_bytes": previous_bound, "within_previous_bound": peak <= previous_bound,
+            "peaks": peaks.summary(), "stage_records": peaks.records,
+            "whole_model_bytes_before": whole,
+            "whole_model_bytes_after": sum(p.numel() * p.element_size() for p in model.parameters())}
+
+
+# -------------------------------------------------------------------------------------------------- 4. table
+def smollm2_table(folder: Path, out: Path, stamp: str, calib_samples: int, seq_len: int, eval_files: int,
+                  eval_window: int, eval_tokens: int, device: str, partial: Path, methods_50: list[str] | None = None,
+                  mix_targets: tuple[float, ...] = (0.25, 0.75),
+                  sequential_methods: tuple[str, ...] = ("N:M SparseGPT", "whitened SVD")) -> dict:
+    """Dense, ``methods_50`` (default: every method of the demo) one-shot at 50%, the budget mix at
+    ``mix_targets`` too, and ``sequential_methods`` sequentially at 50%; one line per row into ``partial``."""
+    from structmat.compress import Compressor
+    from structmat.data.corpus import corpus_from_spec, manifest, split_files, token_stream
+    from structmat.data.models import calibration_batches, load_model
+    from structmat.eval.compression_sweep import (BLOCK_LAYERS, METHODS, format_rows, plot_frontier,
+                                                  rows_as_dicts, run_sweep)
+    from structmat.eval.perplexity import perplexity
+
+    torch.manual_seed(0)
+    loaded = load_model(str(folder))
+    train, val = split_files(corpus_from_spec("stdlib"))
+    batches = calibration_batches(loaded, train, calib_samples, seq_len)
+    tokens = token_stream(val[:eval_files], loaded.tokenizer)
+    if eval_tokens:
+        tokens = tokens[:eval_tokens]
+    quality = lambda m: perplexity(m, tokens, window=eval_window, device=device)  # noqa: E731
+    model = loaded.model.to(device)
+    start = time.perf_counter()
+    dense = quality(model)
+    dense["seconds"] = time.perf_counter() - start
+    print(f"dense perplexity {dense['ppl']:.3f} on {tokens.numel()} held-out tokens", flush=True)
+    partial.write_text(json.dumps({"dense": dense}) + "\n")
+
+    def on_row(r) -> None:
+        print(f"  {r.mode:<10} {r.method:<17} target {r.target:.2f}: ppl {r.ppl:.3f} "
+              f"({r.ppl / dense['ppl']:.2f} x dense, {r.seconds:.1f} s)", flush=True)
+        with partial.open("a") as f:
+            f.write(json.dumps(rows_as_dicts([r])[0]) + "\n")
+
+    comps = {mode: Compressor(model, batches, BLOCK_LAYERS, device=device, sequential=mode == "sequential")
+             for mode in ("one-shot", "sequential")}
+    common = dict(scope=BLOCK_LAYERS, quality_fn=quality, device=device, on_row=on_row, compressors=comps)
+    rows = run_sweep(model, batches, targets=[0.5], methods=list(methods_50 or METHODS), modes=("one-shot",),
+                     **common)
+    if mix_targets:
+        rows += run_sweep(model, batches, targets=list(mix_targets), methods=["budget mix"], modes=("one-shot",),
+                          **common)
+    if sequential_methods:
+        rows += run_sweep(model, batches, targets=[0.5], methods=list(sequential_methods), modes=("sequential",),
+                          **common)
+    print(format_rows(rows, dense), flush=True)
+    half = {r.method: r.ppl for r in rows if r.target == 0.5 and r.mode == "one-shot"}
+    singles = {k: v for k, v in half.items() if k != "budget mix"}
+    best_single = min(singles, key=singles.get) if singles else None
+    seq = {(r.method, r.mode): r.ppl for r in rows if r.target == 0.5}
+    checks = {
+        "mix_beats_every_single_method_at_50": (half.get("budget mix") is not None and best_single is not None
+                                                and half["budget mix"] < singles[best_single]),
+        "best_single_method_at_50": best_single,
+        "sparsegpt_sequential_no_worse_than_one_shot": seq.get(("N:M SparseGPT", "sequential"), float("inf"))
+        <= seq.get(("N:M SparseGPT", "one-shot"), float("-inf")),
+    }
+    png = out / f"smollm2-ppl-{stamp}.png"
+    plot_frontier(rows, png, f"{folder.name}: perplexity vs linear-layer params", dense)
+    return {"model": str(folder), "dense": dense, "rows": rows_as_dicts(rows), "checks": checks,
+            "calibration": {"samples": calib_samples, "seq_len": seq_len},
+            "eval": {"files": eval_files, "window": eval_window, "tokens": int(tokens.numel())},
+            "corpus": {"validation": manifest(val[:eval_files])}, "png": str(png)}
+
+
+# --------------------------------------------------------------------------------------------------- driver
+def _child_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def _run_stage(stage: str, args: argparse.Namespace, work: Path, result: Path, timeout: float) -> dict:
+    """Run one stage in a child process under ``timeout`` seconds; its JSON record (or what went wrong)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", stage, "--result", str(result),
+           "--work", str(work)] + args.passthrough
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, timeout=timeout, env=_child_env())
+    except subprocess.TimeoutExpired:
+        return {"timed_out_after_s": timeout, **_partial_rows(work, stage)}
+    seconds = time.perf_counter() - start
+    if proc.returncode or not result.is_file():
+        return {"returncode": proc.returncode, "seconds": seconds, "error": "the stage failed; see its output",
+                **_partial_rows(work, stage)}
+    record = json.loads(result.read_text())
+    record["stage_seconds"] = seconds
+    return record
+
+
+def _partial_rows(work: Path, stage: str) -> dict:
+    """What a stage cut short had already measured (the table writes one line per finished row)."""
+    rows = work / f"{stage}-rows.jsonl"
+    if not rows.is_file():
+        return {}
+    return {"partial_rows": [json.loads(line) for line in rows.read_text().splitlines() if line.strip()]}
+
+
+def _stage_main(args: argparse.Namespace) -> int:
+    work = Path(args.work)
+    folder = Path(args.smollm2_folder) if args.smollm2_folder else work / "smollm2"
+    tiny = args.tiny
+    if args.stage == "convert":
+        record = convert(args.smollm2_gguf, folder)
+    elif args.stage == "budget":
+        extra = ["--eval-files", "1", "--eval-window", "64"] if tiny else []
+        record = budget(folder, work, args.calib_samples, args.seq_len, args.device, args.budget_timeout, extra)
+    elif args.stage == "llama1b":
+        record = llama_1b(work, args.calib_samples_1b, args.seq_len if not tiny else 32, args.ratio_1b, tiny=tiny,
+                          device=args.device)
+    else:
+        record = smollm2_table(folder, Path(args.out), args.stamp, args.table_calib_samples, args.seq_len,
+                               args.eval_files, args.eval_window, args.eval_tokens, args.device,
+                               work / "table-rows.jsonl")  # read back by _partial_rows if cut short
+    Path(args.result).write_text(json.dumps(record, indent=1, default=str))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--work", default=None, help="scratch folder for models (default: a temp folder)")
-    parser.add_argument("--skip-smollm2", action="store_true")
-    parser.add_argument("--skip-1b", action="store_true")
+    parser.add_argument("--smollm2-gguf", nargs="+", default=None, help="the SmolLM2 GGUF file (or its parts)")
+    parser.add_argument("--smollm2-folder", default=None, help="an HF folder of SmolLM2 (skips the conversion)")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    parser.add_argument("--timeouts", default=",".join(f"{k}={v}" for k, v in DEFAULT_TIMEOUTS.items()),
+                        help="seconds per stage, e.g. convert=75,budget=100")
+    parser.add_argument("--device", default="cuda")
     parser.add_argument("--calib-samples", type=int, default=256)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--table-calib-samples", type=int, default=128)
+    parser.add_argument("--eval-files", type=int, default=16)
+    parser.add_argument("--eval-window", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=0, help="table: only the first N held-out tokens")
     parser.add_argument("--ratio-1b", type=float, default=0.5)
     parser.add_argument("--calib-samples-1b", type=int, default=128)
-    parser.add_argument("--tiny", action="store_true", help="a smoke test of the 1B path on a tiny shape (any device)")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes for the 1B stage and the budget's eval "
+                        "(a smoke test on any device)")
+    parser.add_argument("--stage", choices=STAGES, default=None, help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--stamp", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--budget-timeout", type=float, default=1e9, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.tiny:
-        print(json.dumps(llama_1b(Path(tempfile.mkdtemp()), 16, 32, args.ratio_1b, tiny=True, device="cpu"),
-                         indent=1))
-        return 0
-    if not torch.cuda.is_available():
-        print("compress_gpu: needs a CUDA GPU", file=sys.stderr)
+    if args.stage:
+        return _stage_main(args)
+
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    timeouts = dict(DEFAULT_TIMEOUTS)
+    for item in filter(None, args.timeouts.split(",")):
+        key, _, value = item.partition("=")
+        if key not in STAGES or not value:
+            raise SystemExit(f"compress_gpu: --timeouts takes stage=seconds with stages {STAGES}, got {item!r}")
+        timeouts[key] = float(value)
+    if unknown:
+        raise SystemExit(f"compress_gpu: unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("compress_gpu: needs a CUDA GPU (or --device cpu with --tiny for a smoke test)", file=sys.stderr)
         return 2
+    if "convert" in stages and not args.smollm2_gguf:
+        stages.remove("convert")
+        if not args.smollm2_folder and ({"budget", "table"} & set(stages)):
+            raise SystemExit("compress_gpu: give --smollm2-gguf FILE [PART ...] or --smollm2-folder FOLDER "
+                             "(or --stages llama1b)")
     from structmat.eval.results import run_info, write_json
 
     work = Path(args.work or tempfile.mkdtemp(prefix="structmat-gpu-"))
+    work.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    payload: dict = {"run_info": run_info(vars(args), seed=0, device="cuda")}
+    keep = ["--device", args.device, "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len),
+            "--table-calib-samples", str(args.table_calib_samples), "--eval-files", str(args.eval_files),
+            "--eval-window", str(args.eval_window), "--eval-tokens", str(args.eval_tokens),
+            "--ratio-1b", str(args.ratio_1b), "--calib-samples-1b", str(args.calib_samples_1b), "--out", args.out,
+            "--stamp", stamp, "--budget-timeout", str(max(1.0, timeouts["budget"] - 5))]
+    if args.smollm2_gguf:
+        keep += ["--smollm2-gguf", *args.smollm2_gguf]
+    if args.smollm2_folder:
+        keep += ["--smollm2-folder", args.smollm2_folder]
+    if args.tiny:
+        keep.append("--tiny")
+    args.passthrough = keep
+    payload: dict = {"run_info": run_info({k: v for k, v in vars(args).items() if k != "passthrough"}, seed=0,
+                                          device=args.device)}
     path = Path(args.out) / f"compress-gpu-{stamp}.json"
-    if not args.skip_smollm2:
-        payload["smollm2_budget"] = smollm2_budget(work, args.calib_samples, args.seq_len)
+    for stage in stages:
+        print(f"== {stage} (limit {timeouts[stage]:.0f} s)", flush=True)
+        payload[stage] = _run_stage(stage, args, work, work / f"{stage}.json", timeouts[stage])
         write_json(path, payload)
-        print(json.dumps(payload["smollm2_budget"], indent=1)[:3000], flush=True)
-    if not args.skip_1b:
-        payload["llama_1b_sequential"] = llama_1b(work, args.calib_samples_1b, args.seq_len, args.ratio_1b)
-        print(json.dumps(payload["llama_1b_sequential"], indent=1), flush=True)
-    print(f"wrote {write_json(path, payload)}")
+        print(json.dumps({k: v for k, v in payload[stage].items() if k not in ("stage_records", "rows")},
+                         indent=1, default=str)[:2500], flush=True)
+    print(f"wrote {path}")
     return 0
 
 

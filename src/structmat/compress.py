@@ -186,13 +186,21 @@ def _outside_to(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -
 def blockwise(model: nn.Module, batches: Sequence[dict[str, Tensor]], names: Sequence[str], *,
               plan: Plan | None = None, sequential: bool = True, device: torch.device | None = None,
               offload: bool = False, stats_dtype: torch.dtype = torch.float64, progress: bool = False,
-              keep_stats: bool = False, stats_device: torch.device | str | None = None
-              ) -> tuple[Report, dict[str, InputStats]]:
+              keep_stats: bool = False, stats_device: torch.device | str | None = None,
+              on_stage: Callable[[str, int], None] | None = None) -> tuple[Report, dict[str, InputStats]]:
     """One pass over the blocks: collect the statistics of ``names`` inside each block and, with a ``plan``,
     structure the block's matched layers before moving on. ``sequential``: the next block's inputs come from the
     compressed block (else from the original one). ``offload``: the blocks live on the CPU and visit ``device``
-    one at a time. Returns the report and (with ``keep_stats``) the statistics, moved to ``stats_device``."""
+    one at a time. Returns the report and (with ``keep_stats``) the statistics, moved to ``stats_device``.
+
+    What is on the device at any time: the weights outside the blocks (with ``offload``), one block, its
+    statistics, the block inputs of every calibration batch plus one batch's outputs (each input is replaced by
+    its output as soon as that is computed), and the working memory of one layer's projection. ``on_stage(stage,
+    block)`` is called after each stage ("inputs" with block -1, then per block "onload", "calibrate",
+    "project", "propagate", "offload"), e.g. to record device memory per stage."""
     from tqdm.auto import tqdm
+
+    stage = on_stage or (lambda _stage, _block: None)
 
     prefix, blocks = find_blocks(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -205,6 +213,7 @@ def blockwise(model: nn.Module, batches: Sequence[dict[str, Tensor]], names: Seq
         _outside_to(model, blocks, device)
     batches = [_move(b, device) for b in batches]
     inputs = _capture_block_inputs(model, blocks[0], batches)
+    stage("inputs", -1)
     reports: list[Report] = []
     kept: dict[str, InputStats] = {}
     moved: dict[int, InputStats] = {}
@@ -213,6 +222,7 @@ def blockwise(model: nn.Module, batches: Sequence[dict[str, Tensor]], names: Seq
         here = [n for n in names if n.startswith(block_prefix)]
         if offload:
             block.to(device)
+        stage("onload", index)
         outputs: list[Tensor] = []
         with torch.no_grad():
             if here:
@@ -222,6 +232,7 @@ def blockwise(model: nn.Module, batches: Sequence[dict[str, Tensor]], names: Seq
                         if save:
                             outputs.append(out)
                 stats = collect_input_stats(model, here, run, dtype=stats_dtype)
+                stage("calibrate", index)
                 if plan is not None:
                     targets = {n: plan.match(n) for n in here}
                     targets = {n: t for n, t in targets.items() if t is not None}
@@ -232,11 +243,18 @@ def blockwise(model: nn.Module, batches: Sequence[dict[str, Tensor]], names: Seq
                 if keep_stats:
                     for n, s in stats.items():  # shared objects stay shared after the move
                         kept[n] = moved.setdefault(id(s), s.to(stats_device) if stats_device is not None else s)
-            if not outputs:
-                outputs = [_hidden_of(block(*a, **kw)) for a, kw in inputs]
-            inputs = [_with_hidden(a, kw, out) for (a, kw), out in zip(inputs, outputs)]
+                del stats  # the block's Grams are not needed while its outputs are computed
+                stage("project", index)
+            if outputs:
+                inputs = [_with_hidden(a, kw, out) for (a, kw), out in zip(inputs, outputs)]
+                outputs.clear()
+            else:  # replace each input by its output at once: one batch of outputs at a time, not all of them
+                for k, (a, kw) in enumerate(inputs):
+                    inputs[k] = _with_hidden(a, kw, _hidden_of(block(*a, **kw)))
+            stage("propagate", index)
         if offload:
             block.to("cpu")
+        stage("offload", index)
     return Report.concat(reports), kept
 
 
@@ -533,12 +551,14 @@ class Compressor:
       are onloaded one at a time (implies block-by-block calibration; sensitivity weighting is off since it needs
       a backward pass through the whole model).
     * ``stats_dtype``: float32 (default) or float64 statistics; projections run in the same precision.
+    * ``on_stage(stage, block)``: called after each stage of a block-by-block pass (see :func:`blockwise`).
     """
 
     def __init__(self, model: nn.Module, batches: Sequence[dict[str, Tensor]], scope: Any = r".*", *,
                  device: torch.device | str | None = None, offload: bool = False, sequential: bool = False,
                  stats_dtype: torch.dtype = torch.float32, sensitivity: bool = True, progress: bool = False,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None,
+                 on_stage: Callable[[str, int], None] | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Compressor: model must be an nn.Module, got {type(model).__name__}")
         if not batches or not all(isinstance(b, Mapping) for b in batches):
@@ -552,7 +572,7 @@ class Compressor:
             raise ValueError(f"Compressor: scope {scope!r} matches no linear layer of {type(model).__name__}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.offload, self.sequential, self.stats_dtype = bool(offload), bool(sequential), stats_dtype
-        self.progress = progress
+        self.progress, self.on_stage = progress, on_stage
         self.log = log or ((lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda _: None))
         if self.offload:
             find_blocks(model)  # raises when there are no blocks to onload
@@ -584,7 +604,8 @@ class Compressor:
             if self.offload:
                 _, self._stats = blockwise(self.model, self.batches, self.names, plan=None, sequential=False,
                                            device=self.device, offload=True, stats_dtype=self.stats_dtype,
-                                           progress=self.progress, keep_stats=True, stats_device="cpu")
+                                           progress=self.progress, keep_stats=True, stats_device="cpu",
+                                           on_stage=self.on_stage)
             else:
                 self._stats = calibrate(self.model, self.names, self.batches, progress=self.progress,
                                         dtype=self.stats_dtype)
@@ -649,7 +670,7 @@ class Compressor:
             inside = [n for n in targets if n not in outside]
             reports.append(blockwise(model, self.batches, inside, plan=exact, sequential=True, device=self.device,
                                      offload=self.offload, stats_dtype=self.stats_dtype,
-                                     progress=self.progress)[0])
+                                     progress=self.progress, on_stage=self.on_stage)[0])
             report = Report.concat(reports)
         elif self.offload:
             report = self._apply_offloaded(model, exact, targets)

