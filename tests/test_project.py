@@ -195,3 +195,39 @@ def test_error_paths():
         project(w, "nm:n=2,m=4", "wanda", InputStats.empty(32))
     with pytest.raises(ValueError, match="needs stats"):
         lowrank_error_curve(w, None, "asvd")
+
+
+def test_whitening_factor_cholesky_fast_path_and_eigh_fallback(caplog):
+    from structmat.project._linalg import damped, whitening_factor
+
+    w, stats = setup(24, 32)
+    h = damped(stats.gram, 1e-6)
+    s = whitening_factor(h)  # positive definite: the (lower-triangular) Cholesky factor
+    assert torch.equal(s, s.tril()) and torch.allclose(s @ s.T, h, rtol=1e-10, atol=1e-10 * float(h.abs().max()))
+    gen = torch.Generator().manual_seed(1)
+    few = InputStats.empty(32).update(correlated(8, 32, gen))  # 8 tokens, 32 inputs: a singular Gram
+    singular = damped(few.gram, 0.0)
+    with caplog.at_level("DEBUG", logger="structmat.project._linalg"):
+        root = whitening_factor(singular)
+    assert "eigh" in caplog.text  # Cholesky of a singular matrix fails: the clamped eigh root is used, and said
+    assert torch.allclose(root @ root.T, singular, atol=1e-9 * float(singular.abs().max()))
+    # and the projection on that singular Gram is still the exact optimum (tail of svd(W S))
+    sv = torch.linalg.svdvals(w @ root)
+    layer = project(w, "lowrank:rank=3", "whitened", few, damp=0.0)
+    assert output_error(w, layer, few) == pytest.approx(float((sv[3:].square().sum() / sv.square().sum()).sqrt()),
+                                                        rel=1e-6)
+
+
+def test_sparsegpt_inverse_factor_same_on_both_paths(caplog):
+    from structmat.project._linalg import damped
+    from structmat.project.sparse import inverse_cholesky_upper
+
+    _, stats = setup(24, 32)
+    fast = inverse_cholesky_upper(stats.gram, 0.01)
+    hinv = torch.linalg.inv(damped(stats.gram, 0.01))
+    assert torch.allclose(fast.T @ fast, hinv, rtol=1e-8, atol=1e-10 * float(hinv.abs().max()))
+    bad = stats.gram.clone()
+    bad[0, 1] = bad[1, 0] = 10 * float(bad.diagonal().max())  # indefinite: Cholesky fails, eigh clamps
+    with caplog.at_level("DEBUG", logger="structmat.project.sparse"):
+        upper = inverse_cholesky_upper(bad, 0.01)
+    assert "eigh" in caplog.text and torch.isfinite(upper).all() and torch.equal(upper, upper.triu())

@@ -2,33 +2,52 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
+log = logging.getLogger(__name__)
+
 
 def damped(gram: Tensor, damp: float, dtype: torch.dtype | None = None) -> Tensor:
-    """H + damp * mean(diag H) * I, in ``dtype`` (default: the Gram's own float dtype). ``damp`` is relative to
-    the mean input energy."""
+    """(H + H^T) / 2 + damp * mean(diag H) * I, in ``dtype`` (default: the Gram's own float dtype), as ONE new
+    matrix (the symmetrization allocates it; scaling and damping are in place). ``damp`` is relative to the mean
+    input energy."""
     if damp < 0:
         raise ValueError(f"damp must be >= 0, got {damp}")
     h = gram.to(dtype or (gram.dtype if gram.dtype in (torch.float32, torch.float64) else torch.float64))
-    h = 0.5 * (h + h.T)
+    h = (h + h.T).mul_(0.5)
     if damp > 0:
         level = h.diagonal().mean().clamp_min(torch.finfo(h.dtype).tiny)
-        h = h + damp * level * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        h.diagonal().add_(damp * level)
     return h
 
 
-def sym_eigh(h: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigen-decomposition of a symmetric PSD matrix (batched ok) with eigenvalues clamped at zero."""
-    lam, q = torch.linalg.eigh(0.5 * (h + h.transpose(-1, -2)))
+def sym_eigh(h: Tensor, symmetric: bool = False) -> tuple[Tensor, Tensor]:
+    """Eigen-decomposition of a symmetric PSD matrix (batched ok) with eigenvalues clamped at zero.
+    ``symmetric=True``: ``h`` is already exactly symmetric (e.g. from :func:`damped`); no averaged copy."""
+    lam, q = torch.linalg.eigh(h if symmetric else 0.5 * (h + h.transpose(-1, -2)))
     return lam.clamp_min(0.0), q
 
 
-def sqrt_factor(h: Tensor) -> Tensor:
+def sqrt_factor(h: Tensor, symmetric: bool = False) -> Tensor:
     """S with S S^T = h (clamped to PSD): S = Q diag(sqrt(lambda)). Never inverted."""
-    lam, q = sym_eigh(h)
-    return q * lam.sqrt().unsqueeze(-2)
+    lam, q = sym_eigh(h, symmetric)
+    return q.mul_(lam.sqrt().unsqueeze(-2))
+
+
+def whitening_factor(h: Tensor) -> Tensor:
+    """S with S S^T = h for a damped, symmetric Gram (from :func:`damped`): its lower Cholesky factor when the
+    factorization succeeds and is finite (the cost of SVD-LLM's own whitening), else the clamped ``eigh`` square
+    root, which always exists. Either S gives the same whitened optimum (any S S^T = H does)."""
+    low, info = torch.linalg.cholesky_ex(h)
+    if int(info) == 0 and bool(torch.isfinite(low).all()):
+        return low
+    log.debug("whitening: Cholesky of the damped Gram (%d x %d) failed (info=%d or non-finite); using the "
+              "clamped eigh square root", h.shape[0], h.shape[0], int(info))
+    del low
+    return sqrt_factor(h, symmetric=True)
 
 
 def pinv_psd(h: Tensor, rcond: float = 1e-12) -> Tensor:

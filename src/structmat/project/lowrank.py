@@ -2,10 +2,11 @@
 
 * ``data-free``: truncated SVD of W (Eckart-Young), i.e. W_r = U_r U_r^T W with U from svd(W).
 * ``whitened`` (SVD-LLM objective): minimize ||(W - W_r) X||_F = tr(E H E^T), H = X^T X (+ damping), over rank-r
-  W_r. With any S such that S S^T = H (here S = Q diag(sqrt(lambda)) from ``eigh``, eigenvalues clamped at 0),
-  the objective is ||W S - W_r S||_F^2, and since W_r S has rank <= r it is at least the tail of svd(W S). The
+  W_r. With any S such that S S^T = H (here the Cholesky factor of the damped H as in SVD-LLM, checked; where it
+  fails, S = Q diag(sqrt(lambda)) from ``eigh`` with eigenvalues clamped at 0), the objective is ||W S - W_r S||_F^2, and since W_r S has rank <= r it is at least the tail of svd(W S). The
   matrix W_r = U_r U_r^T W (U_r the top-r left singular vectors of W S) attains it: U_r U_r^T W S = [W S]_r.
-  So the optimum needs no inverse of S or H, and stays exact when H is singular (fewer tokens than inputs).
+  So the optimum needs no inverse of S or H, and stays exact when H is singular (fewer tokens than inputs; then
+  the eigh factor is used).
 * ``asvd`` (ASVD): the same construction with S = diag(mean|x|^alpha) (activation-aware channel scaling,
   alpha = 0.5 by default): W_r = [W S]_r S^-1 = U_r U_r^T W.
 * ``fisher`` (FWSVD): rows weighted by D = diag(sqrt(sum_j F_ij)) (Fisher row sums): W_r = D^-1 [D W]_r =
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from ..calibrate import InputStats
 from ..structures.lowrank import LowRank
-from ._linalg import balanced, cached_factor, damped, sqrt_factor
+from ._linalg import balanced, cached_factor, damped, whitening_factor
 from .registry import Problem, register_projection
 
 LOWRANK_METHODS = ("data-free", "whitened", "asvd", "fisher")
@@ -40,7 +41,7 @@ def lowrank_basis(w: Tensor, method: str, stats: InputStats | None, fisher: Tens
         return "left", u, s
     if method == "whitened":
         root = cached_factor(stats, "sqrt", damp, w.dtype, w.device,
-                             lambda: sqrt_factor(damped(stats.gram.to(w.device), damp, w.dtype)))
+                             lambda: whitening_factor(damped(stats.gram.to(w.device), damp, w.dtype)))
         target = w @ root
         u, s, _ = torch.linalg.svd(target, full_matrices=False)
         return "left", u, s

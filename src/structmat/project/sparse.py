@@ -7,7 +7,8 @@ own magnitude projection recovers it exactly.
   weights are unchanged. It is the exact minimizer of the output error when H is replaced by its diagonal.
 * ``sparsegpt`` (SparseGPT, OBS with lazy blocked updates): objective tr(E H E^T) with the dampened Hessian
   H = X^T X / n + damp * mean(diag) * I. Columns are processed left to right. With U the upper Cholesky factor of
-  H^-1 (H^-1 = U^T U; H^-1 from ``eigh`` with clamped eigenvalues, the factorization checked), pruning column j
+  H^-1 (H^-1 = U^T U; from Cholesky factorizations as the reference does, each checked, with a clamped-``eigh``
+  inverse where one fails), pruning column j
   of the remaining problem costs w_ij^2 / U_jj^2 per row and the optimal compensation of the not-yet-processed
   columns is W[:, j:] -= ((w_j - q_j) / U_jj) U[j, j:], where q_j is column j with its pruned entries set to 0.
   Masks: N:M picks, at the first column of every group of m, the m - n lowest scores w^2 / U_jj^2 of the group
@@ -20,12 +21,16 @@ own magnitude projection recovers it exactly.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
 from ..structures.sparse import FixedSparse, NMSparse
 from ._linalg import cached_factor, damped, sym_eigh
 from .registry import Problem, register_projection
+
+log = logging.getLogger(__name__)
 
 
 def wanda_nm(w: Tensor, gram: Tensor, n: int, m: int, in_padded: int) -> tuple[Tensor, Tensor]:
@@ -55,10 +60,20 @@ def wanda_unstructured(w: Tensor, gram: Tensor, nnz: int) -> tuple[Tensor, Tenso
 
 
 def inverse_cholesky_upper(h: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor U of (H + damp * mean(diag) * I)^-1, via eigh with eigenvalue clamping; checked.
-    Computed in h's dtype. Dead inputs (H_jj = 0) get H_jj = 1 first."""
+    """Upper Cholesky factor U of (H + damp * mean(diag) * I)^-1, computed in h's dtype and checked. Dead inputs
+    (H_jj = 0) get H_jj = 1 first. The fast path is the reference's: Cholesky of the damped H, its inverse from
+    that factor, the Cholesky of the inverse. Where a factorization fails or is not finite (an ill-conditioned H in
+    float32), the inverse comes from ``eigh`` with the spectrum clamped at half the damping level instead."""
     hd = damped(_revive_dead_inputs(h), damp)
-    lam, q = sym_eigh(hd)
+    low, info = torch.linalg.cholesky_ex(hd)
+    if int(info) == 0 and bool(torch.isfinite(low).all()):
+        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
+        if int(info) == 0 and bool(torch.isfinite(upper).all()):
+            return upper
+    log.debug("sparsegpt: Cholesky of the damped Hessian (%d x %d) or of its inverse failed; using the clamped "
+              "eigh inverse", hd.shape[0], hd.shape[0])
+    del low
+    lam, q = sym_eigh(hd, symmetric=True)
     tiny = torch.finfo(hd.dtype).tiny
     top = lam.max().clamp_min(tiny)
     if damp > 0:  # the damped spectrum is >= damp * mean(diag); clamp rounding below that
