@@ -86,24 +86,22 @@ def test_sequential_and_offloaded_modes_match_the_reference_pipeline():
     assert offloaded["model.layers.0.self_attn.q_proj"] is offloaded["model.layers.0.self_attn.v_proj"]
 
 
-def test_shared_inputs_are_factorized_once():
+def test_shared_inputs_are_factorized_once(monkeypatch):
     model, data = tiny_llama(1), batches()
     stats = Compressor(model, data, SCOPE).statistics()
     q = stats["model.layers.0.self_attn.q_proj"]
     assert q is stats["model.layers.0.self_attn.k_proj"]
     calls = {"n": 0}
-    original = torch.linalg.eigh
+    for name in ("eigh", "cholesky_ex"):  # the whitening factor: a checked Cholesky, or eigh where it fails
+        original = getattr(torch.linalg, name)
 
-    def counting(*a, **k):
-        calls["n"] += 1
-        return original(*a, **k)
-    torch.linalg.eigh = counting
-    try:
-        for name in ("q_proj", "k_proj", "v_proj"):
-            layer = getattr(model.model.layers[0].self_attn, name)
-            project(layer.weight, "lowrank:rank=8", "whitened", q)
-    finally:
-        torch.linalg.eigh = original
+        def counting(*a, _original=original, **k):
+            calls["n"] += 1
+            return _original(*a, **k)
+        monkeypatch.setattr(torch.linalg, name, counting)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        layer = getattr(model.model.layers[0].self_attn, name)
+        project(layer.weight, "lowrank:rank=8", "whitened", q)
     assert calls["n"] == 1
 
 
