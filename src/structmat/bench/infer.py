@@ -53,7 +53,7 @@ def _sync() -> None:
     torch.cuda.synchronize()
 
 
-def build(structure: str | None, dtype: torch.dtype, shape: dict, seed: int = 0):
+def build(structure: str | None, dtype: torch.dtype, shape: dict, seed: int = 0, device: str = "cuda"):
     from structmat.surgery import Plan
     from structmat.train.models import llama_config, structure_fresh
 
@@ -63,7 +63,7 @@ def build(structure: str | None, dtype: torch.dtype, shape: dict, seed: int = 0)
                           **{k: v for k, v in shape.items() if k != "vocab_size"})
     config.use_cache = True
     torch.manual_seed(seed)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
     if structure is not None:
         structure_fresh(model, Plan([(BLOCK_LINEARS, STRUCTURES.get(structure, structure))]))

@@ -186,10 +186,11 @@ EFFICIENCY = {"dense": 0.95, "triton": {"monarch": 0.77, "blockdiag": 0.86},
 # the structures' cuBLAS/reference paths at one token do not (issue 12, H200, 8 MLPs of a 2048/8192 Llama at one
 # token under CUDA graphs: low-rank's two GEMMs took 0.37 ms for half of dense's bytes, dense 0.31 ms, so about 0.4
 # of dense's rate). The decode kernels' own rates at one token, replayed from CUDA graphs on the H200
-# (benchmarks/results/infer-20261203T065614Z.json, "kernels" rows, 2048/8192 Llama shapes): block-diagonal
-# 780-1700 GB/s, Monarch 710-1250, low-rank 430-880, N:M 120-150 (so low-rank goes to cuBLAS's two GEMMs).
+# (benchmarks/results/decode-probe-20261203T091353Z.json, 2048/8192 Llama layer shapes): block-diagonal
+# 800-1700 GB/s, Monarch 730-1240, low-rank 410-890 (so low-rank goes to cuBLAS's two GEMMs, 520-1460), N:M
+# 580-700 (values + uint8 positions); the N:M reference (a few dense rows rebuilt at a time) ~70 GB/s.
 BW_FRACTION = {"dense": 0.9, "other": 0.4, ("decode", "blockdiag"): 0.38, ("decode", "monarch"): 0.23,
-               ("decode", "lowrank"): 0.16, ("decode", "nm"): 0.03}
+               ("decode", "lowrank"): 0.16, ("decode", "nm"): 0.13, ("reference", "nm"): 0.016}
 FP32_TRITON_MONARCH_EFF = 0.08  # IEEE fp32 dots in the Triton kernel measured far below cuBLAS's fp32 path
 
 
