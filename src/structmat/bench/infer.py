@@ -272,7 +272,7 @@ def run(args) -> dict:
             steps = {"prefill_tps": lambda: prefill_tps(model, pb, pt, args.reps),
                      "graph": lambda: [graph_decode_tps(model, b) for b in batches],
                      "eager": lambda: [generate_tps(model, b, args.new_tokens, False, "", "", args.reps)
-                                       for b in batches]}
+                                       for b in args.eager_batches]}
             if args.step_compile_mode != "none":
                 steps["graph_compiled"] = lambda: [graph_decode_tps(model, b, compile_mode=args.step_compile_mode)
                                                    for b in args.compiled_batches]
@@ -353,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default=None, help="also a model saved by structmat (load_pretrained)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="weights and activations")
     p.add_argument("--batches", default="1,8,32", help="decode batch sizes")
+    p.add_argument("--eager-batches", default="1,8,32", type=lambda s: [int(v) for v in s.split(",")],
+                   help="batch sizes for eager HF generate")
     p.add_argument("--compiled-batches", default="1", type=lambda s: [int(v) for v in s.split(",")],
                    help="batch sizes for compiled generate (each is one more compile)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per timed generate call")
