@@ -102,8 +102,7 @@ def _decode_nm(X, V, P, Y, N, M, K, G, s_xn, s_xk, s_vm, s_pm, s_yn,
                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, USE_DOT: tl.constexpr):
     """Y (N, M) = X (N, K) @ W^T with W (M, G*GROUP) N:M sparse: row r keeps, in each group g of GROUP inputs, NNZ
     values V[r, g*NNZ + i] at in-group positions P[r, g*NNZ + i] (inputs past K are zero padding). Grid: (row
-    blocks, token blocks). Each value and position is loaded once per token block; with NNZ == 2 (2:4) as one
-    contiguous tile split into its two slots (wide loads), otherwise slot by slot."""
+    blocks, token blocks). Each value and position is loaded once per token block."""
     pid_m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -114,23 +113,11 @@ def _decode_nm(X, V, P, Y, N, M, K, G, s_xn, s_xk, s_vm, s_pm, s_yn,
     for g0 in range(0, G, BLOCK_G):
         grp = g0 + offs_g
         g_ok = grp < G
-        if NNZ == 2:
-            j = g0 * 2 + tl.arange(0, 2 * BLOCK_G)
-            j_ok = (j < G * 2)[None, :]
-            vv = tl.load(V + rm[:, None] * s_vm + j[None, :], mask=j_ok, other=0.0)
-            pp = tl.load(P + rm[:, None] * s_pm + j[None, :], mask=j_ok, other=255).to(tl.int32)
-            v0, v1 = tl.split(tl.reshape(vv, (BLOCK_M, BLOCK_G, 2)))
-            p0, p1 = tl.split(tl.reshape(pp, (BLOCK_M, BLOCK_G, 2)))
-            acc = _nm_slot(acc, v0, p0, X, offs_n, n_ok, grp, g_ok, K, s_xn, s_xk, GROUP, PRECISION, USE_DOT,
-                           BLOCK_N, BLOCK_M, BLOCK_G)
-            acc = _nm_slot(acc, v1, p1, X, offs_n, n_ok, grp, g_ok, K, s_xn, s_xk, GROUP, PRECISION, USE_DOT,
-                           BLOCK_N, BLOCK_M, BLOCK_G)
-        else:
-            for i in tl.static_range(NNZ):
-                v = tl.load(V + rm[:, None] * s_vm + (grp * NNZ + i)[None, :], mask=g_ok[None, :], other=0.0)
-                p = tl.load(P + rm[:, None] * s_pm + (grp * NNZ + i)[None, :], mask=g_ok[None, :], other=255)
-                acc = _nm_slot(acc, v, p.to(tl.int32), X, offs_n, n_ok, grp, g_ok, K, s_xn, s_xk, GROUP, PRECISION,
-                               USE_DOT, BLOCK_N, BLOCK_M, BLOCK_G)
+        for i in tl.static_range(NNZ):  # slot by slot (value i of every group: a strided tile, L1 serves the rest)
+            v = tl.load(V + rm[:, None] * s_vm + (grp * NNZ + i)[None, :], mask=g_ok[None, :], other=0.0)
+            p = tl.load(P + rm[:, None] * s_pm + (grp * NNZ + i)[None, :], mask=g_ok[None, :], other=255)
+            acc = _nm_slot(acc, v, p.to(tl.int32), X, offs_n, n_ok, grp, g_ok, K, s_xn, s_xk, GROUP, PRECISION,
+                           USE_DOT, BLOCK_N, BLOCK_M, BLOCK_G)
     tl.store(Y + offs_n[:, None] * s_yn + offs_m[None, :], acc.to(Y.dtype.element_ty),
              mask=n_ok & (offs_m[None, :] < M))
 
