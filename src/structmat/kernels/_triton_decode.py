@@ -32,8 +32,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 MAX_TOKENS = 64  # the kernels keep all tokens in one tile
 TARGET_PROGRAMS = 4  # programs per SM to aim for: enough bytes in flight to stream HBM
 #: Up to this many tokens the N:M kernel multiply-reduces on the CUDA cores; above, tensor-core tiles (a one-element
-#: list so a benchmark can compare both). (The dense-tile kernel measured slower that way at every token count on the
-#: H200, 1.2-2.9x: benchmarks/results/decode-probe-20261203T091353Z.json, so it always uses tensor-core tiles.)
+#: list so a benchmark can compare both). (The dense-tile kernel measured slower that way in 22 of 27 rows on the H200,
+#: up to 4.7x: benchmarks/results/decode-probe-20261203T091353Z.json, so it always uses tensor-core tiles.)
 SMALL_TOKENS = [4]
 
 
