@@ -325,15 +325,17 @@ def test_bench_infer_ratios_and_table():
     def row(params, tps):
         return {"param_bytes": params, "before_forward_bytes": params, "after_forward_bytes": params + 4096,
                 "peak_bytes": 2 * params, "prefill_tps": tps,
-                "graph": [{"batch": 1, "tokens_per_s": tps}], "eager": [{"batch": 1, "tokens_per_s": tps / 10}]}
+                "graph": [{"batch": 1, "tokens_per_s": tps}], "eager": [{"batch": 1, "tokens_per_s": tps / 10}],
+                "graph_compiled": [{"batch": 1, "tokens_per_s": 2 * tps}]}
 
     result = {"models": {"dense": row(100, 50.0), "blockdiag": row(40, 75.0)}}
     infer._ratios(result)
     r = result["models"]["blockdiag"]["vs_dense"]
     assert r["prefill"] == pytest.approx(1.5) and r["graph_b1"] == pytest.approx(1.5) and r["eager_b1"] == 1.5
     assert r["params_vs_dense"] == pytest.approx(0.4) and r["after_forward_over_params"] == pytest.approx(1 + 4096 / 40)
+    assert r["graph_compiled_b1"] == pytest.approx(1.5)
     table = infer.format_table(result)
-    assert "| blockdiag |" in table and "1.50x" in table
+    assert "| blockdiag |" in table and "1.50x" in table and "compiled step b1" in table
 
 
 def test_bench_infer_needs_cuda():
