@@ -176,6 +176,34 @@ def test_generate_with_cache_equals_recomputation_and_padding(name, layers):
         assert torch.equal(g[1, -6:], model.generate(b, use_cache=True, **kw)[0, -6:])
 
 
+@pytest.mark.parametrize("name,layers", [("deltanet", None), ("ssm", [0, 2])])
+def test_beam_search_reorders_the_mixer_states(name, layers):
+    """Beam search reorders HF's cache every step; the mixer states follow, so cached beam search equals beam search
+    recomputing the prefix (with the states left in place it would not)."""
+    model = tiny(name, layers=layers, num_layers=3).eval()
+    model.generation_config.eos_token_id = None
+    a = ids(2, 10, seed=4)
+    with torch.no_grad():
+        kw = dict(max_new_tokens=5, do_sample=False, num_beams=3, num_return_sequences=2, pad_token_id=0)
+        cached = model.generate(a, use_cache=True, **kw)
+        assert torch.equal(cached, model.generate(a, use_cache=False, **kw))
+
+
+def test_a_cropped_cache_cannot_be_continued():
+    """A recurrent state cannot be rolled back: after a crop that removes tokens (what assisted decoding does when it
+    rejects candidates) continuing raises, naming the cause."""
+    model = tiny("deltanet").eval()
+    x = ids(1, 12)
+    with torch.no_grad():
+        out = model(x[:, :8], use_cache=True)
+        cache = _cache_of(out)
+        model(x[:, 8:9], cache=cache, use_cache=True)
+        cache.crop(-2)  # negative: remove two tokens, in every transformers version
+        assert cache.get_seq_length() == 7
+        with pytest.raises(ValueError, match="cropped"):
+            model(x[:, 9:10], cache=cache, use_cache=True)
+
+
 def test_hybrid_layers_and_save_load_round_trip(tmp_path):
     from structmat import load_pretrained, save_pretrained
     from structmat.mixers import hybrid_layers

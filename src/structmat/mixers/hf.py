@@ -27,8 +27,11 @@ What a forward call honours (anything else raises, padding is never silently ign
   ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``), delta-rule mixers only. Restarting
   ``position_ids`` alone are not interpreted (sdpa/eager attention in transformers 5.x does not either).
 * other 4-D masks (custom, sliding-window) and flex-attention ``BlockMask`` s: ``ValueError`` / ``TypeError``.
-Unsupported: beam search / assisted decoding (they reorder or crop HF's cache, which would not reorder or crop the
-mixer states), ``output_attentions`` (nothing is recorded), caches that are not ``DynamicCache`` s (``TypeError``).
+Beam search works: what HF's generation does to the cache's batch (``reorder_cache``, ``batch_select_indices``,
+``batch_repeat_interleave``) is done to the mixer states too (greedy and beam search equal recomputation, tested).
+A recurrent state cannot be rolled back, so a ``crop`` that removes tokens (assisted / speculative decoding rejecting
+candidates) leaves a note instead of the state, and continuing from that cache raises a ``ValueError`` saying so.
+Unsupported: ``output_attentions`` (nothing is recorded), caches that are not ``DynamicCache`` s (``TypeError``).
 """
 
 from __future__ import annotations
@@ -82,6 +85,54 @@ def _padding_mask(attention_mask, B: int, T: int, continuing: bool = False) -> T
     return None if bool(pad.all()) else pad
 
 
+_CROPPED = ("the cache was cropped (assisted or speculative decoding rejecting candidate tokens, or a rollback after "
+            "a stop): a recurrent state cannot be rolled back; decode without an assistant model")
+
+
+def _follow_cache_edits(cache, states: dict) -> None:
+    """Make the mixer states follow what HF's generation does to ``cache`` (once per cache object): batch reorders,
+    selections and repeats (beam search) are applied to each state and conv window; a crop that shortens the cache
+    replaces the states by a note (see ``_CROPPED``)."""
+    if cache.__dict__.get("_structmat_follows"):
+        return
+    cache.__dict__["_structmat_follows"] = True
+
+    def edit_states(fn):
+        for i, s in list(states.items()):
+            if isinstance(s, MixerCache):
+                states[i] = MixerCache(state=None if s.state is None else fn(s.state),
+                                       conv=None if s.conv is None else fn(s.conv), seen=s.seen, extra=s.extra)
+
+    edits = {
+        "reorder_cache": lambda beam_idx: edit_states(lambda t: t.index_select(0, beam_idx.to(t.device))),
+        "batch_select_indices": lambda indices: edit_states(lambda t: t[indices.to(t.device)]),
+        "batch_repeat_interleave": lambda repeats: edit_states(lambda t: t.repeat_interleave(repeats, 0)),
+    }
+    for name, edit in edits.items():
+        original = getattr(cache, name, None)
+        if original is None:
+            continue
+
+        def follow(*args, _original=original, _edit=edit, **kwargs):
+            out = _original(*args, **kwargs)
+            _edit(*args, **kwargs)
+            return out
+
+        setattr(cache, name, follow)  # an instance attribute: this cache object only
+    original_crop = getattr(cache, "crop", None)
+    if original_crop is not None:
+        def crop(*args, **kwargs):  # the argument's meaning changed across transformers versions: compare lengths
+            before = cache.get_seq_length()
+            out = original_crop(*args, **kwargs)
+            if cache.get_seq_length() < before:
+                for i, s in list(states.items()):
+                    if isinstance(s, MixerCache):
+                        states[i] = _CROPPED
+            return out
+
+        cache.crop = crop
+
+
 class LlamaMixerAttention(nn.Module):
     """Drop-in for ``LlamaDecoderLayer.self_attn``: ``(hidden_states, **hf_kwargs) -> (y, None)``.
     ``self.mixer`` is the structmat mixer; see the module docstring for masks and caching."""
@@ -104,6 +155,7 @@ class LlamaMixerAttention(nn.Module):
             raise TypeError(f"LlamaMixerAttention: {type(cache).__name__} is not supported; the mixer state rides on "
                             "a DynamicCache (the default of generate)")
         states = cache.__dict__.setdefault("_structmat_states", {})
+        _follow_cache_edits(cache, states)
         prev = states.get(self.layer_idx)
         if isinstance(prev, str):  # the prefill could not leave a state (see below): continuing would lose context
             raise ValueError(f"LlamaMixerAttention: cannot continue this cache: {prev}")
