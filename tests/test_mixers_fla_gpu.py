@@ -1,7 +1,12 @@
 """The fla backend on a CUDA GPU (``pytest -m gpu``; needs flash-linear-attention installed): outputs, final state
 and every gradient against the recurrent reference in float32 and against the chunked form, bf16 inputs.
 
-Each comparison prints its relative RMS errors (run with ``-s`` to keep them in the log)."""
+Each comparison prints its relative RMS errors (run with ``-s`` to keep them in the log) and, when
+``STRUCTMAT_GPU_TEST_LOG`` names a file, appends them to it as one JSON line at once (so a run cut short by its time
+limit, or run under pytest-xdist, which hides ``-s`` output, keeps every figure it reached)."""
+
+import json
+import os
 
 import pytest
 import torch
@@ -51,6 +56,9 @@ def _compare(label, got, ref, tol):
     ro, rS, rg = ref
     errs = {"o": rrms(o, ro), "S": rrms(S, rS), **{f"d{n}": rrms(gr[n], rg[n]) for n in gr}}
     print(f"\n{label}: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+    if os.environ.get("STRUCTMAT_GPU_TEST_LOG"):
+        with open(os.environ["STRUCTMAT_GPU_TEST_LOG"], "a") as f:
+            f.write(json.dumps({"case": label, "device": torch.cuda.get_device_name(), **errs}) + "\n")
     assert errs["o"] < tol["out"] and errs["S"] < tol["state"], errs
     for n in gr:
         assert errs[f"d{n}"] < tol["grad"], (n, errs)

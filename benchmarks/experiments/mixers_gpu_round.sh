@@ -2,7 +2,9 @@
 # One GPU round for the mixers (issue 16), sized for ~5 minutes of one H200: mixer-speed on a quiet GPU, then the
 # `-m gpu` mixer tests in the background while the state-tracking runs (reduced budget, preset h200-3min) train.
 # Run from the repo root of a checkout with the fla 0.6.0 wheels in .whl/:  OUT=/some/dir bash <this script> [SRC]
-# (SRC: the source tree to test, default ., i.e. ./src and ./tests). Every step has its own timeout.
+# (SRC: the source tree to test, default ., i.e. ./src and ./tests). Every step has its own timeout. $OUT gets 8
+# files at most (the device's limit): run.log, gpu-tests.log, gpu-tests-errors.jsonl, mixer-speed JSON + PNG, two
+# state-tracking JSONs, triton-cache.tgz.
 set -u
 SRC=${1:-.}
 OUT=${OUT:?set OUT to a folder for the results}
@@ -26,8 +28,8 @@ timeout 100 python3 -m structmat.bench.mixer_speed --Ts 2048,8192,16384 --column
   --reps 20 --rounds 3 --out "$OUT" >> "$OUT/run.log" 2>&1
 echo "mixer-speed done rc=$? at +$(( $(date +%s) - t0 ))s" >> "$OUT/run.log"
 # 2. GPU tests (correctness only, so they may share the GPU), 4 processes to overlap Triton compiles
-timeout 200 python3 -m pytest tests/test_mixers_fla_gpu.py -m gpu -o addopts="" -n 4 -v -rA -p no:cacheprovider \
-  > "$OUT/gpu-tests.log" 2>&1 &
+STRUCTMAT_GPU_TEST_LOG="$OUT/gpu-tests-errors.jsonl" timeout 200 python3 -m pytest tests/test_mixers_fla_gpu.py \
+  -m gpu -o addopts="" -n 4 -v -rA -p no:cacheprovider > "$OUT/gpu-tests.log" 2>&1 &
 tests=$!
 # 3. warm Triton's on-disk cache for the state-tracking shapes once, so 20 runs do not all compile at once
 ST="python3 -m structmat.bench.state_tracking --preset h200-3min --backend fla --device cuda"
@@ -36,12 +38,12 @@ timeout 45 $ST --steps 3 --seeds 1 --tasks parity,s3 --models "deltanet[-1,1],de
 echo "warm-up done rc=$? at +$(( $(date +%s) - t0 ))s" >> "$OUT/run.log"
 # 4. state tracking, reduced budget: 2 seeds, ST_SECONDS of training per run, 20 runs at once
 timeout $(( ST_SECONDS + 60 )) $ST --max-seconds "$ST_SECONDS" --tasks parity,modarith \
-  --models "deltanet[0,1],deltanet[-1,1]" --workers 8 --out "$OUT" > "$OUT/state-tracking.log" 2>&1 &
+  --models "deltanet[0,1],deltanet[-1,1]" --workers 8 --out "$OUT" >> "$OUT/run.log" 2>&1 &
 st1=$!
 sleep 2  # the JSON names carry the start second
 timeout $(( ST_SECONDS + 60 )) $ST --max-seconds "$ST_SECONDS" --tasks s3,s5 \
   --models "deltanet[-1,1],deltaproduct2[-1,1],deltaproduct4[-1,1]" --workers 12 --out "$OUT" \
-  >> "$OUT/state-tracking.log" 2>&1
+  >> "$OUT/run.log" 2>&1
 wait $st1
 echo "state-tracking done at +$(( $(date +%s) - t0 ))s" >> "$OUT/run.log"
 wait $tests
