@@ -20,7 +20,8 @@ Run:  ``PYTHONPATH=src python -m structmat.bench.state_tracking [--smoke] [--dev
 (``structmat bench state-tracking`` once the CLI forwards to :func:`main`). Writes
 ``state-tracking-<UTC date-time>.json`` (table, every run, the protocol actually used, run_info).
 ``--preset grazzi2025`` encodes the published training budget (see ``PRESETS``); ``--preset h200-3min`` a reduced
-one that stops each run on wall time. ``--smoke``: a CPU pipeline check in seconds (few steps, one seed): its numbers are not results.
+one that stops each run on wall time. ``--smoke``: a CPU pipeline check in seconds (few steps, one seed): its
+numbers are not results.
 ``--backend fla --bf16`` (or ``auto``) trains the delta-rule mixers on flash-linear-attention's kernels; each run
 records the backend its layers actually ran (``backend_ran``).
 """
