@@ -198,12 +198,76 @@ def decode_errors(device: str, dtype: torch.dtype, shapes=DECODE_SHAPES, tokens=
     return out
 
 
+class _AddressChecker:
+    """Inside Triton's interpreter: every load and store lane that its mask enables must fall inside the storage of
+    one of the launch's tensor arguments (what the GPU would fault on, or silently read past). Patches the
+    interpreter's argument copy and its masked load/store (Triton internals: if they move, ``installed`` is False
+    and the test says so)."""
+
+    def __init__(self):
+        self.ranges: list[tuple[int, int]] = []
+        self.checked = 0
+        self.violations: list[str] = []
+        self.installed = False
+
+    def install(self) -> None:
+        import numpy as np
+        import triton.runtime.interpreter as interp
+
+        init, load, store = (interp.GridExecutor._init_args_hst, interp.InterpreterBuilder.create_masked_load,
+                             interp.InterpreterBuilder.create_masked_store)
+        checker = self
+
+        def _init(executor, args_dev, kwargs):
+            args, kw = init(executor, args_dev, kwargs)
+            checker.ranges = [(t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr()
+                               + t.untyped_storage().nbytes()) for t in [*args, *kw.values()]
+                              if isinstance(t, torch.Tensor)]
+            return args, kw
+
+        def _check(kind, ptrs, mask, itemsize):
+            p = ptrs.data[mask.data.astype(bool)]
+            checker.checked += int(p.size)
+            ok = np.zeros(p.shape, dtype=bool)
+            for lo, hi in checker.ranges:
+                ok |= (p >= lo) & (p + itemsize <= hi)
+            if not ok.all():
+                checker.violations.append(f"{kind}: {int((~ok).sum())} of {p.size} lanes outside the arguments")
+
+        def _load(builder, ptrs, mask, other, *rest):
+            _check("load", ptrs, mask, np.dtype(interp._get_np_dtype(ptrs.get_element_ty())).itemsize)
+            return load(builder, ptrs, mask, other, *rest)
+
+        def _store(builder, ptrs, value, mask, *rest):
+            _check("store", ptrs, mask, value.data.dtype.itemsize)
+            return store(builder, ptrs, value, mask, *rest)
+
+        interp.GridExecutor._init_args_hst = _init
+        interp.InterpreterBuilder.create_masked_load = _load
+        interp.InterpreterBuilder.create_masked_store = _store
+        self.installed = True
+
+
 def _interpret_report() -> dict:
     import structmat.kernels as K
+    from structmat.kernels import _triton_decode
 
+    checker = _AddressChecker()
+    try:
+        checker.install()
+    except (ImportError, AttributeError) as err:
+        checker.violations.append(f"address checker not installed: {err!r}")
     report = {"decode": decode_errors("cpu", torch.float32),
               "decode_fp16": decode_errors("cpu", torch.float16, {k: DECODE_SHAPES[k] for k in ("monarch", "nm")},
                                            (3,))}
+    # the GPU's tile plans (wider tiles, token blocks), run through the interpreter with the address checker
+    _triton_decode.INTERPRET = False
+    try:
+        report["decode_gpu_plans"] = decode_errors("cpu", torch.float32, tokens=(1, 17, 33))
+    finally:
+        _triton_decode.INTERPRET = True
+    report["addresses"] = {"installed": checker.installed, "checked": checker.checked,
+                           "violations": checker.violations[:20]}
     # auto dispatch under the interpreter: inference at few tokens takes the decode kernels
     torch.manual_seed(0)
     layers = {"monarch": Monarch(48, 32, nblocks=4), "lowrank": LowRank(48, 32, rank=4),
@@ -272,6 +336,15 @@ def test_decode_kernels_match_reference_interpreter(interpret_report):
     bad = {k: v for k, v in errs.items() if not v <= TOL["float32"]}
     assert not bad, bad
     bad = {k: v for k, v in interpret_report["decode_fp16"].items() if not v <= TOL["float16"]}
+    assert not bad, bad
+
+
+def test_decode_kernels_stay_in_bounds_interpreter(interpret_report):
+    """Every enabled load/store lane of the decode kernels lies inside its tensors, with the interpreter's plans and
+    with the GPU's (wider tiles, token blocks of 16 past 16 tokens); the GPU plans also give the reference's sums."""
+    entry = interpret_report["addresses"]
+    assert entry["installed"] and entry["checked"] > 0 and not entry["violations"], entry
+    bad = {k: v for k, v in interpret_report["decode_gpu_plans"].items() if not v <= TOL["float32"]}
     assert not bad, bad
 
 
