@@ -37,12 +37,19 @@ def sqrt_factor(h: Tensor, symmetric: bool = False) -> Tensor:
     return q.mul_(lam.sqrt().unsqueeze(-2))
 
 
+def finite_factor(factor: Tensor) -> bool:
+    """Whether a triangular Cholesky factor is finite, from its diagonal: a NaN/Inf anywhere in the factored part
+    of the input flows into the diagonal entry of its row (each pivot sums the squares of its row), so n checks
+    stand for n^2 (the statistics themselves are checked for NaN/Inf once, before any projection)."""
+    return bool(torch.isfinite(factor.diagonal(dim1=-2, dim2=-1)).all())
+
+
 def whitening_factor(h: Tensor) -> Tensor:
     """S with S S^T = h for a damped, symmetric Gram (from :func:`damped`): its lower Cholesky factor when the
     factorization succeeds and is finite (the cost of SVD-LLM's own whitening), else the clamped ``eigh`` square
     root, which always exists. Either S gives the same whitened optimum (any S S^T = H does)."""
     low, info = torch.linalg.cholesky_ex(h)
-    if int(info) == 0 and bool(torch.isfinite(low).all()):
+    if int(info) == 0 and finite_factor(low):
         return low
     log.debug("whitening: Cholesky of the damped Gram (%d x %d) failed (info=%d or non-finite); using the "
               "clamped eigh square root", h.shape[0], h.shape[0], int(info))

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..structures.sparse import FixedSparse, NMSparse
-from ._linalg import cached_factor, damped, sym_eigh
+from ._linalg import cached_factor, damped, finite_factor, sym_eigh
 from .registry import Problem, register_projection
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,9 @@ def inverse_cholesky_upper(h: Tensor, damp: float) -> Tensor:
     float32), the inverse comes from ``eigh`` with the spectrum clamped at half the damping level instead."""
     hd = damped(_revive_dead_inputs(h), damp)
     low, info = torch.linalg.cholesky_ex(hd)
-    if int(info) == 0 and bool(torch.isfinite(low).all()):
+    if int(info) == 0 and finite_factor(low):
         upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
-        if int(info) == 0 and bool(torch.isfinite(upper).all()):
+        if int(info) == 0 and finite_factor(upper):
             return upper
     log.debug("sparsegpt: Cholesky of the damped Hessian (%d x %d) or of its inverse failed; using the clamped "
               "eigh inverse", hd.shape[0], hd.shape[0])
