@@ -5,6 +5,7 @@ import random
 
 import torch
 
+from structmat.bench import state_tracking
 from structmat.bench.state_tracking import PRESETS, _eval_expr, _gen_bracket_expr, _group, lr_factor, main, make_batch
 
 
@@ -54,3 +55,12 @@ def test_preset_fills_what_flags_leave_open(tmp_path):
     assert proto["preset"] == "grazzi2025" and proto["weight_decay"] == 0.05  # the flag wins
     assert proto["warmup_frac"] == 0.1 and proto["min_lr_frac"] == 1e-3 and proto["model"]["n_heads"] == 4
     assert proto["published_budget"]["steps"] == 100_000
+
+
+def test_kernel_warm_up_runs_each_delta_shape_once(monkeypatch):
+    seen = []
+    monkeypatch.setattr(state_tracking, "run_one", lambda job: seen.append((job["model"], job["steps"])) or {})
+    jobs = [dict(model=m, task=t, seed=s, test_lengths=[40, 256]) for t in ("parity", "s3") for s in (0, 1)
+            for m in ("deltanet[0,1]", "deltanet[-1,1]", "deltaproduct2[-1,1]", "ssm[-1,1]")]
+    state_tracking.warm_kernel_caches(jobs)
+    assert seen == [("deltanet[0,1]", 1), ("deltaproduct2[-1,1]", 1)]  # n_h = 1 and 2 once each, no SSM

@@ -303,6 +303,24 @@ def _worker(args):
         return dict(model=job["model"], task=job["task"], seed=job["seed"], error=repr(e))
 
 
+def warm_kernel_caches(jobs: list[dict]) -> float:
+    """Run one training step and one evaluation of each distinct kernel shape among ``jobs`` in this process, before
+    the worker pool starts: fla compiles and autotunes its Triton kernels on first use (minutes per shape set on a
+    fresh H200) and keeps the result in Triton's on-disk cache, so the workers then load it instead of all compiling
+    at once (20 workers compiling together spent a whole 110 s budget on their first step). Returns the seconds
+    spent; the runs' results are discarded (a failure raises before any worker starts)."""
+    t0 = time.time()
+    seen = set()
+    for job in jobs:
+        spec = MODELS[job["model"]]
+        if spec["kind"] != "delta" or spec["nh"] in seen:  # the kernels differ by n_h, not by task or seed
+            continue
+        seen.add(spec["nh"])
+        run_one({**job, "steps": 1, "test_lengths": [max(job["test_lengths"])], "max_seconds": 1e9})  # raises on error
+    print(f"kernel warm-up: {len(seen)} shape sets in {time.time() - t0:.1f} s", flush=True)
+    return time.time() - t0
+
+
 def _git_sha():
     try:
         import subprocess
@@ -453,6 +471,8 @@ def main(argv=None) -> int:
     if a.workers > 1:
         import multiprocessing as mp
 
+        if device.startswith("cuda") and a.backend in ("fla", "auto"):
+            warm_kernel_caches(jobs)
         threads = max(1, (os.cpu_count() or 2) // a.workers)
         with mp.get_context("spawn").Pool(a.workers) as pool:
             for r in pool.imap_unordered(_worker, [(j, threads) for j in jobs]):
