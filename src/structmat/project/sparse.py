@@ -108,6 +108,9 @@ def _revive_dead_inputs(h: Tensor) -> Tensor:
     return h
 
 
+_UPDATE_GROUP = 16  # unstructured: columns whose updates to the rest of the block are applied together
+
+
 def sparsegpt(w: Tensor, gram: Tensor, *, nm: tuple[int, int] | None = None, nnz: int | None = None,
               blocksize: int = 128, damp: float = 0.01, upper: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """SparseGPT on ``w`` (out, cols; float32 or float64) with Gram ``gram`` (cols, cols); see the module
@@ -145,17 +148,26 @@ def sparsegpt(w: Tensor, gram: Tensor, *, nm: tuple[int, int] | None = None, nnz
             if drop:
                 score = (w1.square() / d.square()).reshape(-1)
                 pruned.view(-1)[torch.argsort(score)[:drop]] = True
-        for j in range(width):
-            if nm is not None and j % m == 0:
-                score = w1[:, j:j + m].square() / d[j:j + m].square()
+        # Column j's update reaches the block's later columns before they are read; columns past the current
+        # group (of m for N:M) are read only when their group starts, so their updates are applied once per group
+        # (one rank-`step` product) instead of once per column: the same arithmetic, far fewer passes.
+        step = m if nm is not None else _UPDATE_GROUP
+        for g0 in range(0, width, step):
+            g1 = min(g0 + step, width)
+            if nm is not None:
+                score = w1[:, g0:g1].square() / d[g0:g1].square()
                 drop_idx = score.topk(m - n, dim=1, largest=False).indices
-                pruned[:, j:j + m].scatter_(1, drop_idx, True)
-            col = w1[:, j]
-            q = col.masked_fill(pruned[:, j], 0.0)
-            e = (col - q) / d[j]
-            w1[:, j:].addr_(e, u1[j, j:], alpha=-1.0)
-            w1[:, j] = q
-            err[:, j] = e
+                pruned[:, g0:g1].scatter_(1, drop_idx, True)
+            for j in range(g0, g1):
+                col = w1[:, j]
+                q = col.masked_fill(pruned[:, j], 0.0)
+                e = (col - q) / d[j]
+                if j + 1 < g1:
+                    w1[:, j + 1:g1].addr_(e, u1[j, j + 1:g1], alpha=-1.0)
+                w1[:, j] = q
+                err[:, j] = e
+            if g1 < width:
+                w1[:, g1:].addmm_(err[:, g0:g1], u1[g0:g1, g1:], alpha=-1.0)
         w[:, i1:i2] = w1
         kept[:, i1:i2] = ~pruned
         if i2 < cols:
