@@ -46,7 +46,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("convert", "budget", "llama1b", "table")
-DEFAULT_TIMEOUTS = {"convert": 90, "budget": 100, "llama1b": 90, "table": 130}
+DEFAULT_TIMEOUTS = {"convert": 90, "budget": 100, "llama1b": 90, "table": 120}
 
 
 # ------------------------------------------------------------------------------------------------ 1. convert
