@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..calibrate import InputStats
 from ..structures.lowrank import LowRank
-from ._linalg import balanced, cached_factor, damped, whitening_factor
+from ._linalg import cached_factor, damped, whitening_factor
 from .registry import Problem, register_projection
 
 LOWRANK_METHODS = ("data-free", "whitened", "asvd", "fisher")
@@ -60,9 +60,15 @@ def lowrank_basis(w: Tensor, method: str, stats: InputStats | None, fisher: Tens
 def apply_basis(w: Tensor, side: str, basis: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """Balanced factors (U, V) of the rank-``rank`` projection of ``w`` on ``basis``."""
     b = basis[:, :rank]
+    # b has orthonormal columns, so the SVD of the small factor alone splits the product (no QR of b needed):
+    # left: B B^T W = (B U2) S V2^T with U2 S V2^T = svd(B^T W); right: W B B^T = U2 S (B V2)^T, svd(W B).
     if side == "left":
-        return balanced(b, b.T @ w)
-    return balanced(w @ b, b.T)
+        u2, s, vh = torch.linalg.svd(b.T @ w, full_matrices=False)
+        root = s.sqrt()
+        return (b @ u2) * root, root.unsqueeze(-1) * vh
+    u2, s, vh = torch.linalg.svd(w @ b, full_matrices=False)
+    root = s.sqrt()
+    return u2 * root, root.unsqueeze(-1) * (vh @ b.T)
 
 
 def error_curve(w: Tensor, side: str, basis: Tensor, h: Tensor) -> Tensor:
