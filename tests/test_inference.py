@@ -418,3 +418,22 @@ def test_bench_infer_needs_cuda():
         pytest.skip("a CUDA machine runs the real benchmark")
     with pytest.raises(SystemExit, match="CUDA"):
         infer.main(["--out", "/nonexistent-never-written"])
+
+
+def test_merge_cached_in_inference_mode_is_not_reused_for_training():
+    # a frozen structured base evaluated under inference_mode, then trained through (adapter-style): the dense merge
+    # cached during the evaluation is an inference tensor that autograd cannot save, so it must not be reused
+    from structmat.kernels import dispatch
+
+    dispatch.clear_cache()
+    factors = (torch.randn(4, 3, 3),)
+    with torch.inference_mode():
+        cached = dispatch.merged_weight(dispatch.merge_blockdiag, factors, torch.float32)
+    assert cached.is_inference()
+    x = torch.randn(2, 12, requires_grad=True)
+    W = dispatch.merged_weight(dispatch.merge_blockdiag, factors, torch.float32)
+    assert not W.is_inference()
+    (x @ W.t()).sum().backward()  # raised "Inference tensors cannot be saved for backward" before
+    torch.testing.assert_close(W, cached)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    dispatch.clear_cache()

@@ -86,7 +86,10 @@ _dense_cache: dict[int, tuple[weakref.ref, tuple, Tensor]] = {}
 
 
 def _cache_key(factors: tuple[Tensor, ...], dtype: torch.dtype) -> tuple:
-    return tuple((id(f), f.data_ptr(), f._version, f.dtype, f.device, tuple(f.shape)) for f in factors) + (dtype,)
+    # the inference-mode flag is part of the key: a merge cached under torch.inference_mode() is an inference tensor,
+    # which autograd refuses to save, so training after an inference-mode evaluation must merge afresh
+    return tuple((id(f), f.data_ptr(), f._version, f.dtype, f.device, tuple(f.shape)) for f in factors) + (
+        dtype, torch.is_inference_mode_enabled())
 
 
 def merged_weight(merge: Callable[..., Tensor], factors: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
