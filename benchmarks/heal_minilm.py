@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import io
 import json
 import sys
 import time
@@ -104,7 +103,7 @@ def _plot(summary: dict, curve: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from structmat.atomic import write_atomic
+    from structmat.atomic import write_png
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
     ax.plot([c["step"] for c in curve], [c["cosine"] for c in curve], "o-", ms=3,
@@ -119,10 +118,7 @@ def _plot(summary: dict, curve: list[dict], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return write_atomic(path, buf.getvalue())
+    return write_png(path, fig)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import copy
 import datetime as dt
-import io
 import json
 import random
 import re
@@ -456,7 +455,7 @@ def _plot(results: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from structmat.atomic import write_atomic
+    from structmat.atomic import write_png
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110)
     heal = results["parts"].get("heal", {})
@@ -492,10 +491,7 @@ def _plot(results: dict, path: Path) -> Path:
     ax.grid(alpha=0.3)
     fig.suptitle(f"SmolLM2 on {results['run_info'].get('device', '?')}")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return write_atomic(path, buf.getvalue())
+    return write_png(path, fig)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -39,3 +40,13 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def write_png(path: str | os.PathLike, fig, **savefig_kwargs) -> Path:
+    """Render a matplotlib figure to PNG in memory, close it, and write the bytes atomically."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **savefig_kwargs)
+    plt.close(fig)
+    return write_atomic(path, buf.getvalue())

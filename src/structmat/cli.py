@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
-import io
 import json
 import os
 import re
@@ -12,15 +10,6 @@ import sys
 from pathlib import Path
 
 import torch
-
-
-def _save_png(fig_writer, path: Path) -> Path:
-    """Render a plot into memory, then write it atomically."""
-    from .eval.results import write_atomic
-
-    buf = io.BytesIO()
-    fig_writer(buf)
-    return write_atomic(path, buf.getvalue())
 
 
 def _corpus_split(spec: str):
@@ -74,8 +63,7 @@ def _demo_encoder(args: argparse.Namespace, methods: list[str]) -> int:
     payload = {"metrics": rows_as_dicts(rows), "corpus": {"train": manifest(train), "validation": manifest(val)},
                "run_info": run_info(_args_record(args), seed=args.seed)}
     print(f"wrote {write_json(out / 'demo.json', payload)}")
-    png = _save_png(lambda buf: plot_frontier(rows, buf, "MiniLM-L6: fidelity vs linear-layer params"),
-                    out / "demo_frontier.png")
+    png = plot_frontier(rows, out / "demo_frontier.png", "MiniLM-L6: fidelity vs linear-layer params")
     print(f"wrote {png}")
     return 0
 
@@ -123,7 +111,7 @@ def _demo_causal(args: argparse.Namespace, methods: list[str]) -> int:
                "run_info": run_info(_args_record(args), seed=args.seed, device=str(device))}
     print(f"wrote {write_json(out / 'demo.json', payload)}")
     title = f"{Path(loaded.source).name}: perplexity vs linear-layer params"
-    print(f"wrote {_save_png(lambda buf: plot_frontier(rows, buf, title, dense), out / 'demo_frontier.png')}")
+    print(f"wrote {plot_frontier(rows, out / 'demo_frontier.png', title, dense)}")
     return 0
 
 
@@ -268,7 +256,7 @@ def _compress(args: argparse.Namespace) -> int:
                                                          "run_info": run_info(_args_record(args))})
     print(f"wrote {path}")
     if args.evaluate and len(results) > 1:
-        print(f"wrote {_save_png(lambda buf: _plot_quality(results, loaded.kind, buf), Path(args.out) / 'frontier.png')}")
+        print(f"wrote {_plot_quality(results, loaded.kind, Path(args.out) / 'frontier.png')}")
     return 0
 
 
@@ -312,7 +300,7 @@ def _convert_smollm2(args: argparse.Namespace) -> int:
 
 
 
-def _plot_quality(results: list[dict], kind: str, buf) -> None:
+def _plot_quality(results: list[dict], kind: str, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -326,8 +314,9 @@ def _plot_quality(results: list[dict], kind: str, buf) -> None:
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
+    from .atomic import write_png
+
+    return write_png(path, fig)
 
 
 

@@ -32,7 +32,6 @@ import argparse
 import datetime as _dt
 import gc
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -322,7 +321,7 @@ def _ratios(result: dict) -> None:
         row["vs_dense"] = r
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -342,7 +341,9 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"structmat bench infer ({result['run_info']['device']}, {result['dtype']})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from ..atomic import write_png
+
+    return write_png(path, fig, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:

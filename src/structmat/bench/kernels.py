@@ -234,7 +234,7 @@ def run_info(args: dict) -> dict:
                 python=platform.python_version(), args=args, argv=sys.argv)
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,8 +266,9 @@ def plot(result: dict, path: Path) -> None:
                 ax.legend(fontsize=7)
     fig.suptitle(f"structmat kernels on {result['run_info']['device']} ({result['run_info']['date']})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from ..atomic import write_png
+
+    return write_png(path, fig, dpi=110)
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import io
 import sys
 import tempfile
 import time
@@ -136,7 +135,7 @@ def _plot(curves: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..atomic import write_atomic
+    from ..atomic import write_png
 
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
     for key, ys in curves.items():
@@ -147,10 +146,7 @@ def _plot(curves: dict, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return write_atomic(path, buf.getvalue())
+    return write_png(path, fig)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
+from ..atomic import write_png
 from ..compress import Allowed, Compressor
 from ..plan import Target
 from .results import markdown_table
@@ -124,7 +126,8 @@ def format_rows(rows: list[SweepRow], dense: dict[str, Any] | None = None) -> st
                           left=3)
 
 
-def plot_frontier(rows: list[SweepRow], path, title: str, dense: dict[str, Any] | None = None) -> None:
+def plot_frontier(rows: list[SweepRow], path, title: str, dense: dict[str, Any] | None = None) -> Path:
+    """The quality-vs-params frontier as a PNG at ``path`` (written atomically); returns the path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,8 +153,7 @@ def plot_frontier(rows: list[SweepRow], path, title: str, dense: dict[str, Any] 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return write_png(path, fig)
 
 
 def rows_as_dicts(rows: list[SweepRow]) -> list[dict[str, Any]]:

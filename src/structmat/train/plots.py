@@ -10,14 +10,13 @@ from typing import Any
 def plot_runs(runs: dict[str, dict[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
     """``runs``: label -> a ``train()`` results dict. Training loss (thin, smoothed) and validation loss (markers)
     against tokens, FLOPs and wall seconds; written atomically as PNG."""
-    import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..atomic import write_atomic
+    from ..atomic import write_png
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), sharey=True)
     for i, (label, res) in enumerate(runs.items()):
@@ -40,7 +39,4 @@ def plot_runs(runs: dict[str, dict[str, Any]], path: str | os.PathLike, title: s
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return write_atomic(path, buf.getvalue())
+    return write_png(path, fig, dpi=110)

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..adapters import adapt, merge, save_adapter
 from ..adapters.core import _weight_of, adaptable_modules
-from ..atomic import write_atomic
+from ..atomic import write_png
 from .loop import (checkpoint_paths, coerce_config, list_checkpoints, load_checkpoint, lr_factor, param_groups,
                    save_checkpoint, set_lr, _restore)
 
@@ -308,7 +308,6 @@ def _evaluate(cfg: TuneConfig, kind: str, model: nn.Module, tokenizer, val_docs,
 
 
 def _plot(results: dict[str, Any], path: Path) -> Path:
-    import io
 
     import matplotlib
 
@@ -334,10 +333,7 @@ def _plot(results: dict[str, Any], path: Path) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle(f"structmat {results['config']['task']}: {results['config']['adapter']}")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return write_atomic(path, buf.getvalue())
+    return write_png(path, fig, dpi=110)
 
 
 # ------------------------------------------------------------------------------------------------------------ run
