@@ -221,8 +221,8 @@ def smollm2_table(folder: Path, out: Path, stamp: str, calib_samples: int, seq_l
     from structmat.compress import Compressor
     from structmat.data.corpus import corpus_from_spec, manifest, split_files, token_stream
     from structmat.data.models import calibration_batches, load_model
-    from structmat.eval.compression_sweep import (BLOCK_LAYERS, METHODS, format_rows, plot_frontier,
-                                                  rows_as_dicts, run_sweep)
+    from structmat.eval.compression_sweep import (BLOCK_LAYERS, METHODS, format_rows, perplexity_row_log,
+                                                  plot_frontier, rows_as_dicts, run_sweep)
     from structmat.eval.perplexity import perplexity
 
     torch.manual_seed(0)
@@ -238,14 +238,7 @@ def smollm2_table(folder: Path, out: Path, stamp: str, calib_samples: int, seq_l
     dense = quality(model)
     dense["seconds"] = time.perf_counter() - start
     print(f"dense perplexity {dense['ppl']:.3f} on {tokens.numel()} held-out tokens", flush=True)
-    partial.write_text(json.dumps({"dense": dense}) + "\n")
-
-    def on_row(r) -> None:
-        print(f"  {r.mode:<10} {r.method:<17} target {r.target:.2f}: ppl {r.ppl:.3f} "
-              f"({r.ppl / dense['ppl']:.2f} x dense, {r.seconds:.1f} s)", flush=True)
-        with partial.open("a") as f:
-            f.write(json.dumps(rows_as_dicts([r])[0]) + "\n")
-
+    on_row = perplexity_row_log(partial, dense)
     comps = {mode: Compressor(model, batches, BLOCK_LAYERS, device=device, sequential=mode == "sequential")
              for mode in ("one-shot", "sequential")}
     common = dict(scope=BLOCK_LAYERS, quality_fn=quality, device=device, on_row=on_row, compressors=comps)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -71,7 +70,8 @@ def _demo_encoder(args: argparse.Namespace, methods: list[str]) -> int:
 def _demo_causal(args: argparse.Namespace, methods: list[str]) -> int:
     from .data.corpus import manifest, token_stream
     from .data.models import calibration_batches
-    from .eval.compression_sweep import BLOCK_LAYERS, format_rows, plot_frontier, rows_as_dicts, run_sweep
+    from .eval.compression_sweep import (BLOCK_LAYERS, format_rows, perplexity_row_log, plot_frontier,
+                                       rows_as_dicts, run_sweep)
     from .eval.perplexity import perplexity
     from .eval.results import run_info, write_json
 
@@ -93,15 +93,7 @@ def _demo_causal(args: argparse.Namespace, methods: list[str]) -> int:
           "tokens", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    partial = out / "demo_rows.jsonl"  # one line per finished row, so a run cut short keeps what it measured
-    partial.write_text(json.dumps({"dense": dense}) + "\n")
-
-    def on_row(r) -> None:
-        print(f"  {r.mode:<10} {r.method:<17} target {r.target:.2f}: ppl {r.ppl:.2f} "
-              f"({r.ppl / dense['ppl']:.2f} x dense, {r.seconds:.0f} s)", flush=True)
-        with partial.open("a") as f:
-            f.write(json.dumps(rows_as_dicts([r])[0]) + "\n")
-
+    on_row = perplexity_row_log(out / "demo_rows.jsonl", dense)
     rows = run_sweep(loaded.model, batches, targets=args.targets, methods=methods, scope=BLOCK_LAYERS,
                      modes=_modes(args), progress=args.progress, device=device, quality_fn=quality, on_row=on_row)
     print()

@@ -106,6 +106,23 @@ def run_sweep(model, calib_batches, targets=(0.25, 0.5, 0.75), methods=None, *, 
     return rows
 
 
+def perplexity_row_log(path, dense: dict[str, Any]) -> Callable[[SweepRow], None]:
+    """An ``on_row`` for :func:`run_sweep` on a causal LM: prints each finished row beside the dense perplexity and
+    appends it to ``path`` as a JSON line (the first line holds the dense result), so a run cut short keeps what it
+    measured."""
+    import json
+
+    path = Path(path)
+    path.write_text(json.dumps({"dense": dense}) + "\n")
+
+    def on_row(r: SweepRow) -> None:
+        print(f"  {r.mode:<10} {r.method:<17} target {r.target:.2f}: ppl {r.ppl:.3f} "
+              f"({r.ppl / dense['ppl']:.2f} x dense, {r.seconds:.1f} s)", flush=True)
+        with path.open("a") as f:
+            f.write(json.dumps(rows_as_dicts([r])[0]) + "\n")
+    return on_row
+
+
 def format_rows(rows: list[SweepRow], dense: dict[str, Any] | None = None) -> str:
     """A markdown table; perplexity rows (causal LMs) also show the ratio to the dense model's perplexity."""
     order = list(METHODS)
