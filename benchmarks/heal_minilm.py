@@ -9,6 +9,10 @@ Usage (CPU; the student comes from ``structmat compress --model minilm --target-
 
     PYTHONPATH=src python benchmarks/heal_minilm.py --student DIR --steps 600 --out benchmarks/results
 
+On a GPU, ``--device cuda --max-seconds S`` trains for at most S seconds of step time (the lr schedule ends there);
+``--teacher FOLDER`` takes MiniLM from a model folder (e.g. the package's ``model/`` copied elsewhere) instead of the
+installed package. ``benchmarks/experiments/gpu_round_minilm_call4.sh`` is the GPU round.
+
 Writes ``heal-minilm-<UTC>.json`` and ``.png`` under ``--out`` (the tune run's own files under ``--work``).
 """
 
@@ -25,6 +29,13 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--student", required=True, help="the compressed MiniLM directory (structmat compress)")
+    p.add_argument("--teacher", default="minilm",
+                   help="the original MiniLM: 'minilm' (the installed package) or its model folder")
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N")
+    p.add_argument("--max-seconds", type=float, default=0.0,
+                   help="> 0: stop training after this many seconds of step time (the lr schedule ends there)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", type=float, default=0.02, help="adapter params as a fraction of the linear params")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=16)
@@ -34,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--texts", type=int, default=8192, help="training text chunks")
     p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--ckpt-every", type=int, default=None, help="checkpoint every N steps (default: --eval-every; 0: none)")
     p.add_argument("--loss", default="cosine")
     p.add_argument("--hidden-weight", type=float, default=0.0,
                    help="+ this x the per-block hidden-state error relative to the teacher's")
@@ -51,12 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.time()
-    res = tune({"out_dir": args.work, "task": "heal", "model": args.student, "teacher": "minilm", "init": "eora",
+    res = tune({"out_dir": args.work, "task": "heal", "model": args.student, "teacher": args.teacher, "init": "eora",
                 "adapter": "lowrank:rank=8", "adapter_budget": args.budget, "loss": args.loss, "steps": args.steps,
                 "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "warmup": args.warmup,
                 "texts": args.texts, "eval_every": args.eval_every, "extra_trainable": args.extra_trainable,
-                "eval_texts": 256, "ckpt_every": args.eval_every,
-                "hidden_weight": args.hidden_weight, "calib_samples": args.calib_samples, "merge": True, "threads": args.threads})
+                "eval_texts": 256,
+                "ckpt_every": args.eval_every if args.ckpt_every is None else args.ckpt_every,
+                "hidden_weight": args.hidden_weight, "calib_samples": args.calib_samples, "merge": True,
+                "threads": args.threads, "device": args.device, "max_seconds": args.max_seconds,
+                "min_lr_ratio": args.min_lr_ratio, "seed": args.seed, "progress": sys.stderr.isatty()})
     # The compressed model alone: structmat compress evaluated it with the same protocol and held-out texts.
     found = [f for f in (Path(args.student) / "compress.json", Path(args.student).parent / "compress.json")
              if f.is_file()]  # one target: next to the model; several: in the parent folder
@@ -84,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "trainable_fraction": res["params"]["trainable"] / res["params"]["linear"], "ranks": res["setup"].get("ranks"),
         "target_cosine": 0.95, "met": curve[-1]["cosine"] >= 0.95,
         "wall_s_total": time.time() - start, "tokens_per_s": res["tokens_per_s"],
+        "steps_done": curve[-1]["step"], "stopped": res.get("stopped"), "peak_memory_bytes": res.get("peak_memory_bytes"),
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "ranks"}, indent=1), flush=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -91,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"summary": summary, "curve": curve, "merge": res["merge"], "config": res["config"],
                "adapt": res["setup"].get("adapt"), "history": res["history"], "data": res["data"],
                "command": " ".join(["python", "benchmarks/heal_minilm.py", *(argv or sys.argv[1:])]),
-               "run_info": run_info(vars(args), seed=0, device="cpu")}
+               "run_info": run_info(vars(args), seed=args.seed, device=args.device or "cpu")}
     print(f"wrote {write_json(out / f'heal-minilm-{stamp}.json', payload)}")
     print(f"wrote {_plot(summary, curve, out / f'heal-minilm-{stamp}.png')}")
     return 0

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from structmat.compress import DEFAULT_ALLOW
 
 BLOCK_LINEARS = r".*layers\.\d+\..*"
+FALLBACK_ALLOW = "lowrank@whitened"  # what the budget solver uses when pricing the asked mix runs out of time
 NORMS = r".*norm.*\.weight"
 
 
@@ -78,11 +79,13 @@ def _peak(device: torch.device) -> int | None:
 
 def train(model, loss_fn: Callable[[torch.Tensor], torch.Tensor], stream: torch.Tensor, *, steps: int,
           batch_size: int, seq_len: int, lr: float, device: torch.device, autocast: bool, max_seconds: float,
-          eval_fn: Callable[[], float] | None = None, eval_at: set[int] = frozenset(), seed: int = 0) -> dict:
+          eval_fn: Callable[[], float] | None = None, eval_at: set[int] = frozenset(), seed: int = 0,
+          on_eval: Callable[[list[dict]], None] | None = None) -> dict:
     """AdamW (warmup 10% + cosine to 0.1 x lr, clip 1.0) on the parameters that require grad, on random windows of
     ``stream``; stops at ``steps`` or when ``max_seconds`` of training time are spent. Returns the loss history,
     the evaluations at ``eval_at`` (and at the last step), tokens/s over the training steps (evaluation excluded),
-    the optimizer's state bytes and the peak device memory."""
+    the optimizer's state bytes and the peak device memory. ``on_eval(evals)`` is called after every evaluation
+    (to write the curve so far)."""
     from structmat.train.galore import state_bytes
     from structmat.train.loop import lr_factor, param_groups, set_lr
 
@@ -103,6 +106,8 @@ def train(model, loss_fn: Callable[[torch.Tensor], torch.Tensor], stream: torch.
     _peak_reset(device)
     if eval_fn is not None and 0 in eval_at:
         evals.append({"step": 0, "wall_s": 0.0, "ppl": eval_fn()})
+        if on_eval is not None:
+            on_eval(evals)
     step = 0
     while step < steps:
         if train_s >= max_seconds:
@@ -126,9 +131,14 @@ def train(model, loss_fn: Callable[[torch.Tensor], torch.Tensor], stream: torch.
         history.append({"step": step, "loss": value, "train_s": train_s})
         if eval_fn is not None and step in eval_at:
             evals.append({"step": step, "wall_s": train_s, "ppl": eval_fn()})
+            print(f"step {step}: ppl {evals[-1]['ppl']:.3f} after {train_s:.1f} s", flush=True)
+            if on_eval is not None:
+                on_eval(evals)
             model.train()
     if eval_fn is not None and (not evals or evals[-1]["step"] != step):
         evals.append({"step": step, "wall_s": train_s, "ppl": eval_fn()})
+        if on_eval is not None:
+            on_eval(evals)
     model.eval()
     return {"steps_done": step, "steps_asked": steps, "stopped": stopped, "train_s": train_s,
             "tokens_per_s": step * batch_size * seq_len / train_s if train_s else None,
@@ -162,14 +172,58 @@ def part_compress(ctx: dict, args) -> dict:
     batches = calibration_batches(Loaded(dense, ctx["tokenizer"], "causal", args.model), ctx["heal_train"],
                                   args.calib_samples, args.calib_len, batch_size=32)
     comp = Compressor(dense, batches, BLOCK_LINEARS, device=device, progress=False)
-    done = comp.budget(args.target, allow=args.allow)
+    done, pricing = budget_capped(comp, args.target, args.allow, args.price_seconds)
     _sync(device)
     seconds = time.perf_counter() - start
+    ctx["checkpoint"]("compress", {"pricing": pricing, "mix": done.mix(), "seconds": seconds,
+                                   "params_fraction": done.report.params_fraction})
     ctx["compressor"], ctx["student"] = comp, done.model
     ppl = _ppl(done.model, ctx["heal_val"], args.eval_window, device)
-    return {"target": args.target, "allow": args.allow, "params_fraction": done.report.params_fraction, "mix": done.mix(),
+    return {"target": args.target, "allow": pricing["allow_used"], "pricing": pricing,
+            "params_fraction": done.report.params_fraction, "mix": done.mix(),
             "seconds": seconds, "calibration": {"samples": args.calib_samples, "seq_len": args.calib_len},
             "dense_ppl": ctx["dense_ppl"], "ppl": ppl, "ppl_ratio": ppl / ctx["dense_ppl"]}
+
+
+def budget_capped(comp, target: float, allow: str, cap_s: float):
+    """``Compressor.budget(target, allow)`` with its pricing capped: layers are priced group by group (the layers
+    that share statistics together); when ``cap_s`` seconds have gone before every layer is priced, the solver runs
+    on ``FALLBACK_ALLOW`` instead -- its candidates of the layers already priced are kept, the rest priced for it
+    alone. Returns the compressed model and what happened (``pricing``: the fallback, if any, is stated there)."""
+    from structmat.compress import budget_plan, parse_allow, price_layers
+
+    allowed = parse_allow(allow)
+    stats = comp.statistics()
+    start = time.perf_counter()
+    groups: dict[int, list[str]] = {}
+    for name in comp.names:
+        groups.setdefault(id(stats[name]), []).append(name)
+    candidates: dict[str, list] = {}
+    fallback = None
+    for names in groups.values():
+        if time.perf_counter() - start >= cap_s:
+            fallback = (f"pricing with {allow!r} had priced {len(candidates)} of {len(comp.names)} layers when its "
+                        f"cap of {cap_s:g} s ran out: the budget was solved over {FALLBACK_ALLOW!r} instead")
+            break
+        candidates.update(price_layers(comp.model, allowed, stats, names, device=comp.device))
+    record = {"allow_asked": allow, "cap_s": cap_s, "layers": len(comp.names), "priced_with_allow": len(candidates)}
+    if fallback:
+        print(f"compress: {fallback}", flush=True)
+        allowed = parse_allow(FALLBACK_ALLOW)
+        kept = {n: [c for c in cs if c.method == "none" or (getattr(c.spec, "name", None) == "lowrank"
+                                                             and c.method == "whitened")]
+                for n, cs in candidates.items()}
+        rest = [n for n in comp.names if n not in kept]
+        kept.update(price_layers(comp.model, allowed, stats, rest, device=comp.device))
+        candidates = kept
+    record.update(fallback=fallback, allow_used=FALLBACK_ALLOW if fallback else allow,
+                  pricing_s=time.perf_counter() - start)
+    candidates = {n: candidates[n] for n in comp.names}
+    plan, chosen = budget_plan(comp.model, allowed, stats, target, names=comp.names, sensitivity=comp.sensitivity(),
+                               candidates=candidates)
+    done = comp.uniform(plan)
+    done.target, done.chosen = target, chosen
+    return done, record
 
 
 def part_heal(ctx: dict, args) -> dict:
@@ -197,11 +251,13 @@ def part_heal(ctx: dict, args) -> dict:
     eval_at = {0} | {max(1, round(args.heal_steps * f)) for f in (0.125, 0.25, 0.5, 0.75, 1.0)}
     share = 0.5 if "table" in ctx["parts"] else 1.0  # the other half of what is left: the table
     cap = min(args.heal_seconds, share * (_left(ctx) - 20))
+    so_far = {"ranks": ranks, "adapter_params": report.adapter_params, "norm_params": norm_params,
+              "block_linear_params": linear, "dense_ppl": ctx["dense_ppl"], "cap_s": cap}
     run = train(student, kl_loss(student, teacher), ctx["heal_stream"], steps=args.heal_steps,
                 batch_size=args.batch_size, seq_len=args.seq_len, lr=args.heal_lr, device=device,
                 autocast=ctx["autocast"], max_seconds=cap, seed=args.seed,
                 eval_fn=lambda: _ppl(student, ctx["heal_val"], args.eval_window, device),
-                eval_at=eval_at)
+                eval_at=eval_at, on_eval=lambda evals: ctx["checkpoint"]("heal", {**so_far, "curve": evals}))
     trainable = run["trainable_params"]
     healed = run["evals"][-1]["ppl"]
     dense_ppl = ctx["dense_ppl"]
@@ -259,6 +315,7 @@ def part_table(ctx: dict, args) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         rows.append(row)
+        ctx["checkpoint"]("table", {"ppl_before": before, "rank": args.rank, "rows": rows})
         print(f"table {name}: " + (row.get("error", "").splitlines()[-1:] or [
               f"ppl {before:.2f} -> {row['ppl']:.2f}, {row['trainable_params']:,} params, "
               f"{row['tokens_per_s']:,.0f} tok/s"])[0], flush=True)
@@ -327,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     # a) compress
     p.add_argument("--target", type=float, default=0.5)
     p.add_argument("--allow", default=DEFAULT_ALLOW, help="structures the budget solver may use")
+    p.add_argument("--price-seconds", type=float, default=90.0,
+                   help=f"cap of the pricing of --allow; past it the solver falls back to {FALLBACK_ALLOW}")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-len", type=int, default=512)
     # b) heal
@@ -393,6 +452,13 @@ def main(argv: list[str] | None = None) -> int:
         results["data"]["table_train"] = manifest(ft_train)
         results["data"]["table_heldout"] = manifest(ft_val)
 
+    def checkpoint(part: str, record: dict) -> None:
+        """A part's record so far, written at once (marked partial): a run killed from outside loses nothing done."""
+        results["parts"][part] = {**record, "partial": True}
+        results["wall_s"] = time.perf_counter() - wall0
+        write_json(json_path, results)
+
+    ctx["checkpoint"] = checkpoint
     funcs = {"compress": part_compress, "heal": part_heal, "table": part_table}
     for part in parts:
         start = time.perf_counter()
@@ -410,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
         if errors:
+            if not record:  # every backend failed: keep what the part wrote before it failed (marked partial)
+                record = dict(results["parts"].get(part, {}))
             record["errors"] = errors
         record["part_s"] = time.perf_counter() - start
         results["parts"][part] = record

@@ -76,3 +76,27 @@ def test_training_stops_at_its_wall_clock_cap_and_says_so():
     run = script.train(model, loss, torch.randint(16, (256,)), steps=5, batch_size=2, seq_len=8, lr=1e-2,
                        device=torch.device("cpu"), autocast=False, max_seconds=1e9)
     assert run["steps_done"] == 5 and run["stopped"] is None and run["optimizer_state_bytes"] > 0
+
+
+def test_budget_capped_equals_the_solver_and_falls_back_to_low_rank_when_pricing_runs_out():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from structmat.compress import DEFAULT_ALLOW, Compressor
+
+    script = _script()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    batches = [{"input_ids": torch.randint(64, (4, 32))} for _ in range(2)]
+    comp = Compressor(model, batches, script.BLOCK_LINEARS)
+    done, pricing = script.budget_capped(comp, 0.5, DEFAULT_ALLOW, 1e9)
+    assert pricing["fallback"] is None and pricing["priced_with_allow"] == len(comp.names) == 14
+    assert pricing["allow_used"] == DEFAULT_ALLOW
+    reference = comp.budget(0.5)
+    assert {n: (str(c.spec), c.method) for n, c in done.chosen.items()} == \
+        {n: (str(c.spec), c.method) for n, c in reference.chosen.items()}
+    done, pricing = script.budget_capped(comp, 0.5, DEFAULT_ALLOW, 0.0)  # the cap is spent before any layer
+    assert pricing["priced_with_allow"] == 0 and "lowrank@whitened" in pricing["fallback"]
+    assert pricing["allow_used"] == script.FALLBACK_ALLOW
+    assert set(done.mix()) <= {"lowrank@whitened"} and abs(done.report.params_fraction - 0.5) < 0.1

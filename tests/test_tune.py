@@ -185,3 +185,21 @@ def test_hidden_weight_adds_the_per_block_error_of_every_layer():
         TuneConfig(task="heal", model="x", teacher="t", hidden_weight=-1.0)
     with pytest.raises(ValueError, match="needs task=heal"):
         TuneConfig(task="finetune", model="x", hidden_weight=1.0)
+
+
+def test_time_cap_stops_training_and_ends_the_schedule(setup):
+    res = tune(_cfg(setup, "capped", steps=50, max_seconds=1e-9, ckpt_every=0, eval_every=0, device="cpu"))
+    # the first step always outlasts the cap: training stops after it, says so, and still evaluates the end point
+    assert len(res["history"]) == 1 and "time cap" in res["stopped"]
+    assert [v["step"] for v in res["validation"]] == [0, 1]
+    lines = (setup[0] / "capped" / "validation.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [0, 1]
+    from structmat.train.tune import _schedule_step
+
+    cfg = TuneConfig(model="m", steps=100, max_seconds=10.0)
+    assert _schedule_step(5, 6.0, cfg) == 60 and _schedule_step(80, 6.0, cfg) == 80  # the further of the two
+    assert _schedule_step(5, 60.0, cfg) == 100
+    with pytest.raises(ValueError, match="max_seconds"):
+        TuneConfig(model="m", max_seconds=-1)
+    with pytest.raises(ValueError, match="device"):
+        TuneConfig(model="m", device="nodevice")

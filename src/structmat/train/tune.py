@@ -88,6 +88,8 @@ class TuneConfig:
     merge: bool = False               # merge the adapters at the end and save the merged model too
     seed: int = 0
     threads: int | None = None
+    device: str | None = None         # where models, calibration, training and evaluation run (cpu, cuda, cuda:N)
+    max_seconds: float = 0.0          # > 0: training stops after this much step time; the schedule ends there too
     progress: bool = True
     stop_after: int = 0               # testing aid: return after this many steps (as if killed after a checkpoint)
 
@@ -123,6 +125,17 @@ class TuneConfig:
         if not (isinstance(self.hidden_weight, (int, float)) and math.isfinite(self.hidden_weight)
                 and self.hidden_weight >= 0):
             raise ValueError(f"tune config: hidden_weight must be a finite number >= 0, got {self.hidden_weight!r}")
+        if not (isinstance(self.max_seconds, (int, float)) and math.isfinite(self.max_seconds)
+                and self.max_seconds >= 0):
+            raise ValueError(f"tune config: max_seconds must be a finite number >= 0, got {self.max_seconds!r}")
+        if self.device is not None:
+            try:
+                dev = torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ValueError(f"tune config: device {self.device!r} is not a device; use cpu, cuda or cuda:N") \
+                    from None
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"tune config: device {self.device!r} asked for, but this torch has no CUDA device")
         if self.hidden_weight and self.task != "heal":
             raise ValueError("tune config: hidden_weight distils the teacher's hidden states; it needs task=heal")
 
@@ -138,11 +151,13 @@ class TuneConfig:
 
 def _resume_key(cfg: TuneConfig) -> str:
     d = cfg.to_dict()
-    for k in ("out_dir", "threads", "eval_every", "ckpt_every", "keep_checkpoints", "resume", "progress",
+    for k in ("out_dir", "threads", "device", "eval_every", "ckpt_every", "keep_checkpoints", "resume", "progress",
               "stop_after", "merge"):
         d.pop(k)
     if not d["hidden_weight"]:
         d.pop("hidden_weight")  # off: the key of the runs written before the option existed
+    if not d["max_seconds"]:
+        d.pop("max_seconds")
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
@@ -278,13 +293,25 @@ def heldout_kl(model: nn.Module, teacher: nn.Module, tokens: torch.Tensor, windo
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, n, batch_size):
-            batch = seqs[start:start + batch_size]
+            batch = seqs[start:start + batch_size].to(_device_of(model))
             t = teacher(input_ids=batch).logits.float().log_softmax(-1)
             s = model(input_ids=batch).logits.float().log_softmax(-1)
             kl = F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
             total += float(kl.sum())
             count += kl.numel()
     return total / count
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _schedule_step(step: int, wall: float, cfg: TuneConfig) -> float:
+    """Where the lr schedule stands: the step, or -- under a time cap -- the step the elapsed share of
+    ``max_seconds`` corresponds to, whichever is further (so the cosine still ends decayed when time runs out)."""
+    if not cfg.max_seconds:
+        return step
+    return max(step, cfg.steps * min(1.0, wall / cfg.max_seconds))
 
 
 def _evaluate(cfg: TuneConfig, kind: str, model: nn.Module, tokenizer, val_docs, reference,
@@ -296,7 +323,7 @@ def _evaluate(cfg: TuneConfig, kind: str, model: nn.Module, tokenizer, val_docs,
     model.eval()
     with torch.no_grad():
         if kind == "causal":
-            m = perplexity(model, reference, window=cfg.eval_window)
+            m = perplexity(model, reference, window=cfg.eval_window, device=_device_of(model))
             out = {"ppl": m["ppl"], "nll": m["nll"]}
             if teacher is not None:
                 out["kl"] = heldout_kl(model, teacher, reference, cfg.eval_window)
@@ -370,11 +397,13 @@ def _tune(cfg: TuneConfig) -> dict[str, Any]:
     out = Path(cfg.out_dir).expanduser()
     ckpt_dir = out / "checkpoints"
     _seed(cfg.seed)
+    device = torch.device(cfg.device or "cpu")
     model, tokenizer, kind = load_any(cfg.model)
+    model.to(device)
     teacher = None
     if cfg.teacher:
         teacher, t_tok, t_kind = load_any(cfg.teacher)
-        teacher.eval().requires_grad_(False)
+        teacher.to(device).eval().requires_grad_(False)
         tokenizer = t_tok if t_tok is not None else tokenizer
         if t_kind != kind:
             raise ValueError(f"tune: the teacher is a {t_kind} model but the student a {kind} one")
@@ -419,7 +448,8 @@ def _tune(cfg: TuneConfig) -> dict[str, Any]:
         needs_stats = cfg.init == "eora" or cfg.adapter_budget > 0
         if needs_stats:
             loaded = Loaded(teacher, tokenizer, kind, str(cfg.teacher))
-            calib = calibration_batches(loaded, train_docs, cfg.calib_samples, cfg.seq_len)
+            calib = [{k: v.to(device) for k, v in b.items()}
+                     for b in calibration_batches(loaded, train_docs, cfg.calib_samples, cfg.seq_len)]
             stats = calibrate(teacher, names, calib)
         plan: dict[str, Any]
         if cfg.adapter_budget > 0:
@@ -457,7 +487,7 @@ def _tune(cfg: TuneConfig) -> dict[str, Any]:
             g["lr_mult"] = 1.0
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
-    step, wall, history, val_history, resumed_from = 0, 0.0, [], [], None
+    step, wall, history, val_history, resumed_from, stopped = 0, 0.0, [], [], None, None
     existing = list_checkpoints(ckpt_dir) if cfg.resume else []
     if existing:
         step = existing[-1]
@@ -481,18 +511,30 @@ def _tune(cfg: TuneConfig) -> dict[str, Any]:
     def validate() -> None:
         metrics = _evaluate(cfg, kind, model, tokenizer, val_docs, val_ref, teacher)
         val_history.append({"step": step, "wall_s": wall, **metrics})
+        # one line per evaluation as it happens: a run killed from outside keeps its curve (a resumed run appends)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "validation.jsonl", "a") as fh:
+            fh.write(json.dumps(val_history[-1]) + "\n")
+        if not cfg.progress:
+            print(f"{cfg.task} step {step} ({wall:.1f} s): "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
 
     if not val_history:
         validate()  # step 0: the starting point (after the adapter init, e.g. EoRA alone)
     tokens_step = cfg.batch_size * cfg.seq_len
     bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc=cfg.task, unit="step")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     while step < cfg.steps:
+        if cfg.max_seconds and wall >= cfg.max_seconds:
+            stopped = f"time cap of {cfg.max_seconds:g} s of training reached at step {step} of {cfg.steps}"
+            break
         if cfg.stop_after and resumed_from is None and step >= cfg.stop_after:
             bar.close()
             return {"stopped_at": step}
         t_start = time.perf_counter()
-        set_lr(optimizer, cfg.lr, lr_factor(step, cfg.warmup, cfg.steps, cfg.min_lr_ratio))
-        batch = batches.next()
+        set_lr(optimizer, cfg.lr, lr_factor(_schedule_step(step, wall, cfg), cfg.warmup, cfg.steps, cfg.min_lr_ratio))
+        batch = batches.next().to(device, non_blocking=True)
         loss = objective(model, batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"tune: the loss is {float(loss)} at step {step + 1}; lower lr")
@@ -519,8 +561,9 @@ def _tune(cfg: TuneConfig) -> dict[str, Any]:
 
     results: dict[str, Any] = {
         "config": cfg.to_dict(), "kind": kind, "objective": objective.loss,
-        "run_info": run_info(cfg.to_dict(), seed=cfg.seed, device="cpu"),
-        "setup": setup, "resumed_from": resumed_from,
+        "run_info": run_info(cfg.to_dict(), seed=cfg.seed, device=str(device)),
+        "setup": setup, "resumed_from": resumed_from, "stopped": stopped,
+        "peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
         "params": {"trainable": sum(p.numel() for p in trainable), "model": sum(p.numel() for p in model.parameters()),
                    "linear": linear_params},
         "optimizer_state_bytes": state_bytes(optimizer),

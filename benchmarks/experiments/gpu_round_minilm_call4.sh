@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Issue 15, GPU round 2, call 4 of 4 (carry .mlB), right after call 3 (gpu_round_minilm_call3.sh, carry .mlA) parked
+# the first half of MiniLM's model.safetensors in /tmp/minilm. Joins the halves (size + md5 checked), then on cuda:
+#   1. structmat compress --target-params 0.5: the budget solver's 50% student (its cosine / top-1: compress.json);
+#   2. benchmarks/heal_minilm.py: adapters <= 2% of the 36 linear weights (trained LayerNorms/biases counted in it),
+#      EoRA alone at step 0, `structmat heal`'s loop for as much time as is left (--max-seconds: the lr schedule ends
+#      there), the held-out cosine every --eval-every steps (validation.jsonl, written as it goes), then the merge
+#      (N:M bases re-projected with SparseGPT: violations counted) and the merged cosine.
+# Everything goes to "$OUT/15m/"; every step runs under its own timeout, the whole call within CALL4_BUDGET seconds.
+# Run from the repo root: OUT=$OUT bash benchmarks/experiments/gpu_round_minilm_call4.sh
+# CPU rehearsal (a couple of steps): DEVICE=cpu CALL4_BUDGET=... HEAL_FLAGS='...' with a fake /tmp/minilm part A.
+set -u -f   # -f: the regex in HEAL_FLAGS is not a glob
+t0=$(date +%s)
+budget=${CALL4_BUDGET:-290}
+left() { echo $(( budget - ($(date +%s) - t0) )); }
+O="$OUT/15m"
+mkdir -p "$O"
+L="$O/call4.log"
+dev=${DEVICE:-cuda}
+work=${WORK:-/tmp/15m}
+# --- 1. the teacher folder from the two halves
+if [ ! -f /tmp/minilm/model.safetensors.aa ]; then
+  echo "part A missing in /tmp/minilm: the machine was not kept warm since call 3" >> "$L"; exit 4
+fi
+timeout 30 cp -r .mlB/model/. /tmp/minilm/ \
+  && timeout 30 cat /tmp/minilm/model.safetensors.aa /tmp/minilm/model.safetensors.ab > /tmp/minilm/model.safetensors.part \
+  && mv /tmp/minilm/model.safetensors.part /tmp/minilm/model.safetensors && rm -f /tmp/minilm/model.safetensors.aa /tmp/minilm/model.safetensors.ab
+size=$(stat -c %s /tmp/minilm/model.safetensors 2>/dev/null || echo 0)
+md5=$(md5sum /tmp/minilm/model.safetensors 2>/dev/null | cut -d' ' -f1)
+echo "joined model.safetensors: $size bytes (expected $(cat .mlB/model.safetensors.size)), md5 $md5 (expected $(cat .mlB/model.safetensors.md5))" >> "$L"
+if [ "$size" != "$(cat .mlB/model.safetensors.size)" ] || [ "$md5" != "$(cat .mlB/model.safetensors.md5)" ]; then
+  echo "the joined file does not match: stop" >> "$L"; exit 5
+fi
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,driver_version,memory.used,temperature.gpu --format=csv 2>&1; date -u; git log -1 --format=%H 2>&1; } >> "$L"
+rm -rf "$work" && mkdir -p "$work"
+# --- 2. the budget solver's 50% student
+timeout ${COMPRESS_T:-100} python3 -m structmat compress --model /tmp/minilm --target-params 0.5 --device "$dev" \
+  --out "$work/mc" > "$O/compress.log" 2>&1
+echo "compress rc=$? at +$(( $(date +%s) - t0 ))s" >> "$L"
+cp "$work/mc/compress.json" "$O/" 2>> "$L"
+[ -f "$work/mc/target-0.50/structmat.json" ] || { echo "no compressed student: stop" >> "$L"; exit 6; }
+# --- 3. heal for what is left (setup, evaluations, merge and files: HEAL_OVERHEAD seconds)
+rest=$(left)
+train_s=$(( rest - ${HEAL_OVERHEAD:-75} ))
+[ "$train_s" -ge 10 ] || { echo "only ${rest}s left: no heal" >> "$L"; exit 7; }
+echo "heal: ${rest}s left, training capped at ${train_s}s; flags ${HEAL_FLAGS:-(defaults)}" >> "$L"
+# shellcheck disable=SC2086
+timeout $(( rest - 3 )) python3 benchmarks/heal_minilm.py --student "$work/mc/target-0.50" --teacher /tmp/minilm \
+  --device "$dev" --max-seconds "$train_s" --work "$work/heal" --out "$O" \
+  ${HEAL_FLAGS:---steps 100000 --batch-size 64 --seq-len 128 --lr 2e-3 --warmup 100 --texts 32768 --eval-every 250 --ckpt-every 0 --budget 0.018 --extra-trainable .*LayerNorm.*} \
+  > "$O/heal.log" 2>&1
+echo "heal rc=$? at +$(( $(date +%s) - t0 ))s" >> "$L"
+cp "$work/heal/validation.jsonl" "$O/" 2>> "$L"
+cp "$work/heal/results.json" "$O/tune-results.json" 2>> "$L"
+cp "$work/heal/curves.png" "$O/tune-curves.png" 2>> "$L"
+echo "done at +$(( $(date +%s) - t0 ))s" >> "$L"
