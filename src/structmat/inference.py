@@ -15,9 +15,12 @@ with the old weight, and a forward where a factor needs a gradient runs the fact
 from __future__ import annotations
 
 import copy
+import gc
+import warnings
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .structures.base import MERGED_WEIGHT, StructuredLinear
 
@@ -68,3 +71,46 @@ def unmerge_for_inference(model: nn.Module) -> int:
 
 def is_merged(layer: nn.Module) -> bool:
     return isinstance(layer, StructuredLinear) and layer._buffers.get(MERGED_WEIGHT) is not None
+
+
+def live_storages(device_type: str | None = None) -> dict[int, tuple[int, Tensor]]:
+    """``{storage pointer: (bytes, one tensor on it)}`` for every live tensor the garbage collector can see (on
+    ``device_type`` if given). What a forward leaves behind in Python (a cache in a dict, a module attribute, a merged
+    copy) shows here; memory held only inside C++ (an allocator's workspace) does not."""
+    gc.collect()
+    with warnings.catch_warnings():  # (isinstance on some deprecated module attributes warns)
+        warnings.simplefilter("ignore")
+        tensors = [o for o in gc.get_objects() if isinstance(o, Tensor)]
+    found: dict[int, tuple[int, Tensor]] = {}
+    for t in tensors:
+        try:
+            if t.is_meta or t.is_sparse or (device_type is not None and t.device.type != device_type):
+                continue
+            st = t.untyped_storage()
+            if st.data_ptr() and st.nbytes():
+                found[st.data_ptr()] = (st.nbytes(), t)
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
+            continue
+    return found
+
+
+def hidden_tensors(model: nn.Module, before: dict[int, Any] | set[int] = frozenset(),
+                   device_type: str | None = None) -> list[dict[str, Any]]:
+    """Live tensors that are neither ``model``'s parameters and buffers nor in ``before`` (a
+    :func:`live_storages` census taken before the model was built), largest first, each with its bytes, shape, dtype
+    and, where one is found, its owner (a module attribute, or the dispatch's dense-merge cache). A structured model
+    in inference should have none of size: its memory is its parameters plus activations."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()] if not t.is_meta}
+    owners: dict[int, str] = {}
+    for name, module in model.named_modules():
+        for key, value in vars(module).items():
+            if isinstance(value, Tensor) and not value.is_meta:
+                owners.setdefault(value.untyped_storage().data_ptr(), f"{name}.{key}" if name else key)
+    from .kernels import dispatch
+
+    for _, _, merged in list(dispatch._dense_cache.values()):
+        owners.setdefault(merged.untyped_storage().data_ptr(), "structmat.kernels dense-merge cache")
+    rows = [dict(bytes=nbytes, shape=list(t.shape), dtype=str(t.dtype).replace("torch.", ""),
+                 owner=owners.get(ptr, "unknown (not referenced by the model)"))
+            for ptr, (nbytes, t) in live_storages(device_type).items() if ptr not in own and ptr not in before]
+    return sorted(rows, key=lambda r: -r["bytes"])
