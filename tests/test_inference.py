@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -409,6 +410,36 @@ def test_bench_infer_ratios_and_table():
     assert r["graph_compiled_b1"] == pytest.approx(1.5)
     table = infer.format_table(result)
     assert "| blockdiag |" in table and "1.50x" in table and "compiled step b1" in table
+
+
+def test_bench_infer_merge_and_argument_errors(tmp_path):
+    """A round runs each structure in its own process; --merge combines the files and takes ratios against dense.
+    Bad arguments stop before anything is measured."""
+    import json
+
+    from structmat.bench import infer
+
+    def part(name, params, tps):
+        row = {"param_bytes": params, "before_forward_bytes": params, "after_forward_bytes": params,
+               "peak_bytes": params, "prefill_tps": tps, "graph": [{"batch": 1, "tokens_per_s": tps}]}
+        path = tmp_path / f"infer-{name}.json"
+        path.write_text(json.dumps({"shape": {}, "dtype": "bf16", "models": {name: row}, "seconds": 1.0,
+                                    "errors": {"nm24/graph": "boom"} if name == "blockdiag" else {},
+                                    "run_info": {"device": "test", "date": name}}))
+        return str(path)
+
+    files = [part("dense", 100, 10.0), part("blockdiag", 40, 25.0)]
+    assert infer.main(["--merge", *files, "--out", str(tmp_path / "out")]) == 0
+    (merged,) = (tmp_path / "out").glob("infer-*.json")
+    result = json.loads(merged.read_text())
+    assert result["models"]["blockdiag"]["vs_dense"]["graph_b1"] == pytest.approx(2.5)
+    assert result["models"]["blockdiag"]["vs_dense"]["params_vs_dense"] == pytest.approx(0.4)
+    assert result["errors"] == {"nm24/graph": "boom"} and result["merged_from"] == [Path(f).name for f in files]
+    for bad in (["--batches", "1,x"], ["--prefill", "4by2048"], ["--new-tokens", "1"], ["--merge", "/nonexistent.json"]):
+        with pytest.raises(SystemExit) as exc:
+            infer.main([*bad, "--out", str(tmp_path / "never")])
+        assert exc.value.code == 2
+    assert not (tmp_path / "never").exists()
 
 
 def test_bench_infer_needs_cuda():

@@ -9,7 +9,12 @@ For each model (dense and each structure of ``--structures``; ``--checkpoint DIR
   ``after_forward_bytes``  ``torch.cuda.memory_allocated`` after a forward of 1 x 512 tokens, outputs released
                            (what the model holds: parameters, plus anything a forward leaves behind), and
   ``before_forward_bytes`` the same before that forward; both minus what the process held before the model
-                           was built (``baseline_bytes``)
+                           was built (``baseline_bytes``). Memory is measured for every model first, before
+                           anything is timed, compiled or captured, with the process's cuBLAS workspaces allocated
+                           before the first baseline
+  ``hidden``               live tensors beside the parameters (by owner), ``untracked_bytes`` the rest of
+                           after_forward beyond parameters and those (allocator-held); ``--memory-history`` adds
+                           ``untracked_by_frame``, the allocating Python frames of those bytes
   ``peak_bytes``           the peak of that forward, minus the baseline
   ``prefill_tps``          tokens/s of one forward over ``--prefill`` (batch x tokens, logits of the last token)
   ``eager``/``compiled``   HF ``generate`` (greedy, a 16-token prompt, ``--new-tokens`` new tokens forced with
@@ -24,6 +29,9 @@ For each model (dense and each structure of ``--structures``; ``--checkpoint DIR
                            replayed from a CUDA graph vs dense ``F.linear`` the same way, and the achieved GB/s
                            on the structure's own weight bytes
 Speed is reported as a ratio to the dense model measured in the same run. Writes ``infer-<UTC>.json`` and a PNG.
+Compiled rows keep dynamo's recompile and graph-break reasons (``compiled_dynamo_log``). A round that must survive a
+kernel fault (which poisons the CUDA context) runs each structure in its own process (``--no-dense``) and combines
+the files with ``--merge`` (``benchmarks/experiments/gpu_round_infer.sh``).
 """
 
 from __future__ import annotations
@@ -32,8 +40,10 @@ import argparse
 import datetime as _dt
 import gc
 import json
+import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +88,45 @@ def model_bytes(model) -> int:
     return total
 
 
-def memory(model, baseline: int) -> dict:
-    """``baseline``: bytes allocated before the model was built (what the process held already)."""
+def warm_process_buffers(dtype: torch.dtype) -> None:
+    """Allocate what the process keeps for its lifetime on the current stream before any baseline is taken: cuBLAS
+    and cuBLASLt workspaces (32 MiB each on Hopper, held per stream). Measured after a model is built, they were
+    counted as that model's memory (before this, every model that first ran a GEMM "held" 32 MiB more)."""
+    a = torch.randn(64, 64, device="cuda", dtype=dtype)
+    for d in (dtype, torch.float32):
+        (a.to(d) @ a.to(d)).sum().item()
+    torch.nn.functional.linear(a, a).sum().item()
+
+
+def _history_attribution(own: set[int], limit: int = 8) -> list[dict]:
+    """Live allocator blocks that are not the model's parameters/buffers and were allocated while the memory history
+    was recorded, summed by the innermost frames of their allocation (what the bytes are)."""
+    snap = torch.cuda.memory._snapshot()
+    groups: dict[str, int] = {}
+    for seg in snap.get("segments", []):
+        addr = seg["address"]
+        for blk in seg.get("blocks", []):
+            start, size = addr, blk["size"]
+            addr += size
+            if blk.get("state") != "active_allocated" or start in own:
+                continue
+            frames = [f for f in blk.get("frames", []) if f.get("filename", "").endswith(".py")
+                      and "/torch/cuda/memory" not in f["filename"]]
+            if not frames:  # allocated before the recording started (the baseline)
+                continue
+            where = " <- ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in frames[:4])
+            groups[where] = groups.get(where, 0) + size
+    return [dict(bytes=b, where=w) for w, b in sorted(groups.items(), key=lambda kv: -kv[1])[:limit]]
+
+
+def memory(model, baseline: int, census: dict | None = None, history: bool = False) -> dict:
+    """``baseline``: bytes allocated before the model was built (what the process held already); ``census``: the
+    live tensors then (``structmat.inference.live_storages``), so tensors the build or the forward left beside the
+    model are listed by owner (``hidden``); ``untracked_bytes`` is what the allocator holds beyond the parameters
+    and those tensors (C++-side buffers). ``history``: the allocator's memory history was recorded since before the
+    build; the live non-parameter blocks are attributed to the Python frames that allocated them."""
+    from structmat.inference import hidden_tensors
+
     gc.collect()
     torch.cuda.empty_cache()
     _sync()
@@ -88,11 +135,25 @@ def memory(model, baseline: int) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (1, 512), device="cuda")
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=False)
-    del out
+    del out, ids
+    gc.collect()
     _sync()
-    return dict(param_bytes=model_bytes(model), baseline_bytes=baseline, before_forward_bytes=before,
-                after_forward_bytes=torch.cuda.memory_allocated() - baseline,
-                peak_bytes=torch.cuda.max_memory_allocated() - baseline)
+    after = torch.cuda.memory_allocated() - baseline
+    params = model_bytes(model)
+    row = dict(param_bytes=params, baseline_bytes=baseline, before_forward_bytes=before, after_forward_bytes=after,
+               peak_bytes=torch.cuda.max_memory_allocated() - baseline)
+    if census is not None:
+        hidden = hidden_tensors(model, census, "cuda")
+        row["hidden_bytes"] = sum(r["bytes"] for r in hidden)
+        row["hidden"] = hidden[:8]
+        row["untracked_bytes"] = after - params - row["hidden_bytes"]
+    if history:
+        own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        try:  # (a diagnostic: its failure must not lose the measurement)
+            row["untracked_by_frame"] = _history_attribution(own)
+        except Exception as err:
+            row["untracked_by_frame"] = f"failed: {err!r}"[:500]
+    return row
 
 
 def _time_ms(fn, reps: int, warmup: int = 1) -> float:
@@ -234,10 +295,42 @@ def kernel_rows(model, dtype, tokens=(1, 8, 32)) -> list[dict]:
     return rows
 
 
+class _CompileLog(logging.Handler):
+    """Dynamo's recompile and graph-break reasons (the ``recompiles`` / ``graph_breaks`` log artifacts), kept so a
+    compiled row says why it compiled more than one graph."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "__recompiles" in record.name or "__graph_breaks" in record.name:
+            self.lines.append(record.getMessage()[:1500])
+
+
+def _build_named(name: str, args, dtype: torch.dtype, shape: dict):
+    if name == "checkpoint":
+        from structmat.io import load_pretrained
+
+        model = load_pretrained(args.checkpoint, device="cuda", dtype=dtype)
+        model.config.use_cache = True
+        return model.eval()
+    return build(None if name == "dense" else name, dtype, shape)
+
+
+def _fresh_baseline() -> int:
+    torch._dynamo.reset()  # (compiled graphs of the previous model hold its weights)
+    gc.collect()
+    torch.cuda.empty_cache()
+    _sync()
+    return torch.cuda.memory_allocated()
+
+
 def run(args) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("structmat bench infer needs a CUDA GPU")
     from structmat.eval.results import run_info
+    from structmat.inference import live_storages
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     shape = dict(SHAPE)
@@ -245,29 +338,42 @@ def run(args) -> dict:
         shape.update(num_hidden_layers=2)
     batches = [int(b) for b in args.batches.split(",")]
     pb, pt = (int(v) for v in args.prefill.split("x"))
-    names = ["dense", *[s for s in args.structures.split(",") if s]]
+    names = ([] if args.no_dense else ["dense"]) + [s for s in args.structures.split(",") if s]
     if args.checkpoint:
         names.append("checkpoint")
     result: dict[str, Any] = dict(shape=shape, dtype=args.dtype, models={}, errors={})
     t0 = time.time()
+    # Memory first, every model in the same clean state: nothing compiled or captured yet, and the process's own
+    # buffers (cuBLAS workspaces) allocated before the first baseline, so they are nobody's model memory.
+    warm_process_buffers(dtype)
+    for name in names:
+        model = None
+        try:
+            baseline = _fresh_baseline()
+            census = live_storages("cuda")
+            if args.memory_history:
+                torch.cuda.memory._record_memory_history(max_entries=100000)
+            model = _build_named(name, args, dtype, shape)
+            result["models"][name] = memory(model, baseline, census, history=args.memory_history)
+        except Exception as err:  # record and go on: one model's failure must not lose the others
+            result["errors"][f"{name}/memory"] = traceback.format_exc()[-3000:]
+            print(f"{name}/memory: FAILED {err!r}"[:500], flush=True)
+        finally:
+            if args.memory_history:
+                torch.cuda.memory._record_memory_history(enabled=None)
+            model = None
+    log = _CompileLog()
+    torch._logging.set_logs(recompiles=True, graph_breaks=True)
+    logging.getLogger("torch._dynamo").addHandler(log)
     for name in names:
         if time.time() - t0 > args.budget_s:
             result["errors"][name] = f"not run (time budget {args.budget_s:.0f} s spent)"
             continue
+        model = None
         try:
-            torch._dynamo.reset()  # (compiled graphs of the previous model hold its weights)
-            gc.collect()
-            torch.cuda.empty_cache()
-            baseline = torch.cuda.memory_allocated()
-            if name == "checkpoint":
-                from structmat.io import load_pretrained
-
-                model = load_pretrained(args.checkpoint, device="cuda", dtype=dtype)
-                model.config.use_cache = True
-            else:
-                model = build(None if name == "dense" else name, dtype, shape)
-            row: dict[str, Any] = dict(memory(model, baseline))
-            result["models"][name] = row
+            _fresh_baseline()
+            model = _build_named(name, args, dtype, shape)
+            row = result["models"].setdefault(name, {})
             steps = {"prefill_tps": lambda: prefill_tps(model, pb, pt, args.reps),
                      "graph": lambda: [graph_decode_tps(model, b) for b in batches],
                      "eager": lambda: [generate_tps(model, b, args.new_tokens, False, "", "", args.reps)
@@ -284,25 +390,50 @@ def run(args) -> dict:
                 try:  # each measurement on its own: one failure must not lose the others
                     if key in ("compiled", "graph_compiled"):
                         torch._dynamo.reset()
+                        log.lines.clear()
                     row[key] = step()
+                    if key in ("compiled", "graph_compiled") and log.lines:
+                        row[f"{key}_dynamo_log"] = log.lines[:12]
                 except Exception as err:
-                    import traceback
-
                     result["errors"][f"{name}/{key}"] = traceback.format_exc()[-3000:]
                     print(f"{name}/{key}: FAILED {err!r}"[:500], flush=True)
             print(f"{name}: " + json.dumps({k: v for k, v in row.items() if k != "kernels"}, default=str), flush=True)
         except Exception as err:  # record and go on: one model's failure must not lose the others
-            import traceback
-
             result["errors"][name] = traceback.format_exc()[-3000:]
             print(f"{name}: FAILED {err!r}"[:500], flush=True)
         finally:
             model = None
             gc.collect()
             torch.cuda.empty_cache()
+    logging.getLogger("torch._dynamo").removeHandler(log)
     _ratios(result)
     result["seconds"] = time.time() - t0
     result["run_info"] = run_info(vars(args), device="cuda")
+    return result
+
+
+def merge_results(paths: list[str]) -> dict:
+    """One result from several ``infer-*.json`` files of the same round, each run in its own process (a kernel fault
+    such as an illegal address poisons the whole CUDA context, so the round script runs one structure per process):
+    models and errors are combined (the first file that has a model wins) and the ratios are recomputed against the
+    dense row. Every model keeps the run_info of the process that measured it."""
+    result: dict[str, Any] = dict(models={}, errors={}, merged_from=[], seconds=0.0)
+    for path in paths:
+        part = json.loads(Path(path).read_text())
+        result["merged_from"].append(Path(path).name)
+        for key in ("shape", "dtype", "run_info"):
+            result.setdefault(key, part.get(key))
+        result["seconds"] += part.get("seconds", 0.0)
+        for name, row in part.get("models", {}).items():
+            if name not in result["models"]:
+                row.pop("vs_dense", None)
+                row["run_date"] = part.get("run_info", {}).get("date")
+                result["models"][name] = row
+        for key, err in part.get("errors", {}).items():
+            result["errors"].setdefault(key, err)
+    if not result["merged_from"]:
+        raise ValueError("merge_results: no files given")
+    _ratios(result)
     return result
 
 
@@ -311,8 +442,11 @@ def _ratios(result: dict) -> None:
     if not dense:
         return
     for name, row in result["models"].items():
-        r = {"after_forward_over_params": row["after_forward_bytes"] / row["param_bytes"],
-             "params_vs_dense": row["param_bytes"] / dense["param_bytes"]}
+        r = {}
+        if "param_bytes" in row and "param_bytes" in dense:
+            r = {"after_forward_over_params": row["after_forward_bytes"] / row["param_bytes"],
+                 "params_vs_dense": row["param_bytes"] / dense["param_bytes"],
+                 "peak_vs_dense": row["peak_bytes"] / dense["peak_bytes"]}
         if "prefill_tps" in row and "prefill_tps" in dense:
             r["prefill"] = row["prefill_tps"] / dense["prefill_tps"]
         for kind in ("eager", "compiled", "graph", "graph_compiled"):
@@ -368,11 +502,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (median)")
     p.add_argument("--budget-s", type=float, default=480.0, help="stop starting new models after this long")
     p.add_argument("--quick", action="store_true", help="2 layers instead of 8 (a smoke run)")
+    p.add_argument("--no-dense", action="store_true",
+                   help="leave the dense model out (a round that runs each structure in its own process, then --merge)")
+    p.add_argument("--memory-history", action="store_true",
+                   help="record the CUDA allocator's history while each model is built and run once, and attribute "
+                        "live non-parameter blocks to the frames that allocated them (slower allocation)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                   help="combine infer-*.json files of one round (one structure per process) into one result, "
+                        "ratios against their dense row; measures nothing")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     if args.new_tokens < 2:
         p.error("--new-tokens must be >= 2 (decode speed is measured between 1 and N new tokens)")
-    result = run(args)
+    for flag in ("batches", "prefill"):
+        try:
+            [int(v) for v in getattr(args, flag).replace("x", ",").split(",")]
+        except ValueError:
+            p.error(f"--{flag} {getattr(args, flag)!r}: give integers ({'1,8,32' if flag == 'batches' else '4x2048'})")
+    if args.merge:
+        missing = [m for m in args.merge if not Path(m).is_file()]
+        if missing:
+            p.error(f"--merge: no such file(s): {', '.join(missing)}")
+        result = merge_results(args.merge)
+    else:
+        result = run(args)
     from structmat.eval.results import write_json
 
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -394,8 +547,9 @@ def format_table(result: dict) -> str:
     for name, row in result["models"].items():
         r = row.get("vs_dense", {})
         f = lambda k: f"{r[k]:.2f}x" if k in r else "-"  # noqa: E731
-        lines.append(f"| {name} | {row['param_bytes'] / 2**30:.3f} | {r.get('after_forward_over_params', 0):.3f} | "
-                     f"{row['peak_bytes'] / 2**30:.2f} | {f('prefill')} | {f('eager_b1')} | {f('compiled_b1')} | "
+        gib = lambda k: f"{row[k] / 2**30:.3f}" if k in row else "-"  # noqa: E731
+        over = f"{r['after_forward_over_params']:.3f}" if "after_forward_over_params" in r else "-"
+        lines.append(f"| {name} | {gib('param_bytes')} | {over} | {gib('peak_bytes')} | {f('prefill')} | {f('eager_b1')} | {f('compiled_b1')} | "
                      f"{f('graph_compiled_b1')} | {f('graph_b1')} | {f('graph_b8')} | {f('graph_b32')} |")
     return "\n".join(lines)
 
