@@ -13,3 +13,5 @@ STATS_REL = 1e-12  # streamed Gram statistics vs a direct X^T X
 NEVER_WORSE_SLACK = 1e-9  # a data-aware projection vs its data-free counterpart on the calibration objective
 CURVE_REL = 1e-8  # predicted low-rank error curve vs the projection's actual error
 STRICT_GAIN = 0.9  # "strictly better": at most this fraction of the data-free error on correlated data
+MONARCH_DESCENT_REL = 0.03  # whitened Monarch (subspace-iteration sweeps) vs exact-SVD block descent, same sweeps
+MONARCH_PRICE_REL = 0.05  # its budget price (4 cheap sweeps) vs the exact descent's 2-sweep price it replaced

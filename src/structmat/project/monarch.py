@@ -11,7 +11,17 @@ H_kk' the blocks of H. As a function of column block k alone, with the others fi
 optimal column block k is M_k = argmin ||(T_k - M_k) S_k||_F over M_k with rank-c row blocks, where
 T_k = W_k + G_k and S_k S_k^T = H_kk. Row blocks decouple, and each is the whitened rank-c problem of
 ``project/lowrank.py``: M_sk = U_c U_c^T T_sk with U_c the top-c left singular vectors of T_sk S_k (no inverse of
-S_k). Each block update is exactly optimal given the others, so every sweep is monotone.
+S_k).
+
+Cost (this is what the budget solver pays for every layer and size): the start needs one batched SVD of the b x b
+blocks, shared by every block rank c of the size ladder (the top-c vectors of one SVD serve every c). A sweep does
+not take a new SVD per block: the target moves little between sweeps, so U_c is updated by one step of subspace
+iteration warm-started at the current basis, U <- orth(A A^T U) with A = T_sk S_k (matmuls and a thin QR;
+``power`` such steps per update: 2 for a projection, 1 for the budget's prices). For a
+fixed basis U, U U^T T_sk is the best block with that column space, and a subspace-iteration step never captures
+less of A A^T than U did, so every block update still lowers the objective; a sweep that would raise it through
+rounding ends the descent. Both the sqrt factor and the pseudo-inverse of H_kk come from one ``eigh``, computed
+once per statistics object (q/k/v and gate/up share it) and block count.
 
 Start: the better (on the damped objective) of the data-free Monarch projection and the "block-diagonal whitened"
 point T_k = W_k (exact when inputs of different blocks are uncorrelated); then sweep until the relative decrease
@@ -27,8 +37,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..structures.blockdiag import blocks_of
 from ..structures.monarch import Monarch
-from ._linalg import damped, objective, pinv_psd, sqrt_factor
+from ._linalg import cached_factor, damped, sym_eigh
 from .registry import Problem, register_projection
 
 
@@ -36,78 +47,164 @@ def _diag_blocks(h: Tensor, b: int, p: int) -> Tensor:
     return h.reshape(b, p, b, p).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (b, p, p)
 
 
-def _fit_column_block(target: Tensor, s_k: Tensor, b: int, c: int) -> Tensor:
-    """Row blocks of ``target`` (b*u, p), each replaced by its S_k-whitened rank-c projection."""
-    tb = target.reshape(b, -1, target.shape[1])  # (b, u, p)
-    u_mat, _, _ = torch.linalg.svd(tb @ s_k, full_matrices=False)
-    uc = u_mat[..., :c]
-    return (uc @ (uc.transpose(1, 2) @ tb)).reshape(target.shape)
+def _grid(blocks: Tensor) -> Tensor:
+    """(k, s, u, p) column-major block grid -> the (b*u, b*p) matrix."""
+    b, _, u, p = blocks.shape
+    return blocks.permute(1, 2, 0, 3).reshape(b * u, b * p)
 
 
-def whitened_monarch(w: Tensor, gram: Tensor, data_free: Tensor, *, nblocks: int, c: int, out_padded: int,
-                     in_padded: int, damp: float = 1e-6, sweeps: int = 10, tol: float = 1e-4
-                     ) -> tuple[Tensor, dict[str, float]]:
-    """Returns the fitted Monarch member (w's dtype, real shape) and info. ``data_free`` is the data-free member."""
-    out, inn = w.shape
-    b, p = nblocks, in_padded // nblocks
-    wp = w.new_zeros(out_padded, in_padded)
-    wp[:out, :inn] = w
-    hp = gram.new_zeros(in_padded, in_padded)
-    hp[:inn, :inn] = gram.to(w.dtype)
-    h = damped(hp, 0.0)
-    if damp > 0:
-        level = gram.diagonal().mean().clamp_min(torch.finfo(h.dtype).tiny)
-        h = h + damp * level * torch.eye(in_padded, dtype=h.dtype, device=h.device)
-    hkk = _diag_blocks(h, b, p)
-    s = sqrt_factor(hkk)  # (b, p, p)
-    hkk_pinv = pinv_psd(hkk)
+class _Whitening:
+    """The padded damped Gram h, its diagonal blocks H_kk, S_k (S_k S_k^T = H_kk) and H_kk^+ from one batched eigh."""
 
-    def sweep(m_hat: Tensor, first_from_w: bool = False) -> Tensor:
-        e = wp - m_hat
-        eh = e @ h
-        for k in range(b):
-            cols = slice(k * p, (k + 1) * p)
-            if first_from_w:
-                target = wp[:, cols]
-            else:
-                g = (eh[:, cols] - e[:, cols] @ hkk[k]) @ hkk_pinv[k]
-                target = wp[:, cols] + g
-            new = _fit_column_block(target, s[k], b, c)
-            delta = (wp[:, cols] - new) - e[:, cols]
-            if not first_from_w:
-                eh += delta @ h[cols, :]
-            e[:, cols] += delta
-            m_hat[:, cols] = new
-        return m_hat
+    def __init__(self, gram: Tensor, nblocks: int, in_padded: int, damp: float, dtype: torch.dtype) -> None:
+        inn = gram.shape[0]
+        hp = gram.new_zeros(in_padded, in_padded, dtype=dtype)
+        hp[:inn, :inn] = gram.to(dtype)
+        h = damped(hp, 0.0)
+        self.delta = 0.0
+        if damp > 0:  # relative to the mean energy of the real (unpadded) inputs
+            self.delta = damp * float(gram.diagonal().mean().to(dtype).clamp_min(torch.finfo(dtype).tiny))
+            h.diagonal().add_(self.delta)
+        p = in_padded // nblocks
+        self.h, self.p = h, p
+        self.hkk = _diag_blocks(h, nblocks, p).contiguous()
+        lam, q = sym_eigh(self.hkk)
+        self.s = q * lam.sqrt().unsqueeze(-2)
+        cutoff = 1e-12 * lam.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(lam.dtype).tiny)
+        inv = torch.where(lam > cutoff, 1.0 / lam.clamp_min(torch.finfo(lam.dtype).tiny), torch.zeros_like(lam))
+        self.pinv = (q * inv.unsqueeze(-2)) @ q.transpose(-1, -2)
 
-    start_df = wp.new_zeros(out_padded, in_padded)
-    start_df[:out, :inn] = data_free
-    start_bd = sweep(wp.new_zeros(out_padded, in_padded), first_from_w=True)
-    f_df, f_bd = objective(wp - start_df, h).item(), objective(wp - start_bd, h).item()
-    m_hat, history = (start_bd, [f_bd]) if f_bd <= f_df else (start_df, [f_df])
+
+def _whitening(stats, gram: Tensor, nblocks: int, in_padded: int, damp: float, dtype: torch.dtype) -> _Whitening:
+    return cached_factor(stats, f"monarch-whitening:{nblocks}:{in_padded}", damp, dtype, gram.device,
+                         lambda: _Whitening(gram, nblocks, in_padded, damp, dtype))
+
+
+def _objective(e: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    """tr(E H E^T) (batched over leading dims) and E H, which the descent keeps up to date."""
+    eh = e @ h
+    return (eh * e).sum(dim=(-2, -1)), eh
+
+
+def _orth(y: Tensor) -> Tensor:
+    return torch.linalg.qr(y).Q
+
+
+def _sweeps(wp: Tensor, wh: _Whitening, m_hat: Tensor, eh: Tensor, basis: Tensor, value: float, sweeps: int,
+            tol: float, power: int) -> tuple[Tensor, list[float]]:
+    """Block-coordinate descent from ``m_hat`` (with E H = ``eh`` for E = wp - m_hat, and its blocks' column
+    spaces ``basis`` (k, s, u, c)); ``power`` subspace-iteration steps per block update. Returns the result and
+    the damped objective's history."""
+    h, p, b = wh.h, wh.p, basis.shape[0]
+    history = [value]
     for _ in range(sweeps):
         if history[-1] <= 0:
             break
-        candidate = sweep(m_hat.clone())
-        value = objective(wp - candidate, h).item()
-        if value > history[-1]:  # rounding only: a sweep is monotone in exact arithmetic
+        candidate, new_basis, new_eh = m_hat.clone(), basis.clone(), eh.clone()
+        e = wp - candidate
+        for k in range(b):
+            cols = slice(k * p, (k + 1) * p)
+            g = (new_eh[:, cols] - e[:, cols] @ wh.hkk[k]) @ wh.pinv[k]
+            target = (wp[:, cols] + g).reshape(b, -1, p)  # (s, u, p)
+            a = target @ wh.s[k]
+            u = new_basis[k]
+            for _ in range(power):
+                u = _orth(a @ (a.transpose(1, 2) @ u))
+            new_basis[k] = u
+            new = (u @ (u.transpose(1, 2) @ target)).reshape(-1, p)
+            delta = (wp[:, cols] - new) - e[:, cols]
+            new_eh += delta @ h[cols, :]
+            e[:, cols] += delta
+            candidate[:, cols] = new
+        value = float((new_eh * e).sum())  # E H is kept up to date: no product with H for the objective
+        if value > history[-1]:  # rounding only: every block update lowers the objective
             break
-        m_hat = candidate
+        m_hat, basis, eh = candidate, new_basis, new_eh
         history.append(value)
         if history[-2] - value <= tol * history[-2]:
             break
-    info = {"start": "block-whitened" if f_bd <= f_df else "data-free", "sweeps": len(history) - 1,
-            "damped_objective_start": history[0], "damped_objective": history[-1]}
-    return m_hat[:out, :inn], info
+    return m_hat, history
+
+
+def whitened_monarch_sizes(w: Tensor, gram: Tensor, *, nblocks: int, ranks: list[int], out_padded: int,
+                           in_padded: int, damp: float = 1e-6, sweeps: int = 10, tol: float = 1e-4,
+                           power: int = 1, stats=None) -> list[tuple[Tensor, dict]]:
+    """Whitened Monarch members of w (its dtype, real shape) for several block ranks at once: the start's SVDs
+    and the whitening are computed once for all of them. Returns (member, info) per rank; info["objective"] is
+    the undamped tr(E H E^T) of the member."""
+    out, inn = w.shape
+    b = nblocks
+    wp = w.new_zeros(out_padded, in_padded)
+    wp[:out, :inn] = w
+    wh = _whitening(stats, gram, b, in_padded, damp, w.dtype)
+    grid = blocks_of(wp, b).transpose(0, 1)  # (k, s, u, p)
+    u_df, s_df, vh_df = torch.linalg.svd(grid, full_matrices=False)
+    u_bd, _, _ = torch.linalg.svd(grid @ wh.s.unsqueeze(1), full_matrices=False)
+    results = []
+    for c in ranks:
+        start_df = _grid((u_df[..., :c] * s_df[..., None, :c]) @ vh_df[..., :c, :])
+        ub = u_bd[..., :c]
+        start_bd = _grid(ub @ (ub.transpose(-1, -2) @ grid))
+        values, ehs = _objective(torch.stack([wp - start_df, wp - start_bd]), wh.h)
+        f_df, f_bd = values.tolist()
+        block_whitened = f_bd <= f_df
+        pick = 1 if block_whitened else 0
+        m_hat, basis = (start_bd, ub) if block_whitened else (start_df, u_df[..., :c])
+        m_hat, history = _sweeps(wp, wh, m_hat, ehs[pick], basis.contiguous(), values[pick].item(), sweeps, tol,
+                                 power)
+        # the undamped objective from the damped one: tr(E (H + d I) E^T) = tr(E H E^T) + d ||E||^2
+        undamped = history[-1] - wh.delta * float((wp - m_hat).square().sum())
+        info = {"start": "block-whitened" if block_whitened else "data-free", "sweeps": len(history) - 1,
+                "damped_objective_start": history[0], "damped_objective": history[-1],
+                "objective": max(undamped, 0.0)}
+        results.append((m_hat[:out, :inn], info))
+    return results
+
+
+def whitened_monarch(w: Tensor, gram: Tensor, data_free: Tensor | None = None, *, nblocks: int, c: int,
+                     out_padded: int, in_padded: int, damp: float = 1e-6, sweeps: int = 10, tol: float = 1e-4,
+                     power: int = 1, stats=None) -> tuple[Tensor, dict[str, float]]:
+    """Returns the fitted Monarch member (w's dtype, real shape) and info. The data-free start is the per-block
+    truncated SVD, computed here (``data_free`` is accepted for compatibility and not needed)."""
+    return whitened_monarch_sizes(w, gram, nblocks=nblocks, ranks=[c], out_padded=out_padded, in_padded=in_padded,
+                                  damp=damp, sweeps=sweeps, tol=tol, power=power, stats=stats)[0]
+
+
+def _price_whitened(p: Problem, configs: list, guard: bool, damp: float, sweeps: int, tol: float, power: int
+                    ) -> list[float | None]:
+    """Squared relative output error of every Monarch config (None where it does not fit the layer), the configs
+    of one block count and padding fitted together (one start SVD and one whitening for all their block ranks)."""
+    out_f, in_f = p.w.shape
+    groups: dict[tuple, list[int]] = {}
+    layers: dict[int, Monarch] = {}
+    for i, config in enumerate(configs):
+        try:
+            layer = p.cls.from_config(config, in_f, out_f, bias=False, device="meta")
+        except ValueError:
+            continue
+        layers[i] = layer
+        groups.setdefault((layer.nblocks, layer.out_padded, layer.in_padded), []).append(i)
+    gram = p.stats.gram.to(p.w.device)
+    total = float(_objective(p.w, gram.to(p.w.dtype))[0])
+    prices: list[float | None] = [None] * len(configs)
+    for (b, out_padded, in_padded), members in groups.items():
+        fits = whitened_monarch_sizes(p.w, gram, nblocks=b, ranks=[layers[i].c for i in members],
+                                      out_padded=out_padded, in_padded=in_padded, damp=damp, sweeps=sweeps, tol=tol,
+                                      power=power, stats=p.stats)
+        for i, (_, info) in zip(members, fits):
+            prices[i] = info["objective"] / total if total > 0 else 0.0
+    return prices
 
 
 @register_projection("whitened", Monarch, needs_stats=True, optimal=True,
-                     options={"damp": 1e-6, "sweeps": 10, "tol": 1e-4})
-def _whitened(p: Problem, damp: float, sweeps: int, tol: float) -> tuple[Monarch, dict]:
-    base = p.baseline
-    what, info = whitened_monarch(p.w, p.h, base.to_dense().detach().to(p.w.dtype), nblocks=base.nblocks, c=base.c,
-                                  out_padded=base.out_padded, in_padded=base.in_padded, damp=damp, sweeps=sweeps,
-                                  tol=tol)
+                     options={"damp": 1e-6, "sweeps": 10, "tol": 1e-4, "power": 2}, pricer=_price_whitened)
+def _whitened(p: Problem, damp: float, sweeps: int, tol: float, power: int) -> tuple[Monarch, dict]:
+    out_f, in_f = p.w.shape
+    base = p.cls.from_config(p.config, in_f, out_f, bias=False, device="meta")  # its sizes only
+    gram = p.stats.gram.to(p.w.device)
+    what, info = whitened_monarch(p.w, gram, nblocks=base.nblocks, c=base.c, out_padded=base.out_padded,
+                                  in_padded=base.in_padded, damp=damp, sweeps=sweeps, tol=tol, power=power,
+                                  stats=p.stats)
     bias = None if p.bias is None else p.bias.to(p.w.dtype)
     return p.cls.from_dense(what, bias, **p.args).to(dtype=p.weight.dtype), info
 

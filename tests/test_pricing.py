@@ -1,0 +1,67 @@
+"""Budget pricing: whitened Monarch prices every ladder size from one start and cheap sweeps, within a stated
+tolerance of the exact block-coordinate descent; the price is what projecting that size gives."""
+
+import torch
+
+from structmat.project import output_error, price, project
+from structmat.project._linalg import objective, pinv_psd, sqrt_factor
+from structmat.structures import structure_class
+from test_project import setup
+from structmat.compress import _PRICING_OPTIONS
+from tolerances import CURVE_REL, MONARCH_DESCENT_REL, MONARCH_PRICE_REL
+
+PRICING = _PRICING_OPTIONS[("monarch", "whitened")]
+
+
+def exact_descent(w, gram, b, c, sweeps, damp=1e-6):
+    """Reference: block-coordinate descent with a full SVD for every block update (the pre-pricing algorithm),
+    from the block-whitened start, on the damped objective; returns the undamped relative squared error."""
+    out, inn = w.shape
+    p = inn // b
+    h = gram + damp * gram.diagonal().mean() * torch.eye(inn, dtype=gram.dtype)
+    hkk = torch.stack([h[k * p:(k + 1) * p, k * p:(k + 1) * p] for k in range(b)])
+    s, pinv = sqrt_factor(hkk), pinv_psd(hkk)
+
+    def fit(target, k):
+        tb = target.reshape(b, -1, p)
+        u = torch.linalg.svd(tb @ s[k], full_matrices=False)[0][..., :c]
+        return (u @ (u.transpose(1, 2) @ tb)).reshape(target.shape)
+
+    m = torch.cat([fit(w[:, k * p:(k + 1) * p], k) for k in range(b)], dim=1)
+    for _ in range(sweeps):
+        for k in range(b):
+            cols = slice(k * p, (k + 1) * p)
+            e = w - m
+            g = ((e @ h)[:, cols] - e[:, cols] @ hkk[k]) @ pinv[k]
+            m[:, cols] = fit(w[:, cols] + g, k)
+    return float(objective(w - m, gram) / objective(w, gram))
+
+
+def test_whitened_monarch_price_matches_its_projection_and_the_exact_descent():
+    w, stats = setup(out=32, inn=48, n=600, seed=3)
+    cls = structure_class("monarch")
+    configs = cls.size_ladder(48, 32, 4, nblocks=4)
+    prices = price(w, configs, "whitened", stats, options=PRICING)
+    assert len(prices) == len(configs) and all(p is not None for p in prices)
+    assert prices == sorted(prices, reverse=True)  # a larger block rank never prices worse
+    for config, value in zip(configs, prices):
+        layer = project(w, config, "whitened", stats=stats, **PRICING)
+        assert abs(layer.fit_info["output_error"] ** 2 - value) <= CURVE_REL * 10 + 1e-9 * value
+        # the budget's price (4 cheap sweeps) vs the exact descent the solver priced with before (2 SVD sweeps)
+        assert value <= exact_descent(w, stats.gram, 4, layer.c, sweeps=2) * (1 + MONARCH_PRICE_REL)
+        # the final projection (10 sweeps) vs the exact descent with as many sweeps
+        final = project(w, config, "whitened", stats=stats, tol=0.0).fit_info["output_error"] ** 2
+        assert final <= exact_descent(w, stats.gram, 4, layer.c, sweeps=10) * (1 + MONARCH_DESCENT_REL)
+    # never worse than the data-free projection
+    for config, value in zip(configs, prices):
+        assert value <= output_error(w, project(w, config), stats) ** 2 * (1 + 1e-9)
+
+
+def test_whitened_monarch_factorization_is_shared_by_layers_with_one_input():
+    w, stats = setup(out=32, inn=48, n=600, seed=4)
+    configs = structure_class("monarch").size_ladder(48, 32, 4, nblocks=4)
+    price(w, configs, "whitened", stats)
+    cached = [k for k in stats.__dict__.get("_derived", {}) if str(k[0]).startswith("monarch-whitening")]
+    assert len(cached) == 1
+    price(w.flip(0), configs, "whitened", stats)  # another layer on the same input reuses it
+    assert [k for k in stats._derived if str(k[0]).startswith("monarch-whitening")] == cached
