@@ -238,8 +238,9 @@ def blockwise(model: nn.Module, batches: Sequence[dict[str, Tensor]], names: Seq
                     targets = {n: t for n, t in targets.items() if t is not None}
                     if targets:
                         reports.append(structurize(model, Plan.exact(targets), calibration=stats))
-                for s in stats.values():
-                    s.clear_cache()
+                for shared in stats.values():
+                    shared.clear_cache()
+                del shared  # a loop variable outlives its loop: it would keep the block's last Gram alive
                 if keep_stats:
                     for n, s in stats.items():  # shared objects stay shared after the move
                         kept[n] = moved.setdefault(id(s), s.to(stats_device) if stats_device is not None else s)
@@ -249,8 +250,10 @@ def blockwise(model: nn.Module, batches: Sequence[dict[str, Tensor]], names: Seq
                 inputs = [_with_hidden(a, kw, out) for (a, kw), out in zip(inputs, outputs)]
                 outputs.clear()
             else:  # replace each input by its output at once: one batch of outputs at a time, not all of them
-                for k, (a, kw) in enumerate(inputs):
+                for k in range(len(inputs)):
+                    a, kw = inputs[k]
                     inputs[k] = _with_hidden(a, kw, _hidden_of(block(*a, **kw)))
+                    del a, kw  # else the last old input batch stays referenced into the next block
             stage("propagate", index)
         if offload:
             block.to("cpu")
