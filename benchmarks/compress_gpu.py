@@ -212,19 +212,40 @@ def llama_1b(work: Path, calib_samples: int, seq_len: int, ratio: float, tiny: b
 
 
 # -------------------------------------------------------------------------------------------------- 4. table
+# The table's rows in the order they run, the must-show rows first (a stage cut by its limit keeps those):
+# label@target[:mode]; labels are structmat.eval.compression_sweep.METHODS.
+TABLE_ROWS = ("budget mix@0.5,whitened SVD@0.5,N:M SparseGPT@0.5,N:M Wanda@0.5,N:M SparseGPT@0.5:sequential,"
+              "budget mix@0.5:sequential,SVD@0.5,ASVD@0.5,budget mix@0.25,budget mix@0.75,whitened Monarch@0.5,"
+              "block-diagonal@0.5,Monarch@0.5")
+
+
+def parse_table_rows(text: str) -> list[tuple[str, float, str]]:
+    from structmat.eval.compression_sweep import METHODS
+
+    rows = []
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        label, _, rest = item.rpartition("@")
+        target, _, mode = rest.partition(":")
+        mode = mode or "one-shot"
+        if label not in METHODS or mode not in ("one-shot", "sequential"):
+            raise SystemExit(f"compress_gpu: table row {item!r}: write label@target[:one-shot|sequential] with a "
+                             f"label from {', '.join(METHODS)}")
+        rows.append((label, float(target), mode))
+    return rows
+
+
 def smollm2_table(folder: Path, out: Path, stamp: str, calib_samples: int, seq_len: int, eval_files: int,
-                  eval_window: int, eval_tokens: int, device: str, partial: Path, methods_50: list[str] | None = None,
-                  mix_targets: tuple[float, ...] = (0.25, 0.75),
-                  sequential_methods: tuple[str, ...] = ("N:M SparseGPT", "whitened SVD")) -> dict:
-    """Dense, ``methods_50`` (default: every method of the demo) one-shot at 50%, the budget mix at
-    ``mix_targets`` too, and ``sequential_methods`` sequentially at 50%; one line per row into ``partial``."""
+                  eval_window: int, eval_tokens: int, device: str, partial: Path, table_rows: str = TABLE_ROWS
+                  ) -> dict:
+    """Dense, then every row of ``table_rows`` in order (one line per row into ``partial``)."""
     from structmat.compress import Compressor
     from structmat.data.corpus import corpus_from_spec, manifest, split_files, token_stream
     from structmat.data.models import calibration_batches, load_model
-    from structmat.eval.compression_sweep import (BLOCK_LAYERS, METHODS, format_rows, perplexity_row_log,
-                                                  plot_frontier, rows_as_dicts, run_sweep)
+    from structmat.eval.compression_sweep import (BLOCK_LAYERS, format_rows, perplexity_row_log, plot_frontier,
+                                                  rows_as_dicts, run_sweep)
     from structmat.eval.perplexity import perplexity
 
+    plan = parse_table_rows(table_rows)
     torch.manual_seed(0)
     loaded = load_model(str(folder))
     train, val = split_files(corpus_from_spec("stdlib"))
@@ -241,15 +262,11 @@ def smollm2_table(folder: Path, out: Path, stamp: str, calib_samples: int, seq_l
     on_row = perplexity_row_log(partial, dense)
     comps = {mode: Compressor(model, batches, BLOCK_LAYERS, device=device, sequential=mode == "sequential")
              for mode in ("one-shot", "sequential")}
+    comps["sequential"].share_cache(comps["one-shot"])  # one calibration, one pricing for both modes
     common = dict(scope=BLOCK_LAYERS, quality_fn=quality, device=device, on_row=on_row, compressors=comps)
-    rows = run_sweep(model, batches, targets=[0.5], methods=list(methods_50 or METHODS), modes=("one-shot",),
-                     **common)
-    if mix_targets:
-        rows += run_sweep(model, batches, targets=list(mix_targets), methods=["budget mix"], modes=("one-shot",),
-                          **common)
-    if sequential_methods:
-        rows += run_sweep(model, batches, targets=[0.5], methods=list(sequential_methods), modes=("sequential",),
-                          **common)
+    rows = []
+    for label, target, mode in plan:
+        rows += run_sweep(model, batches, targets=[target], methods=[label], modes=(mode,), **common)
     print(format_rows(rows, dense), flush=True)
     half = {r.method: r.ppl for r in rows if r.target == 0.5 and r.mode == "one-shot"}
     singles = {k: v for k, v in half.items() if k != "budget mix"}
@@ -318,7 +335,7 @@ def _stage_main(args: argparse.Namespace) -> int:
     else:
         record = smollm2_table(folder, Path(args.out), args.stamp, args.table_calib_samples, args.seq_len,
                                args.eval_files, args.eval_window, args.eval_tokens, args.device,
-                               work / "table-rows.jsonl")  # read back by _partial_rows if cut short
+                               work / "table-rows.jsonl", args.table_rows)  # read back by _partial_rows if cut short
     Path(args.result).write_text(json.dumps(record, indent=1, default=str))
     return 0
 
@@ -339,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-files", type=int, default=16)
     parser.add_argument("--eval-window", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=0, help="table: only the first N held-out tokens")
+    parser.add_argument("--table-rows", default=TABLE_ROWS, help="table: rows in order, label@target[:mode], "
+                        "comma-separated (default: the must-show rows first)")
     parser.add_argument("--ratio-1b", type=float, default=0.5)
     parser.add_argument("--calib-samples-1b", type=int, default=128)
     parser.add_argument("--tiny", action="store_true", help="tiny sizes for the 1B stage and the budget's eval "
@@ -361,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         timeouts[key] = float(value)
     if unknown:
         raise SystemExit(f"compress_gpu: unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+    if "table" in stages:
+        parse_table_rows(args.table_rows)  # a typo fails now, not after the conversion
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("compress_gpu: needs a CUDA GPU (or --device cpu with --tiny for a smoke test)", file=sys.stderr)
         return 2
@@ -377,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     keep = ["--device", args.device, "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len),
             "--table-calib-samples", str(args.table_calib_samples), "--eval-files", str(args.eval_files),
             "--eval-window", str(args.eval_window), "--eval-tokens", str(args.eval_tokens),
+            "--table-rows", args.table_rows,
             "--ratio-1b", str(args.ratio_1b), "--calib-samples-1b", str(args.calib_samples_1b), "--out", args.out,
             "--stamp", stamp, "--budget-timeout", str(max(1.0, timeouts["budget"] - 5))]
     if args.smollm2_gguf:

@@ -48,8 +48,7 @@ def test_llama_1b_path_reports_every_stage_of_every_block(bench, tmp_path):
 
 def test_table_on_a_tiny_llama_folder(bench, tiny_folder, tmp_path):
     record = bench.smollm2_table(tiny_folder, tmp_path, "X", 8, 32, 1, 64, 512, "cpu", tmp_path / "rows.jsonl",
-                                 methods_50=["whitened SVD", "N:M SparseGPT"], mix_targets=(),
-                                 sequential_methods=("N:M SparseGPT",))
+                                 table_rows="whitened SVD@0.5,N:M SparseGPT@0.5,N:M SparseGPT@0.5:sequential")
     assert [(r["method"], r["mode"]) for r in record["rows"]] == [
         ("whitened SVD", "one-shot"), ("N:M SparseGPT", "one-shot"), ("N:M SparseGPT", "sequential")]
     assert record["dense"]["ppl"] > 1 and all(r["ppl"] > 1 for r in record["rows"])
@@ -95,3 +94,15 @@ def test_driver_refuses_cuda_without_a_gpu(bench, capsys):
         pytest.skip("this machine has a GPU")
     assert bench.main(["--stages", "llama1b"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_default_table_rows_put_the_must_show_rows_first(bench):
+    rows = bench.parse_table_rows(bench.TABLE_ROWS)
+    assert rows[0] == ("budget mix", 0.5, "one-shot")
+    must = {("N:M SparseGPT", 0.5, "sequential"), ("budget mix", 0.5, "sequential"), ("budget mix", 0.25, "one-shot"),
+            ("budget mix", 0.75, "one-shot")}
+    singles = {r for r in rows if r[0] != "budget mix" and r[2] == "one-shot" and r[1] == 0.5}
+    assert must <= set(rows) and {r[0] for r in singles} >= {"whitened SVD", "SVD", "ASVD", "whitened Monarch",
+                                                           "block-diagonal", "N:M SparseGPT", "N:M Wanda"}
+    with pytest.raises(SystemExit, match="label@target"):
+        bench.parse_table_rows("wanda@0.5")

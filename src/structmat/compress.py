@@ -599,6 +599,18 @@ class Compressor:
             return Plan([(scope if isinstance(scope, str) else list(scope), "dense")])
         raise TypeError(f"Compressor: scope must be a regex string, a list of names or a Plan, got {scope!r}")
 
+    def share_cache(self, other: "Compressor") -> None:
+        """Use ``other``'s one-shot statistics, prices and sensitivities (and add to them): for a second
+        Compressor on the same model, batches and scope, e.g. a sequential one beside a one-shot one."""
+        if other.model is not self.model or other.names != self.names or len(other.batches) != len(self.batches):
+            raise ValueError("Compressor.share_cache: the other Compressor must have the same model, scope and "
+                             "calibration batches")
+        if other._stats is None:
+            other.statistics()
+        self._stats, self._prices = other._stats, other._prices
+        if other.use_sensitivity == self.use_sensitivity:
+            self._sensitivity = other.sensitivity()
+
     # --- cached work -------------------------------------------------------------------------------
     def statistics(self) -> dict[str, InputStats]:
         """One-shot statistics of every in-scope layer on the original model (computed once)."""

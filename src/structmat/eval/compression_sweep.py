@@ -32,6 +32,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "ASVD": ("lowrank", "asvd"),
     "Monarch": ("monarch", "data-free"),
     "whitened Monarch": ("monarch", "whitened"),
+    "block-diagonal": ("blockdiag", "data-free"),
     "N:M magnitude": ("nm", "magnitude"),
     "N:M Wanda": ("nm", "wanda"),
     "N:M SparseGPT": ("nm", "sparsegpt"),
