@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "healed": curve[-1], "best": max(curve, key=lambda c: c["cosine"]),
         "merged": res["merged"],
         "nm_bases_merged": len(nm_rows), "nm_violations": sum(r["nm_violations"] or 0 for r in nm_rows),
+        "nm_2_4_bases_merged": sum(r["base"].startswith("nm:n=2,m=4") for r in nm_rows),
         "adapter_params": res["params"]["adapter"], "trainable_params": res["params"]["trainable"],
         "linear_params": res["params"]["linear"], "adapter_fraction": res["params"]["adapter_fraction_of_linear"],
         "trainable_fraction": res["params"]["trainable"] / res["params"]["linear"], "ranks": res["setup"].get("ranks"),

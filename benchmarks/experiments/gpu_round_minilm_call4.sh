@@ -8,7 +8,8 @@
 #      (N:M bases re-projected with SparseGPT: violations counted) and the merged cosine.
 # Everything goes to "$OUT/15m/"; every step runs under its own timeout, the whole call within CALL4_BUDGET seconds.
 # Run from the repo root: OUT=$OUT bash benchmarks/experiments/gpu_round_minilm_call4.sh
-# CPU rehearsal (a couple of steps): DEVICE=cpu CALL4_BUDGET=... HEAL_FLAGS='...' with a fake /tmp/minilm part A.
+# CPU rehearsal (a couple of steps; how it was run: tests of this path in the README's heal section):
+#   OUT=/tmp/o bash ...call3.sh; DEVICE=cpu CALL4_BUDGET=1500 COMPRESS_FLAGS='--calib-samples 32 ...' HEAL_FLAGS='--steps 4 ...' OUT=/tmp/o bash ...call4.sh
 set -u -f   # -f: the regex in HEAL_FLAGS is not a glob
 t0=$(date +%s)
 budget=${CALL4_BUDGET:-290}
@@ -36,7 +37,7 @@ export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 rm -rf "$work" && mkdir -p "$work"
 # --- 2. the budget solver's 50% student
 timeout ${COMPRESS_T:-100} python3 -m structmat compress --model /tmp/minilm --target-params 0.5 --device "$dev" \
-  --out "$work/mc" > "$O/compress.log" 2>&1
+  --out "$work/mc" ${COMPRESS_FLAGS:-} > "$O/compress.log" 2>&1
 echo "compress rc=$? at +$(( $(date +%s) - t0 ))s" >> "$L"
 cp "$work/mc/compress.json" "$O/" 2>> "$L"
 [ -f "$work/mc/target-0.50/structmat.json" ] || { echo "no compressed student: stop" >> "$L"; exit 6; }
