@@ -278,9 +278,14 @@ def _interpret_report() -> dict:
         with torch.no_grad():
             y = layer(x)
             choice = K.LAST_CHOICE[name]
+            cached = layer(x)  # (the layer's cached plan: the decode kernel without the dispatch)
+            plans, layer._plans = layer._plans, None
+            uncached = layer(x)
+            layer._plans = plans
             with K.use_backend("reference"):
                 ref = layer(x)
-        report[f"auto-{name}"] = {"choice": choice, "err": rel_rms(y, ref)}
+        report[f"auto-{name}"] = {"choice": choice, "err": rel_rms(y, ref), "plans": len(plans),
+                                  "cached_equal": bool(torch.equal(cached, uncached) and torch.equal(y, cached))}
     # torch.compile of a structured stack, decoding lengths 1..N: how many graphs were compiled
     torch._dynamo.reset()
     model = structured_mlp().eval()
@@ -355,6 +360,7 @@ def test_auto_takes_decode_kernels_at_few_tokens_interpreter(interpret_report):
     for name, want in (("monarch", "decode"), ("lowrank", "reference"), ("blockdiag", "decode"), ("nm", "decode")):
         entry = interpret_report[f"auto-{name}"]
         assert entry["choice"] == want and entry["err"] <= TOL["float32"], (name, entry)
+        assert entry["plans"] == 1 and entry["cached_equal"], (name, entry)  # the replayed plan: the same output
 
 
 def test_compiled_decode_lengths_do_not_recompile_interpreter(interpret_report):
@@ -503,3 +509,41 @@ def test_structured_llama_resident_bytes_are_its_parameters(spec):
     merged = sum(m.in_features * m.out_features * 4 for m in structured)
     assert sum(r["bytes"] for r in hidden if r["owner"].endswith("dense-merge cache")) == merged
     structmat.kernels.clear_cache()
+
+
+@pytest.mark.parametrize("spec", ["monarch:nblocks=2", "monarch:nblocks=4,pad=true", "lowrank:rank=5",
+                                  "blockdiag:nblocks=3,pad=true", "nm:n=2,m=4,pad=true"])
+def test_cached_inference_plan_equals_the_uncached_call(spec):
+    """With gradients off a layer replays its per-shape plan; the output is the uncached dispatch's, bit for bit, and
+    the plan is dropped when the factors' dtype changes or a backend is forced."""
+    from structmat.structures import build
+
+    torch.manual_seed(0)
+    layer = build(spec, 30, 22).eval()
+    x3 = torch.randn(2, 3, 30)
+    with torch.inference_mode():
+        first = layer(x3)
+        assert len(layer._plans) == 1
+        cached = layer(x3)
+        plans, layer._plans = layer._plans, None  # (no plan cache: the full dispatch on every call)
+        uncached = layer(x3)
+        layer._plans = plans
+    assert torch.equal(first, cached) and torch.equal(cached, uncached)
+    with torch.no_grad():
+        assert torch.equal(layer(x3), uncached)  # (same key in no_grad: the plan is reused)
+    assert len(layer._plans) == 1
+    y = layer(x3)  # gradients on: no plan, the full dispatch
+    assert y.requires_grad and torch.equal(y.detach(), uncached)
+    layer.double()
+    assert not layer._plans
+    with torch.no_grad():
+        y64 = layer(x3.double())
+        with structmat.kernels.use_backend("reference"):
+            assert torch.equal(layer(x3.double()), y64)
+    assert y64.dtype == torch.float64 and rel_rms(y64, uncached) < 1e-5
+    import copy
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(copy.deepcopy(layer)))  # (plans are closures: dropped, rebuilt)
+    with torch.no_grad():
+        assert torch.equal(clone(x3.double()), y64)

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..structures.base import invalidate_plans
+
 BACKENDS = ("auto", "reference", "triton", "cublas", "decode", "dense")
 _default = os.environ.get("STRUCTMAT_BACKEND", "auto").strip().lower() or "auto"
 if _default not in BACKENDS:
@@ -57,6 +59,7 @@ def set_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; valid backends: {', '.join(BACKENDS)}")
     _BACKEND[0] = name
+    invalidate_plans()
 
 
 def get_backend() -> str:
@@ -72,6 +75,7 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _BACKEND[0] = previous
+        invalidate_plans()
 
 
 #: The last choice per op, for the benchmark and for curious users: {op: backend}.
@@ -116,9 +120,11 @@ def merged_weight(merge: Callable[..., Tensor], factors: tuple[Tensor, ...], dty
 
 
 def clear_cache() -> None:
-    """Drop the cached dense merges and the cached automatic decisions (after changing the cost constants)."""
+    """Drop the cached dense merges, the cached automatic decisions and every layer's cached inference plans (after
+    changing the cost constants)."""
     _dense_cache.clear()
     _decisions.clear()
+    invalidate_plans()
 
 
 def merge_blockdiag(W: Tensor) -> Tensor:
@@ -302,67 +308,122 @@ def _autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def blockdiag_fast(x: Tensor, W: Tensor) -> Tensor | None:
-    x, W = _autocast(x, W)
+# Each op: its choice for these inputs (``_<op>_choice``, after autocast), and the call that runs a choice. The fast
+# path (``<op>_fast``) decides on every call; the planner (``<op>_plan``, used by ``run_op`` when gradients are off)
+# decides once per shape and returns the chosen call, which the layer replays while the shapes hold.
+
+
+def _blockdiag_choice(x: Tensor, W: Tensor) -> str:
     b, u, p = W.shape
     es = x.element_size()
-    choice = _pick("blockdiag", x, (W,), lambda n: (2.0 * n * W.numel(), es * (W.numel() + n * b * (u + p))),
-                   b * u, b)
-    _record("blockdiag", choice)
-    if choice == "reference":
-        return None
+    return _pick("blockdiag", x, (W,), lambda n: (2.0 * n * W.numel(), es * (W.numel() + n * b * (u + p))), b * u, b)
+
+
+def _blockdiag_call(choice: str) -> Callable[..., Tensor] | None:
     if choice == "dense":
-        return F.linear(x, merged_weight(merge_blockdiag, (W,), x.dtype))
+        return lambda x, W: F.linear(x, merged_weight(merge_blockdiag, (W,), x.dtype))
     if choice == "decode":
-        return decode.blockdiag(x, W)
-    return ops.blockdiag(x, W, choice)
+        return decode.blockdiag
+    if choice in ("triton", "cublas"):
+        return lambda x, W: ops.blockdiag(x, W, choice)
+    return None
 
 
-def monarch_fast(x: Tensor, R: Tensor, L: Tensor) -> Tensor | None:
-    x, R, L = _autocast(x, R, L)
+def _monarch_choice(x: Tensor, R: Tensor, L: Tensor) -> str:
     b, bc, p = R.shape
     u = L.shape[1]
     es, numel = x.element_size(), R.numel() + L.numel()
-    choice = _pick("monarch", x, (R, L), lambda n: (2.0 * n * numel, es * (numel + n * (b * p + 2 * b * bc + b * u))),
-                   b * u, b)
-    _record("monarch", choice)
-    if choice == "reference":
-        return None
+    return _pick("monarch", x, (R, L), lambda n: (2.0 * n * numel, es * (numel + n * (b * p + 2 * b * bc + b * u))),
+                 b * u, b)
+
+
+def _monarch_call(choice: str) -> Callable[..., Tensor] | None:
     if choice == "dense":
-        return F.linear(x, merged_weight(merge_monarch, (R, L), x.dtype))
+        return lambda x, R, L: F.linear(x, merged_weight(merge_monarch, (R, L), x.dtype))
     if choice == "decode":
-        return decode.monarch(x, R, L)
-    return ops.monarch(x, R, L, choice)
+        return decode.monarch
+    if choice in ("triton", "cublas"):
+        return lambda x, R, L: ops.monarch(x, R, L, choice)
+    return None
 
 
-def lowrank_fast(x: Tensor, U: Tensor, V: Tensor) -> Tensor | None:
-    x, U, V = _autocast(x, U, V)
+def _lowrank_choice(x: Tensor, U: Tensor, V: Tensor) -> str:
     r = U.shape[1]
     es, numel, io = x.element_size(), U.numel() + V.numel(), U.shape[0] + V.shape[1]
     choice = _pick("lowrank", x, (U, V), lambda n: (2.0 * n * r * io, es * (numel + n * (io + 2 * r))), U.shape[0])
-    if choice == "dense":
-        _record("lowrank", choice)
-        return F.linear(x, merged_weight(merge_lowrank, (U, V), x.dtype))
-    if choice == "decode":
-        _record("lowrank", choice)
-        return decode.lowrank(x, U, V)
     # every other backend: two cuBLAS GEMMs are the fastest correct implementation (see the module docstring)
-    _record("lowrank", "reference" if choice == "reference" else "cublas")
-    return None
+    return choice if choice in ("dense", "decode", "reference") else "cublas"
+
+
+def _lowrank_call(choice: str) -> Callable[..., Tensor] | None:
+    if choice == "dense":
+        return lambda x, U, V: F.linear(x, merged_weight(merge_lowrank, (U, V), x.dtype))
+    return decode.lowrank if choice == "decode" else None
+
+
+def _nm_choice(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int) -> str:
+    if positions.dtype != torch.uint8 or values.stride(1) != 1 or positions.stride(1) != 1:
+        return "reference"
+    es, numel = x.element_size(), values.numel()
+    choice = _pick("nm", x, (values,), lambda t: (2.0 * t * numel, (es + 1) * numel + es * t * (x.shape[1] +
+                                                                                              values.shape[0])),
+                   values.shape[0])
+    return "decode" if choice == "decode" else "reference"  # (no other kernel for N:M: the reference)
+
+
+def _nm_call(choice: str) -> Callable[..., Tensor] | None:
+    return decode.nm if choice == "decode" else None
+
+
+_OPS = {"blockdiag": (_blockdiag_choice, _blockdiag_call), "monarch": (_monarch_choice, _monarch_call),
+        "lowrank": (_lowrank_choice, _lowrank_call), "nm": (_nm_choice, _nm_call)}
+
+
+def _fast(op: str, x: Tensor, *rest) -> Tensor | None:
+    x, *rest = _autocast(x, *rest) if op != "nm" else (*_autocast(x, rest[0]), *rest[1:])
+    choose_, call_ = _OPS[op]
+    choice = choose_(x, *rest)
+    _record(op, choice)
+    fn = call_(choice)
+    return None if fn is None else fn(x, *rest)
+
+
+def blockdiag_fast(x: Tensor, W: Tensor) -> Tensor | None:
+    return _fast("blockdiag", x, W)
+
+
+def monarch_fast(x: Tensor, R: Tensor, L: Tensor) -> Tensor | None:
+    return _fast("monarch", x, R, L)
+
+
+def lowrank_fast(x: Tensor, U: Tensor, V: Tensor) -> Tensor | None:
+    return _fast("lowrank", x, U, V)
 
 
 def nm_fast(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int) -> Tensor | None:
     """N:M at few tokens in inference: the decode kernel on the compressed values and uint8 positions; otherwise
     the reference (a few rows of the weight rebuilt at a time)."""
-    x, values = _autocast(x, values)
-    if positions.dtype != torch.uint8 or values.stride(1) != 1 or positions.stride(1) != 1:
-        return None
-    es, numel = x.element_size(), values.numel()
-    choice = _pick("nm", x, (values,), lambda t: (2.0 * t * numel, (es + 1) * numel + es * t * (x.shape[1] +
-                                                                                              values.shape[0])),
-                   values.shape[0])
-    if choice != "decode":  # (no other kernel for N:M: triton/cublas/dense fall back to the reference)
-        _record("nm", "reference")
-        return None
-    _record("nm", choice)
-    return decode.nm(x, values, positions, n, m)
+    return _fast("nm", x, values, positions, n, m)
+
+
+def planner(op: str) -> Callable[..., Callable[..., Tensor] | None]:
+    """``run_op``'s planner for ``op``: the call chosen for these inputs, replayed by the layer while the shapes,
+    dtypes, device, backend setting and autocast state are those of the key ``run_op`` caches it under. Not under
+    autocast (the casts are per call) nor for the dense merge (its cache checks the factors' versions per call)."""
+    choose_, call_ = _OPS[op]
+
+    def plan(reference: Callable[..., Tensor], x: Tensor, *rest) -> Callable[..., Tensor] | None:
+        if x.is_cuda and torch.is_autocast_enabled("cuda"):
+            return None
+        choice = choose_(x, *rest)
+        if choice == "dense":
+            return None
+        fn = call_(choice) or reference
+
+        def run(*args: Tensor) -> Tensor:
+            LAST_CHOICE[op] = choice
+            return fn(*args)
+
+        return run
+
+    return plan

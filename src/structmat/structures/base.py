@@ -208,13 +208,38 @@ def resolve_spec(spec: str | StructureConfig | RatioSpec, in_features: int, out_
 # ----------------------------------------------------------------------------------------------
 
 FAST_PATHS: dict[str, list[Callable[..., Tensor | None]]] = {}
+#: Per-shape inference plans: ``PLANNERS[op](reference, *args)`` returns a callable ``(*args) -> Tensor`` that runs
+#: the backend the dispatch chose for these shapes (the reference itself where that is the choice), or None where the
+#: choice must be made on every call. Registered by kernels/ next to the fast paths.
+PLANNERS: dict[str, Callable[..., Callable[..., Tensor] | None]] = {}
+#: Bumped whenever a cached plan may no longer hold (a backend forced or restored, the cost constants changed).
+PLAN_EPOCH = [0]
+MAX_PLANS = 64  # per layer: decode lengths 1..64 at one batch shape, without growing without bound
 
 
 def register_fast_path(op: str, fn: Callable[..., Tensor | None]) -> None:
     FAST_PATHS.setdefault(op, []).append(fn)
 
 
-def run_op(op: str, reference: Callable[..., Tensor], *args: Tensor) -> Tensor:
+def invalidate_plans() -> None:
+    """Every layer's cached plans stop applying (they are rebuilt on the next call)."""
+    PLAN_EPOCH[0] += 1
+
+
+def run_op(op: str, reference: Callable[..., Tensor], *args: Tensor, plans: dict | None = None) -> Tensor:
+    """``reference(*args)`` or a fast path for it. ``plans``: the calling layer's cache of per-shape plans. With
+    gradients off (inference, where few-token calls are host-bound), the dispatch decision for these shapes and
+    dtypes is made once and replayed: no validation, cost model or decision lookup on the next calls."""
+    if plans is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        x = args[0]
+        key = (x.shape, x.dtype, x.device, PLAN_EPOCH[0], torch.is_autocast_enabled())
+        fn = plans.get(key)
+        if fn is None and op in PLANNERS:
+            fn = PLANNERS[op](reference, *args)
+            if fn is not None and len(plans) < MAX_PLANS:
+                plans[key] = fn
+        if fn is not None:
+            return fn(*args)
     for fn in FAST_PATHS.get(op, ()):
         out = fn(*args)
         if out is not None:
@@ -288,8 +313,11 @@ class StructuredLinear(nn.Module):
     # zero start of an adapter, LoRA's B = 0). None: the structure has one factor, zeroed as a whole.
     zero_factors: ClassVar[tuple[str, ...] | None] = None
 
+    _plans: dict | None = None  # per-shape inference plans (run_op); None until __init__, or for a stripped copy
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None, dtype=None) -> None:
         super().__init__()
+        self._plans = {}
         check_features(self.name, "in_features", in_features)
         check_features(self.name, "out_features", out_features)
         self.in_features = in_features
@@ -339,17 +367,23 @@ class StructuredLinear(nn.Module):
 
     # --- what the base supplies ---------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        # (few-token decode pays this per layer and token: dict lookups instead of nn.Module attribute fallbacks,
+        # no reshape of an input that is already 2-D)
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{self._label()}: input has last dimension {x.shape[-1]}, expected in_features={self.in_features}"
             )
-        lead = x.shape[:-1]
+        bias = self._parameters.get("bias")
         merged = self._buffers.get(MERGED_WEIGHT)
         if merged is not None and self._merged_usable(merged):
-            return F.linear(x, merged.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            return F.linear(x, merged.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        if x.dim() == 2:
+            y = self._matmul(x)
+            return y if bias is None else y + bias.to(y.dtype)
+        lead = x.shape[:-1]
         y = self._matmul(x.reshape(-1, self.in_features))
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
 
     def _merged_usable(self, merged: Tensor) -> bool:
@@ -363,6 +397,27 @@ class StructuredLinear(nn.Module):
             raise ValueError(f"{self._label()}: its factors changed after merge_for_inference; call "
                              "structmat.unmerge_for_inference(model) (or merge_for_inference again) first")
         return True
+
+    # A plan holds shapes, strides and dtypes of the factors, never the factors themselves: anything that may change
+    # those (a .to(), a load with assign=True, a factor replaced) drops the layer's plans.
+    def _apply(self, fn, recurse=True):
+        if self._plans:
+            self._plans.clear()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        if self._plans:
+            self._plans.clear()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, Tensor) and self._plans:
+            self._plans.clear()
+        super().__setattr__(name, value)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        return {**state, "_plans": {}}  # (plans are closures: rebuilt, never pickled)
 
     @property
     def config(self) -> StructureConfig:

@@ -69,7 +69,7 @@ class BlockDiagonal(StructuredLinear):
         return BlockDiagonalConfig(nblocks=nblocks, pad=bool(pad))
 
     def _matmul(self, x: Tensor) -> Tensor:
-        y = run_op("blockdiag", blockdiag_bmm, self._pad_input(x, self.in_padded), self.weight)
+        y = run_op("blockdiag", blockdiag_bmm, self._pad_input(x, self.in_padded), self.weight, plans=self._plans)
         return self._trim_output(y)
 
     def to_dense(self) -> Tensor:

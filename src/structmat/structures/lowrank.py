@@ -62,7 +62,7 @@ class LowRank(StructuredLinear):
         return [LowRankConfig(rank=r) for r in (list(range(8, top + 1, 8)) or list(range(1, top + 1)))]
 
     def _matmul(self, x: Tensor) -> Tensor:
-        return run_op("lowrank", lowrank_multiply, x, self.U, self.V)
+        return run_op("lowrank", lowrank_multiply, x, self.U, self.V, plans=self._plans)
 
     def to_dense(self) -> Tensor:
         return self.U @ self.V

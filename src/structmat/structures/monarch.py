@@ -127,7 +127,8 @@ class Monarch(StructuredLinear):
         return list(found)
 
     def _matmul(self, x: Tensor) -> Tensor:
-        y = run_op("monarch", monarch_multiply, self._pad_input(x, self.in_padded), self.R, self.L)
+        y = run_op("monarch", monarch_multiply, self._pad_input(x, self.in_padded), self.R, self.L,
+                   plans=self._plans)
         return self._trim_output(y)
 
     def to_dense(self) -> Tensor:

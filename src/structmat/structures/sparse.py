@@ -211,7 +211,7 @@ class NMSparse(_SparseBase):
         return dense[:, : self.in_features]
 
     def _matmul(self, x: Tensor) -> Tensor:
-        return run_op("nm", nm_multiply, x, self.values, self.index, self.n, self.m)
+        return run_op("nm", nm_multiply, x, self.values, self.index, self.n, self.m, plans=self._plans)
 
     def _project_(self, weight: Tensor) -> None:
         padded = F.pad(weight, (0, self.in_padded - self.in_features))
