@@ -281,10 +281,10 @@ def _interpret_report() -> dict:
             cached = layer(x)  # (the layer's cached plan: the decode kernel without the dispatch)
             plans, layer._plans = layer._plans, None
             uncached = layer(x)
-            layer._plans = plans
+            layer._plans, n_plans = plans, len(plans)
             with K.use_backend("reference"):
                 ref = layer(x)
-        report[f"auto-{name}"] = {"choice": choice, "err": rel_rms(y, ref), "plans": len(plans),
+        report[f"auto-{name}"] = {"choice": choice, "err": rel_rms(y, ref), "plans": n_plans,
                                   "cached_equal": bool(torch.equal(cached, uncached) and torch.equal(y, cached))}
     # torch.compile of a structured stack, decoding lengths 1..N: how many graphs were compiled
     torch._dynamo.reset()
