@@ -547,3 +547,69 @@ def test_cached_inference_plan_equals_the_uncached_call(spec):
     clone = pickle.loads(pickle.dumps(copy.deepcopy(layer)))  # (plans are closures: dropped, rebuilt)
     with torch.no_grad():
         assert torch.equal(clone(x3.double()), y64)
+
+
+def test_gpu_round_infer_script_arguments(tmp_path):
+    """The round-2 script's steps, printed by --dry-run, all parse (a flag error would cost the GPU round) and write
+    only under $OUT/12."""
+    import glob
+    import importlib
+    import os
+    import shlex
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(["bash", str(root / "benchmarks/experiments/gpu_round_infer.sh"), "--dry-run"],
+                          capture_output=True, text=True, env=dict(os.environ, OUT=str(tmp_path)), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = [shlex.split(line) for line in proc.stdout.splitlines() if line.strip()]
+    modules = [argv[2] for argv in lines]
+    assert modules.count("structmat.bench.infer") == 6 and "structmat.bench.kernels" in modules
+    assert "structmat.bench.decode_host" in modules
+    (tmp_path / "12" / "parts" / "infer-x.json").write_text("{}")  # (the merge step's glob needs a file to exist)
+    for argv in lines:
+        assert argv[:2] == ["python3", "-m"], argv
+        args = argv[3:]
+        if "--merge" in args:
+            i = args.index("--merge")
+            args = args[:i + 1] + sorted(glob.glob(args[i + 1])) + args[i + 2:]
+        parsed = importlib.import_module(argv[2]).parse_args(args)
+        assert Path(parsed.out).resolve().is_relative_to((tmp_path / "12").resolve()), argv
+    structures = [a.structures for a in (importlib.import_module(m).parse_args(argv[3:]) for m, argv in
+                                         zip(modules, lines) if m == "structmat.bench.infer" and "--merge" not in argv)]
+    assert structures == ["", "lowrank", "monarch", "blockdiag", "nm24"]
+
+
+@pytest.mark.parametrize("spec", ["monarch:nblocks=4,ratio=0.5", "nm:n=2,m=4"])
+def test_compiled_static_cache_generate_compiles_once(spec):
+    """HF generate with a static cache, compiled (a counting backend): a structured Llama compiles one graph for
+    decode, across prompt lengths, decode lengths, and eager calls in between that add inference plans to the layers
+    (the H200 run of 06:56Z counted 16 graphs for Monarch; with the current dispatch the CPU reproduction, reference
+    and interpreter paths alike, compiles one)."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import CompileConfig
+
+    from structmat.plan import Plan
+    from structmat.train.models import structured_llama
+
+    graphs = []
+
+    def counting(gm, example_inputs, **options):  # (HF passes mode=)
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = structured_llama("125m", 96, Plan([(BLOCK_LINEARS, spec)]), max_seq_len=64, **LLAMA_TINY).eval()
+    model.config.use_cache = True
+    with torch.no_grad():
+        for prompt, new in ((5, 9), (8, 6)):  # (one static cache length: a new length recompiles dense models too)
+            ids = torch.randint(0, 96, (1, prompt))
+            cfg = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                                   eos_token_id=None, cache_implementation="static", use_cache=True)
+            cfg.compile_config = CompileConfig(backend=counting, fullgraph=False)
+            cfg.compile_config._compile_all_devices = True  # (HF compiles on GPUs only unless told)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+            assert out.shape == (1, prompt + new)
+            model(input_ids=torch.randint(0, 96, (1, prompt + 2)))  # eager, a new shape: a new plan per layer
+    torch._dynamo.reset()
+    assert len(graphs) == 1, [g.code[:300] for g in graphs]

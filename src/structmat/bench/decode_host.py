@@ -118,7 +118,7 @@ def run(args) -> dict:
                 stub_launch=bool(args.stub_launch), rows=rows, run_info=run_info(vars(args), device=device))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m structmat.bench.decode_host", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--structures", default=",".join(SPECS), help=f"comma list of {', '.join(SPECS)} or specs")
@@ -130,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.calls < 1 or args.repeats < 1:
         p.error("--calls and --repeats must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     result = run(args)
     from structmat.eval.results import write_json
 

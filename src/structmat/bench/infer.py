@@ -326,7 +326,9 @@ def _fresh_baseline() -> int:
     return torch.cuda.memory_allocated()
 
 
-def run(args) -> dict:
+def run(args, checkpoint=None) -> dict:
+    """Measure every model of ``args``; ``checkpoint(result)`` (optional) is called with the partial result after
+    every measurement."""
     if not torch.cuda.is_available():
         raise SystemExit("structmat bench infer needs a CUDA GPU")
     from structmat.eval.results import run_info
@@ -352,7 +354,7 @@ def run(args) -> dict:
             baseline = _fresh_baseline()
             census = live_storages("cuda")
             if args.memory_history:
-                torch.cuda.memory._record_memory_history(max_entries=100000)
+                torch.cuda.memory._record_memory_history(max_entries=100000, stacks="python")
             model = _build_named(name, args, dtype, shape)
             result["models"][name] = memory(model, baseline, census, history=args.memory_history)
         except Exception as err:  # record and go on: one model's failure must not lose the others
@@ -362,6 +364,8 @@ def run(args) -> dict:
             if args.memory_history:
                 torch.cuda.memory._record_memory_history(enabled=None)
             model = None
+        if checkpoint is not None:
+            checkpoint(result)
     log = _CompileLog()
     torch._logging.set_logs(recompiles=True, graph_breaks=True)
     logging.getLogger("torch._dynamo").addHandler(log)
@@ -378,14 +382,15 @@ def run(args) -> dict:
                      "graph": lambda: [graph_decode_tps(model, b) for b in batches],
                      "eager": lambda: [generate_tps(model, b, args.new_tokens, False, "", "", args.reps)
                                        for b in args.eager_batches]}
+            if name != "dense" and args.kernels:
+                steps["kernels"] = lambda: kernel_rows(model, dtype)
+            # (the compiles last: the longest steps, and a time limit that cuts one keeps the rows before it)
             if args.step_compile_mode != "none":
                 steps["graph_compiled"] = lambda: [graph_decode_tps(model, b, compile_mode=args.step_compile_mode)
                                                    for b in args.compiled_batches]
             if args.compile_backend != "none":
                 steps["compiled"] = lambda: [generate_tps(model, b, args.new_tokens, True, args.compile_backend,
                                                           args.compile_mode, args.reps) for b in args.compiled_batches]
-            if name != "dense" and args.kernels:
-                steps["kernels"] = lambda: kernel_rows(model, dtype)
             for key, step in steps.items():
                 try:  # each measurement on its own: one failure must not lose the others
                     if key in ("compiled", "graph_compiled"):
@@ -397,6 +402,8 @@ def run(args) -> dict:
                 except Exception as err:
                     result["errors"][f"{name}/{key}"] = traceback.format_exc()[-3000:]
                     print(f"{name}/{key}: FAILED {err!r}"[:500], flush=True)
+                if checkpoint is not None:
+                    checkpoint(result)
             print(f"{name}: " + json.dumps({k: v for k, v in row.items() if k != "kernels"}, default=str), flush=True)
         except Exception as err:  # record and go on: one model's failure must not lose the others
             result["errors"][name] = traceback.format_exc()[-3000:]
@@ -428,6 +435,7 @@ def merge_results(paths: list[str]) -> dict:
             if name not in result["models"]:
                 row.pop("vs_dense", None)
                 row["run_date"] = part.get("run_info", {}).get("date")
+                row["part_complete"] = part.get("complete", True)  # (False: its process was cut by a time limit)
                 result["models"][name] = row
         for key, err in part.get("errors", {}).items():
             result["errors"].setdefault(key, err)
@@ -480,7 +488,8 @@ def plot(result: dict, path: Path) -> Path:
     return write_png(path, fig, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked (a bad flag exits with status 2 before anything is built or measured)."""
     p = argparse.ArgumentParser(prog="structmat bench infer", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--structures", default="lowrank,monarch,blockdiag,nm24",
@@ -523,15 +532,27 @@ def main(argv: list[str] | None = None) -> int:
         missing = [m for m in args.merge if not Path(m).is_file()]
         if missing:
             p.error(f"--merge: no such file(s): {', '.join(missing)}")
-        result = merge_results(args.merge)
-    else:
-        result = run(args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     from structmat.eval.results import write_json
 
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.out)
+    path = out / f"infer-{stamp}.json"
+    if args.merge:
+        result = merge_results(args.merge)
+    else:
+        def checkpoint(partial: dict) -> None:  # after every measurement: a run cut by its time limit keeps its rows
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(path, dict(partial, complete=False))
+
+        result = run(args, checkpoint)
+        result["complete"] = True
     out.mkdir(parents=True, exist_ok=True)
-    path = write_json(out / f"infer-{stamp}.json", result)
+    path = write_json(path, result)
     try:
         plot(result, path.with_suffix(".png"))
     except Exception as err:  # the JSON is the result; a plot failure is reported, not fatal

@@ -131,16 +131,16 @@ def _time_semi_structured(in_f, out_f, n, dtype, warmup, rep):
 
 def run_grid(quick: bool = False, dtypes=("bf16",), subset_dtypes=("fp16", "fp32"), modes=("fwd", "fwdbwd"),
              warmup: int = 5, rep: int = 20, semi_structured: bool = True, log=print, budget_s: float = 1e9,
-             checkpoint=None, graphs: bool = False) -> dict:
+             checkpoint=None, graphs: bool = False, tokens=None, shapes=None) -> dict:
     import structmat.kernels as K
 
     if not torch.cuda.is_available():
         raise RuntimeError("the kernel benchmark needs a CUDA GPU (run it on an H100/H200)")
     torch.manual_seed(0)
-    tokens_all = QUICK_TOKENS if quick else TOKENS
-    shapes_all = QUICK_SHAPES if quick else SHAPES
+    tokens_all = tokens or (QUICK_TOKENS if quick else TOKENS)
+    shapes_all = shapes or (QUICK_SHAPES if quick else SHAPES)
     jobs = [(dt, s, n) for dt in dtypes for s in shapes_all for n in tokens_all]
-    if not quick:  # other dtypes on a subset: the square 4096 shape, a decode and a large-batch token count
+    if not (quick or tokens or shapes):  # other dtypes on a subset: the square 4096 shape, decode and large batch
         jobs += [(dt, (4096, 4096), n) for dt in subset_dtypes for n in (16, 8192)]
     rows, skipped, semi = [], ["monarch:nblocks=2 (as many parameters as dense: rejected by design)"], []
     t_start = time.time()
@@ -271,7 +271,8 @@ def plot(result: dict, path: Path) -> Path:
     return write_png(path, fig, dpi=110)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked (exit status 2 before anything runs); ``tokens``/``shapes`` come back as tuples."""
     ap = argparse.ArgumentParser(prog="structmat bench kernels", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a small subset (2 shapes, 3 token counts, nblocks=4)")
     ap.add_argument("--out", default="benchmarks/results", help="folder for the JSON and PNG")
@@ -284,7 +285,23 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new grid points after this long")
     ap.add_argument("--graphs", action="store_true",
                     help="also time auto and dense replayed from CUDA graphs (GPU time without host launch cost)")
+    ap.add_argument("--tokens", default=None, help="comma list of token counts instead of the grid's (e.g. 1,4,16)")
+    ap.add_argument("--shapes", default=None,
+                    help="comma list of INxOUT shapes instead of the grid's (e.g. 2048x8192,8192x2048)")
     args = ap.parse_args(argv)
+    try:
+        tokens = tuple(int(t) for t in args.tokens.split(",")) if args.tokens else None
+        shapes = tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")) if args.shapes else None
+    except ValueError:
+        ap.error("--tokens takes integers (1,4,16); --shapes takes INxOUT pairs (2048x8192,8192x2048)")
+    if (tokens and min(tokens) < 1) or (shapes and any(len(s) != 2 or min(s) < 1 for s in shapes)):
+        ap.error("--tokens must be >= 1 and --shapes INxOUT pairs of positive sizes")
+    args.tokens, args.shapes = tokens, shapes
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -302,7 +319,7 @@ def main(argv=None) -> int:
 
     result = run_grid(quick=args.quick, dtypes=tuple(args.dtypes.split(",")), modes=tuple(args.modes.split(",")),
                       rep=args.rep, semi_structured=not args.no_semi, budget_s=args.budget_s, checkpoint=checkpoint,
-                      graphs=args.graphs)
+                      graphs=args.graphs, tokens=args.tokens, shapes=args.shapes)
     result["run_info"] = info
     jpath.write_text(json.dumps(result, indent=1))
     try:

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Issue 12, GPU round 2: `structmat bench infer` on the must-show shape (bf16, Llama hidden 2048 / SwiGLU 8192 /
+# 8 layers / vocab 32000, every linear of the blocks at 50%: lowrank, monarch nb=4, blockdiag nb=4, 2:4), then the
+# per-layer host cost at one token and the `bench kernels` 1-16-token forward rows under CUDA graphs.
+#
+#   OUT=/some/dir bash benchmarks/experiments/gpu_round_infer.sh            # the round (~330 s), from the repo root
+#   OUT=/some/dir bash benchmarks/experiments/gpu_round_infer.sh --dry-run  # print the steps, run nothing
+#
+# Each model runs in its own process under its own `timeout`: a kernel fault (an illegal address poisons the whole
+# CUDA context) or a time limit loses that structure only, and each process rewrites its JSON after every step, so
+# a cut process keeps the rows it finished. `--merge` then combines the parts and takes the ratios against dense.
+# Writes only under "$OUT/12/": parts/, logs/, infer-*.json (merged), decode-host-*.json, kernels-*.json.
+set -u
+cd "$(dirname "$0")/../.."
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+: "${OUT:?set OUT to the folder that comes back}"
+R="$OUT/12"
+mkdir -p "$R/parts" "$R/logs"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+# One model per process. 46 s each x 5 = 230 s. Eager generate at batch 1 only (the must-show; batch 8/32 decode
+# comes from the CUDA-graph step); compiled generate through dynamo's cudagraphs backend (inductor's compile of the
+# 8-layer model does not fit 46 s); the allocator's history attributes any memory beside the parameters.
+INFER=(--batches 1,8,32 --eager-batches 1 --compiled-batches 1 --new-tokens 32 --reps 2 --compile-backend cudagraphs
+       --step-compile-mode none --memory-history --out "$R/parts")
+T_MODEL=${T_MODEL:-46}
+
+step() {  # step NAME SECONDS CMD...: run under its own timeout, log to logs/NAME.log, record rc and seconds
+  local name=$1 secs=$2
+  shift 2
+  if [ "$DRY" = 1 ]; then printf '%q ' "$@"; echo; return 0; fi
+  local t=$(date +%s)
+  timeout --kill-after=5 "$secs" "$@" > "$R/logs/$name.log" 2>&1
+  echo "$name rc=$? seconds=$(( $(date +%s) - t ))" | tee -a "$R/steps.log"
+}
+
+[ "$DRY" = 1 ] || { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; date -u; git rev-parse HEAD 2>/dev/null; } > "$R/logs/device.log" 2>&1
+step infer-dense "$T_MODEL" $PY -m structmat.bench.infer --structures "" "${INFER[@]}"
+for s in lowrank monarch blockdiag nm24; do
+  step "infer-$s" "$T_MODEL" $PY -m structmat.bench.infer --no-dense --structures "$s" "${INFER[@]}"
+done
+if [ "$DRY" = 1 ]; then  # (the parts do not exist in a dry run: the glob is printed as it stands)
+  echo "$PY -m structmat.bench.infer --merge $R/parts/infer-*.json --out $R"
+else
+  step infer-merge 20 $PY -m structmat.bench.infer --merge "$R"/parts/infer-*.json --out "$R"
+fi
+step decode-host 25 $PY -m structmat.bench.decode_host --calls 2000 --repeats 5 --out "$R"
+step kernels 60 $PY -m structmat.bench.kernels --quick --modes fwd --graphs --no-semi --tokens 1,4,16 \
+  --shapes 2048x2048,2048x8192,8192x2048 --rep 10 --budget-s 40 --out "$R"
+exit 0
