@@ -17,6 +17,7 @@ from structmat.project import METHODS, methods_for, price, project, register_pro
 from structmat.project.registry import PROJECTIONS
 from structmat.modules import linear_modules
 from structmat.structures import LowRank
+from tolerances import F32_AGREE_REL, F32_LOCAL_DESCENT_REL
 from structmat.surgery import structurize
 
 SCOPE = r".*layers\.\d+\..*"
@@ -116,7 +117,9 @@ def test_float32_projections_agree_with_float64():
                          ("monarch:nblocks=4", "whitened")]:
         e64 = project(w, spec, method, s64).fit_info["output_error"]
         e32 = project(w, spec, method, s32).fit_info["output_error"]
-        assert e32 == pytest.approx(e64, rel=2e-3), (spec, method)
+        # whitened Monarch is a descent stopped after 10 sweeps: float32 rounding moves its path a little
+        rel = F32_LOCAL_DESCENT_REL if spec.startswith("monarch") else F32_AGREE_REL
+        assert e32 == pytest.approx(e64, rel=rel), (spec, method)
 
 
 def test_guard_skips_methods_optimal_by_construction():

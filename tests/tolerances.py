@@ -15,3 +15,5 @@ CURVE_REL = 1e-8  # predicted low-rank error curve vs the projection's actual er
 STRICT_GAIN = 0.9  # "strictly better": at most this fraction of the data-free error on correlated data
 MONARCH_DESCENT_REL = 0.03  # whitened Monarch (subspace-iteration sweeps) vs exact-SVD block descent, same sweeps
 MONARCH_PRICE_REL = 0.05  # its budget price (4 cheap sweeps) vs the exact descent's 2-sweep price it replaced
+F32_AGREE_REL = 2e-3  # a projection's output error with float32 vs float64 statistics (closed forms, SparseGPT)
+F32_LOCAL_DESCENT_REL = 5e-3  # the same for whitened Monarch (a block descent stopped after 10 sweeps)

@@ -13,20 +13,24 @@ T_k = W_k + G_k and S_k S_k^T = H_kk. Row blocks decouple, and each is the white
 ``project/lowrank.py``: M_sk = U_c U_c^T T_sk with U_c the top-c left singular vectors of T_sk S_k (no inverse of
 S_k).
 
-Cost (this is what the budget solver pays for every layer and size): the start needs one batched SVD of the b x b
-blocks, shared by every block rank c of the size ladder (the top-c vectors of one SVD serve every c). A sweep does
-not take a new SVD per block: the target moves little between sweeps, so U_c is updated by one step of subspace
-iteration warm-started at the current basis, U <- orth(A A^T U) with A = T_sk S_k (matmuls and a thin QR;
-``power`` such steps per update: 2 for a projection, 1 for the budget's prices). For a
-fixed basis U, U U^T T_sk is the best block with that column space, and a subspace-iteration step never captures
-less of A A^T than U did, so every block update still lowers the objective; a sweep that would raise it through
-rounding ends the descent. Both the sqrt factor and the pseudo-inverse of H_kk come from one ``eigh``, computed
-once per statistics object (q/k/v and gate/up share it) and block count.
+Cost (what the budget solver pays for every layer and size, and what a GPU is slow at): no SVD, QR or eigh per
+block. A GPU runs a batch of small SVDs/eighs/QRs one matrix at a time (about 15 ms for one 144 x 384 SVD on an
+H200), so every subspace here comes from subspace iteration, U <- orth(A A^T U), with ``orth`` a batched
+Cholesky-QR (batched Gram products, Cholesky factorizations and triangular solves: one call per batch). The starts
+take ``start_iters`` steps from a fixed Gaussian start; a sweep updates each block's basis with ``power`` steps
+warm-started at its current basis (the target moves little between sweeps): 2 for a projection, 1 for the
+budget's prices. For a fixed basis U, U U^T T_sk is the best block with that column space, and a subspace-iteration
+step never captures less of A A^T than U did, so every block update lowers the objective; a sweep that would raise
+it through rounding ends the descent. The sqrt factor and the pseudo-inverse of H_kk come from one batched ``eigh``
+per statistics object (q/k/v and gate/up share it) and block count. The layer's factors come straight from the
+fitted bases (block (s, k) = U (U^T M)), with no SVD of the result.
 
-Start: the better (on the damped objective) of the data-free Monarch projection and the "block-diagonal whitened"
-point T_k = W_k (exact when inputs of different blocks are uncorrelated); then sweep until the relative decrease
-is below ``tol`` or ``sweeps`` sweeps are done. Since the data-free projection is a candidate start and sweeps
-are monotone, the result is never worse than data-free on the damped objective. Padding (``pad=True``): the
+Start: the better (on the damped objective) of the data-free Monarch projection (each block's top-c column space,
+by subspace iteration) and the "block-diagonal whitened" point T_k = W_k (exact when inputs of different blocks
+are uncorrelated); then sweep until the relative decrease is below ``tol`` or ``sweeps`` sweeps are done. Since
+the data-free projection is a candidate start and sweeps are monotone, the result is never worse than data-free
+on the damped objective (up to the start's subspace-iteration convergence; tests check it against the exact
+data-free projection and against an exact-SVD descent). Padding (``pad=True``): the
 weight is padded with zero rows and columns and the Gram with zero rows and columns (the padded inputs are 0);
 the padded rows of W are 0 and stay 0, padded columns are cropped at the end, which changes neither the rank of
 any block nor the objective.
@@ -87,14 +91,41 @@ def _objective(e: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _orth(y: Tensor) -> Tensor:
-    return torch.linalg.qr(y).Q
+    """An orthonormal basis of the columns of ``y`` (batched, same span): shifted Cholesky-QR and two unshifted
+    passes (CholeskyQR3, Fukaya et al. 2020): batched Gram products, Cholesky factorizations and triangular solves,
+    so a GPU runs the whole batch at once (its QR and SVD loop over the matrices). Householder QR where a factor
+    fails (a rank-deficient y, e.g. an all-zero padded block)."""
+    m, n = y.shape[-2:]
+    eps = torch.finfo(y.dtype).eps
+    q = y
+    for shift in (11.0 * (m * n + n * (n + 1)) * eps, 0.0, 0.0):
+        gram = q.transpose(-1, -2) @ q
+        if shift:  # relative to ||y||_F^2 >= ||y||_2^2: keeps the first factorization positive definite
+            diag = gram.diagonal(dim1=-2, dim2=-1)
+            diag.add_(shift * diag.sum(dim=-1, keepdim=True))
+        low, info = torch.linalg.cholesky_ex(gram)
+        if bool((info != 0).any()) or not bool(torch.isfinite(low.diagonal(dim1=-2, dim2=-1)).all()):
+            return torch.linalg.qr(y).Q
+        q = torch.linalg.solve_triangular(low.transpose(-1, -2), q, upper=True, left=False)
+    return q
+
+
+def _top_subspace(a: Tensor, c: int, iters: int) -> Tensor:
+    """Orthonormal (batch, u, c) basis of the top-c left singular subspace of each a (batch, u, p), by subspace
+    iteration from a fixed Gaussian start (``iters`` steps U <- orth(A A^T U)): matmuls and batched Cholesky-QR."""
+    gen = torch.Generator().manual_seed(0)
+    omega = torch.randn(a.shape[-1], c, generator=gen, dtype=torch.float64).to(a.device, a.dtype)
+    q = _orth(a @ omega)
+    for _ in range(iters):
+        q = _orth(a @ (a.transpose(-1, -2) @ q))
+    return q
 
 
 def _sweeps(wp: Tensor, wh: _Whitening, m_hat: Tensor, eh: Tensor, basis: Tensor, value: float, sweeps: int,
-            tol: float, power: int) -> tuple[Tensor, list[float]]:
+            tol: float, power: int) -> tuple[Tensor, Tensor, list[float]]:
     """Block-coordinate descent from ``m_hat`` (with E H = ``eh`` for E = wp - m_hat, and its blocks' column
-    spaces ``basis`` (k, s, u, c)); ``power`` subspace-iteration steps per block update. Returns the result and
-    the damped objective's history."""
+    spaces ``basis`` (k, s, u, c)); ``power`` subspace-iteration steps per block update. Returns the result, its
+    blocks' bases and the damped objective's history."""
     h, p, b = wh.h, wh.p, basis.shape[0]
     history = [value]
     for _ in range(sweeps):
@@ -123,51 +154,53 @@ def _sweeps(wp: Tensor, wh: _Whitening, m_hat: Tensor, eh: Tensor, basis: Tensor
         history.append(value)
         if history[-2] - value <= tol * history[-2]:
             break
-    return m_hat, history
+    return m_hat, basis, history
 
 
 def whitened_monarch_sizes(w: Tensor, gram: Tensor, *, nblocks: int, ranks: list[int], out_padded: int,
                            in_padded: int, damp: float = 1e-6, sweeps: int = 10, tol: float = 1e-4,
-                           power: int = 1, stats=None) -> list[tuple[Tensor, dict]]:
-    """Whitened Monarch members of w (its dtype, real shape) for several block ranks at once: the start's SVDs
-    and the whitening are computed once for all of them. Returns (member, info) per rank; info["objective"] is
-    the undamped tr(E H E^T) of the member."""
+                           power: int = 1, start_iters: int = 4, stats=None) -> list[tuple[Tensor, Tensor, dict]]:
+    """Whitened Monarch members of w for several block ranks at once (the whitening is computed once for all).
+    Returns per rank (member padded to (out_padded, in_padded) in w's dtype, its blocks' orthonormal column
+    bases (k, s, u, c), info); info["objective"] is the undamped tr(E H E^T) of the member."""
     out, inn = w.shape
     b = nblocks
     wp = w.new_zeros(out_padded, in_padded)
     wp[:out, :inn] = w
     wh = _whitening(stats, gram, b, in_padded, damp, w.dtype)
     grid = blocks_of(wp, b).transpose(0, 1)  # (k, s, u, p)
-    u_df, s_df, vh_df = torch.linalg.svd(grid, full_matrices=False)
-    u_bd, _, _ = torch.linalg.svd(grid @ wh.s.unsqueeze(1), full_matrices=False)
+    whitened = grid @ wh.s.unsqueeze(1)
     results = []
     for c in ranks:
-        start_df = _grid((u_df[..., :c] * s_df[..., None, :c]) @ vh_df[..., :c, :])
-        ub = u_bd[..., :c]
-        start_bd = _grid(ub @ (ub.transpose(-1, -2) @ grid))
+        u_df = _top_subspace(grid, c, start_iters)  # the data-free (per-block truncated SVD) column spaces
+        u_bd = _top_subspace(whitened, c, start_iters)  # the block-whitened ones (inputs of blocks uncorrelated)
+        start_df = _grid(u_df @ (u_df.transpose(-1, -2) @ grid))
+        start_bd = _grid(u_bd @ (u_bd.transpose(-1, -2) @ grid))
         values, ehs = _objective(torch.stack([wp - start_df, wp - start_bd]), wh.h)
         f_df, f_bd = values.tolist()
         block_whitened = f_bd <= f_df
         pick = 1 if block_whitened else 0
-        m_hat, basis = (start_bd, ub) if block_whitened else (start_df, u_df[..., :c])
-        m_hat, history = _sweeps(wp, wh, m_hat, ehs[pick], basis.contiguous(), values[pick].item(), sweeps, tol,
-                                 power)
+        m_hat, basis = (start_bd, u_bd) if block_whitened else (start_df, u_df)
+        m_hat, basis, history = _sweeps(wp, wh, m_hat, ehs[pick], basis.contiguous(), values[pick].item(), sweeps,
+                                        tol, power)
         # the undamped objective from the damped one: tr(E (H + d I) E^T) = tr(E H E^T) + d ||E||^2
         undamped = history[-1] - wh.delta * float((wp - m_hat).square().sum())
         info = {"start": "block-whitened" if block_whitened else "data-free", "sweeps": len(history) - 1,
                 "damped_objective_start": history[0], "damped_objective": history[-1],
                 "objective": max(undamped, 0.0)}
-        results.append((m_hat[:out, :inn], info))
+        results.append((m_hat, basis, info))
     return results
 
 
 def whitened_monarch(w: Tensor, gram: Tensor, data_free: Tensor | None = None, *, nblocks: int, c: int,
                      out_padded: int, in_padded: int, damp: float = 1e-6, sweeps: int = 10, tol: float = 1e-4,
                      power: int = 1, stats=None) -> tuple[Tensor, dict[str, float]]:
-    """Returns the fitted Monarch member (w's dtype, real shape) and info. The data-free start is the per-block
-    truncated SVD, computed here (``data_free`` is accepted for compatibility and not needed)."""
-    return whitened_monarch_sizes(w, gram, nblocks=nblocks, ranks=[c], out_padded=out_padded, in_padded=in_padded,
-                                  damp=damp, sweeps=sweeps, tol=tol, power=power, stats=stats)[0]
+    """Returns the fitted Monarch member (w's dtype, real shape) and info. The data-free start is computed here
+    (``data_free`` is accepted for compatibility and not needed)."""
+    member, _, info = whitened_monarch_sizes(w, gram, nblocks=nblocks, ranks=[c], out_padded=out_padded,
+                                             in_padded=in_padded, damp=damp, sweeps=sweeps, tol=tol, power=power,
+                                             stats=stats)[0]
+    return member[:w.shape[0], :w.shape[1]], info
 
 
 def _price_whitened(p: Problem, configs: list, guard: bool, damp: float, sweeps: int, tol: float, power: int
@@ -191,7 +224,7 @@ def _price_whitened(p: Problem, configs: list, guard: bool, damp: float, sweeps:
         fits = whitened_monarch_sizes(p.w, gram, nblocks=b, ranks=[layers[i].c for i in members],
                                       out_padded=out_padded, in_padded=in_padded, damp=damp, sweeps=sweeps, tol=tol,
                                       power=power, stats=p.stats)
-        for i, (_, info) in zip(members, fits):
+        for i, (_, _, info) in zip(members, fits):
             prices[i] = info["objective"] / total if total > 0 else 0.0
     return prices
 
@@ -199,14 +232,25 @@ def _price_whitened(p: Problem, configs: list, guard: bool, damp: float, sweeps:
 @register_projection("whitened", Monarch, needs_stats=True, optimal=True,
                      options={"damp": 1e-6, "sweeps": 10, "tol": 1e-4, "power": 2}, pricer=_price_whitened)
 def _whitened(p: Problem, damp: float, sweeps: int, tol: float, power: int) -> tuple[Monarch, dict]:
-    out_f, in_f = p.w.shape
-    base = p.cls.from_config(p.config, in_f, out_f, bias=False, device="meta")  # its sizes only
+    layer = p.new_layer()
+    b, c = layer.nblocks, layer.c
     gram = p.stats.gram.to(p.w.device)
-    what, info = whitened_monarch(p.w, gram, nblocks=base.nblocks, c=base.c, out_padded=base.out_padded,
-                                  in_padded=base.in_padded, damp=damp, sweeps=sweeps, tol=tol, power=power,
-                                  stats=p.stats)
-    bias = None if p.bias is None else p.bias.to(p.w.dtype)
-    return p.cls.from_dense(what, bias, **p.args).to(dtype=p.weight.dtype), info
+    member, basis, info = whitened_monarch_sizes(p.w, gram, nblocks=b, ranks=[c], out_padded=layer.out_padded,
+                                                 in_padded=layer.in_padded, damp=damp, sweeps=sweeps, tol=tol,
+                                                 power=power, stats=p.stats)[0]
+    # the factors straight from the fit (no SVD of the result): block (s, k) = U (U^T M), each rank-one term
+    # scaled to equal norms on both sides
+    right = basis.transpose(-1, -2) @ blocks_of(member, b).transpose(0, 1)  # (k, s, c, p)
+    scale = right.norm(dim=-1).sqrt()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    left = (basis * scale.unsqueeze(-2)).transpose(0, 1)  # (s, k, u, c)
+    right = right / scale.unsqueeze(-1)
+    with torch.no_grad():
+        layer.L.copy_(left.permute(0, 2, 1, 3).reshape(layer.L.shape))
+        layer.R.copy_(right.reshape(layer.R.shape))
+        if p.bias is not None:
+            layer.bias.copy_(p.bias)
+    return layer, info
 
 
 @register_projection("fisher", Monarch, needs_stats=False, needs_fisher=True)
