@@ -65,3 +65,18 @@ def test_whitened_monarch_factorization_is_shared_by_layers_with_one_input():
     assert len(cached) == 1
     price(w.flip(0), configs, "whitened", stats)  # another layer on the same input reuses it
     assert [k for k in stats._derived if str(k[0]).startswith("monarch-whitening")] == cached
+
+
+def test_sparsegpt_prices_every_nm_size_in_one_pass_equal_to_its_projection():
+    w, stats = setup(out=24, inn=40, n=500, seed=5)
+    configs = structure_class("nm").size_ladder(40, 24, 4, m=4)
+    for w_dtype in (torch.float64, torch.float32):
+        prices = price(w.to(w_dtype), configs, "sparsegpt", stats)
+        for config, value in zip(configs, prices):
+            layer = project(w.to(w_dtype), config, "sparsegpt", stats=stats)
+            assert abs(layer.fit_info["output_error"] ** 2 - value) <= 1e-9 + 1e-6 * value, (config, w_dtype)
+    assert prices == sorted(prices, reverse=True)
+    padded = structure_class("nm").size_ladder(42, 24, 4, m=4, pad=True)  # 42 inputs: padded to 44
+    w2, stats2 = setup(out=24, inn=42, n=500, seed=6)
+    for config, value in zip(padded, price(w2, padded, "sparsegpt", stats2)):
+        assert abs(project(w2, config, "sparsegpt", stats=stats2).fit_info["output_error"] ** 2 - value) <= 1e-9

@@ -111,13 +111,15 @@ def _revive_dead_inputs(h: Tensor) -> Tensor:
 _UPDATE_GROUP = 16  # unstructured: columns whose updates to the rest of the block are applied together
 
 
-def sparsegpt(w: Tensor, gram: Tensor, *, nm: tuple[int, int] | None = None, nnz: int | None = None,
+def sparsegpt(w: Tensor, gram: Tensor, *, nm: tuple[int | Tensor, int] | None = None, nnz: int | None = None,
               blocksize: int = 128, damp: float = 0.01, upper: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """SparseGPT on ``w`` (out, cols; float32 or float64) with Gram ``gram`` (cols, cols); see the module
     docstring. ``upper``: the precomputed :func:`inverse_cholesky_upper` of the Gram (shared between layers with
     one input).
 
-    For N:M, ``cols`` must be a multiple of m (pad first). Returns (pruned and updated weight, keep mask).
+    For N:M, ``cols`` must be a multiple of m (pad first); n may be a tensor of one n per row (rows are
+    independent given the Gram, so several N:M sizes of one weight, stacked as rows, run in one pass: the
+    budget's pricing). Returns (pruned and updated weight, keep mask).
     """
     if (nm is None) == (nnz is None):
         raise ValueError("sparsegpt: give exactly one of nm=(n, m) or nnz=")
@@ -126,6 +128,9 @@ def sparsegpt(w: Tensor, gram: Tensor, *, nm: tuple[int, int] | None = None, nnz
     out, cols = w.shape
     if nm is not None:
         n, m = nm
+        per_row = isinstance(n, Tensor)
+        if per_row:
+            drop_per_row = (m - n.to(w.device)).view(-1, 1)
         if cols % m:
             raise ValueError(f"sparsegpt: {cols} columns are not a multiple of m={m}; pad first")
         blocksize = max(m, blocksize - blocksize % m)
@@ -156,8 +161,11 @@ def sparsegpt(w: Tensor, gram: Tensor, *, nm: tuple[int, int] | None = None, nnz
             g1 = min(g0 + step, width)
             if nm is not None:
                 score = w1[:, g0:g1].square() / d[g0:g1].square()
-                drop_idx = score.topk(m - n, dim=1, largest=False).indices
-                pruned[:, g0:g1].scatter_(1, drop_idx, True)
+                if per_row:  # each row drops its own count of lowest scores
+                    pruned[:, g0:g1] = score.argsort(dim=1).argsort(dim=1) < drop_per_row
+                else:
+                    drop_idx = score.topk(m - n, dim=1, largest=False).indices
+                    pruned[:, g0:g1].scatter_(1, drop_idx, True)
             for j in range(g0, g1):
                 col = w1[:, j]
                 q = col.masked_fill(pruned[:, j], 0.0)
@@ -236,8 +244,45 @@ def _sparsegpt(p: Problem, damp: float, blocksize: int):
     return _sparse_layer(p, layer, what, keep)
 
 
+def _price_sparsegpt_nm(p: Problem, configs: list, guard: bool, damp: float, blocksize: int) -> list[float | None]:
+    """Squared relative output error of SparseGPT at every N:M size, the sizes of one m stacked as rows and pruned
+    in ONE pass (SparseGPT's column loop is launch-bound on a GPU: one pass instead of one per size). With
+    ``guard``, each size's price is the better of SparseGPT and magnitude, as the guarded projection returns."""
+    from ..structures import from_dense
+
+    out_f, in_f = p.w.shape
+    gram = p.h
+    total = float(((p.w @ gram) * p.w).sum())
+    prices: list[float | None] = [None] * len(configs)
+    groups: dict[tuple, list[int]] = {}
+    for i, config in enumerate(configs):
+        try:
+            layer = p.cls.from_config(config, in_f, out_f, bias=False, device="meta")
+        except ValueError:
+            continue
+        groups.setdefault((config.m, layer.in_padded), []).append(i)
+
+    def relative(member: Tensor) -> float:
+        e = p.w - member.to(p.weight.dtype).to(p.w.dtype)  # as stored in the layer
+        return max(float(((e @ gram) * e).sum()), 0.0) / total if total > 0 else 0.0
+
+    for (m, in_padded), members in groups.items():
+        pad = in_padded - in_f
+        h = torch.nn.functional.pad(gram, (0, pad, 0, pad)) if pad else gram
+        upper = cached_factor(p.stats, f"inverse-cholesky+{pad}", damp, p.w.dtype, p.w.device,
+                              lambda: inverse_cholesky_upper(h, damp))
+        ns = torch.tensor([configs[i].n for i in members], device=p.w.device).repeat_interleave(out_f)
+        stacked = torch.nn.functional.pad(p.w, (0, pad)).repeat(len(members), 1)
+        what, _ = sparsegpt(stacked, h, nm=(ns, m), blocksize=blocksize, damp=damp, upper=upper)
+        for j, i in enumerate(members):
+            prices[i] = relative(what[j * out_f:(j + 1) * out_f, :in_f])
+            if guard:
+                prices[i] = min(prices[i], relative(from_dense(p.weight, configs[i]).to_dense().detach()))
+    return prices
+
+
 for _structure in (NMSparse, FixedSparse):
     register_projection("magnitude", _structure, needs_stats=False, optimal=True)(magnitude)
     register_projection("wanda", _structure, needs_stats=True)(wanda)
-    register_projection("sparsegpt", _structure, needs_stats=True,
-                        options={"damp": 0.01, "blocksize": 128})(_sparsegpt)
+    register_projection("sparsegpt", _structure, needs_stats=True, options={"damp": 0.01, "blocksize": 128},
+                        pricer=_price_sparsegpt_nm if _structure is NMSparse else None)(_sparsegpt)
