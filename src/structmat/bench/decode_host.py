@@ -6,10 +6,13 @@ Eager decode is host-bound: at one token each layer's GPU work takes a few micro
 Python and launch time of every layer call. For each structure (tiny shapes: the compute is negligible) this times,
 in microseconds per call (the fastest of ``--repeats`` loops of ``--calls`` calls, the device synchronized once per loop):
   ``layer_us``   the structured layer's forward (``auto`` dispatch), under ``torch.inference_mode`` and ``no_grad``
+  ``uncached_us`` the same with the layer's per-shape plan cache off (the whole dispatch on every call)
   ``direct_us``  the product it dispatches to, called directly with its operands (the decode kernel on CUDA; the
                  reference function on CPU): the floor a layer call cannot go under
   ``linear_us``  ``nn.Linear`` of the same shape (dense: one cuBLAS launch)
   ``overhead_us`` = layer_us - direct_us (dispatch, checks, Python around the product)
+  ``forced_us``  layer_us with each backend forced (inference mode), where the structure has it: the host side of
+                 the dispatch's cost model (``dispatch.HOST_US``)
 On CPU, ``--stub-launch`` runs the GPU decode path's Python (dispatch, tile plans, output allocation) with the
 Triton launches replaced by no-ops: the layer's own host cost without the launch, measurable on any machine.
 Writes ``decode-host-<UTC>.json``.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import sys
 import time
 from pathlib import Path
@@ -27,6 +31,7 @@ import torch
 from torch import nn
 
 SHAPE = (256, 256)
+FORCED = ("reference", "decode", "triton", "cublas")  # (a backend a structure lacks falls back: not timed)
 SPECS = {"lowrank": "lowrank:rank=32", "monarch": "monarch:nblocks=4", "blockdiag": "blockdiag:nblocks=4",
          "nm24": "nm:n=2,m=4"}
 
@@ -109,11 +114,25 @@ def run(args) -> dict:
                 direct = _direct(layer, x)
                 layer_us = time_us(lambda: layer(x), args.calls, args.repeats, sync)
                 direct_us = time_us(direct, args.calls, args.repeats, sync)
+                plans, layer._plans = layer._plans, None  # the full dispatch on every call (no per-shape plan)
+                uncached_us = time_us(lambda: layer(x), args.calls, args.repeats, sync)
+                layer._plans = plans
+                forced = {}  # each backend forced: the host side of the cost model's HOST_US table, measured
+                if mode == "inference_mode":  # (on CPU only the paths the stub covers)
+                    for backend in FORCED if device == "cuda" else ("reference", "decode"):
+                        try:
+                            with K.use_backend(backend):
+                                layer(x)
+                                if K.LAST_CHOICE.get(layer.name, "reference") == backend:
+                                    forced[backend] = time_us(lambda: layer(x), args.calls, args.repeats, sync)
+                        except Exception as err:  # recorded: one backend's failure must not lose the table
+                            forced[backend] = f"failed: {err!r}"[:300]
                 rows.append(dict(structure=name, spec=layer.spec, mode=mode, choice=choice, layer_us=layer_us,
-                                 direct_us=direct_us, linear_us=linear_us, overhead_us=layer_us - direct_us,
-                                 over_linear_us=layer_us - linear_us))
-                print(f"{mode:15s} {name:10s} {choice:10s} layer {layer_us:7.2f} us  direct {direct_us:7.2f} us  "
-                      f"nn.Linear {linear_us:7.2f} us", flush=True)
+                                 uncached_us=uncached_us, direct_us=direct_us, linear_us=linear_us, overhead_us=layer_us - direct_us,
+                                 over_linear_us=layer_us - linear_us, forced_us=forced))
+                print(f"{mode:15s} {name:10s} {choice:10s} layer {layer_us:7.2f} us (uncached {uncached_us:7.2f})  direct {direct_us:7.2f} us  "
+                      f"nn.Linear {linear_us:7.2f} us  forced {json.dumps(forced, default=str)}",
+                      flush=True)
     return dict(device=device, dtype=str(dtype).replace("torch.", ""), shape=list(SHAPE), tokens=1,
                 stub_launch=bool(args.stub_launch), rows=rows, run_info=run_info(vars(args), device=device))
 

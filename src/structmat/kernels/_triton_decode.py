@@ -181,18 +181,31 @@ def _plan(n: int, groups: int, M: int, K: int, device_type: str, index: int | No
     return dict(BLOCK_N=_block_n(n), BLOCK_M=block_m, BLOCK_K=block_k, splits=splits, split_len=split_len)
 
 
+def gemv_launcher(groups: int, n: int, M: int, K: int, plan: dict, dtype: torch.dtype, a_partials: int = 1,
+                  a_partial_stride: int = 0, chunk: int = 0, chunk_stride: int = 0, c_split_stride: int = 0):
+    """The launch of ``C[g] = A[g] @ W[g]^T`` for one shape, worked out once: ``launch(a, a_strides, w, w_strides, c,
+    c_strides)`` (strides: A (group, token, k), W (group, row, k), C (group, token, column)); ``plan`` from
+    :func:`plan_gemv` (with splits > 1, C is the fp32 partial stack). A layer's cached inference plan keeps it."""
+    m_blocks = _cdiv(M, plan["BLOCK_M"])
+    kernel = _decode_gemv[(groups * m_blocks, plan["splits"])]
+    meta = dict(BLOCK_N=plan["BLOCK_N"], BLOCK_M=plan["BLOCK_M"], BLOCK_K=plan["BLOCK_K"], num_warps=4, num_stages=4)
+    fixed = None if dtype == torch.float32 else _precision(dtype)  # (fp32 follows allow_tf32 at call time)
+    if n == 0 or M == 0 or groups == 0:
+        return lambda a, a_strides, w, w_strides, c, c_strides: None
+
+    def launch(a: Tensor, a_strides: tuple, w: Tensor, w_strides: tuple, c: Tensor, c_strides: tuple) -> None:
+        kernel(a, w, c, n, M, K, a_partials, plan["split_len"], m_blocks, a_partial_stride, *a_strides, *w_strides,
+               c_split_stride, *c_strides, chunk_stride, chunk, PRECISION=fixed or _precision(w.dtype), **meta)
+
+    return launch
+
+
 def decode_gemv(a: Tensor, a_strides: tuple, w: Tensor, w_strides: tuple, c: Tensor, c_strides: tuple, groups: int,
                 n: int, M: int, K: int, plan: dict, a_partials: int = 1, a_partial_stride: int = 0,
                 chunk: int = 0, chunk_stride: int = 0, c_split_stride: int = 0) -> Tensor:
-    """Launch ``C[g] = A[g] @ W[g]^T`` over ``groups`` (strides: A (group, token, k), W (group, row, k), C (group,
-    token, column)); ``plan`` from :func:`plan_gemv` (with splits > 1, C is the fp32 partial stack)."""
-    if n == 0 or M == 0 or groups == 0:
-        return c
-    grid = (groups * _cdiv(M, plan["BLOCK_M"]), plan["splits"])
-    _decode_gemv[grid](a, w, c, n, M, K, a_partials, plan["split_len"], _cdiv(M, plan["BLOCK_M"]),
-                       a_partial_stride, *a_strides, *w_strides, c_split_stride, *c_strides, chunk_stride, chunk,
-                       PRECISION=_precision(w.dtype), BLOCK_N=plan["BLOCK_N"], BLOCK_M=plan["BLOCK_M"],
-                       BLOCK_K=plan["BLOCK_K"], num_warps=4, num_stages=4)
+    """Launch ``C[g] = A[g] @ W[g]^T`` over ``groups`` (see :func:`gemv_launcher`)."""
+    gemv_launcher(groups, n, M, K, plan, w.dtype, a_partials, a_partial_stride, chunk, chunk_stride,
+                  c_split_stride)(a, a_strides, w, w_strides, c, c_strides)
     return c
 
 
@@ -214,16 +227,26 @@ def _plan_nm(n: int, M: int, G: int, device_type: str, index: int | None, dot: b
     return dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_G=block_g)
 
 
+def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, device: torch.device,
+                dtype: torch.dtype):
+    """The N:M launch for one shape, worked out once: ``launch(x, values, positions, y)``."""
+    dot = use_dot(N)
+    plan = _plan_nm(N, M, kept // n_keep, device.type, device.index, dot)
+    kernel = _decode_nm[(_cdiv(M, plan["BLOCK_M"]), _cdiv(N, plan["BLOCK_N"]))]
+    fixed = None if dtype == torch.float32 else _precision(dtype)
+    if N == 0 or M == 0:
+        return lambda x, values, positions, y: None
+
+    def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor) -> None:
+        kernel(x, values, positions, y, N, M, K, kept // n_keep, x.stride(0), x.stride(1), values.stride(0),
+               positions.stride(0), y.stride(0), NNZ=n_keep, GROUP=group, PRECISION=fixed or _precision(x.dtype),
+               USE_DOT=dot, num_warps=4, num_stages=3, **plan)
+
+    return launch
+
+
 def decode_nm(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, n_keep: int, group: int) -> Tensor:
     """``y = x @ W^T`` for the N:M weight stored as ``values`` / ``positions`` (out, groups*n_keep); x (N, K)."""
     N, K = x.shape
-    M = values.shape[0]
-    if N == 0 or M == 0:
-        return y
-    dot = use_dot(N)
-    plan = _plan_nm(N, M, values.shape[1] // n_keep, x.device.type, x.device.index, dot)
-    grid = (_cdiv(M, plan["BLOCK_M"]), _cdiv(N, plan["BLOCK_N"]))
-    _decode_nm[grid](x, values, positions, y, N, M, K, values.shape[1] // n_keep, x.stride(0), x.stride(1),
-                     values.stride(0), positions.stride(0), y.stride(0), NNZ=n_keep, GROUP=group,
-                     PRECISION=_precision(x.dtype), USE_DOT=dot, num_warps=4, num_stages=3, **plan)
+    nm_launcher(N, values.shape[0], K, values.shape[1], n_keep, group, x.device, x.dtype)(x, values, positions, y)
     return y

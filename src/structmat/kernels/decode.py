@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import ops as _ops
-from ._triton_decode import MAX_TOKENS, decode_gemv, decode_nm, plan_gemv
+from ._triton_decode import MAX_TOKENS, gemv_launcher, nm_launcher, plan_gemv
 
 __all__ = ["MAX_TOKENS", "blockdiag", "lowrank", "monarch", "nm"]
 
@@ -30,49 +30,92 @@ def _empty(shape: tuple, like: Tensor, dtype: torch.dtype | None = None) -> Tens
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
-def _lowrank(x: Tensor, U: Tensor, V: Tensor) -> Tensor:
+# Each product as a plan for one shape (``<op>_plan(x, *operands)``): tile plans, launch grids and constant arguments
+# worked out once; the returned ``run(x, *operands)`` allocates the outputs and launches. Eager calls plan and run at
+# once; a layer's cached inference plan (``dispatch.planner``) keeps the plan and only runs it.
+
+
+def lowrank_plan(x: Tensor, U: Tensor, V: Tensor):
     n, k = x.shape
     r, out = V.shape[0], U.shape[0]
     p1 = plan_gemv(n, 1, r, k, x.device, split_ok=True)
-    t = _empty((p1["splits"], n, r), x, torch.float32)
-    decode_gemv(x, (0, x.stride(0), x.stride(1)), V, (0, V.stride(0), V.stride(1)), t, (0, r, 1), 1, n, r, k, p1,
-                c_split_stride=n * r)
-    y = _empty((n, out), x)
     p2 = plan_gemv(n, 1, out, r, x.device, split_ok=False)
-    decode_gemv(t, (0, r, 1), U, (0, U.stride(0), U.stride(1)), y, (0, y.stride(0), 1), 1, n, out, r, p2,
-                a_partials=p1["splits"], a_partial_stride=n * r)
-    return y
+    stage1 = gemv_launcher(1, n, r, k, p1, V.dtype, c_split_stride=n * r)
+    stage2 = gemv_launcher(1, n, out, r, p2, U.dtype, a_partials=p1["splits"], a_partial_stride=n * r)
+    t_shape, y_shape = (p1["splits"], n, r), (n, out)
+
+    def run(x: Tensor, U: Tensor, V: Tensor) -> Tensor:
+        t = _empty(t_shape, x, torch.float32)
+        stage1(x, (0, x.stride(0), x.stride(1)), V, (0, V.stride(0), V.stride(1)), t, (0, r, 1))
+        y = _empty(y_shape, x)
+        stage2(t, (0, r, 1), U, (0, U.stride(0), U.stride(1)), y, (0, y.stride(0), 1))
+        return y
+
+    return run
 
 
-def _blockdiag(x: Tensor, W: Tensor) -> Tensor:
+def blockdiag_plan(x: Tensor, W: Tensor):
     b, u, p = W.shape
     n = x.shape[0]
-    y = _empty((n, b * u), x)
-    plan = plan_gemv(n, b, u, p, x.device, split_ok=False)
-    decode_gemv(x, (p * x.stride(1), x.stride(0), x.stride(1)), W, (W.stride(0), W.stride(1), W.stride(2)),
-                y, (u, y.stride(0), 1), b, n, u, p, plan)
-    return y
+    launch = gemv_launcher(b, n, u, p, plan_gemv(n, b, u, p, x.device, split_ok=False), W.dtype)
+
+    def run(x: Tensor, W: Tensor) -> Tensor:
+        y = _empty((n, b * u), x)
+        launch(x, (p * x.stride(1), x.stride(0), x.stride(1)), W, W.stride(), y, (u, y.stride(0), 1))
+        return y
+
+    return run
 
 
-def _monarch(x: Tensor, R: Tensor, L: Tensor) -> Tensor:
+def monarch_plan(x: Tensor, R: Tensor, L: Tensor):
     b, bc, p = R.shape
     u, c, n = L.shape[1], bc // b, x.shape[0]
     p1 = plan_gemv(n, b, bc, p, x.device, split_ok=True)
-    # stage 1, group k: row (s, q) of R_k -> h[:, s*b*c + k*c + q] (the order stage 2 reads), one partial per split
-    h = _empty((p1["splits"], n, b * bc), x, torch.float32)
-    decode_gemv(x, (p * x.stride(1), x.stride(0), x.stride(1)), R, (R.stride(0), R.stride(1), R.stride(2)),
-                h, (c, b * bc, 1), b, n, bc, p, p1, chunk=c, chunk_stride=bc, c_split_stride=n * b * bc)
-    # stage 2, group s: h[:, s*b*c:(s+1)*b*c] (summed over the partials) @ L_s^T
-    y = _empty((n, b * u), x)
     p2 = plan_gemv(n, b, u, bc, x.device, split_ok=False)
-    decode_gemv(h, (bc, b * bc, 1), L, (L.stride(0), L.stride(1), L.stride(2)), y, (u, y.stride(0), 1), b, n, u,
-                bc, p2, a_partials=p1["splits"], a_partial_stride=n * b * bc)
-    return y
+    # stage 1, group k: row (s, q) of R_k -> h[:, s*b*c + k*c + q] (the order stage 2 reads), one partial per split
+    stage1 = gemv_launcher(b, n, bc, p, p1, R.dtype, chunk=c, chunk_stride=bc, c_split_stride=n * b * bc)
+    # stage 2, group s: h[:, s*b*c:(s+1)*b*c] (summed over the partials) @ L_s^T
+    stage2 = gemv_launcher(b, n, u, bc, p2, L.dtype, a_partials=p1["splits"], a_partial_stride=n * b * bc)
+    h_shape = (p1["splits"], n, b * bc)
+
+    def run(x: Tensor, R: Tensor, L: Tensor) -> Tensor:
+        h = _empty(h_shape, x, torch.float32)
+        stage1(x, (p * x.stride(1), x.stride(0), x.stride(1)), R, R.stride(), h, (c, b * bc, 1))
+        y = _empty((n, b * u), x)
+        stage2(h, (bc, b * bc, 1), L, L.stride(), y, (u, y.stride(0), 1))
+        return y
+
+    return run
+
+
+def nm_plan(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int):
+    launch = nm_launcher(x.shape[0], values.shape[0], x.shape[1], values.shape[1], n, m, x.device, x.dtype)
+
+    def run(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int) -> Tensor:
+        y = _empty((x.shape[0], values.shape[0]), x)
+        launch(x, values, positions, y)
+        return y
+
+    return run
+
+
+def _lowrank(x: Tensor, U: Tensor, V: Tensor) -> Tensor:
+    return lowrank_plan(x, U, V)(x, U, V)
+
+
+def _blockdiag(x: Tensor, W: Tensor) -> Tensor:
+    return blockdiag_plan(x, W)(x, W)
+
+
+def _monarch(x: Tensor, R: Tensor, L: Tensor) -> Tensor:
+    return monarch_plan(x, R, L)(x, R, L)
 
 
 def _nm(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int) -> Tensor:
-    y = _empty((x.shape[0], values.shape[0]), x)
-    return decode_nm(x, values, positions, y, n, m)
+    return nm_plan(x, values, positions, n, m)(x, values, positions, n, m)
+
+
+PLANS = {"lowrank": lowrank_plan, "blockdiag": blockdiag_plan, "monarch": monarch_plan, "nm": nm_plan}
 
 
 @torch.library.custom_op("structmat::decode_lowrank", mutates_args=())

@@ -418,7 +418,8 @@ def planner(op: str) -> Callable[..., Callable[..., Tensor] | None]:
         choice = choose_(x, *rest)
         if choice == "dense":
             return None
-        fn = call_(choice) or reference
+        # decode: the kernels' own plan for this shape (tile plans, grids and constant arguments made once)
+        fn = decode.PLANS[op](x, *rest) if choice == "decode" else call_(choice) or reference
 
         def run(*args: Tensor) -> Tensor:
             LAST_CHOICE[op] = choice
