@@ -5,6 +5,7 @@
 #
 #   OUT=/some/dir bash benchmarks/experiments/gpu_round_infer.sh            # the round (~330 s), from the repo root
 #   OUT=/some/dir bash benchmarks/experiments/gpu_round_infer.sh --dry-run  # print the steps, run nothing
+#   CKPT=1 adds the `structmat compress` checkpoint row (benchmarks/infer_checkpoint.py, then --checkpoint; +~170 s)
 #
 # Each model runs in its own process under its own `timeout`: a kernel fault (an illegal address poisons the whole
 # CUDA context) or a time limit loses that structure only, and each process rewrites its JSON after every step, so
@@ -40,12 +41,18 @@ step infer-dense "$T_MODEL" $PY -m structmat.bench.infer --structures "" "${INFE
 for s in lowrank monarch blockdiag nm24; do
   step "infer-$s" "$T_MODEL" $PY -m structmat.bench.infer --no-dense --structures "$s" "${INFER[@]}"
 done
+step decode-host 25 $PY -m structmat.bench.decode_host --calls 2000 --repeats 5 --out "$R"
+step kernels 60 $PY -m structmat.bench.kernels --quick --modes fwd --graphs --no-semi --tokens 1,4,16 \
+  --shapes 2048x2048,2048x8192,8192x2048 --rep 10 --budget-s 40 --out "$R"
+if [ "${CKPT:-0}" = 1 ]; then  # opt-in (+~170 s): the `structmat compress` checkpoint row, reloaded by load_pretrained
+  step ckpt-build 120 $PY benchmarks/infer_checkpoint.py --work "$R/ckpt"
+  CK=$(ls -d "$R"/ckpt/compressed/target-* 2>/dev/null | head -1)
+  step infer-checkpoint "$T_MODEL" $PY -m structmat.bench.infer --no-dense --structures "" --checkpoint "${CK:-$R/ckpt/compressed/target-0.5}" "${INFER[@]}"
+  [ "$DRY" = 1 ] || rm -rf "$R/ckpt"  # (the model folders stay on the device: only the JSON comes back)
+fi
 if [ "$DRY" = 1 ]; then  # (the parts do not exist in a dry run: the glob is printed as it stands)
   echo "$PY -m structmat.bench.infer --merge $R/parts/infer-*.json --out $R"
 else
   step infer-merge 20 $PY -m structmat.bench.infer --merge "$R"/parts/infer-*.json --out "$R"
 fi
-step decode-host 25 $PY -m structmat.bench.decode_host --calls 2000 --repeats 5 --out "$R"
-step kernels 60 $PY -m structmat.bench.kernels --quick --modes fwd --graphs --no-semi --tokens 1,4,16 \
-  --shapes 2048x2048,2048x8192,8192x2048 --rep 10 --budget-s 40 --out "$R"
 exit 0
