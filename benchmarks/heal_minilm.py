@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--work", default="runs/heal-minilm", help="the tune run's folder (checkpoints: resumable)")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--tag", default="", help="appended to the file names (runs started in the same second)")
+    p.add_argument("--no-png", dest="png", action="store_false", help="JSON only (the PNG can be drawn from it)")
     args = p.parse_args(argv)
 
     import torch
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.time()
+    # The compressed model alone: structmat compress evaluated it with the same protocol and held-out texts.
+    alone, kinds = _student_alone(Path(args.student))
     res = tune({"out_dir": args.work, "task": "heal", "model": args.student, "teacher": args.teacher, "init": "eora",
                 "adapter": "lowrank:rank=8", "adapter_budget": args.budget, "loss": args.loss, "steps": args.steps,
                 "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr, "warmup": args.warmup,
@@ -72,24 +76,12 @@ def main(argv: list[str] | None = None) -> int:
                 "hidden_weight": args.hidden_weight, "calib_samples": args.calib_samples, "merge": True,
                 "threads": args.threads, "device": args.device, "max_seconds": args.max_seconds,
                 "min_lr_ratio": args.min_lr_ratio, "seed": args.seed, "progress": sys.stderr.isatty()})
-    # The compressed model alone: structmat compress evaluated it with the same protocol and held-out texts.
-    found = [f for f in (Path(args.student) / "compress.json", Path(args.student).parent / "compress.json")
-             if f.is_file()]  # one target: next to the model; several: in the parent folder
-    report = next(r for r in json.loads(found[0].read_text())["results"]
-                  if Path(r["dir"]).resolve() == Path(args.student).resolve())
-    alone = report["quality"]
-    kinds: dict[str, int] = {}
-    for row in report["report"]["layers"]:
-        kind = row["spec"].split(":")[0]
-        kinds[kind] = kinds.get(kind, 0) + 1
-    print(f"compressed student alone: cosine {alone['cosine']:.4f}, top-1 {alone['top1_agreement']:.3f}; "
-          f"structures {kinds}", flush=True)
-
     curve = [{"step": v["step"], "cosine": v["cosine"], "top1_agreement": v["top1_agreement"], "wall_s": v["wall_s"]}
              for v in res["validation"]]
     nm_rows = [r for r in res["merge"]["layers"] if r["base"].startswith("nm")]
     summary = {
-        "student_alone": {"cosine": alone["cosine"], "top1_agreement": alone["top1_agreement"], "structures": kinds},
+        "student_alone": {"cosine": alone.get("cosine"), "top1_agreement": alone.get("top1_agreement"),
+                          "structures": kinds},
         "eora_alone": curve[0],
         "healed": curve[-1], "best": max(curve, key=lambda c: c["cosine"]),
         "merged": res["merged"],
@@ -109,9 +101,37 @@ def main(argv: list[str] | None = None) -> int:
                "adapt": res["setup"].get("adapt"), "history": res["history"], "data": res["data"],
                "command": " ".join(["python", "benchmarks/heal_minilm.py", *(argv or sys.argv[1:])]),
                "run_info": run_info(vars(args), seed=args.seed, device=args.device or "cpu")}
-    print(f"wrote {write_json(out / f'heal-minilm-{stamp}.json', payload)}")
-    print(f"wrote {_plot(summary, curve, out / f'heal-minilm-{stamp}.png')}")
+    name = f"heal-minilm-{stamp}" + (f"-{args.tag}" if args.tag else "")
+    print(f"wrote {write_json(out / f'{name}.json', payload)}")
+    if args.png:
+        print(f"wrote {_plot(summary, curve, out / f'{name}.png')}")
     return 0
+
+
+def _student_alone(student: Path) -> tuple[dict, dict[str, int]]:
+    """(the compressed model's quality as ``structmat compress`` measured it, its structure counts); empty when its
+    compress.json is missing or holds no evaluation (then the JSON says so by the missing numbers)."""
+    found = [f for f in (student / "compress.json", student.parent / "compress.json") if f.is_file()]
+    if not found:  # one target: next to the model; several: in the parent folder
+        print(f"no compress.json next to {student}: the compressed model alone is not reported", flush=True)
+        return {}, {}
+    report = next((r for r in json.loads(found[0].read_text())["results"]
+                   if Path(r["dir"]).resolve() == student.resolve()), {})
+    kinds: dict[str, int] = {}
+    for row in report.get("report", {}).get("layers", []):
+        kind = row["spec"].split(":")[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    alone = report.get("quality", {})
+    if alone:
+        print(f"compressed student alone: cosine {alone['cosine']:.4f}, top-1 {alone['top1_agreement']:.3f}; "
+              f"structures {kinds}", flush=True)
+    return alone, kinds
+
+
+def replot(json_path: str | Path) -> Path:
+    """Draw the PNG of a result JSON written with ``--no-png`` (next to it, same name)."""
+    payload = json.loads(Path(json_path).read_text())
+    return _plot(payload["summary"], payload["curve"], Path(json_path).with_suffix(".png"))
 
 
 def _plot(summary: dict, curve: list[dict], path: Path) -> Path:
@@ -125,7 +145,8 @@ def _plot(summary: dict, curve: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
     ax.plot([c["step"] for c in curve], [c["cosine"] for c in curve], "o-", ms=3,
             label=f"heal (adapters {100 * summary['adapter_fraction']:.2f}% of linear params)")
-    ax.axhline(summary["student_alone"]["cosine"], color="gray", ls=":", label="compressed, no adapter")
+    if summary["student_alone"]["cosine"] is not None:
+        ax.axhline(summary["student_alone"]["cosine"], color="gray", ls=":", label="compressed, no adapter")
     ax.axhline(summary["target_cosine"], color="red", ls="--", lw=1, label="target 0.95")
     ax.scatter([0], [summary["eora_alone"]["cosine"]], color="C1", zorder=3, label="EoRA alone (step 0)")
     ax.scatter([curve[-1]["step"]], [summary["merged"]["cosine"]], color="C2", marker="s", zorder=3,
