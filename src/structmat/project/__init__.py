@@ -113,9 +113,15 @@ def output_error(weight: Tensor, approx: Tensor | StructuredLinear, stats: Input
     if a.shape != w.shape:
         raise ValueError(f"output_error: approx has shape {tuple(a.shape)}, the weight {tuple(w.shape)}")
     h = stats.gram.to(w.device, dtype)
-    e = w - a
-    num = ((e @ h) * e).sum().clamp_min(0.0)
-    den = ((w @ h) * w).sum().clamp_min(0.0)
+    # by row chunks of ~4M entries: the temporaries (E, E H, W H) stay small beside the largest layer's Gram
+    rows = max(1, (1 << 22) // max(1, w.shape[1]))
+    num, den = w.new_zeros(()), w.new_zeros(())
+    for r0 in range(0, w.shape[0], rows):
+        wr = w[r0:r0 + rows]
+        er = wr - a[r0:r0 + rows]
+        num += ((er @ h) * er).sum()
+        den += ((wr @ h) * wr).sum()
+    num, den = num.clamp_min(0.0), den.clamp_min(0.0)
     if float(den) == 0.0:
         return 0.0 if float(num) == 0.0 else float("inf")
     return float((num / den).sqrt())
