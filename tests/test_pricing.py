@@ -105,3 +105,25 @@ def test_asvd_is_the_direct_formula_and_beats_plain_svd_on_outlier_channels():
     plain = project(w, f"lowrank:rank={rank}", stats=stats).to_dense().detach()
     assert calib_error(direct) < 0.9 * calib_error(plain)
     assert abs(calib_error(direct) - fit.fit_info["output_error"]) < 1e-9
+
+
+def test_layers_sharing_an_input_are_priced_together_as_each_alone():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from structmat.compress import calibrate, candidates_for, parse_allow, price_layers
+    from structmat.modules import dense_weight, linear_modules
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    names = [n for n in linear_modules(model) if ".layers." in n]
+    gen = torch.Generator().manual_seed(0)
+    stats = calibrate(model, names, [{"input_ids": torch.randint(0, 64, (2, 24), generator=gen)}])
+    allowed = parse_allow("nm@sparsegpt,lowrank@whitened")
+    together = price_layers(model, allowed, stats, names)
+    modules = linear_modules(model)
+    for name in names:
+        alone = candidates_for(name, dense_weight(modules[name]), allowed, stats[name])
+        assert [(str(c.spec), c.method) for c in alone] == [(str(c.spec), c.method) for c in together[name]]
+        for a, b in zip(alone, together[name]):
+            assert abs(a.error - b.error) <= 1e-6 * max(a.error, 1e-12) + 1e-12, (name, a.spec)

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from .calibrate import InputStats, collect_input_stats
 from .modules import dense_weight, linear_modules
 from .plan import Plan, Target
-from .project import check_method, output_error, price
+from .project import check_method, output_error, price, stacks_rows
 from .project.budget_solver import Candidate, solve_budget
 from .structures import structure_class
 from .structures.base import RatioSpec, parse_spec
@@ -407,16 +407,22 @@ def price_layers(model: nn.Module, allowed: dict[str, Sequence[Allowed]] | Seque
     if stats is not None:  # group layers with one statistics object (q/k/v, gate/up) together
         order = {id(stats[n]): i for i, n in reversed(list(enumerate(names)))}
         names = sorted(names, key=lambda n: order[id(stats[n])])
+    def options_for(name: str):
+        return allowed if not isinstance(allowed, dict) else next(
+            (v for pattern, v in allowed.items() if Plan.from_dict({pattern: "dense"}).match(name) is not None), None)
+
+    def weight_of(name: str) -> Tensor:
+        weight = dense_weight(modules[name])
+        return weight if device is None else weight.to(device)
+
     per_layer = {}
+    known: dict[str, dict[Allowed, list]] = {}
     current: tuple[int, InputStats | None] = (-1, None)
     for name in tqdm(names, desc="pricing", unit="layer", disable=not progress):
-        options = allowed if not isinstance(allowed, dict) else next(
-            (v for pattern, v in allowed.items() if Plan.from_dict({pattern: "dense"}).match(name) is not None), None)
+        options = options_for(name)
         if options is None:
             continue
-        weight = dense_weight(modules[name])
-        if device is not None:
-            weight = weight.to(device)
+        weight = weight_of(name)
         layer_stats = None
         if stats is not None:
             if current[0] != id(stats[name]):
@@ -424,11 +430,36 @@ def price_layers(model: nn.Module, allowed: dict[str, Sequence[Allowed]] | Seque
                     current[1].clear_cache()
                 moved = stats[name] if device is None else stats[name].to(device)
                 current = (id(stats[name]), moved)
+                known.update(_stacked_prices([n for n in names if stats[n] is stats[name]], options_for, weight_of,
+                                             moved))
             layer_stats = current[1]
-        per_layer[name] = candidates_for(name, weight, options, layer_stats)
+        per_layer[name] = candidates_for(name, weight, options, layer_stats, known=known.pop(name, None))
     if current[1] is not None:
         current[1].clear_cache()
     return {n: per_layer[n] for n in sorted(per_layer, key=list(modules).index)}
+
+
+def _stacked_prices(group: list[str], options_for, weight_of, stats: InputStats, sizes: int = 4
+                    ) -> dict[str, dict[Allowed, list]]:
+    """For layers sharing one input (q/k/v, gate/up): the prices of every allowed structure whose pricer stacks
+    rows (e.g. SparseGPT N:M), computed in ONE call for all of them, their weights stacked as rows."""
+    if len(group) < 2 or any(options_for(n) != options_for(group[0]) for n in group):
+        return {}
+    weights = [weight_of(n) for n in group]
+    in_f = weights[0].shape[1]
+    out: dict[str, dict[Allowed, list]] = {n: {} for n in group}
+    for a in options_for(group[0]):
+        cls = structure_class(a.structure)
+        if cls.name == "dense" or not stacks_rows(a.method, cls.name):
+            continue
+        fits = [[c for c, _ in _fits(cls, a, in_f, w.shape[0], sizes)] for w in weights]
+        if not fits[0] or any(f != fits[0] for f in fits):
+            continue  # sizes differ between the layers: each is priced alone
+        prices = price(torch.cat(weights), fits[0], a.method, stats,
+                       options=_PRICING_OPTIONS.get((cls.name, a.method)), row_splits=[w.shape[0] for w in weights])
+        for n, p in zip(group, prices):
+            out[n][a] = p
+    return out
 
 
 def _weighted(model: nn.Module, name: str, options: list[Candidate], stats: dict[str, InputStats] | None,
@@ -441,32 +472,40 @@ def _weighted(model: nn.Module, name: str, options: list[Candidate], stats: dict
     return [dataclasses.replace(c, error=c.error * energy * sensitivity) for c in options]
 
 
+def _fits(cls, a: "Allowed", in_f: int, out_f: int, sizes: int) -> list[tuple[Any, tuple[int, int]]]:
+    """The sizes of ``a``'s ladder that fit an (out_f, in_f) layer and are smaller than dense: (config, (params,
+    flops)) each."""
+    fits = []
+    for config in cls.size_ladder(in_f, out_f, sizes, **a.fixed_args):
+        try:
+            layer = cls.from_config(config, in_f, out_f, bias=False, device="meta")
+        except ValueError:
+            continue  # this size does not fit this layer
+        if layer.param_count() < in_f * out_f:
+            fits.append((config, (layer.param_count(), layer.flops(1))))
+    return fits
+
+
 def candidates_for(name: str, weight: Tensor, allowed: Sequence[Allowed], stats: InputStats | None,
-                   sizes: int = 4) -> list[Candidate]:
+                   sizes: int = 4, known: dict[Allowed, list] | None = None) -> list[Candidate]:
     """Every candidate (structure, size, method) for one layer with its predicted error: each allowed structure
     offers its own size ladder, priced by the projection registry (one decomposition for every size where the
-    method registered a pricer)."""
+    method registered a pricer). ``known``: prices already computed for some allowed structures (aligned with
+    their fitting sizes), e.g. by one stacked call for the layers that share this input."""
     out_f, in_f = weight.shape
     found = [_dense_candidate(name, weight)]
     for a in allowed:
         cls = structure_class(a.structure)
         if cls.name == "dense":
             continue
-        configs = [c for c in cls.size_ladder(in_f, out_f, sizes, **a.fixed_args)]
-        costs = []
-        for config in configs:
-            try:
-                layer = cls.from_config(config, in_f, out_f, bias=False, device="meta")
-            except ValueError:
-                costs.append(None)  # this size does not fit this layer
-                continue
-            costs.append((layer.param_count(), layer.flops(1)))
-        fits = [(c, cost) for c, cost in zip(configs, costs) if cost is not None and cost[0] < in_f * out_f]
+        fits = _fits(cls, a, in_f, out_f, sizes)
         if not fits:
             continue
         method = a.method if stats is not None else "data-free"
-        errors = price(weight, [c for c, _ in fits], method, stats,
-                       options=_PRICING_OPTIONS.get((cls.name, method)))
+        errors = (known or {}).get(a)
+        if errors is None:
+            errors = price(weight, [c for c, _ in fits], method, stats,
+                           options=_PRICING_OPTIONS.get((cls.name, method)))
         for (config, (params, flops)), err in zip(fits, errors):
             if err is not None:
                 found.append(Candidate(name, config, a.method, params, flops, float(err), in_f * out_f))

@@ -227,15 +227,31 @@ def project(weight: Tensor, spec: str | StructureConfig | RatioSpec, method: str
     return layer
 
 
+def stacks_rows(method: str, structure: str) -> bool:
+    """Whether ``method``'s pricer for ``structure`` prices several layers with one input in one call, their
+    weights stacked as rows (:func:`price` with ``row_splits``)."""
+    found = get_projection(method, structure)
+    return found is not None and getattr(found.pricer, "stacks_rows", False)
+
+
 def price(weight: Tensor, configs: list[StructureConfig], method: str = "data-free",
           stats: InputStats | None = None, dtype: torch.dtype | None = None,
-          options: dict[str, Any] | None = None) -> list[float | None]:
+          options: dict[str, Any] | None = None, row_splits: list[int] | None = None) -> list:
     """The squared relative calibration output error (relative Frobenius error without statistics) of each
     config's projection with ``method``: the budget solver's price list. A method with a registered pricer
-    prices every size from one decomposition; otherwise each size is projected. None where a size does not fit."""
+    prices every size from one decomposition; otherwise each size is projected. None where a size does not fit.
+    ``row_splits`` (only where :func:`stacks_rows`): ``weight`` is several layers' weights stacked as rows, of
+    these row counts; returns one price list per layer."""
     options = dict(options or {})
     if not configs:
-        return []
+        return [] if row_splits is None else [[] for _ in row_splits]
+    if row_splits is not None:
+        if not stacks_rows(method, configs[0].name) or stats is None or sum(row_splits) != weight.shape[0]:
+            raise ValueError(f"price: row_splits needs statistics, a pricer of {method!r} for "
+                             f"{configs[0].name!r} that stacks rows, and splits summing to the weight's rows")
+        found = get_projection(method, configs[0].name)
+        problem, found, opts = _prepare(weight, configs[0], method, stats, None, None, options, dtype, "price")
+        return found.pricer(problem, configs, row_splits=list(row_splits), **opts)
     found = get_projection(method, configs[0].name)
     if found is not None and found.pricer is not None and stats is not None:
         problem, found, opts = _prepare(weight, configs[0], method, stats, None, None, options, dtype, "price")
@@ -256,5 +272,5 @@ def price(weight: Tensor, configs: list[StructureConfig], method: str = "data-fr
     return out
 
 
-__all__ = ["METHODS", "methods_for", "project", "price", "output_error", "lowrank_error_curve",
+__all__ = ["METHODS", "methods_for", "project", "price", "stacks_rows", "output_error", "lowrank_error_curve",
            "register_projection", "check_method", "PROJECTIONS", "Problem"]

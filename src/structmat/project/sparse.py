@@ -258,41 +258,58 @@ def _sparsegpt(p: Problem, damp: float, blocksize: int):
     return _sparse_layer(p, layer, what, keep)
 
 
-def _price_sparsegpt_nm(p: Problem, configs: list, guard: bool, damp: float, blocksize: int) -> list[float | None]:
+def _price_sparsegpt_nm(p: Problem, configs: list, guard: bool, damp: float, blocksize: int,
+                        row_splits: list[int] | None = None) -> list:
     """Squared relative output error of SparseGPT at every N:M size, the sizes of one m stacked as rows and pruned
-    in ONE pass (SparseGPT's column loop is launch-bound on a GPU: one pass instead of one per size). With
-    ``guard``, each size's price is the better of SparseGPT and magnitude, as the guarded projection returns."""
+    in ONE pass (SparseGPT's column loop is launch-bound on a GPU: one pass instead of one per size). Rows are
+    independent given the Gram, so ``p.w`` may itself be several layers with this input stacked as rows
+    (``row_splits``: their row counts; then one price list per layer). With ``guard``, each size's price is the
+    better of SparseGPT and magnitude, as the guarded projection returns."""
     from ..structures import from_dense
 
-    out_f, in_f = p.w.shape
+    rows_total, in_f = p.w.shape
+    splits = row_splits or [rows_total]
+    starts = [sum(splits[:i]) for i in range(len(splits))]
     gram = p.h
-    total = float(((p.w @ gram) * p.w).sum())
-    prices: list[float | None] = [None] * len(configs)
+    prices: list[list[float | None]] = [[None] * len(configs) for _ in splits]
     groups: dict[tuple, list[int]] = {}
     for i, config in enumerate(configs):
         try:
-            layer = p.cls.from_config(config, in_f, out_f, bias=False, device="meta")
+            layer = p.cls.from_config(config, in_f, splits[0], bias=False, device="meta")
         except ValueError:
             continue
         groups.setdefault((config.m, layer.in_padded), []).append(i)
 
-    def relative(member: Tensor) -> float:
-        e = p.w - member.to(p.weight.dtype).to(p.w.dtype)  # as stored in the layer
-        return max(float(((e @ gram) * e).sum()), 0.0) / total if total > 0 else 0.0
+    def energy(rows: Tensor) -> float:
+        return max(float(((rows @ gram) * rows).sum()), 0.0)
+
+    totals = [energy(p.w[s0:s0 + n]) for s0, n in zip(starts, splits)]
+
+    def relative(part: int, member: Tensor) -> float:
+        s0, n = starts[part], splits[part]
+        e = p.w[s0:s0 + n] - member.to(p.weight.dtype).to(p.w.dtype)  # as stored in the layer
+        return energy(e) / totals[part] if totals[part] > 0 else 0.0
 
     for (m, in_padded), members in groups.items():
         pad = in_padded - in_f
         h = torch.nn.functional.pad(gram, (0, pad, 0, pad)) if pad else gram
         upper = cached_factor(p.stats, f"inverse-cholesky+{pad}", damp, p.w.dtype, p.w.device,
                               lambda: inverse_cholesky_upper(h, damp))
-        ns = torch.tensor([configs[i].n for i in members], device=p.w.device).repeat_interleave(out_f)
+        ns = torch.tensor([configs[i].n for i in members], device=p.w.device).repeat_interleave(rows_total)
         stacked = torch.nn.functional.pad(p.w, (0, pad)).repeat(len(members), 1)
         what, _ = sparsegpt(stacked, h, nm=(ns, m), blocksize=blocksize, damp=damp, upper=upper)
         for j, i in enumerate(members):
-            prices[i] = relative(what[j * out_f:(j + 1) * out_f, :in_f])
-            if guard:
-                prices[i] = min(prices[i], relative(from_dense(p.weight, configs[i]).to_dense().detach()))
-    return prices
+            for part, (s0, n) in enumerate(zip(starts, splits)):
+                r0 = j * rows_total + s0
+                value = relative(part, what[r0:r0 + n, :in_f])
+                if guard:
+                    rows = p.weight[s0:s0 + n]
+                    value = min(value, relative(part, from_dense(rows, configs[i]).to_dense().detach()))
+                prices[part][i] = value
+    return prices if row_splits is not None else prices[0]
+
+
+_price_sparsegpt_nm.stacks_rows = True
 
 
 for _structure in (NMSparse, FixedSparse):
