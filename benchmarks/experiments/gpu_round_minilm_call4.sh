@@ -54,15 +54,16 @@ fi
 cp "$work/mc/compress.json" "$O/" 2>> "$L"
 [ -f "$work/mc/compress.json" ] || { echo "no compressed student: stop" >> "$L"; exit 6; }
 # --- 3. two heal recipes at once on the one GPU (MiniLM leaves an H200 mostly idle), for what is left (setup,
-#        evaluations, merge and files: HEAL_OVERHEAD seconds). A: run B's recipe of the CPU runs (LayerNorms + adapters
-#        = 1.89% of the linear weights) at batch 64 x 128; B: the full 2% (1.99%) and a learning rate scaled up for
-#        the 8x larger batch than the CPU runs'. The PNGs are drawn here from the JSONs (8 files come back at most).
+#        evaluations, merge and files: HEAL_OVERHEAD seconds). Both: adapters placed by the knapsack + LayerNorm
+#        weights = 1.99% of the 36 linear weights, batch 64 x 128, lr 2e-3 (5e-3 was worse on CPU: 0.9096 vs 0.9132
+#        after 30 steps of 16 x 128); B adds the per-block hidden-state loss (--hidden-weight 1), to see whether it
+#        pays at thousands of steps. The PNGs are drawn here from the JSONs (8 files come back at most).
 rest=$(left)
 train_s=$(( rest - ${HEAL_OVERHEAD:-80} ))
 [ "$train_s" -ge 10 ] || { echo "only ${rest}s left: no heal" >> "$L"; exit 7; }
 common="--steps 100000 --batch-size 64 --seq-len 128 --warmup 100 --texts 32768 --eval-every 250 --ckpt-every 0"
-flags_a=${HEAL_A:-"$common --lr 2e-3 --budget 0.018 --extra-trainable .*LayerNorm.*"}
-flags_b=${HEAL_B:-"$common --lr 5e-3 --budget 0.019 --extra-trainable .*LayerNorm.*"}
+flags_a=${HEAL_A:-"$common --lr 2e-3 --budget 0.019 --extra-trainable .*LayerNorm.*"}
+flags_b=${HEAL_B:-"$common --lr 2e-3 --budget 0.019 --extra-trainable .*LayerNorm.* --hidden-weight 1"}
 for tag in a b; do
   [ $tag = a ] && flags=$flags_a || flags=$flags_b
   echo "heal $tag: ${rest}s left, training capped at ${train_s}s; $flags" >> "$L"
