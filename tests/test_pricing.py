@@ -127,3 +127,38 @@ def test_layers_sharing_an_input_are_priced_together_as_each_alone():
         assert [(str(c.spec), c.method) for c in alone] == [(str(c.spec), c.method) for c in together[name]]
         for a, b in zip(alone, together[name]):
             assert abs(a.error - b.error) <= 1e-6 * max(a.error, 1e-12) + 1e-12, (name, a.spec)
+
+
+def test_float32_statistics_keep_pricing_and_projection_in_float32():
+    """No silent float64 compute in the budget's pricing and projections when the statistics are float32 (the GPU
+    default): no matrix product or factorization there produces a float64 tensor (elementwise bookkeeping such as
+    the report's relative weight error may use float64)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from structmat.compress import Compressor
+
+    class Float64Spy(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and any(
+                        k in str(func) for k in ("mm", "linalg", "cholesky", "triangular", "svd", "eigh", "qr", "addr",
+                                                 "matmul", "dot", "orgqr", "geqrf")) and "norm" not in str(func):
+                    self.seen.add(str(func))
+            return out
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    gen = torch.Generator().manual_seed(0)
+    comp = Compressor(model, [{"input_ids": torch.randint(0, 64, (2, 24), generator=gen)}], r".*layers\.\d+\..*",
+                      sensitivity=False)
+    comp.statistics()
+    with Float64Spy() as spy:
+        comp.budget(0.5)
+    assert not spy.seen, sorted(spy.seen)
