@@ -114,7 +114,8 @@ def _top_subspace(a: Tensor, c: int, iters: int) -> Tensor:
     """Orthonormal (batch, u, c) basis of the top-c left singular subspace of each a (batch, u, p), by subspace
     iteration from a fixed Gaussian start (``iters`` steps U <- orth(A A^T U)): matmuls and batched Cholesky-QR."""
     gen = torch.Generator().manual_seed(0)
-    omega = torch.randn(a.shape[-1], c, generator=gen, dtype=a.dtype).to(a.device)
+    # the same start numbers in either precision (float32 and float64 fits follow one path)
+    omega = torch.randn(a.shape[-1], c, generator=gen, dtype=torch.float64).to(a.device, a.dtype)
     q = _orth(a @ omega)
     for _ in range(iters):
         q = _orth(a @ (a.transpose(-1, -2) @ q))
