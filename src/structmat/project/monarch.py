@@ -97,16 +97,17 @@ def _orth(y: Tensor) -> Tensor:
     fails (a rank-deficient y, e.g. an all-zero padded block)."""
     m, n = y.shape[-2:]
     eps = torch.finfo(y.dtype).eps
-    q = y
+    q, failed = y, None
     for shift in (11.0 * (m * n + n * (n + 1)) * eps, 0.0, 0.0):
         gram = q.transpose(-1, -2) @ q
         if shift:  # relative to ||y||_F^2 >= ||y||_2^2: keeps the first factorization positive definite
             diag = gram.diagonal(dim1=-2, dim2=-1)
             diag.add_(shift * diag.sum(dim=-1, keepdim=True))
         low, info = torch.linalg.cholesky_ex(gram)
-        if bool((info != 0).any()) or not bool(torch.isfinite(low.diagonal(dim1=-2, dim2=-1)).all()):
-            return torch.linalg.qr(y).Q
+        failed = info if failed is None else failed | info  # checked once at the end: one device sync, not three
         q = torch.linalg.solve_triangular(low.transpose(-1, -2), q, upper=True, left=False)
+    if bool((failed != 0).any() | ~torch.isfinite(q).all()):
+        return torch.linalg.qr(y).Q
     return q
 
 
