@@ -8,8 +8,8 @@ set -u
 OUT=${OUT:?set OUT}
 t0=$(date +%s)
 mkdir -p "$OUT/14" "$OUT/15"
-(  # issue 15: wait for the budget timing to end (issue 14's script touches /tmp/w/budget.done; 200 s at most)
-  while [ ! -f /tmp/w/budget.done ] && [ $(( $(date +%s) - t0 )) -lt 200 ]; do sleep 2; done
+(  # issue 15: wait for the budget timing to end (issue 14's script touches /tmp/w/budget.done; 240 s at most)
+  while [ ! -f /tmp/w/budget.done ] && [ $(( $(date +%s) - t0 )) -lt 240 ]; do sleep 2; done
   [ -f /tmp/w/smollm2/config.json ] || { echo "no converted folder" > "$OUT/15/heal.log"; exit 5; }
   left=$(( ${CALL2_T:-560} - ($(date +%s) - t0) - 10 ))
   echo "heal starts at +$(( $(date +%s) - t0 ))s with ${left}s" > "$OUT/15/heal.log"
