@@ -12,6 +12,7 @@
 # a cut process keeps the rows it finished. `--merge` then combines the parts and takes the ratios against dense.
 # Writes only under "$OUT/12/": parts/, logs/, infer-*.json (merged), decode-host-*.json, kernels-*.json.
 set -u
+# SKIP_EXTRA=1: only the bench infer models and the merge (the decode-host and kernels steps are skipped).
 cd "$(dirname "$0")/../.."
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
@@ -41,8 +42,8 @@ step infer-dense "$T_MODEL" $PY -m structmat.bench.infer --structures "" "${INFE
 for s in lowrank monarch blockdiag nm24; do
   step "infer-$s" "$T_MODEL" $PY -m structmat.bench.infer --no-dense --structures "$s" "${INFER[@]}"
 done
-step decode-host 25 $PY -m structmat.bench.decode_host --calls 2000 --repeats 5 --out "$R"
-step kernels 60 $PY -m structmat.bench.kernels --quick --modes fwd --graphs --no-semi --tokens 1,4,16 \
+[ "${SKIP_EXTRA:-0}" = 1 ] || step decode-host 25 $PY -m structmat.bench.decode_host --calls 2000 --repeats 5 --out "$R"
+[ "${SKIP_EXTRA:-0}" = 1 ] || step kernels 60 $PY -m structmat.bench.kernels --quick --modes fwd --graphs --no-semi --tokens 1,4,16 \
   --shapes 2048x2048,2048x8192,8192x2048 --rep 10 --budget-s 40 --out "$R"
 if [ "${CKPT:-0}" = 1 ]; then  # opt-in (+~170 s): the `structmat compress` checkpoint row, reloaded by load_pretrained
   step ckpt-build 120 $PY benchmarks/infer_checkpoint.py --work "$R/ckpt"

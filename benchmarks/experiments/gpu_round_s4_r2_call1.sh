@@ -10,6 +10,6 @@ mkdir -p /tmp/smol && cp .smolA/model.gguf.aa /tmp/smol/ && echo "part A parked:
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   .smolA/gguf-*.whl >> "$OUT/call1.log" 2>&1
 echo "wheels rc=$? at +$(( $(date +%s) - t0 ))s" >> "$OUT/call1.log"
-timeout ${INFER_T:-300} bash benchmarks/experiments/gpu_round_infer.sh >> "$OUT/call1.log" 2>&1
+SKIP_EXTRA=${SKIP_EXTRA:-1} timeout ${INFER_T:-300} bash benchmarks/experiments/gpu_round_infer.sh >> "$OUT/call1.log" 2>&1
 echo "infer round rc=$? at +$(( $(date +%s) - t0 ))s" >> "$OUT/call1.log"
 tar -czf "$OUT/12.tgz" -C "$OUT" 12 && rm -rf "$OUT/12"
