@@ -61,7 +61,8 @@ cp "$work/mc/compress.json" "$O/" 2>> "$L"
 rest=$(left)
 train_s=$(( rest - ${HEAL_OVERHEAD:-80} ))
 [ "$train_s" -ge 10 ] || { echo "only ${rest}s left: no heal" >> "$L"; exit 7; }
-common="--steps 100000 --batch-size 64 --seq-len 128 --warmup 100 --texts 32768 --eval-every 250 --ckpt-every 0"
+# --texts 16384: the device's Python 3.12 stdlib (504 training files) holds 18,506 distinct chunks; 32768 failed there
+common="--steps 100000 --batch-size 64 --seq-len 128 --warmup 100 --texts 16384 --eval-every 250 --ckpt-every 0"
 flags_a=${HEAL_A:-"$common --lr 2e-3 --budget 0.019 --extra-trainable .*LayerNorm.*"}
 flags_b=${HEAL_B:-"$common --lr 2e-3 --budget 0.019 --extra-trainable .*LayerNorm.* --hidden-weight 1"}
 for tag in a b; do
