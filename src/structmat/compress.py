@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from .calibrate import InputStats, collect_input_stats
 from .modules import dense_weight, linear_modules
 from .plan import Plan, Target
-from .project import check_method, output_error, price, stacks_rows
+from .project import check_method, price, stacks_rows
 from .project.budget_solver import Candidate, solve_budget
 from .structures import structure_class
 from .structures.base import RatioSpec, parse_spec

@@ -298,8 +298,8 @@ def _kernel_dtype_ok(x: Tensor, factors: tuple[Tensor, ...]) -> bool:
 def _autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
     x = tensors[0]
     if x.is_cuda and torch.is_autocast_enabled("cuda"):
-        dtype = torch.get_autocast_dtype("cuda")
-        return tuple(t.to(dtype) for t in tensors)
+        dtype = torch.get_autocast_dtype("cuda")  # (floating tensors only: N:M's uint8 positions stay as they are)
+        return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
     return tensors
 
 
@@ -380,7 +380,7 @@ _OPS = {"blockdiag": (_blockdiag_choice, _blockdiag_call), "monarch": (_monarch_
 
 
 def _fast(op: str, x: Tensor, *rest) -> Tensor | None:
-    x, *rest = _autocast(x, *rest) if op != "nm" else (*_autocast(x, rest[0]), *rest[1:])
+    x, *rest = _autocast(x, *rest)
     choose_, call_ = _OPS[op]
     choice = choose_(x, *rest)
     _record(op, choice)
@@ -422,7 +422,7 @@ def planner(op: str) -> Callable[..., Callable[..., Tensor] | None]:
         fn = decode.PLANS[op](x, *rest) if choice == "decode" else call_(choice) or reference
 
         def run(*args: Tensor) -> Tensor:
-            LAST_CHOICE[op] = choice
+            _record(op, choice)
             return fn(*args)
 
         return run

@@ -249,7 +249,6 @@ def price(weight: Tensor, configs: list[StructureConfig], method: str = "data-fr
         if not stacks_rows(method, configs[0].name) or stats is None or sum(row_splits) != weight.shape[0]:
             raise ValueError(f"price: row_splits needs statistics, a pricer of {method!r} for "
                              f"{configs[0].name!r} that stacks rows, and splits summing to the weight's rows")
-        found = get_projection(method, configs[0].name)
         problem, found, opts = _prepare(weight, configs[0], method, stats, None, None, options, dtype, "price")
         return found.pricer(problem, configs, row_splits=list(row_splits), **opts)
     found = get_projection(method, configs[0].name)

@@ -377,14 +377,11 @@ class StructuredLinear(nn.Module):
         merged = self._buffers.get(MERGED_WEIGHT)
         if merged is not None and self._merged_usable(merged):
             return F.linear(x, merged.to(x.dtype), None if bias is None else bias.to(x.dtype))
-        if x.dim() == 2:
-            y = self._matmul(x)
-            return y if bias is None else y + bias.to(y.dtype)
-        lead = x.shape[:-1]
-        y = self._matmul(x.reshape(-1, self.in_features))
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        y = self._matmul(flat)
         if bias is not None:
             y = y + bias.to(y.dtype)
-        return y.reshape(*lead, self.out_features)
+        return y if flat is x else y.reshape(*x.shape[:-1], self.out_features)
 
     def _merged_usable(self, merged: Tensor) -> bool:
         """Whether the copy made by ``structmat.merge_for_inference`` may serve this call: not when a factor needs a
