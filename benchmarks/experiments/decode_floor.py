@@ -1,0 +1,141 @@
+"""Decode floor (issue 12): how fast could the bench-infer model decode if its block linears cost nothing?
+
+Run on the GPU machine:  ``PYTHONPATH=src python benchmarks/experiments/decode_floor.py --out DIR``
+
+The model of ``structmat bench infer`` (bf16, Llama hidden 2048 / SwiGLU 8192 / 8 layers / vocab 32000), measured
+the way ``bench infer`` measures it (HF ``generate`` eager and compiled with a static cache, and one decode step
+replayed from a CUDA graph), once dense and once with every linear layer of the blocks replaced by a stand-in:
+  ``floor``   no kernel at all: the output is a zero buffer expanded to the output shape (a view, nothing launched).
+              What remains is everything that is not a block linear (norms, rotary, attention, cache writes,
+              lm_head, HF generate's host loop). dense / floor bounds the speedup ANY structure can reach here.
+  ``floor1``  one small kernel per linear (a zero fill of the output): the bound for a structure that runs one
+              launch per layer (block-diagonal, N:M), since a launch inside a graph has a fixed cost
+  ``floor2``  two dependent small kernels per linear: the bound for two-stage structures (low-rank, Monarch)
+The fairness checks of compiled ``generate`` ride along: per-repetition times (not only the median), 32 and 64 new
+tokens (a fixed cost per call would show as a difference), graphs compiled (recompiles would show), and the gap
+between a compiled generate token and the captured step (the host loop of ``generate``).
+Optional: ``--step-compile`` adds the step compiled by inductor and then captured (elementwise work fused).
+Writes ``decode-floor-<UTC>.json`` after every measurement (a time limit keeps the rows done).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import _common  # noqa: F401  (puts src/ on the path)
+import torch
+from torch import nn
+
+DTYPE = torch.bfloat16
+
+
+class FloorLinear(nn.Module):
+    """A stand-in for a linear layer that reads no weight: ``kernels`` = 0 returns a view of a zero buffer (nothing
+    is launched), 1 launches one zero fill of the output, 2 a fill and a dependent in-place add (two launches)."""
+
+    def __init__(self, in_features: int, out_features: int, kernels: int, device, dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.kernels = in_features, out_features, kernels
+        self.register_buffer("zero", torch.zeros(out_features, device=device, dtype=dtype), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (*x.shape[:-1], self.out_features)
+        if self.kernels == 0:
+            return self.zero.expand(shape)
+        y = torch.zeros(shape, device=x.device, dtype=x.dtype)
+        return y.add_(y) if self.kernels == 2 else y
+
+
+def floor_model(kernels: int):
+    from structmat.bench import infer
+
+    model = infer.build(None, DTYPE, infer.SHAPE)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, FloorLinear(child.in_features, child.out_features, kernels,
+                                                      child.weight.device, DTYPE))
+    torch.cuda.empty_cache()
+    return model
+
+
+def timed_generate(model, new_tokens: int, reps: int) -> dict:
+    """infer.generate_tps (compiled, cudagraphs backend), plus the spread of the repetitions."""
+    from structmat.bench import infer
+
+    row = infer.generate_tps(model, 1, new_tokens, True, "cudagraphs", "", reps)
+    row["new_tokens"] = new_tokens
+    row["ms_per_token"] = 1e3 / row["tokens_per_s"]
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--models", default="dense,floor,floor1,floor2")
+    ap.add_argument("--generate-models", default="dense,floor", help="models that also get HF generate")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--step-compile", default="", help="models whose step is also compiled by inductor")
+    args = ap.parse_args()
+    from structmat.bench import infer
+    from structmat.eval.results import run_info, write_json
+
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = Path(args.out) / f"decode-floor-{stamp}.json"
+    rep: dict = {"models": {}, "errors": [], "shape": infer.SHAPE, "dtype": "bf16"}
+    t0 = time.time()
+
+    def save():
+        rep["seconds"] = time.time() - t0
+        rep["run_info"] = run_info(vars(args), device="cuda")
+        write_json(path, rep)
+
+    infer.warm_process_buffers(DTYPE)
+    gen_models = args.generate_models.split(",")
+    for name in args.models.split(","):
+        torch._dynamo.reset()
+        model = infer.build(None, DTYPE, infer.SHAPE) if name == "dense" else floor_model(int(name[5:] or 0))
+        row = rep["models"].setdefault(name, {"param_bytes": infer.model_bytes(model)})
+        steps = {"graph": lambda: [infer.graph_decode_tps(model, b) for b in (1, 8, 32)]}
+        if name in gen_models:
+            steps["eager"] = lambda: [infer.generate_tps(model, 1, 32, False, "", "", args.reps)]
+            steps["compiled"] = lambda: [timed_generate(model, n, args.reps) for n in (32, 64)]
+        if name in args.step_compile.split(","):
+            steps["graph_compiled"] = lambda: [infer.graph_decode_tps(model, 1, compile_mode="default")]
+        for key, fn in steps.items():
+            try:
+                if key in ("compiled", "graph_compiled"):
+                    torch._dynamo.reset()
+                row[key] = fn()
+            except Exception:
+                rep["errors"].append({"case": f"{name}/{key}", "trace": traceback.format_exc()[-3000:]})
+                traceback.print_exc()
+            save()
+            print(name, key, json.dumps(row.get(key), default=str), f"[{time.time() - t0:.0f}s]", flush=True)
+        del model
+        torch.cuda.empty_cache()
+    dense = rep["models"].get("dense", {})
+    for name, row in rep["models"].items():  # dense / row: the best speedup any structure can reach there
+        bound = {}
+        for kind in ("graph", "eager", "compiled", "graph_compiled"):
+            for a, b in zip(row.get(kind, []), dense.get(kind, [])):
+                bound[f"{kind}_b{a['batch']}" + (f"_n{a['new_tokens']}" if "new_tokens" in a else "")] = (
+                    a["tokens_per_s"] / b["tokens_per_s"])
+        row["speed_vs_dense"] = bound
+    for g in dense.get("compiled", []):  # the host loop of generate: a compiled token minus the captured step
+        if dense.get("graph"):
+            g["host_gap_ms"] = g["ms_per_token"] - dense["graph"][0]["ms_per_step"]
+    save()
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Per-layer decode cost (issue 12): each structured layer of the bench-infer shape at 1 and 16 tokens, every way it
+can run, timed as a model runs it.
+
+Run on the GPU machine:  ``PYTHONPATH=src python benchmarks/experiments/decode_layers.py --out DIR``
+
+For the layer shapes of the bench-infer Llama (2048x2048, 2048->8192, 8192->2048; bf16) and each structure at 50%
+(low-rank, Monarch nb=4, block-diagonal nb=4, 2:4), the candidates:
+  ``dense``      ``F.linear`` on a dense weight of the same shape (cuBLAS)
+  ``decode``     structmat's Triton decode kernels        ``reference``  the structure's PyTorch definition (for
+  ``triton`` / ``cublas``  the many-token custom ops      low-rank: two cuBLAS GEMMs; block-diagonal: one bmm)
+  ``auto``       what the dispatch picks                  ``semi24``     torch's 2:4 semi-structured ``F.linear``
+  ``fill``       a zero fill of the output: the fixed cost of one launch inside a graph (no weight read)
+each timed three ways:
+  ``cold_us``    a CUDA graph that runs the candidate over K distinct copies of the layer whose weights together
+                 exceed 256 MB (5x the L2 cache): every call reads its weight from HBM, as in a model (per call)
+  ``hot_us``     a CUDA graph of 24 calls on one copy: the weight stays in L2 between calls (what a single-layer
+                 microbenchmark reports; it flatters small weights)
+  ``eager_us``   wall time per call of a Python loop without a graph (1 token only): what eager decode pays per
+                 layer on this host (launch + dispatch)
+Writes ``decode-layers-<UTC>.json`` after every shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import _common
+import torch
+import torch.nn.functional as F
+
+DTYPE = torch.bfloat16
+COLD_BYTES = 256e6
+DEVICE = "cuda"
+BACKENDS = {"lowrank": ("decode", "reference"), "monarch": ("decode", "triton", "cublas", "reference"),
+            "blockdiag": ("decode", "triton", "cublas", "reference"), "nm24": ("decode", "reference")}
+
+
+def graph_us(fns, reps: int = 10) -> float:
+    """Microseconds per call of the calls ``fns`` (run in order) captured in one CUDA graph and replayed."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            for f in fns:
+                f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    del g
+    return start.elapsed_time(end) * 1e3 / (reps * len(fns))
+
+
+def cycle(items, calls: int = 24):
+    return [items[i % len(items)] for i in range(max(calls, len(items)))]
+
+
+def measure(make, nbytes: int, x, eager: bool) -> dict:
+    """``make()`` builds one copy of a candidate (a zero-argument callable on ``x``)."""
+    k = int(min(128, max(2, math.ceil(COLD_BYTES / max(nbytes, 1)))))
+    copies = [make() for _ in range(k)]
+    row = {"copies": k, "cold_us": graph_us(cycle(copies)), "hot_us": graph_us(cycle(copies[:1]))}
+    if eager:
+        row["eager_us"] = _common.wall_us(copies[0], n=200, warmup=20)
+    del copies
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--structures", default="lowrank,monarch,blockdiag,nm24")
+    ap.add_argument("--tokens", default="1,16")
+    args = ap.parse_args()
+    import structmat.kernels as K
+    from decode_probe import layer_for, nbytes
+    from structmat.eval.results import run_info, write_json
+
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = Path(args.out) / f"decode-layers-{stamp}.json"
+    rep: dict = {"rows": [], "errors": [], "cold_bytes": COLD_BYTES}
+    t0 = time.time()
+    tokens = [int(t) for t in args.tokens.split(",")]
+    for inp, out in ((2048, 2048), (2048, 8192), (8192, 2048)):
+        for n in tokens:
+            x = torch.randn(n, inp, device=DEVICE, dtype=DTYPE)
+            eager = n == 1
+            base = dict(inp=inp, out=out, tokens=n)
+            with torch.no_grad():
+                try:
+                    W0 = torch.randn(out, inp, device=DEVICE, dtype=DTYPE) * inp ** -0.5
+                    r = measure(lambda: (lambda W=W0.clone(): F.linear(x, W)), W0.numel() * 2, x, eager)
+                    rep["rows"].append(dict(base, structure="dense", candidate="dense", weight_bytes=W0.numel() * 2, **r))
+                    r = measure(lambda: (lambda: torch.zeros(n, out, device=DEVICE, dtype=DTYPE)), 0, x, eager)
+                    rep["rows"].append(dict(base, structure="dense", candidate="fill", weight_bytes=0, **r))
+                    del W0
+                except Exception:
+                    rep["errors"].append({"case": f"dense-{inp}x{out}-{n}", "trace": traceback.format_exc()[-2000:]})
+                for s in args.structures.split(","):
+                    layer = layer_for(s, inp, out)
+                    wb = nbytes(layer)
+                    cands = {be: be for be in (*BACKENDS[s], "auto")}
+                    if s == "nm24":
+                        cands["semi24"] = None
+                    for cand, be in cands.items():
+                        try:
+                            if be is None:
+                                from torch.sparse import to_sparse_semi_structured
+
+                                Wd = layer.to_dense().to(DTYPE).contiguous()
+                                make = lambda: (lambda S=to_sparse_semi_structured(Wd.clone()): F.linear(x, S))  # noqa
+                                r = measure(make, wb, x, eager)
+                            else:
+                                with K.use_backend(be):
+                                    make = lambda: (lambda L=copy.deepcopy(layer): L(x))  # noqa: E731
+                                    r = measure(make, wb, x, eager)
+                                    layer(x)
+                                    r["choice"] = K.LAST_CHOICE.get(layer.name, "?")
+                            rep["rows"].append(dict(base, structure=s, spec=layer.spec, candidate=cand,
+                                                    weight_bytes=wb, **r))
+                        except Exception:
+                            rep["errors"].append({"case": f"{s}-{cand}-{inp}x{out}-{n}",
+                                                  "trace": traceback.format_exc()[-2000:]})
+                    del layer
+            dense = {(r["inp"], r["out"], r["tokens"]): r for r in rep["rows"] if r["candidate"] == "dense"}
+            for r in rep["rows"]:
+                d = dense.get((r["inp"], r["out"], r["tokens"]))
+                if d is not None:
+                    r["cold_vs_dense"] = d["cold_us"] / r["cold_us"]
+                    r["hot_vs_dense"] = d["hot_us"] / r["hot_us"]
+                    r["cold_gbs"] = r["weight_bytes"] / r["cold_us"] * 1e-3
+            for r in rep["rows"]:
+                if r["inp"] == inp and r["out"] == out and r["tokens"] == n:
+                    print(f"{inp}x{out} n={n:2d} {r['structure']:9s} {r['candidate']:9s} cold {r['cold_us']:7.1f}us "
+                          f"hot {r['hot_us']:7.1f}us eager {r.get('eager_us', 0):6.1f}us "
+                          f"x{r.get('cold_vs_dense', 0):.2f} {r.get('choice', '')}", flush=True)
+            rep["seconds"] = time.time() - t0
+            rep["run_info"] = run_info(vars(args), device="cuda")
+            write_json(path, rep)
+    print(f"wrote {path} in {time.time() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
