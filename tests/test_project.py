@@ -202,13 +202,13 @@ def test_whitening_factor_cholesky_fast_path_and_eigh_fallback(caplog):
 
     w, stats = setup(24, 32)
     h = damped(stats.gram, 1e-6)
-    s = whitening_factor(h)  # positive definite: the (lower-triangular) Cholesky factor
+    s = whitening_factor(stats.gram, 1e-6)  # positive definite: the (lower-triangular) Cholesky factor
     assert torch.equal(s, s.tril()) and torch.allclose(s @ s.T, h, rtol=1e-10, atol=1e-10 * float(h.abs().max()))
     gen = torch.Generator().manual_seed(1)
     few = InputStats.empty(32).update(correlated(8, 32, gen))  # 8 tokens, 32 inputs: a singular Gram
     singular = damped(few.gram, 0.0)
     with caplog.at_level("DEBUG", logger="structmat.project._linalg"):
-        root = whitening_factor(singular)
+        root = whitening_factor(few.gram, 0.0)
     assert "eigh" in caplog.text  # Cholesky of a singular matrix fails: the clamped eigh root is used, and said
     assert torch.allclose(root @ root.T, singular, atol=1e-9 * float(singular.abs().max()))
     # and the projection on that singular Gram is still the exact optimum (tail of svd(W S))
@@ -216,6 +216,32 @@ def test_whitening_factor_cholesky_fast_path_and_eigh_fallback(caplog):
     layer = project(w, "lowrank:rank=3", "whitened", few, damp=0.0)
     assert output_error(w, layer, few) == pytest.approx(float((sv[3:].square().sum() / sv.square().sum()).sqrt()),
                                                         rel=1e-6)
+
+
+def test_whitening_factor_allocates_one_square_matrix():
+    """The Cholesky factor overwrites the damped copy: besides the Gram, one n x n matrix is ever allocated (the
+    1B-shape projection peak held a damped copy and a factor at once). Census of every op's output storage."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from structmat.project._linalg import whitening_factor
+
+    n = 48
+    _, stats = setup(24, n)
+    gram = stats.gram.clone()
+    seen: set[int] = set()
+
+    class Census(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.numel() >= n * n:
+                    seen.add(t.untyped_storage().data_ptr())
+            return out
+
+    with Census():
+        s = whitening_factor(gram, 1e-6)
+    assert seen - {gram.untyped_storage().data_ptr()} == {s.untyped_storage().data_ptr()}
+    assert gram.equal(stats.gram)  # the statistics are left as they were
 
 
 def test_sparsegpt_inverse_factor_same_on_both_paths(caplog):

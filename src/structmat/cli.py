@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -215,9 +216,13 @@ def _compress(args: argparse.Namespace) -> int:
     if _check_device(args.device, "compress") is not None:
         return 2
     stats_dtype = {"float32": torch.float32, "float64": torch.float64}[args.stats_dtype]
+    start = time.perf_counter()
     loaded = _load(args.model, args.tokenizer)
+    print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    start = time.perf_counter()
     train, val = _corpus_split(args.corpus)
     batches = calibration_batches(loaded, train, args.calib_samples, args.seq_len)
+    print(f"tokenized in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     comp = Compressor(loaded.model, batches, args.layers, device=args.device, offload=args.offload,
                       sequential=args.sequential, stats_dtype=stats_dtype, progress=True)
     print(f"{loaded.source}: {len(comp.names)} linear layers in scope; calibrating on {len(batches)} batches",
@@ -234,14 +239,18 @@ def _compress(args: argparse.Namespace) -> int:
             done = comp.budget(target, allow=allowed, flops=args.flops)
         model, report = done.model, done.report
         out = Path(args.out) / f"target-{target:.2f}"  # one folder per target, also for a single one
+        start = time.perf_counter()
         save_pretrained(model, out)
+        print(f"saved in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         print(report.format())
         row = {"target": target, "dir": str(out), "params_fraction": report.params_fraction,
                "flops_fraction": report.flops_fraction, "seconds": done.seconds, "report": report.to_dict()}
         if args.evaluate:
             if args.device and not args.offload:
                 model.to(args.device)
+            start = time.perf_counter()
             row["quality"] = _quality(loaded.kind, model, loaded.tokenizer, val, args, reference)
+            print(f"evaluated in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
             print("quality:", {k: v for k, v in row["quality"].items() if isinstance(v, (int, float))}, flush=True)
         results.append(row)
     path = write_json(Path(args.out) / "compress.json", {"results": results,

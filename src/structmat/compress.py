@@ -290,21 +290,22 @@ def output_sensitivity(model: nn.Module, names: Iterable[str], batches: Sequence
     (hidden states or logits) and u a fresh standard-normal probe per batch (so E[g g^T] = J J^T)."""
     names = list(names)
     modules = linear_modules(model)
-    sums = {n: 0.0 for n in names}
-    counts = {n: 0 for n in names}
+    sums: dict[str, Tensor | float] = {n: 0.0 for n in names}  # device tensors: read once at the end, not
+    counts = {n: 0 for n in names}                              # one GPU sync per layer and batch
     handles = []
 
     def make_hook(name):
         def forward_hook(_module, _inputs, output):
             def grad_hook(grad):
-                sums[name] += float(grad.detach().double().square().sum())
+                sums[name] = sums[name] + grad.detach().double().square().sum()
                 counts[name] += grad.numel()
             if output.requires_grad:
                 output.register_hook(grad_hook)
         return forward_hook
 
     flags = {p: p.requires_grad for p in model.parameters()}
-    generator = torch.Generator().manual_seed(seed)
+    generators: dict[torch.device, torch.Generator] = {}  # the probe is drawn where the output is: a causal
+    # LM's logits are (batch, seq, vocab), ~100M numbers per batch for SmolLM2, too many to draw on the CPU
     try:
         for name in names:
             handles.append(modules[name].register_forward_hook(make_hook(name)))
@@ -313,7 +314,10 @@ def output_sensitivity(model: nn.Module, names: Iterable[str], batches: Sequence
         for batch in batches:
             out = _call_model(model, batch)
             y = out[0] if isinstance(out, (tuple, list)) else next(iter(out.values()))
-            probe = torch.randn(y.shape, generator=generator).to(y.device, y.dtype)
+            generator = generators.get(y.device)
+            if generator is None:
+                generator = generators[y.device] = torch.Generator(device=y.device).manual_seed(seed)
+            probe = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
             loss = (y * probe).sum()
             if not torch.isfinite(loss):
                 raise ValueError("output_sensitivity: the model produced a non-finite output on a calibration batch")
@@ -327,7 +331,7 @@ def output_sensitivity(model: nn.Module, names: Iterable[str], batches: Sequence
     missing = [n for n in names if counts[n] == 0]
     if missing:
         raise ValueError(f"output_sensitivity: layers {missing[:3]} never ran on the calibration batches")
-    return {n: sums[n] / counts[n] for n in names}
+    return {n: float(sums[n]) / counts[n] for n in names}
 
 
 @dataclass(frozen=True)
@@ -396,10 +400,13 @@ _PRICING_OPTIONS = {("monarch", "whitened"): {"sweeps": 4, "power": 1}}
 
 def price_layers(model: nn.Module, allowed: dict[str, Sequence[Allowed]] | Sequence[Allowed],
                  stats: dict[str, InputStats] | None, names: Iterable[str] | None = None, progress: bool = False,
-                 device: torch.device | str | None = None) -> dict[str, list[Candidate]]:
+                 device: torch.device | str | None = None, timings: dict[str, float] | None = None
+                 ) -> dict[str, list[Candidate]]:
     """Every in-scope layer's candidates with their relative squared output errors, computed on ``device``
     (default: where the weight is). Layers that share statistics are priced one after the other, so their
-    shared factorization is computed once."""
+    shared factorization is computed once. ``timings``: seconds per allowed structure are added to it (the
+    device is synchronized around each call, so the split is true on a GPU; "stacked ..." for the stacked
+    calls of layers sharing an input)."""
     from tqdm.auto import tqdm
 
     modules = linear_modules(model)
@@ -431,16 +438,38 @@ def price_layers(model: nn.Module, allowed: dict[str, Sequence[Allowed]] | Seque
                 moved = stats[name] if device is None else stats[name].to(device)
                 current = (id(stats[name]), moved)
                 known.update(_stacked_prices([n for n in names if stats[n] is stats[name]], options_for, weight_of,
-                                             moved))
+                                             moved, timings=timings))
             layer_stats = current[1]
-        per_layer[name] = candidates_for(name, weight, options, layer_stats, known=known.pop(name, None))
+        per_layer[name] = candidates_for(name, weight, options, layer_stats, known=known.pop(name, None),
+                                         timings=timings)
     if current[1] is not None:
         current[1].clear_cache()
     return {n: per_layer[n] for n in sorted(per_layer, key=list(modules).index)}
 
 
-def _stacked_prices(group: list[str], options_for, weight_of, stats: InputStats, sizes: int = 4
-                    ) -> dict[str, dict[Allowed, list]]:
+class _Clock:
+    """Adds the synchronized wall time of a block to ``timings[key]`` (no-op without ``timings``)."""
+
+    def __init__(self, timings: dict[str, float] | None, key: str, device: torch.device | None) -> None:
+        self.timings, self.key = timings, key
+        self.cuda = timings is not None and device is not None and device.type == "cuda"
+
+    def __enter__(self) -> "_Clock":
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.timings is None:
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.timings[self.key] = self.timings.get(self.key, 0.0) + time.perf_counter() - self.start
+
+
+def _stacked_prices(group: list[str], options_for, weight_of, stats: InputStats, sizes: int = 4,
+                    timings: dict[str, float] | None = None) -> dict[str, dict[Allowed, list]]:
     """For layers sharing one input (q/k/v, gate/up): the prices of every allowed structure whose pricer stacks
     rows (e.g. SparseGPT N:M), computed in ONE call for all of them, their weights stacked as rows."""
     if len(group) < 2 or any(options_for(n) != options_for(group[0]) for n in group):
@@ -455,8 +484,10 @@ def _stacked_prices(group: list[str], options_for, weight_of, stats: InputStats,
         fits = [[c for c, _ in _fits(cls, a, in_f, w.shape[0], sizes)] for w in weights]
         if not fits[0] or any(f != fits[0] for f in fits):
             continue  # sizes differ between the layers: each is priced alone
-        prices = price(torch.cat(weights), fits[0], a.method, stats,
-                       options=_PRICING_OPTIONS.get((cls.name, a.method)), row_splits=[w.shape[0] for w in weights])
+        with _Clock(timings, f"stacked {a.text}", weights[0].device):
+            prices = price(torch.cat(weights), fits[0], a.method, stats,
+                           options=_PRICING_OPTIONS.get((cls.name, a.method)),
+                           row_splits=[w.shape[0] for w in weights])
         for n, p in zip(group, prices):
             out[n][a] = p
     return out
@@ -487,7 +518,8 @@ def _fits(cls, a: "Allowed", in_f: int, out_f: int, sizes: int) -> list[tuple[An
 
 
 def candidates_for(name: str, weight: Tensor, allowed: Sequence[Allowed], stats: InputStats | None,
-                   sizes: int = 4, known: dict[Allowed, list] | None = None) -> list[Candidate]:
+                   sizes: int = 4, known: dict[Allowed, list] | None = None,
+                   timings: dict[str, float] | None = None) -> list[Candidate]:
     """Every candidate (structure, size, method) for one layer with its predicted error: each allowed structure
     offers its own size ladder, priced by the projection registry (one decomposition for every size where the
     method registered a pricer). ``known``: prices already computed for some allowed structures (aligned with
@@ -504,8 +536,9 @@ def candidates_for(name: str, weight: Tensor, allowed: Sequence[Allowed], stats:
         method = a.method if stats is not None else "data-free"
         errors = (known or {}).get(a)
         if errors is None:
-            errors = price(weight, [c for c, _ in fits], method, stats,
-                           options=_PRICING_OPTIONS.get((cls.name, method)))
+            with _Clock(timings, a.text, weight.device):
+                errors = price(weight, [c for c, _ in fits], method, stats,
+                               options=_PRICING_OPTIONS.get((cls.name, method)))
         for (config, (params, flops)), err in zip(fits, errors):
             if err is not None:
                 found.append(Candidate(name, config, a.method, params, flops, float(err), in_f * out_f))
@@ -665,7 +698,7 @@ class Compressor:
             else:
                 self._stats = calibrate(self.model, self.names, self.batches, progress=self.progress,
                                         dtype=self.stats_dtype)
-            self.log(f"calibrated in {time.perf_counter() - start:.1f} s")
+            self.log(f"calibrated in {self._elapsed(start):.1f} s")
         return self._stats
 
     def prices(self, allow: Sequence[Allowed]) -> dict[str, list[Candidate]]:
@@ -674,18 +707,30 @@ class Compressor:
             stats = self.statistics()
             start = time.perf_counter()
             self.log(f"pricing {len(self.names)} layers x {', '.join(a.text for a in allow)}")
+            split: dict[str, float] = {}
             self._prices[key] = price_layers(self.model, list(allow), stats, self.names, progress=self.progress,
-                                             device=self.device)
-            self.log(f"priced in {time.perf_counter() - start:.1f} s")
+                                             device=self.device, timings=split)
+            total = self._elapsed(start)
+            parts = ", ".join(f"{k} {v:.1f} s" for k, v in split.items())
+            self.log(f"priced in {total:.1f} s ({parts}; the rest {total - sum(split.values()):.1f} s)")
         return self._prices[key]
 
     def sensitivity(self) -> dict[str, float] | None:
         if not self.use_sensitivity:
             return None
         if self._sensitivity is None:
+            start = time.perf_counter()
             self.log("measuring output sensitivities (one backward pass per batch)")
             self._sensitivity = output_sensitivity(self.model, self.names, self.batches)
+            self.log(f"sensitivities in {self._elapsed(start):.1f} s")
         return self._sensitivity
+
+    def _elapsed(self, start: float) -> float:
+        """Seconds since ``start``, after the device's queued work is done (so each stage's wall time is its own,
+        not the next stage's first sync)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
 
     # --- the two entry points -----------------------------------------------------------------------
     def budget(self, target: float, allow: str | Sequence[str | Allowed] = DEFAULT_ALLOW, flops: bool = False,
@@ -697,9 +742,12 @@ class Compressor:
         allowed = parse_allow(allow)
         start = time.perf_counter()
         candidates = self.prices(allowed)
+        sensitivity = self.sensitivity()
+        solving = time.perf_counter()
         self.log(f"solving the budget for {target:.2f} of the {'FLOPs' if flops else 'params'}")
         plan, chosen = budget_plan(self.model, allowed, self.statistics(), target, key="flops" if flops else "params",
-                                   names=self.names, sensitivity=self.sensitivity(), candidates=candidates)
+                                   names=self.names, sensitivity=sensitivity, candidates=candidates)
+        self.log(f"solved in {self._elapsed(solving):.1f} s")
         done = self._apply(plan, inplace)
         done.target, done.chosen = target, chosen
         done.seconds = time.perf_counter() - start  # pricing on the first call included
@@ -736,6 +784,7 @@ class Compressor:
             for s in {id(stats[n]): stats[n] for n in targets}.values():
                 s.clear_cache()
         self._count_scope(model, report)
+        self.log(f"projected in {self._elapsed(start):.1f} s")
         return Compressed(model, report, exact, None, time.perf_counter() - start)
 
     def _apply_offloaded(self, model: nn.Module, plan: Plan, targets: dict[str, Target]) -> Report:

@@ -44,17 +44,24 @@ def finite_factor(factor: Tensor) -> bool:
     return bool(torch.isfinite(factor.diagonal(dim1=-2, dim2=-1)).all())
 
 
-def whitening_factor(h: Tensor) -> Tensor:
-    """S with S S^T = h for a damped, symmetric Gram (from :func:`damped`): its lower Cholesky factor when the
+def whitening_factor(gram: Tensor, damp: float = 0.0, dtype: torch.dtype | None = None) -> Tensor:
+    """S with S S^T = the damped, symmetrized ``gram`` (:func:`damped`): its lower Cholesky factor when the
     factorization succeeds and is finite (the cost of SVD-LLM's own whitening), else the clamped ``eigh`` square
-    root, which always exists. Either S gives the same whitened optimum (any S S^T = H does)."""
-    low, info = torch.linalg.cholesky_ex(h)
+    root, which always exists. Either S gives the same whitened optimum (any S S^T = H does).
+
+    Memory: ONE n x n matrix beside the Gram. The Cholesky factor overwrites the damped copy (LAPACK / cuSOLVER
+    factor a column-major matrix in place; a symmetric matrix's transpose view is one), so the largest layer's
+    projection does not hold a damped copy and a factor at once (268 MB each for an 8192-wide down_proj)."""
+    h = damped(gram, damp, dtype)
+    low = h.mT  # the same storage, column-major
+    info = torch.empty((), dtype=torch.int32, device=h.device)
+    torch.linalg.cholesky_ex(low, out=(low, info))
     if int(info) == 0 and finite_factor(low):
         return low
     log.debug("whitening: Cholesky of the damped Gram (%d x %d) failed (info=%d or non-finite); using the "
               "clamped eigh square root", h.shape[0], h.shape[0], int(info))
-    del low
-    return sqrt_factor(h, symmetric=True)
+    del low, h  # overwritten by the failed factorization: damp a fresh copy
+    return sqrt_factor(damped(gram, damp, dtype), symmetric=True)
 
 
 def pinv_psd(h: Tensor, rcond: float = 1e-12) -> Tensor:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..calibrate import InputStats
 from ..structures.lowrank import LowRank
-from ._linalg import cached_factor, damped, whitening_factor
+from ._linalg import cached_factor, whitening_factor
 from .registry import Problem, register_projection
 
 LOWRANK_METHODS = ("data-free", "whitened", "asvd", "fisher")
@@ -41,7 +41,7 @@ def lowrank_basis(w: Tensor, method: str, stats: InputStats | None, fisher: Tens
         return "left", u, s
     if method == "whitened":
         root = cached_factor(stats, "sqrt", damp, w.dtype, w.device,
-                             lambda: whitening_factor(damped(stats.gram.to(w.device), damp, w.dtype)))
+                             lambda: whitening_factor(stats.gram.to(w.device), damp, w.dtype))
         target = w @ root
         u, s, _ = torch.linalg.svd(target, full_matrices=False)
         return "left", u, s
