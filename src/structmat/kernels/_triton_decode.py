@@ -31,9 +31,10 @@ from torch import Tensor
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 MAX_TOKENS = 64  # the kernels keep all tokens in one tile
 TARGET_PROGRAMS = 4  # programs per SM to aim for: enough bytes in flight to stream HBM
-#: Up to this many tokens the N:M kernel multiply-reduces on the CUDA cores; above, tensor-core tiles (a one-element
-#: list so a benchmark can compare both). (The dense-tile kernel measured slower that way in 22 of 27 rows on the H200,
-#: up to 4.7x: benchmarks/results/decode-probe-20261203T091353Z.json, so it always uses tensor-core tiles.)
+#: Up to this many tokens the N:M kernel gathers, per value, the one input its position selects (one multiply-add per
+#: value and token, values read as contiguous row tiles); above, tensor-core tiles (a one-element list so a benchmark
+#: can compare both). The gather replaced a multiply-reduce over every in-group position (4 selects per value), which
+#: ran at 0.26-0.45x dense at one token on the H200 (benchmarks/results/decode-probe-20261203T120056Z.json).
 SMALL_TOKENS = [4]
 
 
@@ -73,33 +74,51 @@ def _decode_gemv(A, W, C, N, M, K, S_A, SPLIT_LEN, M_BLOCKS,
 
 
 @triton.jit
-def _nm_slot(acc, v, p, X, offs_n, n_ok, grp, g_ok, K, s_xn, s_xk, GROUP: tl.constexpr, PRECISION: tl.constexpr,
-             USE_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+def _nm_slot(acc, v, p, X, offs_n, n_ok, grp, g_ok, K, s_xn, s_xk, GROUP: tl.constexpr, PRECISION: tl.constexpr):
     """acc += the products of one value slot: v, p (BLOCK_M, BLOCK_G) hold, per row and group, a value and its
-    in-group position."""
-    if USE_DOT:  # the dense slice of the weight at in-group position q, selected on chip, into tl.dot
-        for q in tl.static_range(GROUP):
-            cols = grp * GROUP + q
-            x = tl.load(X + offs_n[:, None] * s_xn + cols[None, :] * s_xk, mask=n_ok & (g_ok & (cols < K))[None, :],
-                        other=0.0)
-            w = tl.where(p == q, v, tl.zeros_like(v))
-            acc = tl.dot(x.to(v.dtype), tl.trans(w), acc, input_precision=PRECISION)
-    else:  # each value meets the input its position selects (the inputs are loaded once per program and group)
-        xs = tl.zeros((BLOCK_N, BLOCK_M, BLOCK_G), dtype=tl.float32)
-        for q in tl.static_range(GROUP):
-            cols = grp * GROUP + q
-            x = tl.load(X + offs_n[:, None] * s_xn + cols[None, :] * s_xk, mask=n_ok & (g_ok & (cols < K))[None, :],
-                        other=0.0)
-            x = x.to(v.dtype).to(tl.float32)  # (as the MMA path: the input rounded to the weight's dtype)
-            xs = tl.where((p == q)[None, :, :], x[:, None, :], xs)
-        acc += tl.sum(xs * v.to(tl.float32)[None, :, :], axis=2)
+    in-group position; the dense slice of the weight at in-group position q is selected on chip and fed to tl.dot."""
+    for q in tl.static_range(GROUP):
+        cols = grp * GROUP + q
+        x = tl.load(X + offs_n[:, None] * s_xn + cols[None, :] * s_xk, mask=n_ok & (g_ok & (cols < K))[None, :],
+                    other=0.0)
+        w = tl.where(p == q, v, tl.zeros_like(v))
+        acc = tl.dot(x.to(v.dtype), tl.trans(w), acc, input_precision=PRECISION)
     return acc
+
+
+@triton.jit
+def _decode_nm_gather(X, V, P, Y, N, M, K, KEPT, s_xn, s_xk, s_vm, s_pm, s_yn,
+                      NNZ: tl.constexpr, GROUP: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Y (N, M) = X (N, K) @ W^T at a few tokens, N:M from compressed values: each value V[r, j] (a contiguous,
+    coalesced tile of a row's kept values) meets the one input its position selects, column
+    (j // NNZ) * GROUP + P[r, j], gathered from X (a few KB, served by L1/L2); one multiply-add per value and token.
+    Grid: (row blocks, token blocks)."""
+    pid_m = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_j = tl.arange(0, BLOCK_J)
+    rm = (offs_m % M).to(tl.int64)  # rows past the end wrap (valid addresses, dropped at the store)
+    n_ok = (offs_n < N)[:, None, None]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for j0 in range(0, KEPT, BLOCK_J):
+        j = j0 + offs_j
+        j_ok = (j < KEPT)[None, :]
+        v = tl.load(V + rm[:, None] * s_vm + j[None, :], mask=j_ok, other=0.0)
+        p = tl.load(P + rm[:, None] * s_pm + j[None, :], mask=j_ok, other=0).to(tl.int32)
+        col = (j // NNZ)[None, :] * GROUP + p
+        ok = n_ok & (j_ok & (col < K))[None, :, :]  # (columns past K: the zero padding of the last group)
+        x = tl.load(X + offs_n[:, None, None] * s_xn + col[None, :, :] * s_xk, mask=ok, other=0.0)
+        x = x.to(v.dtype).to(tl.float32)  # (as the reference: the input rounded to the weight's dtype)
+        acc += tl.sum(x * v.to(tl.float32)[None, :, :], axis=2)
+    tl.store(Y + offs_n[:, None] * s_yn + offs_m[None, :], acc.to(Y.dtype.element_ty),
+             mask=(offs_n[:, None] < N) & (offs_m[None, :] < M))
 
 
 @triton.jit
 def _decode_nm(X, V, P, Y, N, M, K, G, s_xn, s_xk, s_vm, s_pm, s_yn,
                NNZ: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, USE_DOT: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
     """Y (N, M) = X (N, K) @ W^T with W (M, G*GROUP) N:M sparse: row r keeps, in each group g of GROUP inputs, NNZ
     values V[r, g*NNZ + i] at in-group positions P[r, g*NNZ + i] (inputs past K are zero padding). Grid: (row
     blocks, token blocks). Each value and position is loaded once per token block."""
@@ -116,8 +135,7 @@ def _decode_nm(X, V, P, Y, N, M, K, G, s_xn, s_xk, s_vm, s_pm, s_yn,
         for i in tl.static_range(NNZ):  # slot by slot (value i of every group: a strided tile, L1 serves the rest)
             v = tl.load(V + rm[:, None] * s_vm + (grp * NNZ + i)[None, :], mask=g_ok[None, :], other=0.0)
             p = tl.load(P + rm[:, None] * s_pm + (grp * NNZ + i)[None, :], mask=g_ok[None, :], other=255)
-            acc = _nm_slot(acc, v, p.to(tl.int32), X, offs_n, n_ok, grp, g_ok, K, s_xn, s_xk, GROUP, PRECISION,
-                           USE_DOT, BLOCK_N, BLOCK_M, BLOCK_G)
+            acc = _nm_slot(acc, v, p.to(tl.int32), X, offs_n, n_ok, grp, g_ok, K, s_xn, s_xk, GROUP, PRECISION)
     tl.store(Y + offs_n[:, None] * s_yn + offs_m[None, :], acc.to(Y.dtype.element_ty),
              mask=n_ok & (offs_m[None, :] < M))
 
@@ -152,7 +170,7 @@ def _block_n(n: int) -> int:
 
 
 def use_dot(n: int) -> bool:
-    """N:M: tensor-core tiles above SMALL_TOKENS tokens, multiply-reduce at or below."""
+    """N:M: tensor-core tiles above SMALL_TOKENS tokens, the gather kernel at or below."""
     return n > SMALL_TOKENS[0]
 
 
@@ -212,19 +230,26 @@ def decode_gemv(a: Tensor, a_strides: tuple, w: Tensor, w_strides: tuple, c: Ten
 @functools.lru_cache(maxsize=1024)
 def _plan_nm(n: int, M: int, G: int, device_type: str, index: int | None, dot: bool) -> dict:
     target = TARGET_PROGRAMS * _sms(device_type, index)
-    # tokens per program: <= 4 on the CUDA cores; 16 in a tensor-core tile (larger token tiles gave wrong sums and an
-    # illegal address on the H200 with Triton 3.6 at 33-64 tokens; more tokens are more token blocks, whose weight
-    # re-reads come mostly from L2)
-    block_n = 16 if dot else _pow2(max(n, 1))
+    if not dot:  # the gather kernel: all tokens in one block, rows spread over as many programs as it takes
+        block_n = _pow2(max(n, 1))
+        if INTERPRET:
+            return dict(BLOCK_N=block_n, BLOCK_M=8, BLOCK_J=16)
+        block_m = 4
+        for bm in (32, 16, 8):
+            if _cdiv(M, bm) >= target:
+                block_m = bm
+                break
+        return dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_J=max(64, 256 // block_n))
+    # tensor-core tiles of 16 tokens (larger token tiles gave wrong sums and an illegal address on the H200 with
+    # Triton 3.6 at 33-64 tokens; more tokens are more token blocks, whose weight re-reads come mostly from L2)
     if INTERPRET:
-        return dict(BLOCK_N=block_n, BLOCK_M=16, BLOCK_G=16)
-    block_g = 64 if dot else 128
-    block_m = 16 if dot else 8
-    for bm in (64, 32) if dot else (32, 16):
+        return dict(BLOCK_N=16, BLOCK_M=16, BLOCK_G=16)
+    block_m = 16
+    for bm in (64, 32):
         if _cdiv(M, bm) >= target:
             block_m = bm
             break
-    return dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_G=block_g)
+    return dict(BLOCK_N=16, BLOCK_M=block_m, BLOCK_G=64)
 
 
 def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, device: torch.device,
@@ -232,15 +257,24 @@ def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, devi
     """The N:M launch for one shape, worked out once: ``launch(x, values, positions, y)``."""
     dot = use_dot(N)
     plan = _plan_nm(N, M, kept // n_keep, device.type, device.index, dot)
-    kernel = _decode_nm[(_cdiv(M, plan["BLOCK_M"]), _cdiv(N, plan["BLOCK_N"]))]
-    fixed = None if dtype == torch.float32 else _precision(dtype)
+    grid = (_cdiv(M, plan["BLOCK_M"]), _cdiv(N, plan["BLOCK_N"]))
     if N == 0 or M == 0:
         return lambda x, values, positions, y: None
+    if not dot:
+        kernel = _decode_nm_gather[grid]
 
-    def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor) -> None:
+        def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor) -> None:
+            kernel(x, values, positions, y, N, M, K, kept, x.stride(0), x.stride(1), values.stride(0),
+                   positions.stride(0), y.stride(0), NNZ=n_keep, GROUP=group, num_warps=4, num_stages=3, **plan)
+
+        return launch
+    kernel = _decode_nm[grid]
+    fixed = None if dtype == torch.float32 else _precision(dtype)
+
+    def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor) -> None:  # noqa: F811
         kernel(x, values, positions, y, N, M, K, kept // n_keep, x.stride(0), x.stride(1), values.stride(0),
                positions.stride(0), y.stride(0), NNZ=n_keep, GROUP=group, PRECISION=fixed or _precision(x.dtype),
-               USE_DOT=dot, num_warps=4, num_stages=3, **plan)
+               num_warps=4, num_stages=3, **plan)
 
     return launch
 
