@@ -613,3 +613,29 @@ def test_compiled_static_cache_generate_compiles_once(spec):
             model(input_ids=torch.randint(0, 96, (1, prompt + 2)))  # eager, a new shape: a new plan per layer
     torch._dynamo.reset()
     assert len(graphs) == 1, [g.code[:300] for g in graphs]
+
+
+def test_floor_model_replaces_every_block_linear_and_decodes():
+    """bench infer's floor row: every linear of the blocks is a stand-in that reads no weight (0, 1 or 2 kernels),
+    lm_head stays, and the model still runs HF generate with a static cache (what bench infer times)."""
+    from transformers import GenerationConfig
+
+    from structmat.bench import infer
+
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=50)
+    for kernels in (0, 1, 2):
+        model = infer.floor_model(torch.float32, shape, kernels, device="cpu")
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        assert linears == ["lm_head"], linears
+        floors = [m for m in model.modules() if isinstance(m, infer.FloorLinear)]
+        assert len(floors) == 2 * len(infer.BLOCK_LINEARS)
+        y = floors[0](torch.randn(3, 1, 32))
+        assert y.shape == (3, 1, floors[0].out_features) and not y.any()
+        ids = torch.randint(0, 50, (1, 5))
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=GenerationConfig(
+            max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None,
+            cache_implementation="static"))
+        assert out.shape == (1, 8)
+    with pytest.raises(ValueError, match="kernels=3"):
+        infer.FloorLinear(4, 4, kernels=3)

@@ -30,40 +30,8 @@ from pathlib import Path
 
 import _common  # noqa: F401  (puts src/ on the path)
 import torch
-from torch import nn
 
 DTYPE = torch.bfloat16
-
-
-class FloorLinear(nn.Module):
-    """A stand-in for a linear layer that reads no weight: ``kernels`` = 0 returns a view of a zero buffer (nothing
-    is launched), 1 launches one zero fill of the output, 2 a fill and a dependent in-place add (two launches)."""
-
-    def __init__(self, in_features: int, out_features: int, kernels: int, device, dtype) -> None:
-        super().__init__()
-        self.in_features, self.out_features, self.kernels = in_features, out_features, kernels
-        self.register_buffer("zero", torch.zeros(out_features, device=device, dtype=dtype), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (*x.shape[:-1], self.out_features)
-        if self.kernels == 0:
-            return self.zero.expand(shape)
-        y = torch.zeros(shape, device=x.device, dtype=x.dtype)
-        return y.add_(y) if self.kernels == 2 else y
-
-
-def floor_model(kernels: int):
-    from structmat.bench import infer
-
-    model = infer.build(None, DTYPE, infer.SHAPE)
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, FloorLinear(child.in_features, child.out_features, kernels,
-                                                      child.weight.device, DTYPE))
-    torch.cuda.empty_cache()
-    return model
 
 
 def timed_generate(model, new_tokens: int, reps: int) -> dict:
@@ -101,7 +69,8 @@ def main() -> int:
     gen_models = args.generate_models.split(",")
     for name in args.models.split(","):
         torch._dynamo.reset()
-        model = infer.build(None, DTYPE, infer.SHAPE) if name == "dense" else floor_model(int(name[5:] or 0))
+        model = (infer.build(None, DTYPE, infer.SHAPE) if name == "dense"
+                 else infer.floor_model(DTYPE, infer.SHAPE, int(name[5:] or 0)))
         row = rep["models"].setdefault(name, {"param_bytes": infer.model_bytes(model)})
         steps = {"graph": lambda: [infer.graph_decode_tps(model, b) for b in (1, 8, 32)]}
         if name in gen_models:

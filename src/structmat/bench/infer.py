@@ -28,6 +28,9 @@ For each model (dense and each structure of ``--structures``; ``--checkpoint DIR
   ``kernels``              per distinct structured layer shape: the layer's few-token product (auto dispatch)
                            replayed from a CUDA graph vs dense ``F.linear`` the same way, and the achieved GB/s
                            on the structure's own weight bytes
+The ``floor`` model (``--structures floor``, or ``floor1``/``floor2``) is the dense model with every block linear
+replaced by a stand-in that reads no weight (``FloorLinear``): its speed over dense bounds what any structure of the
+block linears can reach at this shape, measured the same way.
 Speed is reported as a ratio to the dense model measured in the same run. Writes ``infer-<UTC>.json`` and a PNG.
 Compiled rows keep dynamo's recompile and graph-break reasons (``compiled_dynamo_log``). A round that must survive a
 kernel fault (which poisons the CUDA context) runs each structure in its own process (``--no-dense``) and combines
@@ -77,6 +80,40 @@ def build(structure: str | None, dtype: torch.dtype, shape: dict, seed: int = 0,
     if structure is not None:
         structure_fresh(model, Plan([(BLOCK_LINEARS, STRUCTURES.get(structure, structure))]))
     return model.eval()
+
+
+class FloorLinear(torch.nn.Module):
+    """A stand-in for a linear layer that reads no weight (the ``floor`` model): ``kernels`` = 0 returns a view of a
+    zero buffer (nothing is launched), 1 launches one zero fill of the output, 2 a fill and a dependent in-place add
+    (two launches, as a two-stage structure pays)."""
+
+    def __init__(self, in_features: int, out_features: int, kernels: int = 0, device=None, dtype=None) -> None:
+        super().__init__()
+        if kernels not in (0, 1, 2):
+            raise ValueError(f"FloorLinear: kernels={kernels!r}; give 0, 1 or 2")
+        self.in_features, self.out_features, self.kernels = in_features, out_features, kernels
+        self.register_buffer("zero", torch.zeros(out_features, device=device, dtype=dtype), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (*x.shape[:-1], self.out_features)
+        if self.kernels == 0:
+            return self.zero.expand(shape)
+        y = torch.zeros(shape, device=x.device, dtype=x.dtype)
+        return y.add_(y) if self.kernels == 2 else y
+
+
+def floor_model(dtype: torch.dtype, shape: dict, kernels: int = 0, device: str = "cuda"):
+    """The dense model with every linear layer of its blocks replaced by a :class:`FloorLinear`: everything that is
+    not a block linear (norms, rotary, attention, cache writes, lm_head, the host loop) at its real cost, the block
+    linears at none. dense / floor bounds the decode speedup any structure of the block linears can reach."""
+    model = build(None, dtype, shape, device=device)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    setattr(parent, name, FloorLinear(child.in_features, child.out_features, kernels,
+                                                      child.weight.device, dtype))
+    return model
 
 
 def model_bytes(model) -> int:
@@ -315,6 +352,8 @@ def _build_named(name: str, args, dtype: torch.dtype, shape: dict):
         model = load_pretrained(args.checkpoint, device="cuda", dtype=dtype)
         model.config.use_cache = True
         return model.eval()
+    if name in ("floor", "floor1", "floor2"):  # (see floor_model: the bound on any structure's speedup)
+        return floor_model(dtype, shape, int(name[5:] or 0))
     return build(None if name == "dense" else name, dtype, shape)
 
 
@@ -493,7 +532,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="structmat bench infer", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--structures", default="lowrank,monarch,blockdiag,nm24",
-                   help=f"comma list of {', '.join(STRUCTURES)} or any spec (every block linear gets it)")
+                   help=f"comma list of {', '.join(STRUCTURES)} or any spec (every block linear gets it); 'floor': "
+                        "every block linear replaced by a stand-in that reads no weight (the bound on any speedup; "
+                        "'floor1'/'floor2': one/two tiny kernels per linear)")
     p.add_argument("--checkpoint", default=None, help="also a model saved by structmat (load_pretrained)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="weights and activations")
     p.add_argument("--batches", default="1,8,32", help="decode batch sizes")
