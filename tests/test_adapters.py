@@ -263,3 +263,27 @@ def test_structmat_lora_saved_for_peft_gives_the_same_logits_in_peft(tmp_path):
         other = copy.deepcopy(base)
         adapt(other, {r".*\.q_proj": "kron:rank=2"})
         save_peft_lora(other, tmp_path / "bad")
+
+
+def test_randbasis_layers_of_one_shape_and_seed_share_one_copy_of_their_fixed_bases():
+    """NOLA/RandLoRA bases are fixed numbers regenerated from the seed: adapting every layer of a model keeps one
+    copy per (shape, seed), not one per layer (SmolLM2's 210 layers would hold 16 GiB of equal bases)."""
+    from structmat.structures.randbasis import RandomBasis, random_bases
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.Linear(12, 10), nn.Linear(10, 12))
+    adapt(model, {r"\d": "randbasis:rank=2,bases=5"})
+    deltas = [model[i].delta for i in range(3)]
+    assert deltas[0].basis_a.data_ptr() == deltas[1].basis_a.data_ptr() != deltas[2].basis_a.data_ptr()
+    a, b = random_bases(0, 5, 2, 12, 10, dtype=torch.float32)
+    assert torch.equal(deltas[1].basis_a, a) and torch.equal(deltas[1].basis_b, b)
+    a[0, 0, 0] += 1.0  # a caller's copy is its own
+    assert not torch.equal(deltas[1].basis_a, a)
+    with torch.no_grad():
+        deltas[0].alpha.normal_()
+        deltas[0].beta.normal_()
+    x = torch.randn(3, 12)
+    reference = x @ (torch.einsum("k,kor->or", deltas[0].beta, b) @ torch.einsum("k,kri->ri", deltas[0].alpha,
+                                                                                   deltas[0].basis_a)).T
+    torch.testing.assert_close(deltas[0]._matmul(x), reference)
+    assert isinstance(deltas[0], RandomBasis)

@@ -12,6 +12,7 @@ squares on beta and alpha then polishes the rank-1 start (each half-step exact, 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -36,11 +37,47 @@ class RandomBasisConfig(StructureConfig):
 def random_bases(seed: int, bases: int, rank: int, in_features: int, out_features: int,
                  device=None, dtype=None) -> tuple[Tensor, Tensor]:
     """The fixed bases (A: (k, r, in), B: (k, out, r)), drawn on the CPU in float64 from ``seed`` so every device and
-    dtype sees the same matrices; scaled so that B(beta) A(alpha) with unit-variance coefficients has O(1) gain."""
+    dtype sees the same matrices; scaled so that B(beta) A(alpha) with unit-variance coefficients has O(1) gain.
+    Returns fresh tensors (the caller may change them)."""
+    a, b = _drawn(seed, bases, rank, in_features, out_features)
+    return a.to(device=device, dtype=dtype, copy=True), b.to(device=device, dtype=dtype, copy=True)
+
+
+_SHARED: "weakref.WeakValueDictionary[tuple, Tensor]" = weakref.WeakValueDictionary()
+
+
+def _shared_bases(key: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The bases of ``key`` on ``device`` in ``dtype``, one copy shared by every layer that draws the same bases (as
+    RandLoRA shares its bases across layers): SmolLM2's 210 layers at the adapter table's size would otherwise hold
+    16 GiB of identical fixed numbers. Kept only while some layer holds them (weak references)."""
+    a, b = _SHARED.get((*key, "a", str(device), dtype)), _SHARED.get((*key, "b", str(device), dtype))
+    if a is None or b is None:
+        a, b = random_bases(*key, device=device, dtype=dtype)
+        _SHARED[(*key, "a", str(device), dtype)], _SHARED[(*key, "b", str(device), dtype)] = a, b
+    return a, b
+
+
+_DRAWS: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
+_DRAWS_MAX_BYTES = 2 ** 30
+
+
+def _drawn(*key: int) -> tuple[Tensor, Tensor]:
+    """The float64 draw of ``random_bases(*key)``, remembered while the remembered draws stay under 1 GiB: adapting
+    every layer of a model draws the same few shapes again and again (every q_proj of SmolLM2 has the same bases at
+    the same seed), and the CPU draw is the slow part (~0.1 s per million numbers; 4e9 numbers for SmolLM2's 210
+    layers at the adapter table's size)."""
+    if key in _DRAWS:
+        return _DRAWS[key]
+    seed, bases, rank, in_features, out_features = key
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(bases, rank, in_features, generator=g, dtype=torch.float64) / (in_features * bases) ** 0.5
     b = torch.randn(bases, out_features, rank, generator=g, dtype=torch.float64) / (rank * bases) ** 0.5
-    return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
+    size = 8 * (a.numel() + b.numel())
+    while _DRAWS and size + sum(8 * (x.numel() + y.numel()) for x, y in _DRAWS.values()) > _DRAWS_MAX_BYTES:
+        _DRAWS.pop(next(iter(_DRAWS)))  # the oldest draw goes first
+    if size <= _DRAWS_MAX_BYTES:
+        _DRAWS[key] = (a, b)
+    return a, b
 
 
 def _solve(gram: Tensor, rhs: Tensor) -> Tensor:
@@ -74,10 +111,9 @@ class RandomBasis(StructuredLinear):
     def init_(self, generator: torch.Generator | None = None) -> "RandomBasis":
         """Redraw the bases from the seed (also after ``to_empty``), then the coefficients (muP-style, unit fans)."""
         if self.basis_a.device.type != "meta":
-            with torch.no_grad():
-                a, b = random_bases(self.seed, self.bases, self.rank, self.in_features, self.out_features)
-                self.basis_a.copy_(a)
-                self.basis_b.copy_(b)
+            self.basis_a, self.basis_b = _shared_bases(
+                (self.seed, self.bases, self.rank, self.in_features, self.out_features),
+                self.basis_a.device, self.basis_a.dtype)
         return super().init_(generator)
 
     def mixed(self) -> tuple[Tensor, Tensor]:
