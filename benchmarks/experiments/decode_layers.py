@@ -10,6 +10,7 @@ For the layer shapes of the bench-infer Llama (2048x2048, 2048->8192, 8192->2048
   ``triton`` / ``cublas``  the many-token custom ops      low-rank: two cuBLAS GEMMs; block-diagonal: one bmm)
   ``auto``       what the dispatch picks                  ``semi24``     torch's 2:4 semi-structured ``F.linear``
   ``fill``       a zero fill of the output: the fixed cost of one launch inside a graph (no weight read)
+  ``decode@...`` (1 token) the gemv decode kernel with other launch settings (``VARIANTS``): which one streams best
 each timed three ways:
   ``cold_us``    a CUDA graph that runs the candidate over K distinct copies of the layer whose weights together
                  exceed 256 MB (5x the L2 cache): every call reads its weight from HBM, as in a model (per call)
@@ -39,6 +40,10 @@ import torch.nn.functional as F
 DTYPE = torch.bfloat16
 COLD_BYTES = 256e6
 DEVICE = "cuda"
+#: Launch variants of the gemv decode kernel, timed at 1 token beside the shipped one ("decode"): name -> settings of
+#: structmat.kernels._triton_decode (programs per SM, reduction tile at K >= 2048, warps, pipeline stages)
+VARIANTS = {"decode@tp16": dict(TARGET_PROGRAMS=16), "decode@k128": dict(BLOCK_K_LARGE=128),
+            "decode@w8": dict(num_warps=8)}
 BACKENDS = {"lowrank": ("decode", "reference"), "monarch": ("decode", "triton", "cublas", "reference"),
             "blockdiag": ("decode", "triton", "cublas", "reference"), "nm24": ("decode", "reference")}
 
@@ -84,11 +89,32 @@ def measure(make, nbytes: int, x, eager: bool) -> dict:
     return row
 
 
+def variant(settings: dict):
+    """Apply a VARIANTS entry to the decode kernels' module; returns the undo."""
+    from structmat.kernels import _triton_decode as TD
+
+    saved = (TD.TARGET_PROGRAMS, TD.BLOCK_K_LARGE[0], dict(TD.GEMV_META))
+    TD.TARGET_PROGRAMS = settings.get("TARGET_PROGRAMS", TD.TARGET_PROGRAMS)
+    TD.BLOCK_K_LARGE[0] = settings.get("BLOCK_K_LARGE", TD.BLOCK_K_LARGE[0])
+    TD.GEMV_META.update({k: v for k, v in settings.items() if k in ("num_warps", "num_stages")})
+    TD._plan.cache_clear()
+
+    def undo():
+        TD.TARGET_PROGRAMS, TD.BLOCK_K_LARGE[0] = saved[0], saved[1]
+        TD.GEMV_META.clear()
+        TD.GEMV_META.update(saved[2])
+        TD._plan.cache_clear()
+
+    return undo
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--structures", default="lowrank,monarch,blockdiag,nm24")
     ap.add_argument("--tokens", default="1,16")
+    ap.add_argument("--no-variants", dest="variants", action="store_false",
+                    help="skip the gemv decode kernel's launch variants (VARIANTS) at 1 token")
     args = ap.parse_args()
     import structmat.kernels as K
     from decode_probe import layer_for, nbytes
@@ -120,7 +146,10 @@ def main() -> int:
                     cands = {be: be for be in (*BACKENDS[s], "auto")}
                     if s == "nm24":
                         cands["semi24"] = None
+                    elif n == 1 and args.variants:
+                        cands.update({v: "decode" for v in VARIANTS})
                     for cand, be in cands.items():
+                        undo = variant(VARIANTS[cand]) if cand in VARIANTS else (lambda: None)
                         try:
                             if be is None:
                                 from torch.sparse import to_sparse_semi_structured
@@ -139,6 +168,8 @@ def main() -> int:
                         except Exception:
                             rep["errors"].append({"case": f"{s}-{cand}-{inp}x{out}-{n}",
                                                   "trace": traceback.format_exc()[-2000:]})
+                        finally:
+                            undo()
                     del layer
             dense = {(r["inp"], r["out"], r["tokens"]): r for r in rep["rows"] if r["candidate"] == "dense"}
             for r in rep["rows"]:

@@ -31,6 +31,10 @@ from torch import Tensor
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 MAX_TOKENS = 64  # the kernels keep all tokens in one tile
 TARGET_PROGRAMS = 4  # programs per SM to aim for: enough bytes in flight to stream HBM
+#: The gemv kernel's launch options and its reduction tile at K >= 2048 (module-level so a benchmark can sweep them;
+#: a layer's plan reads them when it is made)
+GEMV_META = {"num_warps": 4, "num_stages": 4}
+BLOCK_K_LARGE = [256]
 #: Up to this many tokens the N:M kernel gathers, per value, the one input its position selects (one multiply-add per
 #: value and token, values read as contiguous row tiles); above, tensor-core tiles (a one-element list so a benchmark
 #: can compare both). The gather replaced a multiply-reduce over every in-group position (4 selects per value), which
@@ -183,7 +187,7 @@ def plan_gemv(n: int, groups: int, M: int, K: int, device: torch.device, split_o
 @functools.lru_cache(maxsize=4096)
 def _plan(n: int, groups: int, M: int, K: int, device_type: str, index: int | None, split_ok: bool) -> dict:
     target = TARGET_PROGRAMS * _sms(device_type, index)
-    block_k = 16 if INTERPRET else (256 if K >= 2048 else 128)
+    block_k = 16 if INTERPRET else (BLOCK_K_LARGE[0] if K >= 2048 else 128)
     block_m = 16
     for bm in (64, 32):  # the largest row block that still leaves enough programs
         if not INTERPRET and groups * _cdiv(M, bm) >= target:
@@ -206,7 +210,7 @@ def gemv_launcher(groups: int, n: int, M: int, K: int, plan: dict, dtype: torch.
     :func:`plan_gemv` (with splits > 1, C is the fp32 partial stack). A layer's cached inference plan keeps it."""
     m_blocks = _cdiv(M, plan["BLOCK_M"])
     kernel = _decode_gemv[(groups * m_blocks, plan["splits"])]
-    meta = dict(BLOCK_N=plan["BLOCK_N"], BLOCK_M=plan["BLOCK_M"], BLOCK_K=plan["BLOCK_K"], num_warps=4, num_stages=4)
+    meta = dict(BLOCK_N=plan["BLOCK_N"], BLOCK_M=plan["BLOCK_M"], BLOCK_K=plan["BLOCK_K"], **GEMV_META)
     fixed = None if dtype == torch.float32 else _precision(dtype)  # (fp32 follows allow_tf32 at call time)
     if n == 0 or M == 0 or groups == 0:
         return lambda a, a_strides, w, w_strides, c, c_strides: None
