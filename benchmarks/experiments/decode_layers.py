@@ -10,6 +10,8 @@ For the layer shapes of the bench-infer Llama (2048x2048, 2048->8192, 8192->2048
   ``triton`` / ``cublas``  the many-token custom ops      low-rank: two cuBLAS GEMMs; block-diagonal: one bmm)
   ``auto``       what the dispatch picks                  ``semi24``     torch's 2:4 semi-structured ``F.linear``
   ``fill``       a zero fill of the output: the fixed cost of one launch inside a graph (no weight read)
+  ``lean``       an eager-lean aten call (``lean()``: low-rank as one ``multi_dot``, block-diagonal and Monarch as
+                 bmm on views made once): fewest torch calls, for eager decode
   ``decode@...`` (1 token) the gemv decode kernel with other launch settings (``VARIANTS``): which one streams best
 each timed three ways:
   ``cold_us``    a CUDA graph that runs the candidate over K distinct copies of the layer whose weights together
@@ -89,6 +91,30 @@ def measure(make, nbytes: int, x, eager: bool) -> dict:
     return row
 
 
+def lean(layer, x):
+    """An eager-lean aten call of the layer's product for x (n, in) (as few torch calls as the math allows, operand
+    views made once): the candidate for eager decode, where each torch call costs host time."""
+    n = x.shape[0]
+    if layer.name == "lowrank":
+        Vt, Ut = layer.V.detach().t(), layer.U.detach().t()
+        return lambda: torch.linalg.multi_dot([x, Vt, Ut])
+    if layer.name == "blockdiag":
+        W = layer.weight.detach()
+        b, u, p = W.shape
+        Wt = W.transpose(1, 2)
+        if n == 1:
+            return lambda: torch.bmm(x.view(b, 1, p), Wt).view(1, b * u)
+        return lambda: torch.bmm(x.view(n, b, p).transpose(0, 1), Wt).transpose(0, 1).reshape(n, b * u)
+    if layer.name == "monarch" and n == 1:
+        R, L = layer.R.detach(), layer.L.detach()
+        b, bc, p = R.shape
+        c, u = bc // b, L.shape[1]
+        Rt, Lt = R.transpose(1, 2), L.transpose(1, 2)
+        return lambda: torch.bmm(torch.bmm(x.view(b, 1, p), Rt).view(b, b, c).transpose(0, 1).reshape(b, 1, bc),
+                                 Lt).view(1, b * u)
+    return None
+
+
 def variant(settings: dict):
     """Apply a VARIANTS entry to the decode kernels' module; returns the undo."""
     from structmat.kernels import _triton_decode as TD
@@ -148,10 +174,16 @@ def main() -> int:
                         cands["semi24"] = None
                     elif n == 1 and args.variants:
                         cands.update({v: "decode" for v in VARIANTS})
+                    if lean(layer, x) is not None:
+                        cands["lean"] = "lean"
                     for cand, be in cands.items():
                         undo = variant(VARIANTS[cand]) if cand in VARIANTS else (lambda: None)
                         try:
-                            if be is None:
+                            if be == "lean":
+                                ref = F.linear(x.float(), layer.to_dense().float())
+                                r = measure(lambda: lean(copy.deepcopy(layer), x), wb, x, eager)
+                                r["err"] = ((lean(layer, x)().float() - ref).norm() / ref.norm()).item()
+                            elif be is None:
                                 from torch.sparse import to_sparse_semi_structured
 
                                 Wd = layer.to_dense().to(DTYPE).contiguous()
