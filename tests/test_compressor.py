@@ -3,6 +3,7 @@ agree with the step-by-step pipeline; the projection registry; early validation 
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -245,3 +246,41 @@ def test_demo_on_a_causal_lm_prints_the_perplexity_table_with_both_modes(tmp_pat
     assert len((out / "demo_rows.jsonl").read_text().splitlines()) == 1 + len(rows)
     assert (out / "demo_frontier.png").read_bytes()[:4] == b"\x89PNG"
     assert "| dense " in capsys.readouterr().out  # the dense row of the table
+
+
+def test_batched_sparsegpt_projection_equals_each_layer_alone(monkeypatch):
+    """On a GPU structurize fits the N:M SparseGPT layers of one shape together (structmat.project.prefit): the
+    layers are the ones fitted alone. Forced on here (the CPU default fits each alone)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from structmat import surgery
+    from structmat.compress import calibrate
+    from structmat.modules import linear_modules
+    from structmat.plan import Target
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    names = [n for n in linear_modules(model) if ".layers." in n]
+    gen = torch.Generator().manual_seed(0)
+    stats = calibrate(model, names, [{"input_ids": torch.randint(0, 64, (2, 24), generator=gen)}])
+    plan = {r".*layers\..*": Target("nm:n=2,m=4", "sparsegpt")}
+    alone = copy.deepcopy(model)
+    surgery.structurize(alone, plan, calibration=stats)
+    fitted = []
+    monkeypatch.setattr(surgery, "_prefit_pays", lambda work: True)
+    from structmat.project import sparse
+
+    real = sparse.prefit_sparsegpt
+    monkeypatch.setattr(sparse._sparsegpt, "prefit", lambda problems, **o: fitted.append(len(problems)) or real(
+        problems, **o))
+    dims = []
+    real_pass = sparse.sparsegpt
+    monkeypatch.setattr(sparse, "sparsegpt", lambda w, *a, **k: dims.append(w.dim()) or real_pass(w, *a, **k))
+    surgery.structurize(model, plan, calibration=stats)
+    assert dims == [3, 3, 3, 3]  # every layer's fit came from a batched pass; none was redone alone
+    assert sorted(fitted) == [3, 6, 6, 6]  # by shape over 3 blocks: q and o, k and v, gate and up, down
+    got, ref = dict(model.named_modules()), dict(alone.named_modules())
+    for name in names:
+        assert torch.equal(got[name].index, ref[name].index), name
+        assert torch.allclose(got[name].values, ref[name].values, rtol=1e-6, atol=1e-7), name

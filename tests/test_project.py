@@ -290,3 +290,22 @@ def test_sparsegpt_group_updates_equal_column_by_column():
     ref, ref_kept = _sparsegpt_column_by_column(w, upper, 2, 4, 32)
     assert torch.equal(kept, ref_kept)
     assert torch.allclose(got, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_sparsegpt_nm_batched_over_inputs_equals_each_alone():
+    """A batch of N:M problems, each with its own Gram (the same layer of every block), in one pass: each result
+    and each inverse-Hessian factor is the problem's own (also for an all-zero Gram, whose dead inputs are revived
+    as the reference does)."""
+    from structmat.project.sparse import inverse_cholesky_upper, sparsegpt
+
+    problems = [setup(24, 32, seed=s) for s in range(3)]
+    w = torch.stack([p[0] for p in problems])
+    grams = torch.stack([p[1].gram for p in problems] + [torch.zeros(32, 32, dtype=torch.float64)])
+    w = torch.cat([w, w[:1]])
+    uppers = inverse_cholesky_upper(grams, 0.01)
+    for b in range(4):
+        assert torch.allclose(uppers[b], inverse_cholesky_upper(grams[b], 0.01), rtol=1e-10, atol=1e-12)
+    batched, kept = sparsegpt(w, grams, nm=(2, 4), upper=uppers)
+    for b in range(4):
+        alone, kept_alone = sparsegpt(w[b], grams[b], nm=(2, 4))
+        assert torch.equal(kept[b], kept_alone) and torch.allclose(batched[b], alone, rtol=1e-10, atol=1e-12)

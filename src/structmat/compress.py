@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from .calibrate import InputStats, collect_input_stats
 from .modules import dense_weight, linear_modules
 from .plan import Plan, Target
-from .project import check_method, price, stacks_rows
+from .project import check_method, price, price_many, stacks_rows
 from .project.budget_solver import Candidate, solve_budget
 from .structures import structure_class
 from .structures.base import RatioSpec, parse_spec
@@ -424,6 +424,10 @@ def price_layers(model: nn.Module, allowed: dict[str, Sequence[Allowed]] | Seque
 
     per_layer = {}
     known: dict[str, dict[Allowed, list]] = {}
+    if stats is not None:
+        known = _batched_prices(names, stats, options_for, weight_of,
+                                {n: tuple(dense_weight(modules[n]).shape) for n in names},
+                                torch.device(device) if device is not None else None, timings)
     current: tuple[int, InputStats | None] = (-1, None)
     for name in tqdm(names, desc="pricing", unit="layer", disable=not progress):
         options = options_for(name)
@@ -437,8 +441,6 @@ def price_layers(model: nn.Module, allowed: dict[str, Sequence[Allowed]] | Seque
                     current[1].clear_cache()
                 moved = stats[name] if device is None else stats[name].to(device)
                 current = (id(stats[name]), moved)
-                known.update(_stacked_prices([n for n in names if stats[n] is stats[name]], options_for, weight_of,
-                                             moved, timings=timings))
             layer_stats = current[1]
         per_layer[name] = candidates_for(name, weight, options, layer_stats, known=known.pop(name, None),
                                          timings=timings)
@@ -468,28 +470,54 @@ class _Clock:
         self.timings[self.key] = self.timings.get(self.key, 0.0) + time.perf_counter() - self.start
 
 
-def _stacked_prices(group: list[str], options_for, weight_of, stats: InputStats, sizes: int = 4,
-                    timings: dict[str, float] | None = None) -> dict[str, dict[Allowed, list]]:
-    """For layers sharing one input (q/k/v, gate/up): the prices of every allowed structure whose pricer stacks
-    rows (e.g. SparseGPT N:M), computed in ONE call for all of them, their weights stacked as rows."""
-    if len(group) < 2 or any(options_for(n) != options_for(group[0]) for n in group):
-        return {}
-    weights = [weight_of(n) for n in group]
-    in_f = weights[0].shape[1]
-    out: dict[str, dict[Allowed, list]] = {n: {} for n in group}
-    for a in options_for(group[0]):
-        cls = structure_class(a.structure)
-        if cls.name == "dense" or not stacks_rows(a.method, cls.name):
+# Elements of one stacked pricing call (weights of every size, 4 bytes each): big enough to batch the same layer of
+# every block of a small model into one call, small enough to stay a fraction of one large layer's working memory.
+_STACK_ELEMENTS = 1 << 26
+
+
+def _batched_prices(names: list[str], stats: dict[str, InputStats], options_for, weight_of,
+                    shapes: dict[str, tuple[int, int]], device: torch.device | None,
+                    timings: dict[str, float] | None = None, sizes: int = 4) -> dict[str, dict[Allowed, list]]:
+    """The prices of every allowed structure whose pricer stacks rows (e.g. SparseGPT N:M), for all layers at
+    once: the layers sharing one input (q/k/v, gate/up) are stacked as rows, and the groups of one shape (the
+    same layers in every block) are priced in batched calls (:func:`structmat.project.price_many`), so a
+    launch-bound pricer runs once per kind of layer, not once per layer."""
+    groups: dict[int, list[str]] = {}
+    for n in names:
+        groups.setdefault(id(stats[n]), []).append(n)
+    buckets: dict[tuple, list[list[str]]] = {}
+    for group in groups.values():
+        options = options_for(group[0])
+        if options is None or any(options_for(n) != options for n in group):
             continue
-        fits = [[c for c, _ in _fits(cls, a, in_f, w.shape[0], sizes)] for w in weights]
-        if not fits[0] or any(f != fits[0] for f in fits):
-            continue  # sizes differ between the layers: each is priced alone
-        with _Clock(timings, f"stacked {a.text}", weights[0].device):
-            prices = price(torch.cat(weights), fits[0], a.method, stats,
-                           options=_PRICING_OPTIONS.get((cls.name, a.method)),
-                           row_splits=[w.shape[0] for w in weights])
-        for n, p in zip(group, prices):
-            out[n][a] = p
+        for a in options:
+            cls = structure_class(a.structure)
+            if cls.name == "dense" or not stacks_rows(a.method, cls.name):
+                continue
+            fits = [[c for c, _ in _fits(cls, a, shapes[n][1], shapes[n][0], sizes)] for n in group]
+            if not fits[0] or any(f != fits[0] for f in fits):
+                continue  # sizes differ between the layers: each is priced alone
+            signature = (a, tuple(shapes[n] for n in group), tuple(str(c) for c in fits[0]))
+            buckets.setdefault(signature, []).append(group)
+    out: dict[str, dict[Allowed, list]] = {}
+    for (a, group_shapes, _), members in buckets.items():
+        cls = structure_class(a.structure)
+        fits = [c for c, _ in _fits(cls, a, group_shapes[0][1], group_shapes[0][0], sizes)]
+        rows = sum(r for r, _ in group_shapes)
+        per_call = max(1, _STACK_ELEMENTS // (rows * group_shapes[0][1] * len(fits)))
+        for c0 in range(0, len(members), per_call):
+            chunk = members[c0:c0 + per_call]
+            weights = [torch.cat([weight_of(n) for n in group]) for group in chunk]
+            moved = [stats[g[0]] if device is None or stats[g[0]].device == device else stats[g[0]].to(device)
+                     for g in chunk]
+            with _Clock(timings, f"stacked {a.text}", weights[0].device):
+                prices = price_many(weights, fits, a.method, moved, options=_PRICING_OPTIONS.get((cls.name, a.method)),
+                                    row_splits=[r for r, _ in group_shapes])
+            for group, per_group in zip(chunk, prices):
+                for n, p in zip(group, per_group):
+                    out.setdefault(n, {})[a] = p
+            for s in moved:
+                s.clear_cache()
     return out
 
 

@@ -173,6 +173,12 @@ def _build_layer(name: str, module: nn.Module, target: Target, stats: Any, fishe
     return layer.to(device=weight.device, dtype=weight.dtype)
 
 
+def _prefit_pays(work: list[tuple[str, nn.Module, Target, int]]) -> bool:
+    """Whether to fit layers of one shape and size together first (structmat.project.prefit): on a GPU, where a
+    projection's column loop is launch-bound; on a CPU batching saves nothing and holds the fits in memory."""
+    return any(dense_weight(module).is_cuda for _, module, _, _ in work)
+
+
 def _check_targets(plan: Plan, work: list[tuple[str, nn.Module, Target, int]]) -> None:
     """Every target against its layer's shape, by a build on the meta device (no memory, no projection), before the
     first projection: a bad plan entry fails at once, not after the layers before it were fitted."""
@@ -232,6 +238,12 @@ def structurize(model: nn.Module, plan: Plan | Mapping[str, Any] | Sequence[Any]
                               for i, e in enumerate(plan.entries) if i not in used]
 
     _check_targets(plan, work)
+
+    if calibration is not None and _prefit_pays(work):
+        from .project import prefit  # lazy: the data-aware projections
+
+        prefit([(dense_weight(module), target.spec, target.method, calibration.get(name))
+                for name, module, target, _ in work])
 
     iterator: Iterable = work
     if progress:

@@ -149,6 +149,11 @@ class InputStats:
             cache[key] = compute()
         return cache[key]
 
+    def take_cached(self, key: tuple) -> Any:
+        """Remove and return a cached quantity (None when absent): for a result computed ahead for one consumer,
+        e.g. a layer's fit from a batched projection of several layers."""
+        return self.__dict__.get("_derived", {}).pop(key, None)
+
     def clear_cache(self) -> None:
         self.__dict__.pop("_derived", None)
 

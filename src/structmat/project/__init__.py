@@ -271,5 +271,60 @@ def price(weight: Tensor, configs: list[StructureConfig], method: str = "data-fr
     return out
 
 
-__all__ = ["METHODS", "methods_for", "project", "price", "stacks_rows", "output_error", "lowrank_error_curve",
+def prefit(jobs: list[tuple[Tensor, Any, str, InputStats | None]], max_elements: int = 1 << 26) -> int:
+    """Fit ahead, in batched calls, the projections of ``jobs`` ((weight, spec, method, stats) each) whose method
+    registered a ``prefit`` (e.g. SparseGPT N:M): jobs of one method, size and weight shape are fitted together
+    (at most ``max_elements`` weight entries per call) and each fit waits in its statistics' cache until
+    :func:`project` of that weight takes it. Worth it where a projection's loop is launch-bound (a GPU); the
+    results are the same as fitting each alone. Returns the number of jobs fitted ahead."""
+    groups: dict[tuple, list[Problem]] = {}
+    opts_of: dict[tuple, dict[str, Any]] = {}
+    for weight, spec, method, stats in jobs:
+        if stats is None or method == DATA_FREE:
+            continue
+        found = get_projection(method, resolve_spec(spec, weight.shape[1], weight.shape[0]).name)
+        if found is None or getattr(found.fn, "prefit", None) is None:
+            continue
+        problem, found, opts = _prepare(weight, spec, method, stats, None, None, {}, None, "prefit")
+        opts.pop("guard", None)
+        key = (method, str(problem.config), tuple(weight.shape), weight.dtype, str(weight.device))
+        groups.setdefault(key, []).append(problem)
+        opts_of[key] = opts
+    done = 0
+    for key, problems in groups.items():
+        fn = get_projection(key[0], problems[0].config.name).fn
+        per_call = max(1, max_elements // problems[0].w.numel())
+        for c0 in range(0, len(problems), per_call):
+            chunk = problems[c0:c0 + per_call]
+            if len(chunk) > 1:
+                fn.prefit(chunk, **opts_of[key])
+                done += len(chunk)
+    return done
+
+
+def price_many(weights: list[Tensor], configs: list[StructureConfig], method: str, stats: list[InputStats],
+               dtype: torch.dtype | None = None, options: dict[str, Any] | None = None,
+               row_splits: list[int] | None = None) -> list:
+    """:func:`price` for several weights of one shape, each with its own statistics (e.g. the same layer of every
+    block): one result per weight. Where the method's pricer takes many problems at once (``pricer.many``), they
+    are priced in ONE batched pass (a GPU runs a launch-bound loop once instead of once per block); otherwise one
+    :func:`price` call each."""
+    if len(weights) != len(stats) or not weights:
+        raise ValueError(f"price_many: give one statistics object per weight (got {len(weights)} weights and "
+                         f"{len(stats)} statistics)")
+    if len({tuple(w.shape) for w in weights}) != 1:
+        raise ValueError(f"price_many: the weights must share one shape, got {sorted({tuple(w.shape) for w in weights})}")
+    found = get_projection(method, configs[0].name) if configs else None
+    many = getattr(getattr(found, "pricer", None), "many", None)
+    if many is None or len(weights) == 1 or any(s is None for s in stats) or (
+            row_splits is not None and not stacks_rows(method, configs[0].name)):
+        return [price(w, configs, method, s, dtype, options, row_splits) for w, s in zip(weights, stats)]
+    problems = []
+    for w, s in zip(weights, stats):
+        problem, _, opts = _prepare(w, configs[0], method, s, None, None, dict(options or {}), dtype, "price")
+        problems.append(problem)
+    return many(problems, configs, row_splits=list(row_splits) if row_splits is not None else None, **opts)
+
+
+__all__ = ["METHODS", "methods_for", "project", "prefit", "price", "price_many", "stacks_rows", "output_error", "lowrank_error_curve",
            "register_projection", "check_method", "PROJECTIONS", "Problem"]

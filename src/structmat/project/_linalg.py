@@ -17,10 +17,10 @@ def damped(gram: Tensor, damp: float, dtype: torch.dtype | None = None) -> Tenso
     if damp < 0:
         raise ValueError(f"damp must be >= 0, got {damp}")
     h = gram.to(dtype or (gram.dtype if gram.dtype in (torch.float32, torch.float64) else torch.float64))
-    h = (h + h.T).mul_(0.5)
-    if damp > 0:
-        level = h.diagonal().mean().clamp_min(torch.finfo(h.dtype).tiny)
-        h.diagonal().add_(damp * level)
+    h = (h + h.mT).mul_(0.5)
+    if damp > 0:  # (a batch of Grams: each damped by its own level)
+        diagonal = h.diagonal(dim1=-2, dim2=-1)
+        diagonal.add_(damp * diagonal.mean(dim=-1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny))
     return h
 
 
@@ -92,4 +92,9 @@ def cached_factor(stats, kind: str, damp: float, dtype: torch.dtype, device: tor
     the Gram's version counter, so an updated Gram is never served a stale factor."""
     if stats is None:
         return compute()
-    return stats.cached((kind, float(damp), dtype, str(device), stats.gram._version, stats.count), compute)
+    return stats.cached(factor_key(stats, kind, damp, dtype, device), compute)
+
+
+def factor_key(stats, kind: str, damp: float, dtype: torch.dtype, device: torch.device) -> tuple:
+    """The cache key of :func:`cached_factor` (for code that fills the caches of many statistics at once)."""
+    return (kind, float(damp), dtype, str(device), stats.gram._version, stats.count)

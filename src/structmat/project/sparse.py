@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..structures.sparse import FixedSparse, NMSparse
-from ._linalg import cached_factor, damped, finite_factor, sym_eigh
+from ._linalg import cached_factor, damped, factor_key, finite_factor, sym_eigh
 from .registry import Problem, register_projection
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,11 @@ def inverse_cholesky_upper(h: Tensor, damp: float) -> Tensor:
     """Upper Cholesky factor U of (H + damp * mean(diag) * I)^-1, computed in h's dtype and checked. Dead inputs
     (H_jj = 0) get H_jj = 1 first. The fast path is the reference's: Cholesky of the damped H, its inverse from
     that factor, the Cholesky of the inverse. Where a factorization fails or is not finite (an ill-conditioned H in
-    float32), the inverse comes from ``eigh`` with the spectrum clamped at half the damping level instead."""
+    float32), the inverse comes from ``eigh`` with the spectrum clamped at half the damping level instead.
+    ``h`` may be a batch (B, n, n): the fast path runs batched, and only a matrix whose factorization fails is
+    redone alone."""
+    if h.dim() == 3:
+        return _inverse_cholesky_upper_batched(h, damp)
     hd = damped(_revive_dead_inputs(h), damp)
     low, info = torch.linalg.cholesky_ex(hd)
     if int(info) == 0 and finite_factor(low):
@@ -90,9 +94,20 @@ def inverse_cholesky_upper(h: Tensor, damp: float) -> Tensor:
     return upper
 
 
+def _inverse_cholesky_upper_batched(h: Tensor, damp: float) -> Tensor:
+    revived = torch.stack([_revive_dead_inputs(g) for g in h]) if bool(dead_inputs(h).any()) else h
+    low, info = torch.linalg.cholesky_ex(damped(revived, damp))
+    upper, info_inv = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
+    ok = ((info == 0) & (info_inv == 0) & torch.isfinite(low.diagonal(dim1=-2, dim2=-1)).all(dim=-1)
+          & torch.isfinite(upper.diagonal(dim1=-2, dim2=-1)).all(dim=-1))
+    for i in (~ok).nonzero().flatten().tolist():  # one sync; the rare failure takes the checked path alone
+        upper[i] = inverse_cholesky_upper(h[i], damp)
+    return upper
+
+
 def dead_inputs(gram: Tensor) -> Tensor:
     """Inputs that never carry energy (H_jj = 0): they do not affect the output."""
-    return gram.diagonal() <= 0
+    return gram.diagonal(dim1=-2, dim2=-1) <= 0
 
 
 def _revive_dead_inputs(h: Tensor) -> Tensor:
@@ -119,13 +134,19 @@ def sparsegpt(w: Tensor, gram: Tensor, *, nm: tuple[int | Tensor, int] | None = 
 
     For N:M, ``cols`` must be a multiple of m (pad first); n may be a tensor of one n per row (rows are
     independent given the Gram, so several N:M sizes of one weight, stacked as rows, run in one pass: the
-    budget's pricing). Returns (pruned and updated weight, keep mask).
+    budget's pricing). N:M also takes a leading batch dimension: ``w`` (B, out, cols) with ``gram`` and ``upper``
+    (B, cols, cols), B independent problems in one pass (SparseGPT's column loop is launch-bound on a GPU: one
+    pass for the same layer of every block instead of one per block). Returns (pruned and updated weight, keep
+    mask).
     """
     if (nm is None) == (nnz is None):
         raise ValueError("sparsegpt: give exactly one of nm=(n, m) or nnz=")
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
         raise ValueError(f"sparsegpt: blocksize must be a positive int, got {blocksize!r}")
-    out, cols = w.shape
+    if w.dim() != 2 and (nm is None or w.dim() != 3 or gram.shape[:-2] != w.shape[:-2]):
+        raise ValueError(f"sparsegpt: w must be (out, cols), or (batch, out, cols) for N:M with a Gram per batch "
+                         f"entry; got w {tuple(w.shape)} and Gram {tuple(gram.shape)}")
+    out, cols = w.shape[-2:]
     if nm is not None:
         n, m = nm
         per_row = isinstance(n, Tensor)
@@ -136,15 +157,14 @@ def sparsegpt(w: Tensor, gram: Tensor, *, nm: tuple[int | Tensor, int] | None = 
         blocksize = max(m, blocksize - blocksize % m)
     if upper is None:
         upper = inverse_cholesky_upper(gram.to(w.dtype), damp)
-    w = w.clone()
-    w[:, dead_inputs(gram)] = 0.0  # as the reference: an input that never carries energy gets no weight
-    kept = torch.ones_like(w, dtype=torch.bool)
+    w = w.masked_fill(dead_inputs(gram).unsqueeze(-2), 0.0)  # as the reference: an input that never carries
+    kept = torch.ones_like(w, dtype=torch.bool)                # energy gets no weight (masked_fill: a new tensor)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         width = i2 - i1
-        w1 = w[:, i1:i2].clone()
-        u1 = upper[i1:i2, i1:i2]
-        d = u1.diagonal()
+        w1 = w[..., i1:i2].clone()
+        u1 = upper[..., i1:i2, i1:i2]
+        d = u1.diagonal(dim1=-2, dim2=-1).unsqueeze(-2)  # (..., 1, width)
         err = torch.zeros_like(w1)
         pruned = torch.zeros_like(w1, dtype=torch.bool)
         if nnz is not None:
@@ -160,40 +180,42 @@ def sparsegpt(w: Tensor, gram: Tensor, *, nm: tuple[int | Tensor, int] | None = 
         for g0 in range(0, width, step):
             g1 = min(g0 + step, width)
             if nm is not None:
-                score = w1[:, g0:g1].square() / d[g0:g1].square()
+                score = w1[..., g0:g1].square() / d[..., g0:g1].square()
                 if per_row:  # each row drops its own count of lowest scores
-                    pruned[:, g0:g1] = score.argsort(dim=1).argsort(dim=1) < drop_per_row
+                    pruned[..., g0:g1] = score.argsort(dim=-1).argsort(dim=-1) < drop_per_row
                 else:
-                    drop_idx = score.topk(m - n, dim=1, largest=False).indices
-                    pruned[:, g0:g1].scatter_(1, drop_idx, True)
+                    drop_idx = score.topk(m - n, dim=-1, largest=False).indices
+                    pruned[..., g0:g1].scatter_(-1, drop_idx, True)
                 # The group's column-by-column updates in one solve: with the mask fixed, the errors e (per row)
                 # satisfy e_j U_jj + P_j sum_{i<j} e_i U_ij = P_j w_j (P_j: column j pruned in that row), an
                 # upper-triangular m x m system per row, solved for all rows at once (a few batched calls
                 # instead of ~6 per column: SparseGPT's loop is launch-bound on a GPU).
-                pr = pruned[:, g0:g1].to(w1.dtype)
-                ug = u1[g0:g1, g0:g1]
-                system = torch.triu(ug, diagonal=1) * pr.unsqueeze(1) + torch.diag_embed(ug.diagonal()).unsqueeze(0)
-                e = torch.linalg.solve_triangular(system, (pr * w1[:, g0:g1]).unsqueeze(1), upper=True,
-                                                  left=False).squeeze(1)
-                w1[:, g0:g1] = (w1[:, g0:g1] - e @ torch.triu(ug, diagonal=1)) * (1.0 - pr)
-                err[:, g0:g1] = e
+                pr = pruned[..., g0:g1].to(w1.dtype)
+                ug = u1[..., g0:g1, g0:g1]
+                strict = torch.triu(ug, diagonal=1)
+                system = strict.unsqueeze(-3) * pr.unsqueeze(-2) + torch.diag_embed(
+                    ug.diagonal(dim1=-2, dim2=-1)).unsqueeze(-3)
+                e = torch.linalg.solve_triangular(system, (pr * w1[..., g0:g1]).unsqueeze(-2), upper=True,
+                                                  left=False).squeeze(-2)
+                w1[..., g0:g1] = (w1[..., g0:g1] - e @ strict) * (1.0 - pr)
+                err[..., g0:g1] = e
                 if g1 < width:
-                    w1[:, g1:].addmm_(e, u1[g0:g1, g1:], alpha=-1.0)
+                    w1[..., g1:] -= e @ u1[..., g0:g1, g1:]
                 continue
             for j in range(g0, g1):
                 col = w1[:, j]
                 q = col.masked_fill(pruned[:, j], 0.0)
-                e = (col - q) / d[j]
+                e = (col - q) / d[0, j]
                 if j + 1 < g1:
                     w1[:, j + 1:g1].addr_(e, u1[j, j + 1:g1], alpha=-1.0)
                 w1[:, j] = q
                 err[:, j] = e
             if g1 < width:
                 w1[:, g1:].addmm_(err[:, g0:g1], u1[g0:g1, g1:], alpha=-1.0)
-        w[:, i1:i2] = w1
-        kept[:, i1:i2] = ~pruned
+        w[..., i1:i2] = w1
+        kept[..., i1:i2] = ~pruned
         if i2 < cols:
-            w[:, i2:] -= err @ upper[i1:i2, i2:]
+            w[..., i2:] -= err @ upper[..., i1:i2, i2:]
     return w, kept
 
 
@@ -244,9 +266,18 @@ def wanda(p: Problem):
     return _sparse_layer(p, layer, what, keep)
 
 
+def _fit_key(p: Problem, damp: float, blocksize: int) -> tuple:
+    """Where a batched fit of this layer waits in its statistics' cache (the weight's identity and version)."""
+    return ("sparsegpt-fit", p.weight.data_ptr(), p.weight._version, tuple(p.weight.shape), str(p.config),
+            float(damp), blocksize, p.w.dtype, str(p.w.device))
+
+
 def _sparsegpt(p: Problem, damp: float, blocksize: int):
     layer = p.new_layer()
     pad = layer.in_padded - p.w.shape[1] if p.config.name == "nm" else 0
+    ahead = p.stats.take_cached(_fit_key(p, damp, blocksize)) if p.config.name == "nm" else None
+    if ahead is not None:  # fitted by prefit_sparsegpt with other layers of its shape
+        return _sparse_layer(p, layer, *ahead)
     h = torch.nn.functional.pad(p.h, (0, pad, 0, pad)) if pad else p.h
     upper = cached_factor(p.stats, f"inverse-cholesky+{pad}", damp, p.w.dtype, p.w.device,
                           lambda: inverse_cholesky_upper(h, damp))
@@ -265,51 +296,97 @@ def _price_sparsegpt_nm(p: Problem, configs: list, guard: bool, damp: float, blo
     independent given the Gram, so ``p.w`` may itself be several layers with this input stacked as rows
     (``row_splits``: their row counts; then one price list per layer). With ``guard``, each size's price is the
     better of SparseGPT and magnitude, as the guarded projection returns."""
+    return _price_sparsegpt_nm_many([p], configs, guard, damp, blocksize, row_splits)[0]
+
+
+def _price_sparsegpt_nm_many(problems: list[Problem], configs: list, guard: bool, damp: float, blocksize: int,
+                             row_splits: list[int] | None = None) -> list:
+    """:func:`_price_sparsegpt_nm` for several problems of one shape, each with its own input (e.g. the same
+    layer of every block), in one batched pass; one result per problem."""
     from ..structures import from_dense
 
-    rows_total, in_f = p.w.shape
+    batch = len(problems)
+    rows_total, in_f = problems[0].w.shape
     splits = row_splits or [rows_total]
     starts = [sum(splits[:i]) for i in range(len(splits))]
-    gram = p.h
-    prices: list[list[float | None]] = [[None] * len(configs) for _ in splits]
+    w = torch.stack([p.w for p in problems])  # (B, rows, in)
+    gram = torch.stack([p.h for p in problems])
     groups: dict[tuple, list[int]] = {}
     for i, config in enumerate(configs):
         try:
-            layer = p.cls.from_config(config, in_f, splits[0], bias=False, device="meta")
+            layer = problems[0].cls.from_config(config, in_f, splits[0], bias=False, device="meta")
         except ValueError:
             continue
         groups.setdefault((config.m, layer.in_padded), []).append(i)
 
-    def energy(rows: Tensor) -> float:
-        return max(float(((rows @ gram) * rows).sum()), 0.0)
+    def energy(rows: Tensor) -> Tensor:  # (B,), read once at the end (no sync per size)
+        return ((rows @ gram) * rows).sum(dim=(-2, -1)).clamp_min(0.0)
 
-    totals = [energy(p.w[s0:s0 + n]) for s0, n in zip(starts, splits)]
-
-    def relative(part: int, member: Tensor) -> float:
-        s0, n = starts[part], splits[part]
-        e = p.w[s0:s0 + n] - member.to(p.weight.dtype).to(p.w.dtype)  # as stored in the layer
-        return energy(e) / totals[part] if totals[part] > 0 else 0.0
-
+    totals = [energy(w[:, s0:s0 + n]) for s0, n in zip(starts, splits)]
+    found: dict[tuple[int, int], Tensor] = {}  # (part, config index) -> (B,) squared relative errors
+    stored = problems[0].weight.dtype
     for (m, in_padded), members in groups.items():
         pad = in_padded - in_f
         h = torch.nn.functional.pad(gram, (0, pad, 0, pad)) if pad else gram
-        upper = cached_factor(p.stats, f"inverse-cholesky+{pad}", damp, p.w.dtype, p.w.device,
-                              lambda: inverse_cholesky_upper(h, damp))
-        ns = torch.tensor([configs[i].n for i in members], device=p.w.device).repeat_interleave(rows_total)
-        stacked = torch.nn.functional.pad(p.w, (0, pad)).repeat(len(members), 1)
+        upper = _shared_uppers(problems, h, pad, damp)
+        ns = torch.tensor([configs[i].n for i in members], device=w.device).repeat_interleave(rows_total)
+        stacked = torch.nn.functional.pad(w, (0, pad)).repeat(1, len(members), 1)
         what, _ = sparsegpt(stacked, h, nm=(ns, m), blocksize=blocksize, damp=damp, upper=upper)
         for j, i in enumerate(members):
             for part, (s0, n) in enumerate(zip(starts, splits)):
+                rows = w[:, s0:s0 + n]
                 r0 = j * rows_total + s0
-                value = relative(part, what[r0:r0 + n, :in_f])
-                if guard:
-                    rows = p.weight[s0:s0 + n]
-                    value = min(value, relative(part, from_dense(rows, configs[i]).to_dense().detach()))
-                prices[part][i] = value
-    return prices if row_splits is not None else prices[0]
+                value = energy(rows - what[:, r0:r0 + n, :in_f].to(stored).to(w.dtype))  # as stored in the layer
+                if guard:  # the magnitude projection of every problem's rows at once (rows are independent)
+                    flat = torch.stack([p.weight[s0:s0 + n] for p in problems]).reshape(-1, in_f)
+                    base = from_dense(flat, configs[i]).to_dense().detach().reshape(batch, n, in_f)
+                    value = torch.minimum(value, energy(rows - base.to(w.dtype)))
+                found[part, i] = value
+    keys = list(found)
+    values = torch.stack([found[k] for k in keys] + totals).tolist() if keys else []
+    tot = values[len(keys):]
+    prices = [[[None] * len(configs) for _ in splits] for _ in problems]
+    for (part, i), row in zip(keys, values):
+        for b in range(batch):
+            prices[b][part][i] = row[b] / tot[part][b] if tot[part][b] > 0 else 0.0
+    return prices if row_splits is not None else [p[0] for p in prices]
 
 
+def _shared_uppers(problems: list[Problem], h: Tensor, pad: int, damp: float) -> Tensor:
+    """The inverse-Hessian factors of every problem's (padded) Gram, (B, n, n): each from its statistics' cache
+    (layers sharing an input share it) or, for those not cached yet, computed in one batched call and cached."""
+    w = problems[0].w
+    key = lambda p: factor_key(p.stats, f"inverse-cholesky+{pad}", damp, w.dtype, w.device)  # noqa: E731
+    missing = [b for b, p in enumerate(problems) if key(p) not in p.stats.__dict__.get("_derived", {})]
+    if missing:
+        fresh = inverse_cholesky_upper(h[missing], damp)
+        for j, b in enumerate(missing):
+            problems[b].stats.cached(key(problems[b]), lambda j=j: fresh[j])
+    return torch.stack([p.stats.cached(key(p), None) for p in problems])
+
+
+def prefit_sparsegpt(problems: list[Problem], damp: float, blocksize: int) -> None:
+    """Fit several N:M layers of one shape and size, each with its own input, in ONE batched SparseGPT pass and
+    leave each fit in its statistics' cache, where :func:`_sparsegpt` takes it: the same result as fitting each
+    alone, for one launch-bound column loop instead of one per layer."""
+    if problems[0].config.name != "nm" or len(problems) < 2:
+        return
+    layer = problems[0].cls.from_config(problems[0].config, problems[0].w.shape[1], problems[0].w.shape[0],
+                                        bias=False, device="meta")
+    pad = layer.in_padded - problems[0].w.shape[1]
+    h = torch.stack([p.h for p in problems])
+    h = torch.nn.functional.pad(h, (0, pad, 0, pad)) if pad else h
+    upper = _shared_uppers(problems, h, pad, damp)
+    w = torch.nn.functional.pad(torch.stack([p.w for p in problems]), (0, pad))
+    what, keep = sparsegpt(w, h, nm=(problems[0].config.n, problems[0].config.m), blocksize=blocksize, damp=damp,
+                           upper=upper)
+    for b, p in enumerate(problems):
+        p.stats.cached(_fit_key(p, damp, blocksize), lambda b=b: (what[b], keep[b]))
+
+
+_sparsegpt.prefit = prefit_sparsegpt
 _price_sparsegpt_nm.stacks_rows = True
+_price_sparsegpt_nm.many = _price_sparsegpt_nm_many
 
 
 for _structure in (NMSparse, FixedSparse):
