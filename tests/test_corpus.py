@@ -155,3 +155,6 @@ def test_documents_and_hub_names_without_network(tiny_corpus):
         corpus_from_spec("wikitext")
     with pytest.raises(ImportError, match="pip install datasets"):
         corpus_from_spec("stdlib+hf:Salesforce/wikitext:wikitext-2-raw-v1:test")
+    for path in (str(tiny_corpus / "missing"), "./missing-dir", str(next(tiny_corpus.rglob("*.py")))):
+        with pytest.raises(ValueError, match="not a directory; give stdlib, site-packages"):  # a path, not a hub name
+            corpus_from_spec(path)

@@ -124,6 +124,10 @@ def test_cli_finetune_and_bad_flags(setup, capsys):
                  "--out-dir", str(root / "bad")]) == 2
     with pytest.raises(ValueError, match="heal needs teacher"):
         TuneConfig(task="heal", model="x")
+    with pytest.raises(ValueError, match="adapter_budget places adapters where the model differs most from teacher"):
+        TuneConfig(model="x", adapter_budget=0.02)
+    with pytest.raises(ValueError, match="adapter_budget places low-rank adapters"):
+        TuneConfig(model="x", teacher="y", adapter="kron:rank=2", adapter_budget=0.02)
 
 
 def test_adapter_table_plans_build_at_about_equal_params(setup):

@@ -253,6 +253,9 @@ def corpus_from_spec(spec: str = "stdlib", suffixes: Sequence[str] = DEFAULT_SUF
         if part in ("stdlib", "site-packages") or Path(part).expanduser().is_dir():
             roots.append(part)
             continue
+        if part.startswith(("/", "./", "../", "~")) or Path(part).expanduser().exists():  # a path, not a hub name
+            raise ValueError(f"corpus {part!r}: not a directory; give stdlib, site-packages, a directory of text "
+                             "files, or hf:NAME for a hub dataset")
         hub = part[3:] if part.startswith("hf:") else part
         name, config, split = (hub.split(":") + [None, None])[:3]
         docs += hub_documents(name, config or None, split or "train")

@@ -111,6 +111,12 @@ class TuneConfig:
             raise ValueError(f"tune config: lr_mult must be flat or mup, got {self.lr_mult!r}")
         if not 0 <= self.adapter_budget < 1:
             raise ValueError(f"tune config: adapter_budget must lie in [0, 1), got {self.adapter_budget}")
+        if self.adapter_budget and not self.teacher:
+            raise ValueError("tune config: adapter_budget places adapters where the model differs most from "
+                             "teacher= (the original weights); give teacher=, or a fixed adapter without the budget")
+        if self.adapter_budget and not self.adapter.startswith("lowrank"):
+            raise ValueError(f"tune config: adapter_budget places low-rank adapters; use adapter=lowrank:rank=... "
+                             f"with it (got {self.adapter!r})")
         for key in ("seq_len", "batch_size", "steps", "keep_checkpoints", "calib_samples", "eval_texts", "eval_max_length",
                     "eval_files", "max_files", "texts"):
             v = getattr(self, key)
@@ -453,8 +459,6 @@ def _tune(cfg: TuneConfig) -> dict[str, Any]:
             stats = calibrate(teacher, names, calib)
         plan: dict[str, Any]
         if cfg.adapter_budget > 0:
-            if not cfg.adapter.startswith("lowrank"):
-                raise ValueError("tune: adapter_budget places low-rank adapters; use adapter=lowrank:rank=... with it")
             sens = output_sensitivity(teacher, names, calib)
             ranks = budget_ranks(model, teacher, names, stats, cfg.adapter_budget, sens)
             if not ranks:
