@@ -108,8 +108,8 @@ def test_asvd_is_the_direct_formula_and_beats_plain_svd_on_outlier_channels():
 
 
 def test_layers_sharing_an_input_are_priced_together_as_each_alone():
-    """q/k/v (and gate/up) stacked as rows, and the same layers of every block batched into one call: the prices
-    are each layer's own."""
+    """q/k/v (and gate/up) stacked as rows, and the same layers of every block batched into one call (SparseGPT;
+    whitened Monarch's descents batched over the blocks): the prices are each layer's own."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from structmat.compress import calibrate, candidates_for, parse_allow, price_layers
@@ -121,7 +121,7 @@ def test_layers_sharing_an_input_are_priced_together_as_each_alone():
     names = [n for n in linear_modules(model) if ".layers." in n]
     gen = torch.Generator().manual_seed(0)
     stats = calibrate(model, names, [{"input_ids": torch.randint(0, 64, (2, 24), generator=gen)}])
-    allowed = parse_allow("nm@sparsegpt,lowrank@whitened")
+    allowed = parse_allow("nm@sparsegpt,lowrank@whitened,monarch@whitened:nblocks=4")
     together = price_layers(model, allowed, stats, names)
     modules = linear_modules(model)
     for name in names:

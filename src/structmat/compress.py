@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from .calibrate import InputStats, collect_input_stats
 from .modules import dense_weight, linear_modules
 from .plan import Plan, Target
-from .project import check_method, price, price_many, stacks_rows
+from .project import batches_inputs, check_method, price, price_many, stacks_rows
 from .project.budget_solver import Candidate, solve_budget
 from .structures import structure_class
 from .structures.base import RatioSpec, parse_spec
@@ -478,10 +478,10 @@ _STACK_ELEMENTS = 1 << 26
 def _batched_prices(names: list[str], stats: dict[str, InputStats], options_for, weight_of,
                     shapes: dict[str, tuple[int, int]], device: torch.device | None,
                     timings: dict[str, float] | None = None, sizes: int = 4) -> dict[str, dict[Allowed, list]]:
-    """The prices of every allowed structure whose pricer stacks rows (e.g. SparseGPT N:M), for all layers at
-    once: the layers sharing one input (q/k/v, gate/up) are stacked as rows, and the groups of one shape (the
-    same layers in every block) are priced in batched calls (:func:`structmat.project.price_many`), so a
-    launch-bound pricer runs once per kind of layer, not once per layer."""
+    """The prices of every allowed structure whose pricer batches inputs (:func:`structmat.project.price_many`),
+    for all layers at once: layers (or, where the pricer also stacks rows, e.g. SparseGPT N:M, the layers sharing
+    one input: q/k/v, gate/up, stacked as rows) of one shape -- the same layers in every block -- are priced in
+    batched calls, so a launch-bound pricer runs once per kind of layer, not once per layer."""
     groups: dict[int, list[str]] = {}
     for n in names:
         groups.setdefault(id(stats[n]), []).append(n)
@@ -492,15 +492,17 @@ def _batched_prices(names: list[str], stats: dict[str, InputStats], options_for,
             continue
         for a in options:
             cls = structure_class(a.structure)
-            if cls.name == "dense" or not stacks_rows(a.method, cls.name):
+            if cls.name == "dense" or not batches_inputs(a.method, cls.name):
                 continue
-            fits = [[c for c, _ in _fits(cls, a, shapes[n][1], shapes[n][0], sizes)] for n in group]
-            if not fits[0] or any(f != fits[0] for f in fits):
-                continue  # sizes differ between the layers: each is priced alone
-            signature = (a, tuple(shapes[n] for n in group), tuple(str(c) for c in fits[0]))
-            buckets.setdefault(signature, []).append(group)
+            stacked = stacks_rows(a.method, cls.name)
+            for part in ([group] if stacked else [[n] for n in group]):
+                fits = [[c for c, _ in _fits(cls, a, shapes[n][1], shapes[n][0], sizes)] for n in part]
+                if not fits[0] or any(f != fits[0] for f in fits):
+                    continue  # sizes differ between the layers: each is priced alone
+                signature = (a, stacked, tuple(shapes[n] for n in part), tuple(str(c) for c in fits[0]))
+                buckets.setdefault(signature, []).append(part)
     out: dict[str, dict[Allowed, list]] = {}
-    for (a, group_shapes, _), members in buckets.items():
+    for (a, stacked, group_shapes, _), members in buckets.items():
         cls = structure_class(a.structure)
         fits = [c for c, _ in _fits(cls, a, group_shapes[0][1], group_shapes[0][0], sizes)]
         rows = sum(r for r, _ in group_shapes)
@@ -512,9 +514,9 @@ def _batched_prices(names: list[str], stats: dict[str, InputStats], options_for,
                      for g in chunk]
             with _Clock(timings, f"stacked {a.text}", weights[0].device):
                 prices = price_many(weights, fits, a.method, moved, options=_PRICING_OPTIONS.get((cls.name, a.method)),
-                                    row_splits=[r for r, _ in group_shapes])
+                                    row_splits=[r for r, _ in group_shapes] if stacked else None)
             for group, per_group in zip(chunk, prices):
-                for n, p in zip(group, per_group):
+                for n, p in zip(group, per_group if stacked else [per_group]):
                     out.setdefault(n, {})[a] = p
             for s in moved:
                 s.clear_cache()

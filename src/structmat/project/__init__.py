@@ -234,6 +234,13 @@ def stacks_rows(method: str, structure: str) -> bool:
     return found is not None and getattr(found.pricer, "stacks_rows", False)
 
 
+def batches_inputs(method: str, structure: str) -> bool:
+    """Whether ``method``'s pricer for ``structure`` prices several layers with different inputs in one batched
+    call (:func:`price_many`)."""
+    found = get_projection(method, structure)
+    return found is not None and getattr(found.pricer, "many", None) is not None
+
+
 def price(weight: Tensor, configs: list[StructureConfig], method: str = "data-free",
           stats: InputStats | None = None, dtype: torch.dtype | None = None,
           options: dict[str, Any] | None = None, row_splits: list[int] | None = None) -> list:
@@ -323,8 +330,10 @@ def price_many(weights: list[Tensor], configs: list[StructureConfig], method: st
     for w, s in zip(weights, stats):
         problem, _, opts = _prepare(w, configs[0], method, s, None, None, dict(options or {}), dtype, "price")
         problems.append(problem)
-    return many(problems, configs, row_splits=list(row_splits) if row_splits is not None else None, **opts)
+    if row_splits is not None:
+        return many(problems, configs, row_splits=list(row_splits), **opts)
+    return many(problems, configs, **opts)
 
 
-__all__ = ["METHODS", "methods_for", "project", "prefit", "price", "price_many", "stacks_rows", "output_error", "lowrank_error_curve",
+__all__ = ["METHODS", "methods_for", "project", "prefit", "price", "price_many", "stacks_rows", "batches_inputs", "output_error", "lowrank_error_curve",
            "register_projection", "check_method", "PROJECTIONS", "Problem"]

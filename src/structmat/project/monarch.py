@@ -47,41 +47,67 @@ from ._linalg import cached_factor, damped, sym_eigh
 from .registry import Problem, register_projection
 
 
-def _diag_blocks(h: Tensor, b: int, p: int) -> Tensor:
-    return h.reshape(b, p, b, p).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (b, p, p)
+def _grid_of(wp: Tensor, b: int) -> Tensor:
+    """(L, b*u, b*p) matrices -> their (L, k, s, u, p) column-major block grids."""
+    n, out_p, in_p = wp.shape
+    return wp.reshape(n, b, out_p // b, b, in_p // b).permute(0, 3, 1, 2, 4)
 
 
 def _grid(blocks: Tensor) -> Tensor:
-    """(k, s, u, p) column-major block grid -> the (b*u, b*p) matrix."""
-    b, _, u, p = blocks.shape
-    return blocks.permute(1, 2, 0, 3).reshape(b * u, b * p)
+    """(L, k, s, u, p) column-major block grids -> the (L, b*u, b*p) matrices."""
+    n, b, _, u, p = blocks.shape
+    return blocks.permute(0, 2, 3, 1, 4).reshape(n, b * u, b * p)
 
 
 class _Whitening:
-    """The padded damped Gram h, its diagonal blocks H_kk, S_k (S_k S_k^T = H_kk) and H_kk^+ from one batched eigh."""
+    """For a batch of L Grams: the padded damped Grams h (L, n, n), their diagonal blocks H_kk (L, b, p, p),
+    S_k (S_k S_k^T = H_kk) and H_kk^+ from one batched eigh; ``delta`` (L,) the absolute damping."""
 
     def __init__(self, gram: Tensor, nblocks: int, in_padded: int, damp: float, dtype: torch.dtype) -> None:
-        inn = gram.shape[0]
-        hp = gram.new_zeros(in_padded, in_padded, dtype=dtype)
-        hp[:inn, :inn] = gram.to(dtype)
+        n, inn = gram.shape[0], gram.shape[-1]
+        hp = gram.new_zeros(n, in_padded, in_padded, dtype=dtype)
+        hp[:, :inn, :inn] = gram.to(dtype)
         h = damped(hp, 0.0)
-        self.delta = 0.0
+        self.delta = torch.zeros(n, dtype=dtype, device=gram.device)
         if damp > 0:  # relative to the mean energy of the real (unpadded) inputs
-            self.delta = damp * float(gram.diagonal().mean().to(dtype).clamp_min(torch.finfo(dtype).tiny))
-            h.diagonal().add_(self.delta)
+            level = gram.diagonal(dim1=-2, dim2=-1).mean(dim=-1).to(dtype).clamp_min(torch.finfo(dtype).tiny)
+            self.delta = damp * level
+            h.diagonal(dim1=-2, dim2=-1).add_(self.delta.unsqueeze(-1))
         p = in_padded // nblocks
         self.h, self.p = h, p
-        self.hkk = _diag_blocks(h, nblocks, p).contiguous()
+        self.hkk = h.reshape(n, nblocks, p, nblocks, p).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()
         lam, q = sym_eigh(self.hkk)
         self.s = q * lam.sqrt().unsqueeze(-2)
         cutoff = 1e-12 * lam.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(lam.dtype).tiny)
         inv = torch.where(lam > cutoff, 1.0 / lam.clamp_min(torch.finfo(lam.dtype).tiny), torch.zeros_like(lam))
         self.pinv = (q * inv.unsqueeze(-2)) @ q.transpose(-1, -2)
 
+    def select(self, index: Tensor) -> "_Whitening":
+        """The batch entries ``index`` (e.g. one entry per layer from one per distinct input)."""
+        out = object.__new__(_Whitening)
+        out.p = self.p
+        for name in ("h", "hkk", "s", "pinv", "delta"):
+            setattr(out, name, getattr(self, name)[index])
+        return out
+
 
 def _whitening(stats, gram: Tensor, nblocks: int, in_padded: int, damp: float, dtype: torch.dtype) -> _Whitening:
     return cached_factor(stats, f"monarch-whitening:{nblocks}:{in_padded}", damp, dtype, gram.device,
-                         lambda: _Whitening(gram, nblocks, in_padded, damp, dtype))
+                         lambda: _Whitening(gram.unsqueeze(0), nblocks, in_padded, damp, dtype))
+
+
+def _shared_whitening(stats: list, grams: Tensor, nblocks: int, in_padded: int, damp: float,
+                      dtype: torch.dtype) -> _Whitening:
+    """The whitening of each of L layers, computed once per distinct statistics object (q/k/v share one)."""
+    if len(stats) == 1:
+        return _whitening(stats[0], grams[0], nblocks, in_padded, damp, dtype)
+    first: dict[int, int] = {}  # id of a statistics object -> the index of the first layer with it
+    for i, s in enumerate(stats):
+        first.setdefault(id(s), i)
+    distinct = list(first.values())
+    slot = [distinct.index(first[id(s)]) for s in stats]
+    whole = _Whitening(grams[distinct], nblocks, in_padded, damp, dtype)
+    return whole.select(torch.tensor(slot, device=grams.device))
 
 
 def _objective(e: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
@@ -112,7 +138,7 @@ def _orth(y: Tensor) -> Tensor:
 
 
 def _top_subspace(a: Tensor, c: int, iters: int) -> Tensor:
-    """Orthonormal (batch, u, c) basis of the top-c left singular subspace of each a (batch, u, p), by subspace
+    """Orthonormal (..., u, c) basis of the top-c left singular subspace of each a (..., u, p), by subspace
     iteration from a fixed Gaussian start (``iters`` steps U <- orth(A A^T U)): matmuls and batched Cholesky-QR."""
     gen = torch.Generator().manual_seed(0)
     # the same start numbers in either precision (float32 and float64 fits follow one path)
@@ -123,40 +149,86 @@ def _top_subspace(a: Tensor, c: int, iters: int) -> Tensor:
     return q
 
 
-def _sweeps(wp: Tensor, wh: _Whitening, m_hat: Tensor, eh: Tensor, basis: Tensor, value: float, sweeps: int,
-            tol: float, power: int) -> tuple[Tensor, Tensor, list[float]]:
-    """Block-coordinate descent from ``m_hat`` (with E H = ``eh`` for E = wp - m_hat, and its blocks' column
-    spaces ``basis`` (k, s, u, c)); ``power`` subspace-iteration steps per block update. Returns the result, its
-    blocks' bases and the damped objective's history."""
-    h, p, b = wh.h, wh.p, basis.shape[0]
-    history = [value]
+def _sweeps(wp: Tensor, wh: _Whitening, m_hat: Tensor, eh: Tensor, basis: Tensor, value: Tensor, sweeps: int,
+            tol: float, power: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Block-coordinate descent of L layers at once from ``m_hat`` (L, out, in) (with E H = ``eh`` for
+    E = wp - m_hat, and its blocks' column spaces ``basis`` (L, k, s, u, c)); ``power`` subspace-iteration steps
+    per block update. Each layer stops on its own (a sweep that would raise its objective through rounding, or a
+    relative decrease below ``tol``) and is then held fixed while the others go on, so each result is the layer's
+    own descent. Returns the results, their blocks' bases, the damped objectives (L,) and the sweeps done (L,)."""
+    h, p, n, b = wh.h, wh.p, basis.shape[0], basis.shape[1]
+    last = value.clone()
+    done = torch.zeros(n, dtype=torch.long, device=value.device)
+    active = last > 0
     for _ in range(sweeps):
-        if history[-1] <= 0:
+        if not bool(active.any()):  # one device sync per sweep
             break
         candidate, new_basis, new_eh = m_hat.clone(), basis.clone(), eh.clone()
         e = wp - candidate
         for k in range(b):
             cols = slice(k * p, (k + 1) * p)
-            g = (new_eh[:, cols] - e[:, cols] @ wh.hkk[k]) @ wh.pinv[k]
-            target = (wp[:, cols] + g).reshape(b, -1, p)  # (s, u, p)
-            a = target @ wh.s[k]
-            u = new_basis[k]
+            g = (new_eh[..., cols] - e[..., cols] @ wh.hkk[:, k]) @ wh.pinv[:, k]
+            target = (wp[..., cols] + g).reshape(n, b, -1, p)  # (L, s, u, p)
+            a = target @ wh.s[:, k].unsqueeze(1)
+            u = new_basis[:, k]
             for _ in range(power):
-                u = _orth(a @ (a.transpose(1, 2) @ u))
-            new_basis[k] = u
-            new = (u @ (u.transpose(1, 2) @ target)).reshape(-1, p)
-            delta = (wp[:, cols] - new) - e[:, cols]
-            new_eh += delta @ h[cols, :]
-            e[:, cols] += delta
-            candidate[:, cols] = new
-        value = float((new_eh * e).sum())  # E H is kept up to date: no product with H for the objective
-        if value > history[-1]:  # rounding only: every block update lowers the objective
-            break
-        m_hat, basis, eh = candidate, new_basis, new_eh
-        history.append(value)
-        if history[-2] - value <= tol * history[-2]:
-            break
-    return m_hat, basis, history
+                u = _orth(a @ (a.transpose(-1, -2) @ u))
+            new_basis[:, k] = u
+            new = (u @ (u.transpose(-1, -2) @ target)).reshape(n, -1, p)
+            delta = (wp[..., cols] - new) - e[..., cols]
+            new_eh += delta @ h[:, cols, :]
+            e[..., cols] += delta
+            candidate[..., cols] = new
+        new_value = (new_eh * e).sum(dim=(-2, -1))  # E H is kept up to date: no product with H for the objective
+        accept = active & (new_value <= last)  # rounding only can raise it: every block update lowers it
+        converged = last - new_value <= tol * last
+        m_hat = torch.where(accept.view(-1, 1, 1), candidate, m_hat)
+        eh = torch.where(accept.view(-1, 1, 1), new_eh, eh)
+        basis = torch.where(accept.view(-1, 1, 1, 1, 1), new_basis, basis)
+        last = torch.where(accept, new_value, last)
+        done += accept.long()
+        active = accept & ~converged & (last > 0)
+    return m_hat, basis, last, done
+
+
+def whitened_monarch_batch(w: Tensor, gram: Tensor, *, nblocks: int, ranks: list[int], out_padded: int,
+                           in_padded: int, damp: float = 1e-6, sweeps: int = 10, tol: float = 1e-4,
+                           power: int = 1, start_iters: int = 4, stats: list | None = None
+                           ) -> list[tuple[Tensor, Tensor, dict]]:
+    """Whitened Monarch members of L layers of one shape (``w`` (L, out, in), each with its Gram (L, in, in))
+    for several block ranks at once: one batched descent per rank for all layers (a GPU runs the launch-bound
+    sweeps once, not once per layer), the whitening computed once per distinct input (``stats``: the layers'
+    statistics objects, for sharing and caching). Returns per rank (members padded to (L, out_padded,
+    in_padded) in w's dtype, their blocks' orthonormal column bases (L, k, s, u, c), info) with info's values
+    tensors of L entries ("objective": the undamped tr(E H E^T) of each member)."""
+    n, out, inn = w.shape
+    b = nblocks
+    wp = w.new_zeros(n, out_padded, in_padded)
+    wp[:, :out, :inn] = w
+    wh = (_shared_whitening(stats, gram, b, in_padded, damp, w.dtype) if stats is not None
+          else _Whitening(gram, b, in_padded, damp, w.dtype))
+    grid = _grid_of(wp, b)  # (L, k, s, u, p)
+    whitened = grid @ wh.s.unsqueeze(2)
+    results = []
+    for c in ranks:
+        u_df = _top_subspace(grid, c, start_iters)  # the data-free (per-block truncated SVD) column spaces
+        u_bd = _top_subspace(whitened, c, start_iters)  # the block-whitened ones (inputs of blocks uncorrelated)
+        start_df = _grid(u_df @ (u_df.transpose(-1, -2) @ grid))
+        start_bd = _grid(u_bd @ (u_bd.transpose(-1, -2) @ grid))
+        values, ehs = _objective(torch.stack([wp - start_df, wp - start_bd]), wh.h)
+        block_whitened = values[1] <= values[0]
+        pick = block_whitened.view(-1, 1, 1)
+        m_hat = torch.where(pick, start_bd, start_df)
+        basis = torch.where(pick.view(-1, 1, 1, 1, 1), u_bd, u_df).contiguous()
+        eh = torch.where(pick, ehs[1], ehs[0])
+        first = torch.where(block_whitened, values[1], values[0])
+        m_hat, basis, last, done = _sweeps(wp, wh, m_hat, eh, basis, first, sweeps, tol, power)
+        # the undamped objective from the damped one: tr(E (H + d I) E^T) = tr(E H E^T) + d ||E||^2
+        undamped = (last - wh.delta * (wp - m_hat).square().sum(dim=(-2, -1))).clamp_min(0.0)
+        info = {"block_whitened_start": block_whitened, "sweeps": done, "damped_objective_start": first,
+                "damped_objective": last, "objective": undamped}
+        results.append((m_hat, basis, info))
+    return results
 
 
 def whitened_monarch_sizes(w: Tensor, gram: Tensor, *, nblocks: int, ranks: list[int], out_padded: int,
@@ -165,70 +237,61 @@ def whitened_monarch_sizes(w: Tensor, gram: Tensor, *, nblocks: int, ranks: list
     """Whitened Monarch members of w for several block ranks at once (the whitening is computed once for all).
     Returns per rank (member padded to (out_padded, in_padded) in w's dtype, its blocks' orthonormal column
     bases (k, s, u, c), info); info["objective"] is the undamped tr(E H E^T) of the member."""
-    out, inn = w.shape
-    b = nblocks
-    wp = w.new_zeros(out_padded, in_padded)
-    wp[:out, :inn] = w
-    wh = _whitening(stats, gram, b, in_padded, damp, w.dtype)
-    grid = blocks_of(wp, b).transpose(0, 1)  # (k, s, u, p)
-    whitened = grid @ wh.s.unsqueeze(1)
+    fits = whitened_monarch_batch(w.unsqueeze(0), gram.unsqueeze(0), nblocks=nblocks, ranks=ranks,
+                                  out_padded=out_padded, in_padded=in_padded, damp=damp, sweeps=sweeps, tol=tol,
+                                  power=power, start_iters=start_iters, stats=[stats] if stats is not None else None)
     results = []
-    for c in ranks:
-        u_df = _top_subspace(grid, c, start_iters)  # the data-free (per-block truncated SVD) column spaces
-        u_bd = _top_subspace(whitened, c, start_iters)  # the block-whitened ones (inputs of blocks uncorrelated)
-        start_df = _grid(u_df @ (u_df.transpose(-1, -2) @ grid))
-        start_bd = _grid(u_bd @ (u_bd.transpose(-1, -2) @ grid))
-        values, ehs = _objective(torch.stack([wp - start_df, wp - start_bd]), wh.h)
-        f_df, f_bd = values.tolist()
-        block_whitened = f_bd <= f_df
-        pick = 1 if block_whitened else 0
-        m_hat, basis = (start_bd, u_bd) if block_whitened else (start_df, u_df)
-        m_hat, basis, history = _sweeps(wp, wh, m_hat, ehs[pick], basis.contiguous(), values[pick].item(), sweeps,
-                                        tol, power)
-        # the undamped objective from the damped one: tr(E (H + d I) E^T) = tr(E H E^T) + d ||E||^2
-        undamped = history[-1] - wh.delta * float((wp - m_hat).square().sum())
-        info = {"start": "block-whitened" if block_whitened else "data-free", "sweeps": len(history) - 1,
-                "damped_objective_start": history[0], "damped_objective": history[-1],
-                "objective": max(undamped, 0.0)}
-        results.append((m_hat, basis, info))
+    for member, basis, info in fits:
+        values = {k: v.item() for k, v in info.items()}
+        results.append((member[0], basis[0], {
+            "start": "block-whitened" if values["block_whitened_start"] else "data-free",
+            "sweeps": int(values["sweeps"]), "damped_objective_start": values["damped_objective_start"],
+            "damped_objective": values["damped_objective"], "objective": values["objective"]}))
     return results
-
-
-def whitened_monarch(w: Tensor, gram: Tensor, data_free: Tensor | None = None, *, nblocks: int, c: int,
-                     out_padded: int, in_padded: int, damp: float = 1e-6, sweeps: int = 10, tol: float = 1e-4,
-                     power: int = 1, stats=None) -> tuple[Tensor, dict[str, float]]:
-    """Returns the fitted Monarch member (w's dtype, real shape) and info. The data-free start is computed here
-    (``data_free`` is accepted for compatibility and not needed)."""
-    member, _, info = whitened_monarch_sizes(w, gram, nblocks=nblocks, ranks=[c], out_padded=out_padded,
-                                             in_padded=in_padded, damp=damp, sweeps=sweeps, tol=tol, power=power,
-                                             stats=stats)[0]
-    return member[:w.shape[0], :w.shape[1]], info
 
 
 def _price_whitened(p: Problem, configs: list, guard: bool, damp: float, sweeps: int, tol: float, power: int
                     ) -> list[float | None]:
     """Squared relative output error of every Monarch config (None where it does not fit the layer), the configs
     of one block count and padding fitted together (one start SVD and one whitening for all their block ranks)."""
-    out_f, in_f = p.w.shape
+    return _price_whitened_many([p], configs, guard, damp, sweeps, tol, power)[0]
+
+
+def _price_whitened_many(problems: list[Problem], configs: list, guard: bool, damp: float, sweeps: int,
+                         tol: float, power: int) -> list[list[float | None]]:
+    """:func:`_price_whitened` for several layers of one shape, each with its own input (e.g. the same layer of
+    every block), in batched descents: one result per layer."""
+    out_f, in_f = problems[0].w.shape
     groups: dict[tuple, list[int]] = {}
     layers: dict[int, Monarch] = {}
     for i, config in enumerate(configs):
         try:
-            layer = p.cls.from_config(config, in_f, out_f, bias=False, device="meta")
+            layer = problems[0].cls.from_config(config, in_f, out_f, bias=False, device="meta")
         except ValueError:
             continue
         layers[i] = layer
         groups.setdefault((layer.nblocks, layer.out_padded, layer.in_padded), []).append(i)
-    gram = p.stats.gram.to(p.w.device)
-    total = float(_objective(p.w, gram.to(p.w.dtype))[0])
-    prices: list[float | None] = [None] * len(configs)
+    w = torch.stack([p.w for p in problems])
+    gram = torch.stack([p.stats.gram.to(w.device) for p in problems])
+    total = _objective(w, gram.to(w.dtype))[0]
+    found: dict[int, Tensor] = {}
     for (b, out_padded, in_padded), members in groups.items():
-        fits = whitened_monarch_sizes(p.w, gram, nblocks=b, ranks=[layers[i].c for i in members],
+        fits = whitened_monarch_batch(w, gram, nblocks=b, ranks=[layers[i].c for i in members],
                                       out_padded=out_padded, in_padded=in_padded, damp=damp, sweeps=sweeps, tol=tol,
-                                      power=power, stats=p.stats)
+                                      power=power, stats=[p.stats for p in problems])
         for i, (_, _, info) in zip(members, fits):
-            prices[i] = info["objective"] / total if total > 0 else 0.0
+            found[i] = info["objective"]
+    keys = list(found)
+    values = torch.stack([found[i] for i in keys] + [total]).tolist()  # one device sync for every price
+    totals = values[-1]
+    prices: list[list[float | None]] = [[None] * len(configs) for _ in problems]
+    for i, row in zip(keys, values):
+        for j, value in enumerate(row):
+            prices[j][i] = value / totals[j] if totals[j] > 0 else 0.0
     return prices
+
+
+_price_whitened.many = _price_whitened_many
 
 
 @register_projection("whitened", Monarch, needs_stats=True, optimal=True,
