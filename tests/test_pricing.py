@@ -7,10 +7,10 @@ from structmat.project import output_error, price, project
 from structmat.project._linalg import objective, pinv_psd, sqrt_factor
 from structmat.structures import structure_class
 from test_project import setup
-from structmat.compress import _PRICING_OPTIONS
+from structmat.project.registry import get_projection
 from tolerances import CURVE_REL, MONARCH_DESCENT_REL, MONARCH_PRICE_REL
 
-PRICING = _PRICING_OPTIONS[("monarch", "whitened")]
+PRICING = get_projection("whitened", "monarch").pricing_options
 
 
 def exact_descent(w, gram, b, c, sweeps, damp=1e-6):

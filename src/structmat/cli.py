@@ -152,16 +152,18 @@ def _table(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ compress / eval
-def _quality(kind: str, model, tokenizer, val, args, reference=None) -> dict:
-    """Fidelity to the original (encoders) or validation perplexity (causal LMs) on held-out corpus files."""
+def _quality(kind: str, model, tokenizer, val, args, reference=None, tokens=None) -> dict:
+    """Fidelity to the original (encoders) or validation perplexity (causal LMs) on held-out corpus files
+    (``tokens``: their token stream, when already tokenized)."""
     from .data.corpus import token_stream
     from .eval.fidelity import encoder_fidelity
     from .eval.perplexity import perplexity
 
     if kind == "causal":
         device = None if getattr(args, "offload", False) else getattr(args, "device", None)
-        return perplexity(model, token_stream(val[: args.eval_files], tokenizer), window=args.eval_window,
-                          device=device)
+        if tokens is None:
+            tokens = token_stream(val[: args.eval_files], tokenizer)
+        return perplexity(model, tokens, window=args.eval_window, device=device)
     return encoder_fidelity(reference, model, tokenizer)
 
 
@@ -231,6 +233,7 @@ def _compress(args: argparse.Namespace) -> int:
     if args.evaluate and loaded.kind == "encoder":
         reference = fidelity_reference(loaded.model, loaded.tokenizer, text_chunks(val, args.eval_texts))
     results = []
+    held_out = None
     for target in args.target_params:
         if uniform:
             structure, method = uniform
@@ -249,7 +252,11 @@ def _compress(args: argparse.Namespace) -> int:
             if args.device and not args.offload:
                 model.to(args.device)
             start = time.perf_counter()
-            row["quality"] = _quality(loaded.kind, model, loaded.tokenizer, val, args, reference)
+            if held_out is None and loaded.kind == "causal":  # tokenized once for every target
+                from .data.corpus import token_stream
+
+                held_out = token_stream(val[: args.eval_files], loaded.tokenizer)
+            row["quality"] = _quality(loaded.kind, model, loaded.tokenizer, val, args, reference, held_out)
             print(f"evaluated in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
             print("quality:", {k: v for k, v in row["quality"].items() if isinstance(v, (int, float))}, flush=True)
         results.append(row)
@@ -359,6 +366,7 @@ def _targets(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     from .compress import DEFAULT_ALLOW
+    from .structures import REGISTRY
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="structmat", description="Structured matrices for PyTorch.",
@@ -402,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--layer", type=int, default=0, help="which of MiniLM's 6 layers")
     table.add_argument("--tokens", type=int, default=256, help="tokens in the timing batch")
     table.add_argument("--repeats", type=int, default=20, help="timing repeats")
-    table.add_argument("--structures", default="", help="comma-separated subset, e.g. dense,lowrank,monarch "
-                       "(empty: all of dense, lowrank, blockdiag, monarch, kron, nm, sparse, splr, product)")
+    table.add_argument("--structures", default="", help="comma-separated subset of the registered structures "
+                       f"(empty: all of {', '.join(REGISTRY)})")
     table.add_argument("--seed", type=int, default=0, help="random seed")
     table.add_argument("--out", default="structmat-out", help="folder for table.json")
     table.set_defaults(func=_table)

@@ -42,13 +42,13 @@ from torch import Tensor, nn
 from .calibrate import InputStats, collect_input_stats
 from .modules import dense_weight, linear_modules
 from .plan import Plan, Target
-from .project import batches_inputs, check_method, price, price_many, stacks_rows
+from .project import batches_inputs, check_method, default_allow, price, price_many, stacks_rows
 from .project.budget_solver import Candidate, solve_budget
 from .structures import structure_class
 from .structures.base import RatioSpec, parse_spec
 from .surgery import Report, check_plan_fits, structurize
 
-DEFAULT_ALLOW = "lowrank@whitened,monarch@whitened:nblocks=4,nm@sparsegpt"
+DEFAULT_ALLOW = default_allow()  # from the registrations (budget_default=)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -391,13 +391,6 @@ def _dense_candidate(name: str, weight: Tensor) -> Candidate:
     return Candidate(name, parse_spec("dense"), "none", in_f * out_f, 2 * in_f * out_f, 0.0, in_f * out_f)
 
 
-# Pricing is an estimate: whitened Monarch runs fewer block-coordinate sweeps than the final projection (each
-# sweep only lowers the error, so the price is an upper bound of what the final projection reaches). Its sweeps
-# are matmuls and thin QRs (no SVD), so 4 of them cost little; tests/test_pricing.py bounds the price against the
-# exact 2-sweep descent used before.
-_PRICING_OPTIONS = {("monarch", "whitened"): {"sweeps": 4, "power": 1}}
-
-
 def price_layers(model: nn.Module, allowed: dict[str, Sequence[Allowed]] | Sequence[Allowed],
                  stats: dict[str, InputStats] | None, names: Iterable[str] | None = None, progress: bool = False,
                  device: torch.device | str | None = None, timings: dict[str, float] | None = None
@@ -513,7 +506,7 @@ def _batched_prices(names: list[str], stats: dict[str, InputStats], options_for,
             moved = [stats[g[0]] if device is None or stats[g[0]].device == device else stats[g[0]].to(device)
                      for g in chunk]
             with _Clock(timings, f"stacked {a.text}", weights[0].device):
-                prices = price_many(weights, fits, a.method, moved, options=_PRICING_OPTIONS.get((cls.name, a.method)),
+                prices = price_many(weights, fits, a.method, moved,
                                     row_splits=[r for r, _ in group_shapes] if stacked else None)
             for group, per_group in zip(chunk, prices):
                 for n, p in zip(group, per_group if stacked else [per_group]):
@@ -567,8 +560,7 @@ def candidates_for(name: str, weight: Tensor, allowed: Sequence[Allowed], stats:
         errors = (known or {}).get(a)
         if errors is None:
             with _Clock(timings, a.text, weight.device):
-                errors = price(weight, [c for c, _ in fits], method, stats,
-                               options=_PRICING_OPTIONS.get((cls.name, method)))
+                errors = price(weight, [c for c, _ in fits], method, stats)
         for (config, (params, flops)), err in zip(fits, errors):
             if err is not None:
                 found.append(Candidate(name, config, a.method, params, flops, float(err), in_f * out_f))

@@ -44,8 +44,8 @@ from ..structures import from_dense as _data_free
 from ..structures.base import check_dense_weight
 from . import lowrank as _lowrank, monarch as _monarch, sparse as _sparse, splr as _splr  # noqa: F401  (register)
 from .lowrank import error_curve, lowrank_basis
-from .registry import (DATA_FREE, PROJECTIONS, Problem, all_methods, check_method, compute_dtype, get_projection,
-                       methods_for, register_projection)
+from .registry import (DATA_FREE, PROJECTIONS, Problem, all_methods, check_method, compute_dtype, default_allow,
+                       get_projection, methods_for, register_projection)
 
 
 class _MethodsView(Mapping):
@@ -234,6 +234,12 @@ def stacks_rows(method: str, structure: str) -> bool:
     return found is not None and getattr(found.pricer, "stacks_rows", False)
 
 
+def _pricing_options(method: str, structure: str, given: dict[str, Any] | None) -> dict[str, Any]:
+    """The registration's pricing options (e.g. fewer sweeps), overridden by those given."""
+    found = get_projection(method, structure)
+    return {**(found.pricing_options if found is not None else {}), **(given or {})}
+
+
 def batches_inputs(method: str, structure: str) -> bool:
     """Whether ``method``'s pricer for ``structure`` prices several layers with different inputs in one batched
     call (:func:`price_many`)."""
@@ -249,9 +255,9 @@ def price(weight: Tensor, configs: list[StructureConfig], method: str = "data-fr
     prices every size from one decomposition; otherwise each size is projected. None where a size does not fit.
     ``row_splits`` (only where :func:`stacks_rows`): ``weight`` is several layers' weights stacked as rows, of
     these row counts; returns one price list per layer."""
-    options = dict(options or {})
     if not configs:
         return [] if row_splits is None else [[] for _ in row_splits]
+    options = _pricing_options(method, configs[0].name, options)
     if row_splits is not None:
         if not stacks_rows(method, configs[0].name) or stats is None or sum(row_splits) != weight.shape[0]:
             raise ValueError(f"price: row_splits needs statistics, a pricer of {method!r} for "
@@ -323,6 +329,8 @@ def price_many(weights: list[Tensor], configs: list[StructureConfig], method: st
         raise ValueError(f"price_many: the weights must share one shape, got {sorted({tuple(w.shape) for w in weights})}")
     found = get_projection(method, configs[0].name) if configs else None
     many = getattr(getattr(found, "pricer", None), "many", None)
+    if configs:
+        options = _pricing_options(method, configs[0].name, options)
     if many is None or len(weights) == 1 or any(s is None for s in stats) or (
             row_splits is not None and not stacks_rows(method, configs[0].name)):
         return [price(w, configs, method, s, dtype, options, row_splits) for w, s in zip(weights, stats)]
@@ -335,5 +343,5 @@ def price_many(weights: list[Tensor], configs: list[StructureConfig], method: st
     return many(problems, configs, **opts)
 
 
-__all__ = ["METHODS", "methods_for", "project", "prefit", "price", "price_many", "stacks_rows", "batches_inputs", "output_error", "lowrank_error_curve",
+__all__ = ["METHODS", "default_allow", "methods_for", "project", "prefit", "price", "price_many", "stacks_rows", "batches_inputs", "output_error", "lowrank_error_curve",
            "register_projection", "check_method", "PROJECTIONS", "Problem"]

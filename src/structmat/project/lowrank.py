@@ -123,7 +123,7 @@ def _price(method: str):
 
 # whitened is the exact minimizer of the (damped) objective: no guard by default
 register_projection("whitened", LowRank, needs_stats=True, optimal=True, options={"damp": 1e-6},
-                    pricer=_price("whitened"))(_fit("whitened"))
+                    pricer=_price("whitened"), budget_default={})(_fit("whitened"))
 register_projection("asvd", LowRank, needs_stats=True, options={"alpha": 0.5},
                     pricer=_price("asvd"))(_fit("asvd"))
 register_projection("fisher", LowRank, needs_stats=False, needs_fisher=True,

@@ -294,8 +294,12 @@ def _price_whitened_many(problems: list[Problem], configs: list, guard: bool, da
 _price_whitened.many = _price_whitened_many
 
 
+# Pricing is an estimate: it runs fewer block-coordinate sweeps than the final projection, one subspace-iteration
+# step each (each sweep only lowers the error, so the price is an upper bound of what the final projection
+# reaches); tests/test_pricing.py bounds it against the exact 2-sweep descent.
 @register_projection("whitened", Monarch, needs_stats=True, optimal=True,
-                     options={"damp": 1e-6, "sweeps": 10, "tol": 1e-4, "power": 2}, pricer=_price_whitened)
+                     options={"damp": 1e-6, "sweeps": 10, "tol": 1e-4, "power": 2}, pricer=_price_whitened,
+                     pricing_options={"sweeps": 4, "power": 1}, budget_default={"nblocks": 4})
 def _whitened(p: Problem, damp: float, sweeps: int, tol: float, power: int) -> tuple[Monarch, dict]:
     layer = p.new_layer()
     b, c = layer.nblocks, layer.c

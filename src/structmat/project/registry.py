@@ -77,6 +77,8 @@ class Projection:
     optimal: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     pricer: Callable[..., list[float]] | None = None
+    pricing_options: dict[str, Any] = field(default_factory=dict)
+    budget_default: dict[str, Any] | None = None
 
     def resolve_options(self, given: dict[str, Any]) -> dict[str, Any]:
         allowed = {**self.options, **({} if "guard" in self.options else {"guard": not self.optimal})}
@@ -99,8 +101,14 @@ def _structure_name(structure: type[StructuredLinear] | str) -> str:
 
 def register_projection(method: str, structure: type[StructuredLinear] | str, *, needs_stats: bool,
                         needs_fisher: bool = False, optimal: bool = False, options: dict[str, Any] | None = None,
-                        pricer: Callable[..., list[float]] | None = None) -> Callable:
-    """Register ``fn(problem, **options)`` as ``method`` for ``structure`` (a StructuredLinear class or name)."""
+                        pricer: Callable[..., list[float]] | None = None,
+                        pricing_options: dict[str, Any] | None = None,
+                        budget_default: dict[str, Any] | None = None) -> Callable:
+    """Register ``fn(problem, **options)`` as ``method`` for ``structure`` (a StructuredLinear class or name).
+
+    ``pricing_options``: options the budget's pricing uses instead of the projection's defaults (e.g. fewer
+    sweeps for a price that only has to rank sizes). ``budget_default``: this method is one of the default budget's
+    allowed structures, with these size-ladder arguments held fixed (``{}`` for none); see :func:`default_allow`."""
     name = _structure_name(structure)
     if method == DATA_FREE:
         raise ValueError("register_projection: 'data-free' is every structure's own from_dense; do not register it")
@@ -112,9 +120,21 @@ def register_projection(method: str, structure: type[StructuredLinear] | str, *,
             raise ValueError(f"register_projection: {method!r} for {name!r} is already registered by "
                              f"{old.fn.__module__}.{old.fn.__qualname__}")
         PROJECTIONS[(method, name)] = Projection(method, name, fn, needs_stats, needs_fisher, optimal,
-                                                 dict(options or {}), pricer)
+                                                 dict(options or {}), pricer, dict(pricing_options or {}),
+                                                 None if budget_default is None else dict(budget_default))
         return fn
     return decorate
+
+
+def default_allow() -> str:
+    """The default budget's allowed structures, ``structure@method[:arg=value,...]`` comma-separated, from the
+    registrations that asked for it (``budget_default``), in registration order."""
+    parts = []
+    for (method, structure), found in PROJECTIONS.items():
+        if found.budget_default is not None:
+            args = ",".join(f"{k}={v}" for k, v in found.budget_default.items())
+            parts.append(f"{structure}@{method}" + (f":{args}" if args else ""))
+    return ",".join(parts)
 
 
 def methods_for(structure: str) -> list[str]:
@@ -163,5 +183,5 @@ def compute_dtype(stats: InputStats | None, dtype: torch.dtype | None) -> torch.
     return torch.float64
 
 
-__all__ = ["Problem", "Projection", "PROJECTIONS", "register_projection", "methods_for", "all_methods",
+__all__ = ["Problem", "Projection", "PROJECTIONS", "register_projection", "default_allow", "methods_for", "all_methods",
            "get_projection", "check_method", "compute_dtype"]

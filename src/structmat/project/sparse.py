@@ -393,4 +393,5 @@ for _structure in (NMSparse, FixedSparse):
     register_projection("magnitude", _structure, needs_stats=False, optimal=True)(magnitude)
     register_projection("wanda", _structure, needs_stats=True)(wanda)
     register_projection("sparsegpt", _structure, needs_stats=True, options={"damp": 0.01, "blocksize": 128},
-                        pricer=_price_sparsegpt_nm if _structure is NMSparse else None)(_sparsegpt)
+                        pricer=_price_sparsegpt_nm if _structure is NMSparse else None,
+                        budget_default={} if _structure is NMSparse else None)(_sparsegpt)
