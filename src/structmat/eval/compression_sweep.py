@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..atomic import write_png
-from ..compress import Allowed, Compressor
+from ..compress import DEFAULT_ALLOW, Compressor, parse_allow
 from ..plan import Target
 from .results import markdown_table
 
@@ -38,7 +38,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "N:M SparseGPT": ("nm", "sparsegpt"),
     "budget mix": ("mix", "whitened"),
 }
-MIX = (Allowed("lowrank", "whitened"), Allowed("monarch", "whitened", nblocks=4), Allowed("nm", "sparsegpt"))
+MIX = tuple(parse_allow(DEFAULT_ALLOW))  # the default budget's structures (from the projections' registrations)
 # the mix prices every layer's options once, then solves each target with output-sensitivity weighting
 
 
