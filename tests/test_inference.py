@@ -564,7 +564,7 @@ def test_gpu_round_infer_script_arguments(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = [shlex.split(line) for line in proc.stdout.splitlines() if line.strip()]
     modules = [argv[2] for argv in lines]
-    assert modules.count("structmat.bench.infer") == 6 and "structmat.bench.kernels" in modules
+    assert modules.count("structmat.bench.infer") == 7 and "structmat.bench.kernels" in modules
     assert "structmat.bench.decode_host" in modules
     (tmp_path / "12" / "parts" / "infer-x.json").write_text("{}")  # (the merge step's glob needs a file to exist)
     for argv in lines:
@@ -577,7 +577,7 @@ def test_gpu_round_infer_script_arguments(tmp_path):
         assert Path(parsed.out).resolve().is_relative_to((tmp_path / "12").resolve()), argv
     structures = [a.structures for a in (importlib.import_module(m).parse_args(argv[3:]) for m, argv in
                                          zip(modules, lines) if m == "structmat.bench.infer" and "--merge" not in argv)]
-    assert structures == ["", "lowrank", "monarch", "blockdiag", "nm24"]
+    assert structures == ["", "floor", "lowrank", "monarch", "blockdiag", "nm24"]
 
 
 @pytest.mark.parametrize("spec", ["monarch:nblocks=4,ratio=0.5", "nm:n=2,m=4"])
@@ -639,3 +639,19 @@ def test_floor_model_replaces_every_block_linear_and_decodes():
         assert out.shape == (1, 8)
     with pytest.raises(ValueError, match="kernels=3"):
         infer.FloorLinear(4, 4, kernels=3)
+
+
+def test_sparse_reference_tiles_grow_with_tokens_but_never_past_a_quarter_of_the_weight(monkeypatch):
+    """Many tokens: wider tiles (thin GEMMs were 2:4 prefill's 0.43x), at most a quarter of the weight and half the
+    output at once; few tokens: DENSE_TILE_ELEMENTS."""
+    from structmat.structures import sparse
+
+    monkeypatch.setattr(sparse, "DENSE_TILE_ELEMENTS", 64)
+    few = sparse._row_blocks(20, 32, tokens=1)
+    assert all(hi - lo == 2 for lo, hi in few[:-1]) and few[-1][1] == 20
+    many = sparse._row_blocks(64, 32, tokens=4096)
+    assert len(many) == 4 and all((hi - lo) * 32 <= 64 * 32 // 4 for lo, hi in many)
+    x = torch.randn(4096, 32, dtype=torch.float64)
+    layer = NMSparse(32, 64, n=2, m=4).double()
+    with torch.no_grad():
+        assert torch.allclose(layer(x), x @ layer.to_dense().T + layer.bias, rtol=1e-10, atol=1e-10)

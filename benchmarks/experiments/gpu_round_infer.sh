@@ -25,7 +25,10 @@ PY=${PYTHON:-python3}
 # comes from the CUDA-graph step); compiled generate through dynamo's cudagraphs backend (inductor's compile of the
 # 8-layer model does not fit 46 s); the allocator's history attributes any memory beside the parameters.
 INFER=(--batches 1,8,32 --eager-batches 1 --compiled-batches 1 --new-tokens 32 --reps 2 --compile-backend cudagraphs
-       --step-compile-mode none --memory-history --out "$R/parts")
+       --step-compile-mode none --out "$R/parts")
+# (KERNELS=0: no per-layer rows, decode_layers.py has them; HISTORY=1: the allocator's history per model)
+[ "${KERNELS:-1}" = 0 ] && INFER+=(--no-kernels)
+[ "${HISTORY:-1}" = 1 ] && INFER+=(--memory-history)
 T_MODEL=${T_MODEL:-46}
 
 step() {  # step NAME SECONDS CMD...: run under its own timeout, log to logs/NAME.log, record rc and seconds
@@ -38,8 +41,11 @@ step() {  # step NAME SECONDS CMD...: run under its own timeout, log to logs/NAM
 }
 
 [ "$DRY" = 1 ] || { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; date -u; git rev-parse HEAD 2>/dev/null; } > "$R/logs/device.log" 2>&1
-step infer-dense "$T_MODEL" $PY -m structmat.bench.infer --structures "" "${INFER[@]}"
-for s in lowrank monarch blockdiag nm24; do
+# MODELS: which of dense, floor (the block linears at no cost: the bound on any speedup), lowrank, monarch, blockdiag,
+# nm24 run, in that order (each in its own process)
+MODELS=${MODELS:-dense floor lowrank monarch blockdiag nm24}
+case " $MODELS " in *" dense "*) step infer-dense "$T_MODEL" $PY -m structmat.bench.infer --structures "" "${INFER[@]}";; esac
+for s in ${MODELS//dense/}; do
   # (Monarch's process hit 46 s at 13:17Z after its memory and prefill rows: first-use Triton compiles; more time)
   secs=$T_MODEL; [ "$s" = monarch ] && secs=${T_MONARCH:-75}
   step "infer-$s" "$secs" $PY -m structmat.bench.infer --no-dense --structures "$s" "${INFER[@]}"

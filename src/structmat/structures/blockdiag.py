@@ -29,6 +29,8 @@ def blocks_of(weight: Tensor, nblocks: int) -> Tensor:
 def blockdiag_bmm(x: Tensor, weight: Tensor) -> Tensor:
     """x (N, b*p) times the block-diagonal of weight (b, u, p), transposed: returns (N, b*u)."""
     nblocks, _, p = weight.shape
+    if x.shape[0] == 1:  # one token (eager decode pays every torch call in host time): two views and the bmm
+        return torch.bmm(x.reshape(nblocks, 1, p), weight.transpose(1, 2)).reshape(1, -1)
     xb = x.reshape(x.shape[0], nblocks, p).transpose(0, 1)
     return torch.bmm(xb, weight.transpose(1, 2)).transpose(0, 1).reshape(x.shape[0], -1)
 

@@ -49,8 +49,12 @@ def monarch_block_rank(in_features: int, out_features: int, nblocks: int, rank: 
 
 def monarch_multiply(x: Tensor, R: Tensor, L: Tensor) -> Tensor:
     """Reference Monarch product: x (N, b*p) -> (N, b*u); R (b, b*c, p), L (b, u, b*c)."""
-    nblocks, bc, _ = R.shape
+    nblocks, bc, p = R.shape
     c = bc // nblocks
+    if x.shape[0] == 1:  # one token (eager decode pays every torch call in host time): the same steps, fewer views
+        h = torch.bmm(x.reshape(nblocks, 1, p), R.transpose(1, 2))  # (b_k, 1, b_s * c)
+        h = h.reshape(nblocks, nblocks, c).transpose(0, 1).reshape(nblocks, 1, bc)  # (b_s, 1, b_k * c)
+        return torch.bmm(h, L.transpose(1, 2)).reshape(1, -1)
     h = blockdiag_bmm(x, R)  # (N, b_k * b_s * c), ordered (k, s, c)
     h = h.reshape(x.shape[0], nblocks, nblocks, c).transpose(1, 2).reshape(x.shape[0], nblocks * bc)  # (s, k, c)
     return blockdiag_bmm(h, L)
