@@ -157,22 +157,23 @@ BANDWIDTH_GBS = 4300.0  # H200, device-to-device copy (KINDS.md)
 #: Host microseconds of one layer call at few tokens: (forward, forward+backward with every gradient).
 #: Forward+backward includes autograd's engine, which runs a CUDA backward on its device thread (a trivial Python
 #: backward node costs ~46 us more there than on the calling thread: benchmarks/experiments/backward_thread.py).
+#: Forward (inference): one layer call in eager, no_grad, through the layer (its per-shape plan cached), at one token,
+#: on the lent H200's host (benchmarks/results/decode-layers-20261203T150038Z.json, eager_us, median over the
+#: bench-infer layer shapes; F.linear alone took 16-24 us there, a Triton decode launch ~30 us more than cuBLAS's).
 HOST_US = {
-    ("monarch", "triton"): (90.0, 650.0),  # forward: 1 Triton + 1 cuBLAS launch; backward: 7 cuBLAS calls
-    ("monarch", "cublas"): (105.0, 700.0),  # b + 1 cuBLAS calls forward (measured at b = 4; host_us adds per block)
-    ("monarch", "reference"): (150.0, 780.0),
-    ("blockdiag", "triton"): (45.0, 260.0),
-    ("blockdiag", "cublas"): (35.0, 260.0),
-    ("blockdiag", "reference"): (40.0, 220.0),
-    ("lowrank", "reference"): (30.0, 250.0),
+    ("monarch", "triton"): (160.0, 650.0),  # forward: 1 Triton + 1 cuBLAS launch; backward: 7 cuBLAS calls
+    ("monarch", "cublas"): (190.0, 700.0),  # b + 1 cuBLAS calls forward (measured at b = 4; host_us adds per block)
+    ("monarch", "reference"): (115.0, 780.0),
+    ("blockdiag", "triton"): (57.0, 260.0),
+    ("blockdiag", "cublas"): (56.0, 260.0),
+    ("blockdiag", "reference"): (46.0, 220.0),
+    ("lowrank", "reference"): (52.0, 250.0),
     ("dense", "dense"): (25.0, 150.0),  # pre-merged weight: one F.linear (cache check included)
-    # decode kernels (inference only): one launch (block-diagonal, N:M) or two (Monarch, low-rank) plus the tile
-    # plan; predicted from the launches, not yet measured on the lent host
-    ("monarch", "decode"): (40.0, float("inf")),
-    ("blockdiag", "decode"): (25.0, float("inf")),
-    ("lowrank", "decode"): (30.0, float("inf")),
-    ("nm", "decode"): (25.0, float("inf")),
-    ("nm", "reference"): (60.0, 300.0),
+    ("monarch", "decode"): (115.0, float("inf")),  # decode kernels: inference only
+    ("blockdiag", "decode"): (58.0, float("inf")),
+    ("lowrank", "decode"): (90.0, float("inf")),
+    ("nm", "decode"): (32.0, float("inf")),
+    ("nm", "reference"): (1000.0, 3000.0),
 }
 
 
@@ -191,15 +192,23 @@ EFFICIENCY = {"dense": 0.95, "triton": {"monarch": 0.77, "blockdiag": 0.86},
               "cublas": {"monarch": 0.77, "blockdiag": 0.86},
               "reference": {"monarch": 0.36, "blockdiag": 0.46, "lowrank": 0.88, "nm": 0.5},
               "decode": 0.3}  # (thin tiles, tokens padded to >= 16 rows: FLOPs rarely bind at <= 64 tokens; bytes do)
-# Fraction of BANDWIDTH_GBS reached where bytes bind (few tokens). Dense cuBLAS GEMV streams near the copy rate;
-# the structures' cuBLAS/reference paths at one token do not (issue 12, H200, 8 MLPs of a 2048/8192 Llama at one
-# token under CUDA graphs: low-rank's two GEMMs took 0.37 ms for half of dense's bytes, dense 0.31 ms, so about 0.4
-# of dense's rate). The decode kernels' own rates at one token, replayed from CUDA graphs on the H200
-# (benchmarks/results/decode-probe-20261203T091353Z.json, 2048/8192 Llama layer shapes): block-diagonal
-# 800-1700 GB/s, Monarch 730-1240, low-rank 410-890 (so low-rank goes to cuBLAS's two GEMMs, 520-1460), N:M
-# 580-700 (values + uint8 positions); the N:M reference (a few dense rows rebuilt at a time) ~70 GB/s.
-BW_FRACTION = {"dense": 0.9, "other": 0.4, ("decode", "blockdiag"): 0.38, ("decode", "monarch"): 0.23,
-               ("decode", "lowrank"): 0.16, ("decode", "nm"): 0.13, ("reference", "nm"): 0.016}
+# Fraction of BANDWIDTH_GBS reached where bytes bind, for a path without a measured few-token cost below.
+BW_FRACTION = {"dense": 0.9, "other": 0.4}
+#: Few-token inference cost of each path inside a CUDA graph, the weight cold in HBM as in a model (the time is the
+#: weight's bytes plus a fixed cost per call: launches, ramp-up, the first DRAM round trip): (fixed us at 1 token,
+#: fixed us at 2+ tokens, GB/s on the bytes). Fitted on the H200 to the bench-infer layer shapes (2048x2048,
+#: 2048->8192, 8192->2048) at 1 and 16 tokens (benchmarks/results/decode-layers-20261203T150038Z.json and
+#: -150111Z.json; cuBLAS dense F.linear fits 4.0 us + 4070 GB/s there). The references take extra copy kernels from
+#: 2 tokens on (block-diagonal's output transpose, Monarch's permutation), where the custom ops' strided cuBLAS calls
+#: do not.
+FEW_TOKEN_COST = {
+    ("blockdiag", "decode"): (2.5, 2.5, 2500.0), ("blockdiag", "reference"): (3.1, 5.7, 3600.0),
+    ("blockdiag", "cublas"): (3.1, 3.1, 3600.0), ("blockdiag", "triton"): (3.1, 3.1, 3600.0),
+    ("monarch", "decode"): (3.6, 3.6, 1230.0), ("monarch", "triton"): (6.5, 7.5, 2360.0),
+    ("monarch", "cublas"): (13.9, 13.9, 1200.0), ("monarch", "reference"): (8.6, 14.0, 3800.0),
+    ("lowrank", "reference"): (7.9, 7.9, 2840.0), ("lowrank", "decode"): (7.9, 7.9, 1000.0),
+    ("nm", "decode"): (2.3, 2.3, 1780.0), ("nm", "reference"): (5.0, 5.0, 67.0),
+}
 FP32_TRITON_MONARCH_EFF = 0.08  # IEEE fp32 dots in the Triton kernel measured far below cuBLAS's fp32 path
 
 
@@ -210,31 +219,44 @@ def _peak(dtype: torch.dtype) -> float:
 
 
 def estimate_us(op: str, backend: str, flops: float, nbytes: float, dtype: torch.dtype, training: bool = False,
-                nblocks: int = 4) -> float:
+                nblocks: int = 4, graphed: bool = False, tokens: int = 1) -> float:
     """Estimated microseconds of one call: host-bound or device-bound, whichever is larger. ``flops`` and
-    ``nbytes`` are the forward's; training triples both (grad input and grad weights)."""
-    return max(host_us(op, backend, nblocks, training), device_us(op, backend, flops, nbytes, dtype, training))
+    ``nbytes`` are the forward's; training triples both (grad input and grad weights). ``graphed``: the call is
+    replayed from a CUDA graph (captured, or compiled for one), where the host cost is gone: the GPU time alone."""
+    device = device_us(op, backend, flops, nbytes, dtype, training, tokens)
+    return device if graphed else max(host_us(op, backend, nblocks, training), device)
 
 
-def device_us(op: str, backend: str, flops: float, nbytes: float, dtype: torch.dtype, training: bool = False) -> float:
-    """Estimated GPU microseconds of one call: FLOP-bound or byte-bound, whichever is larger."""
+def device_us(op: str, backend: str, flops: float, nbytes: float, dtype: torch.dtype, training: bool = False,
+              tokens: int = 1) -> float:
+    """Estimated GPU microseconds of one call: FLOP-bound or byte-bound, whichever is larger (in inference, plus the
+    path's fixed cost per call, FEW_TOKEN_COST)."""
     eff = EFFICIENCY[backend]
     eff = eff[op] if isinstance(eff, dict) else eff
     if dtype == torch.float32 and backend == "triton" and op == "monarch":
         eff = FP32_TRITON_MONARCH_EFF
-    bandwidth = BANDWIDTH_GBS * 1e9 * BW_FRACTION.get((backend, op), BW_FRACTION.get(backend, BW_FRACTION["other"]))
-    return (3.0 if training else 1.0) * max(flops / (_peak(dtype) * 1e12 * eff), nbytes / bandwidth) * 1e6
+    flop_us = flops / (_peak(dtype) * 1e12 * eff) * 1e6
+    few = None if training else FEW_TOKEN_COST.get((op, backend))
+    if few is not None:
+        return max(flop_us, nbytes / (few[2] * 1e3)) + (few[0] if tokens <= 1 else few[1])
+    bandwidth = BANDWIDTH_GBS * 1e9 * BW_FRACTION.get(backend, BW_FRACTION["other"])
+    return (3.0 if training else 1.0) * max(flop_us, nbytes / bandwidth * 1e6)
 
 
 def choose(op: str, n: int, in_features: int, out_features: int, struct_flops: float, struct_bytes: float,
-           dtype: torch.dtype, nblocks: int, training: bool, factor_grad: bool, kernels_ok: bool) -> str:
-    """The automatic choice, from shapes only (the benchmark's offline check calls this too)."""
-    est = {"reference": estimate_us(op, "reference", struct_flops, struct_bytes, dtype, training, nblocks)}
+           dtype: torch.dtype, nblocks: int, training: bool, factor_grad: bool, kernels_ok: bool,
+           graphed: bool = False) -> str:
+    """The automatic choice, from shapes only (the benchmark's offline check calls this too). ``graphed``: the call
+    runs inside a CUDA graph or a compiled graph, so the GPU time decides; otherwise (eager) the host's cost counts
+    too, and at few tokens it is the larger. Inference above DECODE_MAX_TOKENS (prefill) is device-bound as a whole
+    (the host queues a forward's kernels faster than the GPU runs them), so the GPU time decides there too."""
+    graphed = graphed or (not training and n > DECODE_MAX_TOKENS)
+    est = {"reference": estimate_us(op, "reference", struct_flops, struct_bytes, dtype, training, nblocks, graphed, n)}
     if kernels_ok and op in ("monarch", "blockdiag"):
         for be in ("triton", "cublas"):
-            est[be] = estimate_us(op, be, struct_flops, struct_bytes, dtype, training, nblocks)
+            est[be] = estimate_us(op, be, struct_flops, struct_bytes, dtype, training, nblocks, graphed, n)
     if kernels_ok and not training and n <= DECODE_MAX_TOKENS:  # few tokens: the time is the weight's bytes
-        est["decode"] = estimate_us(op, "decode", struct_flops, struct_bytes, dtype, training, nblocks)
+        est["decode"] = estimate_us(op, "decode", struct_flops, struct_bytes, dtype, training, nblocks, graphed, n)
     # Never the dense merge: cached, it is a hidden dense copy of every layer (a "compressed" model then holds more
     # memory than the dense one: issue 12); merged differentiably every step it measured slower than every structured
     # path at every token count (run 6, kernels-20261201T012737Z.json). merge_for_inference() is the explicit choice.
@@ -242,13 +264,14 @@ def choose(op: str, n: int, in_features: int, out_features: int, struct_flops: f
     # reduce-overhead, a captured decode step) the host cost is gone and only that remains.
     best, best_key = "reference", None
     for be, us in est.items():  # (a plain loop: min(key=...) is a graph break under torch.compile)
-        key = (us, device_us(op, be, struct_flops, struct_bytes, dtype, training))
+        key = (us, device_us(op, be, struct_flops, struct_bytes, dtype, training, n))
         if best_key is None or key < best_key:
             best, best_key = be, key
     return best
 
 
 _decisions: dict[tuple, str] = {}
+_GRAPHED: list[bool | None] = [None]  # set by the planner to ask what a captured call would choose
 
 
 def _pick(op: str, x: Tensor, factors: tuple[Tensor, ...], cost: Callable[[int], tuple[float, float]],
@@ -272,14 +295,17 @@ def _pick(op: str, x: Tensor, factors: tuple[Tensor, ...], cost: Callable[[int],
         # Decided while tracing and baked into the graph, with one guard on the token count (few or many): the cost
         # model on a symbolic count would guard on every comparison it makes and recompile whenever one flips, and
         # reading or writing the decision cache would guard on its contents. The choice changes speed, never math.
+        # A compiled decode graph is replayed from a CUDA graph (reduce-overhead, cudagraphs): the GPU time decides.
         n = DECODE_MAX_TOKENS if x.shape[0] <= DECODE_MAX_TOKENS else TRACE_MANY_TOKENS
         return choose(op, n, x.shape[1], out_features, *cost(n), x.dtype, nblocks, training, factor_grad,
-                      kernels_ok)
-    key = (op, tuple(x.shape), tuple(tuple(f.shape) for f in factors), x.dtype, training, factor_grad, kernels_ok)
+                      kernels_ok, graphed=True)
+    graphed = _GRAPHED[0] if _GRAPHED[0] is not None else x.is_cuda and torch.cuda.is_current_stream_capturing()
+    key = (op, tuple(x.shape), tuple(tuple(f.shape) for f in factors), x.dtype, training, factor_grad, kernels_ok,
+           graphed)
     hit = _decisions.get(key)
     if hit is None:
         hit = choose(op, x.shape[0], x.shape[1], out_features, *cost(x.shape[0]), x.dtype, nblocks, training,
-                     factor_grad, kernels_ok)
+                     factor_grad, kernels_ok, graphed)
         if len(_decisions) < 4096:
             _decisions[key] = hit
     return hit
@@ -420,6 +446,16 @@ def planner(op: str) -> Callable[..., Callable[..., Tensor] | None]:
             return None
         # decode: the kernels' own plan for this shape (tile plans, grids and constant arguments made once)
         fn = decode.PLANS[op](x, *rest) if choice == "decode" else call_(choice) or reference
+        if x.is_cuda and not torch.cuda.is_current_stream_capturing():
+            # A captured call of this shape may choose another path (GPU time alone): run that one once now, so its
+            # kernels are compiled and loaded before a capture (never inside one)
+            _GRAPHED[0] = True
+            try:
+                graphed = choose_(x, *rest)
+            finally:
+                _GRAPHED[0] = None
+            if graphed not in (choice, "dense"):
+                (decode.PLANS[op](x, *rest) if graphed == "decode" else call_(graphed) or reference)(x, *rest)
 
         def run(*args: Tensor) -> Tensor:
             _record(op, choice)

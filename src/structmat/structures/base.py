@@ -232,7 +232,9 @@ def run_op(op: str, reference: Callable[..., Tensor], *args: Tensor, plans: dict
     dtypes is made once and replayed: no validation, cost model or decision lookup on the next calls."""
     if plans is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
         x = args[0]
-        key = (x.shape, x.dtype, x.device, PLAN_EPOCH[0], torch.is_autocast_enabled())
+        # (a call captured into a CUDA graph has its own plan: there only the GPU time counts, not the host's)
+        key = (x.shape, x.dtype, x.device, PLAN_EPOCH[0], torch.is_autocast_enabled(),
+               x.is_cuda and torch.cuda.is_current_stream_capturing())
         fn = plans.get(key)
         if fn is None and op in PLANNERS:
             fn = PLANNERS[op](reference, *args)
