@@ -143,3 +143,27 @@ def test_smollm2_heal_heals_a_student_directory_written_by_compress(tmp_path):
     assert heal["eora_error"]["after"] < heal["eora_error"]["before"]
     with pytest.raises(SystemExit, match="no structmat.json"):
         _script().main(["--model", str(tmp_path / "llama"), "--student", str(tmp_path), "--out", str(out)])
+
+
+def test_the_table_alone_reads_no_stdlib_and_runs_every_row_the_same_steps(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from structmat.data.corpus import minilm_tokenizer
+
+    tok = minilm_tokenizer()
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+                     ).save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    corpus = str(stdlib_corpus(tmp_path))
+    out = tmp_path / "out"
+    assert _script().main([
+        "--model", str(tmp_path / "llama"), "--out", str(out), "--device", "cpu", "--threads", "1", "--parts",
+        "table", "--methods", "full,lora", "--corpus", "/nonexistent-is-not-read", "--finetune-corpus", corpus,
+        "--val-fraction", "0.25", "--max-files", "4", "--table-eval-files", "2", "--batch-size", "2", "--seq-len",
+        "16", "--eval-window", "16", "--table-steps", "3", "--rank", "2", "--total-seconds", "1e9"]) == 0
+    res = json.loads(next(out.glob("*.json")).read_text())
+    assert "dense_ppl" not in res["model"] and "heal_train" not in res["data"]
+    rows = res["parts"]["table"]["rows"]
+    assert [r["method"] for r in rows] == ["full", "lora"] and all(r["steps_done"] == 3 for r in rows)

@@ -207,3 +207,28 @@ def test_time_cap_stops_training_and_ends_the_schedule(setup):
         TuneConfig(model="m", max_seconds=-1)
     with pytest.raises(ValueError, match="device"):
         TuneConfig(model="m", device="nodevice")
+
+
+def test_coalesced_groups_give_the_same_adamw_updates_in_one_group_per_lr_mult_and_decay():
+    from structmat.train.loop import coalesce_groups
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(3, 4)) for _ in range(5)]
+    groups = [{"params": [p], "lr_mult": 1.0 if i < 4 else 2.0, "weight_decay": 0.1 if i % 2 else 0.0, "name": str(i)}
+              for i, p in enumerate(params)]
+    merged = coalesce_groups(groups)
+    assert sorted((g["lr_mult"], g["weight_decay"], len(g["params"])) for g in merged) == [
+        (1.0, 0.0, 2), (1.0, 0.1, 2), (2.0, 0.0, 1)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    by_id = {id(p): t for p, t in zip(params, twins)}
+    per_param = torch.optim.AdamW([{**g, "params": [by_id[id(p)] for p in g["params"]]} for g in groups], lr=1e-2)
+    coalesced = torch.optim.AdamW(merged, lr=1e-2)
+    for opt, ps in ((per_param, twins), (coalesced, params)):
+        for g in opt.param_groups:
+            g["lr"] = 1e-2 * g["lr_mult"]
+        for _ in range(3):
+            sum((p * (i + 1)).square().sum() for i, p in enumerate(ps)).backward()
+            opt.step()
+            opt.zero_grad()
+    for p, t in zip(params, twins):
+        torch.testing.assert_close(p, t, rtol=0, atol=0)

@@ -256,6 +256,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return groups
 
 
+def coalesce_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One AdamW group per distinct (lr_mult, weight_decay): the same updates (AdamW is per parameter), but an
+    optimizer step is a few multi-tensor launches instead of a dozen per structured factor -- with adapters on
+    SmolLM2's 210 layers, 420 one-tensor groups made the optimizer a large share of a host-bound step."""
+    merged: dict[tuple[float, float], dict[str, Any]] = {}
+    for g in groups:
+        key = (float(g.get("lr_mult", 1.0)), float(g.get("weight_decay", 0.0)))
+        if key not in merged:
+            merged[key] = {**g, "params": [], "name": f"lr_mult={key[0]:g},weight_decay={key[1]:g}"}
+        merged[key]["params"].extend(g["params"])
+    return list(merged.values())
+
+
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warmup over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``total``; ``step`` is 0-based."""
     if warmup and step < warmup:

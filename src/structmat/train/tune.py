@@ -37,8 +37,8 @@ from torch import nn
 from ..adapters import adapt, merge, save_adapter
 from ..adapters.core import _weight_of, adaptable_modules
 from ..atomic import write_png
-from .loop import (checkpoint_paths, coerce_config, list_checkpoints, load_checkpoint, lr_factor, param_groups,
-                   save_checkpoint, set_lr, _restore)
+from .loop import (checkpoint_paths, coalesce_groups, coerce_config, list_checkpoints, load_checkpoint, lr_factor,
+                   param_groups, save_checkpoint, set_lr, _restore)
 
 TASKS = ("finetune", "heal")
 LOSSES = ("auto", "lm", "kl", "cosine", "mse")
@@ -489,7 +489,9 @@ def _tune(cfg: TuneConfig) -> dict[str, Any]:
     if cfg.lr_mult == "flat":
         for g in groups:
             g["lr_mult"] = 1.0
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    # one group per (lr_mult, weight decay), and the fused step on CUDA: a step of small adapters is host-bound
+    optimizer = torch.optim.AdamW(coalesce_groups(groups), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda" or None)
 
     step, wall, history, val_history, resumed_from, stopped = 0, 0.0, [], [], None, None
     existing = list_checkpoints(ckpt_dir) if cfg.resume else []
