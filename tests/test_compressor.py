@@ -284,3 +284,34 @@ def test_batched_sparsegpt_projection_equals_each_layer_alone(monkeypatch):
     for name in names:
         assert torch.equal(got[name].index, ref[name].index), name
         assert torch.allclose(got[name].values, ref[name].values, rtol=1e-6, atol=1e-7), name
+
+
+def test_output_sensitivity_tracks_activations_only_with_the_same_result():
+    """With input embeddings to start from, no weight takes part in the backward pass (half the work, no weight
+    gradients), and the sensitivities equal those of the path that tracks every weight."""
+    from structmat.compress import output_sensitivity
+    from structmat.modules import linear_modules
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    names = [n for n in linear_modules(model) if ".layers." in n]
+    batches = [{"input_ids": torch.randint(0, 64, (2, 16))} for _ in range(2)]
+
+    class Wrapped(torch.nn.Module):  # no get_input_embeddings: every weight is tracked
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kwargs):
+            return self.inner(**kwargs)
+
+    seen = []
+    hook = model.lm_head.weight.register_hook(lambda g: seen.append(g))
+    fast = output_sensitivity(model, names, batches)
+    assert not seen  # no weight gradient was computed
+    hook.remove()
+    slow = output_sensitivity(Wrapped(model), ["inner." + n for n in names], batches)
+    for n in names:
+        assert fast[n] == pytest.approx(slow["inner." + n], rel=1e-12)
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())

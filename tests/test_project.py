@@ -309,3 +309,19 @@ def test_sparsegpt_nm_batched_over_inputs_equals_each_alone():
     for b in range(4):
         alone, kept_alone = sparsegpt(w[b], grams[b], nm=(2, 4))
         assert torch.equal(kept[b], kept_alone) and torch.allclose(batched[b], alone, rtol=1e-10, atol=1e-12)
+
+
+def test_thin_svd_of_a_wide_matrix_through_qr_equals_the_svd():
+    from structmat.project.lowrank import thin_svd
+
+    gen = torch.Generator().manual_seed(3)
+    for shape in [(6, 40), (6, 12), (12, 6), (9, 9)]:
+        a = torch.randn(*shape, generator=gen, dtype=torch.float64) @ torch.diag(torch.logspace(0, -3, shape[1],
+                                                                                               dtype=torch.float64))
+        u, s, vh = thin_svd(a)
+        s_ref = torch.linalg.svdvals(a)
+        assert u.shape == (shape[0], min(shape)) and vh.shape == (min(shape), shape[1])
+        assert torch.allclose(s, s_ref, rtol=1e-12, atol=1e-14)
+        assert torch.allclose((u * s) @ vh, a, atol=1e-12)
+        assert torch.allclose(u.T @ u, torch.eye(min(shape), dtype=a.dtype), atol=1e-12)
+        assert torch.allclose(vh @ vh.T, torch.eye(min(shape), dtype=a.dtype), atol=1e-12)

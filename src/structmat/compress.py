@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import inspect
 import sys
 import time
@@ -306,11 +307,21 @@ def output_sensitivity(model: nn.Module, names: Iterable[str], batches: Sequence
     flags = {p: p.requires_grad for p in model.parameters()}
     generators: dict[torch.device, torch.Generator] = {}  # the probe is drawn where the output is: a causal
     # LM's logits are (batch, seq, vocab), ~100M numbers per batch for SmolLM2, too many to draw on the CPU
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+
+    def track_from_embeddings(_module, _inputs, output):
+        output.requires_grad_(True)  # a leaf: the gradient reaches every layer's output, no weight's
+
     try:
         for name in names:
             handles.append(modules[name].register_forward_hook(make_hook(name)))
-        for p in flags:
-            p.requires_grad_(True)
+        if isinstance(embed, nn.Module):  # only activation gradients are needed: none for the weights
+            handles.append(embed.register_forward_hook(track_from_embeddings))
+            for p in flags:
+                p.requires_grad_(False)
+        else:
+            for p in flags:
+                p.requires_grad_(True)
         for batch in batches:
             out = _call_model(model, batch)
             y = out[0] if isinstance(out, (tuple, list)) else next(iter(out.values()))
@@ -526,9 +537,10 @@ def _weighted(model: nn.Module, name: str, options: list[Candidate], stats: dict
     return [dataclasses.replace(c, error=c.error * energy * sensitivity) for c in options]
 
 
-def _fits(cls, a: "Allowed", in_f: int, out_f: int, sizes: int) -> list[tuple[Any, tuple[int, int]]]:
+@functools.lru_cache(maxsize=1024)
+def _fits(cls, a: "Allowed", in_f: int, out_f: int, sizes: int) -> tuple[tuple[Any, tuple[int, int]], ...]:
     """The sizes of ``a``'s ladder that fit an (out_f, in_f) layer and are smaller than dense: (config, (params,
-    flops)) each."""
+    flops)) each. Cached: a model repeats a few shapes many times (each answer builds a layer per size)."""
     fits = []
     for config in cls.size_ladder(in_f, out_f, sizes, **a.fixed_args):
         try:
@@ -537,7 +549,7 @@ def _fits(cls, a: "Allowed", in_f: int, out_f: int, sizes: int) -> list[tuple[An
             continue  # this size does not fit this layer
         if layer.param_count() < in_f * out_f:
             fits.append((config, (layer.param_count(), layer.flops(1))))
-    return fits
+    return tuple(fits)
 
 
 def candidates_for(name: str, weight: Tensor, allowed: Sequence[Allowed], stats: InputStats | None,

@@ -527,7 +527,10 @@ class StructuredLinear(nn.Module):
         """Fresh muP-style init: each factor ~ N(0, mup_std(fan_in, fan_out)^2); bias zero."""
         with torch.no_grad():
             for pname, (fan_in, fan_out) in self._factors().items():
-                self.get_parameter(pname).normal_(0.0, mup_std(fan_in, fan_out), generator=generator)
+                param = self.get_parameter(pname)
+                if param.device.type == "meta":  # no values to draw (a size check, or a layer a projection fills);
+                    continue                      # a meta normal_ runs torch's Python reference: ~1 ms per call
+                param.normal_(0.0, mup_std(fan_in, fan_out), generator=generator)
             if self.bias is not None:
                 self.bias.zero_()
         return self
