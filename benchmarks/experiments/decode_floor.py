@@ -14,7 +14,8 @@ replayed from a CUDA graph), once dense and once with every linear layer of the 
 The fairness checks of compiled ``generate`` ride along: per-repetition times (not only the median), 32 and 64 new
 tokens (a fixed cost per call would show as a difference), graphs compiled (recompiles would show), and the gap
 between a compiled generate token and the captured step (the host loop of ``generate``).
-Optional: ``--step-compile`` adds the step compiled by inductor and then captured (elementwise work fused).
+Optional: ``--step-compile`` adds the step compiled by inductor and then captured (elementwise work fused); a
+bench-infer structure in ``--models`` is measured in the same process beside them (ratios within one host state).
 Writes ``decode-floor-<UTC>.json`` after every measurement (a time limit keeps the rows done).
 """
 
@@ -44,14 +45,37 @@ def timed_generate(model, new_tokens: int, reps: int) -> dict:
     return row
 
 
+def ratios(rep: dict) -> None:
+    """Each model's speed over dense's (for a floor model: the best speedup any structure can reach there), and the
+    host loop of compiled generate (a compiled token minus the captured step)."""
+    dense = rep["models"].get("dense", {})
+    for row in rep["models"].values():
+        bound = {}
+        for kind in ("graph", "eager", "compiled", "graph_compiled"):
+            for a, b in zip(row.get(kind, []), dense.get(kind, [])):
+                bound[f"{kind}_b{a['batch']}" + (f"_n{a['new_tokens']}" if "new_tokens" in a else "")] = (
+                    a["tokens_per_s"] / b["tokens_per_s"])
+        row["speed_vs_dense"] = bound
+        for g in row.get("compiled", []):
+            if row.get("graph"):
+                g["host_gap_ms"] = g["ms_per_token"] - row["graph"][0]["ms_per_step"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
-    ap.add_argument("--models", default="dense,floor,floor1,floor2")
-    ap.add_argument("--generate-models", default="dense,floor", help="models that also get HF generate")
+    ap.add_argument("--models", default="dense,floor,floor1,floor2",
+                    help="dense, floor / floor1 / floor2, or a bench-infer structure (lowrank, monarch, blockdiag, "
+                         "nm24), measured in this order, all in this process (the same host state for every row)")
+    ap.add_argument("--graph-batches", default="1,8,32", help="batches of the captured step")
+    ap.add_argument("--eager-models", default=None, help="models that get eager HF generate (default: "
+                                                           "--generate-models)")
+    ap.add_argument("--generate-models", default="dense,floor", help="models that also get compiled HF generate")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--step-compile", default="", help="models whose step is also compiled by inductor")
     args = ap.parse_args()
+    if args.eager_models is None:
+        args.eager_models = args.generate_models
     from structmat.bench import infer
     from structmat.eval.results import run_info, write_json
 
@@ -61,20 +85,25 @@ def main() -> int:
     t0 = time.time()
 
     def save():
+        ratios(rep)
         rep["seconds"] = time.time() - t0
         rep["run_info"] = run_info(vars(args), device="cuda")
         write_json(path, rep)
 
     infer.warm_process_buffers(DTYPE)
     gen_models = args.generate_models.split(",")
+    batches = [int(b) for b in args.graph_batches.split(",")]
     for name in args.models.split(","):
         torch._dynamo.reset()
-        model = (infer.build(None, DTYPE, infer.SHAPE) if name == "dense"
-                 else infer.floor_model(DTYPE, infer.SHAPE, int(name[5:] or 0)))
+        if name.startswith("floor"):
+            model = infer.floor_model(DTYPE, infer.SHAPE, int(name[5:] or 0))
+        else:
+            model = infer.build(None if name == "dense" else name, DTYPE, infer.SHAPE)
         row = rep["models"].setdefault(name, {"param_bytes": infer.model_bytes(model)})
-        steps = {"graph": lambda: [infer.graph_decode_tps(model, b) for b in (1, 8, 32)]}
-        if name in gen_models:
+        steps = {"graph": lambda: [infer.graph_decode_tps(model, b) for b in batches]}
+        if name in args.eager_models.split(","):
             steps["eager"] = lambda: [infer.generate_tps(model, 1, 32, False, "", "", args.reps)]
+        if name in gen_models:
             steps["compiled"] = lambda: [timed_generate(model, n, args.reps) for n in (32, 64)]
         if name in args.step_compile.split(","):
             steps["graph_compiled"] = lambda: [infer.graph_decode_tps(model, 1, compile_mode="default")]
@@ -90,17 +119,6 @@ def main() -> int:
             print(name, key, json.dumps(row.get(key), default=str), f"[{time.time() - t0:.0f}s]", flush=True)
         del model
         torch.cuda.empty_cache()
-    dense = rep["models"].get("dense", {})
-    for name, row in rep["models"].items():  # dense / row: the best speedup any structure can reach there
-        bound = {}
-        for kind in ("graph", "eager", "compiled", "graph_compiled"):
-            for a, b in zip(row.get(kind, []), dense.get(kind, [])):
-                bound[f"{kind}_b{a['batch']}" + (f"_n{a['new_tokens']}" if "new_tokens" in a else "")] = (
-                    a["tokens_per_s"] / b["tokens_per_s"])
-        row["speed_vs_dense"] = bound
-    for g in dense.get("compiled", []):  # the host loop of generate: a compiled token minus the captured step
-        if dense.get("graph"):
-            g["host_gap_ms"] = g["ms_per_token"] - dense["graph"][0]["ms_per_step"]
     save()
     print(f"wrote {path}")
     return 0
