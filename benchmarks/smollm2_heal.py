@@ -351,6 +351,7 @@ def part_table(ctx: dict, args) -> dict:
             print(f"table {name}: skipped ({row['skipped']})", flush=True)
             continue
         start = time.perf_counter()
+        row["started_unix"] = time.time()  # (to line rows up with other work on a shared GPU)
         try:
             model = copy.deepcopy(dense)
             torch.manual_seed(args.seed)
@@ -375,6 +376,7 @@ def part_table(ctx: dict, args) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         row["row_s"] = time.perf_counter() - start
+        row["ended_unix"] = time.time()
         rows.append(row)
         ctx["checkpoint"]("table", {"ppl_before": before, "rank": args.rank, "rows": rows})
         print(f"table {name}: " + (row.get("error", "").splitlines()[-1:] or [
