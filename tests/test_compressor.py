@@ -315,3 +315,32 @@ def test_output_sensitivity_tracks_activations_only_with_the_same_result():
     for n in names:
         assert fast[n] == pytest.approx(slow["inner." + n], rel=1e-12)
     assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+
+
+def test_batched_whitened_monarch_projection_equals_each_layer_alone(monkeypatch):
+    """On a GPU structurize fits the whitened Monarch layers of one shape and size in one batched descent
+    (structmat.project.prefit): each layer is its own descent's. Forced on here (the CPU fits each alone)."""
+    from structmat import surgery
+    from structmat.modules import linear_modules
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    names = [n for n in linear_modules(model) if ".layers." in n and "mlp" in n]
+    gen = torch.Generator().manual_seed(0)
+    stats = calibrate(model, names, [{"input_ids": torch.randint(0, 64, (2, 24), generator=gen)}])
+    plan = {r".*mlp\..*": Target("monarch:nblocks=4,block_rank=2", "whitened")}
+    alone = copy.deepcopy(model)
+    surgery.structurize(alone, plan, calibration=stats)
+    monkeypatch.setattr(surgery, "_prefit_pays", lambda work: True)
+    from structmat.project import monarch
+
+    calls = []
+    real = monarch.whitened_monarch_sizes
+    monkeypatch.setattr(monarch, "whitened_monarch_sizes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    surgery.structurize(model, plan, calibration=stats)
+    assert not calls  # every layer's fit came from a batched descent
+    got, ref = dict(model.named_modules()), dict(alone.named_modules())
+    for name in names:
+        assert torch.allclose(got[name].to_dense(), ref[name].to_dense(), rtol=1e-6, atol=1e-9), name
+        assert got[name].fit_info["output_error"] == pytest.approx(ref[name].fit_info["output_error"], rel=1e-6)

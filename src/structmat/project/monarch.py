@@ -240,14 +240,16 @@ def whitened_monarch_sizes(w: Tensor, gram: Tensor, *, nblocks: int, ranks: list
     fits = whitened_monarch_batch(w.unsqueeze(0), gram.unsqueeze(0), nblocks=nblocks, ranks=ranks,
                                   out_padded=out_padded, in_padded=in_padded, damp=damp, sweeps=sweeps, tol=tol,
                                   power=power, start_iters=start_iters, stats=[stats] if stats is not None else None)
-    results = []
-    for member, basis, info in fits:
-        values = {k: v.item() for k, v in info.items()}
-        results.append((member[0], basis[0], {
-            "start": "block-whitened" if values["block_whitened_start"] else "data-free",
-            "sweeps": int(values["sweeps"]), "damped_objective_start": values["damped_objective_start"],
-            "damped_objective": values["damped_objective"], "objective": values["objective"]}))
-    return results
+    return [(member[0], basis[0], _info_of(info)[0]) for member, basis, info in fits]
+
+
+def _info_of(info: dict[str, Tensor]) -> list[dict]:
+    """The batched fit's info as one plain dict per layer (one host read per field)."""
+    values = {k: v.tolist() for k, v in info.items()}
+    return [{"start": "block-whitened" if values["block_whitened_start"][i] else "data-free",
+             "sweeps": int(values["sweeps"][i]), "damped_objective_start": values["damped_objective_start"][i],
+             "damped_objective": values["damped_objective"][i], "objective": values["objective"][i]}
+            for i in range(len(values["sweeps"]))]
 
 
 def _price_whitened(p: Problem, configs: list, guard: bool, damp: float, sweeps: int, tol: float, power: int
@@ -303,10 +305,14 @@ _price_whitened.many = _price_whitened_many
 def _whitened(p: Problem, damp: float, sweeps: int, tol: float, power: int) -> tuple[Monarch, dict]:
     layer = p.new_layer()
     b, c = layer.nblocks, layer.c
-    gram = p.stats.gram.to(p.w.device)
-    member, basis, info = whitened_monarch_sizes(p.w, gram, nblocks=b, ranks=[c], out_padded=layer.out_padded,
-                                                 in_padded=layer.in_padded, damp=damp, sweeps=sweeps, tol=tol,
-                                                 power=power, stats=p.stats)[0]
+    ahead = p.stats.take_cached(_fit_key(p, damp, sweeps, tol, power))
+    if ahead is not None:  # fitted by prefit_whitened with other layers of its shape
+        member, basis, info = ahead
+    else:
+        gram = p.stats.gram.to(p.w.device)
+        member, basis, info = whitened_monarch_sizes(p.w, gram, nblocks=b, ranks=[c], out_padded=layer.out_padded,
+                                                     in_padded=layer.in_padded, damp=damp, sweeps=sweeps, tol=tol,
+                                                     power=power, stats=p.stats)[0]
     # the factors straight from the fit (no SVD of the result): block (s, k) = U (U^T M), each rank-one term
     # scaled to equal norms on both sides
     right = basis.transpose(-1, -2) @ blocks_of(member, b).transpose(0, 1)  # (k, s, c, p)
@@ -320,6 +326,32 @@ def _whitened(p: Problem, damp: float, sweeps: int, tol: float, power: int) -> t
         if p.bias is not None:
             layer.bias.copy_(p.bias)
     return layer, info
+
+
+def _fit_key(p: Problem, damp: float, sweeps: int, tol: float, power: int) -> tuple:
+    """Where a batched fit of this layer waits in its statistics' cache (the weight's identity and version)."""
+    return ("monarch-whitened-fit", p.weight.data_ptr(), p.weight._version, tuple(p.weight.shape), str(p.config),
+            float(damp), sweeps, float(tol), power, p.w.dtype, str(p.w.device))
+
+
+def prefit_whitened(problems: list[Problem], damp: float, sweeps: int, tol: float, power: int) -> None:
+    """Fit several layers of one shape and size, each with its own input, in ONE batched descent and leave each
+    fit in its statistics' cache, where :func:`_whitened` takes it: each layer's own descent (a layer that stops
+    is held while the others go on), one launch-bound sweep loop instead of one per layer."""
+    if len(problems) < 2:
+        return
+    out_f, in_f = problems[0].w.shape
+    layer = problems[0].cls.from_config(problems[0].config, in_f, out_f, bias=False, device="meta")
+    w = torch.stack([p.w for p in problems])
+    gram = torch.stack([p.stats.gram.to(w.device) for p in problems])
+    member, basis, info = whitened_monarch_batch(
+        w, gram, nblocks=layer.nblocks, ranks=[layer.c], out_padded=layer.out_padded, in_padded=layer.in_padded,
+        damp=damp, sweeps=sweeps, tol=tol, power=power, stats=[p.stats for p in problems])[0]
+    for i, (p, plain) in enumerate(zip(problems, _info_of(info))):
+        p.stats.cached(_fit_key(p, damp, sweeps, tol, power), lambda i=i, plain=plain: (member[i], basis[i], plain))
+
+
+_whitened.prefit = prefit_whitened
 
 
 @register_projection("fisher", Monarch, needs_stats=False, needs_fisher=True)
