@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Session 5, round 2, issue 15: the whole adapter table in one run, every row the same 40 steps x 32 x 512 tokens
-# (655,360 tokens, about round 1's 150 x 8 x 512 = 614,400): round 1 showed the step host-bound (~0.35 s at 8 and at
+# Session 5, round 2, issue 15: the whole adapter table in one run, every row the same 36 steps x 32 x 512 tokens
+# (589,824 tokens, 0.96 x round 1's 150 x 8 x 512 = 614,400): round 1 showed the step host-bound (~0.35 s at 8 and at
 # 16 sequences, so time per step barely depends on the batch), so a 4x larger batch at 4x fewer steps trains on the
 # same tokens in about a quarter of the time. Rows never measured run first, Compacter (the most memory) last.
 # Run from the repo root of main's checkout on the device, after /tmp/w/smollm2 exists (issue 14's conversion):
@@ -23,7 +23,7 @@ MODEL=${MODEL:-/tmp/w/smollm2}
 watch=$!
 T_TABLE=${T_TABLE:-200}
 timeout "$T_TABLE" python3 benchmarks/smollm2_heal.py --model "$MODEL" --out "$OUT/15" --parts table \
-  --methods randbasis,ldu,rows,splr,full,lora,pissa,rslora,kron --rank 8 --table-steps 40 --batch-size 32 \
+  --methods randbasis,ldu,rows,splr,full,lora,pissa,rslora,kron --rank 8 --table-steps 36 --batch-size 32 \
   --seq-len 512 --total-seconds $(( T_TABLE - 8 )) ${EXTRA:-} > "$OUT/15/table.log" 2>&1
 echo "table rc=$? at +$(( $(date +%s) - t0 ))s" >> "$log"
 kill "$watch" 2>/dev/null
