@@ -126,6 +126,8 @@ def test_cli_finetune_and_bad_flags(setup, capsys):
         TuneConfig(task="heal", model="x")
     with pytest.raises(ValueError, match="adapter_budget places adapters where the model differs most from teacher"):
         TuneConfig(model="x", adapter_budget=0.02)
+    with pytest.raises(ValueError, match="adapter=full trains every weight"):
+        TuneConfig(model="x", adapter="full", init="pissa")
     with pytest.raises(ValueError, match="adapter_budget places low-rank adapters"):
         TuneConfig(model="x", teacher="y", adapter="kron:rank=2", adapter_budget=0.02)
 

@@ -105,6 +105,9 @@ class TuneConfig:
             raise ValueError("tune config: heal needs teacher= (the original model the student was compressed from)")
         if self.init not in ("zero", "pissa", "eora"):
             raise ValueError(f"tune config: init must be zero, pissa or eora, got {self.init!r}")
+        if self.adapter == "full" and (self.init != "zero" or self.adapter_budget):
+            raise ValueError("tune config: adapter=full trains every weight of the model itself; init= and "
+                             "adapter_budget= shape adapters, so drop them (or give an adapter spec)")
         if self.init == "eora" and not self.teacher:
             raise ValueError("tune config: init=eora needs teacher= (the original weights)")
         if self.lr_mult not in ("flat", "mup"):
