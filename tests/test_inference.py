@@ -668,3 +668,29 @@ def test_sparse_reference_tiles_grow_with_tokens_but_never_past_a_quarter_of_the
     layer = NMSparse(32, 64, n=2, m=4).double()
     with torch.no_grad():
         assert torch.allclose(layer(x), x @ layer.to_dense().T + layer.bias, rtol=1e-10, atol=1e-10)
+
+
+def test_measured_few_token_policy_at_the_bench_shapes():
+    """The cost model with the H200 constants (dispatch.FEW_TOKEN_COST, HOST_US), at the bench-infer layer shapes and
+    one token: the picks that measured fastest per layer (decode-layers-20261203T150038Z.json). Eager: least host
+    time; captured in a CUDA graph: least GPU time; prefill: GPU time, eager or not."""
+    from structmat.kernels.dispatch import choose
+
+    def pick(op, n, inp, out, graphed, b=4):
+        if op == "blockdiag":
+            numel = inp * out // b
+        elif op == "lowrank":
+            numel = (inp * out // (inp + out) // 2) * (inp + out)
+        else:  # monarch at 50%
+            numel = inp * out // 2
+        return choose(op, n, inp, out, 2.0 * n * numel, 2 * (numel + n * (inp + out)), torch.bfloat16, b, False,
+                      False, True, graphed)
+
+    assert pick("blockdiag", 1, 2048, 2048, False) == "reference"  # one bmm: least host time
+    assert pick("blockdiag", 1, 2048, 2048, True) == "decode"  # 3.3 vs 3.7 us cold
+    assert pick("blockdiag", 1, 2048, 8192, True) in ("reference", "triton", "cublas")  # 4.7 vs 5.7 us
+    assert pick("monarch", 1, 2048, 2048, True) == "decode"  # 7.1 vs 8.3 / 9.7 us
+    assert pick("monarch", 1, 8192, 2048, True) == "reference"  # 13.5 vs 20.0 us
+    for graphed in (False, True):
+        assert pick("lowrank", 1, 2048, 8192, graphed) == "reference"  # two GEMMs: 14.0 vs 22.0 us
+        assert pick("monarch", 8192, 2048, 2048, graphed) == pick("monarch", 8192, 2048, 2048, True)  # prefill
