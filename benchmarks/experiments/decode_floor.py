@@ -14,7 +14,8 @@ replayed from a CUDA graph), once dense and once with every linear layer of the 
 The fairness checks of compiled ``generate`` ride along: per-repetition times (not only the median), 32 and 64 new
 tokens (a fixed cost per call would show as a difference), graphs compiled (recompiles would show), and the gap
 between a compiled generate token and the captured step (the host loop of ``generate``).
-Optional: ``--step-compile`` adds the step compiled by inductor and then captured (elementwise work fused); a
+Optional: ``--step-compile`` adds the step compiled by inductor and then captured (elementwise work fused; for a
+floor model that is no bound: its stand-ins ignore their inputs, so inductor removes what feeds them); a
 bench-infer structure in ``--models`` is measured in the same process beside them (ratios within one host state).
 Writes ``decode-floor-<UTC>.json`` after every measurement (a time limit keeps the rows done).
 """

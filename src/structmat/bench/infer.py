@@ -85,7 +85,9 @@ def build(structure: str | None, dtype: torch.dtype, shape: dict, seed: int = 0,
 class FloorLinear(torch.nn.Module):
     """A stand-in for a linear layer that reads no weight (the ``floor`` model): ``kernels`` = 0 returns a view of a
     zero buffer (nothing is launched), 1 launches one zero fill of the output, 2 a fill and a dependent in-place add
-    (two launches, as a two-stage structure pays)."""
+    (two launches, as a two-stage structure pays). It ignores its input, so under an optimizing compiler (inductor)
+    everything that only feeds the linears is dead code: the floor bounds eager, captured and HF-generate decode,
+    not an inductor-compiled step (measured 0.076 ms there, the attention and norms removed)."""
 
     def __init__(self, in_features: int, out_features: int, kernels: int = 0, device=None, dtype=None) -> None:
         super().__init__()
