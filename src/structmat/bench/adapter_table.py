@@ -6,7 +6,8 @@ Every method adapts the same layers (every linear layer of the blocks); its size
 rank ``--rank`` (r (in + out) parameters): PiSSA and rsLoRA are LoRA with another init / scaling; Compacter (kron)
 takes the Kronecker rank whose factors hold about as many numbers; LoLDU (ldu) the same rank; S2FT rows the number
 of rows; sparse + low rank (splr) half the rank plus the other half as sparse entries; NOLA/RandLoRA (randbasis)
-holds a quarter of LoRA's parameters (its point is fewer parameters; equal parameters would need r(in+out)/2 bases).
+r(in+out)/2 bases, i.e. 2 x that many mixing coefficients = LoRA's r(in+out) (the bases themselves are fixed random
+numbers regenerated from the seed, shared by the layers of one shape, never trained or stored).
 
     PYTHONPATH=src python -m structmat.bench.adapter_table --model runs/lm5m/model --corpus site-packages \\
         --steps 150 --out benchmarks/results
@@ -51,7 +52,7 @@ def method_plans(sizes: dict[str, tuple[int, int]], rank: int) -> dict[str, tupl
         "pissa": (lowrank, {"init": "pissa", "alpha": 2.0 * rank}),
         "rslora": (lowrank, {"init": "zero", "alpha": 2.0 * rank, "rslora": True}),
         "kron": (per_layer(lambda i, o, p: _kron_rank(i, o, p)), {"init": "zero"}),
-        "randbasis": (per_layer(lambda i, o, p: f"randbasis:rank={rank},bases={max(1, p // 8)}"), {"init": "zero"}),
+        "randbasis": (per_layer(lambda i, o, p: f"randbasis:rank={rank},bases={max(1, p // 2)}"), {"init": "zero"}),
         "ldu": (per_layer(lambda i, o, p: f"ldu:rank={rank}"), {"init": "zero"}),
         "rows": (per_layer(lambda i, o, p: f"rows:k={max(1, round(p / i))}"), {"init": "zero"}),
         "splr": (per_layer(lambda i, o, p: f"splr:rank={max(1, rank // 2)},"
@@ -95,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"adapter_table: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     rows = []
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(args.out)
+    json_path = out / f"adapter-table-{stamp}.json"
+    info = run_info(vars(args))
     for name in methods:
         plan, opts = plans[name]
         lr = args.full_lr if name == "full" else args.randbasis_lr if name == "randbasis" else args.lr
@@ -114,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                      "data": res["data"]})
         print(f"{name}: ppl {rows[-1]['ppl_before']:.2f} -> {rows[-1]['ppl']:.2f}, "
               f"{rows[-1]['trainable_params']:,} params, {rows[-1]['tokens_per_s']:.0f} tok/s", flush=True)
+        write_json(json_path, {"rows": rows, "run_info": info})  # after every row: a killed run keeps its rows
     header = ("method", "example spec", "trainable params", "% of linear", "held-out ppl", "optimizer state",
               "tokens/s")
     table = markdown_table(header, [(r["method"], r["spec_example"], f"{r['trainable_params']:,}",
@@ -121,11 +127,33 @@ def main(argv: list[str] | None = None) -> int:
                                      f"{r['optimizer_state_bytes'] / 2 ** 20:.2f} MiB", f"{r['tokens_per_s']:,.0f}")
                                     for r in rows])
     print(f"\nbefore fine-tuning: held-out perplexity {rows[0]['ppl_before']:.2f}\n{table}")
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = Path(args.out)
-    print(f"wrote {write_json(out / f'adapter-table-{stamp}.json', {'rows': rows, 'run_info': run_info(vars(args))})}")
+    print(f"wrote {write_json(json_path, {'rows': rows, 'run_info': info})}")
     write_atomic(out / f"adapter-table-{stamp}.md", (table + "\n").encode())
+    print(f"wrote {_plot(rows, out / f'adapter-table-{stamp}.png')}")
     return 0
+
+
+def _plot(rows: list[dict], path: Path) -> Path:
+    """Held-out perplexity against trainable parameters, one point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..atomic import write_png
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    ax.scatter([r["trainable_params"] for r in rows], [r["ppl"] for r in rows])
+    for r in rows:
+        ax.annotate(r["method"], (r["trainable_params"], r["ppl"]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(rows[0]["ppl_before"], color="gray", ls=":", label="before fine-tuning")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("held-out perplexity")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return write_png(path, fig)
 
 
 if __name__ == "__main__":
