@@ -325,3 +325,30 @@ def test_thin_svd_of_a_wide_matrix_through_qr_equals_the_svd():
         assert torch.allclose((u * s) @ vh, a, atol=1e-12)
         assert torch.allclose(u.T @ u, torch.eye(min(shape), dtype=a.dtype), atol=1e-12)
         assert torch.allclose(vh @ vh.T, torch.eye(min(shape), dtype=a.dtype), atol=1e-12)
+
+
+def test_whitened_projection_of_a_wide_layer_runs_no_wide_svd():
+    """The 1B shape's down_proj (2048 x 8192) peaked in cuSOLVER's workspace for the SVD of its 2048 x 8192
+    whitened weight. A wide weight's projection now runs every dense SVD on a square matrix of the smaller side
+    (a QR of the transpose first): census of the SVDs' input shapes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    out, inn = 16, 64
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(out, inn, generator=gen, dtype=torch.float64)
+    stats = InputStats.empty(inn).update(correlated(400, inn, gen))
+    shapes = []
+
+    class Census(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "svd" in func._schema.name:
+                shapes.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    with Census():
+        layer = project(w, "lowrank:rank=6", "whitened", stats)
+    assert shapes and all(max(s) <= out for s in shapes), shapes
+    sv = torch.linalg.svdvals(w @ torch.linalg.cholesky(stats.gram + 1e-6 * stats.gram.diagonal().mean()
+                                                        * torch.eye(inn, dtype=torch.float64)))
+    assert output_error(w, layer, stats) == pytest.approx(float((sv[6:].square().sum() / sv.square().sum()).sqrt()),
+                                                          rel=1e-5)
