@@ -248,22 +248,12 @@ def test_demo_on_a_causal_lm_prints_the_perplexity_table_with_both_modes(tmp_pat
     assert "| dense " in capsys.readouterr().out  # the dense row of the table
 
 
-def test_batched_sparsegpt_projection_equals_each_layer_alone(monkeypatch):
+def test_batched_sparsegpt_projection_equals_each_layer_alone(monkeypatch, tiny_calibrated_llama):
     """On a GPU structurize fits the N:M SparseGPT layers of one shape together (structmat.project.prefit): the
     layers are the ones fitted alone. Forced on here (the CPU default fits each alone)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from structmat import surgery
-    from structmat.compress import calibrate
-    from structmat.modules import linear_modules
-    from structmat.plan import Target
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                         num_attention_heads=4, num_key_value_heads=2)).eval()
-    names = [n for n in linear_modules(model) if ".layers." in n]
-    gen = torch.Generator().manual_seed(0)
-    stats = calibrate(model, names, [{"input_ids": torch.randint(0, 64, (2, 24), generator=gen)}])
+    model, names, stats = tiny_calibrated_llama()
     plan = {r".*layers\..*": Target("nm:n=2,m=4", "sparsegpt")}
     alone = copy.deepcopy(model)
     surgery.structurize(alone, plan, calibration=stats)
@@ -317,18 +307,12 @@ def test_output_sensitivity_tracks_activations_only_with_the_same_result():
     assert all(not p.requires_grad or p.grad is None for p in model.parameters())
 
 
-def test_batched_whitened_monarch_projection_equals_each_layer_alone(monkeypatch):
+def test_batched_whitened_monarch_projection_equals_each_layer_alone(monkeypatch, tiny_calibrated_llama):
     """On a GPU structurize fits the whitened Monarch layers of one shape and size in one batched descent
     (structmat.project.prefit): each layer is its own descent's. Forced on here (the CPU fits each alone)."""
     from structmat import surgery
-    from structmat.modules import linear_modules
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                         num_attention_heads=4, num_key_value_heads=2)).eval()
-    names = [n for n in linear_modules(model) if ".layers." in n and "mlp" in n]
-    gen = torch.Generator().manual_seed(0)
-    stats = calibrate(model, names, [{"input_ids": torch.randint(0, 64, (2, 24), generator=gen)}])
+    model, names, stats = tiny_calibrated_llama(lambda name: "mlp" in name)
     plan = {r".*mlp\..*": Target("monarch:nblocks=4,block_rank=2", "whitened")}
     alone = copy.deepcopy(model)
     surgery.structurize(alone, plan, calibration=stats)

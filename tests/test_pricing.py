@@ -107,20 +107,13 @@ def test_asvd_is_the_direct_formula_and_beats_plain_svd_on_outlier_channels():
     assert abs(calib_error(direct) - fit.fit_info["output_error"]) < 1e-9
 
 
-def test_layers_sharing_an_input_are_priced_together_as_each_alone():
+def test_layers_sharing_an_input_are_priced_together_as_each_alone(tiny_calibrated_llama):
     """q/k/v (and gate/up) stacked as rows, and the same layers of every block batched into one call (SparseGPT;
     whitened Monarch's descents batched over the blocks): the prices are each layer's own."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from structmat.compress import calibrate, candidates_for, parse_allow, price_layers
+    from structmat.compress import candidates_for, parse_allow, price_layers
     from structmat.modules import dense_weight, linear_modules
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                         num_attention_heads=4, num_key_value_heads=2)).eval()
-    names = [n for n in linear_modules(model) if ".layers." in n]
-    gen = torch.Generator().manual_seed(0)
-    stats = calibrate(model, names, [{"input_ids": torch.randint(0, 64, (2, 24), generator=gen)}])
+    model, names, stats = tiny_calibrated_llama()
     allowed = parse_allow("nm@sparsegpt,lowrank@whitened,monarch@whitened:nblocks=4")
     together = price_layers(model, allowed, stats, names)
     modules = linear_modules(model)
