@@ -3,7 +3,9 @@ blocks: the device-memory bound of sequential, offloaded compression (one block 
 
 import gc
 
+import pytest
 import torch
+from torch import nn
 
 from structmat.calibrate import InputStats
 from structmat.compress import Compressor
@@ -40,3 +42,112 @@ def test_between_blocks_only_the_activations_and_no_statistics_stay_alive():
     for stage, block, activations, statistics in records:
         assert activations == n_batches, f"after {stage} of block {block}: {activations} activation batches alive"
         assert statistics == 0, f"after {stage} of block {block}: {statistics} statistics objects alive"
+
+
+SCOPE = r".*layers\.\d+\..*"
+
+
+def _tiny_llama(layers=3):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=96, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def _batches(n=2, batch=4, seq=16):
+    gen = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(0, 128, (batch, seq), generator=gen)} for _ in range(n)]
+
+
+def test_between_blocks_nothing_but_the_current_block_sits_on_the_device(monkeypatch):
+    """Where each parameter is, as blockwise moves it (the CPU stands in for the device: every move goes through
+    compress._onload / compress._offload, recorded here): outside the blocks only while the first block's inputs
+    are computed, then exactly one block from its onload to its offload."""
+    import structmat.compress as compress
+
+    model = _tiny_llama()
+    onloaded: list[nn.Module] = []  # modules moved to the device and not back (their parameters as they are now:
+    events = []                     # the projection swaps a block's layers while it is on the device)
+    real_onload, real_offload = compress._onload, compress._offload
+
+    def onload(module, device):
+        onloaded.append((module, {id(p) for p in module.parameters()}))
+        events.append(("onload", len(onloaded[-1][1])))
+        real_onload(module, device)
+
+    def offload(module):
+        onloaded[:] = [(m, ids) for m, ids in onloaded if m is not module]
+        real_offload(module)
+
+    monkeypatch.setattr(compress, "_onload", onload)
+    monkeypatch.setattr(compress, "_offload", offload)
+    blocks = model.model.layers
+    seen = []
+
+    def on_device():
+        # a block counts with the parameters it holds now; the rest of the model as it was moved (blocks out)
+        held = {id(p) for m, ids in onloaded for p in m.parameters() if m in blocks.children() or id(p) in ids}
+        return {id(p) for p in model.parameters() if id(p) in held}
+
+    def census(stage, block):
+        seen.append((stage, block))
+        expected = set() if stage in ("inputs", "offload") else {id(p) for p in blocks[block].parameters()}
+        assert on_device() == expected, f"{stage} of block {block}: {len(on_device())} parameters on the device"
+
+    comp = Compressor(model, _batches(), SCOPE, offload=True, sequential=True, device="cpu", on_stage=census,
+                      forward_tokens=16)
+    comp.uniform({r".*": Target("lowrank:ratio=0.5", "whitened")}, inplace=True)
+    assert len(seen) == 1 + 5 * len(blocks) and not onloaded
+    # the embeddings, final norm and head (everything but the blocks) went to the device once, for the inputs
+    outside = sum(1 for _ in model.parameters()) - sum(1 for _ in blocks.parameters())
+    assert events[0] == ("onload", outside)
+
+
+def test_forward_pieces_leave_statistics_and_results_unchanged():
+    """A block forward split into pieces of whole sequences (forward_tokens) gives the statistics and the
+    sequentially compressed model of whole batches, up to summation order; the calibration batches are untouched
+    though block outputs are written over the block inputs, also where the first block's input IS a batch tensor
+    (inputs_embeds)."""
+    plan = {r".*": Target("lowrank:ratio=0.5", "whitened")}
+    data = _batches()
+    before = [{k: v.clone() for k, v in b.items()} for b in data]
+    ids = data[0]["input_ids"]
+    whole = Compressor(_tiny_llama(), data, SCOPE, offload=True, sequential=True, device="cpu",
+                       stats_dtype=torch.float64, forward_tokens=None).uniform(plan).model
+    with torch.no_grad():
+        expected = whole(input_ids=ids).logits
+    stats_whole = Compressor(_tiny_llama(), data, SCOPE, offload=True, device="cpu", stats_dtype=torch.float64,
+                             forward_tokens=None).statistics()
+    for tokens in (16, 40, 48):  # pieces of 1, 2 and 3 (+1) sequences of 16 tokens
+        model = Compressor(_tiny_llama(), data, SCOPE, offload=True, sequential=True, device="cpu",
+                           stats_dtype=torch.float64, forward_tokens=tokens).uniform(plan).model
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-6)
+        stats = Compressor(_tiny_llama(), data, SCOPE, offload=True, device="cpu", stats_dtype=torch.float64,
+                           forward_tokens=tokens).statistics()
+        for name, s in stats_whole.items():
+            torch.testing.assert_close(stats[name].gram, s.gram, rtol=1e-6, atol=1e-8)
+            torch.testing.assert_close(stats[name].abs_sum, s.abs_sum, rtol=1e-6, atol=1e-8)
+            assert stats[name].count == s.count
+    assert all(torch.equal(b["input_ids"], a["input_ids"]) for a, b in zip(before, data))
+
+    reference = _tiny_llama()
+    embeds = [{"inputs_embeds": reference.model.embed_tokens(b["input_ids"]).detach()} for b in data]
+    kept = [e["inputs_embeds"].clone() for e in embeds]
+    outs = []
+    for tokens in (None, 16):
+        model = Compressor(_tiny_llama(), embeds, SCOPE, offload=True, sequential=True, device="cpu",
+                           stats_dtype=torch.float64, forward_tokens=tokens).uniform(plan).model
+        with torch.no_grad():
+            outs.append(model(inputs_embeds=kept[0]).logits)
+        assert all(torch.equal(e["inputs_embeds"], k) for e, k in zip(embeds, kept))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_forward_tokens_is_checked():
+    for bad in (0, -5, 1.5, True, "many"):
+        with pytest.raises(ValueError, match="forward_tokens"):
+            Compressor(_tiny_llama(1), _batches(), SCOPE, forward_tokens=bad)
+    assert Compressor(_tiny_llama(1), _batches(), SCOPE, device="cpu").forward_tokens is None  # auto: not on a CPU

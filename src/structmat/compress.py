@@ -16,8 +16,9 @@ Two ways to calibrate:
   layers).
 
 ``device=`` is where statistics and projections are computed; ``offload=True`` keeps the model on the CPU and
-onloads one block at a time (everything outside the blocks — embeddings, norms, head — goes to the device), so
-device memory is bounded by one block, its statistics and the calibration activations. Statistics are float32 by
+onloads one block at a time (everything outside the blocks — embeddings, norms, head — visits the device only to
+compute the first block's inputs), so device memory is bounded by one block, its statistics, the calibration
+activations and one forward piece or one layer's projection (see :func:`blockwise`). Statistics are float32 by
 default (``stats_dtype=torch.float64`` for float64 projections too). Layers that share an input (q/k/v,
 gate/up) share one statistics object and therefore one factorization.
 
@@ -50,6 +51,10 @@ from .structures.base import RatioSpec, parse_spec
 from .surgery import Report, check_plan_fits, structurize
 
 DEFAULT_ALLOW = default_allow()  # from the registrations (budget_default=)
+# tokens per block forward in block-by-block passes on a GPU: the working set of a 1B-shaped block's forward
+# (SwiGLU intermediates, the float32 copy of down_proj's input) is then ~0.1 GB instead of ~0.5 GB for a
+# 4096-token batch, and matrices of 1024 rows still keep the GPU busy
+AUTO_FORWARD_TOKENS = 1024
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,36 +177,123 @@ def _move(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _outside_to(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
-    """Move everything but the blocks to ``device`` (the blocks stay where they are)."""
+def _onload(module: nn.Module, device: torch.device) -> None:
+    """Put ``module`` on the compute device (the one place offloaded weights travel to the device)."""
+    module.to(device)
+
+
+def _offload(module: nn.Module) -> None:
+    """Put ``module`` back on the CPU (the one place offloaded weights travel back)."""
+    module.to("cpu")
+
+
+def _outside_to(model: nn.Module, blocks: nn.ModuleList, move: Callable[[nn.Module], None]) -> None:
+    """Apply ``move`` to everything but the blocks (embeddings, norms, head; the blocks stay where they are)."""
     held = list(blocks)
     for i in range(len(held)):
         blocks[i] = nn.Identity()
     try:
-        model.to(device)
+        move(model)
     finally:
         for i, block in enumerate(held):
             blocks[i] = block
+
+
+def _rows_of(value: Any, batch: int, lo: int, hi: int) -> Any:
+    """``value`` with every tensor of 2+ dimensions whose first dimension is ``batch`` cut to rows lo:hi (the
+    hidden state, a per-sequence attention mask); other tensors (position embeddings of shape (1, T, d), a
+    cache_position (T,)) are shared by every row and pass unchanged."""
+    if isinstance(value, Tensor):
+        return value[lo:hi] if value.dim() >= 2 and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return {k: _rows_of(v, batch, lo, hi) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows_of(v, batch, lo, hi) for v in value)
+    return value
+
+
+def _hidden_in(args: tuple, kwargs: dict) -> Tensor:
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, Tensor):
+        raise ValueError("block-by-block calibration: the first block was not called with a hidden-state tensor "
+                         "(first argument or hidden_states=)")
+    return hidden
+
+
+def _block_forward(block: nn.Module, args: tuple, kwargs: dict, forward_tokens: int | None,
+                   keep: bool) -> tuple[tuple, dict] | None:
+    """Run ``block`` on one captured batch, at most ``forward_tokens`` tokens (whole sequences, at least one) at a
+    time, so the forward's working set (MLP intermediates, attention, the statistics' float32 copies of a layer's
+    input) scales with ``forward_tokens``, not with the batch. ``keep``: return the batch's (args, kwargs) with the
+    output as hidden state, written over the input where shapes and dtypes agree (the input is not needed any more,
+    and sequences are independent, so a piece's output never overwrites a row another piece still reads)."""
+    hidden = _hidden_in(args, kwargs)
+    batch = hidden.shape[0] if hidden.dim() >= 2 else 1
+    per_sequence = max(1, hidden.numel() // max(1, batch * hidden.shape[-1]))
+    rows = batch if forward_tokens is None else max(1, forward_tokens // per_sequence)
+    if rows >= batch:
+        out = _hidden_of(block(*args, **kwargs))
+        return _with_hidden(args, kwargs, out) if keep else None
+    pieces: list[Tensor] = []
+    in_place = keep
+    for lo in range(0, batch, rows):
+        hi = min(batch, lo + rows)
+        out = _hidden_of(block(*_rows_of(args, batch, lo, hi), **_rows_of(kwargs, batch, lo, hi)))
+        if not keep:
+            continue
+        if in_place and out.shape == hidden[lo:hi].shape and out.dtype == hidden.dtype:
+            hidden[lo:hi].copy_(out)
+        else:  # an output of another shape or dtype: gather the pieces (rows written so far come back out)
+            if in_place:
+                pieces, in_place = [hidden[:lo].clone()] if lo else [], False
+            pieces.append(out)
+    if not keep:
+        return None
+    return _with_hidden(args, kwargs, hidden if in_place else torch.cat(pieces))
+
+
+def _own_hidden(inputs: list[tuple[tuple, dict]], batches: Sequence[dict[str, Tensor]]) -> None:
+    """Copy a captured hidden state that IS a calibration batch tensor (e.g. ``inputs_embeds`` passed straight to
+    the first block): block outputs are written over the inputs, which must never change the caller's batches."""
+    theirs = {v.untyped_storage().data_ptr() for b in batches for v in b.values() if isinstance(v, Tensor)}
+    for k, (a, kw) in enumerate(inputs):
+        hidden = _hidden_in(a, kw)
+        if hidden.untyped_storage().data_ptr() in theirs:
+            inputs[k] = _with_hidden(a, kw, hidden.clone())
+
+
+def check_forward_tokens(forward_tokens: Any, owner: str) -> int | None:
+    if forward_tokens is None:
+        return None
+    if isinstance(forward_tokens, bool) or not isinstance(forward_tokens, int) or forward_tokens < 1:
+        raise ValueError(f"{owner}: forward_tokens must be a positive int (tokens per block forward), None (whole "
+                         f"batches) or 'auto', got {forward_tokens!r}")
+    return forward_tokens
 
 
 def blockwise(model: nn.Module, batches: Sequence[dict[str, Tensor]], names: Sequence[str], *,
               plan: Plan | None = None, sequential: bool = True, device: torch.device | None = None,
               offload: bool = False, stats_dtype: torch.dtype = torch.float64, progress: bool = False,
               keep_stats: bool = False, stats_device: torch.device | str | None = None,
-              on_stage: Callable[[str, int], None] | None = None) -> tuple[Report, dict[str, InputStats]]:
+              on_stage: Callable[[str, int], None] | None = None,
+              forward_tokens: int | None = None) -> tuple[Report, dict[str, InputStats]]:
     """One pass over the blocks: collect the statistics of ``names`` inside each block and, with a ``plan``,
     structure the block's matched layers before moving on. ``sequential``: the next block's inputs come from the
-    compressed block (else from the original one). ``offload``: the blocks live on the CPU and visit ``device``
-    one at a time. Returns the report and (with ``keep_stats``) the statistics, moved to ``stats_device``.
+    compressed block (else from the original one). ``offload``: the model lives on the CPU; the weights outside
+    the blocks visit ``device`` only to compute the first block's inputs, then each block visits it in turn.
+    ``forward_tokens``: each block forward runs on at most this many tokens at a time (whole sequences; None:
+    whole batches). Returns the report and (with ``keep_stats``) the statistics, moved to ``stats_device``.
 
-    What is on the device at any time: the weights outside the blocks (with ``offload``), one block, its
-    statistics, the block inputs of every calibration batch plus one batch's outputs (each input is replaced by
-    its output as soon as that is computed), and the working memory of one layer's projection. ``on_stage(stage,
-    block)`` is called after each stage ("inputs" with block -1, then per block "onload", "calibrate",
-    "project", "propagate", "offload"), e.g. to record device memory per stage."""
+    What is on the device at any time (with ``offload``): the first block's inputs of every calibration batch
+    (hidden states + the block's other arguments), which each block's outputs overwrite batch by batch; one
+    block; its statistics; and either one forward's working set (``forward_tokens`` tokens) or one layer's
+    projection. While the first block's inputs are computed, the weights outside the blocks instead of a block.
+    ``on_stage(stage, block)`` is called after each stage ("inputs" with block -1, then per block "onload",
+    "calibrate", "project", "propagate", "offload"), e.g. to record device memory per stage."""
     from tqdm.auto import tqdm
 
     stage = on_stage or (lambda _stage, _block: None)
+    forward_tokens = check_forward_tokens(forward_tokens, "blockwise")
 
     prefix, blocks = find_blocks(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -211,27 +303,32 @@ def blockwise(model: nn.Module, batches: Sequence[dict[str, Tensor]], names: Seq
                          "covers the layers inside the blocks: narrow the scope (e.g. r'.*layers\\.\\d+\\..*') "
                          "or calibrate one-shot without offload")
     if offload:
-        _outside_to(model, blocks, device)
-    batches = [_move(b, device) for b in batches]
-    inputs = _capture_block_inputs(model, blocks[0], batches)
+        _outside_to(model, blocks, functools.partial(_onload, device=device))
+    moved = [_move(b, device) for b in batches]
+    inputs = _capture_block_inputs(model, blocks[0], moved)
+    _own_hidden(inputs, moved)
+    del moved  # the token ids on the device are not needed any more
+    if offload:  # embeddings, final norm and head are not needed until the next full forward
+        _outside_to(model, blocks, _offload)
     stage("inputs", -1)
     reports: list[Report] = []
     kept: dict[str, InputStats] = {}
-    moved: dict[int, InputStats] = {}
+    moved_stats: dict[int, InputStats] = {}
+    # the calibration forward's outputs are the next block's inputs when the block does not change afterwards
+    final = not sequential or plan is None
     for index, block in enumerate(tqdm(blocks, desc="blocks", unit="block", disable=not progress)):
         block_prefix = f"{prefix}.{index}."
         here = [n for n in names if n.startswith(block_prefix)]
         if offload:
-            block.to(device)
+            _onload(block, device)
         stage("onload", index)
-        outputs: list[Tensor] = []
         with torch.no_grad():
             if here:
-                def run(save: bool = not sequential or plan is None) -> None:
-                    for a, kw in inputs:
-                        out = _hidden_of(block(*a, **kw))
-                        if save:
-                            outputs.append(out)
+                def run() -> None:
+                    for k in range(len(inputs)):
+                        out = _block_forward(block, *inputs[k], forward_tokens, keep=final)
+                        if final:
+                            inputs[k] = out
                 stats = collect_input_stats(model, here, run, dtype=stats_dtype)
                 stage("calibrate", index)
                 if plan is not None:
@@ -244,20 +341,16 @@ def blockwise(model: nn.Module, batches: Sequence[dict[str, Tensor]], names: Seq
                 del shared  # a loop variable outlives its loop: it would keep the block's last Gram alive
                 if keep_stats:
                     for n, s in stats.items():  # shared objects stay shared after the move
-                        kept[n] = moved.setdefault(id(s), s.to(stats_device) if stats_device is not None else s)
+                        kept[n] = moved_stats.setdefault(id(s), s.to(stats_device) if stats_device is not None
+                                                         else s)
                 del stats  # the block's Grams are not needed while its outputs are computed
                 stage("project", index)
-            if outputs:
-                inputs = [_with_hidden(a, kw, out) for (a, kw), out in zip(inputs, outputs)]
-                outputs.clear()
-            else:  # replace each input by its output at once: one batch of outputs at a time, not all of them
+            if not (here and final):  # each batch's outputs written over its inputs, one batch at a time
                 for k in range(len(inputs)):
-                    a, kw = inputs[k]
-                    inputs[k] = _with_hidden(a, kw, _hidden_of(block(*a, **kw)))
-                    del a, kw  # else the last old input batch stays referenced into the next block
+                    inputs[k] = _block_forward(block, *inputs[k], forward_tokens, keep=True)
             stage("propagate", index)
         if offload:
-            block.to("cpu")
+            _offload(block)
         stage("offload", index)
     return Report.concat(reports), kept
 
@@ -663,13 +756,18 @@ class Compressor:
       a backward pass through the whole model).
     * ``stats_dtype``: float32 (default) or float64 statistics; projections run in the same precision.
     * ``on_stage(stage, block)``: called after each stage of a block-by-block pass (see :func:`blockwise`).
+    * ``forward_tokens``: in block-by-block passes, each block forward runs on at most this many tokens at a
+      time (whole sequences; the statistics are the same up to summation order), which bounds the forward's
+      device memory by the piece instead of the batch. ``"auto"`` (default): 1024 on a CUDA device, whole
+      batches elsewhere; None: whole batches.
     """
 
     def __init__(self, model: nn.Module, batches: Sequence[dict[str, Tensor]], scope: Any = r".*", *,
                  device: torch.device | str | None = None, offload: bool = False, sequential: bool = False,
                  stats_dtype: torch.dtype = torch.float32, sensitivity: bool = True, progress: bool = False,
                  log: Callable[[str], None] | None = None,
-                 on_stage: Callable[[str, int], None] | None = None) -> None:
+                 on_stage: Callable[[str, int], None] | None = None,
+                 forward_tokens: int | str | None = "auto") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Compressor: model must be an nn.Module, got {type(model).__name__}")
         if not batches or not all(isinstance(b, Mapping) for b in batches):
@@ -682,6 +780,9 @@ class Compressor:
         if not self.names:
             raise ValueError(f"Compressor: scope {scope!r} matches no linear layer of {type(model).__name__}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if forward_tokens == "auto":
+            forward_tokens = AUTO_FORWARD_TOKENS if self.device.type == "cuda" else None
+        self.forward_tokens = check_forward_tokens(forward_tokens, "Compressor")
         self.offload, self.sequential, self.stats_dtype = bool(offload), bool(sequential), stats_dtype
         self.progress, self.on_stage = progress, on_stage
         self.log = log or ((lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda _: None))
@@ -728,7 +829,7 @@ class Compressor:
                 _, self._stats = blockwise(self.model, self.batches, self.names, plan=None, sequential=False,
                                            device=self.device, offload=True, stats_dtype=self.stats_dtype,
                                            progress=self.progress, keep_stats=True, stats_device="cpu",
-                                           on_stage=self.on_stage)
+                                           on_stage=self.on_stage, forward_tokens=self.forward_tokens)
             else:
                 self._stats = calibrate(self.model, self.names, self.batches, progress=self.progress,
                                         dtype=self.stats_dtype)
@@ -808,7 +909,8 @@ class Compressor:
             inside = [n for n in targets if n not in outside]
             reports.append(blockwise(model, self.batches, inside, plan=exact, sequential=True, device=self.device,
                                      offload=self.offload, stats_dtype=self.stats_dtype,
-                                     progress=self.progress, on_stage=self.on_stage)[0])
+                                     progress=self.progress, on_stage=self.on_stage,
+                                     forward_tokens=self.forward_tokens)[0])
             report = Report.concat(reports)
         elif self.offload:
             report = self._apply_offloaded(model, exact, targets)
@@ -830,11 +932,11 @@ class Compressor:
             here = {n: t for n, t in targets.items() if n.startswith(f"{prefix}.{index}.")}
             if not here:
                 continue
-            block.to(self.device)
+            _onload(block, self.device)
             moved: dict[int, InputStats] = {}
             local = {n: moved.setdefault(id(stats[n]), stats[n].to(self.device)) for n in here}
             reports.append(structurize(model, Plan.exact(here), calibration=local))
-            block.to("cpu")
+            _offload(block)
         return Report.concat(reports)
 
     def _count_scope(self, model: nn.Module, report: Report) -> None:

@@ -95,13 +95,18 @@ class InputStats:
             raise ValueError(f"InputStats.update: input is on {rows.device} but the statistics live on "
                              f"{self.gram.device}; call stats.to({str(rows.device)!r}) first")
         rows = rows.to(self.gram.dtype)
-        if not bool(torch.isfinite(rows).all()):
+        # sum |x| per channel as one reduction (no |x| copy of the rows); a NaN/Inf entry makes its channel's sum
+        # non-finite, so the check reads n sums instead of a rows-sized mask (counted only when there is one)
+        abs_sum = torch.linalg.vector_norm(rows, ord=1, dim=0)
+        if not bool(torch.isfinite(abs_sum).all()):
             bad = int((~torch.isfinite(rows)).sum())
-            raise ValueError(f"InputStats.update: the input has {bad} NaN/Inf entries; calibration never skips "
-                             "them. Fix the model or data that produced them (e.g. run in float32 instead of "
-                             "float16, check the inputs and attention masks)")
+            raise ValueError(f"InputStats.update: the input has {bad} NaN/Inf entries"
+                             + ("" if bad else " in its sums (finite values too large to add up in "
+                                f"{self.gram.dtype})") + "; calibration never skips them. Fix the model or data "
+                             "that produced them (e.g. run in float32 instead of float16, check the inputs and "
+                             "attention masks)")
         self.gram.addmm_(rows.T, rows)
-        self.abs_sum.add_(rows.abs().sum(dim=0))
+        self.abs_sum.add_(abs_sum)
         self.count += rows.shape[0]
         return self
 
