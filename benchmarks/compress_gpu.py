@@ -14,11 +14,14 @@ that fails or runs out of time costs only itself:
    calibration tokens, ``--device cuda``), timed end to end from outside (start-up, model load, calibration,
    pricing, solving, projection, saving and perplexity of every target included). Target: < 60 s.
 3. ``llama1b``: a 1B-shaped Llama (hidden 2048, SwiGLU 8192, 16 layers, random bf16 weights written as safetensors
-   shards and read back onto the CPU): layer-sequential compression with the model offloaded to the CPU. Peak GPU
-   memory is recorded per block and per stage (inputs, onload, calibrate, project, propagate, offload; the peak
-   statistics are reset after each) and compared with the bound computed from the shapes: weights outside the
-   blocks + one block + its float32 statistics + the calibration activations (+ one batch of outputs), and that
-   bound plus the working set of the largest layer's projection.
+   shards and read back onto the CPU): layer-sequential compression with the model offloaded to the CPU (block
+   forwards in pieces of 1024 tokens, the Compressor's default on CUDA). Peak GPU memory is recorded per block
+   and per stage (inputs, onload, calibrate, project, propagate, offload; the peak statistics are reset after
+   each) and compared, stage by stage, with what is resident from the shapes (every term in the JSON: the first
+   block's inputs = activations + the block's other arguments, one block, its float32 statistics, its compressed
+   layers while they are built; the weights outside the blocks only while the inputs are computed), and with that
+   plus the working sets measured apart on a copy of block 0: one calibration forward piece, and the largest
+   layer's projection.
 4. ``table``: the SmolLM2 perplexity table on held-out stdlib text: dense; every single method at 50%
    (one-shot); the budget mix at 25/50/75%; SparseGPT 2:4 (and whitened SVD) one-shot vs sequential at 50%.
    The dense perplexity of the same run is the baseline (the device's stdlib may differ from another machine's).
@@ -149,11 +152,85 @@ class StagePeaks:
                 "allocated_after_each_block": resident}
 
 
+def _tensor_bytes(value, skip: set[int] = frozenset()) -> int:
+    """Bytes of the distinct storages of the tensors in ``value`` (nested tuples/lists/dicts), ``skip``: storage
+    pointers not to count."""
+    seen = set(skip)
+    total = 0
+
+    def walk(v):
+        nonlocal total
+        if isinstance(v, torch.Tensor):
+            ptr = v.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                total += v.untyped_storage().nbytes()
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, (tuple, list)):
+            for x in v:
+                walk(x)
+    walk(value)
+    return total
+
+
+def _probe_working_sets(model, blocks, batch: dict, device: str, forward_tokens: int, ratio: float) -> dict:
+    """Measured apart from the run, on a copy of block 0 on the device: (1) the working set of one calibration
+    forward piece (``forward_tokens`` tokens through the block with the statistics hooks of its layers, above the
+    block, its inputs and the finished float32 statistics); (2) the working set of the largest-input layer's
+    projection (lowrank@whitened at ``ratio``, on a full-rank Gram of its width: the Cholesky path the run takes),
+    above its weight and Gram: the factor, the float32 copies, the new layer."""
+    import copy
+
+    from structmat.calibrate import InputStats, collect_input_stats
+    from structmat.compress import _capture_block_inputs, _move
+    from structmat.modules import linear_modules
+    from structmat.project import project
+
+    dev = torch.device(device)
+    seq = batch["input_ids"].shape[1]
+    piece = {k: v[:max(1, forward_tokens // seq)] for k, v in batch.items()}
+    (args, kwargs), = _capture_block_inputs(model, blocks[0], [piece])  # on the CPU, where the model is
+    block = copy.deepcopy(blocks[0]).to(dev)
+    args, kwargs = _move((args, kwargs), dev)
+    names = list(linear_modules(block))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        stats = collect_input_stats(block, names, lambda: block(*args, **kwargs), dtype=torch.float32)
+    torch.cuda.synchronize()
+    distinct = {id(s): s for s in stats.values()}.values()
+    stats_bytes = sum(s.gram.numel() * 4 + s.abs_sum.numel() * 4 for s in distinct)
+    forward = torch.cuda.max_memory_allocated() - base - stats_bytes
+    del stats, distinct
+    modules = linear_modules(block)
+    widest = max(names, key=lambda n: modules[n].in_features)
+    weight = modules[widest].weight
+    n = weight.shape[1]
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(n, 2 * n, device=dev, generator=gen)  # a Wishart Gram with 2n samples: full rank, tame
+    gram = x @ x.T
+    del x
+    stats = InputStats(gram, gram.diagonal().sqrt(), 2 * n)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    layer = project(weight, f"lowrank:ratio={ratio}", "whitened", stats)
+    torch.cuda.synchronize()
+    projection = torch.cuda.max_memory_allocated() - base
+    del layer, stats, gram, block, args, kwargs
+    torch.cuda.empty_cache()
+    return {"forward_piece_tokens": piece["input_ids"].numel(), "forward_working_set_bytes": forward,
+            "projection_layer": widest, "projection_working_set_bytes": projection}
+
+
 def llama_1b(work: Path, calib_samples: int, seq_len: int, ratio: float, tiny: bool = False,
              device: str = "cuda") -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from structmat.compress import Compressor, find_blocks
+    from structmat.compress import AUTO_FORWARD_TOKENS, Compressor, _capture_block_inputs, _hidden_in, find_blocks
     from structmat.plan import Target
 
     sizes = dict(vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=2) if tiny else \
@@ -180,16 +257,20 @@ def llama_1b(work: Path, calib_samples: int, seq_len: int, ratio: float, tiny: b
                for _ in range(max(1, calib_samples // batch))]
     h, f = config.hidden_size, config.intermediate_size
     tokens = len(batches) * batch * seq_len
-    # one hidden state per calibration token (bf16), kept between blocks; statistics of one block in float32:
-    # q/k/v share one Gram (h x h), o_proj (h x h), gate/up share one (h x h), down_proj (f x f)
-    activation_bytes = tokens * h * 2
-    batch_bytes = batch * seq_len * h * 2
-    stats_bytes = (3 * h * h + f * f) * 4
-    # the largest layer's projection (down_proj, f inputs): its damped Gram copy, factored in place (f x f; the
-    # factor and the copy were two matrices before the in-place Cholesky), and the float32 weight, W S and the
-    # SVD's factors (out x f each)
-    projection_bytes = f * f * 4 + 4 * h * f * 4
     cuda = device.startswith("cuda")
+    forward_tokens = AUTO_FORWARD_TOKENS if cuda else None
+    # What stays on the device, from the shapes: the first block's inputs of every batch, i.e. one bf16 hidden
+    # state per calibration token plus the block's other arguments (position embeddings, ...: measured on one
+    # batch here, on the CPU); one block; during its projection also its compressed layers (all built before the
+    # swap); its float32 statistics: q/k/v share one Gram (h x h), o_proj (h x h), gate/up share one (h x h),
+    # down_proj (f x f), each with a mean |x| vector
+    (args, kwargs), = _capture_block_inputs(model, blocks[0], batches[:1])
+    hidden = _hidden_in(args, kwargs)
+    activation_bytes = tokens * h * 2
+    kwargs_bytes = len(batches) * _tensor_bytes((args, kwargs), {hidden.untyped_storage().data_ptr()})
+    del args, kwargs, hidden
+    stats_bytes = (3 * h * h + f * f) * 4 + (3 * h + f) * 4
+    probes = _probe_working_sets(model, blocks, batches[0], device, forward_tokens, ratio) if cuda else {}
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -202,25 +283,50 @@ def llama_1b(work: Path, calib_samples: int, seq_len: int, ratio: float, tiny: b
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    after = sum(p.numel() * p.element_size() for p in model.parameters())
+    compressed_block_bytes = (after - outside_bytes) // len(blocks)  # every block has the same shapes and ranks
+    inputs = activation_bytes + kwargs_bytes
+    ids_bytes = sum(b["input_ids"].numel() * b["input_ids"].element_size() for b in batches)
+    resident = {  # per stage, what is allocated and kept (no transient working memory)
+        "inputs": outside_bytes + inputs + ids_bytes,  # the token ids visit the device for the embedding "onload": inputs + block_bytes,
+        "calibrate": inputs + block_bytes + stats_bytes,
+        "project": inputs + block_bytes + compressed_block_bytes + stats_bytes,
+        "propagate": inputs + compressed_block_bytes, "offload": inputs}
+    forward_ws = probes.get("forward_working_set_bytes", 0)
+    projection_ws = probes.get("projection_working_set_bytes", 0)
+    working = {"inputs": 0, "onload": 0, "calibrate": forward_ws, "project": projection_ws,
+               "propagate": forward_ws, "offload": 0}
+    bound = max(resident.values())
+    bound_ws = max(resident[k] + working[k] for k in resident)
     peak = max((r.get("peak_bytes", 0) for r in peaks.records), default=0)
-    bound = outside_bytes + block_bytes + stats_bytes + activation_bytes + batch_bytes
-    previous_bound = outside_bytes + block_bytes + stats_bytes + 2 * activation_bytes
+    summary = peaks.summary()
+    by_stage = summary.get("max_peak_by_stage", {})
     return {"config": {"hidden": h, "intermediate": f, "layers": config.num_hidden_layers, "vocab": config.vocab_size,
                        "params": params, "dtype": "bfloat16"},
             "shards": shards, "setup_seconds": setup, "calibration_tokens": tokens, "plan": f"lowrank@whitened "
-            f"ratio={ratio}, sequential, offloaded", "seconds": seconds, "layers": len(done.report.rows),
-            "params_fraction": done.report.params_fraction, "peak_gpu_bytes": peak,
-            "one_block_bytes": block_bytes, "outside_blocks_bytes": outside_bytes,
-            "one_block_stats_bytes": stats_bytes, "activation_bytes": activation_bytes,
-            "one_batch_bytes": batch_bytes, "largest_projection_bytes": projection_bytes,
-            "bound_bytes": bound, "bound": "outside-blocks weights + one block + its float32 statistics + the "
-            "activations + one batch of outputs", "within_bound": peak <= bound,
-            "bound_with_projection_bytes": bound + projection_bytes,
-            "within_bound_with_projection": peak <= bound + projection_bytes,
-            "previous_bound_bytes": previous_bound, "within_previous_bound": peak <= previous_bound,
-            "peaks": peaks.summary(), "stage_records": peaks.records,
-            "whole_model_bytes_before": whole,
-            "whole_model_bytes_after": sum(p.numel() * p.element_size() for p in model.parameters())}
+            f"ratio={ratio}, sequential, offloaded", "forward_tokens": forward_tokens, "seconds": seconds,
+            "layers": len(done.report.rows), "params_fraction": done.report.params_fraction,
+            "peak_gpu_bytes": peak,
+            "terms_bytes": {"one_block": block_bytes, "one_compressed_block": compressed_block_bytes,
+                            "outside_blocks": outside_bytes, "activations": activation_bytes,
+                            "block_kwargs": kwargs_bytes, "token_ids": ids_bytes, "one_block_stats": stats_bytes,
+                            **probes},
+            "one_block_plus_activations_bytes": block_bytes + activation_bytes,
+            "peak_over_one_block_plus_activations": peak / (block_bytes + activation_bytes),
+            "peak_over_whole_model": peak / whole,
+            "resident_by_stage_bytes": resident,
+            "bound_bytes": bound, "bound": "max over stages of what is resident: the first block's inputs "
+            "(activations + block_kwargs) + one block + its float32 statistics + its compressed layers while they "
+            "are built (the weights outside the blocks instead, while the inputs are computed)",
+            "within_bound": peak <= bound,
+            "bound_with_working_sets_bytes": bound_ws if cuda else None,
+            "bound_with_working_sets": "per stage, the resident bytes + the measured working set of that stage's "
+            "step (calibrate, propagate: one forward piece; project: the largest layer's projection)",
+            "within_bound_with_working_sets": (all(by_stage.get(k, 0) <= resident[k] + working[k] for k in resident)
+                                               if cuda else None),
+            "excess_over_bound_by_stage_bytes": {k: by_stage[k] - resident[k] - working[k] for k in by_stage},
+            "peaks": summary, "stage_records": peaks.records,
+            "whole_model_bytes_before": whole, "whole_model_bytes_after": after}
 
 
 # -------------------------------------------------------------------------------------------------- 4. table

@@ -43,7 +43,13 @@ def test_llama_1b_path_reports_every_stage_of_every_block(bench, tmp_path):
     stages = [(r["stage"], r["block"]) for r in record["stage_records"]]
     per_block = ["onload", "calibrate", "project", "propagate", "offload"]
     assert stages == [("inputs", -1)] + [(s, b) for b in range(2) for s in per_block]
-    assert record["bound_bytes"] < record["bound_with_projection_bytes"]
+    terms = record["terms_bytes"]  # every term of the bound, from the shapes (the working sets need CUDA)
+    assert terms["block_kwargs"] > 0 and terms["one_compressed_block"] < terms["one_block"]
+    assert terms["activations"] == 16 * 32 * 64 * 2 and terms["one_block_stats"] == (3 * 64 * 64 + 256 * 256 + 3 * 64
+                                                                                      + 256) * 4
+    resident = record["resident_by_stage_bytes"]
+    assert record["bound_bytes"] == max(resident.values()) == resident["project"]
+    assert resident["offload"] == terms["activations"] + terms["block_kwargs"]  # no weights between blocks
 
 
 def test_table_on_a_tiny_llama_folder(bench, tiny_folder, tmp_path):

@@ -325,6 +325,8 @@ def test_thin_svd_of_a_wide_matrix_through_qr_equals_the_svd():
         assert torch.allclose((u * s) @ vh, a, atol=1e-12)
         assert torch.allclose(u.T @ u, torch.eye(min(shape), dtype=a.dtype), atol=1e-12)
         assert torch.allclose(vh @ vh.T, torch.eye(min(shape), dtype=a.dtype), atol=1e-12)
+        u_only, s_only, none = thin_svd(a, right=False)  # the same U and S without the right factor
+        assert none is None and torch.equal(u_only, u) and torch.equal(s_only, s)
 
 
 def test_whitened_projection_of_a_wide_layer_runs_no_wide_svd():

@@ -251,6 +251,9 @@ def structurize(model: nn.Module, plan: Plan | Mapping[str, Any] | Sequence[Any]
 
         iterator = tqdm(work, desc="structurize", unit="layer")
     built: list[tuple[str, nn.Module, StructuredLinear]] = []
+    # the last layer to use each statistics object: its derived factors (e.g. an 8192 x 8192 whitening factor)
+    # are dropped once that layer is built, not held while the layers after it are projected
+    last_use = {} if calibration is None else {id(calibration[n]): n for n, *_ in work if n in calibration}
     for name, module, target, index in iterator:
         pattern = plan.entries[index].pattern
         stats = None if calibration is None else calibration.get(name)
@@ -290,6 +293,8 @@ def structurize(model: nn.Module, plan: Plan | Mapping[str, Any] | Sequence[Any]
                                     weight_error, output_error, spec_text, target.method, seconds))
         layer.train(module.training)
         built.append((name, module, layer))
+        if stats is not None and last_use.get(id(stats)) == name and hasattr(stats, "clear_cache"):
+            stats.clear_cache()
 
     # Every layer is built: now swap (this part cannot fail on shapes or sizes).
     if built:

@@ -66,11 +66,20 @@ def divisors(n: int) -> list[int]:
     return small + large[::-1]
 
 
+def all_finite(tensor: Tensor) -> bool:
+    """Whether every entry of a floating tensor is finite, from ONE reduction: max |x| (the inf-norm, which
+    propagates NaN) is finite exactly when every entry is. ``torch.isfinite(t).all()`` builds |t| and three masks
+    as large as ``t`` first: 0.47 GB for the float32 Gram of an 8192-wide input, more than its projection."""
+    if tensor.numel() == 0:
+        return True
+    return bool(torch.isfinite(torch.linalg.vector_norm(tensor, ord=float("inf"))))
+
+
 def check_finite(owner: str, name: str, tensor: Tensor, fix: str = "clean the weights first") -> None:
     """Refuse NaN/Inf in a floating tensor (meta tensors hold no values and pass)."""
     if tensor.device.type == "meta" or not (tensor.is_floating_point() or tensor.is_complex()):
         return
-    if not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         bad = int((~torch.isfinite(tensor)).sum())
         raise ValueError(f"{owner}: {name} has {bad} NaN/Inf entries; {fix}")
 
@@ -142,4 +151,4 @@ def check_model_config(config: Any, owner: str) -> None:
 
 
 __all__ = ["MAX_FEATURES", "MAX_JSON_DEPTH", "check_int", "check_features", "check_number", "divisors",
-           "check_finite", "check_device", "json_depth", "loads_json", "check_model_config"]
+           "all_finite", "check_finite", "check_device", "json_depth", "loads_json", "check_model_config"]

@@ -12,6 +12,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ..validate import all_finite
+
 
 def _conv1d_class() -> type | None:
     try:  # transformers is a dependency, but stats must not fail if it cannot be imported
@@ -163,7 +165,7 @@ class InputStats:
         self.__dict__.pop("_derived", None)
 
     def check_finite(self, owner: str = "InputStats") -> None:
-        if not (bool(torch.isfinite(self.gram).all()) and bool(torch.isfinite(self.abs_sum).all())):
+        if not (all_finite(self.gram) and all_finite(self.abs_sum)):
             raise ValueError(f"{owner}: the statistics contain NaN/Inf; recollect them from finite activations")
 
 

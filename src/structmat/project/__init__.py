@@ -108,8 +108,8 @@ def output_error(weight: Tensor, approx: Tensor | StructuredLinear, stats: Input
     ``dtype`` (default: the statistics' dtype)."""
     stats = _check_stats(stats, weight.shape[-1], "output_error")
     dtype = compute_dtype(stats, dtype)
-    w = weight.detach().to(dtype)
-    a = _as_dense(approx).to(device=w.device, dtype=dtype)
+    w = weight.detach().to(dtype)  # no copy where the caller passes the weight in ``dtype`` already
+    a = _as_dense(approx).to(device=w.device)  # in its own dtype: converted chunk by chunk below
     if a.shape != w.shape:
         raise ValueError(f"output_error: approx has shape {tuple(a.shape)}, the weight {tuple(w.shape)}")
     h = stats.gram.to(w.device, dtype)
@@ -118,7 +118,7 @@ def output_error(weight: Tensor, approx: Tensor | StructuredLinear, stats: Input
     num, den = w.new_zeros(()), w.new_zeros(())
     for r0 in range(0, w.shape[0], rows):
         wr = w[r0:r0 + rows]
-        er = wr - a[r0:r0 + rows]
+        er = wr - a[r0:r0 + rows].to(dtype)
         num += ((er @ h) * er).sum()
         den += ((wr @ h) * wr).sum()
     num, den = num.clamp_min(0.0), den.clamp_min(0.0)
@@ -215,10 +215,10 @@ def project(weight: Tensor, spec: str | StructureConfig | RatioSpec, method: str
     info: dict[str, Any] = {"method": method, **extra}
     stats = problem.stats
     if stats is not None and measure:
-        err = output_error(problem.weight, layer, stats, problem.w.dtype)
+        err = output_error(problem.w, layer, stats, problem.w.dtype)  # w: the weight in the compute dtype
         info.update(output_error=err, used=method)
         if guard:
-            err0 = output_error(problem.weight, problem.baseline, stats, problem.w.dtype)
+            err0 = output_error(problem.w, problem.baseline, stats, problem.w.dtype)
             info["data_free_output_error"] = err0
             if err0 < err:
                 info.update(output_error=err0, used=DATA_FREE)

@@ -29,18 +29,20 @@ from .registry import Problem, register_projection
 LOWRANK_METHODS = ("data-free", "whitened", "asvd", "fisher")
 
 
-def thin_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def thin_svd(a: Tensor, right: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
     """``torch.linalg.svd(a, full_matrices=False)``; for a wide matrix (columns >= 2 x rows) through a QR of a^T
     first: a = R^T Q^T, svd(R^T) = U S W^T, so a = U S (Q W)^T. The same factors (exact arithmetic), but the
     dense SVD runs on the small square R and the wide one only meets a Householder QR, whose workspace is a
     sliver: on a GPU cuSOLVER's SVD of a 2048 x 8192 float32 matrix (the 1B shape's down_proj) asks for several
-    times the matrix in workspace, the peak of a block's projection."""
+    times the matrix in workspace, the peak of a block's projection. ``right=False``: only U and S (the third
+    factor is None), and a wide matrix's QR keeps R alone: no Q and no Q W, each as large as ``a``."""
     rows, cols = a.shape[-2:]
     if cols < 2 * rows:
-        return torch.linalg.svd(a, full_matrices=False)
-    q, r = torch.linalg.qr(a.mT)
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
+        return u, s, vh if right else None
+    q, r = torch.linalg.qr(a.mT, mode="reduced" if right else "r")
     u, s, wh = torch.linalg.svd(r.mT)
-    return u, s, wh @ q.mT
+    return u, s, wh @ q.mT if right else None
 
 
 def lowrank_basis(w: Tensor, method: str, stats: InputStats | None, fisher: Tensor | None, *, damp: float = 1e-6,
@@ -57,7 +59,7 @@ def lowrank_basis(w: Tensor, method: str, stats: InputStats | None, fisher: Tens
         root = cached_factor(stats, "sqrt", damp, w.dtype, w.device,
                              lambda: whitening_factor(stats.gram.to(w.device), damp, w.dtype))
         target = w @ root
-        u, s, _ = thin_svd(target)
+        u, s, _ = thin_svd(target, right=False)  # the basis is U: no right factor
         return "left", u, s
     if method == "asvd":
         scale = stats.mean_abs.to(w.device, w.dtype).clamp_min(0.0) ** alpha
