@@ -267,6 +267,25 @@ def _interpret_report() -> dict:
         report["decode_gpu_plans"] = decode_errors("cpu", torch.float32, tokens=(1, 17, 33))
     finally:
         _triton_decode.INTERPRET = True
+    # the one-launch two-stage kernel at one token for every two-stage shape (Monarch takes it only from
+    # MONARCH_FUSED_MIN_BYTES of weight: lowered here so the tests' small Monarchs take it too), with both plans;
+    # and the two-launch form at one token (the fused kernel switched off)
+    saved = _triton_decode.MONARCH_FUSED_MIN_BYTES
+    _triton_decode.MONARCH_FUSED_MIN_BYTES = 0
+    try:
+        two_stage = {k: v for k, v in DECODE_SHAPES.items() if k.startswith(("monarch", "lowrank"))}
+        report["decode_fused"] = decode_errors("cpu", torch.float32, two_stage, (1,))
+        _triton_decode.INTERPRET = False
+        report["decode_fused_gpu_plans"] = decode_errors("cpu", torch.float32, two_stage, (1,))
+    finally:
+        _triton_decode.INTERPRET = True
+        _triton_decode.MONARCH_FUSED_MIN_BYTES = saved
+    _triton_decode.FUSED[0] = False
+    try:
+        report["decode_two_launch"] = decode_errors("cpu", torch.float32, two_stage, (1,))
+    finally:
+        _triton_decode.FUSED[0] = True
+    report["fused_sync_after"] = {str(k): v.tolist() for k, v in _triton_decode._SYNC.items()}
     report["addresses"] = {"installed": checker.installed, "checked": checker.checked,
                            "violations": checker.violations[:20]}
     # auto dispatch under the interpreter: inference at few tokens takes the decode kernels
@@ -294,6 +313,18 @@ def _interpret_report() -> dict:
             report[f"auto-graphed-{name}"] = {"choice": K.LAST_CHOICE[name], "err": rel_rms(y, ref)}
         finally:
             K.dispatch._GRAPHED[0], layer._plans = None, plans
+    # one token, captured: low-rank takes its one-launch kernel (dispatch.FUSED_ONE_TOKEN_COST), same answer
+    x1, layer = x[:1], layers["lowrank"]
+    K.dispatch._GRAPHED[0], plans, layer._plans = True, layer._plans, None
+    try:
+        with torch.no_grad():
+            y = layer(x1)
+            choice = K.LAST_CHOICE["lowrank"]
+            with K.use_backend("reference"):
+                ref = layer(x1)
+        report["auto-graphed-lowrank-1"] = {"choice": choice, "err": rel_rms(y, ref)}
+    finally:
+        K.dispatch._GRAPHED[0], layer._plans = None, plans
     # torch.compile of a structured stack, decoding lengths 1..N: how many graphs were compiled
     torch._dynamo.reset()
     model = structured_mlp().eval()
@@ -353,6 +384,17 @@ def test_decode_kernels_match_reference_interpreter(interpret_report):
     assert not bad, bad
 
 
+def test_fused_two_stage_decode_matches_reference_interpreter(interpret_report):
+    """The one-launch low-rank / Monarch kernel at one token (interpreter and GPU tile plans) and the two-launch form
+    it replaces both give the reference's sums; every call left the stage counters at zero for the next one."""
+    for key in ("decode_fused", "decode_fused_gpu_plans", "decode_two_launch"):
+        errs = interpret_report[key]
+        assert errs and all(k.startswith(("monarch", "lowrank")) for k in errs), errs
+        bad = {k: v for k, v in errs.items() if not v <= TOL["float32"]}
+        assert not bad, (key, bad)
+    assert interpret_report["fused_sync_after"] == {"('cpu', None)": [0, 0, 0, 0]}, interpret_report
+
+
 def test_decode_kernels_stay_in_bounds_interpreter(interpret_report):
     """Every enabled load/store lane of the decode kernels lies inside its tensors, with the interpreter's plans and
     with the GPU's (wider tiles, token blocks of 16 past 16 tokens); the GPU plans also give the reference's sums."""
@@ -365,8 +407,9 @@ def test_decode_kernels_stay_in_bounds_interpreter(interpret_report):
 def test_auto_takes_decode_kernels_at_few_tokens_interpreter(interpret_report):
     """Inference at few tokens (small layers): eager calls take the path with the least host time on the lent H200
     host (dispatch.HOST_US: block-diagonal's one bmm beats a Triton launch there), calls captured into a CUDA graph
-    the least GPU time (dispatch.FEW_TOKEN_COST: the decode kernels, except low-rank, whose two cuBLAS GEMMs measured
-    faster than its decode kernel); the math is the reference's either way."""
+    the least GPU time (dispatch.FEW_TOKEN_COST: the decode kernels, except low-rank above one token, whose two cuBLAS
+    GEMMs measured faster than its two-launch kernel; at one token its one-launch kernel); the math is the
+    reference's either way."""
     for name, eager, graphed in (("monarch", "decode", "decode"), ("lowrank", "reference", "reference"),
                                  ("blockdiag", "reference", "decode"), ("nm", "decode", "decode")):
         entry = interpret_report[f"auto-{name}"]
@@ -374,6 +417,8 @@ def test_auto_takes_decode_kernels_at_few_tokens_interpreter(interpret_report):
         assert entry["plans"] == 1 and entry["cached_equal"], (name, entry)  # the replayed plan: the same output
         entry = interpret_report[f"auto-graphed-{name}"]
         assert entry["choice"] == graphed and entry["err"] <= TOL["float32"], (name, entry)
+    entry = interpret_report["auto-graphed-lowrank-1"]
+    assert entry["choice"] == "decode" and entry["err"] <= TOL["float32"], entry
 
 
 def test_compiled_decode_lengths_do_not_recompile_interpreter(interpret_report):
@@ -399,6 +444,44 @@ def test_decode_kernels_match_reference_gpu(dtype):
     errs = decode_errors("cuda", getattr(torch, dtype), shapes, (1, 8, 33, 64))
     bad = {k: v for k, v in errs.items() if not v <= TOL[dtype]}
     assert not bad, bad
+
+
+@pytest.mark.gpu
+def test_fused_decode_repeats_bit_for_bit_gpu():
+    """The one-launch two-stage kernels synchronize their stages through counters that each call's last program resets:
+    a race (a stage-2 tile reading partials before they are written) or a counter left dirty would show as a call
+    whose output differs from the first. Hundreds of back-to-back calls, eager and replayed from a CUDA graph, for
+    low-rank and Monarch at 1 and 16 tokens, must all equal the first bit for bit."""
+    from structmat.kernels import _triton_decode, decode
+
+    assert _triton_decode.FUSED[0]
+    torch.manual_seed(0)
+    dev, dt = "cuda", torch.bfloat16
+    cases = {"lowrank": (lambda n: torch.randn(n, 8192, device=dev, dtype=dt),
+                         (torch.randn(2048, 816, device=dev, dtype=dt) * 0.03,
+                          torch.randn(816, 8192, device=dev, dtype=dt) * 0.01)),
+             "monarch": (lambda n: torch.randn(n, 2048, device=dev, dtype=dt),
+                         (torch.randn(4, 800, 512, device=dev, dtype=dt) * 0.04,
+                          torch.randn(4, 2048, 800, device=dev, dtype=dt) * 0.04))}
+    for name, (make_x, operands) in cases.items():
+        for n in (1, 16):
+            x = make_x(n)
+            run = decode.PLANS[name](x, *operands)
+            first = run(x, *operands).clone()
+            outs = [run(x, *operands) for _ in range(300)]
+            assert all(torch.equal(o, first) for o in outs), (name, n, "eager")
+            static = run(x, *operands)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static = run(x, *operands)
+            replays = []
+            for _ in range(100):
+                graph.replay()
+                replays.append(static.clone())
+            torch.cuda.synchronize()
+            assert all(torch.equal(o, first) for o in replays), (name, n, "graph")
+            ref = getattr(decode, f"_{name}")  # (a fresh plan each call: also the compiled path's custom op body)
+            assert torch.equal(ref(x, *operands), first), (name, n, "fresh plan")
 
 
 if __name__ == "__main__":
@@ -689,8 +772,11 @@ def test_measured_few_token_policy_at_the_bench_shapes():
     assert pick("blockdiag", 1, 2048, 2048, False) == "reference"  # one bmm: least host time
     assert pick("blockdiag", 1, 2048, 2048, True) == "decode"  # 3.3 vs 3.7 us cold
     assert pick("blockdiag", 1, 2048, 8192, True) in ("reference", "triton", "cublas")  # 4.7 vs 5.7 us
-    assert pick("monarch", 1, 2048, 2048, True) == "decode"  # 7.1 vs 8.3 / 9.7 us
-    assert pick("monarch", 1, 8192, 2048, True) == "reference"  # 13.5 vs 20.0 us
+    assert pick("monarch", 1, 2048, 2048, True) == "decode"  # two launches: 7.0 vs 7.7 / 9.7 us
+    # one-launch decode kernel (decode-layers-20261203T174120Z.json): Monarch 12.5 vs 13.4 us, low-rank 11.9 vs 13.8
+    assert pick("monarch", 1, 8192, 2048, True) == "decode"
+    assert pick("lowrank", 1, 2048, 8192, True) == "decode"
+    assert pick("lowrank", 1, 2048, 8192, False) == "reference"  # eager: two cuBLAS calls, less host time
+    assert pick("lowrank", 16, 2048, 8192, True) == "reference"  # 11.8 vs 29.1 us (the two-launch form)
     for graphed in (False, True):
-        assert pick("lowrank", 1, 2048, 8192, graphed) == "reference"  # two GEMMs: 14.0 vs 22.0 us
         assert pick("monarch", 8192, 2048, 2048, graphed) == pick("monarch", 8192, 2048, 2048, True)  # prefill

@@ -42,10 +42,12 @@ import torch.nn.functional as F
 DTYPE = torch.bfloat16
 COLD_BYTES = 256e6
 DEVICE = "cuda"
-#: Launch variants of the gemv decode kernel, timed at 1 token beside the shipped one ("decode"): name -> settings of
-#: structmat.kernels._triton_decode (programs per SM, reduction tile at K >= 2048, warps, pipeline stages)
-VARIANTS = {"decode@tp16": dict(TARGET_PROGRAMS=16), "decode@k128": dict(BLOCK_K_LARGE=128),
-            "decode@w8": dict(num_warps=8)}
+#: Launch variants of the decode kernels, timed beside the shipped one ("decode"): name -> settings of
+#: structmat.kernels._triton_decode: the older two-launch gemv form (FUSED=False), the fused kernel's tile budget
+#: (weight elements per program), warps and pipeline stages
+VARIANTS = {"decode@two": dict(FUSED=False), "decode@tile4k": dict(FUSED_TILE=4096),
+            "decode@tile16k": dict(FUSED_TILE=16384), "decode@w8": dict(FUSED_WARPS=8),
+            "decode@st2": dict(num_stages=2)}
 BACKENDS = {"lowrank": ("decode", "reference"), "monarch": ("decode", "triton", "cublas", "reference"),
             "blockdiag": ("decode", "triton", "cublas", "reference"), "nm24": ("decode", "reference")}
 
@@ -119,17 +121,18 @@ def variant(settings: dict):
     """Apply a VARIANTS entry to the decode kernels' module; returns the undo."""
     from structmat.kernels import _triton_decode as TD
 
-    saved = (TD.TARGET_PROGRAMS, TD.BLOCK_K_LARGE[0], dict(TD.GEMV_META))
-    TD.TARGET_PROGRAMS = settings.get("TARGET_PROGRAMS", TD.TARGET_PROGRAMS)
-    TD.BLOCK_K_LARGE[0] = settings.get("BLOCK_K_LARGE", TD.BLOCK_K_LARGE[0])
-    TD.GEMV_META.update({k: v for k, v in settings.items() if k in ("num_warps", "num_stages")})
-    TD._plan.cache_clear()
+    saved = (TD.FUSED[0], TD.FUSED_TILE[0], TD.FUSED_WARPS[0], dict(TD.FUSED_META))
+    TD.FUSED[0] = settings.get("FUSED", TD.FUSED[0])
+    TD.FUSED_TILE[0] = settings.get("FUSED_TILE", TD.FUSED_TILE[0])
+    TD.FUSED_WARPS[0] = settings.get("FUSED_WARPS", TD.FUSED_WARPS[0])
+    TD.FUSED_META.update({k: v for k, v in settings.items() if k == "num_stages"})
+    TD.plan_fused.cache_clear()
 
     def undo():
-        TD.TARGET_PROGRAMS, TD.BLOCK_K_LARGE[0] = saved[0], saved[1]
-        TD.GEMV_META.clear()
-        TD.GEMV_META.update(saved[2])
-        TD._plan.cache_clear()
+        TD.FUSED[0], TD.FUSED_TILE[0], TD.FUSED_WARPS[0] = saved[:3]
+        TD.FUSED_META.clear()
+        TD.FUSED_META.update(saved[3])
+        TD.plan_fused.cache_clear()
 
     return undo
 
@@ -140,7 +143,7 @@ def main() -> int:
     ap.add_argument("--structures", default="lowrank,monarch,blockdiag,nm24")
     ap.add_argument("--tokens", default="1,16")
     ap.add_argument("--no-variants", dest="variants", action="store_false",
-                    help="skip the gemv decode kernel's launch variants (VARIANTS) at 1 token")
+                    help="skip the decode kernels' launch variants (VARIANTS)")
     args = ap.parse_args()
     import structmat.kernels as K
     from decode_probe import layer_for, nbytes
@@ -172,7 +175,7 @@ def main() -> int:
                     cands = {be: be for be in (*BACKENDS[s], "auto")}
                     if s == "nm24":
                         cands["semi24"] = None
-                    elif n == 1 and args.variants:
+                    elif args.variants and s != "nm24":
                         cands.update({v: "decode" for v in VARIANTS})
                     if lean(layer, x) is not None:
                         cands["lean"] = "lean"

@@ -34,6 +34,7 @@ TARGET_PROGRAMS = 4  # programs per SM to aim for: enough bytes in flight to str
 #: The gemv kernel's launch options and its reduction tile at K >= 2048 (module-level so a benchmark can sweep them;
 #: a layer's plan reads them when it is made)
 GEMV_META = {"num_warps": 4, "num_stages": 4}
+SMEM_BUDGET = 160 * 1024  # bytes of pipelined operand tiles per program (the H100/H200 allow 227 KB in all)
 BLOCK_K_LARGE = [256]
 #: Up to this many tokens the N:M kernel gathers, per value, the one input its position selects (one multiply-add per
 #: value and token, values read as contiguous row tiles); above, tensor-core tiles (a one-element list so a benchmark
@@ -75,6 +76,88 @@ def _decode_gemv(A, W, C, N, M, K, S_A, SPLIT_LEN, M_BLOCKS,
         col = (offs_m // CHUNK) * s_cchunk + (offs_m % CHUNK) * s_cm
     c_ptrs = C + split * s_cs + g * s_cg + offs_n[:, None] * s_cn + col[None, :]
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=n_ok & (offs_m[None, :] < M))
+
+
+@triton.jit
+def _fused_stage1(X, W1, T, M1, K1, M1_BLOCKS, tile, s_xg, s_xk, s_w1g, s_w1m, s_w1k, s_ts, s_tg, s_tm, s_tchunk,
+                  CHUNK1, S1: tl.constexpr, K1_ITERS: tl.constexpr, BM1: tl.constexpr, BK1: tl.constexpr):
+    """Stage-1 tile ``tile``: T[split][g][m] = X[g][split's K range] . W1[g][m, same], an fp32 partial; a
+    multiply-reduce on the CUDA cores (one token: nothing to pad to tl.dot's 16 rows)."""
+    split = tile % S1
+    rest = tile // S1
+    g = (rest // M1_BLOCKS).to(tl.int64)
+    offs_m = (rest % M1_BLOCKS) * BM1 + tl.arange(0, BM1)
+    rm = offs_m % M1  # rows past the end wrap (valid addresses, dropped at the store)
+    acc = tl.zeros((BM1,), dtype=tl.float32)
+    for i in tl.static_range(K1_ITERS):  # unrolled: every load of the tile is issued before the first product
+        offs_k = split * (K1_ITERS * BK1) + i * BK1 + tl.arange(0, BK1)
+        k_ok = offs_k < K1
+        w = tl.load(W1 + g * s_w1g + rm[:, None] * s_w1m + offs_k[None, :] * s_w1k, mask=k_ok[None, :], other=0.0)
+        a = tl.load(X + g * s_xg + offs_k * s_xk, mask=k_ok, other=0.0).to(w.dtype)  # (as the reference rounds it)
+        acc += tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
+    if CHUNK1 == 0:
+        col = offs_m * s_tm
+    else:
+        col = (offs_m // CHUNK1) * s_tchunk + (offs_m % CHUNK1) * s_tm
+    tl.store(T + split * s_ts + g * s_tg + col, acc, mask=offs_m < M1)
+
+
+@triton.jit
+def _fused_stage2(T, W2, Y, SYNC, M2, K2, M2_BLOCKS, P1, tile, s_ts, s_ag, s_ak, s_w2g, s_w2m, s_w2k, s_yg, s_ym,
+                  S1: tl.constexpr, K2_ITERS: tl.constexpr, BM2: tl.constexpr, BK2: tl.constexpr):
+    """Stage-2 tile ``tile``: load the first weight tile, wait for the P1 stage-1 arrivals, then Y[g][m] =
+    round(sum_split T[split][g]) . W2[g][m, :] (the partials rounded once to the weight's dtype, as the reference
+    rounds its intermediate; read with .cg, straight from L2 where stage 1 stored them)."""
+    g = (tile // M2_BLOCKS).to(tl.int64)
+    offs_m = (tile % M2_BLOCKS) * BM2 + tl.arange(0, BM2)
+    rows = W2 + g * s_w2g + (offs_m % M2)[:, None] * s_w2m
+    offs_k = tl.arange(0, BK2)
+    w_first = tl.load(rows + offs_k[None, :] * s_w2k, mask=(offs_k < K2)[None, :], other=0.0)
+    while tl.atomic_add(SYNC + 1, 0, sem="acquire") < P1:
+        pass
+    acc = tl.zeros((BM2,), dtype=tl.float32)
+    for i in tl.static_range(K2_ITERS):
+        offs_k = i * BK2 + tl.arange(0, BK2)
+        k_ok = offs_k < K2
+        if i == 0:
+            w = w_first
+        else:
+            w = tl.load(rows + offs_k[None, :] * s_w2k, mask=k_ok[None, :], other=0.0)
+        h = tl.zeros((BK2,), dtype=tl.float32)
+        for sp in tl.static_range(S1):
+            h += tl.load(T + sp * s_ts + g * s_ag + offs_k * s_ak, mask=k_ok, other=0.0, cache_modifier=".cg")
+        acc += tl.sum(w.to(tl.float32) * h.to(w.dtype).to(tl.float32)[None, :], axis=1)
+    tl.store(Y + g * s_yg + offs_m * s_ym, acc.to(Y.dtype.element_ty), mask=offs_m < M2)
+
+
+@triton.jit
+def _decode_fused(X, W1, T, W2, Y, SYNC, M1, K1, M1_BLOCKS, P1, M2, K2, M2_BLOCKS, P2,
+                  s_xg, s_xk, s_w1g, s_w1m, s_w1k, s_ts, s_tg, s_tm, s_tchunk, CHUNK1,
+                  s_ag, s_ak, s_w2g, s_w2m, s_w2k, s_yg, s_ym,
+                  S1: tl.constexpr, K1_ITERS: tl.constexpr, K2_ITERS: tl.constexpr,
+                  BM1: tl.constexpr, BK1: tl.constexpr, BM2: tl.constexpr, BK2: tl.constexpr):
+    """One launch for a whole two-stage product of ONE token (low-rank, Monarch), each tile loaded in one go.
+
+    Stage 1 (``_fused_stage1``, P1 tiles): fp32 partials of ``x . W1`` over K splits (the column may be chunked:
+    Monarch's permutation). Stage 2 (``_fused_stage2``, P2 tiles): the summed partials . ``W2``.
+    The two stages run in ONE grid: a program takes a ticket in the order programs start (every lower ticket is
+    already running or done, so waiting on lower tickets cannot deadlock, however many programs fit on the GPU);
+    tickets below P1 are stage-1 tiles, the rest stage-2 tiles, which load their weight tile first (the bytes that
+    matter stream while stage 1 runs) and then wait for the P1 arrivals. The last stage-2 program resets SYNC
+    (ticket, arrivals, departures) to zero for the next call on the stream."""
+    ticket = tl.atomic_add(SYNC, 1)
+    if ticket < P1:
+        _fused_stage1(X, W1, T, M1, K1, M1_BLOCKS, ticket, s_xg, s_xk, s_w1g, s_w1m, s_w1k, s_ts, s_tg, s_tm,
+                      s_tchunk, CHUNK1, S1, K1_ITERS, BM1, BK1)
+        tl.debug_barrier()  # every thread's stores of the tile, then one release of the arrival
+        tl.atomic_add(SYNC + 1, 1, sem="release")
+    else:
+        _fused_stage2(T, W2, Y, SYNC, M2, K2, M2_BLOCKS, P1, ticket - P1, s_ts, s_ag, s_ak, s_w2g, s_w2m, s_w2k,
+                      s_yg, s_ym, S1, K2_ITERS, BM2, BK2)
+        if tl.atomic_add(SYNC + 2, 1) == P2 - 1:  # the last program: every ticket was taken, every arrival seen
+            tl.atomic_xchg(SYNC, 0)
+            tl.atomic_xchg(SYNC + 1, 0)
+            tl.atomic_xchg(SYNC + 2, 0)
 
 
 @triton.jit
@@ -211,6 +294,10 @@ def gemv_launcher(groups: int, n: int, M: int, K: int, plan: dict, dtype: torch.
     m_blocks = _cdiv(M, plan["BLOCK_M"])
     kernel = _decode_gemv[(groups * m_blocks, plan["splits"])]
     meta = dict(BLOCK_N=plan["BLOCK_N"], BLOCK_M=plan["BLOCK_M"], BLOCK_K=plan["BLOCK_K"], **GEMV_META)
+    # pipeline stages that fit in shared memory: wide token tiles of fp32 (64 tokens x 256 x 4 bytes per operand and
+    # stage) asked the H200 for 240 KB at 4 stages and failed to launch
+    per_stage = (plan["BLOCK_N"] + plan["BLOCK_M"]) * plan["BLOCK_K"] * torch.empty((), dtype=dtype).element_size()
+    meta["num_stages"] = max(1, min(meta["num_stages"], SMEM_BUDGET // per_stage))
     fixed = None if dtype == torch.float32 else _precision(dtype)  # (fp32 follows allow_tf32 at call time)
     if n == 0 or M == 0 or groups == 0:
         return lambda a, a_strides, w, w_strides, c, c_strides: None
@@ -230,6 +317,87 @@ def decode_gemv(a: Tensor, a_strides: tuple, w: Tensor, w_strides: tuple, c: Ten
                   c_split_stride)(a, a_strides, w, w_strides, c, c_strides)
     return c
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused (one-launch) two-stage product of one token: low-rank and Monarch as two stages in one grid
+# (``_decode_fused``). Inside a CUDA graph a launch has a fixed cost of a few microseconds and a dependent second
+# launch waits for the first to drain; at these sizes (4-17 MB per layer) that outweighs the bytes, so the product is
+# one launch whose second-stage tiles stream their weight while the first stage runs. Measured on the H200
+# (decode-layers-20261203T174120Z.json, cold): low-rank at one token 8.1 / 11.9 / 12.8 us against the two-launch
+# form's 12.1 / 21.9 / 27.4 us (2048x2048, 2048->8192, 8192->2048); Monarch 8.0 / 12.4 / 12.5 against 7.0 / 14.0 /
+# 19.9 us. Above one token (a tl.dot tile of 16+ token rows per stage) it measured slower than the two launches, and
+# block-diagonal (one stage) no faster than the gemv kernel: those keep the gemv form.
+# ---------------------------------------------------------------------------------------------------------------
+
+#: The fused kernel's tile budget (weight elements per program), warps and pipeline stages, the cap on stage-1
+#: partials, and whether it is used at all (module-level so a benchmark can sweep them).
+FUSED_META = {"num_stages": 1}
+FUSED_WARPS = [4]
+FUSED_TILE = [8192]
+FUSED_MAX_SPLITS = [8]
+FUSED_MAX_K2 = 4096  # a stage-2 reduction this long takes K2_ITERS > 1 (the first tile prefetched, the rest after)
+FUSED = [os.environ.get("STRUCTMAT_FUSED_DECODE", "1") not in ("", "0")]
+#: Monarch: below this many weight bytes the two launches measured faster (7.0 vs 8.0 us at 4 MB): the crossover of
+#: the two forms' fits in dispatch.FEW_TOKEN_COST (3.6 us + 1230 GB/s against 6.5 us + 2780 GB/s)
+MONARCH_FUSED_MIN_BYTES = 6.5e6
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_fused(g1: int, m1: int, k1: int, g2: int, m2: int, k2: int, interpret: bool) -> dict:
+    """Tiles of the fused kernel for stage 1 (g1 groups of m1 x k1) and stage 2 (g2 groups of m2 x k2). Interpreter
+    plans use small tiles (the tests' awkward sizes get several tiles, splits and iterations)."""
+    tile = 256 if interpret else FUSED_TILE[0]
+    bm_min = 16
+    bk1 = max(16, min(_pow2(k1), tile // bm_min))
+    bm1 = max(bm_min, min(64, _pow2(m1), tile // bk1))
+    iters1 = _cdiv(k1, bk1)
+    splits = min(iters1, FUSED_MAX_SPLITS[0])
+    k1_iters = _cdiv(iters1, splits)
+    splits = _cdiv(iters1, k1_iters)
+    # stage 2 prefetches its first tile before waiting: up to twice the tile budget (on twice the warps), so that a
+    # rank up to 1024 is loaded whole while stage 1 runs
+    bk2 = max(16, min(_pow2(k2), 2 * tile // bm_min))
+    bm2 = max(bm_min, min(64, _pow2(m2), tile // bk2))
+    m1_blocks, m2_blocks = _cdiv(m1, bm1), _cdiv(m2, bm2)
+    return dict(BM1=bm1, BK1=bk1, K1_ITERS=k1_iters, S1=splits, M1_BLOCKS=m1_blocks, P1=g1 * m1_blocks * splits,
+                BM2=bm2, BK2=bk2, K2_ITERS=_cdiv(k2, bk2), M2_BLOCKS=m2_blocks, P2=g2 * m2_blocks,
+                num_warps=FUSED_WARPS[0] * (2 if bm2 * bk2 > tile else 1))
+
+
+def fused_ok(n: int, k2: int) -> bool:
+    return FUSED[0] and n == 1 and k2 <= FUSED_MAX_K2
+
+
+_SYNC: dict[tuple, Tensor] = {}
+
+
+def sync_buffer(device: torch.device) -> Tensor | None:
+    """The fused kernel's counters on ``device`` (int32 zeros, reset by each call's last program), made once per
+    device outside any CUDA graph capture (memory allocated inside a capture belongs to the graph's pool); None
+    while capturing before one exists (the caller takes the two-launch path). One per device: fused calls of one
+    device must not run concurrently on two streams (decode runs on one)."""
+    key = (device.type, device.index)
+    buf = _SYNC.get(key)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _SYNC[key] = torch.zeros(4, dtype=torch.int32, device=device)
+    return buf
+
+
+def fused_launcher(plan: dict, m1: int, k1: int, m2: int, k2: int, chunk1: int = 0):
+    """The fused launch for one shape: ``launch(x, x_strides, w1, w1_strides, t, t_strides, w2, w2_strides,
+    a_strides, y, y_strides, sync)`` with strides x/a (group, k), w (group, row, k), t (split, group, column,
+    chunk) and y (group, column), one token."""
+    kernel = _decode_fused[(plan["P1"] + plan["P2"],)]
+    meta = {k: plan[k] for k in ("S1", "K1_ITERS", "K2_ITERS", "BM1", "BK1", "BM2", "BK2", "num_warps")}
+
+    def launch(x: Tensor, xs: tuple, w1: Tensor, w1s: tuple, t: Tensor, ts: tuple, w2: Tensor, w2s: tuple, as_: tuple,
+               y: Tensor, ys: tuple, sync: Tensor) -> None:
+        kernel(x, w1, t, w2, y, sync, m1, k1, plan["M1_BLOCKS"], plan["P1"], m2, k2, plan["M2_BLOCKS"], plan["P2"],
+               *xs, *w1s, *ts, chunk1, *as_, *w2s, *ys, **meta, **FUSED_META)
+
+    return launch
 
 @functools.lru_cache(maxsize=1024)
 def _plan_nm(n: int, M: int, G: int, device_type: str, index: int | None, dot: bool) -> dict:

@@ -6,7 +6,10 @@ graphs capture them; inference only (no autograd: dispatch sends a call here onl
   ``structmat::decode_blockdiag(x, W)``       one launch over (block, row block)
   ``structmat::decode_monarch(x, R, L)``      stage 1 writes the permuted intermediate (fp32 split-K partials, in
                                               the order stage 2 reads), stage 2 sums them on load
-  ``structmat::decode_nm(x, values, positions, n, m)``  N:M from compressed values + uint8 in-group positions
+At one token, low-rank (and Monarch from MONARCH_FUSED_MIN_BYTES of weight) is ONE launch
+(``_triton_decode._decode_fused``): both stages share one grid, the second stage's tiles loading their weight while
+the first runs. Above one token, below that size, with ``STRUCTMAT_FUSED_DECODE=0`` or a stage-2 reduction above
+``FUSED_MAX_K2``: the two-launch form.
 
 Each weight byte is read from HBM once; the intermediates (tokens x rank or tokens x in) are tiny. Eager calls run
 the same code without the custom op's dispatch (host time is what few-token calls pay).
@@ -18,7 +21,9 @@ import torch
 from torch import Tensor
 
 from . import ops as _ops
-from ._triton_decode import MAX_TOKENS, gemv_launcher, nm_launcher, plan_gemv
+from . import _triton_decode
+from ._triton_decode import (MAX_TOKENS, fused_launcher, fused_ok, gemv_launcher, nm_launcher, plan_fused, plan_gemv,
+                             sync_buffer)
 
 __all__ = ["MAX_TOKENS", "blockdiag", "lowrank", "monarch", "nm"]
 
@@ -35,9 +40,34 @@ def _empty(shape: tuple, like: Tensor, dtype: torch.dtype | None = None) -> Tens
 # once; a layer's cached inference plan (``dispatch.planner``) keeps the plan and only runs it.
 
 
+def _fused_plan(x: Tensor, g1: int, m1: int, k1: int, g2: int, m2: int, k2: int):
+    """(plan, sync buffer) of the one-launch kernel for these sizes, or None where it does not apply (more than one
+    token, switched off, a stage-2 reduction too long, or first met inside a CUDA graph capture: ``sync_buffer``)."""
+    if not fused_ok(x.shape[0], k2):
+        return None
+    sync = sync_buffer(x.device)
+    if sync is None:
+        return None
+    return plan_fused(g1, m1, k1, g2, m2, k2, _triton_decode.INTERPRET), sync
+
+
 def lowrank_plan(x: Tensor, U: Tensor, V: Tensor):
     n, k = x.shape
     r, out = V.shape[0], U.shape[0]
+    fused = _fused_plan(x, 1, r, k, 1, out, r)
+    if fused is not None:  # one launch: t = x V^T (split-K fp32 partials), then y = t U^T
+        plan, sync = fused
+        launch = fused_launcher(plan, r, k, out, r)
+        t_shape = (plan["S1"], r)
+
+        def run_fused(x: Tensor, U: Tensor, V: Tensor) -> Tensor:
+            t = _empty(t_shape, x, torch.float32)
+            y = _empty((1, out), x)
+            launch(x, (0, x.stride(1)), V, (0, V.stride(0), V.stride(1)), t, (r, 0, 1, 0), U,
+                   (0, U.stride(0), U.stride(1)), (0, 1), y, (0, y.stride(1)), sync)
+            return y
+
+        return run_fused
     p1 = plan_gemv(n, 1, r, k, x.device, split_ok=True)
     p2 = plan_gemv(n, 1, out, r, x.device, split_ok=False)
     stage1 = gemv_launcher(1, n, r, k, p1, V.dtype, c_split_stride=n * r)
@@ -70,6 +100,21 @@ def blockdiag_plan(x: Tensor, W: Tensor):
 def monarch_plan(x: Tensor, R: Tensor, L: Tensor):
     b, bc, p = R.shape
     u, c, n = L.shape[1], bc // b, x.shape[0]
+    nbytes = (R.numel() + L.numel()) * R.element_size()
+    fused = _fused_plan(x, b, bc, p, b, u, bc) if nbytes >= _triton_decode.MONARCH_FUSED_MIN_BYTES else None
+    if fused is not None:  # one launch: stage 1 stores the permuted intermediate's partials, stage 2 sums them
+        plan, sync = fused
+        launch = fused_launcher(plan, bc, p, u, bc, chunk1=c)
+        h_shape = (plan["S1"], b * bc)
+
+        def run_fused(x: Tensor, R: Tensor, L: Tensor) -> Tensor:
+            h = _empty(h_shape, x, torch.float32)
+            y = _empty((1, b * u), x)
+            launch(x, (p * x.stride(1), x.stride(1)), R, R.stride(), h, (b * bc, c, 1, bc), L, L.stride(), (bc, 1),
+                   y, (u, y.stride(1)), sync)
+            return y
+
+        return run_fused
     p1 = plan_gemv(n, b, bc, p, x.device, split_ok=True)
     p2 = plan_gemv(n, b, u, bc, x.device, split_ok=False)
     # stage 1, group k: row (s, q) of R_k -> h[:, s*b*c + k*c + q] (the order stage 2 reads), one partial per split

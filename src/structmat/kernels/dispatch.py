@@ -209,6 +209,10 @@ FEW_TOKEN_COST = {
     ("lowrank", "reference"): (7.9, 7.9, 2840.0), ("lowrank", "decode"): (7.9, 7.9, 1000.0),
     ("nm", "decode"): (2.3, 2.3, 1780.0), ("nm", "reference"): (5.0, 5.0, 67.0),
 }
+#: One token, decode backend: the one-launch two-stage kernel (_triton_decode._decode_fused), (fixed us, GB/s), fitted
+#: the same way (decode-layers-20261203T174120Z.json). Low-rank takes it at every size; Monarch from
+#: _triton_decode.MONARCH_FUSED_MIN_BYTES (the crossover with the two-launch fit above), so its cost is the lower one.
+FUSED_ONE_TOKEN_COST = {"lowrank": (6.6, 2920.0), "monarch": (6.5, 2780.0)}
 FP32_TRITON_MONARCH_EFF = 0.08  # IEEE fp32 dots in the Triton kernel measured far below cuBLAS's fp32 path
 
 
@@ -238,9 +242,18 @@ def device_us(op: str, backend: str, flops: float, nbytes: float, dtype: torch.d
     flop_us = flops / (_peak(dtype) * 1e12 * eff) * 1e6
     few = None if training else FEW_TOKEN_COST.get((op, backend))
     if few is not None:
-        return max(flop_us, nbytes / (few[2] * 1e3)) + (few[0] if tokens <= 1 else few[1])
+        us = max(flop_us, nbytes / (few[2] * 1e3)) + (few[0] if tokens <= 1 else few[1])
+        fused = FUSED_ONE_TOKEN_COST.get(op) if backend == "decode" and tokens <= 1 else None
+        if fused is not None and _fused_enabled():
+            one = max(flop_us, nbytes / (fused[1] * 1e3)) + fused[0]
+            us = one if op == "lowrank" else min(us, one)
+        return us
     bandwidth = BANDWIDTH_GBS * 1e9 * BW_FRACTION.get(backend, BW_FRACTION["other"])
     return (3.0 if training else 1.0) * max(flop_us, nbytes / bandwidth * 1e6)
+
+
+def _fused_enabled() -> bool:
+    return decode is not None and decode._triton_decode.FUSED[0]
 
 
 def choose(op: str, n: int, in_features: int, out_features: int, struct_flops: float, struct_bytes: float,
