@@ -288,7 +288,8 @@ def llama_1b(work: Path, calib_samples: int, seq_len: int, ratio: float, tiny: b
     inputs = activation_bytes + kwargs_bytes
     ids_bytes = sum(b["input_ids"].numel() * b["input_ids"].element_size() for b in batches)
     resident = {  # per stage, what is allocated and kept (no transient working memory)
-        "inputs": outside_bytes + inputs + ids_bytes,  # the token ids visit the device for the embedding "onload": inputs + block_bytes,
+        "inputs": outside_bytes + inputs + ids_bytes,  # the token ids visit the device for the embedding
+        "onload": inputs + block_bytes,
         "calibrate": inputs + block_bytes + stats_bytes,
         "project": inputs + block_bytes + compressed_block_bytes + stats_bytes,
         "propagate": inputs + compressed_block_bytes, "offload": inputs}

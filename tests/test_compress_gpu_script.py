@@ -48,6 +48,7 @@ def test_llama_1b_path_reports_every_stage_of_every_block(bench, tmp_path):
     assert terms["activations"] == 16 * 32 * 64 * 2 and terms["one_block_stats"] == (3 * 64 * 64 + 256 * 256 + 3 * 64
                                                                                       + 256) * 4
     resident = record["resident_by_stage_bytes"]
+    assert set(resident) == {"inputs", *per_block}
     assert record["bound_bytes"] == max(resident.values()) == resident["project"]
     assert resident["offload"] == terms["activations"] + terms["block_kwargs"]  # no weights between blocks
 
