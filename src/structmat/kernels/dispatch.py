@@ -309,7 +309,11 @@ def _pick(op: str, x: Tensor, factors: tuple[Tensor, ...], cost: Callable[[int],
         # model on a symbolic count would guard on every comparison it makes and recompile whenever one flips, and
         # reading or writing the decision cache would guard on its contents. The choice changes speed, never math.
         # A compiled decode graph is replayed from a CUDA graph (reduce-overhead, cudagraphs): the GPU time decides.
-        n = DECODE_MAX_TOKENS if x.shape[0] <= DECODE_MAX_TOKENS else TRACE_MANY_TOKENS
+        # A static count (a plain int: dynamo already specialized the graph on it, e.g. batch-1 decode with a static
+        # cache) is decided for itself, so one token gets the one-token kernels.
+        n = x.shape[0]
+        if not isinstance(n, int):
+            n = DECODE_MAX_TOKENS if n <= DECODE_MAX_TOKENS else TRACE_MANY_TOKENS
         return choose(op, n, x.shape[1], out_features, *cost(n), x.dtype, nblocks, training, factor_grad,
                       kernels_ok, graphed=True)
     graphed = _GRAPHED[0] if _GRAPHED[0] is not None else x.is_cuda and torch.cuda.is_current_stream_capturing()
