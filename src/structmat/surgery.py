@@ -276,6 +276,8 @@ def structurize(model: nn.Module, plan: Plan | Mapping[str, Any] | Sequence[Any]
                 f"{target.spec_text} (plan entry {pattern!r}): {err}. Fix: change the size in that plan entry (or "
                 f"pass pad=True where the structure supports it), or skip this module by adding an entry "
                 f"({name!r}: None) before it. The model was not changed.") from err
+        if stats is not None and last_use.get(id(stats)) == name and hasattr(stats, "clear_cache"):
+            stats.clear_cache()  # before the report's measurements: they need the Gram, not its factors
         with torch.no_grad():
             weight_error = layer.relative_error(weight)
             output_error = getattr(layer, "fit_info", {}).get("output_error")  # the projection measured it
@@ -293,8 +295,6 @@ def structurize(model: nn.Module, plan: Plan | Mapping[str, Any] | Sequence[Any]
                                     weight_error, output_error, spec_text, target.method, seconds))
         layer.train(module.training)
         built.append((name, module, layer))
-        if stats is not None and last_use.get(id(stats)) == name and hasattr(stats, "clear_cache"):
-            stats.clear_cache()
 
     # Every layer is built: now swap (this part cannot fail on shapes or sizes).
     if built:

@@ -94,6 +94,10 @@ def _check_fisher(fisher: Any, weight: Tensor, owner: str) -> Tensor:
     return fisher
 
 
+# entries per row chunk of output_error (16 MB in float32): E, E H and W H never as large as the weight
+OUTPUT_ERROR_CHUNK = 1 << 22
+
+
 def _as_dense(approx: Tensor | StructuredLinear) -> Tensor:
     if isinstance(approx, StructuredLinear):
         return approx.to_dense().detach()
@@ -114,7 +118,7 @@ def output_error(weight: Tensor, approx: Tensor | StructuredLinear, stats: Input
         raise ValueError(f"output_error: approx has shape {tuple(a.shape)}, the weight {tuple(w.shape)}")
     h = stats.gram.to(w.device, dtype)
     # by row chunks of ~4M entries: the temporaries (E, E H, W H) stay small beside the largest layer's Gram
-    rows = max(1, (1 << 22) // max(1, w.shape[1]))
+    rows = max(1, OUTPUT_ERROR_CHUNK // max(1, w.shape[1]))
     num, den = w.new_zeros(()), w.new_zeros(())
     for r0 in range(0, w.shape[0], rows):
         wr = w[r0:r0 + rows]

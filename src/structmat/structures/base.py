@@ -20,6 +20,9 @@ from torch import Tensor, nn
 
 from ..validate import check_features, check_finite, check_int, divisors
 
+# entries per float64 chunk of relative_error (8 MB): the report's weight error never copies a whole weight
+RELATIVE_ERROR_CHUNK = 1 << 20
+
 REGISTRY: dict[str, type["StructuredLinear"]] = {}
 
 
@@ -484,7 +487,7 @@ class StructuredLinear(nn.Module):
                 return 0.0 if not bool(dense.any()) else math.inf
             # float64 by chunks of rows (~2^20 entries): a 2048 x 8192 weight's float64 copies would otherwise be
             # five 134 MB matrices at once, more than its projection needs
-            rows = max(1, (1 << 20) // max(1, weight.shape[1]))
+            rows = max(1, RELATIVE_ERROR_CHUNK // max(1, weight.shape[1]))
             err, ref = scale.new_zeros(()), scale.new_zeros(())
             for r0 in range(0, weight.shape[0], rows):
                 w = weight[r0:r0 + rows].to(torch.float64) / scale
