@@ -228,7 +228,9 @@ def _block_forward(block: nn.Module, args: tuple, kwargs: dict, forward_tokens: 
     output as hidden state, written over the input where shapes and dtypes agree (the input is not needed any more,
     and sequences are independent, so a piece's output never overwrites a row another piece still reads)."""
     hidden = _hidden_in(args, kwargs)
-    batch = hidden.shape[0] if hidden.dim() >= 2 else 1
+    # only a (batch, sequence, ..., features) hidden state is split, by whole sequences: rows of a 2-D one may be
+    # tokens of one sequence that attend to each other
+    batch = hidden.shape[0] if hidden.dim() >= 3 else 1
     per_sequence = max(1, hidden.numel() // max(1, batch * hidden.shape[-1]))
     rows = batch if forward_tokens is None else max(1, forward_tokens // per_sequence)
     if rows >= batch:
