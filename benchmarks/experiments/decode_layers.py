@@ -47,7 +47,7 @@ DEVICE = "cuda"
 #: (weight elements per program), warps and pipeline stages
 VARIANTS = {"decode@two": dict(FUSED=False), "decode@tile4k": dict(FUSED_TILE=4096),
             "decode@tile16k": dict(FUSED_TILE=16384), "decode@w8": dict(FUSED_WARPS=8),
-            "decode@st2": dict(num_stages=2)}
+            "decode@st2": dict(num_stages=2), "decode@spinld": dict(SPIN_LOAD=True)}
 BACKENDS = {"lowrank": ("decode", "reference"), "monarch": ("decode", "triton", "cublas", "reference"),
             "blockdiag": ("decode", "triton", "cublas", "reference"), "nm24": ("decode", "reference")}
 
@@ -125,7 +125,7 @@ def variant(settings: dict):
     TD.FUSED[0] = settings.get("FUSED", TD.FUSED[0])
     TD.FUSED_TILE[0] = settings.get("FUSED_TILE", TD.FUSED_TILE[0])
     TD.FUSED_WARPS[0] = settings.get("FUSED_WARPS", TD.FUSED_WARPS[0])
-    TD.FUSED_META.update({k: v for k, v in settings.items() if k == "num_stages"})
+    TD.FUSED_META.update({k: v for k, v in settings.items() if k in ("num_stages", "SPIN_LOAD")})
     TD.plan_fused.cache_clear()
 
     def undo():

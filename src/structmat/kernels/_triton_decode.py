@@ -104,7 +104,8 @@ def _fused_stage1(X, W1, T, M1, K1, M1_BLOCKS, tile, s_xg, s_xk, s_w1g, s_w1m, s
 
 @triton.jit
 def _fused_stage2(T, W2, Y, SYNC, M2, K2, M2_BLOCKS, P1, tile, s_ts, s_ag, s_ak, s_w2g, s_w2m, s_w2k, s_yg, s_ym,
-                  S1: tl.constexpr, K2_ITERS: tl.constexpr, BM2: tl.constexpr, BK2: tl.constexpr):
+                  S1: tl.constexpr, K2_ITERS: tl.constexpr, BM2: tl.constexpr, BK2: tl.constexpr,
+                  SPIN_LOAD: tl.constexpr):
     """Stage-2 tile ``tile``: load the first weight tile, wait for the P1 stage-1 arrivals, then Y[g][m] =
     round(sum_split T[split][g]) . W2[g][m, :] (the partials rounded once to the weight's dtype, as the reference
     rounds its intermediate; read with .cg, straight from L2 where stage 1 stored them)."""
@@ -113,8 +114,13 @@ def _fused_stage2(T, W2, Y, SYNC, M2, K2, M2_BLOCKS, P1, tile, s_ts, s_ag, s_ak,
     rows = W2 + g * s_w2g + (offs_m % M2)[:, None] * s_w2m
     offs_k = tl.arange(0, BK2)
     w_first = tl.load(rows + offs_k[None, :] * s_w2k, mask=(offs_k < K2)[None, :], other=0.0)
-    while tl.atomic_add(SYNC + 1, 0, sem="acquire") < P1:
-        pass
+    if SPIN_LOAD:  # poll with plain volatile loads (no atomic traffic on the counter), then one acquire
+        while tl.load(SYNC + 1, volatile=True) < P1:
+            pass
+        tl.atomic_add(SYNC + 1, 0, sem="acquire")
+    else:
+        while tl.atomic_add(SYNC + 1, 0, sem="acquire") < P1:
+            pass
     acc = tl.zeros((BM2,), dtype=tl.float32)
     for i in tl.static_range(K2_ITERS):
         offs_k = i * BK2 + tl.arange(0, BK2)
@@ -135,7 +141,8 @@ def _decode_fused(X, W1, T, W2, Y, SYNC, M1, K1, M1_BLOCKS, P1, M2, K2, M2_BLOCK
                   s_xg, s_xk, s_w1g, s_w1m, s_w1k, s_ts, s_tg, s_tm, s_tchunk, CHUNK1,
                   s_ag, s_ak, s_w2g, s_w2m, s_w2k, s_yg, s_ym,
                   S1: tl.constexpr, K1_ITERS: tl.constexpr, K2_ITERS: tl.constexpr,
-                  BM1: tl.constexpr, BK1: tl.constexpr, BM2: tl.constexpr, BK2: tl.constexpr):
+                  BM1: tl.constexpr, BK1: tl.constexpr, BM2: tl.constexpr, BK2: tl.constexpr,
+                  SPIN_LOAD: tl.constexpr):
     """One launch for a whole two-stage product of ONE token (low-rank, Monarch), each tile loaded in one go.
 
     Stage 1 (``_fused_stage1``, P1 tiles): fp32 partials of ``x . W1`` over K splits (the column may be chunked:
@@ -153,7 +160,7 @@ def _decode_fused(X, W1, T, W2, Y, SYNC, M1, K1, M1_BLOCKS, P1, M2, K2, M2_BLOCK
         tl.atomic_add(SYNC + 1, 1, sem="release")
     else:
         _fused_stage2(T, W2, Y, SYNC, M2, K2, M2_BLOCKS, P1, ticket - P1, s_ts, s_ag, s_ak, s_w2g, s_w2m, s_w2k,
-                      s_yg, s_ym, S1, K2_ITERS, BM2, BK2)
+                      s_yg, s_ym, S1, K2_ITERS, BM2, BK2, SPIN_LOAD)
         if tl.atomic_add(SYNC + 2, 1) == P2 - 1:  # the last program: every ticket was taken, every arrival seen
             tl.atomic_xchg(SYNC, 0)
             tl.atomic_xchg(SYNC + 1, 0)
@@ -329,9 +336,10 @@ def decode_gemv(a: Tensor, a_strides: tuple, w: Tensor, w_strides: tuple, c: Ten
 # block-diagonal (one stage) no faster than the gemv kernel: those keep the gemv form.
 # ---------------------------------------------------------------------------------------------------------------
 
-#: The fused kernel's tile budget (weight elements per program), warps and pipeline stages, the cap on stage-1
-#: partials, and whether it is used at all (module-level so a benchmark can sweep them).
-FUSED_META = {"num_stages": 1}
+#: The fused kernel's tile budget (weight elements per program), warps, pipeline stages and how stage 2 polls the
+#: arrivals (SPIN_LOAD: volatile loads, else acquire atomics), the cap on stage-1 partials, and whether it is used
+#: at all (module-level so a benchmark can sweep them).
+FUSED_META = {"num_stages": 1, "SPIN_LOAD": False}
 FUSED_WARPS = [4]
 FUSED_TILE = [8192]
 FUSED_MAX_SPLITS = [8]
