@@ -2,9 +2,9 @@
 # Session 6, GPU round 5 (the last: one H200, nothing carried), from the repo root:
 #   OUT=$OUT bash benchmarks/experiments/gpu_round_s6_r5.sh
 # In the order of what matters, each step under its own limit (a cut round keeps the steps before the cut):
-#   1. issue 12: the decode kernels on the GPU (vs the reference in bf16 and fp32 at 1-64 tokens; the one-launch
+#   1. issue 14: the 1B-shape sequential offloaded peak (gpu_round_s6_14.sh);
+#   2. issue 12: the decode kernels on the GPU (vs the reference in bf16 and fp32 at 1-64 tokens; the one-launch
 #      kernel's bit-for-bit repeats, eager and from a CUDA graph);
-#   2. issue 14: the 1B-shape sequential offloaded peak (gpu_round_s6_14.sh);
 #   3. issue 12: the shipped dispatch (auto) in one process: captured eager step, inductor-compiled step (then
 #      captured) and eager HF generate at batch 1, dense and every structure;
 #   4. issue 12: low-rank per layer at one token (decode_layers.py: the one-launch kernel and its variants, polling
@@ -21,9 +21,9 @@ step() {  # step NAME SECONDS CMD...
   timeout --kill-after=5 "$secs" "$@" > "$OUT/12/$name.log" 2>&1
   echo "$name rc=$? s=$(( $(date +%s) - t ))" >> "$OUT/steps.log"
 }
+t=$(date +%s); bash benchmarks/experiments/gpu_round_s6_14.sh; echo "14 rc=$? s=$(( $(date +%s) - t ))" >> "$OUT/steps.log"
 step gpu-tests 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_inference.py \
   -k "bit_for_bit or (decode_kernels_match_reference_gpu and (bfloat16 or float32))"
-t=$(date +%s); bash benchmarks/experiments/gpu_round_s6_14.sh; echo "14 rc=$? s=$(( $(date +%s) - t ))" >> "$OUT/steps.log"
 step floor 150 python3 benchmarks/experiments/decode_floor.py --out "$OUT/12" \
   --models dense,lowrank,monarch,blockdiag,nm24 --graph-batches 1 --eager-models dense,lowrank,monarch,blockdiag,nm24 \
   --generate-models "" --step-compile dense,lowrank,monarch,blockdiag,nm24
