@@ -292,7 +292,8 @@ def llama_1b(work: Path, calib_samples: int, seq_len: int, ratio: float, tiny: b
         "onload": inputs + block_bytes,
         "calibrate": inputs + block_bytes + stats_bytes,
         "project": inputs + block_bytes + compressed_block_bytes + stats_bytes,
-        "propagate": inputs + compressed_block_bytes, "offload": inputs}
+        "propagate": inputs + compressed_block_bytes,
+        "offload": inputs + compressed_block_bytes}  # the stage starts with the block still on the device
     forward_ws = probes.get("forward_working_set_bytes", 0)
     projection_ws = probes.get("projection_working_set_bytes", 0)
     working = {"inputs": 0, "onload": 0, "calibrate": forward_ws, "project": projection_ws,
@@ -316,6 +317,8 @@ def llama_1b(work: Path, calib_samples: int, seq_len: int, ratio: float, tiny: b
             "peak_over_one_block_plus_activations": peak / (block_bytes + activation_bytes),
             "peak_over_whole_model": peak / whole,
             "resident_by_stage_bytes": resident,
+            "resident_between_blocks_bytes": inputs,  # vs peaks.allocated_after_each_block (measured)
+            "between_blocks_as_predicted": all(b == inputs for b in summary.get("allocated_after_each_block", [])),
             "bound_bytes": bound, "bound": "max over stages of what is resident: the first block's inputs "
             "(activations + block_kwargs) + one block + its float32 statistics + its compressed layers while they "
             "are built (the weights outside the blocks instead, while the inputs are computed)",

@@ -50,7 +50,7 @@ def test_llama_1b_path_reports_every_stage_of_every_block(bench, tmp_path):
     resident = record["resident_by_stage_bytes"]
     assert set(resident) == {"inputs", *per_block}
     assert record["bound_bytes"] == max(resident.values()) == resident["project"]
-    assert resident["offload"] == terms["activations"] + terms["block_kwargs"]  # no weights between blocks
+    assert record["resident_between_blocks_bytes"] == terms["activations"] + terms["block_kwargs"]  # no weights
 
 
 def test_table_on_a_tiny_llama_folder(bench, tiny_folder, tmp_path):
