@@ -17,17 +17,27 @@ def _live(kind):
     return [o for o in gc.get_objects() if kind(o)]
 
 
-def test_between_blocks_only_the_activations_and_no_statistics_stay_alive():
+SCOPE = r".*layers\.\d+\..*"
+
+
+def _tiny_llama(layers=3, **config):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=96, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=96, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **config)
+    return LlamaForCausalLM(config).eval()
+
+
+def _batches(n=2, batch=4, seq=16):
+    gen = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(0, 128, (batch, seq), generator=gen)} for _ in range(n)]
+
+
+def test_between_blocks_only_the_activations_and_no_statistics_stay_alive():
+    model = _tiny_llama(tie_word_embeddings=False).to(torch.bfloat16)
     batch, seq, n_batches = 2, 16, 3
-    gen = torch.Generator().manual_seed(0)
-    batches = [{"input_ids": torch.randint(0, 128, (batch, seq), generator=gen)} for _ in range(n_batches)]
+    batches = _batches(n_batches, batch, seq)
     records = []
 
     def census(stage, block):
@@ -36,29 +46,12 @@ def test_between_blocks_only_the_activations_and_no_statistics_stay_alive():
             stats = _live(lambda o: isinstance(o, InputStats))
             records.append((stage, block, len({t.untyped_storage().data_ptr() for t in hidden}), len(stats)))
 
-    comp = Compressor(model, batches, r".*layers\.\d+\..*", offload=True, sequential=True, on_stage=census)
+    comp = Compressor(model, batches, SCOPE, offload=True, sequential=True, on_stage=census)
     comp.uniform({r".*": Target("lowrank:ratio=0.5", "whitened")}, inplace=True)
     assert [r[:2] for r in records] == [("inputs", -1), ("offload", 0), ("offload", 1), ("offload", 2)]
     for stage, block, activations, statistics in records:
         assert activations == n_batches, f"after {stage} of block {block}: {activations} activation batches alive"
         assert statistics == 0, f"after {stage} of block {block}: {statistics} statistics objects alive"
-
-
-SCOPE = r".*layers\.\d+\..*"
-
-
-def _tiny_llama(layers=3):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=96, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
-
-
-def _batches(n=2, batch=4, seq=16):
-    gen = torch.Generator().manual_seed(1)
-    return [{"input_ids": torch.randint(0, 128, (batch, seq), generator=gen)} for _ in range(n)]
 
 
 def test_between_blocks_nothing_but_the_current_block_sits_on_the_device(monkeypatch):

@@ -362,10 +362,10 @@ def test_a_wide_layers_projection_holds_its_factor_and_three_weight_sized_matric
     2048 x 8192 weight. Census of the live bytes of every op output while structurize projects one wide layer
     (whitened low rank, the report's measurements in row chunks as at scale): at most the n x n Cholesky factor and
     three float32 weight-sized matrices (the weight, W S and small change), and the factor is gone afterwards."""
-    import weakref
+    import importlib.util
+    from pathlib import Path
 
     from torch import nn
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     import structmat.project as project_module
     import structmat.structures.base as base
@@ -378,32 +378,13 @@ def test_a_wide_layers_projection_holds_its_factor_and_three_weight_sized_matric
     gen = torch.Generator().manual_seed(0)
     stats = InputStats.empty(n, dtype=torch.float32).update(correlated(4 * n, n, gen).float())
     model = nn.Sequential(nn.Linear(n, out, bias=False)).to(torch.bfloat16)
-    old = {id(t.untyped_storage()) for t in (*model.parameters(), stats.gram, stats.abs_sum)}
+    # the live-bytes census of benchmarks/experiments/blockwise_census.py, which measures the same at the 1B shape
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "experiments" / "blockwise_census.py"
+    spec = importlib.util.spec_from_file_location("blockwise_census", path)
+    census_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(census_module)
 
-    class LiveBytes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.live = self.peak = 0
-            self.tracked: set[int] = set()
-
-        def _free(self, key, size):
-            self.tracked.discard(key)
-            self.live -= size
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            result = func(*args, **(kwargs or {}))
-            for t in result if isinstance(result, (tuple, list)) else (result,):
-                if isinstance(t, torch.Tensor):
-                    storage = t.untyped_storage()
-                    if id(storage) in old or id(storage) in self.tracked:
-                        continue  # the weight, the statistics, or a view of a storage already counted
-                    self.tracked.add(id(storage))
-                    self.live += storage.nbytes()
-                    weakref.finalize(storage, self._free, id(storage), storage.nbytes())
-                    self.peak = max(self.peak, self.live)
-            return result
-
-    with LiveBytes() as census:
+    with census_module.LiveBytes([*model.parameters(), stats.gram, stats.abs_sum]) as census:
         structurize(model, {"0": Target("lowrank:ratio=0.5", "whitened")}, calibration={"0": stats})
     factor, weight32 = n * n * 4, out * n * 4
     assert census.peak <= factor + 3 * weight32, (census.peak - factor) / weight32

@@ -303,7 +303,7 @@ def gemv_launcher(groups: int, n: int, M: int, K: int, plan: dict, dtype: torch.
     meta = dict(BLOCK_N=plan["BLOCK_N"], BLOCK_M=plan["BLOCK_M"], BLOCK_K=plan["BLOCK_K"], **GEMV_META)
     # pipeline stages that fit in shared memory: wide token tiles of fp32 (64 tokens x 256 x 4 bytes per operand and
     # stage) asked the H200 for 240 KB at 4 stages and failed to launch
-    per_stage = (plan["BLOCK_N"] + plan["BLOCK_M"]) * plan["BLOCK_K"] * torch.empty((), dtype=dtype).element_size()
+    per_stage = (plan["BLOCK_N"] + plan["BLOCK_M"]) * plan["BLOCK_K"] * dtype.itemsize
     meta["num_stages"] = max(1, min(meta["num_stages"], SMEM_BUDGET // per_stage))
     fixed = None if dtype == torch.float32 else _precision(dtype)  # (fp32 follows allow_tf32 at call time)
     if n == 0 or M == 0 or groups == 0:

@@ -246,7 +246,7 @@ def device_us(op: str, backend: str, flops: float, nbytes: float, dtype: torch.d
         fused = FUSED_ONE_TOKEN_COST.get(op) if backend == "decode" and tokens <= 1 else None
         if fused is not None and _fused_enabled():
             one = max(flop_us, nbytes / (fused[1] * 1e3)) + fused[0]
-            us = one if op == "lowrank" else min(us, one)
+            us = min(us, one)  # (the plan takes whichever form is cheaper: low-rank's fused form always is)
         return us
     bandwidth = BANDWIDTH_GBS * 1e9 * BW_FRACTION.get(backend, BW_FRACTION["other"])
     return (3.0 if training else 1.0) * max(flop_us, nbytes / bandwidth * 1e6)
