@@ -22,6 +22,9 @@ that fails or runs out of time costs only itself:
    layers while they are built; the weights outside the blocks only while the inputs are computed), and with that
    plus the working sets measured apart on a copy of block 0: one calibration forward piece, and the largest
    layer's projection.
+   ``llama1b_all``: the same with ``offload="all"`` (activations and statistics on the CPU, Grams collected in
+   column slices, each group of layers projected on the GPU where it fits one block + activations, else on the
+   CPU): its peak against that bound, stage by stage.
 4. ``table``: the SmolLM2 perplexity table on held-out stdlib text: dense; every single method at 50%
    (one-shot); the budget mix at 25/50/75%; SparseGPT 2:4 (and whitened SVD) one-shot vs sequential at 50%.
    The dense perplexity of the same run is the baseline (the device's stdlib may differ from another machine's).
@@ -48,8 +51,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("convert", "budget", "llama1b", "table")
-DEFAULT_TIMEOUTS = {"convert": 90, "budget": 100, "llama1b": 90, "table": 120}
+STAGES = ("convert", "budget", "llama1b", "llama1b_all", "table")
+DEFAULT_TIMEOUTS = {"convert": 90, "budget": 100, "llama1b": 90, "llama1b_all": 240, "table": 120}
 
 
 # ------------------------------------------------------------------------------------------------ 1. convert
@@ -227,7 +230,7 @@ def _probe_working_sets(model, blocks, batch: dict, device: str, forward_tokens:
 
 
 def llama_1b(work: Path, calib_samples: int, seq_len: int, ratio: float, tiny: bool = False,
-             device: str = "cuda") -> dict:
+             device: str = "cuda", offload: str = "blocks") -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from structmat.compress import AUTO_FORWARD_TOKENS, Compressor, _capture_block_inputs, _hidden_in, find_blocks
@@ -270,14 +273,17 @@ def llama_1b(work: Path, calib_samples: int, seq_len: int, ratio: float, tiny: b
     kwargs_bytes = len(batches) * _tensor_bytes((args, kwargs), {hidden.untyped_storage().data_ptr()})
     del args, kwargs, hidden
     stats_bytes = (3 * h * h + f * f) * 4 + (3 * h + f) * 4
-    probes = _probe_working_sets(model, blocks, batches[0], device, forward_tokens, ratio) if cuda else {}
+    if offload == "all":
+        forward_tokens = AUTO_FORWARD_TOKENS // 2 if cuda else None  # the Compressor's auto for offload="all"
+    probes = _probe_working_sets(model, blocks, batches[0], device, forward_tokens, ratio) \
+        if cuda and offload == "blocks" else {}
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if cuda else 0
     peaks = StagePeaks(device, base)
     start = time.perf_counter()
-    comp = Compressor(model, batches, r".*layers\.\d+\..*", device=device, offload=True, sequential=True,
+    comp = Compressor(model, batches, r".*layers\.\d+\..*", device=device, offload=offload, sequential=True,
                       progress=False, on_stage=peaks)
     done = comp.uniform({r".*": Target(f"lowrank:ratio={ratio}", "whitened")}, inplace=True)
     if cuda:
@@ -303,6 +309,10 @@ def llama_1b(work: Path, calib_samples: int, seq_len: int, ratio: float, tiny: b
     peak = max((r.get("peak_bytes", 0) for r in peaks.records), default=0)
     summary = peaks.summary()
     by_stage = summary.get("max_peak_by_stage", {})
+    if offload == "all":
+        return _llama_1b_all_record(config, params, shards, setup, tokens, ratio, forward_tokens, seconds, done,
+                                    peak, summary, peaks.records, block_bytes, compressed_block_bytes,
+                                    outside_bytes, activation_bytes, whole, after)
     return {"config": {"hidden": h, "intermediate": f, "layers": config.num_hidden_layers, "vocab": config.vocab_size,
                        "params": params, "dtype": "bfloat16"},
             "shards": shards, "setup_seconds": setup, "calibration_tokens": tokens, "plan": f"lowrank@whitened "
@@ -330,6 +340,33 @@ def llama_1b(work: Path, calib_samples: int, seq_len: int, ratio: float, tiny: b
                                                if cuda else None),
             "excess_over_bound_by_stage_bytes": {k: by_stage[k] - resident[k] - working[k] for k in by_stage},
             "peaks": summary, "stage_records": peaks.records,
+            "whole_model_bytes_before": whole, "whole_model_bytes_after": after}
+
+
+def _llama_1b_all_record(config, params, shards, setup, tokens, ratio, forward_tokens, seconds, done, peak, summary,
+                         records, block_bytes, compressed_block_bytes, outside_bytes, activation_bytes, whole,
+                         after) -> dict:
+    """The ``offload="all"`` run's record: the device holds no activations, statistics or weights outside the
+    blocks; its budget (the Compressor's default) is one block + the calibration activations, and every stage's
+    peak is compared with it."""
+    bound = block_bytes + activation_bytes
+    by_stage = summary.get("max_peak_by_stage", {})
+    return {"config": {"hidden": config.hidden_size, "intermediate": config.intermediate_size,
+                       "layers": config.num_hidden_layers, "vocab": config.vocab_size, "params": params,
+                       "dtype": "bfloat16"},
+            "shards": shards, "setup_seconds": setup, "calibration_tokens": tokens,
+            "plan": f"lowrank@whitened ratio={ratio}, sequential, offload='all'", "forward_tokens": forward_tokens,
+            "seconds": seconds, "layers": len(done.report.rows), "params_fraction": done.report.params_fraction,
+            "peak_gpu_bytes": peak,
+            "terms_bytes": {"one_block": block_bytes, "one_compressed_block": compressed_block_bytes,
+                            "outside_blocks": outside_bytes, "activations": activation_bytes},
+            "one_block_plus_activations_bytes": bound,
+            "peak_over_one_block_plus_activations": peak / bound,
+            "peak_over_whole_model": peak / whole,
+            "within_one_block_plus_activations": peak <= bound,
+            "stages_within_bound": {k: v <= bound for k, v in by_stage.items()},
+            "allocated_between_blocks_bytes": summary.get("allocated_after_each_block", []),
+            "peaks": summary, "stage_records": records,
             "whole_model_bytes_before": whole, "whole_model_bytes_after": after}
 
 
@@ -451,9 +488,9 @@ def _stage_main(args: argparse.Namespace) -> int:
     elif args.stage == "budget":
         extra = ["--eval-files", "1", "--eval-window", "64"] if tiny else []
         record = budget(folder, work, args.calib_samples, args.seq_len, args.device, args.budget_timeout, extra)
-    elif args.stage == "llama1b":
+    elif args.stage in ("llama1b", "llama1b_all"):
         record = llama_1b(work, args.calib_samples_1b, args.seq_len if not tiny else 32, args.ratio_1b, tiny=tiny,
-                          device=args.device)
+                          device=args.device, offload="all" if args.stage == "llama1b_all" else "blocks")
     else:
         record = smollm2_table(folder, Path(args.out), args.stamp, args.table_calib_samples, args.seq_len,
                                args.eval_files, args.eval_window, args.eval_tokens, args.device,

@@ -144,3 +144,122 @@ def test_forward_tokens_is_checked():
         with pytest.raises(ValueError, match="forward_tokens"):
             Compressor(_tiny_llama(1), _batches(), SCOPE, forward_tokens=bad)
     assert Compressor(_tiny_llama(1), _batches(), SCOPE, device="cpu").forward_tokens is None  # auto: not on a CPU
+
+
+# ------------------------------------------------------------------------------------------------ offload="all"
+def test_stat_passes_cover_every_column_once_within_the_budget():
+    from structmat.compress import _stat_passes
+
+    widths = {"q": 32, "o": 32, "down": 96}
+    for budget in (10**9, 40_000, 20_000, 5_000, 1):
+        passes = _stat_passes(widths, budget, 4)
+        for name, n in widths.items():
+            spans = sorted((0, n) if p[name] is None else p[name] for p in passes if name in p)
+            assert spans[0][0] == 0 and spans[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # no gap, no overlap
+            assert len(spans) <= 8  # a slice is at least an eighth of its Gram
+        for p in passes:
+            used = sum((widths[k] * (widths[k] if c is None else c[1] - c[0]) + widths[k]) * 4 for k, c in p.items())
+            smallest = min((widths[k] * max(1, widths[k] // 8) + widths[k]) * 4 for k in p)
+            assert used <= budget or (len(p) == 1 and used <= smallest)  # over only by one smallest slice
+    assert _stat_passes(widths, 10**9, 4) == [{"q": None, "o": None, "down": None}]
+    assert len(_stat_passes(widths, (96 * 96 + 96) * 4, 4)) == 2  # down fills a pass of its own
+
+
+def test_gram_columns_assemble_to_the_whole_gram():
+    from structmat.calibrate import GramColumns, assemble
+
+    x = torch.randn(3, 10, 24, dtype=torch.float64)
+    whole = InputStats.empty(24).update(x)
+    parts = [GramColumns.empty(24, lo, hi).update(x) for lo, hi in ((0, 5), (5, 17), (17, 24))]
+    built = assemble(parts[::-1])
+    torch.testing.assert_close(built.gram, whole.gram)
+    torch.testing.assert_close(built.abs_sum, whole.abs_sum)
+    assert built.count == whole.count == 30
+    with pytest.raises(ValueError, match="cover"):
+        assemble(parts[:2])
+    with pytest.raises(ValueError, match="cover"):
+        assemble([parts[0], GramColumns.empty(24, 3, 24).update(x)])
+    with pytest.raises(ValueError, match="token counts"):
+        assemble([parts[0], GramColumns.empty(24, 5, 24).update(x[:1])])
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        GramColumns.empty(24, 0, 5).update(torch.full((2, 24), float("nan"), dtype=torch.float64))
+    with pytest.raises(ValueError, match="columns"):
+        GramColumns.empty(24, 5, 30)
+
+
+@pytest.mark.parametrize("budget", [None, 1, 10**9])
+def test_offload_all_gives_the_statistics_and_model_of_offloaded_blocks(budget):
+    """offload="all" (activations and statistics on the host, the statistics collected in passes of column slices
+    when the budget is small, each group of layers projected where it fits) computes what offload=True does: the
+    same statistics (float64, up to summation order) and the same sequentially compressed model. ``budget``:
+    the default (one block + activations), so small that every Gram is sliced and every projection runs on the
+    host, and large (one pass, every group 'on the device')."""
+    plan = {r".*": Target("lowrank:ratio=0.5", "whitened")}
+    data = _batches()
+    ids = data[0]["input_ids"]
+    ref = Compressor(_tiny_llama(), data, SCOPE, offload=True, device="cpu", stats_dtype=torch.float64,
+                     forward_tokens=16)
+    opts = dict(offload="all", device="cpu", stats_dtype=torch.float64, forward_tokens=16, device_budget=budget)
+    stats = Compressor(_tiny_llama(), data, SCOPE, **opts).statistics()
+    expected = ref.statistics()
+    assert set(stats) == set(expected)
+    for name, s in expected.items():
+        torch.testing.assert_close(stats[name].gram, s.gram, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(stats[name].abs_sum, s.abs_sum, rtol=1e-9, atol=1e-10)
+        assert stats[name].count == s.count
+    qkv = [stats[f"model.layers.0.self_attn.{p}_proj"] for p in "qkv"]
+    assert qkv[0] is qkv[1] is qkv[2]  # one shared Gram for one shared input, however it was collected
+    for sequential in (True, False):
+        base = Compressor(_tiny_llama(), data, SCOPE, offload=True, sequential=sequential, device="cpu",
+                          stats_dtype=torch.float64, forward_tokens=16).uniform(plan)
+        done = Compressor(_tiny_llama(), data, SCOPE, sequential=sequential, **opts).uniform(plan)
+        assert [r.name for r in done.report.rows] == [r.name for r in base.report.rows]
+        assert done.report.params_fraction == base.report.params_fraction
+        assert all(p.device.type == "cpu" for p in done.model.parameters())
+        with torch.no_grad():
+            torch.testing.assert_close(done.model(input_ids=ids).logits, base.model(input_ids=ids).logits,
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_offload_is_checked():
+    for bad in ("gpu", 2, "ALL"):
+        with pytest.raises(ValueError, match="offload"):
+            Compressor(_tiny_llama(1), _batches(), SCOPE, offload=bad)
+    with pytest.raises(ValueError, match="device_budget"):
+        Compressor(_tiny_llama(1), _batches(), SCOPE, offload=True, device_budget=10**6)
+    with pytest.raises(ValueError, match="device_budget"):
+        Compressor(_tiny_llama(1), _batches(), SCOPE, offload="all", device_budget=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("budget", [None, 8 * 2**20])
+def test_offload_all_peak_stays_within_the_device_budget(budget):
+    """On a GPU, sequential compression with offload="all" never holds more than its device budget (default: one
+    block + the calibration activations), by the allocator's peak, and gives offload=True's model. With 8 MiB
+    the Gram of down_proj is collected in column slices and down_proj and gate/up are projected on the CPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(1)
+    data = [{"input_ids": torch.randint(0, 512, (16, 128), generator=gen)} for _ in range(8)]
+    block = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    activations = 8 * 16 * 128 * 256 * 4  # float32 hidden states
+    bound = budget or block + activations
+    plan = {r".*": Target("lowrank:ratio=0.5", "whitened")}
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    done = Compressor(model, data, SCOPE, offload="all", sequential=True, device="cuda", forward_tokens=128,
+                      device_budget=budget).uniform(plan)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert 0 < peak <= bound, (peak, bound, block, activations)
+    ref = Compressor(model, data, SCOPE, offload=True, sequential=True, device="cuda").uniform(plan)
+    ids = data[0]["input_ids"][:2]
+    with torch.no_grad():
+        got, want = done.model(input_ids=ids).logits, ref.model(input_ids=ids).logits
+    assert (got - want).abs().max() <= 1e-2 * want.abs().max()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from structmat.cli import main
@@ -69,6 +70,14 @@ def test_compress_and_eval_a_local_causal_lm_directory(tmp_path, capsys):
     assert results[0]["params_fraction"] < results[1]["params_fraction"] < 1
     assert all(r["quality"]["ppl"] > 1 for r in results)
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    lean = tmp_path / "lean"  # --offload all: activations and statistics on the host, the same compression
+    assert main(["compress", "--model", str(src), "--target-params", "0.5", "--structure", "lowrank@whitened",
+                 "--calib-samples", "8", "--seq-len", "32", "--sequential", "--offload", "all", "--device", "cpu",
+                 "--no-eval", "--out", str(lean)]) == 0
+    leaned = json.loads((lean / "compress.json").read_text())["results"][0]
+    assert leaned["params_fraction"] == results[0]["params_fraction"]
+    assert [r["output_error"] for r in leaned["report"]["layers"]] == pytest.approx(
+        [r["output_error"] for r in results[0]["report"]["layers"]], rel=1e-3)
     out = out / "target-0.50"
     assert (out / "structmat.json").is_file()
     assert main(["eval", "--model", str(out), "--tokenizer", str(src), "--files", "2", "--seq-len", "64",

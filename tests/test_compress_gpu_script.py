@@ -53,6 +53,16 @@ def test_llama_1b_path_reports_every_stage_of_every_block(bench, tmp_path):
     assert record["resident_between_blocks_bytes"] == terms["activations"] + terms["block_kwargs"]  # no weights
 
 
+def test_llama_1b_offload_all_path_reports_its_bound(bench, tmp_path):
+    record = bench.llama_1b(tmp_path, 16, 32, 0.5, tiny=True, device="cpu", offload="all")
+    assert record["layers"] == 14 and record["params_fraction"] < 0.6 and "offload='all'" in record["plan"]
+    stages = [(r["stage"], r["block"]) for r in record["stage_records"]]
+    assert stages == [("inputs", -1)] + [(s, b) for b in range(2)
+                                         for s in ("onload", "calibrate", "project", "propagate", "offload")]
+    terms = record["terms_bytes"]
+    assert record["one_block_plus_activations_bytes"] == terms["one_block"] + terms["activations"]
+
+
 def test_table_on_a_tiny_llama_folder(bench, tiny_folder, tmp_path):
     record = bench.smollm2_table(tiny_folder, tmp_path, "X", 8, 32, 1, 64, 512, "cpu", tmp_path / "rows.jsonl",
                                  table_rows="whitened SVD@0.5,N:M SparseGPT@0.5,N:M SparseGPT@0.5:sequential")

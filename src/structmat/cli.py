@@ -447,8 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence")
     comp.add_argument("--sequential", action="store_true", help="layer-sequential calibration")
     comp.add_argument("--device", default=None, help="where calibration and projections run (cpu, cuda, cuda:N)")
-    comp.add_argument("--offload", action="store_true", help="keep the model on the CPU and onload one block at "
-                      "a time to --device (memory: one block + activations)")
+    comp.add_argument("--offload", nargs="?", const="blocks", default=False, choices=["blocks", "all"],
+                      help="keep the model on the CPU and onload one block at a time to --device (memory: one "
+                      "block, the calibration activations, the block's statistics); '--offload all' also keeps the "
+                      "activations and statistics on the CPU and projects on the CPU what does not fit one block + "
+                      "the activations (slower; for the smallest devices)")
     comp.add_argument("--stats-dtype", choices=["float32", "float64"], default="float32",
                       help="precision of the statistics and projections")
     comp.add_argument("--no-eval", dest="evaluate", action="store_false",

@@ -41,7 +41,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .calibrate import InputStats, collect_input_stats
+from .calibrate import InputStats, assemble, collect_input_stats
+from .calibrate.stats import linear_in_features
 from .modules import dense_weight, linear_modules
 from .plan import Plan, Target
 from .project import batches_inputs, check_method, default_allow, price, price_many, stacks_rows
@@ -221,26 +222,38 @@ def _hidden_in(args: tuple, kwargs: dict) -> Tensor:
 
 
 def _block_forward(block: nn.Module, args: tuple, kwargs: dict, forward_tokens: int | None,
-                   keep: bool) -> tuple[tuple, dict] | None:
+                   keep: bool, device: torch.device | None = None) -> tuple[tuple, dict] | None:
     """Run ``block`` on one captured batch, at most ``forward_tokens`` tokens (whole sequences, at least one) at a
     time, so the forward's working set (MLP intermediates, attention, the statistics' float32 copies of a layer's
     input) scales with ``forward_tokens``, not with the batch. ``keep``: return the batch's (args, kwargs) with the
     output as hidden state, written over the input where shapes and dtypes agree (the input is not needed any more,
-    and sequences are independent, so a piece's output never overwrites a row another piece still reads)."""
+    and sequences are independent, so a piece's output never overwrites a row another piece still reads).
+    ``device``: the block's device when the inputs live elsewhere (on the CPU with ``offload="all"``): each piece
+    travels there and its output comes back."""
     hidden = _hidden_in(args, kwargs)
+
+    def run(piece_args: tuple, piece_kwargs: dict) -> Tensor:
+        if device is not None:
+            piece_args, piece_kwargs = _move(piece_args, device), _move(piece_kwargs, device)
+        return _hidden_of(block(*piece_args, **piece_kwargs))
+
     # only a (batch, sequence, ..., features) hidden state is split, by whole sequences: rows of a 2-D one may be
     # tokens of one sequence that attend to each other
     batch = hidden.shape[0] if hidden.dim() >= 3 else 1
     per_sequence = max(1, hidden.numel() // max(1, batch * hidden.shape[-1]))
     rows = batch if forward_tokens is None else max(1, forward_tokens // per_sequence)
     if rows >= batch:
-        out = _hidden_of(block(*args, **kwargs))
-        return _with_hidden(args, kwargs, out) if keep else None
+        out = run(args, kwargs)
+        if not keep:
+            return None
+        if out.shape == hidden.shape and out.dtype == hidden.dtype and out.device != hidden.device:
+            out = hidden.copy_(out)
+        return _with_hidden(args, kwargs, out)
     pieces: list[Tensor] = []
     in_place = keep
     for lo in range(0, batch, rows):
         hi = min(batch, lo + rows)
-        out = _hidden_of(block(*_rows_of(args, batch, lo, hi), **_rows_of(kwargs, batch, lo, hi)))
+        out = run(_rows_of(args, batch, lo, hi), _rows_of(kwargs, batch, lo, hi))
         if not keep:
             continue
         if in_place and out.shape == hidden[lo:hi].shape and out.dtype == hidden.dtype:
@@ -248,7 +261,7 @@ def _block_forward(block: nn.Module, args: tuple, kwargs: dict, forward_tokens: 
         else:  # an output of another shape or dtype: gather the pieces (rows written so far come back out)
             if in_place:
                 pieces, in_place = [hidden[:lo].clone()] if lo else [], False
-            pieces.append(out)
+            pieces.append(out.to(hidden.device))
     if not keep:
         return None
     return _with_hidden(args, kwargs, hidden if in_place else torch.cat(pieces))
@@ -273,12 +286,144 @@ def check_forward_tokens(forward_tokens: Any, owner: str) -> int | None:
     return forward_tokens
 
 
+OFFLOAD_MODES = ("blocks", "all")
+
+
+def check_offload(offload: Any, owner: str) -> str | None:
+    """None (model on the device), "blocks" (also True: the model on the CPU, one block on the device at a time) or
+    "all" (also the calibration activations, the statistics and the projections too large for the device budget
+    stay on the CPU)."""
+    if offload is None or offload is False:
+        return None
+    if offload is True:
+        return "blocks"
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"{owner}: offload must be False, True (= 'blocks') or one of {OFFLOAD_MODES}, "
+                         f"got {offload!r}")
+    return offload
+
+
+def _module_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+# the working set of a block forward per token and per input feature of the block's linear layers (its
+# intermediates, attention, the statistics' float32 copies of a layer's input): measured 7.6 bytes on the
+# 1B-shaped Llama block at 1024 tokens (159 MB over 20480 input features), rounded up
+FORWARD_BYTES_PER_TOKEN_FEATURE = 12
+
+
+def _stat_passes(widths: dict[str, int], budget: int, itemsize: int) -> list[dict[str, tuple[int, int] | None]]:
+    """Group the statistics of layers (name -> input width) into passes whose accumulators fit ``budget`` bytes
+    (counted as if no two layers shared an input: an upper bound). A Gram too large for a pass is split into column
+    slices (name -> (lo, hi); None: the whole Gram). A slice is at least an eighth of its Gram, so no layer takes
+    more than ~8 passes however small the budget."""
+    passes: list[dict[str, tuple[int, int] | None]] = []
+    current: dict[str, tuple[int, int] | None] = {}
+    free = budget
+    for name, n in widths.items():
+        column, whole = n * itemsize, (n * n + n) * itemsize
+        lo = 0
+        while lo < n:
+            if lo == 0 and whole <= free:
+                current[name], free = None, free - whole
+                break
+            width = min(n - lo, max(0, free // itemsize - n) // n)
+            if width < min(n - lo, max(1, n // 8)):
+                if current:  # too little room left in this pass: start the next one
+                    passes.append(current)
+                    current, free = {}, budget
+                    continue
+                width = min(n - lo, max(1, n // 8))  # even an empty pass is too small: the smallest slice
+            current[name] = (lo, lo + width)
+            free -= (n * width + n) * itemsize
+            lo += width
+            if lo < n:
+                passes.append(current)
+                current, free = {}, budget
+    if current:
+        passes.append(current)
+    return passes
+
+
+def _host_statistics(model: nn.Module, names: list[str], run: Callable[[bool], None], probe: Callable[[], None],
+                     budget: int, dtype: torch.dtype) -> dict[str, InputStats]:
+    """The statistics of ``names`` on the CPU, accumulated on the device in passes (``run(last)`` pushes every
+    calibration piece through the block once; ``last``: the final pass) whose accumulators fit ``budget`` bytes;
+    each pass's are moved to the CPU when it ends. Which layers share an input is found first by ``probe()`` (one
+    batch, one Gram column per layer), so layers sharing an input share one object and one pass, as in one pass."""
+    width_of = {n: linear_in_features(model.get_submodule(n)) for n in names}
+    found = collect_input_stats(model, names, probe, dtype=dtype, columns={n: (0, 1) for n in names})
+    groups: dict[int, list[str]] = {}
+    for n in names:
+        groups.setdefault(id(found[n]), []).append(n)
+    del found
+    widths = {members[0]: width_of[members[0]] for members in groups.values()}
+    members_of = {members[0]: members for members in groups.values()}
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    # at least a quarter of the widest Gram per pass: a budget too small for that costs passes, not correctness
+    plan = _stat_passes(widths, max(budget, max(widths.values()) ** 2 * itemsize // 4), itemsize)
+    parts: dict[str, list] = {n: [] for n in names}
+    for index, spans in enumerate(plan):
+        columns = {n: span for first, span in spans.items() for n in members_of[first]}
+        found = collect_input_stats(model, list(columns), functools.partial(run, index == len(plan) - 1),
+                                    dtype=dtype, columns={n: c for n, c in columns.items() if c is not None})
+        on_host: dict[int, Any] = {}
+        for n, part in found.items():  # shared objects move once and stay shared
+            if id(part) not in on_host:
+                on_host[id(part)] = part if part.gram.device.type == "cpu" else dataclasses.replace(
+                    part, gram=part.gram.cpu(), abs_sum=part.abs_sum.cpu())
+            parts[n].append(on_host[id(part)])
+        del found, on_host
+    assembled: dict[tuple[int, ...], InputStats] = {}
+    for n in names:
+        key = tuple(id(p) for p in parts[n])
+        if key not in assembled:
+            assembled[key] = assemble(parts[n], "cpu")
+    return {n: assembled[tuple(id(p) for p in parts[n])] for n in names}
+
+
+def _projection_bytes(module: nn.Module, stats: InputStats | None) -> int:
+    """An upper bound on the device memory of projecting ``module`` there: its weight and the new layer (at most as
+    large), the Gram and one factor of its size, and float32 working copies of the weight (3.5 of them measured in
+    the whitened projection of an 8192-wide layer)."""
+    gram = 0 if stats is None else 2 * stats.gram.numel() * stats.gram.element_size()
+    return 2 * _module_bytes(module) + gram + 14 * dense_weight(module).numel()
+
+
+def _project_within(model: nn.Module, targets: dict[str, Target], stats: dict[str, InputStats], device: torch.device,
+                    budget: int) -> Report:
+    """Structure ``targets`` (layers and statistics on the CPU) one layer at a time: on ``device`` where its
+    projection fits ``budget`` bytes (the layer visits the device, the new one comes back; statistics shared by
+    several layers visit once), else on the CPU."""
+    reports = []
+    visiting: dict[int, InputStats] = {}  # statistics on the device, by the id of the host object
+    for name in targets:
+        module, host = model.get_submodule(name), stats.get(name)
+        if _projection_bytes(module, host) > budget:  # (on a CPU device every move is a no-op)
+            local = host
+        else:
+            if host is not None and id(host) not in visiting:
+                visiting.clear()  # the previous group's statistics leave the device
+                visiting[id(host)] = host.to(device)
+            local = None if host is None else visiting[id(host)]
+            _onload(module, device)
+        try:
+            reports.append(structurize(model, Plan.exact({name: targets[name]}),
+                                       calibration=None if local is None else {name: local}))
+        finally:
+            _offload(model.get_submodule(name))  # the new layer (or, after a failure, the old one) back on the CPU
+        del local
+    return Report.concat(reports)
+
+
 def blockwise(model: nn.Module, batches: Sequence[dict[str, Tensor]], names: Sequence[str], *,
               plan: Plan | None = None, sequential: bool = True, device: torch.device | None = None,
-              offload: bool = False, stats_dtype: torch.dtype = torch.float64, progress: bool = False,
+              offload: bool | str = False, stats_dtype: torch.dtype = torch.float64, progress: bool = False,
               keep_stats: bool = False, stats_device: torch.device | str | None = None,
               on_stage: Callable[[str, int], None] | None = None,
-              forward_tokens: int | None = None) -> tuple[Report, dict[str, InputStats]]:
+              forward_tokens: int | None = None, device_budget: int | None = None,
+              info: dict | None = None) -> tuple[Report, dict[str, InputStats]]:
     """One pass over the blocks: collect the statistics of ``names`` inside each block and, with a ``plan``,
     structure the block's matched layers before moving on. ``sequential``: the next block's inputs come from the
     compressed block (else from the original one). ``offload``: the model lives on the CPU; the weights outside
@@ -290,12 +435,21 @@ def blockwise(model: nn.Module, batches: Sequence[dict[str, Tensor]], names: Seq
     (hidden states + the block's other arguments), which each block's outputs overwrite batch by batch; one
     block; its statistics; and either one forward's working set (``forward_tokens`` tokens) or one layer's
     projection. While the first block's inputs are computed, the weights outside the blocks instead of a block.
+    With ``offload="all"`` the device holds at most ``device_budget`` bytes (default: one block + the calibration
+    activations, the bound of the layer-sequential methods): the first block's inputs are computed on the CPU and
+    stay there (pinned), each forward piece travels to the device and its output back; the statistics are
+    accumulated on the device in passes sized to fit beside the block and one forward piece (a wide Gram a slice of
+    columns per pass) and kept on the CPU; the block leaves the device while it is projected, one layer at a time,
+    on the device where that projection fits the budget, else on the CPU. The budget used is stored in
+    ``info["device_budget"]`` when ``info`` is given.
     ``on_stage(stage, block)`` is called after each stage ("inputs" with block -1, then per block "onload",
     "calibrate", "project", "propagate", "offload"), e.g. to record device memory per stage."""
     from tqdm.auto import tqdm
 
     stage = on_stage or (lambda _stage, _block: None)
     forward_tokens = check_forward_tokens(forward_tokens, "blockwise")
+    mode = check_offload(offload, "blockwise")
+    host = mode == "all"  # activations, statistics and oversized projections on the CPU
 
     prefix, blocks = find_blocks(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -304,54 +458,83 @@ def blockwise(model: nn.Module, batches: Sequence[dict[str, Tensor]], names: Seq
         raise ValueError(f"layers {outside[:3]} lie outside the blocks {prefix!r}; block-by-block calibration "
                          "covers the layers inside the blocks: narrow the scope (e.g. r'.*layers\\.\\d+\\..*') "
                          "or calibrate one-shot without offload")
-    if offload:
+    if mode == "blocks":
         _outside_to(model, blocks, functools.partial(_onload, device=device))
-    moved = [_move(b, device) for b in batches]
+    moved = [_move(b, torch.device("cpu") if host else device) for b in batches]
     inputs = _capture_block_inputs(model, blocks[0], moved)
     _own_hidden(inputs, moved)
     del moved  # the token ids on the device are not needed any more
-    if offload:  # embeddings, final norm and head are not needed until the next full forward
+    if mode == "blocks":  # embeddings, final norm and head are not needed until the next full forward
         _outside_to(model, blocks, _offload)
+    piece_device = None
+    if host:
+        if device.type == "cuda":  # pinned: the pieces' copies to and from the device run at full speed
+            for k, (a, kw) in enumerate(inputs):
+                inputs[k] = _with_hidden(a, kw, _hidden_in(a, kw).pin_memory())
+        piece_device = device
+        hidden_states = [_hidden_in(a, kw) for a, kw in inputs]
+        activations = sum(h.numel() * h.element_size() for h in hidden_states)
+        budget = device_budget or max(_module_bytes(b) for b in blocks) + activations
+        per_piece = forward_tokens or max(h.numel() // h.shape[-1] for h in hidden_states)
+        del hidden_states
+        if info is not None:
+            info["device_budget"] = budget
     stage("inputs", -1)
     reports: list[Report] = []
     kept: dict[str, InputStats] = {}
-    moved_stats: dict[int, InputStats] = {}
     # the calibration forward's outputs are the next block's inputs when the block does not change afterwards
     final = not sequential or plan is None
     for index, block in enumerate(tqdm(blocks, desc="blocks", unit="block", disable=not progress)):
         block_prefix = f"{prefix}.{index}."
         here = [n for n in names if n.startswith(block_prefix)]
-        if offload:
+        if mode:
             _onload(block, device)
         stage("onload", index)
         with torch.no_grad():
             if here:
-                def run() -> None:
+                def run(last: bool = True) -> None:
                     for k in range(len(inputs)):
-                        out = _block_forward(block, *inputs[k], forward_tokens, keep=final)
-                        if final:
+                        out = _block_forward(block, *inputs[k], forward_tokens, keep=final and last,
+                                             device=piece_device)
+                        if final and last:
                             inputs[k] = out
-                stats = collect_input_stats(model, here, run, dtype=stats_dtype)
+                if host:  # what a forward piece needs beside the block stays free of statistics
+                    def probe() -> None:
+                        _block_forward(block, *inputs[0], forward_tokens, keep=False, device=piece_device)
+                    features = sum(dense_weight(m).shape[1] for m in linear_modules(block).values())
+                    working = FORWARD_BYTES_PER_TOKEN_FEATURE * per_piece * features
+                    stats = _host_statistics(model, here, run, probe, budget - _module_bytes(block) - working,
+                                             stats_dtype)
+                else:
+                    stats = collect_input_stats(model, here, run, dtype=stats_dtype)
                 stage("calibrate", index)
                 if plan is not None:
                     targets = {n: plan.match(n) for n in here}
                     targets = {n: t for n, t in targets.items() if t is not None}
-                    if targets:
+                    if targets and host:  # the block leaves the device; each layer visits it
+                        _offload(block)
+                        reports.append(_project_within(model, targets, stats, device, budget))
+                        _onload(block, device)
+                    elif targets:
                         reports.append(structurize(model, Plan.exact(targets), calibration=stats))
                 for shared in stats.values():
                     shared.clear_cache()
                 del shared  # a loop variable outlives its loop: it would keep the block's last Gram alive
-                if keep_stats:
-                    for n, s in stats.items():  # shared objects stay shared after the move
-                        kept[n] = moved_stats.setdefault(id(s), s.to(stats_device) if stats_device is not None
-                                                         else s)
+                if keep_stats:  # shared objects stay shared after the move (keyed by id within this block
+                    moved: dict[int, InputStats] = {}  # only: a freed object's id is reused)
+                    for n in stats:
+                        if id(stats[n]) not in moved:
+                            there = stats_device is None or stats[n].device == torch.device(stats_device)
+                            moved[id(stats[n])] = stats[n] if there else stats[n].to(stats_device)
+                        kept[n] = moved[id(stats[n])]
+                    del moved
                 del stats  # the block's Grams are not needed while its outputs are computed
                 stage("project", index)
             if not (here and final):  # each batch's outputs written over its inputs, one batch at a time
                 for k in range(len(inputs)):
-                    inputs[k] = _block_forward(block, *inputs[k], forward_tokens, keep=True)
+                    inputs[k] = _block_forward(block, *inputs[k], forward_tokens, keep=True, device=piece_device)
             stage("propagate", index)
-        if offload:
+        if mode:
             _offload(block)
         stage("offload", index)
     return Report.concat(reports), kept
@@ -755,13 +938,15 @@ class Compressor:
     * ``sequential``: block by block, each block calibrated on the compressed blocks before it.
     * ``device``: where calibration and projections run; ``offload``: the model stays on the CPU and blocks
       are onloaded one at a time (implies block-by-block calibration; sensitivity weighting is off since it needs
-      a backward pass through the whole model).
+      a backward pass through the whole model). ``offload="all"``: the device also never holds the calibration
+      activations or a whole block's statistics, and projects on the CPU what does not fit ``device_budget`` bytes
+      (default one block + the calibration activations; see :func:`blockwise`); slower, for the smallest devices.
     * ``stats_dtype``: float32 (default) or float64 statistics; projections run in the same precision.
     * ``on_stage(stage, block)``: called after each stage of a block-by-block pass (see :func:`blockwise`).
     * ``forward_tokens``: in block-by-block passes, each block forward runs on at most this many tokens at a
       time (whole sequences; the statistics are the same up to summation order), which bounds the forward's
-      device memory by the piece instead of the batch. ``"auto"`` (default): 1024 on a CUDA device, whole
-      batches elsewhere; None: whole batches.
+      device memory by the piece instead of the batch. ``"auto"`` (default): 1024 on a CUDA device (512 with
+      ``offload="all"``), whole batches elsewhere; None: whole batches.
     """
 
     def __init__(self, model: nn.Module, batches: Sequence[dict[str, Tensor]], scope: Any = r".*", *,
@@ -769,7 +954,7 @@ class Compressor:
                  stats_dtype: torch.dtype = torch.float32, sensitivity: bool = True, progress: bool = False,
                  log: Callable[[str], None] | None = None,
                  on_stage: Callable[[str, int], None] | None = None,
-                 forward_tokens: int | str | None = "auto") -> None:
+                 forward_tokens: int | str | None = "auto", device_budget: int | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Compressor: model must be an nn.Module, got {type(model).__name__}")
         if not batches or not all(isinstance(b, Mapping) for b in batches):
@@ -782,10 +967,18 @@ class Compressor:
         if not self.names:
             raise ValueError(f"Compressor: scope {scope!r} matches no linear layer of {type(model).__name__}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.offload = check_offload(offload, "Compressor")
         if forward_tokens == "auto":
-            forward_tokens = AUTO_FORWARD_TOKENS if self.device.type == "cuda" else None
+            forward_tokens = None if self.device.type != "cuda" else \
+                AUTO_FORWARD_TOKENS // 2 if self.offload == "all" else AUTO_FORWARD_TOKENS
         self.forward_tokens = check_forward_tokens(forward_tokens, "Compressor")
-        self.offload, self.sequential, self.stats_dtype = bool(offload), bool(sequential), stats_dtype
+        if device_budget is not None and (isinstance(device_budget, bool) or not isinstance(device_budget, int)
+                                          or device_budget < 1 or self.offload != "all"):
+            raise ValueError(f"Compressor: device_budget must be a positive number of bytes, with offload='all', "
+                             f"got {device_budget!r} with offload={offload!r}")
+        self.device_budget = device_budget
+        self._budget: dict[str, int] = {}  # the device budget of offload="all", set by the statistics' pass
+        self.sequential, self.stats_dtype = bool(sequential), stats_dtype
         self.progress, self.on_stage = progress, on_stage
         self.log = log or ((lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda _: None))
         if self.offload:
@@ -829,9 +1022,10 @@ class Compressor:
                      f"({'block by block, offloaded' if self.offload else 'one-shot'}, {self.stats_dtype})")
             if self.offload:
                 _, self._stats = blockwise(self.model, self.batches, self.names, plan=None, sequential=False,
-                                           device=self.device, offload=True, stats_dtype=self.stats_dtype,
+                                           device=self.device, offload=self.offload, stats_dtype=self.stats_dtype,
                                            progress=self.progress, keep_stats=True, stats_device="cpu",
-                                           on_stage=self.on_stage, forward_tokens=self.forward_tokens)
+                                           on_stage=self.on_stage, forward_tokens=self.forward_tokens,
+                                           device_budget=self.device_budget, info=self._budget)
             else:
                 self._stats = calibrate(self.model, self.names, self.batches, progress=self.progress,
                                         dtype=self.stats_dtype)
@@ -912,7 +1106,7 @@ class Compressor:
             reports.append(blockwise(model, self.batches, inside, plan=exact, sequential=True, device=self.device,
                                      offload=self.offload, stats_dtype=self.stats_dtype,
                                      progress=self.progress, on_stage=self.on_stage,
-                                     forward_tokens=self.forward_tokens)[0])
+                                     forward_tokens=self.forward_tokens, device_budget=self.device_budget)[0])
             report = Report.concat(reports)
         elif self.offload:
             report = self._apply_offloaded(model, exact, targets)
@@ -926,13 +1120,17 @@ class Compressor:
         return Compressed(model, report, exact, None, time.perf_counter() - start)
 
     def _apply_offloaded(self, model: nn.Module, plan: Plan, targets: dict[str, Target]) -> Report:
-        """One-shot statistics, model on the CPU: project each block on the device, then put it back."""
+        """One-shot statistics, model on the CPU: project each block on the device, then put it back (with
+        ``offload="all"``, one group of layers at a time, within the device budget)."""
         prefix, blocks = find_blocks(model)
         stats = self.statistics()
         reports = []
         for index, block in enumerate(blocks):
             here = {n: t for n, t in targets.items() if n.startswith(f"{prefix}.{index}.")}
             if not here:
+                continue
+            if self.offload == "all":
+                reports.append(_project_within(model, here, stats, self.device, self._budget["device_budget"]))
                 continue
             _onload(block, self.device)
             moved: dict[int, InputStats] = {}

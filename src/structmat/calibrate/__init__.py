@@ -6,6 +6,8 @@
   returns one (possibly shared) :class:`InputStats` per module name. Modules that receive the very same input tensor
   in a forward (q/k/v projections; gate/up) share ONE object, so the Gram of a distinct input is computed and stored
   once.
+* :class:`GramColumns` and :func:`assemble`: a Gram collected a slice of columns per pass and put together on the
+  host, for devices that cannot hold a wide layer's whole Gram beside its block (``offload="all"``).
 * :func:`collect_fisher` sums squared gradients of module weights over a stream of losses (Fisher weighting, FWSVD).
 
 A non-finite number anywhere is an error, never skipped.
@@ -14,6 +16,6 @@ A non-finite number anywhere is an error, never skipped.
 from __future__ import annotations
 
 from .fisher import collect_fisher
-from .stats import InputStats, collect_input_stats, linear_in_features, load_stats, save_stats
+from .stats import GramColumns, InputStats, assemble, collect_input_stats, linear_in_features, load_stats, save_stats
 
-__all__ = ["InputStats", "collect_input_stats", "collect_fisher", "linear_in_features", "save_stats", "load_stats"]
+__all__ = ["InputStats", "GramColumns", "assemble", "collect_input_stats", "collect_fisher", "linear_in_features", "save_stats", "load_stats"]

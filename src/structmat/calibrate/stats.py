@@ -33,6 +33,31 @@ def linear_in_features(module: nn.Module) -> int:
     raise ValueError(f"{type(module).__name__} is neither nn.Linear nor transformers' Conv1D")
 
 
+def _checked_rows(owner: str, x: Tensor, gram: Tensor) -> tuple[Tensor, Tensor]:
+    """The rows of ``x`` (any leading shape, last dimension = ``gram``'s rows) in ``gram``'s dtype, and their sum of
+    |x| per channel; a clear error for a wrong type, width or device and for any NaN/Inf entry."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{owner} expects a tensor, got {type(x).__name__}")
+    in_features = gram.shape[0]
+    if x.shape[-1] != in_features:
+        raise ValueError(f"{owner}: input has last dimension {x.shape[-1]}, expected in_features={in_features}")
+    rows = x.detach().reshape(-1, in_features)
+    if rows.device != gram.device:
+        raise ValueError(f"{owner}: input is on {rows.device} but the statistics live on {gram.device}; "
+                         f"call stats.to({str(rows.device)!r}) first")
+    rows = rows.to(gram.dtype)
+    # sum |x| per channel as one reduction (no |x| copy of the rows); a NaN/Inf entry makes its channel's sum
+    # non-finite, so the check reads n sums instead of a rows-sized mask (counted only when there is one)
+    abs_sum = torch.linalg.vector_norm(rows, ord=1, dim=0)
+    if not bool(torch.isfinite(abs_sum).all()):
+        bad = int((~torch.isfinite(rows)).sum())
+        raise ValueError(f"{owner}: the input has {bad} NaN/Inf entries"
+                         + ("" if bad else f" in its sums (finite values too large to add up in {gram.dtype})")
+                         + "; calibration never skips them. Fix the model or data that produced them (e.g. run in "
+                         "float32 instead of float16, check the inputs and attention masks)")
+    return rows, abs_sum
+
+
 @dataclass
 class InputStats:
     """Streaming statistics of the inputs ``x`` (rows of length ``in_features``) of a linear layer.
@@ -87,26 +112,7 @@ class InputStats:
 
     def update(self, x: Tensor) -> "InputStats":
         """Add the rows of ``x`` (any leading shape, last dimension ``in_features``), in the statistics' dtype on its device."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"InputStats.update expects a tensor, got {type(x).__name__}")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"InputStats.update: input has last dimension {x.shape[-1]}, "
-                             f"expected in_features={self.in_features}")
-        rows = x.detach().reshape(-1, self.in_features)
-        if rows.device != self.gram.device:
-            raise ValueError(f"InputStats.update: input is on {rows.device} but the statistics live on "
-                             f"{self.gram.device}; call stats.to({str(rows.device)!r}) first")
-        rows = rows.to(self.gram.dtype)
-        # sum |x| per channel as one reduction (no |x| copy of the rows); a NaN/Inf entry makes its channel's sum
-        # non-finite, so the check reads n sums instead of a rows-sized mask (counted only when there is one)
-        abs_sum = torch.linalg.vector_norm(rows, ord=1, dim=0)
-        if not bool(torch.isfinite(abs_sum).all()):
-            bad = int((~torch.isfinite(rows)).sum())
-            raise ValueError(f"InputStats.update: the input has {bad} NaN/Inf entries"
-                             + ("" if bad else " in its sums (finite values too large to add up in "
-                                f"{self.gram.dtype})") + "; calibration never skips them. Fix the model or data "
-                             "that produced them (e.g. run in float32 instead of float16, check the inputs and "
-                             "attention masks)")
+        rows, abs_sum = _checked_rows("InputStats.update", x, self.gram)
         self.gram.addmm_(rows.T, rows)
         self.abs_sum.add_(abs_sum)
         self.count += rows.shape[0]
@@ -169,6 +175,52 @@ class InputStats:
             raise ValueError(f"{owner}: the statistics contain NaN/Inf; recollect them from finite activations")
 
 
+@dataclass
+class GramColumns:
+    """Columns ``lo:hi`` of a layer's Gram and its whole ``abs_sum``: what one pass collects when the whole Gram
+    does not fit on the device (``compress.blockwise`` with ``offload="all"``). ``gram`` is (in, hi - lo)."""
+
+    gram: Tensor
+    abs_sum: Tensor
+    lo: int
+    hi: int
+    count: int = 0
+
+    @classmethod
+    def empty(cls, in_features: int, lo: int, hi: int, device: torch.device | str | None = None,
+              dtype: torch.dtype = torch.float64) -> "GramColumns":
+        if not 0 <= lo < hi <= in_features:
+            raise ValueError(f"GramColumns: columns {lo}:{hi} do not lie in 0:{in_features}")
+        return cls(torch.zeros(in_features, hi - lo, dtype=dtype, device=device),
+                   torch.zeros(in_features, dtype=dtype, device=device), lo, hi, 0)
+
+    def update(self, x: Tensor) -> "GramColumns":
+        rows, abs_sum = _checked_rows("GramColumns.update", x, self.gram)
+        self.gram.addmm_(rows.T, rows[:, self.lo:self.hi])
+        self.abs_sum.add_(abs_sum)
+        self.count += rows.shape[0]
+        return self
+
+
+def assemble(parts: list[InputStats | GramColumns], device: torch.device | str = "cpu") -> InputStats:
+    """One layer's InputStats on ``device`` from passes that each collected the whole Gram or some of its columns
+    (every column exactly once, every pass over the same tokens)."""
+    if not parts:
+        raise ValueError("assemble: no parts")
+    n = parts[0].gram.shape[0]
+    if any(p.count != parts[0].count for p in parts):
+        raise ValueError(f"assemble: the parts saw different token counts {[p.count for p in parts]}")
+    spans = sorted((0, n) if isinstance(p, InputStats) else (p.lo, p.hi) for p in parts)
+    if spans[0][0] != 0 or spans[-1][1] != n or any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+        raise ValueError(f"assemble: the parts' columns {spans} do not cover 0:{n} exactly once")
+    if len(parts) == 1 and isinstance(parts[0], InputStats):
+        return parts[0].to(device)
+    gram = torch.empty(n, n, dtype=parts[0].gram.dtype, device=device)
+    for p in parts:
+        gram[:, p.lo:p.hi].copy_(p.gram)
+    return InputStats(gram, parts[0].abs_sum.to(device, copy=True), parts[0].count)
+
+
 # ----------------------------------------------------------------------------------------------
 # Hooks
 # ----------------------------------------------------------------------------------------------
@@ -187,10 +239,12 @@ class _Collector:
     that module's object the first time; afterwards each object is updated once per distinct tensor.
     """
 
-    def __init__(self, names: list[str], modules: dict[str, nn.Module], dtype: torch.dtype = torch.float64) -> None:
+    def __init__(self, names: list[str], modules: dict[str, nn.Module], dtype: torch.dtype = torch.float64,
+                 columns: dict[str, tuple[int, int]] | None = None) -> None:
         self.modules = modules
         self.dtype = dtype
-        self.owner: dict[str, InputStats] = {}
+        self.columns = columns or {}
+        self.owner: dict[str, InputStats | GramColumns] = {}
         self.tokens: dict[str, int] = {name: 0 for name in names}
         # key -> (weakref to the tensor, ids of the stats objects already updated with it)
         self.seen: dict[tuple, tuple[Any, set[int]]] = {}
@@ -224,8 +278,14 @@ class _Collector:
             self.seen[key] = entry
         stats = self.owner.get(name)
         if stats is None:
-            shared = [s for s in self.owner.values() if id(s) in entry[1]]
-            stats = shared[0] if shared else InputStats.empty(in_features, x.device, self.dtype)
+            span = self.columns.get(name)
+            shared = [s for s in self.owner.values() if id(s) in entry[1] and _span(s) == span]
+            if shared:
+                stats = shared[0]
+            elif span is None:
+                stats = InputStats.empty(in_features, x.device, self.dtype)
+            else:
+                stats = GramColumns.empty(in_features, *span, device=x.device, dtype=self.dtype)
             self.owner[name] = stats
         if id(stats) in entry[1]:
             return  # this distinct input was already added to this (shared) object
@@ -246,14 +306,20 @@ class _Collector:
                 )
 
 
+def _span(stats: InputStats | GramColumns) -> tuple[int, int] | None:
+    return (stats.lo, stats.hi) if isinstance(stats, GramColumns) else None
+
+
 def collect_input_stats(model: nn.Module, module_names: list[str], run: Callable[[], None],
-                        dtype: torch.dtype = torch.float64) -> dict[str, InputStats]:
+                        dtype: torch.dtype = torch.float64,
+                        columns: dict[str, tuple[int, int]] | None = None) -> dict[str, InputStats]:
     """Stream input statistics of the named ``nn.Linear`` / ``Conv1D`` modules while ``run()`` feeds batches.
 
     ``run`` is called once and should push all calibration batches through ``model`` (under ``torch.no_grad()``
     usually). Hooks are removed afterwards, also on error. Returns ``{name: InputStats}``; names whose modules
     received the same input tensor map to the same object (one Gram per distinct input). A module that ``run``
-    never called raises a ValueError. ``dtype``: float64 (default) or float32 accumulation.
+    never called raises a ValueError. ``dtype``: float64 (default) or float32 accumulation. ``columns``: for the
+    named modules, only Gram columns lo:hi (a :class:`GramColumns`, see :func:`assemble`).
     """
     if isinstance(module_names, str):
         raise TypeError("collect_input_stats: module_names must be a list of names, not a string")
@@ -267,7 +333,10 @@ def collect_input_stats(model: nn.Module, module_names: list[str], run: Callable
                              + (f"; similar: {close}" if close else ""))
         linear_in_features(available[name])  # raises for unsupported module types
         modules[name] = available[name]
-    collector = _Collector(names, modules, dtype)
+    unknown = set(columns or {}) - set(names)
+    if unknown:
+        raise ValueError(f"collect_input_stats: columns given for modules not collected: {sorted(unknown)}")
+    collector = _Collector(names, modules, dtype, columns)
     handles = [model.register_forward_pre_hook(lambda *_: collector.reset())]
     try:
         for name, module in modules.items():
