@@ -18,4 +18,5 @@ from __future__ import annotations
 from .fisher import collect_fisher
 from .stats import GramColumns, InputStats, assemble, collect_input_stats, linear_in_features, load_stats, save_stats
 
-__all__ = ["InputStats", "GramColumns", "assemble", "collect_input_stats", "collect_fisher", "linear_in_features", "save_stats", "load_stats"]
+__all__ = ["InputStats", "GramColumns", "assemble", "collect_input_stats", "collect_fisher", "linear_in_features",
+           "save_stats", "load_stats"]
