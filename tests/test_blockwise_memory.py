@@ -233,11 +233,11 @@ def test_offload_is_checked():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("budget", [None, 8 * 2**20])
+@pytest.mark.parametrize("budget", [None, 10 * 2**20])
 def test_offload_all_peak_stays_within_the_device_budget(budget):
     """On a GPU, sequential compression with offload="all" never holds more than its device budget (default: one
-    block + the calibration activations), by the allocator's peak, and gives offload=True's model. With 8 MiB
-    the Gram of down_proj is collected in column slices and down_proj and gate/up are projected on the CPU."""
+    block + the calibration activations), by the allocator's peak above cuBLAS's workspace, and gives offload=True's
+    model. With 10 MiB the Gram of down_proj is collected in column slices and down_proj is projected on the CPU."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -250,6 +250,7 @@ def test_offload_all_peak_stays_within_the_device_budget(budget):
     activations = 8 * 16 * 128 * 256 * 4  # float32 hidden states
     bound = budget or block + activations
     plan = {r".*": Target("lowrank:ratio=0.5", "whitened")}
+    torch.ones(16, 16, device="cuda") @ torch.ones(16, 16, device="cuda")  # cuBLAS's workspace, before the base
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

@@ -366,15 +366,8 @@ def _host_statistics(model: nn.Module, names: list[str], run: Callable[[bool], N
     parts: dict[str, list] = {n: [] for n in names}
     for index, spans in enumerate(plan):
         columns = {n: span for first, span in spans.items() for n in members_of[first]}
-        found = collect_input_stats(model, list(columns), functools.partial(run, index == len(plan) - 1),
-                                    dtype=dtype, columns={n: c for n, c in columns.items() if c is not None})
-        on_host: dict[int, Any] = {}
-        for n, part in found.items():  # shared objects move once and stay shared
-            if id(part) not in on_host:
-                on_host[id(part)] = part if part.gram.device.type == "cpu" else dataclasses.replace(
-                    part, gram=part.gram.cpu(), abs_sum=part.abs_sum.cpu())
-            parts[n].append(on_host[id(part)])
-        del found, on_host
+        for n, part in _pass_to_host(model, columns, functools.partial(run, index == len(plan) - 1), dtype).items():
+            parts[n].append(part)
     assembled: dict[tuple[int, ...], InputStats] = {}
     for n in names:
         key = tuple(id(p) for p in parts[n])
@@ -383,12 +376,51 @@ def _host_statistics(model: nn.Module, names: list[str], run: Callable[[bool], N
     return {n: assembled[tuple(id(p) for p in parts[n])] for n in names}
 
 
+def _pass_to_host(model: nn.Module, columns: dict[str, tuple[int, int] | None], run: Callable[[], None],
+                  dtype: torch.dtype) -> dict[str, Any]:
+    """One statistics pass (``columns``: name -> Gram columns, None for all), its results moved to the CPU (shared
+    objects once, still shared). A function of its own so that no name outlives the pass and keeps a device
+    accumulator alive into the next one."""
+    found = collect_input_stats(model, list(columns), run, dtype=dtype,
+                                columns={n: c for n, c in columns.items() if c is not None})
+    on_host: dict[int, Any] = {}
+    for part in found.values():
+        if id(part) not in on_host:
+            on_host[id(part)] = part if part.gram.device.type == "cpu" else dataclasses.replace(
+                part, gram=part.gram.cpu(), abs_sum=part.abs_sum.cpu())
+    return {n: on_host[id(part)] for n, part in found.items()}
+
+
 def _projection_bytes(module: nn.Module, stats: InputStats | None) -> int:
     """An upper bound on the device memory of projecting ``module`` there: its weight and the new layer (at most as
-    large), the Gram and one factor of its size, and float32 working copies of the weight (3.5 of them measured in
-    the whitened projection of an 8192-wide layer)."""
+    large), the Gram and one factor of its size, and float32 working copies of the weight: 3.5 of them measured in
+    the whitened projection of the 1B shape's 2048 x 8192 down_proj (a wide matrix: QR first, no Q kept); a tall
+    one (more outputs than inputs) goes through the full SVD, whose workspace was not measured apart (gate/up
+    there: 449 MB in all above the 32 MiB cuBLAS workspace), so 5 copies are assumed for it."""
     gram = 0 if stats is None else 2 * stats.gram.numel() * stats.gram.element_size()
-    return 2 * _module_bytes(module) + gram + 14 * dense_weight(module).numel()
+    out_f, in_f = dense_weight(module).shape
+    copies = 5 if out_f > in_f else 3.5
+    return 2 * _module_bytes(module) + gram + int(copies * 4 * out_f * in_f)
+
+
+def _project_layer(model: nn.Module, name: str, target: Target, host: InputStats | None, device: torch.device,
+                   budget: int, visiting: dict[int, InputStats]) -> Report:
+    """Project one layer (see :func:`_project_within`); ``visiting``: the statistics on the device, by the id of
+    their host object (at most one group's). A function of its own so no name keeps the old layer on the device."""
+    module = model.get_submodule(name)
+    if _projection_bytes(module, host) > budget:  # (on a CPU device every move is a no-op)
+        local = host
+    else:
+        if host is not None and id(host) not in visiting:
+            visiting.clear()  # the previous group's statistics leave the device first
+            visiting[id(host)] = host.to(device)
+        local = None if host is None else visiting[id(host)]
+        _onload(module, device)
+    del module  # swapped out below: nothing may keep the old layer (on the device) alive
+    try:
+        return structurize(model, Plan.exact({name: target}), calibration=None if local is None else {name: local})
+    finally:
+        _offload(model.get_submodule(name))  # the new layer (or, after a failure, the old one) back on the CPU
 
 
 def _project_within(model: nn.Module, targets: dict[str, Target], stats: dict[str, InputStats], device: torch.device,
@@ -396,24 +428,10 @@ def _project_within(model: nn.Module, targets: dict[str, Target], stats: dict[st
     """Structure ``targets`` (layers and statistics on the CPU) one layer at a time: on ``device`` where its
     projection fits ``budget`` bytes (the layer visits the device, the new one comes back; statistics shared by
     several layers visit once), else on the CPU."""
-    reports = []
-    visiting: dict[int, InputStats] = {}  # statistics on the device, by the id of the host object
-    for name in targets:
-        module, host = model.get_submodule(name), stats.get(name)
-        if _projection_bytes(module, host) > budget:  # (on a CPU device every move is a no-op)
-            local = host
-        else:
-            if host is not None and id(host) not in visiting:
-                visiting.clear()  # the previous group's statistics leave the device
-                visiting[id(host)] = host.to(device)
-            local = None if host is None else visiting[id(host)]
-            _onload(module, device)
-        try:
-            reports.append(structurize(model, Plan.exact({name: targets[name]}),
-                                       calibration=None if local is None else {name: local}))
-        finally:
-            _offload(model.get_submodule(name))  # the new layer (or, after a failure, the old one) back on the CPU
-        del local
+    visiting: dict[int, InputStats] = {}
+    reports = [_project_layer(model, name, target, stats.get(name), device, budget, visiting)
+               for name, target in targets.items()]
+    visiting.clear()
     return Report.concat(reports)
 
 
