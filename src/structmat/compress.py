@@ -391,16 +391,18 @@ def _pass_to_host(model: nn.Module, columns: dict[str, tuple[int, int] | None], 
     return {n: on_host[id(part)] for n, part in found.items()}
 
 
+# Device bytes per weight element of a projection, beyond the weight, the new layer, the Gram and one factor of its
+# size: float32 copies of the weight, SVD results and cuSOLVER's workspace. Measured on an H200 for the whitened
+# low-rank projection of each 1B-block shape (projection-peak-20261203T203624Z.json): 2048 x 2048 26.1, 512 x 2048
+# 17.0, 8192 x 2048 20.8, 2048 x 8192 12.0; rounded up to 7 float32 copies.
+PROJECTION_BYTES_PER_ELEMENT = 28
+
+
 def _projection_bytes(module: nn.Module, stats: InputStats | None) -> int:
     """An upper bound on the device memory of projecting ``module`` there: its weight and the new layer (at most as
-    large), the Gram and one factor of its size, and float32 working copies of the weight: 3.5 of them measured in
-    the whitened projection of the 1B shape's 2048 x 8192 down_proj (a wide matrix: QR first, no Q kept); a tall
-    one (more outputs than inputs) goes through the full SVD, whose workspace was not measured apart (gate/up
-    there: 449 MB in all above the 32 MiB cuBLAS workspace), so 5 copies are assumed for it."""
+    large), the Gram and one factor of its size, and ``PROJECTION_BYTES_PER_ELEMENT`` per weight element."""
     gram = 0 if stats is None else 2 * stats.gram.numel() * stats.gram.element_size()
-    out_f, in_f = dense_weight(module).shape
-    copies = 5 if out_f > in_f else 3.5
-    return 2 * _module_bytes(module) + gram + int(copies * 4 * out_f * in_f)
+    return 2 * _module_bytes(module) + gram + PROJECTION_BYTES_PER_ELEMENT * dense_weight(module).numel()
 
 
 def _project_layer(model: nn.Module, name: str, target: Target, host: InputStats | None, device: torch.device,
@@ -958,7 +960,8 @@ class Compressor:
       are onloaded one at a time (implies block-by-block calibration; sensitivity weighting is off since it needs
       a backward pass through the whole model). ``offload="all"``: the device also never holds the calibration
       activations or a whole block's statistics, and projects on the CPU what does not fit ``device_budget`` bytes
-      (default one block + the calibration activations; see :func:`blockwise`); slower, for the smallest devices.
+      (default one block + the calibration activations; see :func:`blockwise`); the budget solver's pricing then
+      runs on the CPU; slower, for the smallest devices.
     * ``stats_dtype``: float32 (default) or float64 statistics; projections run in the same precision.
     * ``on_stage(stage, block)``: called after each stage of a block-by-block pass (see :func:`blockwise`).
     * ``forward_tokens``: in block-by-block passes, each block forward runs on at most this many tokens at a
@@ -1057,8 +1060,10 @@ class Compressor:
             start = time.perf_counter()
             self.log(f"pricing {len(self.names)} layers x {', '.join(a.text for a in allow)}")
             split: dict[str, float] = {}
+            # offload="all": priced where the weights are (the CPU); the batched pricing calls hold a kind of
+            # layer of every block at once, more than one block + activations on the device
             self._prices[key] = price_layers(self.model, list(allow), stats, self.names, progress=self.progress,
-                                             device=self.device, timings=split)
+                                             device=None if self.offload == "all" else self.device, timings=split)
             total = self._elapsed(start)
             parts = ", ".join(f"{k} {v:.1f} s" for k, v in split.items())
             self.log(f"priced in {total:.1f} s ({parts}; the rest {total - sum(split.values()):.1f} s)")
