@@ -294,6 +294,35 @@ def test_cost_model_picks_by_shape_and_mode():
     assert all(monarch(n, f, t) != "dense" for n in (1, 16, 2048) for f in (1024, 4096) for t in (False, True))
 
 
+def test_monarch_block_rank_off_the_triton_tile_never_takes_triton(monkeypatch):
+    """A Monarch whose block rank is not a multiple of the Triton kernel's narrowest tile takes the scattered store
+    there (measured 2.4x slower than cuBLAS at block rank 200): auto picks another path for it, for prefill and
+    training alike, while an aligned block rank keeps the cost model's choice; forcing "triton" still works."""
+    from structmat.kernels import dispatch
+    from structmat.structures import build
+
+    if dispatch.ops is None:
+        pytest.skip("needs the Triton ops module (triton installed)")
+    monkeypatch.setattr(dispatch, "INTERPRET", True)  # decide as on a GPU, from shapes only (no product runs)
+    monkeypatch.setattr(dispatch, "_decisions", {})
+    unaligned = build("monarch:nblocks=4,ratio=0.5", 2048, 8192, bias=False).to(torch.bfloat16)
+    aligned = build("monarch:nblocks=4,ratio=0.5", 2048, 2048, bias=False).to(torch.bfloat16)
+    assert unaligned.c % dispatch.TRITON_MONARCH_CHUNK and aligned.c % dispatch.TRITON_MONARCH_CHUNK == 0
+    x = torch.empty(8192, 2048, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert dispatch._monarch_choice(x, unaligned.R, unaligned.L) == "cublas"
+        b, bc, p = aligned.R.shape
+        numel = aligned.R.numel() + aligned.L.numel()
+        free = dispatch.choose("monarch", 8192, 2048, 2048, 2.0 * 8192 * numel,
+                               2 * (numel + 8192 * (b * p + 2 * b * bc + b * aligned.L.shape[1])), torch.bfloat16,
+                               b, False, False, True)
+        assert dispatch._monarch_choice(x, aligned.R, aligned.L) == free  # an aligned rank: nothing excluded
+    with torch.enable_grad():
+        assert dispatch._monarch_choice(x.requires_grad_(), unaligned.R, unaligned.L) != "triton"
+    with dispatch.use_backend("triton"), torch.no_grad():
+        assert dispatch._monarch_choice(x, unaligned.R, unaligned.L) == "triton"
+
+
 def test_auto_on_cpu_is_reference():
     import structmat.kernels as K
     from structmat.structures.monarch import Monarch

@@ -258,15 +258,18 @@ def _fused_enabled() -> bool:
 
 def choose(op: str, n: int, in_features: int, out_features: int, struct_flops: float, struct_bytes: float,
            dtype: torch.dtype, nblocks: int, training: bool, factor_grad: bool, kernels_ok: bool,
-           graphed: bool = False) -> str:
+           graphed: bool = False, exclude: tuple[str, ...] = ()) -> str:
     """The automatic choice, from shapes only (the benchmark's offline check calls this too). ``graphed``: the call
     runs inside a CUDA graph or a compiled graph, so the GPU time decides; otherwise (eager) the host's cost counts
     too, and at few tokens it is the larger. Inference above DECODE_MAX_TOKENS (prefill) is device-bound as a whole
-    (the host queues a forward's kernels faster than the GPU runs them), so the GPU time decides there too."""
+    (the host queues a forward's kernels faster than the GPU runs them), so the GPU time decides there too.
+    ``exclude``: backends this layer's shapes rule out (see ``TRITON_MONARCH_CHUNK``)."""
     graphed = graphed or (not training and n > DECODE_MAX_TOKENS)
     est = {"reference": estimate_us(op, "reference", struct_flops, struct_bytes, dtype, training, nblocks, graphed, n)}
     if kernels_ok and op in ("monarch", "blockdiag"):
         for be in ("triton", "cublas"):
+            if be in exclude:
+                continue
             est[be] = estimate_us(op, be, struct_flops, struct_bytes, dtype, training, nblocks, graphed, n)
     if kernels_ok and not training and n <= DECODE_MAX_TOKENS:  # few tokens: the time is the weight's bytes
         est["decode"] = estimate_us(op, "decode", struct_flops, struct_bytes, dtype, training, nblocks, graphed, n)
@@ -288,7 +291,7 @@ _GRAPHED: list[bool | None] = [None]  # set by the planner to ask what a capture
 
 
 def _pick(op: str, x: Tensor, factors: tuple[Tensor, ...], cost: Callable[[int], tuple[float, float]],
-          out_features: int, nblocks: int = 1) -> str:
+          out_features: int, nblocks: int = 1, exclude: tuple[str, ...] = ()) -> str:
     """Resolve ``auto`` (and impossible forced choices) to a concrete backend. ``cost(tokens)`` gives the
     structure's forward (FLOPs, bytes) at that many tokens."""
     backend = get_backend()
@@ -315,14 +318,14 @@ def _pick(op: str, x: Tensor, factors: tuple[Tensor, ...], cost: Callable[[int],
         if not isinstance(n, int):
             n = DECODE_MAX_TOKENS if n <= DECODE_MAX_TOKENS else TRACE_MANY_TOKENS
         return choose(op, n, x.shape[1], out_features, *cost(n), x.dtype, nblocks, training, factor_grad,
-                      kernels_ok, graphed=True)
+                      kernels_ok, graphed=True, exclude=exclude)
     graphed = _GRAPHED[0] if _GRAPHED[0] is not None else x.is_cuda and torch.cuda.is_current_stream_capturing()
     key = (op, tuple(x.shape), tuple(tuple(f.shape) for f in factors), x.dtype, training, factor_grad, kernels_ok,
            graphed)
     hit = _decisions.get(key)
     if hit is None:
         hit = choose(op, x.shape[0], x.shape[1], out_features, *cost(x.shape[0]), x.dtype, nblocks, training,
-                     factor_grad, kernels_ok, graphed)
+                     factor_grad, kernels_ok, graphed, exclude)
         if len(_decisions) < 4096:
             _decisions[key] = hit
     return hit
@@ -372,12 +375,21 @@ def _blockdiag_call(choice: str) -> Callable[..., Tensor] | None:
     return None
 
 
+#: The Triton grouped GEMM stores Monarch's stage 1 (and its gradient) in chunks of the block rank c; a chunk that is
+#: not a multiple of its narrowest tile (64 columns) takes a scattered per-column store instead of contiguous rows.
+#: Measured on the H200 at 8192 tokens, block rank 200 (the bench model's 2048<->8192 layers): 0.60 ms under
+#: "triton" vs 0.25 ms under "cublas" (dense 0.40 / 0.37 ms; prefill-layers-20261203T204450Z.json), so such layers
+#: never take the Triton path unless it is forced.
+TRITON_MONARCH_CHUNK = 64
+
+
 def _monarch_choice(x: Tensor, R: Tensor, L: Tensor) -> str:
     b, bc, p = R.shape
     u = L.shape[1]
     es, numel = x.element_size(), R.numel() + L.numel()
+    exclude = () if (bc // b) % TRITON_MONARCH_CHUNK == 0 else ("triton",)
     return _pick("monarch", x, (R, L), lambda n: (2.0 * n * numel, es * (numel + n * (b * p + 2 * b * bc + b * u))),
-                 b * u, b)
+                 b * u, b, exclude)
 
 
 def _monarch_call(choice: str) -> Callable[..., Tensor] | None:
