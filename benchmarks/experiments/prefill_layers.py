@@ -22,7 +22,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--structures", default="monarch,lowrank")
-    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--tokens", default="8192", help="comma list of token counts for the layer rows")
     args = ap.parse_args()
     from triton.testing import do_bench
 
@@ -33,28 +33,29 @@ def main() -> None:
     dev, dt = torch.device("cuda"), torch.bfloat16
     h, f = SHAPE["hidden_size"], SHAPE["intermediate_size"]
     shapes = {"2048x2048": (h, h), "2048x8192": (h, f), "8192x2048": (f, h)}
-    result: dict = {"device": torch.cuda.get_device_name(), "tokens": args.tokens, "layers": {}, "models": {}}
-    for structure in args.structures.split(","):
+    counts = [int(t) for t in args.tokens.split(",")]
+    result: dict = {"device": torch.cuda.get_device_name(), "tokens": counts, "layers": {}, "models": {}}
+    for structure, tokens, (label, (in_f, out_f)) in [(s, t, sh) for s in args.structures.split(",") for t in counts
+                                                      for sh in shapes.items()]:
         spec = STRUCTURES.get(structure, structure)
-        for label, (in_f, out_f) in shapes.items():
-            torch.manual_seed(0)
-            x = torch.randn(args.tokens, in_f, device=dev, dtype=dt)
-            w = torch.randn(out_f, in_f, device=dev, dtype=dt) / in_f ** 0.5
-            layer = build_layer(spec, in_f, out_f, bias=False).to(dev, dt).eval()
-            row = {"spec": str(getattr(layer, "spec", spec)), "dense_ms": do_bench(lambda: F.linear(x, w), rep=200)}
-            with torch.no_grad():
-                for backend in ("auto", "reference", "triton", "cublas"):
-                    try:
-                        with dispatch.use_backend(backend):
-                            layer(x)
-                            row[f"{backend}_ms"] = do_bench(lambda: layer(x), rep=200)
-                            row[f"{backend}_choice"] = dict(dispatch.LAST_CHOICE)
-                    except Exception as err:  # a backend that does not apply: recorded, not fatal
-                        row[f"{backend}_error"] = f"{type(err).__name__}: {err}"[:300]
-            row["speed_vs_dense"] = {k[:-3]: row["dense_ms"] / v for k, v in row.items() if k.endswith("_ms")}
-            result["layers"][f"{structure} {label}"] = row
-            print(structure, label, json.dumps(row), flush=True)
-            del layer, x, w
+        torch.manual_seed(0)
+        x = torch.randn(tokens, in_f, device=dev, dtype=dt)
+        w = torch.randn(out_f, in_f, device=dev, dtype=dt) / in_f ** 0.5
+        layer = build_layer(spec, in_f, out_f, bias=False).to(dev, dt).eval()
+        row = {"spec": str(getattr(layer, "spec", spec)), "dense_ms": do_bench(lambda: F.linear(x, w), rep=200)}
+        with torch.no_grad():
+            for backend in ("auto", "reference", "triton", "cublas"):
+                try:
+                    with dispatch.use_backend(backend):
+                        layer(x)
+                        row[f"{backend}_ms"] = do_bench(lambda: layer(x), rep=200)
+                        row[f"{backend}_choice"] = dict(dispatch.LAST_CHOICE)
+                except Exception as err:  # a backend that does not apply: recorded, not fatal
+                    row[f"{backend}_error"] = f"{type(err).__name__}: {err}"[:300]
+        row["speed_vs_dense"] = {k[:-3]: row["dense_ms"] / v for k, v in row.items() if k.endswith("_ms")}
+        result["layers"][f"{structure} {label} @{tokens}"] = row
+        print(structure, label, tokens, json.dumps(row), flush=True)
+        del layer, x, w
     for name in ["dense", *args.structures.split(",")]:
         model = build(None if name == "dense" else name, dt, SHAPE)
         backends = ["auto"] if name == "dense" else ["auto", "reference", "triton", "cublas"]
