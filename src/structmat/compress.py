@@ -246,8 +246,9 @@ def _block_forward(block: nn.Module, args: tuple, kwargs: dict, forward_tokens: 
         out = run(args, kwargs)
         if not keep:
             return None
-        if out.shape == hidden.shape and out.dtype == hidden.dtype and out.device != hidden.device:
-            out = hidden.copy_(out)
+        if out.device != hidden.device:  # back where the inputs live, over them where shapes and dtypes agree
+            out = hidden.copy_(out) if out.shape == hidden.shape and out.dtype == hidden.dtype else \
+                out.to(hidden.device)
         return _with_hidden(args, kwargs, out)
     pieces: list[Tensor] = []
     in_place = keep
@@ -314,15 +315,14 @@ FORWARD_BYTES_PER_TOKEN_FEATURE = 12
 
 
 def _stat_passes(widths: dict[str, int], budget: int, itemsize: int) -> list[dict[str, tuple[int, int] | None]]:
-    """Group the statistics of layers (name -> input width) into passes whose accumulators fit ``budget`` bytes
-    (counted as if no two layers shared an input: an upper bound). A Gram too large for a pass is split into column
-    slices (name -> (lo, hi); None: the whole Gram). A slice is at least an eighth of its Gram, so no layer takes
-    more than ~8 passes however small the budget."""
+    """Group the statistics of distinct inputs (name -> input width) into passes whose accumulators fit ``budget``
+    bytes. A Gram too large for a pass is split into column slices (name -> (lo, hi); None: the whole Gram). A slice
+    is at least an eighth of its Gram, so no input takes more than ~8 passes however small the budget."""
     passes: list[dict[str, tuple[int, int] | None]] = []
     current: dict[str, tuple[int, int] | None] = {}
     free = budget
     for name, n in widths.items():
-        column, whole = n * itemsize, (n * n + n) * itemsize
+        whole = (n * n + n) * itemsize
         lo = 0
         while lo < n:
             if lo == 0 and whole <= free:
@@ -1153,7 +1153,10 @@ class Compressor:
             if not here:
                 continue
             if self.offload == "all":
-                reports.append(_project_within(model, here, stats, self.device, self._budget["device_budget"]))
+                # the budget of the statistics' pass (another Compressor's, through share_cache, may not have one:
+                # then nothing larger than the block itself visits the device)
+                budget = self.device_budget or self._budget.get("device_budget") or _module_bytes(block)
+                reports.append(_project_within(model, here, stats, self.device, budget))
                 continue
             _onload(block, self.device)
             moved: dict[int, InputStats] = {}
