@@ -102,20 +102,14 @@ def test_gemv_decode_compiles_for_sm90_and_fits_shared_memory(gpu_plans, dtype):
 
 
 def test_nm_decode_compiles_for_sm90(gpu_plans):
-    """2:4 at the bench shapes: every form of the few-token kernel (<= SMALL_TOKENS tokens: gather, select, split)
-    and the tensor-core kernel above, without spills."""
+    """2:4 at the bench shapes: the gather kernel (<= SMALL_TOKENS tokens) and the tensor-core kernel above, without
+    spills."""
     pointers = {"X": "*bf16", "V": "*bf16", "P": "*u8", "Y": "*bf16"}
     for rows, k in ((2048, 2048), (8192, 2048), (2048, 8192)):
         for n in (1, 4, 16):
             dot = TD.use_dot(n)
             plan = TD._plan_nm(n, rows, k // 4, "cuda", 0, dot)
-            if dot:
-                cases = [(TD._decode_nm, {"NNZ": 2, "GROUP": 4, "PRECISION": "tf32", **plan})]
-            else:
-                cases = [(TD._decode_nm_gather, {"NNZ": 2, "GROUP": 4, "SELECT": select, **plan})
-                         for select in (False, True)]
-                cases.append((TD._decode_nm24, {"BLOCK_N": plan["BLOCK_N"], "BLOCK_M": plan["BLOCK_M"],
-                                                "BLOCK_G": plan["BLOCK_J"] // 2}))
-            for fn, constexprs in cases:
-                shared, stack = compile_sm90(fn, pointers, constexprs, num_warps=4, num_stages=3)
-                assert shared <= SMEM_BYTES and stack == 0, (rows, k, n, fn.__name__, constexprs, shared, stack)
+            fn = TD._decode_nm if dot else TD._decode_nm_gather
+            constexprs = {"NNZ": 2, "GROUP": 4, **plan, **({"PRECISION": "tf32"} if dot else {})}
+            shared, stack = compile_sm90(fn, pointers, constexprs, num_warps=4, num_stages=3)
+            assert shared <= SMEM_BYTES and stack == 0, (rows, k, n, fn.__name__, constexprs, shared, stack)

@@ -289,20 +289,6 @@ def _interpret_report() -> dict:
         report["decode_two_launch"] = decode_errors("cpu", torch.float32, two_stage, (1,))
     finally:
         _triton_decode.FUSED[0] = True
-    # every few-token N:M form (gather, select, 2:4 split) at 1-4 tokens, interpreter and GPU plans
-    nm_shapes = {k: v for k, v in DECODE_SHAPES.items() if k.startswith("nm")}
-    saved_form = _triton_decode.NM_FEW_FORM[0]
-    try:
-        for form in _triton_decode.NM_FEW_FORMS:
-            _triton_decode.NM_FEW_FORM[0] = form
-            report[f"decode_nm_{form}"] = decode_errors("cpu", torch.float32, nm_shapes, (1, 2, 4))
-            _triton_decode.INTERPRET = False
-            try:
-                report[f"decode_nm_{form}_gpu_plans"] = decode_errors("cpu", torch.float32, nm_shapes, (1, 3))
-            finally:
-                _triton_decode.INTERPRET = True
-    finally:
-        _triton_decode.NM_FEW_FORM[0] = saved_form
     report["fused_sync_after"] = {str(k): v.tolist() for k, v in _triton_decode._SYNC.items()}
     report["addresses"] = {"installed": checker.installed, "checked": checker.checked,
                            "violations": checker.violations[:20]}
@@ -411,20 +397,6 @@ def test_fused_two_stage_decode_matches_reference_interpreter(interpret_report):
         bad = {k: v for k, v in errs.items() if not v <= TOL["float32"]}
         assert not bad, (key, bad)
     assert interpret_report["fused_sync_after"] == {"('cpu', None)": [0, 0, 0, 0]}, interpret_report
-
-
-def test_nm_few_token_forms_match_reference_interpreter(interpret_report):
-    """Each form of the few-token N:M kernel (the gather, the on-chip select of small groups, the all-contiguous 2:4
-    split) gives the reference's sums for 2:4, 3:8 and 2:16 at 1-4 tokens (past 4 the tensor-core kernel runs), with
-    the interpreter's plans and the GPU's, inside the tensors' bounds (the address checker below covers them)."""
-    from structmat.kernels import _triton_decode
-
-    for form in _triton_decode.NM_FEW_FORMS:
-        for key in (f"decode_nm_{form}", f"decode_nm_{form}_gpu_plans"):
-            errs = interpret_report[key]
-            assert {k.split("-")[0] for k in errs} == {"nm", "nm_38", "nm_216"}, (key, errs)
-            bad = {k: v for k, v in errs.items() if not v <= TOL["float32"]}
-            assert not bad, (key, bad)
 
 
 def test_decode_kernels_stay_in_bounds_interpreter(interpret_report):

@@ -48,8 +48,6 @@ DEVICE = "cuda"
 VARIANTS = {"decode@two": dict(FUSED=False), "decode@tile4k": dict(FUSED_TILE=4096),
             "decode@tile16k": dict(FUSED_TILE=16384), "decode@w8": dict(FUSED_WARPS=8),
             "decode@st2": dict(num_stages=2), "decode@spinld": dict(SPIN_LOAD=True)}
-#: The few-token N:M kernel's forms (structmat.kernels._triton_decode.NM_FEW_FORM), timed beside the shipped one
-NM_VARIANTS = {f"decode@{form}": dict(NM_FORM=form) for form in ("gather", "select", "split")}
 BACKENDS = {"lowrank": ("decode", "reference"), "monarch": ("decode", "triton", "cublas", "reference"),
             "blockdiag": ("decode", "triton", "cublas", "reference"), "nm24": ("decode", "reference")}
 
@@ -123,8 +121,7 @@ def variant(settings: dict):
     """Apply a VARIANTS entry to the decode kernels' module; returns the undo."""
     from structmat.kernels import _triton_decode as TD
 
-    saved = (TD.FUSED[0], TD.FUSED_TILE[0], TD.FUSED_WARPS[0], dict(TD.FUSED_META), TD.NM_FEW_FORM[0])
-    TD.NM_FEW_FORM[0] = settings.get("NM_FORM", TD.NM_FEW_FORM[0])
+    saved = (TD.FUSED[0], TD.FUSED_TILE[0], TD.FUSED_WARPS[0], dict(TD.FUSED_META))
     TD.FUSED[0] = settings.get("FUSED", TD.FUSED[0])
     TD.FUSED_TILE[0] = settings.get("FUSED_TILE", TD.FUSED_TILE[0])
     TD.FUSED_WARPS[0] = settings.get("FUSED_WARPS", TD.FUSED_WARPS[0])
@@ -133,7 +130,6 @@ def variant(settings: dict):
 
     def undo():
         TD.FUSED[0], TD.FUSED_TILE[0], TD.FUSED_WARPS[0] = saved[:3]
-        TD.NM_FEW_FORM[0] = saved[4]
         TD.FUSED_META.clear()
         TD.FUSED_META.update(saved[3])
         TD.plan_fused.cache_clear()
@@ -179,15 +175,12 @@ def main() -> int:
                     cands = {be: be for be in (*BACKENDS[s], "auto")}
                     if s == "nm24":
                         cands["semi24"] = None
-                        if args.variants and n <= 4:
-                            cands.update({v: "decode" for v in NM_VARIANTS})
                     elif args.variants and s != "nm24":
                         cands.update({v: "decode" for v in VARIANTS})
                     if lean(layer, x) is not None:
                         cands["lean"] = "lean"
                     for cand, be in cands.items():
-                        settings = {**VARIANTS, **NM_VARIANTS}.get(cand)
-                        undo = variant(settings) if settings is not None else (lambda: None)
+                        undo = variant(VARIANTS[cand]) if cand in VARIANTS else (lambda: None)
                         try:
                             if be == "lean":
                                 ref = F.linear(x.float(), layer.to_dense().float())

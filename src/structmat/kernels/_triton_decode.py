@@ -41,13 +41,6 @@ BLOCK_K_LARGE = [256]
 #: can compare both). The gather replaced a multiply-reduce over every in-group position (4 selects per value), which
 #: ran at 0.26-0.45x dense at one token on the H200 (benchmarks/results/decode-probe-20261203T120056Z.json).
 SMALL_TOKENS = [4]
-#: The few-token N:M kernel's form (<= SMALL_TOKENS tokens): "gather" (each value's input gathered per row),
-#: "select" (a small group's inputs loaded once per tile and selected on chip), "split" (2:4 only: every load
-#: contiguous, split on chip). All three are tested; the GPU measurement decides the default.
-NM_FEW_FORMS = ("gather", "select", "split")
-NM_FEW_FORM = [os.environ.get("STRUCTMAT_NM_FEW_FORM", "select")]  # (the variable: for a whole-model measurement)
-if NM_FEW_FORM[0] not in NM_FEW_FORMS:
-    raise ValueError(f"STRUCTMAT_NM_FEW_FORM={NM_FEW_FORM[0]!r}; valid: {', '.join(NM_FEW_FORMS)}")
 
 
 @triton.jit
@@ -188,97 +181,30 @@ def _nm_slot(acc, v, p, X, offs_n, n_ok, grp, g_ok, K, s_xn, s_xk, GROUP: tl.con
 
 
 @triton.jit
-def _nm_inputs(X, offs_n, N, j, j_ok, p, K, s_xn, s_xk, NNZ: tl.constexpr, GROUP: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, SELECT: tl.constexpr):
-    """(BLOCK_N, BLOCK_M, BLOCK_J): for each token, row and kept value (j, position p), the input it multiplies,
-    column (j // NNZ) * GROUP + p. Small groups (2:4, 4:8): the GROUP columns of each group are loaded once per
-    tile, shared by every row, and the row's one is selected on chip (GROUP loads of (tokens, values) instead of a
-    gather per row, value and token, which made the kernel load-unit-bound); larger groups (or SELECT off): the
-    gather."""
-    base = (j // NNZ) * GROUP
-    if SELECT and GROUP <= 8:
-        x = tl.zeros((BLOCK_N, BLOCK_M, BLOCK_J), dtype=tl.float32)
-        for q in tl.static_range(GROUP):
-            cq = base + q
-            xq = tl.load(X + offs_n[:, None] * s_xn + cq[None, :] * s_xk,
-                         mask=(offs_n < N)[:, None] & (j_ok & (cq < K))[None, :], other=0.0)
-            x = tl.where((p == q)[None, :, :], xq.to(tl.float32)[:, None, :], x)
-    else:
-        col = base[None, :] + p
-        x = tl.load(X + offs_n[:, None, None] * s_xn + col[None, :, :] * s_xk,
-                    mask=(offs_n < N)[:, None, None] & (j_ok[None, :] & (col < K))[None, :, :],
-                    other=0.0).to(tl.float32)
-    return x
-
-
-@triton.jit
 def _decode_nm_gather(X, V, P, Y, N, M, K, KEPT, s_xn, s_xk, s_vm, s_pm, s_yn,
                       NNZ: tl.constexpr, GROUP: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, SELECT: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr):
     """Y (N, M) = X (N, K) @ W^T at a few tokens, N:M from compressed values: each value V[r, j] (a contiguous,
     coalesced tile of a row's kept values) meets the one input its position selects, column
-    (j // NNZ) * GROUP + P[r, j] (see :func:`_nm_inputs`); one multiply-add per value and token.
+    (j // NNZ) * GROUP + P[r, j], gathered from X (a few KB, served by L1/L2); one multiply-add per value and token.
     Grid: (row blocks, token blocks)."""
     pid_m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_j = tl.arange(0, BLOCK_J)
     rm = (offs_m % M).to(tl.int64)  # rows past the end wrap (valid addresses, dropped at the store)
+    n_ok = (offs_n < N)[:, None, None]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for j0 in range(0, KEPT, BLOCK_J):
         j = j0 + offs_j
-        j_ok = j < KEPT
-        v = tl.load(V + rm[:, None] * s_vm + j[None, :], mask=j_ok[None, :], other=0.0)
-        p = tl.load(P + rm[:, None] * s_pm + j[None, :], mask=j_ok[None, :], other=0).to(tl.int32)
-        x = _nm_inputs(X, offs_n, N, j, j_ok, p, K, s_xn, s_xk, NNZ, GROUP, BLOCK_N, BLOCK_M, BLOCK_J, SELECT)
+        j_ok = (j < KEPT)[None, :]
+        v = tl.load(V + rm[:, None] * s_vm + j[None, :], mask=j_ok, other=0.0)
+        p = tl.load(P + rm[:, None] * s_pm + j[None, :], mask=j_ok, other=0).to(tl.int32)
+        col = (j // NNZ)[None, :] * GROUP + p
+        ok = n_ok & (j_ok & (col < K))[None, :, :]  # (columns past K: the zero padding of the last group)
+        x = tl.load(X + offs_n[:, None, None] * s_xn + col[None, :, :] * s_xk, mask=ok, other=0.0)
         x = x.to(v.dtype).to(tl.float32)  # (as the reference: the input rounded to the weight's dtype)
         acc += tl.sum(x * v.to(tl.float32)[None, :, :], axis=2)
-    tl.store(Y + offs_n[:, None] * s_yn + offs_m[None, :], acc.to(Y.dtype.element_ty),
-             mask=(offs_n[:, None] < N) & (offs_m[None, :] < M))
-
-
-@triton.jit
-def _nm24_slot(acc, v, p, x0, x1, x2, x3):
-    """acc (tokens, rows) += one 2:4 slot: v, p (rows, groups) a value and its in-group position per group, xq
-    (tokens, groups) the input at position q of each group; the row's input selected on chip."""
-    p = p[None, :, :]
-    pick = tl.where(p == 0, x0[:, None, :], tl.where(p == 1, x1[:, None, :],
-                    tl.where(p == 2, x2[:, None, :], tl.where(p == 3, x3[:, None, :], 0.0))))
-    return acc + tl.sum(pick * v[None, :, :], axis=2)
-
-
-@triton.jit
-def _decode_nm24(X, V, P, Y, N, M, K, G, s_xn, s_xk, s_vm, s_pm, s_yn,
-                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
-    """2:4 at a few tokens, every load contiguous: per tile of BLOCK_G groups, the 4 * BLOCK_G inputs of each token
-    are one load, split on chip into the four in-group positions; a row's two values and two positions per group
-    are one load each, split into the two slots; each slot selects its input among the four (no gather).
-    Grid: (row blocks, token blocks)."""
-    pid_m = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rm = (offs_m % M).to(tl.int64)  # rows past the end wrap (valid addresses, dropped at the store)
-    offs_g = tl.arange(0, BLOCK_G)
-    two = tl.arange(0, 2)
-    four = tl.arange(0, 4)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for g0 in range(0, G, BLOCK_G):
-        grp = g0 + offs_g
-        g_ok = grp < G
-        j = grp[:, None] * 2 + two[None, :]  # (BLOCK_G, 2): the kept values of each group
-        v = tl.load(V + rm[:, None, None] * s_vm + j[None, :, :], mask=g_ok[None, :, None], other=0.0)
-        p = tl.load(P + rm[:, None, None] * s_pm + j[None, :, :], mask=g_ok[None, :, None], other=4).to(tl.int32)
-        col = grp[:, None] * 4 + four[None, :]  # (BLOCK_G, 4)
-        x = tl.load(X + offs_n[:, None, None] * s_xn + col[None, :, :] * s_xk,
-                    mask=(offs_n < N)[:, None, None] & (g_ok[:, None] & (col < K))[None, :, :], other=0.0)
-        x = x.to(v.dtype).to(tl.float32)  # (as the reference: the input rounded to the weight's dtype)
-        xe, xo = tl.split(tl.reshape(x, (BLOCK_N, BLOCK_G, 2, 2)))  # positions (0, 2) and (1, 3)
-        x0, x2 = tl.split(xe)
-        x1, x3 = tl.split(xo)
-        v0, v1 = tl.split(v.to(tl.float32))
-        p0, p1 = tl.split(p)
-        acc = _nm24_slot(acc, v0, p0, x0, x1, x2, x3)
-        acc = _nm24_slot(acc, v1, p1, x0, x1, x2, x3)
     tl.store(Y + offs_n[:, None] * s_yn + offs_m[None, :], acc.to(Y.dtype.element_ty),
              mask=(offs_n[:, None] < N) & (offs_m[None, :] < M))
 
@@ -514,23 +440,12 @@ def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, devi
     grid = (_cdiv(M, plan["BLOCK_M"]), _cdiv(N, plan["BLOCK_N"]))
     if N == 0 or M == 0:
         return lambda x, values, positions, y: None
-    if not dot and NM_FEW_FORM[0] == "split" and (n_keep, group) == (2, 4):
-        kernel = _decode_nm24[grid]
-        tiles = dict(BLOCK_N=plan["BLOCK_N"], BLOCK_M=plan["BLOCK_M"], BLOCK_G=plan["BLOCK_J"] // 2)
-
-        def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor) -> None:
-            kernel(x, values, positions, y, N, M, K, kept // 2, x.stride(0), x.stride(1), values.stride(0),
-                   positions.stride(0), y.stride(0), num_warps=4, num_stages=3, **tiles)
-
-        return launch
     if not dot:
         kernel = _decode_nm_gather[grid]
-        select = NM_FEW_FORM[0] != "gather"
 
         def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor) -> None:
             kernel(x, values, positions, y, N, M, K, kept, x.stride(0), x.stride(1), values.stride(0),
-                   positions.stride(0), y.stride(0), NNZ=n_keep, GROUP=group, SELECT=select, num_warps=4,
-                   num_stages=3, **plan)
+                   positions.stride(0), y.stride(0), NNZ=n_keep, GROUP=group, num_warps=4, num_stages=3, **plan)
 
         return launch
     kernel = _decode_nm[grid]
