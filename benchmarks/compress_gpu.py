@@ -178,6 +178,29 @@ def _tensor_bytes(value, skip: set[int] = frozenset()) -> int:
     return total
 
 
+def projection_working_set(weight: torch.Tensor, ratio: float) -> int:
+    """Device bytes the whitened low-rank projection of ``weight`` (on a GPU) at ``ratio`` takes above the weight
+    and its float32 Gram: a full-rank Gram of its width (Wishart, 2n samples: tame), the Cholesky path a run takes."""
+    from structmat.calibrate import InputStats
+    from structmat.project import project
+
+    n = weight.shape[1]
+    gen = torch.Generator(device=weight.device).manual_seed(0)
+    x = torch.randn(n, 2 * n, device=weight.device, generator=gen)
+    gram = x @ x.T
+    del x
+    stats = InputStats(gram, gram.diagonal().sqrt(), 2 * n)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    layer = project(weight, f"lowrank:ratio={ratio}", "whitened", stats)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del layer, stats, gram
+    torch.cuda.empty_cache()
+    return peak
+
+
 def _probe_working_sets(model, blocks, batch: dict, device: str, forward_tokens: int, ratio: float) -> dict:
     """Measured apart from the run, on a copy of block 0 on the device: (1) the working set of one calibration
     forward piece (``forward_tokens`` tokens through the block with the statistics hooks of its layers, above the
@@ -186,10 +209,9 @@ def _probe_working_sets(model, blocks, batch: dict, device: str, forward_tokens:
     above its weight and Gram: the factor, the float32 copies, the new layer."""
     import copy
 
-    from structmat.calibrate import InputStats, collect_input_stats
+    from structmat.calibrate import collect_input_stats
     from structmat.compress import _capture_block_inputs, _move
     from structmat.modules import linear_modules
-    from structmat.project import project
 
     dev = torch.device(device)
     seq = batch["input_ids"].shape[1]
@@ -210,20 +232,8 @@ def _probe_working_sets(model, blocks, batch: dict, device: str, forward_tokens:
     del stats, distinct
     modules = linear_modules(block)
     widest = max(names, key=lambda n: modules[n].in_features)
-    weight = modules[widest].weight
-    n = weight.shape[1]
-    gen = torch.Generator(device=dev).manual_seed(0)
-    x = torch.randn(n, 2 * n, device=dev, generator=gen)  # a Wishart Gram with 2n samples: full rank, tame
-    gram = x @ x.T
-    del x
-    stats = InputStats(gram, gram.diagonal().sqrt(), 2 * n)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    layer = project(weight, f"lowrank:ratio={ratio}", "whitened", stats)
-    torch.cuda.synchronize()
-    projection = torch.cuda.max_memory_allocated() - base
-    del layer, stats, gram, block, args, kwargs
+    projection = projection_working_set(modules[widest].weight, ratio)
+    del block, args, kwargs
     torch.cuda.empty_cache()
     return {"forward_piece_tokens": piece["input_ids"].numel(), "forward_working_set_bytes": forward,
             "projection_layer": widest, "projection_working_set_bytes": projection}

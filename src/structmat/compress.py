@@ -368,12 +368,14 @@ def _host_statistics(model: nn.Module, names: list[str], run: Callable[[bool], N
         columns = {n: span for first, span in spans.items() for n in members_of[first]}
         for n, part in _pass_to_host(model, columns, functools.partial(run, index == len(plan) - 1), dtype).items():
             parts[n].append(part)
+    out: dict[str, InputStats] = {}
     assembled: dict[tuple[int, ...], InputStats] = {}
     for n in names:
         key = tuple(id(p) for p in parts[n])
-        if key not in assembled:
+        if key not in assembled:  # names whose parts are the same objects share one result
             assembled[key] = assemble(parts[n], "cpu")
-    return {n: assembled[tuple(id(p) for p in parts[n])] for n in names}
+        out[n] = assembled[key]
+    return out
 
 
 def _pass_to_host(model: nn.Module, columns: dict[str, tuple[int, int] | None], run: Callable[[], None],
