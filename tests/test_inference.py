@@ -16,6 +16,7 @@ from structmat.structures.blockdiag import BlockDiagonal
 from structmat.structures.lowrank import LowRank
 from structmat.structures.monarch import Monarch
 from structmat.structures.sparse import NMSparse
+from interpreter import interpreter_report
 
 
 def live_tensor_bytes() -> int:
@@ -366,17 +367,7 @@ def _interpret_report() -> dict:
 
 @pytest.fixture(scope="module")
 def interpret_report():
-    import json
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONHASHSEED="0")
-    proc = subprocess.run([sys.executable, __file__, "--interpret"], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return interpreter_report(__file__)
 
 
 def test_decode_kernels_match_reference_interpreter(interpret_report):

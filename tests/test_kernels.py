@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from interpreter import interpreter_report
 
 # Every tolerance of this file: relative RMS error ||kernel - ref|| / ||ref|| against a float64 reference.
 TOL = {
@@ -173,13 +174,7 @@ def _interpret_report() -> dict:
 
 @pytest.fixture(scope="module")
 def interpret_report():
-    # triton is in the test extra (CI installs it); without it only the interpreter tests skip, never the reference
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONHASHSEED="0")
-    proc = subprocess.run([sys.executable, __file__, "--interpret"], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = interpreter_report(__file__)
     assert report["have_triton"], report["triton_error"]
     return report
 

@@ -110,7 +110,7 @@ def run(args) -> dict:
             for name in args.structures.split(","):
                 layer = build(SPECS.get(name, name), in_f, out_f, bias=False, device=device, dtype=dtype).eval()
                 layer(x)
-                choice = K.LAST_CHOICE.get(layer.name, "reference")
+                choice = (K.LAST_CHOICE.get(layer.name) or "reference")
                 direct = _direct(layer, x)
                 layer_us = time_us(lambda: layer(x), args.calls, args.repeats, sync)
                 direct_us = time_us(direct, args.calls, args.repeats, sync)
@@ -123,7 +123,7 @@ def run(args) -> dict:
                         try:
                             with K.use_backend(backend):
                                 layer(x)
-                                if K.LAST_CHOICE.get(layer.name, "reference") == backend:
+                                if (K.LAST_CHOICE.get(layer.name) or "reference") == backend:
                                     forced[backend] = time_us(lambda: layer(x), args.calls, args.repeats, sync)
                         except Exception as err:  # recorded: one backend's failure must not lose the table
                             forced[backend] = f"failed: {err!r}"[:300]

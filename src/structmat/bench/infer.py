@@ -53,6 +53,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+FUSED = "+fused"  # a structure name ending in it is built, then its siblings fused (structmat.fuse_siblings)
 STRUCTURES = {"lowrank": "lowrank:ratio=0.5", "monarch": "monarch:nblocks=4,ratio=0.5",
               "blockdiag": "blockdiag:nblocks=4", "nm24": "nm:n=2,m=4"}
 BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -74,11 +75,17 @@ def build(structure: str | None, dtype: torch.dtype, shape: dict, seed: int = 0,
     config = llama_config("125m", shape["vocab_size"], max_seq_len=4096,
                           **{k: v for k, v in shape.items() if k != "vocab_size"})
     config.use_cache = True
+    fused = structure is not None and structure.endswith(FUSED)  # e.g. "lowrank+fused": structmat.fuse_siblings
+    structure = structure[: -len(FUSED)] if fused else structure
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
     if structure is not None:
         structure_fresh(model, Plan([(BLOCK_LINEARS, STRUCTURES.get(structure, structure))]))
+    if fused:
+        from structmat.siblings import fuse_siblings
+
+        fuse_siblings(model)  # q/k/v and gate/up of every block: one few-token product each
     return model.eval()
 
 
@@ -323,7 +330,7 @@ def kernel_rows(model, dtype, tokens=(1, 8, 32)) -> list[dict]:
             x = torch.randn(n, layer.in_features, device="cuda", dtype=dtype)
             with torch.no_grad():
                 layer._matmul(x)
-                choice = K.LAST_CHOICE.get(layer.name, "?")
+                choice = (K.LAST_CHOICE.get(layer.name) or "?")
                 ms = triton.testing.do_bench_cudagraph(lambda: layer._matmul(x), rep=20)
                 dense_ms = triton.testing.do_bench_cudagraph(lambda: F.linear(x, W), rep=20)
             rows.append(dict(layer=name, spec=layer.spec, in_features=layer.in_features,
@@ -534,7 +541,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="structmat bench infer", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--structures", default="lowrank,monarch,blockdiag,nm24",
-                   help=f"comma list of {', '.join(STRUCTURES)} or any spec (every block linear gets it); 'floor': "
+                   help=f"comma list of {', '.join(STRUCTURES)} or any spec (every block linear gets it), each "
+                        f"optionally with '{FUSED}' (q/k/v and gate/up then fused: structmat.fuse_siblings); 'floor': "
                         "every block linear replaced by a stand-in that reads no weight (the bound on any speedup; "
                         "'floor1'/'floor2': one/two tiny kernels per linear)")
     p.add_argument("--checkpoint", default=None, help="also a model saved by structmat (load_pretrained)")

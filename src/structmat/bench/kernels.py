@@ -178,7 +178,7 @@ def run_grid(quick: bool = False, dtypes=("bf16",), subset_dtypes=("fp16", "fp32
                 with K.use_backend("auto"):
                     ms = _time_layer(layer, xr, g, mode, warmup, rep)
                     graph_ms = _graph_ms(_layer_step(layer, xr, g, mode), GRAPH_REP_MS) if graphs else None
-                    choice = K.LAST_CHOICE.get(kind, "reference")
+                    choice = (K.LAST_CHOICE.get(kind) or "reference")
                     if kind == "lowrank" and choice != "dense":
                         choice = "cublas"
                 err = None

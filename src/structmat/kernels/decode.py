@@ -52,45 +52,53 @@ def _fused_plan(x: Tensor, g1: int, m1: int, k1: int, g2: int, m2: int, k2: int)
 
 
 def lowrank_plan(x: Tensor, U: Tensor, V: Tensor):
+    """U (out, r) and V (r, in); or g siblings that read the same input stacked (``structmat.fuse_siblings``):
+    U (g, out, r) and V (g*r, in), one product whose output is the g outputs side by side, (n, g*out)."""
     n, k = x.shape
-    r, out = V.shape[0], U.shape[0]
-    fused = _fused_plan(x, 1, r, k, 1, out, r)
+    g, out, r = U.shape if U.dim() == 3 else (1, *U.shape)
+    us = U.stride() if U.dim() == 3 else (0, *U.stride())
+    gr = V.shape[0]  # stage 1 is one (g*r, in) product; stage 2 group j reads its r columns of it
+    fused = _fused_plan(x, 1, gr, k, g, out, r)
     if fused is not None:  # one launch: t = x V^T (split-K fp32 partials), then y = t U^T
         plan, sync = fused
-        launch = fused_launcher(plan, r, k, out, r)
-        t_shape = (plan["S1"], r)
+        launch = fused_launcher(plan, gr, k, out, r)
+        t_shape = (plan["S1"], gr)
 
         def run_fused(x: Tensor, U: Tensor, V: Tensor) -> Tensor:
             t = _empty(t_shape, x, torch.float32)
-            y = _empty((1, out), x)
-            launch(x, (0, x.stride(1)), V, (0, V.stride(0), V.stride(1)), t, (r, 0, 1, 0), U,
-                   (0, U.stride(0), U.stride(1)), (0, 1), y, (0, y.stride(1)), sync)
+            y = _empty((1, g * out), x)
+            launch(x, (0, x.stride(1)), V, (0, V.stride(0), V.stride(1)), t, (gr, 0, 1, 0), U, us, (r, 1),
+                   y, (out, y.stride(1)), sync)
             return y
 
         return run_fused
-    p1 = plan_gemv(n, 1, r, k, x.device, split_ok=True)
-    p2 = plan_gemv(n, 1, out, r, x.device, split_ok=False)
-    stage1 = gemv_launcher(1, n, r, k, p1, V.dtype, c_split_stride=n * r)
-    stage2 = gemv_launcher(1, n, out, r, p2, U.dtype, a_partials=p1["splits"], a_partial_stride=n * r)
-    t_shape, y_shape = (p1["splits"], n, r), (n, out)
+    p1 = plan_gemv(n, 1, gr, k, x.device, split_ok=True)
+    p2 = plan_gemv(n, g, out, r, x.device, split_ok=False)
+    stage1 = gemv_launcher(1, n, gr, k, p1, V.dtype, c_split_stride=n * gr)
+    stage2 = gemv_launcher(g, n, out, r, p2, U.dtype, a_partials=p1["splits"], a_partial_stride=n * gr)
+    t_shape, y_shape = (p1["splits"], n, gr), (n, g * out)
 
     def run(x: Tensor, U: Tensor, V: Tensor) -> Tensor:
         t = _empty(t_shape, x, torch.float32)
-        stage1(x, (0, x.stride(0), x.stride(1)), V, (0, V.stride(0), V.stride(1)), t, (0, r, 1))
+        stage1(x, (0, x.stride(0), x.stride(1)), V, (0, V.stride(0), V.stride(1)), t, (0, gr, 1))
         y = _empty(y_shape, x)
-        stage2(t, (0, r, 1), U, (0, U.stride(0), U.stride(1)), y, (0, y.stride(0), 1))
+        stage2(t, (r, gr, 1), U, us, y, (out, y.stride(0), 1))
         return y
 
     return run
 
 
-def blockdiag_plan(x: Tensor, W: Tensor):
-    b, u, p = W.shape
-    n = x.shape[0]
-    launch = gemv_launcher(b, n, u, p, plan_gemv(n, b, u, p, x.device, split_ok=False), W.dtype)
+def blockdiag_plan(x: Tensor, W: Tensor, siblings: int = 1):
+    """W (b, u, p); or ``siblings`` layers' blocks side by side, W (b, siblings*u, p) (``structmat.fuse_siblings``):
+    one launch whose output is the siblings' outputs side by side (the store puts row j*u + i of block k at
+    j*b*u + k*u + i)."""
+    b, m, p = W.shape
+    u, n = m // siblings, x.shape[0]
+    launch = gemv_launcher(b, n, m, p, plan_gemv(n, b, m, p, x.device, split_ok=False), W.dtype,
+                           chunk=u if siblings > 1 else 0, chunk_stride=b * u)
 
-    def run(x: Tensor, W: Tensor) -> Tensor:
-        y = _empty((n, b * u), x)
+    def run(x: Tensor, W: Tensor, siblings: int = 1) -> Tensor:
+        y = _empty((n, b * m), x)
         launch(x, (p * x.stride(1), x.stride(0), x.stride(1)), W, W.stride(), y, (u, y.stride(0), 1))
         return y
 
@@ -98,36 +106,42 @@ def blockdiag_plan(x: Tensor, W: Tensor):
 
 
 def monarch_plan(x: Tensor, R: Tensor, L: Tensor):
-    b, bc, p = R.shape
-    u, c, n = L.shape[1], bc // b, x.shape[0]
+    """R (b, b*c, p) and L (b, u, b*c); or g siblings that read the same input (``structmat.fuse_siblings``):
+    R (b, g*b*c, p) (each block's rows of every sibling, side by side) and L (g*b, u, b*c), one product whose
+    output is the g outputs side by side. Stage 1's chunked store puts row (j, s, q) of block k at
+    j*b*b*c + s*b*c + k*c + q: sibling j's permuted intermediate, where stage 2's group j*b + s reads it."""
+    b, m1, p = R.shape
+    g2, u, bc = L.shape  # g2 = g*b stage-2 groups of (u, b*c)
+    c, n = bc // b, x.shape[0]
     nbytes = (R.numel() + L.numel()) * R.element_size()
-    fused = _fused_plan(x, b, bc, p, b, u, bc) if nbytes >= _triton_decode.MONARCH_FUSED_MIN_BYTES else None
+    fused = _fused_plan(x, b, m1, p, g2, u, bc) if nbytes >= _triton_decode.MONARCH_FUSED_MIN_BYTES else None
     if fused is not None:  # one launch: stage 1 stores the permuted intermediate's partials, stage 2 sums them
         plan, sync = fused
-        launch = fused_launcher(plan, bc, p, u, bc, chunk1=c)
-        h_shape = (plan["S1"], b * bc)
+        launch = fused_launcher(plan, m1, p, u, bc, chunk1=c)
+        h_shape = (plan["S1"], g2 * bc)
 
         def run_fused(x: Tensor, R: Tensor, L: Tensor) -> Tensor:
             h = _empty(h_shape, x, torch.float32)
-            y = _empty((1, b * u), x)
-            launch(x, (p * x.stride(1), x.stride(1)), R, R.stride(), h, (b * bc, c, 1, bc), L, L.stride(), (bc, 1),
+            y = _empty((1, g2 * u), x)
+            launch(x, (p * x.stride(1), x.stride(1)), R, R.stride(), h, (g2 * bc, c, 1, bc), L, L.stride(), (bc, 1),
                    y, (u, y.stride(1)), sync)
             return y
 
         return run_fused
-    p1 = plan_gemv(n, b, bc, p, x.device, split_ok=True)
-    p2 = plan_gemv(n, b, u, bc, x.device, split_ok=False)
-    # stage 1, group k: row (s, q) of R_k -> h[:, s*b*c + k*c + q] (the order stage 2 reads), one partial per split
-    stage1 = gemv_launcher(b, n, bc, p, p1, R.dtype, chunk=c, chunk_stride=bc, c_split_stride=n * b * bc)
-    # stage 2, group s: h[:, s*b*c:(s+1)*b*c] (summed over the partials) @ L_s^T
-    stage2 = gemv_launcher(b, n, u, bc, p2, L.dtype, a_partials=p1["splits"], a_partial_stride=n * b * bc)
-    h_shape = (p1["splits"], n, b * bc)
+    p1 = plan_gemv(n, b, m1, p, x.device, split_ok=True)
+    p2 = plan_gemv(n, g2, u, bc, x.device, split_ok=False)
+    # stage 1, group k: row (j, s, q) of R_k -> h[:, j*b*b*c + s*b*c + k*c + q] (the order stage 2 reads), one
+    # partial per split
+    stage1 = gemv_launcher(b, n, m1, p, p1, R.dtype, chunk=c, chunk_stride=bc, c_split_stride=n * g2 * bc)
+    # stage 2, group j*b + s: h[:, (j*b + s)*b*c:][:b*c] (summed over the partials) @ L_(j*b + s)^T
+    stage2 = gemv_launcher(g2, n, u, bc, p2, L.dtype, a_partials=p1["splits"], a_partial_stride=n * g2 * bc)
+    h_shape = (p1["splits"], n, g2 * bc)
 
     def run(x: Tensor, R: Tensor, L: Tensor) -> Tensor:
         h = _empty(h_shape, x, torch.float32)
-        stage1(x, (p * x.stride(1), x.stride(0), x.stride(1)), R, R.stride(), h, (c, b * bc, 1))
-        y = _empty((n, b * u), x)
-        stage2(h, (bc, b * bc, 1), L, L.stride(), y, (u, y.stride(0), 1))
+        stage1(x, (p * x.stride(1), x.stride(0), x.stride(1)), R, R.stride(), h, (c, g2 * bc, 1))
+        y = _empty((n, g2 * u), x)
+        stage2(h, (bc, g2 * bc, 1), L, L.stride(), y, (u, y.stride(0), 1))
         return y
 
     return run
@@ -148,8 +162,8 @@ def _lowrank(x: Tensor, U: Tensor, V: Tensor) -> Tensor:
     return lowrank_plan(x, U, V)(x, U, V)
 
 
-def _blockdiag(x: Tensor, W: Tensor) -> Tensor:
-    return blockdiag_plan(x, W)(x, W)
+def _blockdiag(x: Tensor, W: Tensor, siblings: int = 1) -> Tensor:
+    return blockdiag_plan(x, W, siblings)(x, W, siblings)
 
 
 def _monarch(x: Tensor, R: Tensor, L: Tensor) -> Tensor:
@@ -170,16 +184,16 @@ def decode_lowrank_op(x: Tensor, U: Tensor, V: Tensor) -> Tensor:
 
 @decode_lowrank_op.register_fake
 def _(x, U, V):
-    return x.new_empty((x.shape[0], U.shape[0]))
+    return x.new_empty((x.shape[0], U.shape[0] * U.shape[1] if U.dim() == 3 else U.shape[0]))
 
 
 @torch.library.custom_op("structmat::decode_blockdiag", mutates_args=())
-def decode_blockdiag_op(x: Tensor, W: Tensor) -> Tensor:
-    return _blockdiag(x, W)
+def decode_blockdiag_op(x: Tensor, W: Tensor, siblings: int = 1) -> Tensor:
+    return _blockdiag(x, W, siblings)
 
 
 @decode_blockdiag_op.register_fake
-def _(x, W):
+def _(x, W, siblings=1):
     return x.new_empty((x.shape[0], W.shape[0] * W.shape[1]))
 
 
@@ -207,8 +221,8 @@ def lowrank(x: Tensor, U: Tensor, V: Tensor) -> Tensor:
     return decode_lowrank_op(x, U, V) if torch.compiler.is_compiling() else _lowrank(x, U, V)
 
 
-def blockdiag(x: Tensor, W: Tensor) -> Tensor:
-    return decode_blockdiag_op(x, W) if torch.compiler.is_compiling() else _blockdiag(x, W)
+def blockdiag(x: Tensor, W: Tensor, siblings: int = 1) -> Tensor:
+    return decode_blockdiag_op(x, W, siblings) if torch.compiler.is_compiling() else _blockdiag(x, W, siblings)
 
 
 def monarch(x: Tensor, R: Tensor, L: Tensor) -> Tensor:

@@ -79,7 +79,9 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 #: The last choice per op, for the benchmark and for curious users: {op: backend}.
-LAST_CHOICE: dict[str, str] = {}
+#: Every op's key exists from the start ("" until its first call): a traced write that added a key made dynamo guard
+#: on the dict's keys, so a process whose first structured call was compiled recompiled once the dict filled.
+LAST_CHOICE: dict[str, str] = {op: "" for op in ("blockdiag", "monarch", "lowrank", "nm")}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Dense pre-merge, cached per first factor tensor

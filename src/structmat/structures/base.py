@@ -319,6 +319,7 @@ class StructuredLinear(nn.Module):
     zero_factors: ClassVar[tuple[str, ...] | None] = None
 
     _plans: dict | None = None  # per-shape inference plans (run_op); None until __init__, or for a stripped copy
+    _sibling_group: tuple | None = None  # (SiblingGroup, index) while fused with its siblings (structmat.siblings)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None, dtype=None) -> None:
         super().__init__()
@@ -382,8 +383,11 @@ class StructuredLinear(nn.Module):
         merged = self._buffers.get(MERGED_WEIGHT)
         if merged is not None and self._merged_usable(merged):
             return F.linear(x, merged.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        group = self._sibling_group
+        y = None if group is None else group[0].output(self, group[1], x)  # (structmat.fuse_siblings)
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        y = self._matmul(flat)
+        if y is None:
+            y = self._matmul(flat)
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y if flat is x else y.reshape(*x.shape[:-1], self.out_features)
@@ -402,23 +406,33 @@ class StructuredLinear(nn.Module):
 
     # A plan holds shapes, strides and dtypes of the factors, never the factors themselves: anything that may change
     # those (a .to(), a load with assign=True, a factor replaced) drops the layer's plans.
+    # The same events end a fusion with siblings (the stacked tensors would no longer be the layer's).
     def _apply(self, fn, recurse=True):
         if self._plans:
             self._plans.clear()
+        self._leave_siblings()
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):
         if self._plans:
             self._plans.clear()
+        self._leave_siblings()
         return super()._load_from_state_dict(*args, **kwargs)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, Tensor) and self._plans:
-            self._plans.clear()
+        if isinstance(value, Tensor):
+            if self._plans:
+                self._plans.clear()
+            self._leave_siblings()
         super().__setattr__(name, value)
 
+    def _leave_siblings(self) -> None:
+        group = self.__dict__.get("_sibling_group")
+        if group is not None:
+            group[0].dissolve()
+
     def __getstate__(self):
-        state = super().__getstate__()
+        state = {k: v for k, v in super().__getstate__().items() if k != "_sibling_group"}  # (a copy runs alone)
         return {**state, "_plans": {}}  # (plans are closures: rebuilt, never pickled)
 
     @property

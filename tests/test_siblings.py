@@ -1,0 +1,352 @@
+"""structmat.fuse_siblings: q/k/v (and gate/up) as one few-token product over stacked factors.
+
+The kernels run on CPU through Triton's interpreter in a subprocess (TRITON_INTERPRET must be set before triton is
+imported); the bookkeeping (views, dissolving, checkpoints, gradients) runs in this process on the reference path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import structmat
+from structmat.structures import build
+from interpreter import interpreter_report
+
+TOL = 1e-5  # relative RMS against float64, fp32 operands (as tests/test_inference.py)
+SPECS = {"lowrank": "lowrank:rank=6", "monarch": "monarch:nblocks=4,block_rank=2", "blockdiag": "blockdiag:nblocks=4",
+         "nm": "nm:n=2,m=4"}
+IN, OUT = 40, 24
+
+
+class Attention(nn.Module):
+    """Three siblings that read one input, and a fourth layer that reads their outputs (not a sibling)."""
+
+    def __init__(self, spec: str, dtype=torch.float32) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (build(spec, IN, OUT, dtype=dtype).init_() for _ in range(3))
+        self.o_proj = build(spec, OUT, OUT, dtype=dtype).init_()
+
+    def forward(self, x):
+        return self.o_proj(self.q_proj(x) * self.k_proj(x).sigmoid() + self.v_proj(x))
+
+
+def rel_rms(a, ref) -> float:
+    a, ref = a.detach().double(), ref.detach().double()
+    return float((a - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
+
+
+def _interpret_report() -> dict:
+    """In the subprocess: each structure's fused q/k/v against float64, eager and compiled, with the number of group
+    products per forward."""
+    from structmat.kernels import decode, dispatch, ops
+
+    ops.POISON = True  # (an output element a kernel does not write shows as NaN)
+    calls = []  # group products run (eager, or a compiled graph's custom op body): the op's output is 3 members wide
+
+    def counted(name, body):
+        def run(*args):
+            y = body(*args)
+            if y.shape[1] >= 3 * OUT:  # (a single member, or o_proj: narrower)
+                calls.append(name)
+            return y
+        return run
+
+    for name in SPECS:
+        setattr(decode, f"_{name}", counted(name, getattr(decode, f"_{name}")))
+    report = {}
+    torch.manual_seed(0)
+    for name, spec in SPECS.items():
+        model = Attention(spec).eval()
+        ref64 = Attention(spec, torch.float64).eval()
+        ref64.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in model.state_dict().items()})
+        groups = structmat.fuse_siblings(model)
+        report[f"{name}-groups"] = [len(g.members) for g in groups]
+        for graphed in (False, True):  # eager choice (host time counts) and a captured call's (GPU time alone)
+            dispatch._GRAPHED[0] = True if graphed else None
+            for n in (1, 3, 17):
+                x = torch.randn(n, 1, IN)
+                with torch.inference_mode():
+                    calls.clear()
+                    y = model(x)
+                    ref = ref64(x.double())
+                report[f"{name}-{'graphed' if graphed else 'eager'}-{n}"] = dict(
+                    err=rel_rms(y, ref), calls=list(calls), pending=groups[0]._pending,
+                    held=groups[0]._x is not None)
+        dispatch._GRAPHED[0] = None
+        # a member called alone, with another input than its siblings: the group's product, its slice
+        with torch.no_grad():
+            x, other = torch.randn(1, IN), torch.randn(1, IN)
+            dispatch._GRAPHED[0] = True
+            model.q_proj(x)
+            alone = model.k_proj(other)
+            dispatch._GRAPHED[0] = None
+        report[f"{name}-alone"] = rel_rms(alone, ref64.k_proj(other.double()))
+        # compiled: one group product per forward, lengths 1..6 without a graph per length
+        torch._dynamo.reset()
+        counters = torch._dynamo.utils.counters
+        counters.clear()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        errs, per_call = [], []
+        with torch.no_grad():
+            for n in range(1, 7):
+                x = torch.randn(n, 1, IN)
+                compiled(x)  # (the first call of a graph compiles it)
+                calls.clear()
+                errs.append(rel_rms(compiled(x), ref64(x.double())))
+                per_call.append(list(calls))
+        report[f"{name}-compiled"] = dict(max_err=max(errs), calls=per_call,
+                                          graphs=int(counters["stats"]["unique_graphs"]),
+                                          traced_cleared=groups[0]._traced_x is None and groups[0]._traced_y is None)
+    # a tiny structured Llama (HF): greedy decode with its KV cache gives the unfused model's tokens
+    from structmat.plan import Plan
+    from structmat.train.models import structured_llama
+
+    llama = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4)
+    linears = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    dispatch._GRAPHED[0] = True
+    for spec in ("monarch:nblocks=4,ratio=0.5", "lowrank:ratio=0.5"):
+        model = structured_llama("125m", 96, Plan([(linears, spec)]), max_seq_len=64, **llama).eval()
+        ids = torch.randint(0, 96, (1, 5))
+        with torch.no_grad():
+            plain = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, use_cache=True)
+            plain_logits = model(plain).logits
+            groups = structmat.fuse_siblings(model)
+            calls.clear()
+            fused = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, use_cache=True)
+            fused_logits = model(plain).logits
+        report[f"llama-{spec}"] = dict(groups=sorted(len(g.members) for g in groups), same=torch.equal(plain, fused),
+                                       logits_err=rel_rms(fused_logits, plain_logits), calls=len(calls))
+    dispatch._GRAPHED[0] = None
+    return report
+
+
+@pytest.fixture(scope="module")
+def interpret_report():
+    return interpreter_report(__file__)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_fused_siblings_match_reference_interpreter(interpret_report, name):
+    """One group product per forward where the members' dispatch takes the decode kernels (1-17 tokens), each
+    member's slice equal to its float64 reference; the group holds nothing once every member took its slice."""
+    assert interpret_report[f"{name}-groups"] == [3]  # q/k/v; o_proj reads another input: not a sibling
+    for mode in ("eager", "graphed"):
+        for n in (1, 3, 17):
+            entry = interpret_report[f"{name}-{mode}-{n}"]
+            assert entry["err"] <= TOL, (name, mode, n, entry)
+            assert entry["calls"] in ([], [name]), entry  # (none: the members' own paths, e.g. low-rank's cuBLAS)
+            assert entry["pending"] == 0 and not entry["held"], entry
+    assert interpret_report[f"{name}-graphed-1"]["calls"] == [name]  # one token in a graph: always the kernels
+    assert interpret_report[f"{name}-alone"] <= TOL
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_compiled_fused_siblings_one_product_no_recompile_interpreter(interpret_report, name):
+    entry = interpret_report[f"{name}-compiled"]
+    assert entry["max_err"] <= TOL, entry
+    assert entry["graphs"] <= 2, entry  # length 1 (static) and one dynamic graph for 2..6
+    assert entry["calls"][0] == [name], entry  # one token: one group product for q, k and v
+    assert all(c in ([], [name]) for c in entry["calls"]), entry
+    assert entry["traced_cleared"], entry
+
+
+@pytest.mark.parametrize("spec", ["monarch:nblocks=4,ratio=0.5", "lowrank:ratio=0.5"])
+def test_fused_siblings_in_hf_llama_generate_interpreter(interpret_report, spec):
+    """A structured HF Llama fused (q/k/v and gate/up per layer) generates the unfused model's tokens."""
+    entry = interpret_report[f"llama-{spec}"]
+    assert entry["groups"] == [2, 2, 3, 3], entry
+    assert entry["same"] and entry["logits_err"] <= TOL and entry["calls"] > 0, entry
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bookkeeping (reference path, this process)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _storages(model: nn.Module) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_fusion_adds_no_memory_and_keeps_state_dict(name):
+    torch.manual_seed(0)
+    model = Attention(SPECS[name]).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    x = torch.randn(2, 3, IN)
+    with torch.no_grad():
+        ref = model(x)
+    storages = len(_storages(model))
+    groups = structmat.fuse_siblings(model)
+    assert len(groups) == 1 and [m for m in groups[0].members] == [model.q_proj, model.k_proj, model.v_proj]
+    # the members' factors are views of one stack per factor: fewer storages, the same bytes
+    assert len(_storages(model)) < storages
+    stacked = sum(t.numel() * t.element_size() for t in groups[0].stacks)
+    own = sum(t.numel() * t.element_size() for m in groups[0].members for n, t in m.named_parameters() if n != "bias")
+    own += sum(t.numel() * t.element_size() for m in groups[0].members for t in m.buffers())
+    assert stacked == own
+    assert sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) == nbytes
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)  # (many tokens on CPU: every member's own path)
+    # an in-place update of a member's factor writes into the stack
+    first = next(t for n, t in model.k_proj.named_parameters() if n != "bias")
+    total = sum(float(s.double().sum()) for s in groups[0].stacks)
+    with torch.no_grad():
+        first.add_(1.0)
+    assert sum(float(s.double().sum()) for s in groups[0].stacks) == pytest.approx(total + first.numel())
+
+
+def test_checkpoint_of_a_fused_llama_loads_unfused(tmp_path):
+    from structmat.plan import Plan
+    from structmat.train.models import structured_llama
+
+    torch.manual_seed(0)
+    llama = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4)
+    model = structured_llama("125m", 96, Plan([(["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"],
+                                                "monarch:nblocks=4,ratio=0.5")]), max_seq_len=64, **llama).eval()
+    ids = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        ref = model(ids).logits
+    assert len(structmat.fuse_siblings(model)) == 4
+    structmat.save_pretrained(model, tmp_path / "ckpt")
+    loaded = structmat.load_pretrained(tmp_path / "ckpt").eval()
+    assert all(m._sibling_group is None for m in loaded.modules() if isinstance(m, structmat.StructuredLinear))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, ref) and torch.equal(model(ids).logits, ref)
+
+
+def test_moving_or_loading_dissolves_the_group_and_unfuse_restores_storage():
+    torch.manual_seed(0)
+    model = Attention(SPECS["lowrank"]).eval()
+    x = torch.randn(1, IN, dtype=torch.float64)
+    structmat.fuse_siblings(model)
+    assert model.q_proj._sibling_group is not None
+    model.double()  # replaces every tensor: the group would compute with the old ones
+    assert all(m._sibling_group is None for m in (model.q_proj, model.k_proj, model.v_proj))
+    with torch.no_grad():
+        ref = model(x)
+    groups = structmat.fuse_siblings(model)
+    assert len(groups) == 1
+    model.load_state_dict(model.state_dict())
+    assert model.q_proj._sibling_group is None
+    structmat.fuse_siblings(model)
+    model.k_proj.V = nn.Parameter(model.k_proj.V.detach().clone())  # assigning a factor
+    assert model.q_proj._sibling_group is None and model.v_proj._sibling_group is None
+    structmat.fuse_siblings(model)
+    assert structmat.unfuse_siblings(model) == 1
+    ptrs = [m.U.untyped_storage().data_ptr() for m in (model.q_proj, model.k_proj, model.v_proj)]
+    assert len(set(ptrs)) == 3 and model.q_proj._sibling_group is None
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+
+
+def test_training_through_fused_members_takes_their_own_path():
+    """With gradients on, each member runs its own (differentiable) path; the gradients are the unfused model's."""
+    torch.manual_seed(0)
+    model = Attention(SPECS["monarch"])
+    x = torch.randn(4, IN)
+    model(x).square().sum().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    structmat.fuse_siblings(model)
+    model(x).square().sum().backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, ref[n], rtol=1e-6, atol=1e-7), n
+
+
+def test_dense_siblings_run_one_gemm():
+    """Dense-structured siblings (a model structured only in part) fuse too: one GEMM over the stacked rows."""
+    torch.manual_seed(0)
+    model = Attention("dense").eval()
+    x = torch.randn(1, 1, IN)
+    with torch.no_grad():
+        ref = model(x)
+        assert len(structmat.fuse_siblings(model)) == 1
+        seen = []
+        handle = torch.nn.functional.linear
+        try:
+            torch.nn.functional.linear = lambda a, w, b=None: seen.append(tuple(w.shape)) or handle(a, w, b)
+            y = model(x)
+        finally:
+            torch.nn.functional.linear = handle
+    assert seen[0] == (3 * OUT, IN) and (3 * OUT, IN) not in seen[1:]
+    assert torch.allclose(y, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_only_equal_siblings_fuse():
+    model = Attention(SPECS["lowrank"])
+    model.v_proj = build("lowrank:rank=4", IN, OUT)  # another size: q and k fuse, v stays alone
+    groups = structmat.fuse_siblings(model)
+    assert [len(g.members) for g in groups] == [2] and model.v_proj._sibling_group is None
+    padded = Attention("blockdiag:nblocks=3,pad=true")
+    assert structmat.fuse_siblings(padded) == []  # (padded layers keep their own path)
+    mixed = Attention(SPECS["lowrank"])
+    mixed.k_proj = build(SPECS["monarch"], IN, OUT)
+    assert [len(g.members) for g in structmat.fuse_siblings(mixed)] == [2]  # q and v
+
+
+def test_fuse_siblings_bad_input():
+    with pytest.raises(TypeError, match="nn.Module"):
+        structmat.fuse_siblings("model")
+    with pytest.raises(ValueError, match="tuples of child names"):
+        structmat.fuse_siblings(nn.Linear(2, 2), names=[("q_proj", "")])
+    with pytest.raises(TypeError, match="nn.Module"):
+        structmat.unfuse_siblings(None)
+
+
+class Block(nn.Module):
+    """q/k/v and gate/up of the bench-infer shape (hidden 2048, SwiGLU 8192)."""
+
+    def __init__(self, spec: str) -> None:
+        super().__init__()
+        dev, dt = "cuda", torch.bfloat16
+        self.q_proj, self.k_proj, self.v_proj = (build(spec, 2048, 2048, False, device=dev, dtype=dt).init_()
+                                                 for _ in range(3))
+        self.gate_proj, self.up_proj = (build(spec, 2048, 8192, False, device=dev, dtype=dt).init_() for _ in range(2))
+
+    def forward(self, x):
+        return [self.q_proj(x), self.k_proj(x), self.v_proj(x), self.gate_proj(x), self.up_proj(x)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ["lowrank:ratio=0.5", "monarch:nblocks=4,ratio=0.5", "blockdiag:nblocks=4",
+                                  "nm:n=2,m=4", "dense"])
+def test_fused_siblings_match_reference_gpu(spec):
+    """bf16 at the bench shape, 1-64 tokens, eager and replayed from a CUDA graph: every member's slice of the group
+    product against float64 (bf16 tolerance, as the decode kernels' GPU test)."""
+    torch.manual_seed(0)
+    model = Block(spec).eval()
+    dense = [m.to_dense().double() for m in (model.q_proj, model.k_proj, model.v_proj, model.gate_proj, model.up_proj)]
+    groups = structmat.fuse_siblings(model)
+    assert sorted(len(g.members) for g in groups) == [2, 3]
+    for n in (1, 4, 16, 64):
+        x = torch.randn(1, n, 2048, device="cuda", dtype=torch.bfloat16)
+        refs = [x.double() @ w.T for w in dense]
+        with torch.no_grad():
+            eager = model(x)
+            static = model(x)  # (plans made; the capture replays them)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static = model(x)
+            graph.replay()
+            torch.cuda.synchronize()
+        for outs in (eager, static):
+            errs = [rel_rms(y.cpu(), r.cpu()) for y, r in zip(outs, refs)]
+            assert max(errs) <= 3e-2, (spec, n, errs)
+        assert all(g._x is None for g in groups)
+
+
+if __name__ == "__main__":
+    if "--interpret" in sys.argv:
+        assert os.environ.get("TRITON_INTERPRET") == "1"
+        print(json.dumps(_interpret_report()))
