@@ -74,6 +74,10 @@ def main() -> int:
     ap.add_argument("--generate-models", default="dense,floor", help="models that also get compiled HF generate")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--step-compile", default="", help="models whose step is also compiled by inductor")
+    ap.add_argument("--eager-interleaved", default="", help="models whose eager HF generate is also timed "
+                    "interleaved: all built at once, each round timing every model once in a rotated order, the "
+                    "median over rounds (host drift between models shows as spread instead of as a ratio)")
+    ap.add_argument("--eager-rounds", type=int, default=5)
     args = ap.parse_args()
     if args.eager_models is None:
         args.eager_models = args.generate_models
@@ -120,6 +124,22 @@ def main() -> int:
             print(name, key, json.dumps(row.get(key), default=str), f"[{time.time() - t0:.0f}s]", flush=True)
         del model
         torch.cuda.empty_cache()
+    names = [n for n in args.eager_interleaved.split(",") if n]
+    if names:
+        import statistics
+
+        models = {n: infer.build(None if n == "dense" else n, DTYPE, infer.SHAPE) for n in names}
+        runs: dict = {n: [] for n in names}
+        for r in range(args.eager_rounds):
+            for n in names[r % len(names):] + names[:r % len(names)]:
+                runs[n].append(infer.generate_tps(models[n], 1, 32, False, "", "", 1)["tokens_per_s"])
+            print("eager round", r, {n: round(v[-1], 1) for n, v in runs.items()}, flush=True)
+        med = {n: statistics.median(v) for n, v in runs.items()}
+        rep["eager_interleaved"] = {n: {"tokens_per_s": runs[n], "median": med[n],
+                                        "vs_dense": med[n] / med["dense"] if "dense" in med else None}
+                                    for n in names}
+        del models
+        save()
     save()
     print(f"wrote {path}")
     return 0

@@ -141,24 +141,37 @@ class SiblingGroup:
             return False
         return dispatch._OPS[self.op][0](flat, *self._factors(member)) == "decode"
 
-    def _plan(self, member: StructuredLinear, flat: Tensor) -> Callable[[Tensor], Tensor] | None:
+    def _planned(self, flat: Tensor) -> Callable[[Tensor], Tensor]:
+        """The group product for this input's shape with the decode kernels' plan made once (tile plans, grids,
+        constants), as a member's own inference plan keeps it: eager few-token calls are host-bound."""
+        from .kernels import decode
+
+        if self.op == "dense":
+            return self._call()
+        args = (len(self.members),) if self.op == "blockdiag" else ()
+        args += (self.members[0].n, self.members[0].m) if self.op == "nm" else ()
+        operands = (*self.stacks, *args)
+        run = decode.PLANS[self.op](flat, *operands)
+        return lambda x: run(x, *operands)
+
+    def _plan(self, member: StructuredLinear, x: Tensor, key: tuple) -> Callable[[Tensor], Tensor] | None:
+        """Eager: the group's call for inputs like ``x`` (None: the members' own paths), made once per key."""
         from .kernels import dispatch
 
-        capturing = flat.is_cuda and torch.cuda.is_current_stream_capturing()
-        key = (flat.shape, flat.dtype, flat.device, PLAN_EPOCH[0], capturing, dispatch._GRAPHED[0])
-        if key in self._plans:
-            return self._plans[key]
-        run = self._call() if self._takes_decode(member, flat) else None
-        if run is not None and flat.is_cuda and not capturing:
-            run(flat)  # compile and load the kernels now, never first inside a CUDA-graph capture
-        if flat.is_cuda and not capturing:
-            dispatch._GRAPHED[0] = True  # what a captured call would take: ready it as well
-            try:
-                graphed = self._takes_decode(member, flat)
-            finally:
-                dispatch._GRAPHED[0] = None
-            if graphed:
-                self._call()(flat)
+        flat = x.reshape(-1, member.in_features)
+        run = None
+        if flat.shape[0] <= dispatch.DECODE_MAX_TOKENS and not (x.is_cuda and torch.is_autocast_enabled("cuda")):
+            run = self._planned(flat) if self._takes_decode(member, flat) else None
+            if flat.is_cuda and not key[-2]:  # (not capturing) compile and load the kernels now, never in a capture
+                if run is not None:
+                    run(flat)
+                dispatch._GRAPHED[0] = True  # what a captured call would take: ready it as well
+                try:
+                    graphed = self._takes_decode(member, flat)
+                finally:
+                    dispatch._GRAPHED[0] = None
+                if graphed:
+                    self._planned(flat)(flat)
         if len(self._plans) < 64:
             self._plans[key] = run
         return run
@@ -166,49 +179,50 @@ class SiblingGroup:
     def output(self, member: StructuredLinear, index: int, x: Tensor) -> Tensor | None:
         """Member ``index``'s output for ``x`` (its weight only, (tokens, out)), or None: the member runs its own
         path."""
-        from .kernels import dispatch
-
         if torch.is_grad_enabled() and (x.requires_grad or any(
                 isinstance(f, Tensor) and f.requires_grad for f in self._factors(member))):
             return None
-        flat = x if x.dim() == 2 else x.reshape(-1, member.in_features)
-        if flat.shape[0] > dispatch.DECODE_MAX_TOKENS or (flat.is_cuda and torch.is_autocast_enabled("cuda")):
-            return None
         lo = index * self.out
         if torch.compiler.is_compiling():
-            # Traced: the same bookkeeping on trace-time attributes (dynamo tracks the mutation and compares traced
-            # tensors by identity), so the graph holds one call per group; it ends with them cleared.
-            if not self._takes_decode(member, flat):
-                return None
-            if self._traced_x is x and self._traced_pending > 0:
-                y = self._traced_y
-                self._traced_pending -= 1
-            else:
-                y = self._call()(flat)
-                self._traced_x, self._traced_y, self._traced_pending = x, y, len(self.members) - 1
-            if self._traced_pending == 0:
-                self._traced_x = self._traced_y = None
-            return y[:, lo:lo + self.out]
+            return self._traced(member, x, lo)
+        # eager: every check below is host time paid per member and token, so the cheap ones come first
         version = -2 if x.is_inference() else x._version  # (inference tensors keep no version counter)
-        if self._x is x and self._x_version == version and self._pending > 0:
+        if self._pending > 0 and self._x is x and self._x_version == version:
             y = self._y
             self._pending -= 1
         else:
-            run = self._plan(member, flat)
+            from .kernels import dispatch
+
+            key = (x.shape, x.dtype, x.device, PLAN_EPOCH[0], torch.is_autocast_enabled("cuda"),
+                   x.is_cuda and torch.cuda.is_current_stream_capturing(), dispatch._GRAPHED[0])
+            run = self._plans[key] if key in self._plans else self._plan(member, x, key)
             if run is None:
                 return None
-            y = run(flat)
+            y = run(x.reshape(-1, member.in_features))
             self._x, self._x_version, self._y, self._pending = x, version, y, len(self.members) - 1
         if self._pending == 0:
             self._forget()  # (every member has its slice: nothing of this step stays alive)
         return y[:, lo:lo + self.out]
 
+    def _traced(self, member: StructuredLinear, x: Tensor, lo: int) -> Tensor | None:
+        """Under torch.compile: the same bookkeeping on trace-time attributes (dynamo tracks the mutation and
+        compares traced tensors by identity), so the graph holds one call per group; it ends with them cleared."""
+        from .kernels import dispatch
 
-def dissolve(layer: nn.Module) -> None:
-    """Called where a member's tensors may be replaced (see StructuredLinear._apply / __setattr__ / load)."""
-    entry = layer.__dict__.get("_sibling_group")
-    if entry is not None:
-        entry[0].dissolve()
+        flat = x if x.dim() == 2 else x.reshape(-1, member.in_features)
+        if flat.shape[0] > dispatch.DECODE_MAX_TOKENS or (flat.is_cuda and torch.is_autocast_enabled("cuda")):
+            return None
+        if not self._takes_decode(member, flat):
+            return None
+        if self._traced_x is x and self._traced_pending > 0:
+            y = self._traced_y
+            self._traced_pending -= 1
+        else:
+            y = self._call()(flat)
+            self._traced_x, self._traced_y, self._traced_pending = x, y, len(self.members) - 1
+        if self._traced_pending == 0:
+            self._traced_x = self._traced_y = None
+        return y[:, lo:lo + self.out]
 
 
 def _groups_in(model: nn.Module, names: Iterable[tuple[str, ...]]) -> list[list[StructuredLinear]]:
