@@ -81,6 +81,28 @@ def test_one_launch_decode_compiles_for_sm90_without_spills(gpu_plans, dtype):
             assert shared <= SMEM_BYTES and stack == 0, (name, t, spin, plan, shared, stack)
 
 
+# the fused siblings' products (structmat.fuse_siblings): low-rank q/k/v and gate/up, Monarch gate/up
+GROUP_SHAPES = {"lowrank-qkv": (1, 1536, 2048, 3, 2048, 512), "lowrank-gate-up": (1, 1632, 2048, 2, 8192, 816),
+                "monarch-gate-up": (4, 1600, 512, 8, 2048, 800)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_pdl_two_launch_decode_compiles_for_sm90_without_spills(gpu_plans, dtype):
+    """The programmatic-dependent-launch pair (stage 1 lets stage 2 start; stage 2 waits with griddepcontrol.wait)
+    at the bench shapes and the fused siblings' shapes, with the launch option it is launched with."""
+    t = TYPE[dtype]
+    for name, shape in {**FUSED_SHAPES, **GROUP_SHAPES}.items():
+        plan = TD.plan_fused(*shape, False)
+        one = compile_sm90(TD._pdl_stage1, {"X": f"*{t}", "W1": f"*{t}", "T": "*fp32"},
+                           {**{k: plan[k] for k in ("S1", "K1_ITERS", "BM1", "BK1")}, "PDL": True},
+                           num_warps=plan["num_warps"], num_stages=1)
+        two = compile_sm90(TD._pdl_stage2, {"T": "*fp32", "W2": f"*{t}", "Y": f"*{t}"},
+                           {**{k: plan[k] for k in ("S1", "K2_ITERS", "BM2", "BK2")}, "WAIT": 1},
+                           num_warps=plan["num_warps"], num_stages=1, launch_pdl=True)
+        for shared, stack in (one, two):
+            assert shared <= SMEM_BYTES and stack == 0, (name, t, plan, shared, stack)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gemv_decode_compiles_for_sm90_and_fits_shared_memory(gpu_plans, dtype):
     """The gemv kernel (block-diagonal, Monarch's and low-rank's two-launch stages) at 1, 16 and 64 tokens, with the

@@ -280,6 +280,9 @@ def _interpret_report() -> dict:
         _triton_decode.FUSED_META["SPIN_LOAD"] = True  # (stage 2 polling by volatile loads: the other form)
         report["decode_fused_spin_load"] = decode_errors("cpu", torch.float32, two_stage, (1,))
         _triton_decode.FUSED_META["SPIN_LOAD"] = False
+        _triton_decode.PDL[0] = True  # (the PDL-joined two-launch form of the same tiles)
+        report["decode_pdl"] = decode_errors("cpu", torch.float32, two_stage, (1,))
+        _triton_decode.PDL[0] = False
         _triton_decode.INTERPRET = False
         report["decode_fused_gpu_plans"] = decode_errors("cpu", torch.float32, two_stage, (1,))
     finally:
@@ -380,9 +383,9 @@ def test_decode_kernels_match_reference_interpreter(interpret_report):
 
 
 def test_fused_two_stage_decode_matches_reference_interpreter(interpret_report):
-    """The one-launch low-rank / Monarch kernel at one token (interpreter and GPU tile plans) and the two-launch form
-    it replaces both give the reference's sums; every call left the stage counters at zero for the next one."""
-    for key in ("decode_fused", "decode_fused_spin_load", "decode_fused_gpu_plans", "decode_two_launch"):
+    """The one-launch low-rank / Monarch kernel at one token (interpreter and GPU tile plans), its PDL-joined
+    two-launch form, and the two-launch form it replaces all give the reference's sums; every call left the stage counters at zero for the next one."""
+    for key in ("decode_fused", "decode_fused_spin_load", "decode_pdl", "decode_fused_gpu_plans", "decode_two_launch"):
         errs = interpret_report[key]
         assert errs and all(k.startswith(("monarch", "lowrank")) for k in errs), errs
         bad = {k: v for k, v in errs.items() if not v <= TOL["float32"]}

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 MAX_TOKENS = 64  # the kernels keep all tokens in one tile
@@ -105,22 +106,27 @@ def _fused_stage1(X, W1, T, M1, K1, M1_BLOCKS, tile, s_xg, s_xk, s_w1g, s_w1m, s
 @triton.jit
 def _fused_stage2(T, W2, Y, SYNC, M2, K2, M2_BLOCKS, P1, tile, s_ts, s_ag, s_ak, s_w2g, s_w2m, s_w2k, s_yg, s_ym,
                   S1: tl.constexpr, K2_ITERS: tl.constexpr, BM2: tl.constexpr, BK2: tl.constexpr,
-                  SPIN_LOAD: tl.constexpr):
-    """Stage-2 tile ``tile``: load the first weight tile, wait for the P1 stage-1 arrivals, then Y[g][m] =
+                  SPIN_LOAD: tl.constexpr, WAIT: tl.constexpr):
+    """Stage-2 tile ``tile``: load the first weight tile, wait for stage 1, then Y[g][m] =
     round(sum_split T[split][g]) . W2[g][m, :] (the partials rounded once to the weight's dtype, as the reference
-    rounds its intermediate; read with .cg, straight from L2 where stage 1 stored them)."""
+    rounds its intermediate; read with .cg, straight from L2 where stage 1 stored them). WAIT: 0 the P1 arrivals on
+    SYNC (one grid), 1 the stage-1 grid's completion (programmatic dependent launch: ``gdc_wait``), 2 nothing (a
+    plain second launch, the interpreter's form of 1)."""
     g = (tile // M2_BLOCKS).to(tl.int64)
     offs_m = (tile % M2_BLOCKS) * BM2 + tl.arange(0, BM2)
     rows = W2 + g * s_w2g + (offs_m % M2)[:, None] * s_w2m
     offs_k = tl.arange(0, BK2)
     w_first = tl.load(rows + offs_k[None, :] * s_w2k, mask=(offs_k < K2)[None, :], other=0.0)
-    if SPIN_LOAD:  # poll with plain volatile loads (no atomic traffic on the counter), then one acquire
-        while tl.load(SYNC + 1, volatile=True) < P1:
-            pass
-        tl.atomic_add(SYNC + 1, 0, sem="acquire")
-    else:
-        while tl.atomic_add(SYNC + 1, 0, sem="acquire") < P1:
-            pass
+    if WAIT == 1:
+        gdc_wait()
+    elif WAIT == 0:
+        if SPIN_LOAD:  # poll with plain volatile loads (no atomic traffic on the counter), then one acquire
+            while tl.load(SYNC + 1, volatile=True) < P1:
+                pass
+            tl.atomic_add(SYNC + 1, 0, sem="acquire")
+        else:
+            while tl.atomic_add(SYNC + 1, 0, sem="acquire") < P1:
+                pass
     acc = tl.zeros((BM2,), dtype=tl.float32)
     for i in tl.static_range(K2_ITERS):
         offs_k = i * BK2 + tl.arange(0, BK2)
@@ -160,11 +166,31 @@ def _decode_fused(X, W1, T, W2, Y, SYNC, M1, K1, M1_BLOCKS, P1, M2, K2, M2_BLOCK
         tl.atomic_add(SYNC + 1, 1, sem="release")
     else:
         _fused_stage2(T, W2, Y, SYNC, M2, K2, M2_BLOCKS, P1, ticket - P1, s_ts, s_ag, s_ak, s_w2g, s_w2m, s_w2k,
-                      s_yg, s_ym, S1, K2_ITERS, BM2, BK2, SPIN_LOAD)
+                      s_yg, s_ym, S1, K2_ITERS, BM2, BK2, SPIN_LOAD, 0)
         if tl.atomic_add(SYNC + 2, 1) == P2 - 1:  # the last program: every ticket was taken, every arrival seen
             tl.atomic_xchg(SYNC, 0)
             tl.atomic_xchg(SYNC + 1, 0)
             tl.atomic_xchg(SYNC + 2, 0)
+
+
+@triton.jit
+def _pdl_stage1(X, W1, T, M1, K1, M1_BLOCKS, s_xg, s_xk, s_w1g, s_w1m, s_w1k, s_ts, s_tg, s_tm, s_tchunk, CHUNK1,
+                S1: tl.constexpr, K1_ITERS: tl.constexpr, BM1: tl.constexpr, BK1: tl.constexpr, PDL: tl.constexpr):
+    """Stage 1 of the two-launch form with programmatic dependent launch: each program lets the stage-2 grid start
+    (its programs load their weight tiles while this grid runs), then computes its tile as ``_fused_stage1``."""
+    if PDL:
+        gdc_launch_dependents()
+    _fused_stage1(X, W1, T, M1, K1, M1_BLOCKS, tl.program_id(0), s_xg, s_xk, s_w1g, s_w1m, s_w1k, s_ts, s_tg, s_tm,
+                  s_tchunk, CHUNK1, S1, K1_ITERS, BM1, BK1)
+
+
+@triton.jit
+def _pdl_stage2(T, W2, Y, M2, K2, M2_BLOCKS, s_ts, s_ag, s_ak, s_w2g, s_w2m, s_w2k, s_yg, s_ym,
+                S1: tl.constexpr, K2_ITERS: tl.constexpr, BM2: tl.constexpr, BK2: tl.constexpr, WAIT: tl.constexpr):
+    """Stage 2 of that form: ``_fused_stage2`` waiting on the stage-1 grid's completion (WAIT 1; 2 in the
+    interpreter, whose launches run one after the other) instead of counters."""
+    _fused_stage2(T, W2, Y, T, M2, K2, M2_BLOCKS, 0, tl.program_id(0), s_ts, s_ag, s_ak, s_w2g, s_w2m, s_w2k, s_yg,
+                  s_ym, S1, K2_ITERS, BM2, BK2, False, WAIT)
 
 
 @triton.jit
@@ -391,6 +417,36 @@ def sync_buffer(device: torch.device) -> Tensor | None:
             return None
         buf = _SYNC[key] = torch.zeros(4, dtype=torch.int32, device=device)
     return buf
+
+
+#: The one-token two-stage product as two launches joined by programmatic dependent launch (Hopper and later:
+#: the stage-2 grid starts while stage 1 runs and waits for its completion with ``griddepcontrol.wait``; no counters,
+#: so it is also taken inside a CUDA-graph capture) instead of the one-grid ticket form. Off until measured faster.
+PDL = [os.environ.get("STRUCTMAT_PDL_DECODE", "0") not in ("", "0")]
+
+
+def pdl_ok(device: torch.device) -> bool:
+    return PDL[0] and (INTERPRET or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9))
+
+
+def pdl_launcher(plan: dict, m1: int, k1: int, m2: int, k2: int, chunk1: int = 0):
+    """The same product and arguments as :func:`fused_launcher` (less the counters), as two PDL-joined launches."""
+    pdl = not INTERPRET
+    stage1 = _pdl_stage1[(plan["P1"],)]
+    stage2 = _pdl_stage2[(plan["P2"],)]
+    meta1 = {k: plan[k] for k in ("S1", "K1_ITERS", "BM1", "BK1")}
+    meta2 = {k: plan[k] for k in ("S1", "K2_ITERS", "BM2", "BK2")}
+    warps = plan["num_warps"]
+    extra = {"launch_pdl": True} if pdl else {}
+
+    def launch(x: Tensor, xs: tuple, w1: Tensor, w1s: tuple, t: Tensor, ts: tuple, w2: Tensor, w2s: tuple, as_: tuple,
+               y: Tensor, ys: tuple, sync: Tensor | None = None) -> None:
+        stage1(x, w1, t, m1, k1, plan["M1_BLOCKS"], *xs, *w1s, *ts, chunk1, **meta1, PDL=pdl, num_warps=warps,
+               num_stages=1)
+        stage2(t, w2, y, m2, k2, plan["M2_BLOCKS"], ts[0], *as_, *w2s, *ys, **meta2, WAIT=1 if pdl else 2,
+               num_warps=warps, num_stages=1, **extra)
+
+    return launch
 
 
 def fused_launcher(plan: dict, m1: int, k1: int, m2: int, k2: int, chunk1: int = 0):

@@ -22,8 +22,8 @@ from torch import Tensor
 
 from . import ops as _ops
 from . import _triton_decode
-from ._triton_decode import (MAX_TOKENS, fused_launcher, fused_ok, gemv_launcher, nm_launcher, plan_fused, plan_gemv,
-                             sync_buffer)
+from ._triton_decode import (MAX_TOKENS, fused_launcher, fused_ok, gemv_launcher, nm_launcher, pdl_launcher, pdl_ok,
+                             plan_fused, plan_gemv, sync_buffer)
 
 __all__ = ["MAX_TOKENS", "blockdiag", "lowrank", "monarch", "nm"]
 
@@ -41,14 +41,18 @@ def _empty(shape: tuple, like: Tensor, dtype: torch.dtype | None = None) -> Tens
 
 
 def _fused_plan(x: Tensor, g1: int, m1: int, k1: int, g2: int, m2: int, k2: int):
-    """(plan, sync buffer) of the one-launch kernel for these sizes, or None where it does not apply (more than one
-    token, switched off, a stage-2 reduction too long, or first met inside a CUDA graph capture: ``sync_buffer``)."""
+    """(plan, sync buffer, launcher) of the one-token product with overlapped stages for these sizes, or None where it
+    does not apply (more than one token, switched off, a stage-2 reduction too long, or the one-grid form first met
+    inside a CUDA graph capture: ``sync_buffer``). The launcher: the PDL pair where ``pdl_ok``, else the one grid."""
     if not fused_ok(x.shape[0], k2):
         return None
+    plan = plan_fused(g1, m1, k1, g2, m2, k2, _triton_decode.INTERPRET)
+    if pdl_ok(x.device):
+        return plan, None, pdl_launcher
     sync = sync_buffer(x.device)
     if sync is None:
         return None
-    return plan_fused(g1, m1, k1, g2, m2, k2, _triton_decode.INTERPRET), sync
+    return plan, sync, fused_launcher
 
 
 def lowrank_plan(x: Tensor, U: Tensor, V: Tensor):
@@ -60,8 +64,8 @@ def lowrank_plan(x: Tensor, U: Tensor, V: Tensor):
     gr = V.shape[0]  # stage 1 is one (g*r, in) product; stage 2 group j reads its r columns of it
     fused = _fused_plan(x, 1, gr, k, g, out, r)
     if fused is not None:  # one launch: t = x V^T (split-K fp32 partials), then y = t U^T
-        plan, sync = fused
-        launch = fused_launcher(plan, gr, k, out, r)
+        plan, sync, launcher = fused
+        launch = launcher(plan, gr, k, out, r)
         t_shape = (plan["S1"], gr)
 
         def run_fused(x: Tensor, U: Tensor, V: Tensor) -> Tensor:
@@ -116,8 +120,8 @@ def monarch_plan(x: Tensor, R: Tensor, L: Tensor):
     nbytes = (R.numel() + L.numel()) * R.element_size()
     fused = _fused_plan(x, b, m1, p, g2, u, bc) if nbytes >= _triton_decode.MONARCH_FUSED_MIN_BYTES else None
     if fused is not None:  # one launch: stage 1 stores the permuted intermediate's partials, stage 2 sums them
-        plan, sync = fused
-        launch = fused_launcher(plan, m1, p, u, bc, chunk1=c)
+        plan, sync, launcher = fused
+        launch = launcher(plan, m1, p, u, bc, chunk1=c)
         h_shape = (plan["S1"], g2 * bc)
 
         def run_fused(x: Tensor, R: Tensor, L: Tensor) -> Tensor:
