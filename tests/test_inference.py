@@ -272,22 +272,23 @@ def _interpret_report() -> dict:
     # the one-launch two-stage kernel at one token for every two-stage shape (Monarch takes it only from
     # MONARCH_FUSED_MIN_BYTES of weight: lowered here so the tests' small Monarchs take it too), with both plans;
     # and the two-launch form at one token (the fused kernel switched off)
-    saved = _triton_decode.MONARCH_FUSED_MIN_BYTES
+    saved = _triton_decode.MONARCH_FUSED_MIN_BYTES, _triton_decode.PDL[0]
     _triton_decode.MONARCH_FUSED_MIN_BYTES = 0
+    _triton_decode.PDL[0] = False  # the one grid first (where the GPU has no programmatic dependent launch)
     try:
         two_stage = {k: v for k, v in DECODE_SHAPES.items() if k.startswith(("monarch", "lowrank"))}
         report["decode_fused"] = decode_errors("cpu", torch.float32, two_stage, (1,))
         _triton_decode.FUSED_META["SPIN_LOAD"] = True  # (stage 2 polling by volatile loads: the other form)
         report["decode_fused_spin_load"] = decode_errors("cpu", torch.float32, two_stage, (1,))
         _triton_decode.FUSED_META["SPIN_LOAD"] = False
-        _triton_decode.PDL[0] = True  # (the PDL-joined two-launch form of the same tiles)
-        report["decode_pdl"] = decode_errors("cpu", torch.float32, two_stage, (1,))
-        _triton_decode.PDL[0] = False
         _triton_decode.INTERPRET = False
         report["decode_fused_gpu_plans"] = decode_errors("cpu", torch.float32, two_stage, (1,))
+        _triton_decode.INTERPRET = True
+        _triton_decode.PDL[0] = True  # (the PDL-joined two-launch form of the same tiles: the default on Hopper)
+        report["decode_pdl"] = decode_errors("cpu", torch.float32, two_stage, (1,))
     finally:
         _triton_decode.INTERPRET = True
-        _triton_decode.MONARCH_FUSED_MIN_BYTES = saved
+        _triton_decode.MONARCH_FUSED_MIN_BYTES, _triton_decode.PDL[0] = saved
     _triton_decode.FUSED[0] = False
     try:
         report["decode_two_launch"] = decode_errors("cpu", torch.float32, two_stage, (1,))
@@ -446,7 +447,8 @@ def test_decode_kernels_match_reference_gpu(dtype):
 
 
 @pytest.mark.gpu
-def test_fused_decode_repeats_bit_for_bit_gpu():
+@pytest.mark.parametrize("pdl", [True, False])
+def test_fused_decode_repeats_bit_for_bit_gpu(pdl, monkeypatch):
     """The one-launch two-stage kernels synchronize their stages through counters that each call's last program resets:
     a race (a stage-2 tile reading partials before they are written) or a counter left dirty would show as a call
     whose output differs from the first. Hundreds of back-to-back calls, eager and replayed from a CUDA graph, for
@@ -454,6 +456,7 @@ def test_fused_decode_repeats_bit_for_bit_gpu():
     from structmat.kernels import _triton_decode, decode
 
     assert _triton_decode.FUSED[0]
+    monkeypatch.setitem(_triton_decode.PDL, 0, pdl)  # the PDL pair (Hopper default) and the one grid
     torch.manual_seed(0)
     dev, dt = "cuda", torch.bfloat16
     cases = {"lowrank": (lambda n: torch.randn(n, 8192, device=dev, dtype=dt),

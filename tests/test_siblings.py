@@ -326,14 +326,15 @@ class Block(nn.Module):
 @pytest.mark.parametrize("spec", ["lowrank:ratio=0.5", "monarch:nblocks=4,ratio=0.5", "blockdiag:nblocks=4",
                                   "nm:n=2,m=4", "dense"])
 def test_fused_siblings_match_reference_gpu(spec):
-    """bf16 at the bench shape, 1-64 tokens, eager and replayed from a CUDA graph: every member's slice of the group
-    product against float64 (bf16 tolerance, as the decode kernels' GPU test)."""
+    """bf16 at the bench shape, 1-64 tokens (the group product: every member's slice) and 300 (each member's own
+    path on its strided view of the stacks), eager and replayed from a CUDA graph, against float64 (bf16 tolerance,
+    as the decode kernels' GPU test)."""
     torch.manual_seed(0)
     model = Block(spec).eval()
     dense = [m.to_dense().double() for m in (model.q_proj, model.k_proj, model.v_proj, model.gate_proj, model.up_proj)]
     groups = structmat.fuse_siblings(model)
     assert sorted(len(g.members) for g in groups) == [2, 3]
-    for n in (1, 4, 16, 64):
+    for n in (1, 4, 16, 64, 300):  # (300: each member's own many-token path, on factors that are views of stacks)
         x = torch.randn(1, n, 2048, device="cuda", dtype=torch.bfloat16)
         refs = [x.double() @ w.T for w in dense]
         with torch.no_grad():

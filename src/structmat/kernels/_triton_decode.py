@@ -421,8 +421,13 @@ def sync_buffer(device: torch.device) -> Tensor | None:
 
 #: The one-token two-stage product as two launches joined by programmatic dependent launch (Hopper and later:
 #: the stage-2 grid starts while stage 1 runs and waits for its completion with ``griddepcontrol.wait``; no counters,
-#: so it is also taken inside a CUDA-graph capture) instead of the one-grid ticket form. Off until measured faster.
-PDL = [os.environ.get("STRUCTMAT_PDL_DECODE", "0") not in ("", "0")]
+#: so it is also taken inside a CUDA-graph capture) instead of the one-grid ticket form, where the GPU has it
+#: (``STRUCTMAT_PDL_DECODE=0`` turns it off). Measured on the H200 at one token, cold (decode-groups-20261203T232911Z
+#: / -232921Z.json): low-rank 5.9 / 14.0 / 4.5 / 8.6 us against the one grid's 11.2 / 19.8 / 8.0 / 13.0 us (fused
+#: q/k/v, fused gate/up, o, down of the bench shape), Monarch 6.5 / 13.2 / - / 8.3 against 11.0 / 17.7 / - / 12.8.
+PDL = [os.environ.get("STRUCTMAT_PDL_DECODE", "1") not in ("", "0")]
+#: Monarch takes the PDL pair from this many weight bytes (the one grid only from MONARCH_FUSED_MIN_BYTES)
+MONARCH_PDL_MIN_BYTES = 0
 
 
 def pdl_ok(device: torch.device) -> bool:

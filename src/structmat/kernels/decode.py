@@ -6,9 +6,10 @@ graphs capture them; inference only (no autograd: dispatch sends a call here onl
   ``structmat::decode_blockdiag(x, W)``       one launch over (block, row block)
   ``structmat::decode_monarch(x, R, L)``      stage 1 writes the permuted intermediate (fp32 split-K partials, in
                                               the order stage 2 reads), stage 2 sums them on load
-At one token, low-rank (and Monarch from MONARCH_FUSED_MIN_BYTES of weight) is ONE launch
-(``_triton_decode._decode_fused``): both stages share one grid, the second stage's tiles loading their weight while
-the first runs. Above one token, below that size, with ``STRUCTMAT_FUSED_DECODE=0`` or a stage-2 reduction above
+At one token, low-rank and Monarch overlap their stages: on Hopper and later as two launches joined by programmatic
+dependent launch (``_triton_decode.pdl_launcher``: the stage-2 grid loads its weight while stage 1 runs, then waits
+for it), elsewhere as ONE launch (``_triton_decode._decode_fused``, Monarch from MONARCH_FUSED_MIN_BYTES of weight):
+both stages share one grid, the second stage's tiles loading their weight while the first runs. Above one token, below that size, with ``STRUCTMAT_FUSED_DECODE=0`` or a stage-2 reduction above
 ``FUSED_MAX_K2``: the two-launch form.
 
 Each weight byte is read from HBM once; the intermediates (tokens x rank or tokens x in) are tiny. Eager calls run
@@ -118,7 +119,8 @@ def monarch_plan(x: Tensor, R: Tensor, L: Tensor):
     g2, u, bc = L.shape  # g2 = g*b stage-2 groups of (u, b*c)
     c, n = bc // b, x.shape[0]
     nbytes = (R.numel() + L.numel()) * R.element_size()
-    fused = _fused_plan(x, b, m1, p, g2, u, bc) if nbytes >= _triton_decode.MONARCH_FUSED_MIN_BYTES else None
+    least = _triton_decode.MONARCH_PDL_MIN_BYTES if pdl_ok(x.device) else _triton_decode.MONARCH_FUSED_MIN_BYTES
+    fused = _fused_plan(x, b, m1, p, g2, u, bc) if nbytes >= least else None
     if fused is not None:  # one launch: stage 1 stores the permuted intermediate's partials, stage 2 sums them
         plan, sync, launcher = fused
         launch = launcher(plan, m1, p, u, bc, chunk1=c)

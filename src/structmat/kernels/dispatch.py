@@ -215,6 +215,10 @@ FEW_TOKEN_COST = {
 #: the same way (decode-layers-20261203T174120Z.json). Low-rank takes it at every size; Monarch from
 #: _triton_decode.MONARCH_FUSED_MIN_BYTES (the crossover with the two-launch fit above), so its cost is the lower one.
 FUSED_ONE_TOKEN_COST = {"lowrank": (6.6, 2920.0), "monarch": (6.5, 2780.0)}
+#: The same product as the PDL-joined pair (_triton_decode.PDL, Hopper and later), fitted to the fused siblings' and
+#: single layers' products of the bench shape (decode-groups-20261203T232921Z.json: low-rank 4.2-33.4 MB in
+#: 4.5-14.0 us, Monarch 12.6-32.6 MB in 6.5-13.2 us)
+PDL_ONE_TOKEN_COST = {"lowrank": (3.1, 3070.0), "monarch": (2.3, 2980.0)}
 FP32_TRITON_MONARCH_EFF = 0.08  # IEEE fp32 dots in the Triton kernel measured far below cuBLAS's fp32 path
 
 
@@ -245,7 +249,8 @@ def device_us(op: str, backend: str, flops: float, nbytes: float, dtype: torch.d
     few = None if training else FEW_TOKEN_COST.get((op, backend))
     if few is not None:
         us = max(flop_us, nbytes / (few[2] * 1e3)) + (few[0] if tokens <= 1 else few[1])
-        fused = FUSED_ONE_TOKEN_COST.get(op) if backend == "decode" and tokens <= 1 else None
+        table = PDL_ONE_TOKEN_COST if _pdl_enabled() else FUSED_ONE_TOKEN_COST
+        fused = table.get(op) if backend == "decode" and tokens <= 1 else None
         if fused is not None and _fused_enabled():
             one = max(flop_us, nbytes / (fused[1] * 1e3)) + fused[0]
             us = min(us, one)  # (the plan takes whichever form is cheaper: low-rank's fused form always is)
@@ -256,6 +261,12 @@ def device_us(op: str, backend: str, flops: float, nbytes: float, dtype: torch.d
 
 def _fused_enabled() -> bool:
     return decode is not None and decode._triton_decode.FUSED[0]
+
+
+def _pdl_enabled() -> bool:
+    """The PDL pair is on (where the GPU has it: the cost model does not see the device; older GPUs take the one
+    grid, whose cost is higher, so a choice made with these numbers may be optimistic there)."""
+    return _fused_enabled() and decode._triton_decode.PDL[0]
 
 
 def choose(op: str, n: int, in_features: int, out_features: int, struct_flops: float, struct_bytes: float,
