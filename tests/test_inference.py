@@ -448,15 +448,25 @@ def test_decode_kernels_match_reference_gpu(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("pdl", [True, False])
-def test_fused_decode_repeats_bit_for_bit_gpu(pdl, monkeypatch):
+def test_fused_decode_repeats_bit_for_bit_gpu(pdl):
     """The one-launch two-stage kernels synchronize their stages through counters that each call's last program resets:
     a race (a stage-2 tile reading partials before they are written) or a counter left dirty would show as a call
     whose output differs from the first. Hundreds of back-to-back calls, eager and replayed from a CUDA graph, for
-    low-rank and Monarch at 1 and 16 tokens, must all equal the first bit for bit."""
-    from structmat.kernels import _triton_decode, decode
+    low-rank and Monarch at 1 and 16 tokens, must all equal the first bit for bit. Both one-token forms: the PDL pair
+    (stage 2 waits on stage 1's completion) and the one grid."""
+    from structmat.kernels import _triton_decode
 
     assert _triton_decode.FUSED[0]
-    monkeypatch.setitem(_triton_decode.PDL, 0, pdl)  # the PDL pair (Hopper default) and the one grid
+    saved, _triton_decode.PDL[0] = _triton_decode.PDL[0], pdl  # the PDL pair (Hopper default) and the one grid
+    try:
+        _repeats_bit_for_bit()
+    finally:
+        _triton_decode.PDL[0] = saved
+
+
+def _repeats_bit_for_bit():
+    from structmat.kernels import decode
+
     torch.manual_seed(0)
     dev, dt = "cuda", torch.bfloat16
     cases = {"lowrank": (lambda n: torch.randn(n, 8192, device=dev, dtype=dt),
