@@ -28,6 +28,7 @@ import _common  # noqa: F401  (puts src/ on the path)
 import torch
 import torch.nn.functional as F
 from decode_layers import COLD_BYTES, cycle, graph_us
+from decode_layers import variant as apply
 
 DTYPE = torch.bfloat16
 DEVICE = "cuda"
@@ -39,26 +40,6 @@ VARIANTS = {"base": {}, "tile4k": dict(FUSED_TILE=4096), "tile16k": dict(FUSED_T
             "w8": dict(FUSED_WARPS=8), "w2": dict(FUSED_WARPS=2), "splits4": dict(FUSED_MAX_SPLITS=4),
             "splits16": dict(FUSED_MAX_SPLITS=16), "st2": dict(num_stages=2),
             "tile16k-w8": dict(FUSED_TILE=16384, FUSED_WARPS=8)}
-
-
-def apply(settings: dict):
-    """Set a VARIANTS entry on the decode kernels' module; returns the undo."""
-    from structmat.kernels import _triton_decode as TD
-
-    saved = (TD.FUSED_TILE[0], TD.FUSED_WARPS[0], TD.FUSED_MAX_SPLITS[0], dict(TD.FUSED_META))
-    TD.FUSED_TILE[0] = settings.get("FUSED_TILE", saved[0])
-    TD.FUSED_WARPS[0] = settings.get("FUSED_WARPS", saved[1])
-    TD.FUSED_MAX_SPLITS[0] = settings.get("FUSED_MAX_SPLITS", saved[2])
-    TD.FUSED_META.update({k: v for k, v in settings.items() if k == "num_stages"})
-    TD.plan_fused.cache_clear()
-
-    def undo():
-        TD.FUSED_TILE[0], TD.FUSED_WARPS[0], TD.FUSED_MAX_SPLITS[0] = saved[:3]
-        TD.FUSED_META.clear()
-        TD.FUSED_META.update(saved[3])
-        TD.plan_fused.cache_clear()
-
-    return undo
 
 
 class Siblings(torch.nn.Module):

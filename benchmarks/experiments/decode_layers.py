@@ -121,7 +121,8 @@ def variant(settings: dict):
     """Apply a VARIANTS entry to the decode kernels' module; returns the undo."""
     from structmat.kernels import _triton_decode as TD
 
-    saved = (TD.FUSED[0], TD.FUSED_TILE[0], TD.FUSED_WARPS[0], dict(TD.FUSED_META))
+    saved = (TD.FUSED[0], TD.FUSED_TILE[0], TD.FUSED_WARPS[0], dict(TD.FUSED_META), TD.FUSED_MAX_SPLITS[0])
+    TD.FUSED_MAX_SPLITS[0] = settings.get("FUSED_MAX_SPLITS", TD.FUSED_MAX_SPLITS[0])
     TD.FUSED[0] = settings.get("FUSED", TD.FUSED[0])
     TD.FUSED_TILE[0] = settings.get("FUSED_TILE", TD.FUSED_TILE[0])
     TD.FUSED_WARPS[0] = settings.get("FUSED_WARPS", TD.FUSED_WARPS[0])
@@ -130,6 +131,7 @@ def variant(settings: dict):
 
     def undo():
         TD.FUSED[0], TD.FUSED_TILE[0], TD.FUSED_WARPS[0] = saved[:3]
+        TD.FUSED_MAX_SPLITS[0] = saved[4]
         TD.FUSED_META.clear()
         TD.FUSED_META.update(saved[3])
         TD.plan_fused.cache_clear()
