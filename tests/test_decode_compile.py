@@ -75,10 +75,10 @@ def test_one_launch_decode_compiles_for_sm90_without_spills(gpu_plans, dtype):
     for name, shape in FUSED_SHAPES.items():
         plan = TD.plan_fused(*shape, False)
         constexprs = {k: plan[k] for k in ("S1", "K1_ITERS", "K2_ITERS", "BM1", "BK1", "BM2", "BK2")}
-        for spin in (False, True):
-            shared, stack = compile_sm90(TD._decode_fused, pointers, {**constexprs, "SPIN_LOAD": spin},
+        for spin, act in ((False, False), (True, False), (False, True)):  # (act: a gated MLP's down product)
+            shared, stack = compile_sm90(TD._decode_fused, pointers, {**constexprs, "SPIN_LOAD": spin, "ACT": act},
                                          num_warps=plan["num_warps"], num_stages=TD.FUSED_META["num_stages"])
-            assert shared <= SMEM_BYTES and stack == 0, (name, t, spin, plan, shared, stack)
+            assert shared <= SMEM_BYTES and stack == 0, (name, t, spin, act, plan, shared, stack)
 
 
 # the fused siblings' products (structmat.fuse_siblings): low-rank q/k/v and gate/up, Monarch gate/up
@@ -94,7 +94,8 @@ def test_pdl_two_launch_decode_compiles_for_sm90_without_spills(gpu_plans, dtype
     for name, shape in {**FUSED_SHAPES, **GROUP_SHAPES}.items():
         plan = TD.plan_fused(*shape, False)
         one = compile_sm90(TD._pdl_stage1, {"X": f"*{t}", "W1": f"*{t}", "T": "*fp32"},
-                           {**{k: plan[k] for k in ("S1", "K1_ITERS", "BM1", "BK1")}, "PDL": True},
+                           {**{k: plan[k] for k in ("S1", "K1_ITERS", "BM1", "BK1")}, "PDL": True,
+                            "ACT": name.endswith("8192x2048")},  # (a down product: the gated input formed on load)
                            num_warps=plan["num_warps"], num_stages=1)
         two = compile_sm90(TD._pdl_stage2, {"T": "*fp32", "W2": f"*{t}", "Y": f"*{t}"},
                            {**{k: plan[k] for k in ("S1", "K2_ITERS", "BM2", "BK2")}, "WAIT": 1},
@@ -112,10 +113,11 @@ def test_gemv_decode_compiles_for_sm90_and_fits_shared_memory(gpu_plans, dtype):
     t = TYPE[dtype]
     for n in (1, 16, 64):
         for groups, rows, k in ((4, 512, 512), (1, 512, 2048), (1, 2048, 512), (4, 512, 2048), (4, 2048, 800)):
-            plan = TD.plan_gemv(n, groups, rows, k, torch.device("cuda", 0), split_ok=True)
+            act = rows == 512  # (as a gated MLP's down product: the input formed on load)
+            plan = TD.plan_gemv(n, groups, rows, k, torch.device("cuda", 0), split_ok=True, act=act)
             per_stage = (plan["BLOCK_N"] + plan["BLOCK_M"]) * plan["BLOCK_K"] * dtype.itemsize
             stages = max(1, min(TD.GEMV_META["num_stages"], TD.SMEM_BUDGET // per_stage))
-            constexprs = {"PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+            constexprs = {"PRECISION": "ieee" if dtype == torch.float32 else "tf32", "ACT": act,
                           **{k_: plan[k_] for k_ in ("BLOCK_N", "BLOCK_M", "BLOCK_K")}}
             shared, stack = compile_sm90(TD._decode_gemv, {"A": "*fp32", "W": f"*{t}", "C": f"*{t}"}, constexprs,
                                          num_warps=TD.GEMV_META["num_warps"], num_stages=stages)
@@ -130,8 +132,8 @@ def test_nm_decode_compiles_for_sm90(gpu_plans):
     for rows, k in ((2048, 2048), (8192, 2048), (2048, 8192)):
         for n in (1, 4, 16):
             dot = TD.use_dot(n)
-            plan = TD._plan_nm(n, rows, k // 4, "cuda", 0, dot)
+            plan = TD._plan_nm(n, rows, k // 4, "cuda", 0, dot, k == 8192)
             fn = TD._decode_nm if dot else TD._decode_nm_gather
-            constexprs = {"NNZ": 2, "GROUP": 4, **plan, **({"PRECISION": "tf32"} if dot else {})}
+            constexprs = {"NNZ": 2, "GROUP": 4, "ACT": k == 8192, **plan, **({"PRECISION": "tf32"} if dot else {})}
             shared, stack = compile_sm90(fn, pointers, constexprs, num_warps=4, num_stages=3)
             assert shared <= SMEM_BYTES and stack == 0, (rows, k, n, fn.__name__, constexprs, shared, stack)

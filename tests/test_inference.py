@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import structmat
@@ -166,9 +167,11 @@ def nm_operands(out: int, inp: int, n: int, m: int, generator: torch.Generator):
     return vals.reshape(out, -1), pos.reshape(out, -1).to(torch.uint8), dense
 
 
-def decode_errors(device: str, dtype: torch.dtype, shapes=DECODE_SHAPES, tokens=DECODE_TOKENS) -> dict:
+def decode_errors(device: str, dtype: torch.dtype, shapes=DECODE_SHAPES, tokens=DECODE_TOKENS,
+                  act: bool = False) -> dict:
     """{case: relative RMS error} of each decode op vs a float64 reference (op called directly, and as a custom op
-    under torch.compile), outputs poisoned with NaN."""
+    under torch.compile), outputs poisoned with NaN. ``act``: the op reads a gated MLP's gate/up output (n, 2*in)
+    and forms its input SiLU(gate) * up on load; the reference is the product of that input in float64."""
     from structmat.kernels import decode, ops
     from structmat.structures.base import resolve_spec, structure_class
 
@@ -179,6 +182,9 @@ def decode_errors(device: str, dtype: torch.dtype, shapes=DECODE_SHAPES, tokens=
         name = key.split("_")[0]
         for n in tokens:
             x = torch.randn(n, inp, generator=g, dtype=torch.float64)
+            if act:  # (the input the reference sees: rounded to the kernel's dtype as the kernel rounds it)
+                gate_up = torch.randn(n, 2 * inp, generator=g, dtype=torch.float64)
+                x = (F.silu(gate_up[:, :inp]) * gate_up[:, inp:]).to(dtype).double()
             if name == "nm":
                 vals, pos, dense = nm_operands(outf, inp, args["n"], args["m"], g)
                 ref = x @ dense.T
@@ -190,12 +196,13 @@ def decode_errors(device: str, dtype: torch.dtype, shapes=DECODE_SHAPES, tokens=
                                               **{k: v for k, v in cfg.to_dict().items() if k != "structure"})
                 ref = layer(x).detach()
                 operands = tuple(p.detach().to(device, dtype) for p in layer.parameters())
-            xd = x.to(device, dtype)
-            out[f"{key}-{n}"] = rel_rms(getattr(decode, name)(xd, *operands), ref)
+            xd = gate_up.to(device, dtype) if act else x.to(device, dtype)
+            kw = {"act": 1} if act else {}
+            out[f"{key}-{n}"] = rel_rms(getattr(decode, name)(xd, *operands, **kw), ref)
             if n == tokens[-1]:
                 torch._dynamo.reset()  # (one compile per case: never the recompile limit of one lambda)
                 op = getattr(torch.ops.structmat, f"decode_{name}")
-                out[f"{key}-{n}-compiled"] = rel_rms(torch.compile(lambda *a: op(*a), backend="eager",
+                out[f"{key}-{n}-compiled"] = rel_rms(torch.compile(lambda *a: op(*a, **kw), backend="eager",
                                                                    fullgraph=True)(xd, *operands), ref)
     ops.POISON = False
     return out
@@ -262,7 +269,8 @@ def _interpret_report() -> dict:
         checker.violations.append(f"address checker not installed: {err!r}")
     report = {"decode": decode_errors("cpu", torch.float32),
               "decode_fp16": decode_errors("cpu", torch.float16, {k: DECODE_SHAPES[k] for k in ("monarch", "nm")},
-                                           (3,))}
+                                           (3,)),
+              "decode_act": decode_errors("cpu", torch.float32, tokens=(1, 5, 17), act=True)}
     # the GPU's tile plans (wider tiles, token blocks), run through the interpreter with the address checker
     _triton_decode.INTERPRET = False
     try:
@@ -284,6 +292,7 @@ def _interpret_report() -> dict:
         _triton_decode.INTERPRET = False
         report["decode_fused_gpu_plans"] = decode_errors("cpu", torch.float32, two_stage, (1,))
         _triton_decode.INTERPRET = True
+        report["decode_act_fused"] = decode_errors("cpu", torch.float32, two_stage, (1,), act=True)
         _triton_decode.PDL[0] = True  # (the PDL-joined two-launch form of the same tiles: the default on Hopper)
         report["decode_pdl"] = decode_errors("cpu", torch.float32, two_stage, (1,))
     finally:
@@ -383,6 +392,17 @@ def test_decode_kernels_match_reference_interpreter(interpret_report):
     assert not bad, bad
 
 
+def test_decode_kernels_form_the_gated_input_on_load_interpreter(interpret_report):
+    """``act``: every decode op reading a gate/up output forms SiLU(gate) * up on load and gives the product of that
+    input (gemv, N:M gather and tensor-core forms, the PDL pair and the one grid; direct and as a custom op)."""
+    errs = interpret_report["decode_act"]
+    assert len(errs) == len(DECODE_SHAPES) * 4, errs
+    fused = interpret_report["decode_act_fused"]
+    assert fused and all(k.startswith(("monarch", "lowrank")) for k in fused), fused
+    bad = {k: v for k, v in {**errs, **fused}.items() if not v <= TOL["float32"]}
+    assert not bad, bad
+
+
 def test_fused_two_stage_decode_matches_reference_interpreter(interpret_report):
     """The one-launch low-rank / Monarch kernel at one token (interpreter and GPU tile plans), its PDL-joined
     two-launch form, and the two-launch form it replaces all give the reference's sums; every call left the stage counters at zero for the next one."""
@@ -442,6 +462,8 @@ def test_decode_kernels_match_reference_gpu(dtype):
               "blockdiag_big": (8192, 2048, dict(nblocks=4)), "monarch_big": (2048, 8192, dict(nblocks=4)),
               "nm_big": (2048, 2048, dict(n=2, m=4))}
     errs = decode_errors("cuda", getattr(torch, dtype), shapes, (1, 8, 33, 64))
+    acts = decode_errors("cuda", getattr(torch, dtype), shapes, (1, 16), act=True)
+    errs.update({f"act-{k}": v for k, v in acts.items()})
     bad = {k: v for k, v in errs.items() if not v <= TOL[dtype]}
     assert not bad, bad
 
@@ -461,6 +483,66 @@ def test_fused_decode_repeats_bit_for_bit_gpu(pdl):
     try:
         _repeats_bit_for_bit()
     finally:
+        _triton_decode.PDL[0] = saved
+
+
+@pytest.mark.gpu
+def test_direct_launch_skips_triton_binding_gpu():
+    """After a plan's first call, its launches go to Triton's compiled launcher directly (``_launch.Launch``): no
+    ``JITFunction.run`` per call, the same output bit for bit, also replayed from a CUDA graph; a call whose strides
+    differ from the recorded ones goes through Triton again and is still right. Every decode launcher: the gemv
+    kernel (block-diagonal; low-rank above one token), the PDL pair and the one grid (low-rank at one token), N:M."""
+    import triton.runtime.jit as jit
+
+    from structmat.kernels import _launch, _triton_decode, decode
+
+    assert _launch.DIRECT[0]
+    torch.manual_seed(0)
+    dev, dt = "cuda", torch.bfloat16
+    calls = [0]
+    original = jit.JITFunction.run
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return original(self, *args, **kwargs)
+
+    cases = [("blockdiag", 1, (torch.randn(4, 512, 512, device=dev, dtype=dt) * 0.04,), True),
+             ("lowrank", 1, (torch.randn(2048, 512, device=dev, dtype=dt) * 0.04,
+                             torch.randn(512, 2048, device=dev, dtype=dt) * 0.02), True),
+             ("lowrank", 1, tuple(nn.Parameter(t) for t in (torch.randn(2048, 512, device=dev, dtype=dt) * 0.04,
+                                                            torch.randn(512, 2048, device=dev, dtype=dt) * 0.02)),
+              False),  # (a layer's factors are Parameters)
+             ("lowrank", 16, (torch.randn(2048, 512, device=dev, dtype=dt) * 0.04,
+                              torch.randn(512, 2048, device=dev, dtype=dt) * 0.02), True),
+             ("nm", 1, (torch.randn(2048, 1024, device=dev, dtype=dt),
+                        torch.randint(0, 4, (2048, 1024), device=dev, dtype=torch.uint8), 2, 4), True),
+             ("nm", 16, (torch.randn(2048, 1024, device=dev, dtype=dt),
+                         torch.randint(0, 4, (2048, 1024), device=dev, dtype=torch.uint8), 2, 4), True)]
+    saved = _triton_decode.PDL[0]
+    jit.JITFunction.run = counted
+    try:
+        for name, n, operands, pdl in cases:
+            _triton_decode.PDL[0] = pdl
+            x = torch.randn(n, 2048, device=dev, dtype=dt)
+            run = decode.PLANS[name](x, *operands)
+            first = run(x, *operands).clone()
+            calls[0] = 0
+            outs = [run(x, *operands) for _ in range(20)]
+            assert calls[0] == 0, (name, n, pdl, "went through Triton")
+            assert all(torch.equal(o, first) for o in outs), (name, n, pdl)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static = run(x, *operands)
+            graph.replay()
+            assert torch.equal(static, first), (name, n, pdl, "graph")
+            wide = torch.zeros(n, 2 * 2048, device=dev, dtype=dt)[:, ::2]  # other strides: Triton's path again
+            wide.copy_(x)
+            calls[0] = 0
+            got = run(wide, *operands)  # (another specialization: the same math, maybe another summation order)
+            assert (got.float() - first.float()).abs().max() <= 0.02 * first.float().abs().max(), (name, n, pdl)
+            assert calls[0] > 0, (name, n, pdl, "strided call took the recorded launch")
+    finally:
+        jit.JITFunction.run = original
         _triton_decode.PDL[0] = saved
 
 

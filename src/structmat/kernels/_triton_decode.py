@@ -29,6 +29,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from ._launch import Launch
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 MAX_TOKENS = 64  # the kernels keep all tokens in one tile
 TARGET_PROGRAMS = 4  # programs per SM to aim for: enough bytes in flight to stream HBM
@@ -45,9 +47,18 @@ SMALL_TOKENS = [4]
 
 
 @triton.jit
+def _gated(g, u):
+    """SiLU(g) * u in fp32, rounded once to the input's dtype: a gated MLP's hidden vector (``ACT``: the down
+    product reads the gate/up product's output, gate and up side by side, and forms its input on load)."""
+    gf = g.to(tl.float32)
+    return (gf / (1.0 + tl.exp(-gf)) * u.to(tl.float32)).to(g.dtype)
+
+
+@triton.jit
 def _decode_gemv(A, W, C, N, M, K, S_A, SPLIT_LEN, M_BLOCKS,
-                 s_as, s_ag, s_an, s_ak, s_wg, s_wm, s_wk, s_cs, s_cg, s_cn, s_cm, s_cchunk, CHUNK,
-                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                 s_as, s_ag, s_an, s_ak, s_wg, s_wm, s_wk, s_cs, s_cg, s_cn, s_cm, s_cchunk, CHUNK, ACT_OFF,
+                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                 ACT: tl.constexpr):
     pid = tl.program_id(0)
     g = (pid // M_BLOCKS).to(tl.int64)
     pid_m = pid % M_BLOCKS
@@ -65,7 +76,10 @@ def _decode_gemv(A, W, C, N, M, K, S_A, SPLIT_LEN, M_BLOCKS,
     for k0 in range(k_start, k_end, BLOCK_K):
         k_ok = (k0 + offs_k) < k_end
         w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
-        a = tl.load(a_ptrs, mask=n_ok & k_ok[None, :], other=0.0).to(tl.float32)
+        a = tl.load(a_ptrs, mask=n_ok & k_ok[None, :], other=0.0)
+        if ACT:  # (S_A is 1: the input is a gate/up output, not partials)
+            a = _gated(a, tl.load(a_ptrs + ACT_OFF, mask=n_ok & k_ok[None, :], other=0.0))
+        a = a.to(tl.float32)
         for t in range(1, S_A):  # the previous stage's split-K partials
             a += tl.load(a_ptrs + t * s_as, mask=n_ok & k_ok[None, :], other=0.0).to(tl.float32)
         acc = tl.dot(a.to(w.dtype), tl.trans(w), acc, input_precision=PRECISION)
@@ -81,7 +95,8 @@ def _decode_gemv(A, W, C, N, M, K, S_A, SPLIT_LEN, M_BLOCKS,
 
 @triton.jit
 def _fused_stage1(X, W1, T, M1, K1, M1_BLOCKS, tile, s_xg, s_xk, s_w1g, s_w1m, s_w1k, s_ts, s_tg, s_tm, s_tchunk,
-                  CHUNK1, S1: tl.constexpr, K1_ITERS: tl.constexpr, BM1: tl.constexpr, BK1: tl.constexpr):
+                  CHUNK1, ACT_OFF, S1: tl.constexpr, K1_ITERS: tl.constexpr, BM1: tl.constexpr, BK1: tl.constexpr,
+                  ACT: tl.constexpr):
     """Stage-1 tile ``tile``: T[split][g][m] = X[g][split's K range] . W1[g][m, same], an fp32 partial; a
     multiply-reduce on the CUDA cores (one token: nothing to pad to tl.dot's 16 rows)."""
     split = tile % S1
@@ -94,7 +109,10 @@ def _fused_stage1(X, W1, T, M1, K1, M1_BLOCKS, tile, s_xg, s_xk, s_w1g, s_w1m, s
         offs_k = split * (K1_ITERS * BK1) + i * BK1 + tl.arange(0, BK1)
         k_ok = offs_k < K1
         w = tl.load(W1 + g * s_w1g + rm[:, None] * s_w1m + offs_k[None, :] * s_w1k, mask=k_ok[None, :], other=0.0)
-        a = tl.load(X + g * s_xg + offs_k * s_xk, mask=k_ok, other=0.0).to(w.dtype)  # (as the reference rounds it)
+        a = tl.load(X + g * s_xg + offs_k * s_xk, mask=k_ok, other=0.0)
+        if ACT:
+            a = _gated(a, tl.load(X + g * s_xg + offs_k * s_xk + ACT_OFF, mask=k_ok, other=0.0))
+        a = a.to(w.dtype)  # (as the reference rounds it)
         acc += tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
     if CHUNK1 == 0:
         col = offs_m * s_tm
@@ -145,10 +163,10 @@ def _fused_stage2(T, W2, Y, SYNC, M2, K2, M2_BLOCKS, P1, tile, s_ts, s_ag, s_ak,
 @triton.jit
 def _decode_fused(X, W1, T, W2, Y, SYNC, M1, K1, M1_BLOCKS, P1, M2, K2, M2_BLOCKS, P2,
                   s_xg, s_xk, s_w1g, s_w1m, s_w1k, s_ts, s_tg, s_tm, s_tchunk, CHUNK1,
-                  s_ag, s_ak, s_w2g, s_w2m, s_w2k, s_yg, s_ym,
+                  s_ag, s_ak, s_w2g, s_w2m, s_w2k, s_yg, s_ym, ACT_OFF,
                   S1: tl.constexpr, K1_ITERS: tl.constexpr, K2_ITERS: tl.constexpr,
                   BM1: tl.constexpr, BK1: tl.constexpr, BM2: tl.constexpr, BK2: tl.constexpr,
-                  SPIN_LOAD: tl.constexpr):
+                  SPIN_LOAD: tl.constexpr, ACT: tl.constexpr):
     """One launch for a whole two-stage product of ONE token (low-rank, Monarch), each tile loaded in one go.
 
     Stage 1 (``_fused_stage1``, P1 tiles): fp32 partials of ``x . W1`` over K splits (the column may be chunked:
@@ -161,7 +179,7 @@ def _decode_fused(X, W1, T, W2, Y, SYNC, M1, K1, M1_BLOCKS, P1, M2, K2, M2_BLOCK
     ticket = tl.atomic_add(SYNC, 1)
     if ticket < P1:
         _fused_stage1(X, W1, T, M1, K1, M1_BLOCKS, ticket, s_xg, s_xk, s_w1g, s_w1m, s_w1k, s_ts, s_tg, s_tm,
-                      s_tchunk, CHUNK1, S1, K1_ITERS, BM1, BK1)
+                      s_tchunk, CHUNK1, ACT_OFF, S1, K1_ITERS, BM1, BK1, ACT)
         tl.debug_barrier()  # every thread's stores of the tile, then one release of the arrival
         tl.atomic_add(SYNC + 1, 1, sem="release")
     else:
@@ -175,13 +193,14 @@ def _decode_fused(X, W1, T, W2, Y, SYNC, M1, K1, M1_BLOCKS, P1, M2, K2, M2_BLOCK
 
 @triton.jit
 def _pdl_stage1(X, W1, T, M1, K1, M1_BLOCKS, s_xg, s_xk, s_w1g, s_w1m, s_w1k, s_ts, s_tg, s_tm, s_tchunk, CHUNK1,
-                S1: tl.constexpr, K1_ITERS: tl.constexpr, BM1: tl.constexpr, BK1: tl.constexpr, PDL: tl.constexpr):
+                ACT_OFF, S1: tl.constexpr, K1_ITERS: tl.constexpr, BM1: tl.constexpr, BK1: tl.constexpr,
+                PDL: tl.constexpr, ACT: tl.constexpr):
     """Stage 1 of the two-launch form with programmatic dependent launch: each program lets the stage-2 grid start
     (its programs load their weight tiles while this grid runs), then computes its tile as ``_fused_stage1``."""
     if PDL:
         gdc_launch_dependents()
     _fused_stage1(X, W1, T, M1, K1, M1_BLOCKS, tl.program_id(0), s_xg, s_xk, s_w1g, s_w1m, s_w1k, s_ts, s_tg, s_tm,
-                  s_tchunk, CHUNK1, S1, K1_ITERS, BM1, BK1)
+                  s_tchunk, CHUNK1, ACT_OFF, S1, K1_ITERS, BM1, BK1, ACT)
 
 
 @triton.jit
@@ -194,22 +213,25 @@ def _pdl_stage2(T, W2, Y, M2, K2, M2_BLOCKS, s_ts, s_ag, s_ak, s_w2g, s_w2m, s_w
 
 
 @triton.jit
-def _nm_slot(acc, v, p, X, offs_n, n_ok, grp, g_ok, K, s_xn, s_xk, GROUP: tl.constexpr, PRECISION: tl.constexpr):
+def _nm_slot(acc, v, p, X, offs_n, n_ok, grp, g_ok, K, s_xn, s_xk, ACT_OFF, GROUP: tl.constexpr,
+             PRECISION: tl.constexpr, ACT: tl.constexpr):
     """acc += the products of one value slot: v, p (BLOCK_M, BLOCK_G) hold, per row and group, a value and its
     in-group position; the dense slice of the weight at in-group position q is selected on chip and fed to tl.dot."""
     for q in tl.static_range(GROUP):
         cols = grp * GROUP + q
-        x = tl.load(X + offs_n[:, None] * s_xn + cols[None, :] * s_xk, mask=n_ok & (g_ok & (cols < K))[None, :],
-                    other=0.0)
+        x_ptrs = X + offs_n[:, None] * s_xn + cols[None, :] * s_xk
+        x = tl.load(x_ptrs, mask=n_ok & (g_ok & (cols < K))[None, :], other=0.0)
+        if ACT:
+            x = _gated(x, tl.load(x_ptrs + ACT_OFF, mask=n_ok & (g_ok & (cols < K))[None, :], other=0.0))
         w = tl.where(p == q, v, tl.zeros_like(v))
         acc = tl.dot(x.to(v.dtype), tl.trans(w), acc, input_precision=PRECISION)
     return acc
 
 
 @triton.jit
-def _decode_nm_gather(X, V, P, Y, N, M, K, KEPT, s_xn, s_xk, s_vm, s_pm, s_yn,
+def _decode_nm_gather(X, V, P, Y, N, M, K, KEPT, s_xn, s_xk, s_vm, s_pm, s_yn, ACT_OFF,
                       NNZ: tl.constexpr, GROUP: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, ACT: tl.constexpr):
     """Y (N, M) = X (N, K) @ W^T at a few tokens, N:M from compressed values: each value V[r, j] (a contiguous,
     coalesced tile of a row's kept values) meets the one input its position selects, column
     (j // NNZ) * GROUP + P[r, j], gathered from X (a few KB, served by L1/L2); one multiply-add per value and token.
@@ -228,7 +250,10 @@ def _decode_nm_gather(X, V, P, Y, N, M, K, KEPT, s_xn, s_xk, s_vm, s_pm, s_yn,
         p = tl.load(P + rm[:, None] * s_pm + j[None, :], mask=j_ok, other=0).to(tl.int32)
         col = (j // NNZ)[None, :] * GROUP + p
         ok = n_ok & (j_ok & (col < K))[None, :, :]  # (columns past K: the zero padding of the last group)
-        x = tl.load(X + offs_n[:, None, None] * s_xn + col[None, :, :] * s_xk, mask=ok, other=0.0)
+        x_ptrs = X + offs_n[:, None, None] * s_xn + col[None, :, :] * s_xk
+        x = tl.load(x_ptrs, mask=ok, other=0.0)
+        if ACT:
+            x = _gated(x, tl.load(x_ptrs + ACT_OFF, mask=ok, other=0.0))
         x = x.to(v.dtype).to(tl.float32)  # (as the reference: the input rounded to the weight's dtype)
         acc += tl.sum(x * v.to(tl.float32)[None, :, :], axis=2)
     tl.store(Y + offs_n[:, None] * s_yn + offs_m[None, :], acc.to(Y.dtype.element_ty),
@@ -236,9 +261,9 @@ def _decode_nm_gather(X, V, P, Y, N, M, K, KEPT, s_xn, s_xk, s_vm, s_pm, s_yn,
 
 
 @triton.jit
-def _decode_nm(X, V, P, Y, N, M, K, G, s_xn, s_xk, s_vm, s_pm, s_yn,
+def _decode_nm(X, V, P, Y, N, M, K, G, s_xn, s_xk, s_vm, s_pm, s_yn, ACT_OFF,
                NNZ: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, ACT: tl.constexpr):
     """Y (N, M) = X (N, K) @ W^T with W (M, G*GROUP) N:M sparse: row r keeps, in each group g of GROUP inputs, NNZ
     values V[r, g*NNZ + i] at in-group positions P[r, g*NNZ + i] (inputs past K are zero padding). Grid: (row
     blocks, token blocks). Each value and position is loaded once per token block."""
@@ -255,7 +280,8 @@ def _decode_nm(X, V, P, Y, N, M, K, G, s_xn, s_xk, s_vm, s_pm, s_yn,
         for i in tl.static_range(NNZ):  # slot by slot (value i of every group: a strided tile, L1 serves the rest)
             v = tl.load(V + rm[:, None] * s_vm + (grp * NNZ + i)[None, :], mask=g_ok[None, :], other=0.0)
             p = tl.load(P + rm[:, None] * s_pm + (grp * NNZ + i)[None, :], mask=g_ok[None, :], other=255)
-            acc = _nm_slot(acc, v, p.to(tl.int32), X, offs_n, n_ok, grp, g_ok, K, s_xn, s_xk, GROUP, PRECISION)
+            acc = _nm_slot(acc, v, p.to(tl.int32), X, offs_n, n_ok, grp, g_ok, K, s_xn, s_xk, ACT_OFF, GROUP,
+                           PRECISION, ACT)
     tl.store(Y + offs_n[:, None] * s_yn + offs_m[None, :], acc.to(Y.dtype.element_ty),
              mask=n_ok & (offs_m[None, :] < M))
 
@@ -294,16 +320,18 @@ def use_dot(n: int) -> bool:
     return n > SMALL_TOKENS[0]
 
 
-def plan_gemv(n: int, groups: int, M: int, K: int, device: torch.device, split_ok: bool) -> dict:
+def plan_gemv(n: int, groups: int, M: int, K: int, device: torch.device, split_ok: bool, act: bool = False) -> dict:
     """Tile sizes and the number of K splits: enough programs to keep every SM streaming weight (cached per shape:
-    few-token calls are host-bound)."""
-    return _plan(n, groups, M, K, device.type, device.index, split_ok)
+    few-token calls are host-bound). ``act`` (the gated input formed on load): reduction tiles of 128, whose second
+    input tile fits in registers (256 spilled 16-40 bytes on sm_90)."""
+    return _plan(n, groups, M, K, device.type, device.index, split_ok, act)
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(n: int, groups: int, M: int, K: int, device_type: str, index: int | None, split_ok: bool) -> dict:
+def _plan(n: int, groups: int, M: int, K: int, device_type: str, index: int | None, split_ok: bool,
+          act: bool = False) -> dict:
     target = TARGET_PROGRAMS * _sms(device_type, index)
-    block_k = 16 if INTERPRET else (BLOCK_K_LARGE[0] if K >= 2048 else 128)
+    block_k = 16 if INTERPRET else (BLOCK_K_LARGE[0] if K >= 2048 and not act else 128)
     block_m = 16
     for bm in (64, 32):  # the largest row block that still leaves enough programs
         if not INTERPRET and groups * _cdiv(M, bm) >= target:
@@ -320,12 +348,15 @@ def _plan(n: int, groups: int, M: int, K: int, device_type: str, index: int | No
 
 
 def gemv_launcher(groups: int, n: int, M: int, K: int, plan: dict, dtype: torch.dtype, a_partials: int = 1,
-                  a_partial_stride: int = 0, chunk: int = 0, chunk_stride: int = 0, c_split_stride: int = 0):
+                  a_partial_stride: int = 0, chunk: int = 0, chunk_stride: int = 0, c_split_stride: int = 0,
+                  act: bool = False):
     """The launch of ``C[g] = A[g] @ W[g]^T`` for one shape, worked out once: ``launch(a, a_strides, w, w_strides, c,
-    c_strides)`` (strides: A (group, token, k), W (group, row, k), C (group, token, column)); ``plan`` from
-    :func:`plan_gemv` (with splits > 1, C is the fp32 partial stack). A layer's cached inference plan keeps it."""
+    c_strides, act_off=0)`` (strides: A (group, token, k), W (group, row, k), C (group, token, column)); ``plan``
+    from :func:`plan_gemv` (with splits > 1, C is the fp32 partial stack). ``act``: A is a gated MLP's gate/up
+    output, its up half ``act_off`` elements after the gate half, and the product's input is SiLU(gate) * up
+    (``_gated``). A layer's cached inference plan keeps it."""
     m_blocks = _cdiv(M, plan["BLOCK_M"])
-    kernel = _decode_gemv[(groups * m_blocks, plan["splits"])]
+    grid = (groups * m_blocks, plan["splits"])
     meta = dict(BLOCK_N=plan["BLOCK_N"], BLOCK_M=plan["BLOCK_M"], BLOCK_K=plan["BLOCK_K"], **GEMV_META)
     # pipeline stages that fit in shared memory: wide token tiles of fp32 (64 tokens x 256 x 4 bytes per operand and
     # stage) asked the H200 for 240 KB at 4 stages and failed to launch
@@ -333,11 +364,17 @@ def gemv_launcher(groups: int, n: int, M: int, K: int, plan: dict, dtype: torch.
     meta["num_stages"] = max(1, min(meta["num_stages"], SMEM_BUDGET // per_stage))
     fixed = None if dtype == torch.float32 else _precision(dtype)  # (fp32 follows allow_tf32 at call time)
     if n == 0 or M == 0 or groups == 0:
-        return lambda a, a_strides, w, w_strides, c, c_strides: None
+        return lambda a, a_strides, w, w_strides, c, c_strides, act_off=0: None
+    launches = {}  # precision -> Launch (fp32's follows allow_tf32 at call time)
 
-    def launch(a: Tensor, a_strides: tuple, w: Tensor, w_strides: tuple, c: Tensor, c_strides: tuple) -> None:
-        kernel(a, w, c, n, M, K, a_partials, plan["split_len"], m_blocks, a_partial_stride, *a_strides, *w_strides,
-               c_split_stride, *c_strides, chunk_stride, chunk, PRECISION=fixed or _precision(w.dtype), **meta)
+    def launch(a: Tensor, a_strides: tuple, w: Tensor, w_strides: tuple, c: Tensor, c_strides: tuple,
+               act_off: int = 0) -> None:
+        precision = fixed or _precision(w.dtype)
+        run = launches.get(precision)
+        if run is None:
+            run = launches[precision] = Launch(_decode_gemv, grid, PRECISION=precision, ACT=act, **meta)
+        run(a, w, c, n, M, K, a_partials, plan["split_len"], m_blocks, a_partial_stride, *a_strides, *w_strides,
+            c_split_stride, *c_strides, chunk_stride, chunk, act_off)
 
     return launch
 
@@ -426,6 +463,9 @@ def sync_buffer(device: torch.device) -> Tensor | None:
 #: / -232921Z.json): low-rank 5.9 / 14.0 / 4.5 / 8.6 us against the one grid's 11.2 / 19.8 / 8.0 / 13.0 us (fused
 #: q/k/v, fused gate/up, o, down of the bench shape), Monarch 6.5 / 13.2 / - / 8.3 against 11.0 / 17.7 / - / 12.8.
 PDL = [os.environ.get("STRUCTMAT_PDL_DECODE", "1") not in ("", "0")]
+#: Eager calls (not captured, not traced) take the one grid even where the PDL pair runs: eager decode is host-bound,
+#: and one launch costs the host less than two (benchmarks/experiments/host_costs.py)
+EAGER_ONE_GRID = [True]
 #: Monarch takes the PDL pair from this many weight bytes (the one grid only from MONARCH_FUSED_MIN_BYTES)
 MONARCH_PDL_MIN_BYTES = 0
 
@@ -434,42 +474,41 @@ def pdl_ok(device: torch.device) -> bool:
     return PDL[0] and (INTERPRET or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9))
 
 
-def pdl_launcher(plan: dict, m1: int, k1: int, m2: int, k2: int, chunk1: int = 0):
+def pdl_launcher(plan: dict, m1: int, k1: int, m2: int, k2: int, chunk1: int = 0, act: bool = False):
     """The same product and arguments as :func:`fused_launcher` (less the counters), as two PDL-joined launches."""
     pdl = not INTERPRET
-    stage1 = _pdl_stage1[(plan["P1"],)]
-    stage2 = _pdl_stage2[(plan["P2"],)]
-    meta1 = {k: plan[k] for k in ("S1", "K1_ITERS", "BM1", "BK1")}
-    meta2 = {k: plan[k] for k in ("S1", "K2_ITERS", "BM2", "BK2")}
     warps = plan["num_warps"]
     extra = {"launch_pdl": True} if pdl else {}
+    stage1 = Launch(_pdl_stage1, (plan["P1"],), **{k: plan[k] for k in ("S1", "K1_ITERS", "BM1", "BK1")}, PDL=pdl,
+                    ACT=act, num_warps=warps, num_stages=1)
+    stage2 = Launch(_pdl_stage2, (plan["P2"],), **{k: plan[k] for k in ("S1", "K2_ITERS", "BM2", "BK2")},
+                    WAIT=1 if pdl else 2, num_warps=warps, num_stages=1, **extra)
 
     def launch(x: Tensor, xs: tuple, w1: Tensor, w1s: tuple, t: Tensor, ts: tuple, w2: Tensor, w2s: tuple, as_: tuple,
-               y: Tensor, ys: tuple, sync: Tensor | None = None) -> None:
-        stage1(x, w1, t, m1, k1, plan["M1_BLOCKS"], *xs, *w1s, *ts, chunk1, **meta1, PDL=pdl, num_warps=warps,
-               num_stages=1)
-        stage2(t, w2, y, m2, k2, plan["M2_BLOCKS"], ts[0], *as_, *w2s, *ys, **meta2, WAIT=1 if pdl else 2,
-               num_warps=warps, num_stages=1, **extra)
+               y: Tensor, ys: tuple, sync: Tensor | None = None, act_off: int = 0) -> None:
+        stage1(x, w1, t, m1, k1, plan["M1_BLOCKS"], *xs, *w1s, *ts, chunk1, act_off)
+        stage2(t, w2, y, m2, k2, plan["M2_BLOCKS"], ts[0], *as_, *w2s, *ys)
 
     return launch
 
 
-def fused_launcher(plan: dict, m1: int, k1: int, m2: int, k2: int, chunk1: int = 0):
+def fused_launcher(plan: dict, m1: int, k1: int, m2: int, k2: int, chunk1: int = 0, act: bool = False):
     """The fused launch for one shape: ``launch(x, x_strides, w1, w1_strides, t, t_strides, w2, w2_strides,
-    a_strides, y, y_strides, sync)`` with strides x/a (group, k), w (group, row, k), t (split, group, column,
-    chunk) and y (group, column), one token."""
-    kernel = _decode_fused[(plan["P1"] + plan["P2"],)]
-    meta = {k: plan[k] for k in ("S1", "K1_ITERS", "K2_ITERS", "BM1", "BK1", "BM2", "BK2", "num_warps")}
+    a_strides, y, y_strides, sync, act_off=0)`` with strides x/a (group, k), w (group, row, k), t (split, group,
+    column, chunk) and y (group, column), one token; ``act`` as :func:`gemv_launcher`'s."""
+    kernel = Launch(_decode_fused, (plan["P1"] + plan["P2"],),
+                    **{k: plan[k] for k in ("S1", "K1_ITERS", "K2_ITERS", "BM1", "BK1", "BM2", "BK2", "num_warps")},
+                    **FUSED_META, ACT=act)
 
     def launch(x: Tensor, xs: tuple, w1: Tensor, w1s: tuple, t: Tensor, ts: tuple, w2: Tensor, w2s: tuple, as_: tuple,
-               y: Tensor, ys: tuple, sync: Tensor) -> None:
+               y: Tensor, ys: tuple, sync: Tensor, act_off: int = 0) -> None:
         kernel(x, w1, t, w2, y, sync, m1, k1, plan["M1_BLOCKS"], plan["P1"], m2, k2, plan["M2_BLOCKS"], plan["P2"],
-               *xs, *w1s, *ts, chunk1, *as_, *w2s, *ys, **meta, **FUSED_META)
+               *xs, *w1s, *ts, chunk1, *as_, *w2s, *ys, act_off)
 
     return launch
 
 @functools.lru_cache(maxsize=1024)
-def _plan_nm(n: int, M: int, G: int, device_type: str, index: int | None, dot: bool) -> dict:
+def _plan_nm(n: int, M: int, G: int, device_type: str, index: int | None, dot: bool, act: bool = False) -> dict:
     target = TARGET_PROGRAMS * _sms(device_type, index)
     if not dot:  # the gather kernel: all tokens in one block, rows spread over as many programs as it takes
         block_n = _pow2(max(n, 1))
@@ -490,32 +529,37 @@ def _plan_nm(n: int, M: int, G: int, device_type: str, index: int | None, dot: b
         if _cdiv(M, bm) >= target:
             block_m = bm
             break
-    return dict(BLOCK_N=16, BLOCK_M=block_m, BLOCK_G=64)
+    return dict(BLOCK_N=16, BLOCK_M=block_m, BLOCK_G=32 if act else 64)  # (act: 64 spilled 40 bytes on sm_90)
 
 
 def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, device: torch.device,
-                dtype: torch.dtype):
-    """The N:M launch for one shape, worked out once: ``launch(x, values, positions, y)``."""
+                dtype: torch.dtype, act: bool = False):
+    """The N:M launch for one shape, worked out once: ``launch(x, values, positions, y, act_off=0)`` (``act`` as
+    :func:`gemv_launcher`'s; K is the product's input width)."""
     dot = use_dot(N)
-    plan = _plan_nm(N, M, kept // n_keep, device.type, device.index, dot)
+    plan = _plan_nm(N, M, kept // n_keep, device.type, device.index, dot, act)
     grid = (_cdiv(M, plan["BLOCK_M"]), _cdiv(N, plan["BLOCK_N"]))
     if N == 0 or M == 0:
-        return lambda x, values, positions, y: None
+        return lambda x, values, positions, y, act_off=0: None
     if not dot:
-        kernel = _decode_nm_gather[grid]
+        kernel = Launch(_decode_nm_gather, grid, NNZ=n_keep, GROUP=group, ACT=act, num_warps=4, num_stages=3, **plan)
 
-        def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor) -> None:
+        def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, act_off: int = 0) -> None:
             kernel(x, values, positions, y, N, M, K, kept, x.stride(0), x.stride(1), values.stride(0),
-                   positions.stride(0), y.stride(0), NNZ=n_keep, GROUP=group, num_warps=4, num_stages=3, **plan)
+                   positions.stride(0), y.stride(0), act_off)
 
         return launch
-    kernel = _decode_nm[grid]
     fixed = None if dtype == torch.float32 else _precision(dtype)
+    launches = {}  # precision -> Launch (fp32's follows allow_tf32 at call time)
 
-    def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor) -> None:  # noqa: F811
-        kernel(x, values, positions, y, N, M, K, kept // n_keep, x.stride(0), x.stride(1), values.stride(0),
-               positions.stride(0), y.stride(0), NNZ=n_keep, GROUP=group, PRECISION=fixed or _precision(x.dtype),
-               num_warps=4, num_stages=3, **plan)
+    def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, act_off: int = 0) -> None:  # noqa: F811
+        precision = fixed or _precision(x.dtype)
+        run = launches.get(precision)
+        if run is None:
+            run = launches[precision] = Launch(_decode_nm, grid, NNZ=n_keep, GROUP=group, PRECISION=precision,
+                                               ACT=act, num_warps=4, num_stages=3, **plan)
+        run(x, values, positions, y, N, M, K, kept // n_keep, x.stride(0), x.stride(1), values.stride(0),
+            positions.stride(0), y.stride(0), act_off)
 
     return launch
 

@@ -18,6 +18,8 @@ the same code without the custom op's dispatch (host time is what few-token call
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -41,14 +43,45 @@ def _empty(shape: tuple, like: Tensor, dtype: torch.dtype | None = None) -> Tens
 # once; a layer's cached inference plan (``dispatch.planner``) keeps the plan and only runs it.
 
 
+_AS_CAPTURED = [False]
+
+
+def _eager(x: Tensor) -> bool:
+    """A plan made here runs eagerly on the GPU (not captured into a CUDA graph, not traced): the host's time per
+    call is what counts, and the stream orders its calls (scratch buffers may be kept between them)."""
+    return (x.is_cuda and not _AS_CAPTURED[0] and not torch.cuda.is_current_stream_capturing()
+            and not torch.compiler.is_compiling())
+
+
+@contextlib.contextmanager
+def captured_form():
+    """Plans made inside take the form a CUDA-graph capture takes (to compile and load its kernels before a capture,
+    never inside one)."""
+    saved, _AS_CAPTURED[0] = _AS_CAPTURED[0], True
+    try:
+        yield
+    finally:
+        _AS_CAPTURED[0] = saved
+
+
+def _scratch(shape: tuple, like: Tensor, keep: bool):
+    """A plan's fp32 scratch (split-K partials): allocated per call, or once and reused where ``keep`` (an eager
+    plan: its calls are ordered on the stream; a plan is not shared between streams)."""
+    if not keep:
+        return lambda: _empty(shape, like, torch.float32)
+    buf = []
+    return lambda: buf[0] if buf else buf.append(_empty(shape, like, torch.float32)) or buf[0]
+
+
 def _fused_plan(x: Tensor, g1: int, m1: int, k1: int, g2: int, m2: int, k2: int):
     """(plan, sync buffer, launcher) of the one-token product with overlapped stages for these sizes, or None where it
     does not apply (more than one token, switched off, a stage-2 reduction too long, or the one-grid form first met
-    inside a CUDA graph capture: ``sync_buffer``). The launcher: the PDL pair where ``pdl_ok``, else the one grid."""
+    inside a CUDA graph capture: ``sync_buffer``). The launcher: the PDL pair where ``pdl_ok`` (except eager calls,
+    where one launch costs the host less than two: ``_triton_decode.EAGER_ONE_GRID``), else the one grid."""
     if not fused_ok(x.shape[0], k2):
         return None
     plan = plan_fused(g1, m1, k1, g2, m2, k2, _triton_decode.INTERPRET)
-    if pdl_ok(x.device):
+    if pdl_ok(x.device) and not (_triton_decode.EAGER_ONE_GRID[0] and _eager(x)):
         return plan, None, pdl_launcher
     sync = sync_buffer(x.device)
     if sync is None:
@@ -56,36 +89,37 @@ def _fused_plan(x: Tensor, g1: int, m1: int, k1: int, g2: int, m2: int, k2: int)
     return plan, sync, fused_launcher
 
 
-def lowrank_plan(x: Tensor, U: Tensor, V: Tensor):
+def lowrank_plan(x: Tensor, U: Tensor, V: Tensor, act: int = 0):
     """U (out, r) and V (r, in); or g siblings that read the same input stacked (``structmat.fuse_siblings``):
-    U (g, out, r) and V (g*r, in), one product whose output is the g outputs side by side, (n, g*out)."""
-    n, k = x.shape
+    U (g, out, r) and V (g*r, in), one product whose output is the g outputs side by side, (n, g*out).
+    ``act`` (every plan): x is a gated MLP's gate/up output (n, 2*in), the product's input SiLU(gate) * up."""
+    n, k = x.shape[0], V.shape[1]
     g, out, r = U.shape if U.dim() == 3 else (1, *U.shape)
     us = U.stride() if U.dim() == 3 else (0, *U.stride())
     gr = V.shape[0]  # stage 1 is one (g*r, in) product; stage 2 group j reads its r columns of it
     fused = _fused_plan(x, 1, gr, k, g, out, r)
     if fused is not None:  # one launch: t = x V^T (split-K fp32 partials), then y = t U^T
         plan, sync, launcher = fused
-        launch = launcher(plan, gr, k, out, r)
-        t_shape = (plan["S1"], gr)
+        launch = launcher(plan, gr, k, out, r, act=bool(act))
+        scratch = _scratch((plan["S1"], gr), x, _eager(x))
 
-        def run_fused(x: Tensor, U: Tensor, V: Tensor) -> Tensor:
-            t = _empty(t_shape, x, torch.float32)
+        def run_fused(x: Tensor, U: Tensor, V: Tensor, act: int = 0) -> Tensor:
+            t = scratch()
             y = _empty((1, g * out), x)
             launch(x, (0, x.stride(1)), V, (0, V.stride(0), V.stride(1)), t, (gr, 0, 1, 0), U, us, (r, 1),
-                   y, (out, y.stride(1)), sync)
+                   y, (out, y.stride(1)), sync, k * x.stride(1))
             return y
 
         return run_fused
-    p1 = plan_gemv(n, 1, gr, k, x.device, split_ok=True)
+    p1 = plan_gemv(n, 1, gr, k, x.device, split_ok=True, act=bool(act))
     p2 = plan_gemv(n, g, out, r, x.device, split_ok=False)
-    stage1 = gemv_launcher(1, n, gr, k, p1, V.dtype, c_split_stride=n * gr)
+    stage1 = gemv_launcher(1, n, gr, k, p1, V.dtype, c_split_stride=n * gr, act=bool(act))
     stage2 = gemv_launcher(g, n, out, r, p2, U.dtype, a_partials=p1["splits"], a_partial_stride=n * gr)
-    t_shape, y_shape = (p1["splits"], n, gr), (n, g * out)
+    scratch, y_shape = _scratch((p1["splits"], n, gr), x, _eager(x)), (n, g * out)
 
-    def run(x: Tensor, U: Tensor, V: Tensor) -> Tensor:
-        t = _empty(t_shape, x, torch.float32)
-        stage1(x, (0, x.stride(0), x.stride(1)), V, (0, V.stride(0), V.stride(1)), t, (0, gr, 1))
+    def run(x: Tensor, U: Tensor, V: Tensor, act: int = 0) -> Tensor:
+        t = scratch()
+        stage1(x, (0, x.stride(0), x.stride(1)), V, (0, V.stride(0), V.stride(1)), t, (0, gr, 1), k * x.stride(1))
         y = _empty(y_shape, x)
         stage2(t, (r, gr, 1), U, us, y, (out, y.stride(0), 1))
         return y
@@ -93,24 +127,25 @@ def lowrank_plan(x: Tensor, U: Tensor, V: Tensor):
     return run
 
 
-def blockdiag_plan(x: Tensor, W: Tensor, siblings: int = 1):
+def blockdiag_plan(x: Tensor, W: Tensor, siblings: int = 1, act: int = 0):
     """W (b, u, p); or ``siblings`` layers' blocks side by side, W (b, siblings*u, p) (``structmat.fuse_siblings``):
     one launch whose output is the siblings' outputs side by side (the store puts row j*u + i of block k at
     j*b*u + k*u + i)."""
     b, m, p = W.shape
     u, n = m // siblings, x.shape[0]
-    launch = gemv_launcher(b, n, m, p, plan_gemv(n, b, m, p, x.device, split_ok=False), W.dtype,
-                           chunk=u if siblings > 1 else 0, chunk_stride=b * u)
+    launch = gemv_launcher(b, n, m, p, plan_gemv(n, b, m, p, x.device, split_ok=False, act=bool(act)), W.dtype,
+                           chunk=u if siblings > 1 else 0, chunk_stride=b * u, act=bool(act))
 
-    def run(x: Tensor, W: Tensor, siblings: int = 1) -> Tensor:
+    def run(x: Tensor, W: Tensor, siblings: int = 1, act: int = 0) -> Tensor:
         y = _empty((n, b * m), x)
-        launch(x, (p * x.stride(1), x.stride(0), x.stride(1)), W, W.stride(), y, (u, y.stride(0), 1))
+        launch(x, (p * x.stride(1), x.stride(0), x.stride(1)), W, W.stride(), y, (u, y.stride(0), 1),
+               b * p * x.stride(1))
         return y
 
     return run
 
 
-def monarch_plan(x: Tensor, R: Tensor, L: Tensor):
+def monarch_plan(x: Tensor, R: Tensor, L: Tensor, act: int = 0):
     """R (b, b*c, p) and L (b, u, b*c); or g siblings that read the same input (``structmat.fuse_siblings``):
     R (b, g*b*c, p) (each block's rows of every sibling, side by side) and L (g*b, u, b*c), one product whose
     output is the g outputs side by side. Stage 1's chunked store puts row (j, s, q) of block k at
@@ -119,33 +154,37 @@ def monarch_plan(x: Tensor, R: Tensor, L: Tensor):
     g2, u, bc = L.shape  # g2 = g*b stage-2 groups of (u, b*c)
     c, n = bc // b, x.shape[0]
     nbytes = (R.numel() + L.numel()) * R.element_size()
-    least = _triton_decode.MONARCH_PDL_MIN_BYTES if pdl_ok(x.device) else _triton_decode.MONARCH_FUSED_MIN_BYTES
+    if _triton_decode.EAGER_ONE_GRID[0] and _eager(x):
+        least = 0  # (eager: one launch where two would be; the host's time is what counts)
+    else:
+        least = _triton_decode.MONARCH_PDL_MIN_BYTES if pdl_ok(x.device) else _triton_decode.MONARCH_FUSED_MIN_BYTES
     fused = _fused_plan(x, b, m1, p, g2, u, bc) if nbytes >= least else None
     if fused is not None:  # one launch: stage 1 stores the permuted intermediate's partials, stage 2 sums them
         plan, sync, launcher = fused
-        launch = launcher(plan, m1, p, u, bc, chunk1=c)
-        h_shape = (plan["S1"], g2 * bc)
+        launch = launcher(plan, m1, p, u, bc, chunk1=c, act=bool(act))
+        scratch = _scratch((plan["S1"], g2 * bc), x, _eager(x))
 
-        def run_fused(x: Tensor, R: Tensor, L: Tensor) -> Tensor:
-            h = _empty(h_shape, x, torch.float32)
+        def run_fused(x: Tensor, R: Tensor, L: Tensor, act: int = 0) -> Tensor:
+            h = scratch()
             y = _empty((1, g2 * u), x)
             launch(x, (p * x.stride(1), x.stride(1)), R, R.stride(), h, (g2 * bc, c, 1, bc), L, L.stride(), (bc, 1),
-                   y, (u, y.stride(1)), sync)
+                   y, (u, y.stride(1)), sync, b * p * x.stride(1))
             return y
 
         return run_fused
-    p1 = plan_gemv(n, b, m1, p, x.device, split_ok=True)
+    p1 = plan_gemv(n, b, m1, p, x.device, split_ok=True, act=bool(act))
     p2 = plan_gemv(n, g2, u, bc, x.device, split_ok=False)
     # stage 1, group k: row (j, s, q) of R_k -> h[:, j*b*b*c + s*b*c + k*c + q] (the order stage 2 reads), one
     # partial per split
-    stage1 = gemv_launcher(b, n, m1, p, p1, R.dtype, chunk=c, chunk_stride=bc, c_split_stride=n * g2 * bc)
+    stage1 = gemv_launcher(b, n, m1, p, p1, R.dtype, chunk=c, chunk_stride=bc, c_split_stride=n * g2 * bc,
+                           act=bool(act))
     # stage 2, group j*b + s: h[:, (j*b + s)*b*c:][:b*c] (summed over the partials) @ L_(j*b + s)^T
     stage2 = gemv_launcher(g2, n, u, bc, p2, L.dtype, a_partials=p1["splits"], a_partial_stride=n * g2 * bc)
-    h_shape = (p1["splits"], n, g2 * bc)
+    scratch = _scratch((p1["splits"], n, g2 * bc), x, _eager(x))
 
-    def run(x: Tensor, R: Tensor, L: Tensor) -> Tensor:
-        h = _empty(h_shape, x, torch.float32)
-        stage1(x, (p * x.stride(1), x.stride(0), x.stride(1)), R, R.stride(), h, (c, g2 * bc, 1))
+    def run(x: Tensor, R: Tensor, L: Tensor, act: int = 0) -> Tensor:
+        h = scratch()
+        stage1(x, (p * x.stride(1), x.stride(0), x.stride(1)), R, R.stride(), h, (c, g2 * bc, 1), b * p * x.stride(1))
         y = _empty((n, g2 * u), x)
         stage2(h, (bc, g2 * bc, 1), L, L.stride(), y, (u, y.stride(0), 1))
         return y
@@ -153,87 +192,88 @@ def monarch_plan(x: Tensor, R: Tensor, L: Tensor):
     return run
 
 
-def nm_plan(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int):
-    launch = nm_launcher(x.shape[0], values.shape[0], x.shape[1], values.shape[1], n, m, x.device, x.dtype)
+def nm_plan(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, act: int = 0):
+    k = x.shape[1] // 2 if act else x.shape[1]
+    launch = nm_launcher(x.shape[0], values.shape[0], k, values.shape[1], n, m, x.device, x.dtype, act=bool(act))
 
-    def run(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int) -> Tensor:
+    def run(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, act: int = 0) -> Tensor:
         y = _empty((x.shape[0], values.shape[0]), x)
-        launch(x, values, positions, y)
+        launch(x, values, positions, y, k * x.stride(1))
         return y
 
     return run
 
 
-def _lowrank(x: Tensor, U: Tensor, V: Tensor) -> Tensor:
-    return lowrank_plan(x, U, V)(x, U, V)
+def _lowrank(x: Tensor, U: Tensor, V: Tensor, act: int = 0) -> Tensor:
+    return lowrank_plan(x, U, V, act)(x, U, V, act)
 
 
-def _blockdiag(x: Tensor, W: Tensor, siblings: int = 1) -> Tensor:
-    return blockdiag_plan(x, W, siblings)(x, W, siblings)
+def _blockdiag(x: Tensor, W: Tensor, siblings: int = 1, act: int = 0) -> Tensor:
+    return blockdiag_plan(x, W, siblings, act)(x, W, siblings, act)
 
 
-def _monarch(x: Tensor, R: Tensor, L: Tensor) -> Tensor:
-    return monarch_plan(x, R, L)(x, R, L)
+def _monarch(x: Tensor, R: Tensor, L: Tensor, act: int = 0) -> Tensor:
+    return monarch_plan(x, R, L, act)(x, R, L, act)
 
 
-def _nm(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int) -> Tensor:
-    return nm_plan(x, values, positions, n, m)(x, values, positions, n, m)
+def _nm(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, act: int = 0) -> Tensor:
+    return nm_plan(x, values, positions, n, m, act)(x, values, positions, n, m, act)
 
 
 PLANS = {"lowrank": lowrank_plan, "blockdiag": blockdiag_plan, "monarch": monarch_plan, "nm": nm_plan}
 
 
 @torch.library.custom_op("structmat::decode_lowrank", mutates_args=())
-def decode_lowrank_op(x: Tensor, U: Tensor, V: Tensor) -> Tensor:
-    return _lowrank(x, U, V)
+def decode_lowrank_op(x: Tensor, U: Tensor, V: Tensor, act: int = 0) -> Tensor:
+    return _lowrank(x, U, V, act)
 
 
 @decode_lowrank_op.register_fake
-def _(x, U, V):
+def _(x, U, V, act=0):
     return x.new_empty((x.shape[0], U.shape[0] * U.shape[1] if U.dim() == 3 else U.shape[0]))
 
 
 @torch.library.custom_op("structmat::decode_blockdiag", mutates_args=())
-def decode_blockdiag_op(x: Tensor, W: Tensor, siblings: int = 1) -> Tensor:
-    return _blockdiag(x, W, siblings)
+def decode_blockdiag_op(x: Tensor, W: Tensor, siblings: int = 1, act: int = 0) -> Tensor:
+    return _blockdiag(x, W, siblings, act)
 
 
 @decode_blockdiag_op.register_fake
-def _(x, W, siblings=1):
+def _(x, W, siblings=1, act=0):
     return x.new_empty((x.shape[0], W.shape[0] * W.shape[1]))
 
 
 @torch.library.custom_op("structmat::decode_monarch", mutates_args=())
-def decode_monarch_op(x: Tensor, R: Tensor, L: Tensor) -> Tensor:
-    return _monarch(x, R, L)
+def decode_monarch_op(x: Tensor, R: Tensor, L: Tensor, act: int = 0) -> Tensor:
+    return _monarch(x, R, L, act)
 
 
 @decode_monarch_op.register_fake
-def _(x, R, L):
+def _(x, R, L, act=0):
     return x.new_empty((x.shape[0], L.shape[0] * L.shape[1]))
 
 
 @torch.library.custom_op("structmat::decode_nm", mutates_args=())
-def decode_nm_op(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int) -> Tensor:
-    return _nm(x, values, positions, n, m)
+def decode_nm_op(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, act: int = 0) -> Tensor:
+    return _nm(x, values, positions, n, m, act)
 
 
 @decode_nm_op.register_fake
-def _(x, values, positions, n, m):
+def _(x, values, positions, n, m, act=0):
     return x.new_empty((x.shape[0], values.shape[0]))
 
 
-def lowrank(x: Tensor, U: Tensor, V: Tensor) -> Tensor:
-    return decode_lowrank_op(x, U, V) if torch.compiler.is_compiling() else _lowrank(x, U, V)
+def lowrank(x: Tensor, U: Tensor, V: Tensor, act: int = 0) -> Tensor:
+    return (decode_lowrank_op if torch.compiler.is_compiling() else _lowrank)(x, U, V, act)
 
 
-def blockdiag(x: Tensor, W: Tensor, siblings: int = 1) -> Tensor:
-    return decode_blockdiag_op(x, W, siblings) if torch.compiler.is_compiling() else _blockdiag(x, W, siblings)
+def blockdiag(x: Tensor, W: Tensor, siblings: int = 1, act: int = 0) -> Tensor:
+    return (decode_blockdiag_op if torch.compiler.is_compiling() else _blockdiag)(x, W, siblings, act)
 
 
-def monarch(x: Tensor, R: Tensor, L: Tensor) -> Tensor:
-    return decode_monarch_op(x, R, L) if torch.compiler.is_compiling() else _monarch(x, R, L)
+def monarch(x: Tensor, R: Tensor, L: Tensor, act: int = 0) -> Tensor:
+    return (decode_monarch_op if torch.compiler.is_compiling() else _monarch)(x, R, L, act)
 
 
-def nm(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int) -> Tensor:
-    return decode_nm_op(x, values, positions, n, m) if torch.compiler.is_compiling() else _nm(x, values, positions, n, m)
+def nm(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, act: int = 0) -> Tensor:
+    return (decode_nm_op if torch.compiler.is_compiling() else _nm)(x, values, positions, n, m, act)

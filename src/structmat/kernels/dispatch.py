@@ -496,8 +496,11 @@ def planner(op: str) -> Callable[..., Callable[..., Tensor] | None]:
                 graphed = choose_(x, *rest)
             finally:
                 _GRAPHED[0] = None
-            if graphed not in (choice, "dense"):
-                (decode.PLANS[op](x, *rest) if graphed == "decode" else call_(graphed) or reference)(x, *rest)
+            if graphed == "decode":  # (the captured form: eager plans may take other kernels, decode._eager)
+                with decode.captured_form():
+                    decode.PLANS[op](x, *rest)(x, *rest)
+            elif graphed not in (choice, "dense"):
+                (call_(graphed) or reference)(x, *rest)
 
         def run(*args: Tensor) -> Tensor:
             _record(op, choice)

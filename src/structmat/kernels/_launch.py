@@ -1,0 +1,110 @@
+"""Launching a Triton kernel without Triton's per-call argument binding (GPU only).
+
+``kernel[grid](*args, **constexprs)`` binds every argument, recomputes its specialization (integer values, pointer
+alignment) and looks the compiled kernel up, on every call: tens of microseconds on a slow host, more than the
+launch itself and more than a cuBLAS call. Few-token eager decode is host-bound, so that cost is the decode step's
+cost. A :class:`Launch` is one kernel with fixed constexprs and grid: its first call goes through Triton and records
+the exact arguments Triton passed to the compiled kernel's launcher; later calls whose specialization matches the
+recorded one (same integer arguments, every pointer 16-byte aligned as recorded) call that launcher directly.
+Anything else (another Triton whose launcher takes other arguments, a profiler's launch hooks, the interpreter, a
+call whose integers differ) goes through Triton as before.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+
+import torch
+from torch import Tensor
+
+try:  # (Triton >= 3.4 keeps its launch hooks here; elsewhere the direct path stays off)
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    _knobs = None
+
+#: STRUCTMAT_DIRECT_LAUNCH=0 sends every launch through Triton (a switch for benchmarks and bisecting)
+DIRECT = [os.environ.get("STRUCTMAT_DIRECT_LAUNCH", "1") not in ("", "0") and _knobs is not None]
+
+
+def _hooks_idle() -> tuple | None:
+    """Triton's (enter, exit) launch hooks where none is set (None, or an empty chain), else None."""
+    rt = _knobs.runtime
+    enter, exit_ = rt.launch_enter_hook, rt.launch_exit_hook
+    for hook in (enter, exit_):
+        if hook is not None and getattr(hook, "calls", True):
+            return None
+    return enter, exit_
+
+
+def _picker(positions: list[int]):
+    """args -> the tuple of args at ``positions`` (operator.itemgetter, which returns a bare item for one)."""
+    if not positions:
+        return lambda args: ()
+    if len(positions) == 1:
+        i = positions[0]
+        return lambda args: (args[i],)
+    return operator.itemgetter(*positions)
+
+
+class Launch:
+    """``Launch(kernel, grid, **constexprs)(*args)`` runs ``kernel[grid](*args, **constexprs)`` (``args``: the
+    kernel's positional arguments, constexprs and launch options as keywords), directly after the first call where
+    that is safe (module docstring)."""
+
+    __slots__ = ("kernel", "grid", "kw", "compiled", "tail", "device", "run", "values", "values_of", "tensors_of")
+
+    def __init__(self, kernel, grid: tuple, **kw):
+        self.kernel, self.grid, self.kw = kernel, tuple(grid) + (1,) * (3 - len(grid)), kw
+        self.compiled = self.tail = self.run = self.device = self.values = self.values_of = self.tensors_of = None
+
+    def __call__(self, *args) -> None:
+        # (the specialization check: the same non-tensor arguments, every pointer 16-byte aligned as recorded; a
+        # tensor's dtype is the plan's, which made this launch for it)
+        if self.run is not None and self.values_of(args) == self.values:
+            for t in self.tensors_of(args):
+                if t.data_ptr() & 15:
+                    break
+            else:
+                hooks = _hooks_idle()
+                if hooks is not None:
+                    g = self.grid
+                    self.run(g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(self.device),
+                             self.compiled.function, self.compiled.packed_metadata, None, hooks[0], hooks[1], *args,
+                             *self.tail)
+                    return
+        compiled = self.kernel[self.grid](*args, **self.kw)
+        if self.compiled is None and DIRECT[0] and compiled is not None and args and isinstance(args[0], Tensor) \
+                and args[0].is_cuda:
+            self.compiled = compiled
+            self._record(args)
+
+    def _record(self, args: tuple) -> None:
+        """Run the call once more through Triton with the compiled launcher wrapped, and keep the direct path only
+        if the launcher's arguments are (grid, stream, function, metadata, launch metadata, hooks, *args, *tail)."""
+        compiled, seen = self.compiled, []
+        launcher = compiled.run
+        # (Triton 3.9 keeps the launcher behind a property, ``_run``; older ones in the attribute ``run``)
+        attr = "_run" if isinstance(getattr(type(compiled), "run", None), property) else "run"
+        try:
+            setattr(compiled, attr, lambda *a: (seen.append(a), launcher(*a))[1])
+            self.kernel[self.grid](*args, **self.kw)
+        finally:
+            setattr(compiled, attr, launcher)
+        if len(seen) != 1:
+            return
+        a = seen[0]
+        device = args[0].device.index
+        head = (self.grid[0], self.grid[1], self.grid[2], torch._C._cuda_getCurrentRawStream(device),
+                compiled.function, compiled.packed_metadata)
+        rest = a[9:]
+        if a[:6] != head or a[6] is not None and _hooks_idle() is None or len(rest) < len(args) \
+                or any(x is not y if isinstance(y, Tensor) else type(x) is not type(y) or x != y
+                       for x, y in zip(rest, args)):
+            return
+        if any(isinstance(x, Tensor) and x.data_ptr() & 15 for x in args):
+            return  # (a misaligned pointer was specialized as such: leave this launch to Triton)
+        self.values_of = _picker([i for i, x in enumerate(args) if not isinstance(x, Tensor)])
+        self.tensors_of = _picker([i for i, x in enumerate(args) if isinstance(x, Tensor)])
+        self.values = self.values_of(args)
+        self.tail, self.device, self.run = tuple(rest[len(args):]), device, launcher
