@@ -36,6 +36,19 @@ class Attention(nn.Module):
         return self.o_proj(self.q_proj(x) * self.k_proj(x).sigmoid() + self.v_proj(x))
 
 
+class MLP(nn.Module):
+    """A gated MLP as Llama's: down(SiLU(gate(x)) * up(x))."""
+
+    def __init__(self, spec: str, dtype=torch.float32, hidden: int = 48, act=None) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj = (build(spec, IN, hidden, bias=False, dtype=dtype).init_() for _ in range(2))
+        self.down_proj = build(spec, hidden, IN, bias=False, dtype=dtype).init_()
+        self.act_fn = nn.SiLU() if act is None else act
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
 def rel_rms(a, ref) -> float:
     a, ref = a.detach().double(), ref.detach().double()
     return float((a - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
@@ -50,15 +63,15 @@ def _interpret_report() -> dict:
     calls = []  # group products run (eager, or a compiled graph's custom op body): the op's output is 3 members wide
 
     def counted(name, body):
-        def run(*args):
-            y = body(*args)
+        def run(*args, **kwargs):
+            y = body(*args, **kwargs)
             if y.shape[1] >= 3 * OUT:  # (a single member, or o_proj: narrower)
                 calls.append(name)
             return y
         return run
 
     def counted_plan(name, plan):
-        return lambda *args: counted(name, plan(*args))
+        return lambda *args, **kwargs: counted(name, plan(*args, **kwargs))
 
     for name in SPECS:  # the custom ops' bodies (compiled graphs) and the plans eager calls keep
         setattr(decode, f"_{name}", counted(name, getattr(decode, f"_{name}")))
@@ -107,6 +120,52 @@ def _interpret_report() -> dict:
         report[f"{name}-compiled"] = dict(max_err=max(errs), calls=per_call,
                                           graphs=int(counters["stats"]["unique_graphs"]),
                                           traced_cleared=groups[0]._traced_x is None and groups[0]._traced_y is None)
+    # gated MLPs: two products where the decode kernels run (no SiLU call), eager and compiled
+    silu_calls = [0]
+    silu = torch.nn.functional.silu
+
+    def counted_silu(*args, **kwargs):
+        silu_calls[0] += 1
+        return silu(*args, **kwargs)
+
+    torch.nn.functional.silu = counted_silu
+    for name, spec in SPECS.items():
+        model = MLP(spec).eval()
+        ref64 = MLP(spec, torch.float64).eval()
+        ref64.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in model.state_dict().items()})
+        structmat.fuse_siblings(model)
+        entry = report[f"{name}-mlp"] = {"installed": "forward" in model.__dict__}
+        for graphed in (False, True):
+            dispatch._GRAPHED[0] = True if graphed else None
+            for n in (1, 3, 17):
+                x = torch.randn(n, 1, IN)
+                with torch.inference_mode():
+                    silu_calls[0] = 0
+                    y = model(x)
+                    silu_seen = silu_calls[0]
+                entry[f"{'graphed' if graphed else 'eager'}-{n}"] = dict(err=rel_rms(y, ref64(x.double())),
+                                                                       silu=silu_seen)
+        dispatch._GRAPHED[0] = None
+        torch.nn.functional.silu = silu  # (a traced counter would guard on its value: a graph per call)
+        torch._dynamo.reset()
+        codes = []
+
+        def keep(gm, example_inputs):
+            codes.append(gm.code)
+            return gm.forward
+
+        compiled = torch.compile(model, backend=keep, fullgraph=True)
+        errs = []
+        with torch.no_grad():
+            for n in range(1, 7):
+                x = torch.randn(n, 1, IN)
+                errs.append(rel_rms(compiled(x), ref64(x.double())))
+        entry["compiled"] = dict(max_err=max(errs), graphs=len(codes), first_silu="silu" in codes[0],
+                                 first_ops=codes[0].count("torch.ops.structmat.decode_"))
+        structmat.unfuse_siblings(model)
+        entry["unfused"] = "forward" not in model.__dict__
+        torch.nn.functional.silu = counted_silu
+    torch.nn.functional.silu = silu
     # a tiny structured Llama (HF): greedy decode with its KV cache gives the unfused model's tokens
     from structmat.plan import Plan
     from structmat.train.models import structured_llama
@@ -126,7 +185,8 @@ def _interpret_report() -> dict:
             fused = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, use_cache=True)
             fused_logits = model(plain).logits
         report[f"llama-{spec}"] = dict(groups=sorted(len(g.members) for g in groups), same=torch.equal(plain, fused),
-                                       logits_err=rel_rms(fused_logits, plain_logits), calls=len(calls))
+                                       logits_err=rel_rms(fused_logits, plain_logits), calls=len(calls),
+                                       gated=sum("forward" in m.__dict__ for m in model.modules()))
     dispatch._GRAPHED[0] = None
     return report
 
@@ -165,8 +225,25 @@ def test_compiled_fused_siblings_one_product_no_recompile_interpreter(interpret_
 def test_fused_siblings_in_hf_llama_generate_interpreter(interpret_report, spec):
     """A structured HF Llama fused (q/k/v and gate/up per layer) generates the unfused model's tokens."""
     entry = interpret_report[f"llama-{spec}"]
-    assert entry["groups"] == [2, 2, 3, 3], entry
+    assert entry["groups"] == [2, 2, 3, 3] and entry["gated"] == 2, entry  # (both layers' MLPs run as two products)
     assert entry["same"] and entry["logits_err"] <= TOL and entry["calls"] > 0, entry
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_gated_mlp_runs_as_two_products_interpreter(interpret_report, name):
+    """A fused gated MLP: where the decode kernels run (one token in a graph; eager where the members take them) the
+    MLP is the group product and the down product, which forms SiLU(gate) * up on load (no SiLU call, none in the
+    compiled one-token graph); elsewhere the MLP's own forward; the float64 reference's output either way;
+    unfuse_siblings gives the class's forward back."""
+    entry = interpret_report[f"{name}-mlp"]
+    assert entry["installed"] and entry["unfused"], entry
+    for mode in ("eager", "graphed"):
+        for n in (1, 3, 17):
+            assert entry[f"{mode}-{n}"]["err"] <= TOL, (mode, n, entry)
+    assert entry["graphed-1"]["silu"] == 0, entry
+    compiled = entry["compiled"]
+    assert compiled["max_err"] <= TOL and compiled["graphs"] <= 2, compiled
+    assert compiled["first_ops"] == 2 and not compiled["first_silu"], compiled  # (group product, down with act)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -297,6 +374,30 @@ def test_only_equal_siblings_fuse():
     mixed = Attention(SPECS["lowrank"])
     mixed.k_proj = build(SPECS["monarch"], IN, OUT)
     assert [len(g.members) for g in structmat.fuse_siblings(mixed)] == [2]  # q and v
+
+
+def test_gated_mlp_only_where_the_forward_is_gated_silu():
+    """The two-product MLP is installed only on a gated SiLU MLP whose forward computes down(SiLU(gate) * up): not
+    with another activation, another formula, unfused siblings (different sizes) or gated_mlp=False."""
+    torch.manual_seed(0)
+    spec = SPECS["lowrank"]
+    assert "forward" in _fused(MLP(spec)).__dict__
+    assert "forward" not in _fused(MLP(spec, act=nn.GELU())).__dict__
+    assert "forward" not in _fused(MLP(spec), gated_mlp=False).__dict__
+
+    class Other(MLP):
+        def forward(self, x):  # (same children, another formula)
+            return self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x) + 1)
+
+    assert "forward" not in _fused(Other(spec)).__dict__
+    mlp = MLP(spec)
+    mlp.up_proj = build("lowrank:rank=5", IN, 48, bias=False).init_()  # (unequal siblings: no group)
+    assert "forward" not in _fused(mlp).__dict__
+
+
+def _fused(model: nn.Module, **kwargs) -> nn.Module:
+    structmat.fuse_siblings(model, **kwargs)
+    return model
 
 
 def test_fuse_siblings_bad_input():

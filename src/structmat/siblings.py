@@ -17,6 +17,11 @@ launch for all members: ``structmat.kernels.decode`` with stacked operands) and 
 Anywhere else (many tokens, gradients, CPU without Triton, autocast) each member runs its own path, unchanged.
 A member called with another input than its siblings gets a correct result at the cost of the whole group's product.
 
+Gated MLPs (``gate_proj``/``up_proj``/``down_proj`` with a SiLU ``act_fn``, as Llama, Mistral, Qwen, SmolLM): where
+gate and up fuse and ``down_proj`` is structured, the MLP itself runs as TWO products at few tokens, the down product
+forming its input SiLU(gate) * up while it loads it (``act`` of the decode kernels): no activation kernel, no
+hidden vector written, one module call instead of four (:func:`fuse_siblings`, ``gated_mlp=True``).
+
 Anything that may replace a member's tensors (``.to()``, ``.half()``, a state-dict load, assigning a factor)
 dissolves the group (members keep working on their own); :func:`unfuse_siblings` also gives each member its own
 storage back. Fuse after moving the model to its device and dtype.
@@ -24,9 +29,11 @@ storage back. Fuse after moving the model to its device and dtype.
 
 from __future__ import annotations
 
+import types
 from typing import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .structures.base import PLAN_EPOCH, StructuredLinear
@@ -35,6 +42,9 @@ from .structures.base import PLAN_EPOCH, StructuredLinear
 #: attention and MLP, BERT-style self-attention, Mixtral-style experts).
 SIBLING_NAMES: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"),
                                               ("query", "key", "value"), ("w1", "w3"))
+#: A gated MLP's (gate, up, down) children: down(act_fn(gate(x)) * up(x)) with act_fn SiLU
+GATED_MLP = ("gate_proj", "up_proj", "down_proj")
+_DECODE_OPS = ("lowrank", "monarch", "blockdiag", "nm")
 
 
 # How each structure stacks: (dispatch op, factor names, dim of each factor along which members are stacked,
@@ -96,6 +106,7 @@ class SiblingGroup:
         for i, m in enumerate(members):
             m.__dict__["_sibling_group"] = (self, i)
         self._plans: dict = {}
+        self._gated_plans: dict = {}
         self._forget()
 
     def _forget(self) -> None:
@@ -110,12 +121,11 @@ class SiblingGroup:
             m.__dict__.pop("_sibling_group", None)
         self._forget()
         self._plans.clear()
+        self._gated_plans.clear()
 
     # --- the product -------------------------------------------------------------------------------------------
     def _factors(self, member: StructuredLinear) -> tuple:
-        layout = _LAYOUT[member.name][1]
-        factors = tuple(_get(member, name, buf) for name, _, buf in layout)
-        return factors + ((member.n, member.m) if self.op == "nm" else ())
+        return _factors_of(member)
 
     def _call(self) -> Callable[[Tensor], Tensor]:
         from .kernels import decode
@@ -132,14 +142,22 @@ class SiblingGroup:
         return lambda x: getattr(decode, self.op)(x, *stacks)
 
     def _takes_decode(self, member: StructuredLinear, flat: Tensor) -> bool:
-        """Whether the member's own dispatch takes the decode kernels for this input (then so does the group)."""
+        """Whether the group runs its decode product for this input: where the member's own dispatch takes the
+        decode kernels; in eager calls (host-bound: one call for g members) wherever the decode kernels can run,
+        unless a backend is forced."""
         from .kernels import dispatch
 
         if self.op == "dense":
             return True  # (one GEMM for all members, on any device)
         if dispatch.decode is None:
             return False
-        return dispatch._OPS[self.op][0](flat, *self._factors(member)) == "decode"
+        choose = dispatch._OPS[self.op][0]
+        graphed = (torch.compiler.is_compiling() or dispatch._GRAPHED[0]
+                   or (flat.is_cuda and torch.cuda.is_current_stream_capturing()))
+        if not graphed and dispatch.get_backend() == "auto":
+            with dispatch.use_backend("decode"):
+                return choose(flat, *self._factors(member)) == "decode"
+        return choose(flat, *self._factors(member)) == "decode"
 
     def _planned(self, flat: Tensor) -> Callable[[Tensor], Tensor]:
         """The group product for this input's shape with the decode kernels' plan made once (tile plans, grids,
@@ -156,7 +174,7 @@ class SiblingGroup:
 
     def _plan(self, member: StructuredLinear, x: Tensor, key: tuple) -> Callable[[Tensor], Tensor] | None:
         """Eager: the group's call for inputs like ``x`` (None: the members' own paths), made once per key."""
-        from .kernels import dispatch
+        from .kernels import decode, dispatch
 
         flat = x.reshape(-1, member.in_features)
         run = None
@@ -171,7 +189,8 @@ class SiblingGroup:
                 finally:
                     dispatch._GRAPHED[0] = None
                 if graphed:
-                    self._planned(flat)(flat)
+                    with decode.captured_form():
+                        self._planned(flat)(flat)
         if len(self._plans) < 64:
             self._plans[key] = run
         return run
@@ -225,6 +244,112 @@ class SiblingGroup:
         return y[:, lo:lo + self.out]
 
 
+    # --- a gated MLP over this group (gate, up) ------------------------------------------------------------------
+    def gated(self, down: StructuredLinear, x: Tensor) -> Tensor | None:
+        """``down(SiLU(gate(x)) * up(x))`` as two products, the down product forming its input on load; None where
+        the group's and down's own dispatch would not take the decode kernels (the MLP's own forward runs)."""
+        if torch.is_grad_enabled() and (x.requires_grad or any(
+                isinstance(f, Tensor) and f.requires_grad for m in (*self.members, down) for f in _factors_of(m))):
+            return None
+        if torch.compiler.is_compiling():
+            found = self._gated_products(down, x, planned=False)
+            return None if found is None else found[2]
+        from .kernels import dispatch
+
+        key = (x.shape, x.dtype, x.device, PLAN_EPOCH[0], torch.is_autocast_enabled("cuda"),
+               x.is_cuda and torch.cuda.is_current_stream_capturing(), dispatch._GRAPHED[0])
+        run = self._gated_plans[key] if key in self._gated_plans else self._gated_plan(down, x, key)
+        return None if run is None else run(x)
+
+    def _gated_products(self, down: StructuredLinear, x: Tensor, planned: bool):
+        """(group product, down product, the MLP's output for ``x``), or None where they do not apply. ``planned``:
+        the decode kernels' plans made once (eager), else ``decode``'s calls (custom ops under torch.compile)."""
+        from .kernels import decode, dispatch
+
+        flat = x if x.dim() == 2 else x.reshape(-1, self.members[0].in_features)
+        if flat.shape[0] > dispatch.DECODE_MAX_TOKENS or (flat.is_cuda and torch.is_autocast_enabled("cuda")):
+            return None
+        if not self._takes_decode(self.members[0], flat):
+            return None
+        group = self._planned(flat) if planned else self._call()
+        h = group(flat)
+        factors = _factors_of(down)
+        if not (self._takes_decode(down, h[:, :down.in_features]) if down.name == self.op else
+                dispatch._OPS[down.name][0](h[:, :down.in_features], *factors) == "decode"):
+            return None
+        if planned:
+            plan = decode.PLANS[down.name](h, *factors, act=1)
+            second = lambda h: plan(h, *factors, act=1)  # noqa: E731
+        else:
+            op = getattr(decode, down.name)
+            second = lambda h: op(h, *factors, act=1)  # noqa: E731
+        y = second(h)
+        return group, second, y if x.dim() == 2 else y.reshape(*x.shape[:-1], down.out_features)
+
+    def _gated_plan(self, down: StructuredLinear, x: Tensor, key: tuple):
+        """Eager: the MLP's planned call for inputs like ``x``, made once per key (outside a capture, the kernels
+        a captured call would take are compiled and loaded now too: never inside one)."""
+        from .kernels import decode, dispatch
+
+        run = None
+        found = self._gated_products(down, x, planned=True)
+        if found is not None:
+            group, second, _ = found
+            inp, out = self.members[0].in_features, down.out_features
+
+            def run(x: Tensor) -> Tensor:
+                if x.dim() == 2:
+                    return second(group(x))
+                return second(group(x.reshape(-1, inp))).reshape(*x.shape[:-1], out)
+
+            if x.is_cuda and not key[-2]:
+                dispatch._GRAPHED[0] = True
+                try:
+                    with decode.captured_form():
+                        self._gated_products(down, x, planned=True)
+                finally:
+                    dispatch._GRAPHED[0] = None
+        if len(self._gated_plans) < 64:
+            self._gated_plans[key] = run
+        return run
+
+
+def _factors_of(layer: StructuredLinear) -> tuple:
+    """A layer's decode operands in the order the decode ops take them."""
+    factors = tuple(_get(layer, name, buf) for name, _, buf in _LAYOUT[layer.name][1])
+    return factors + ((layer.n, layer.m) if layer.name == "nm" else ())
+
+
+def _gated_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """A fused gated MLP's forward (installed on the instance by fuse_siblings): two products where they apply,
+    else the class's own forward."""
+    entry = self.gate_proj.__dict__.get("_sibling_group")
+    y = None if entry is None else entry[0].gated(self.down_proj, x)
+    return type(self).forward(self, x) if y is None else y
+
+
+def _gated_ok(parent: nn.Module, group: "SiblingGroup") -> bool:
+    """Whether ``parent`` is a gated MLP whose activation the down product can apply: gate and up are ``group`` (in
+    that order), down is a decode-capable structured layer, no biases, a SiLU activation, and the parent's forward
+    computes down(SiLU(gate(x)) * up(x)) (checked on one random token, through the layers' own paths)."""
+    gate, up, down = (getattr(parent, n, None) for n in GATED_MLP)
+    if group.members != [gate, up] or not isinstance(down, StructuredLinear) or down.name not in _DECODE_OPS:
+        return False
+    act = getattr(parent, "act_fn", None)  # (torch's SiLU or transformers' SiLUActivation; the check below decides)
+    if _key(down) is None or "_sibling_group" in down.__dict__ or not (
+            isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"):
+        return False
+    if any(m.bias is not None for m in (gate, up, down)) or down.in_features != gate.out_features:
+        return False
+    factor = _get(gate, _LAYOUT[gate.name][1][0][0], _LAYOUT[gate.name][1][0][2])
+    x = torch.randn(1, gate.in_features, device=factor.device, dtype=factor.dtype)
+    with torch.no_grad():
+        want = down(F.silu(gate(x)) * up(x))
+        got = type(parent).forward(parent, x)
+    return got.shape == want.shape and bool(torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-3 * float(
+        want.float().abs().max().clamp_min(1e-30))))
+
+
 def _groups_in(model: nn.Module, names: Iterable[tuple[str, ...]]) -> list[list[StructuredLinear]]:
     found = []
     for parent in model.modules():
@@ -241,23 +366,37 @@ def _groups_in(model: nn.Module, names: Iterable[tuple[str, ...]]) -> list[list[
     return found
 
 
-def fuse_siblings(model: nn.Module, names: Iterable[tuple[str, ...]] = SIBLING_NAMES) -> list[SiblingGroup]:
+def fuse_siblings(model: nn.Module, names: Iterable[tuple[str, ...]] = SIBLING_NAMES,
+                  gated_mlp: bool = True) -> list[SiblingGroup]:
     """Fuse every group of equal structured siblings of ``model`` (children of one module named together in
     ``names``, which must read the same input in the model's forward) so that few-token inference runs one product
     per group. Adds no memory. Returns the groups (empty if none qualified: different structures, sizes or dtypes,
-    padded layers, merged or meta layers stay as they are)."""
+    padded layers, merged or meta layers stay as they are). ``gated_mlp``: a gated MLP whose gate and up fused
+    (``GATED_MLP``, a SiLU activation, a structured down) runs as two products (module docstring)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse_siblings expects an nn.Module, got {type(model).__name__}")
     names = [tuple(g) for g in names]
     if not all(g and all(isinstance(n, str) and n for n in g) for g in names):
         raise ValueError(f"fuse_siblings: names must be tuples of child names, e.g. {SIBLING_NAMES[0]}; got {names}")
-    return [SiblingGroup(members) for members in _groups_in(model, names)]
+    found = _groups_in(model, names)
+    parents = {id(m): p for p in model.modules() for m in p.children()}
+    groups = [SiblingGroup(members) for members in found]
+    if gated_mlp:
+        for group in groups:
+            parent = parents.get(id(group.members[0]))
+            if parent is not None and "forward" not in parent.__dict__ and _gated_ok(parent, group):
+                parent.forward = types.MethodType(_gated_forward, parent)
+    return groups
 
 
 def unfuse_siblings(model: nn.Module) -> int:
     """Undo :func:`fuse_siblings`: every member gets its own contiguous storage back. Returns the groups undone."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"unfuse_siblings expects an nn.Module, got {type(model).__name__}")
+    for parent in model.modules():  # the gated MLPs' forwards go back to their class's
+        fwd = parent.__dict__.get("forward")
+        if isinstance(fwd, types.MethodType) and fwd.__func__ is _gated_forward:
+            del parent.__dict__["forward"]
     groups = {id(e[0]): e[0] for m in model.modules() if (e := m.__dict__.get("_sibling_group")) is not None}
     for group in groups.values():
         members = group.members
