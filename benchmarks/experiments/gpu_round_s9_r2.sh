@@ -8,11 +8,11 @@
 #   4. eager HF generate, every model unfused and fused, interleaved over 5 rounds.
 STEP_DIR=${OUT:?set OUT}/12
 source benchmarks/experiments/_round.sh
-step gpu-tests 200 python3 -m pytest -q -x -m gpu tests/test_inference.py tests/test_siblings.py \
+step gpu-tests 150 python3 -m pytest -q -x -m gpu tests/test_inference.py tests/test_siblings.py \
   -k "direct_launch or (decode_kernels_match_reference_gpu and bfloat16) or fused_siblings"
-step host 120 python3 benchmarks/experiments/host_costs.py --out "$OUT/12"
+step host 60 python3 benchmarks/experiments/host_costs.py --out "$OUT/12"
 M=dense,dense+fused,lowrank+fused,monarch+fused,blockdiag+fused,nm24+fused
-step floor 200 python3 benchmarks/experiments/decode_floor.py --out "$OUT/12" --models "$M" \
+step floor 180 python3 benchmarks/experiments/decode_floor.py --out "$OUT/12" --models "$M" \
   --graph-batches 1 --eager-models "" --generate-models "" --step-compile "$M"
 M=dense,dense+fused,lowrank,lowrank+fused,monarch,monarch+fused,blockdiag,blockdiag+fused,nm24,nm24+fused
 step eager 150 python3 benchmarks/experiments/decode_floor.py --out "$OUT/12" --models dense --graph-batches 1 \
