@@ -526,6 +526,7 @@ def test_direct_launch_skips_triton_binding_gpu():
             x = torch.randn(n, 2048, device=dev, dtype=dt)
             run = decode.PLANS[name](x, *operands)
             first = run(x, *operands).clone()
+            assert torch.equal(run(x, *operands), first), (name, n, pdl, "the recording call")
             calls[0] = 0
             outs = [run(x, *operands) for _ in range(20)]
             assert calls[0] == 0, (name, n, pdl, "went through Triton")
@@ -544,6 +545,35 @@ def test_direct_launch_skips_triton_binding_gpu():
     finally:
         jit.JITFunction.run = original
         _triton_decode.PDL[0] = saved
+
+
+@pytest.mark.gpu
+def test_launch_runs_the_kernel_once_per_call_gpu():
+    """A Launch's every call launches its kernel exactly once: the first (compiling), the second (recording the
+    launcher's arguments), the direct ones after it, and a fresh one's single call inside a CUDA graph capture (a
+    plan made per call while capturing must not record two launches into the graph)."""
+    import triton
+    import triton.language as tl
+
+    from structmat.kernels._launch import Launch
+
+    @triton.jit
+    def bump(counter, by):
+        tl.atomic_add(counter, by)
+
+    counter = torch.zeros(1, device="cuda", dtype=torch.int32)
+    launch = Launch(bump, (1,))
+    for i in range(1, 6):
+        launch(counter, 1)
+        assert int(counter.item()) == i, ("call", i)
+    assert launch.run is not None  # (the direct path was taken after the recording call)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        Launch(bump, (1,))(counter, 1)
+    before = int(counter.item())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert int(counter.item()) == before + 1
 
 
 def _repeats_bit_for_bit():

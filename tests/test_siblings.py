@@ -70,8 +70,13 @@ def _interpret_report() -> dict:
             return y
         return run
 
+    made = [0]  # plans made: a second call like the first must make none (the plans are kept)
+
     def counted_plan(name, plan):
-        return lambda *args, **kwargs: counted(name, plan(*args, **kwargs))
+        def make(*args, **kwargs):
+            made[0] += 1
+            return counted(name, plan(*args, **kwargs))
+        return make
 
     for name in SPECS:  # the custom ops' bodies (compiled graphs) and the plans eager calls keep
         setattr(decode, f"_{name}", counted(name, getattr(decode, f"_{name}")))
@@ -92,8 +97,11 @@ def _interpret_report() -> dict:
                     calls.clear()
                     y = model(x)
                     ref = ref64(x.double())
+                    first_calls, made[0] = list(calls), 0
+                    again = model(x)
                 report[f"{name}-{'graphed' if graphed else 'eager'}-{n}"] = dict(
-                    err=rel_rms(y, ref), calls=list(calls), pending=groups[0]._pending,
+                    err=rel_rms(y, ref), calls=first_calls, pending=groups[0]._pending, replanned=made[0],
+                    same=torch.equal(again, y),
                     held=groups[0]._x is not None)
         dispatch._GRAPHED[0] = None
         # a member called alone, with another input than its siblings: the group's product, its slice
@@ -143,8 +151,11 @@ def _interpret_report() -> dict:
                     silu_calls[0] = 0
                     y = model(x)
                     silu_seen = silu_calls[0]
+                    made[0] = 0
+                    again = model(x)
                 entry[f"{'graphed' if graphed else 'eager'}-{n}"] = dict(err=rel_rms(y, ref64(x.double())),
-                                                                       silu=silu_seen)
+                                                                       silu=silu_seen, replanned=made[0],
+                                                                       same=torch.equal(again, y))
         dispatch._GRAPHED[0] = None
         torch.nn.functional.silu = silu  # (a traced counter would guard on its value: a graph per call)
         torch._dynamo.reset()
@@ -207,6 +218,7 @@ def test_fused_siblings_match_reference_interpreter(interpret_report, name):
             assert entry["err"] <= TOL, (name, mode, n, entry)
             assert entry["calls"] in ([], [name]), entry  # (none: the members' own paths, e.g. low-rank's cuBLAS)
             assert entry["pending"] == 0 and not entry["held"], entry
+            assert entry["replanned"] == 0 and entry["same"], entry  # (the kept plans: nothing invalidated)
     assert interpret_report[f"{name}-graphed-1"]["calls"] == [name]  # one token in a graph: always the kernels
     assert interpret_report[f"{name}-alone"] <= TOL
 
@@ -240,6 +252,8 @@ def test_gated_mlp_runs_as_two_products_interpreter(interpret_report, name):
     for mode in ("eager", "graphed"):
         for n in (1, 3, 17):
             assert entry[f"{mode}-{n}"]["err"] <= TOL, (mode, n, entry)
+            # a second call like the first runs the kept plans (no plan made, no layer's plans invalidated)
+            assert entry[f"{mode}-{n}"]["replanned"] == 0 and entry[f"{mode}-{n}"]["same"], (mode, n, entry)
     assert entry["graphed-1"]["silu"] == 0, entry
     compiled = entry["compiled"]
     assert compiled["max_err"] <= TOL and compiled["graphs"] <= 2, compiled

@@ -155,7 +155,7 @@ class SiblingGroup:
         graphed = (torch.compiler.is_compiling() or dispatch._GRAPHED[0]
                    or (flat.is_cuda and torch.cuda.is_current_stream_capturing()))
         if not graphed and dispatch.get_backend() == "auto":
-            with dispatch.use_backend("decode"):
+            with dispatch.asking("decode"):  # (use_backend would invalidate every plan on its way out)
                 return choose(flat, *self._factors(member)) == "decode"
         return choose(flat, *self._factors(member)) == "decode"
 

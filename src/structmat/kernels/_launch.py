@@ -73,24 +73,31 @@ class Launch:
                              self.compiled.function, self.compiled.packed_metadata, None, hooks[0], hooks[1], *args,
                              *self.tail)
                     return
+        if self.compiled is not None and self.tail is None and DIRECT[0]:
+            self._record(args)  # (the second call: through Triton once, its launcher's arguments recorded)
+            return
         compiled = self.kernel[self.grid](*args, **self.kw)
-        if self.compiled is None and DIRECT[0] and compiled is not None and args and isinstance(args[0], Tensor) \
+        if self.compiled is None and compiled is not None and args and isinstance(args[0], Tensor) \
                 and args[0].is_cuda:
             self.compiled = compiled
-            self._record(args)
 
     def _record(self, args: tuple) -> None:
-        """Run the call once more through Triton with the compiled launcher wrapped, and keep the direct path only
-        if the launcher's arguments are (grid, stream, function, metadata, launch metadata, hooks, *args, *tail)."""
+        """Run this call through Triton with the compiled launcher wrapped (one launch, as any call), and keep the
+        direct path only if the launcher's arguments were (grid, stream, function, metadata, launch metadata, hooks,
+        *args, *tail). Not on the first call: that one compiles (a call that is made once, as a plan made per call
+        inside a CUDA graph capture, never pays for the recording)."""
         compiled, seen = self.compiled, []
         launcher = compiled.run
+        self.tail = ()  # (recorded once, whatever the outcome)
         # (Triton 3.9 keeps the launcher behind a property, ``_run``; older ones in the attribute ``run``)
         attr = "_run" if isinstance(getattr(type(compiled), "run", None), property) else "run"
         try:
             setattr(compiled, attr, lambda *a: (seen.append(a), launcher(*a))[1])
-            self.kernel[self.grid](*args, **self.kw)
+            again = self.kernel[self.grid](*args, **self.kw)
         finally:
             setattr(compiled, attr, launcher)
+        if again is not compiled:
+            return  # (another specialization than the first call's)
         if len(seen) != 1:
             return
         a = seen[0]

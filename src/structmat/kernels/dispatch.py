@@ -78,6 +78,17 @@ def use_backend(name: str) -> Iterator[None]:
         invalidate_plans()
 
 
+@contextlib.contextmanager
+def asking(name: str) -> Iterator[None]:
+    """``with asking("decode"): choose(...)``: what a forced backend would choose, asked without forcing it (no
+    plan is made or invalidated, unlike ``use_backend``, whose exit invalidates every layer's plans)."""
+    previous, _BACKEND[0] = _BACKEND[0], name
+    try:
+        yield
+    finally:
+        _BACKEND[0] = previous
+
+
 #: The last choice per op, for the benchmark and for curious users: {op: backend}.
 #: Every op's key exists from the start ("" until its first call): a traced write that added a key made dynamo guard
 #: on the dict's keys, so a process whose first structured call was compiled recompiled once the dict filled.
