@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import warnings
 from pathlib import Path
@@ -319,10 +320,20 @@ def _interpret_report() -> dict:
             plans, layer._plans = layer._plans, None
             uncached = layer(x)
             layer._plans, n_plans = plans, len(plans)
+            forms = [v for k, v in plans.items() if k[-1] == "layer"]
+            # the layer's eager form on an N-D input (taken from the second call) and a strided one (its path)
+            x3 = torch.randn(3, 1, 48)
+            y3 = [layer(x3) for _ in range(3)]
+            strided = torch.randn(48, 3).t()
+            y_strided = layer(strided)
             with K.use_backend("reference"):
                 ref = layer(x)
+                ref3, ref_strided = layer(x3), layer(strided)
         report[f"auto-{name}"] = {"choice": choice, "err": rel_rms(y, ref), "plans": n_plans,
-                                  "cached_equal": bool(torch.equal(cached, uncached) and torch.equal(y, cached))}
+                                  "cached_equal": bool(torch.equal(cached, uncached) and torch.equal(y, cached)),
+                                  "eager_form": [callable(f) for f in forms],
+                                  "nd_err": max(rel_rms(v, ref3) for v in y3), "nd_shape": list(y3[-1].shape),
+                                  "strided_err": rel_rms(y_strided, ref_strided)}
         # what a call captured in a CUDA graph would choose (GPU time alone), same answer
         K.dispatch._GRAPHED[0], plans, layer._plans = True, layer._plans, None
         try:
@@ -425,15 +436,19 @@ def test_decode_kernels_stay_in_bounds_interpreter(interpret_report):
 
 def test_auto_takes_decode_kernels_at_few_tokens_interpreter(interpret_report):
     """Inference at few tokens (small layers): eager calls take the path with the least host time on the lent H200
-    host (dispatch.HOST_US: block-diagonal's one bmm beats a Triton launch there), calls captured into a CUDA graph
-    the least GPU time (dispatch.FEW_TOKEN_COST: the decode kernels, except low-rank above one token, whose two cuBLAS
+    host (dispatch.HOST_US: a layer's eager form, one call into its decode plan launched directly, beats the
+    references' cuBLAS calls there), calls captured into a CUDA graph the least GPU time (dispatch.FEW_TOKEN_COST: the decode kernels, except low-rank above one token, whose two cuBLAS
     GEMMs measured faster than its two-launch kernel; at one token its one-launch kernel); the math is the
-    reference's either way."""
-    for name, eager, graphed in (("monarch", "decode", "decode"), ("lowrank", "reference", "reference"),
-                                 ("blockdiag", "reference", "decode"), ("nm", "decode", "decode")):
+    reference's either way, also through a decode layer's eager form (N-D input; a strided one takes its path)."""
+    for name, eager, graphed in (("monarch", "decode", "decode"), ("lowrank", "decode", "reference"),
+                                 ("blockdiag", "decode", "decode"), ("nm", "decode", "decode")):
         entry = interpret_report[f"auto-{name}"]
         assert entry["choice"] == eager and entry["err"] <= TOL["float32"], (name, entry)
-        assert entry["plans"] == 1 and entry["cached_equal"], (name, entry)  # the replayed plan: the same output
+        assert entry["plans"] == 2 and entry["cached_equal"], (name, entry)  # the replayed plan: the same output
+        # (beside it, the layer's eager form: one call into the decode plan, on the input as it comes)
+        assert entry["eager_form"] == [eager == "decode"], (name, entry)
+        assert entry["nd_err"] <= TOL["float32"] and entry["nd_shape"] == [3, 1, 32], (name, entry)
+        assert entry["strided_err"] <= TOL["float32"], (name, entry)
         entry = interpret_report[f"auto-graphed-{name}"]
         assert entry["choice"] == graphed and entry["err"] <= TOL["float32"], (name, entry)
     entry = interpret_report["auto-graphed-lowrank-1"]
@@ -465,6 +480,34 @@ def test_decode_kernels_match_reference_gpu(dtype):
     acts = decode_errors("cuda", getattr(torch, dtype), shapes, (1, 16), act=True)
     errs.update({f"act-{k}": v for k, v in acts.items()})
     bad = {k: v for k, v in errs.items() if not v <= TOL[dtype]}
+    assert not bad, bad
+
+
+@pytest.mark.gpu
+def test_eager_form_matches_the_layer_path_gpu():
+    """A structured layer at few tokens in eager inference (bf16, the bench shape's sizes, a (batch, 1, in) input as
+    a transformer's block gives it): from its second call on, the layer's eager form (one call into its decode plan on
+    the N-D input) runs; its outputs equal the first call's (the layer's own path) and the float64 reference's.
+    Every decode structure, one and four tokens, with and without a bias."""
+    from structmat.structures import build
+
+    torch.manual_seed(0)
+    bad = {}
+    for spec in ("lowrank:rank=512", "monarch:nblocks=4", "blockdiag:nblocks=4", "nm:n=2,m=4"):
+        for bias in (False, True):
+            layer = build(spec, 2048, 2048, bias=bias).init_().to("cuda", torch.bfloat16).eval()
+            ref = copy.deepcopy(layer).double()
+            for batch in (1, 4):
+                x = torch.randn(batch, 1, 2048, device="cuda", dtype=torch.bfloat16)
+                with torch.no_grad():
+                    ys = [layer(x) for _ in range(4)]
+                    want = ref(x.double())
+                forms = [v for k, v in layer._plans.items() if k[-1] == "layer" and k[0] == x.shape]
+                err = rel_rms(ys[-1], want)
+                if forms != [forms[0]] or not callable(forms[0]) or err > TOL["bfloat16"] or \
+                        ys[-1].shape != (batch, 1, 2048) or not all(torch.equal(y, ys[1]) for y in ys[1:]):
+                    bad[(spec, bias, batch)] = dict(forms=[callable(f) for f in forms], err=err,
+                                                    first_vs_form=rel_rms(ys[0], ys[1]))
     assert not bad, bad
 
 
@@ -741,9 +784,12 @@ def test_cached_inference_plan_equals_the_uncached_call(spec):
     torch.manual_seed(0)
     layer = build(spec, 30, 22).eval()
     x3 = torch.randn(2, 3, 30)
+    def shape_plans():  # (the dispatch's plans; beside each, its eager-form entry keyed with "layer")
+        return [k for k in layer._plans if k[-1] != "layer"]
+
     with torch.inference_mode():
         first = layer(x3)
-        assert len(layer._plans) == 1
+        assert len(shape_plans()) == 1
         cached = layer(x3)
         plans, layer._plans = layer._plans, None  # (no plan cache: the full dispatch on every call)
         uncached = layer(x3)
@@ -751,7 +797,7 @@ def test_cached_inference_plan_equals_the_uncached_call(spec):
     assert torch.equal(first, cached) and torch.equal(cached, uncached)
     with torch.no_grad():
         assert torch.equal(layer(x3), uncached)  # (same key in no_grad: the plan is reused)
-    assert len(layer._plans) == 1
+    assert len(shape_plans()) == 1
     y = layer(x3)  # gradients on: no plan, the full dispatch
     assert y.requires_grad and torch.equal(y.detach(), uncached)
     layer.double()
@@ -893,14 +939,15 @@ def test_measured_few_token_policy_at_the_bench_shapes():
         return choose(op, n, inp, out, 2.0 * n * numel, 2 * (numel + n * (inp + out)), torch.bfloat16, b, False,
                       False, True, graphed)
 
-    assert pick("blockdiag", 1, 2048, 2048, False) == "reference"  # one bmm: least host time
+    for op in ("blockdiag", "monarch", "lowrank"):  # eager: the layer's eager form, least host time
+        assert pick(op, 1, 2048, 2048, False) == "decode", op
     assert pick("blockdiag", 1, 2048, 2048, True) == "decode"  # 3.3 vs 3.7 us cold
     assert pick("blockdiag", 1, 2048, 8192, True) in ("reference", "triton", "cublas")  # 4.7 vs 5.7 us
     assert pick("monarch", 1, 2048, 2048, True) == "decode"  # two launches: 7.0 vs 7.7 / 9.7 us
     # one-launch decode kernel (decode-layers-20261203T174120Z.json): Monarch 12.5 vs 13.4 us, low-rank 11.9 vs 13.8
     assert pick("monarch", 1, 8192, 2048, True) == "decode"
     assert pick("lowrank", 1, 2048, 8192, True) == "decode"
-    assert pick("lowrank", 1, 2048, 8192, False) == "reference"  # eager: two cuBLAS calls, less host time
+    assert pick("lowrank", 1, 2048, 8192, False) == "decode"  # eager: one direct launch, less host than 2 cuBLAS
     assert pick("lowrank", 16, 2048, 8192, True) == "reference"  # 11.8 vs 29.1 us (the two-launch form)
     for graphed in (False, True):
         assert pick("monarch", 8192, 2048, 2048, graphed) == pick("monarch", 8192, 2048, 2048, True)  # prefill

@@ -65,7 +65,7 @@ def _interpret_report() -> dict:
     def counted(name, body):
         def run(*args, **kwargs):
             y = body(*args, **kwargs)
-            if y.shape[1] >= 3 * OUT:  # (a single member, or o_proj: narrower)
+            if y.shape[-1] >= 3 * OUT:  # (a single member, or o_proj: narrower)
                 calls.append(name)
             return y
         return run

@@ -88,25 +88,31 @@ def launches(rows):
 
 
 def layers(rows):
-    from structmat.kernels import _launch, _triton_decode
-    from structmat.structures import build
+    """One structured layer's eager call at one token ((1, 1, in), as a block gives it) under each backend, with and
+    without the layer's eager form (structures.base.EAGER_FORM), beside nn.Linear: what dispatch.HOST_US holds."""
+    from structmat.kernels import dispatch
+    from structmat.structures import base, build
 
-    x = torch.randn(1, 1, 2048, device=DEV, dtype=DT)
-    for name, spec in SPECS.items():
-        for inp, outf in ((2048, 2048), (2048, 8192)):
+    form = base.EAGER_FORM[0]
+    for inp, outf in ((2048, 2048), (2048, 8192), (8192, 2048)):
+        xi = torch.randn(1, 1, inp, device=DEV, dtype=DT)
+        lin = torch.nn.Linear(inp, outf, bias=False, device=DEV, dtype=DT)
+        with torch.no_grad():
+            rows.append({"case": f"layer nn.Linear {inp}->{outf}", "us": us(lambda: lin(xi), 1000)})
+        print(rows[-1], flush=True)
+        for name, spec in SPECS.items():
             layer = build(spec, inp, outf, bias=False, device=DEV, dtype=DT).init_()
-            xi = torch.randn(1, 1, inp, device=DEV, dtype=DT)
-            for direct in (False, True):
-                for one_grid in (True, False):
-                    _launch.DIRECT[0], _triton_decode.EAGER_ONE_GRID[0] = direct, one_grid
-                    layer._plans.clear()
-                    with torch.no_grad():
+            for backend in ("auto", "decode", "reference"):
+                for eager_form in (True, False):
+                    base.EAGER_FORM[0] = form if eager_form else None
+                    with dispatch.use_backend(backend), torch.no_grad():
+                        layer(xi)
+                        choice = dispatch.LAST_CHOICE[layer.name]
                         t = us(lambda: layer(xi), 1000)
-                    rows.append({"case": f"layer {name} {inp}->{outf}", "direct": direct, "eager_one_grid": one_grid,
-                                 "us": t})
+                    rows.append({"case": f"layer {name} {inp}->{outf}", "backend": backend, "choice": choice,
+                                 "eager_form": eager_form, "us": t})
                     print(rows[-1], flush=True)
-    _launch.DIRECT[0], _triton_decode.EAGER_ONE_GRID[0] = True, True
-    del x
+    base.EAGER_FORM[0] = form
 
 
 class Block(torch.nn.Module):

@@ -54,6 +54,8 @@ def merge_for_inference(model: nn.Module) -> int:
         with torch.no_grad():  # merge a transient >= fp32 copy of the factors, round once
             merged = copy.deepcopy(layer).to(work).to_dense().to(dtype).contiguous()
         layer.register_buffer(MERGED_WEIGHT, merged, persistent=False)
+        if layer._plans:  # (its eager form reads the factors: the merged copy serves the calls now)
+            layer._plans.clear()
         layer._merged_versions = tuple(f._version for f in factors)
         added += merged.numel() * merged.element_size()
     return added
@@ -65,6 +67,8 @@ def unmerge_for_inference(model: nn.Module) -> int:
     for layer in _structured(model):
         merged = layer._buffers.pop(MERGED_WEIGHT, None)
         if merged is not None:
+            if layer._plans:
+                layer._plans.clear()
             freed += merged.numel() * merged.element_size()
     return freed
 

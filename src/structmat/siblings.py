@@ -119,6 +119,8 @@ class SiblingGroup:
         """Every member runs its own path again (their tensors stay views of the stacks until replaced)."""
         for m in self.members:
             m.__dict__.pop("_sibling_group", None)
+            if m._plans:  # (what was decided while fused, e.g. no eager form of its own)
+                m._plans.clear()
         self._forget()
         self._plans.clear()
         self._gated_plans.clear()
@@ -177,12 +179,13 @@ class SiblingGroup:
         from .kernels import decode, dispatch
 
         flat = x.reshape(-1, member.in_features)
+        xc = x.contiguous()  # (planned on the input's own shape: the output comes in it, no reshapes)
         run = None
         if flat.shape[0] <= dispatch.DECODE_MAX_TOKENS and not (x.is_cuda and torch.is_autocast_enabled("cuda")):
-            run = self._planned(flat) if self._takes_decode(member, flat) else None
+            run = self._planned(xc) if self._takes_decode(member, flat) else None
             if flat.is_cuda and not key[-2]:  # (not capturing) compile and load the kernels now, never in a capture
                 if run is not None:
-                    run(flat)
+                    run(xc)
                 dispatch._GRAPHED[0] = True  # what a captured call would take: ready it as well
                 try:
                     graphed = self._takes_decode(member, flat)
@@ -190,14 +193,14 @@ class SiblingGroup:
                     dispatch._GRAPHED[0] = None
                 if graphed:
                     with decode.captured_form():
-                        self._planned(flat)(flat)
+                        self._planned(xc)(xc)
         if len(self._plans) < 64:
             self._plans[key] = run
         return run
 
     def output(self, member: StructuredLinear, index: int, x: Tensor) -> Tensor | None:
-        """Member ``index``'s output for ``x`` (its weight only, (tokens, out)), or None: the member runs its own
-        path."""
+        """Member ``index``'s output for ``x`` (its weight only, in x's shape with out features), or None: the
+        member runs its own path."""
         if torch.is_grad_enabled() and (x.requires_grad or any(
                 isinstance(f, Tensor) and f.requires_grad for f in self._factors(member))):
             return None
@@ -217,11 +220,11 @@ class SiblingGroup:
             run = self._plans[key] if key in self._plans else self._plan(member, x, key)
             if run is None:
                 return None
-            y = run(x.reshape(-1, member.in_features))
+            y = run(x.contiguous())
             self._x, self._x_version, self._y, self._pending = x, version, y, len(self.members) - 1
         if self._pending == 0:
             self._forget()  # (every member has its slice: nothing of this step stays alive)
-        return y[:, lo:lo + self.out]
+        return y.narrow(-1, lo, self.out)
 
     def _traced(self, member: StructuredLinear, x: Tensor, lo: int) -> Tensor | None:
         """Under torch.compile: the same bookkeeping on trace-time attributes (dynamo tracks the mutation and
@@ -241,7 +244,8 @@ class SiblingGroup:
             self._traced_x, self._traced_y, self._traced_pending = x, y, len(self.members) - 1
         if self._traced_pending == 0:
             self._traced_x = self._traced_y = None
-        return y[:, lo:lo + self.out]
+        y = y[:, lo:lo + self.out]
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out)
 
 
     # --- a gated MLP over this group (gate, up) ------------------------------------------------------------------
@@ -271,11 +275,13 @@ class SiblingGroup:
             return None
         if not self._takes_decode(self.members[0], flat):
             return None
-        group = self._planned(flat) if planned else self._call()
-        h = group(flat)
+        src = x.contiguous() if planned else flat  # (eager plans take the input's own shape: no reshapes)
+        group = self._planned(src) if planned else self._call()
+        h = group(src)
         factors = _factors_of(down)
-        if not (self._takes_decode(down, h[:, :down.in_features]) if down.name == self.op else
-                dispatch._OPS[down.name][0](h[:, :down.in_features], *factors) == "decode"):
+        half = (h if h.dim() == 2 else h.reshape(-1, h.shape[-1]))[:, :down.in_features]  # (down's input's shape)
+        if not (self._takes_decode(down, half) if down.name == self.op else
+                dispatch._OPS[down.name][0](half, *factors) == "decode"):
             return None
         if planned:
             plan = decode.PLANS[down.name](h, *factors, act=1)
@@ -284,7 +290,7 @@ class SiblingGroup:
             op = getattr(decode, down.name)
             second = lambda h: op(h, *factors, act=1)  # noqa: E731
         y = second(h)
-        return group, second, y if x.dim() == 2 else y.reshape(*x.shape[:-1], down.out_features)
+        return group, second, y if planned or x.dim() == 2 else y.reshape(*x.shape[:-1], down.out_features)
 
     def _gated_plan(self, down: StructuredLinear, x: Tensor, key: tuple):
         """Eager: the MLP's planned call for inputs like ``x``, made once per key (outside a capture, the kernels
@@ -295,12 +301,9 @@ class SiblingGroup:
         found = self._gated_products(down, x, planned=True)
         if found is not None:
             group, second, _ = found
-            inp, out = self.members[0].in_features, down.out_features
 
             def run(x: Tensor) -> Tensor:
-                if x.dim() == 2:
-                    return second(group(x))
-                return second(group(x.reshape(-1, inp))).reshape(*x.shape[:-1], out)
+                return second(group(x.contiguous()))
 
             if x.is_cuda and not key[-2]:
                 dispatch._GRAPHED[0] = True

@@ -8,7 +8,7 @@ Triton custom ops (``torch.ops.structmat.monarch_mm``, ``torch.ops.structmat.blo
 
 from __future__ import annotations
 
-from ..structures.base import FAST_PATHS, PLANNERS, register_fast_path
+from ..structures.base import EAGER_FORM, FAST_PATHS, PLANNERS, register_fast_path
 from . import dispatch
 from .dispatch import BACKENDS, LAST_CHOICE, clear_cache, get_backend, set_backend, use_backend
 
@@ -31,6 +31,7 @@ for _op, _fn in (("blockdiag", dispatch.blockdiag_fast), ("monarch", dispatch.mo
     if _fn not in FAST_PATHS.get(_op, []):  # idempotent under importlib.reload
         register_fast_path(_op, _fn)
     PLANNERS[_op] = dispatch.planner(_op)
+EAGER_FORM[0] = dispatch.eager_form
 
 __all__ = ["BACKENDS", "HAVE_TRITON", "LAST_CHOICE", "clear_cache", "get_backend", "ops", "set_backend",
            "use_backend"]

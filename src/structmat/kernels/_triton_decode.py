@@ -532,6 +532,13 @@ def _plan_nm(n: int, M: int, G: int, device_type: str, index: int | None, dot: b
     return dict(BLOCK_N=16, BLOCK_M=block_m, BLOCK_G=32 if act else 64)  # (act: 64 spilled 40 bytes on sm_90)
 
 
+def rows(t: Tensor) -> tuple[int, int]:
+    """(row stride, column stride) of ``t`` read as a (rows, last dim) matrix: its strides when 2-D; an N-D input
+    must be contiguous (``structures.base``'s eager path checks it), so (last dim, 1) whatever strides its size-1
+    dimensions report. Outputs are allocated contiguous: their row stride is their last dim."""
+    return (t.stride(0), t.stride(1)) if t.dim() == 2 else (t.shape[-1], 1)
+
+
 def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, device: torch.device,
                 dtype: torch.dtype, act: bool = False):
     """The N:M launch for one shape, worked out once: ``launch(x, values, positions, y, act_off=0)`` (``act`` as
@@ -545,8 +552,8 @@ def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, devi
         kernel = Launch(_decode_nm_gather, grid, NNZ=n_keep, GROUP=group, ACT=act, num_warps=4, num_stages=3, **plan)
 
         def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, act_off: int = 0) -> None:
-            kernel(x, values, positions, y, N, M, K, kept, x.stride(0), x.stride(1), values.stride(0),
-                   positions.stride(0), y.stride(0), act_off)
+            kernel(x, values, positions, y, N, M, K, kept, *rows(x), values.stride(0), positions.stride(0), y.shape[-1],
+                   act_off)
 
         return launch
     fixed = None if dtype == torch.float32 else _precision(dtype)
@@ -558,8 +565,8 @@ def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, devi
         if run is None:
             run = launches[precision] = Launch(_decode_nm, grid, NNZ=n_keep, GROUP=group, PRECISION=precision,
                                                ACT=act, num_warps=4, num_stages=3, **plan)
-        run(x, values, positions, y, N, M, K, kept // n_keep, x.stride(0), x.stride(1), values.stride(0),
-            positions.stride(0), y.stride(0), act_off)
+        run(x, values, positions, y, N, M, K, kept // n_keep, *rows(x), values.stride(0), positions.stride(0),
+            y.shape[-1], act_off)
 
     return launch
 

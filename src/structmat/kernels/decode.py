@@ -26,7 +26,7 @@ from torch import Tensor
 from . import ops as _ops
 from . import _triton_decode
 from ._triton_decode import (MAX_TOKENS, fused_launcher, fused_ok, gemv_launcher, nm_launcher, pdl_launcher, pdl_ok,
-                             plan_fused, plan_gemv, sync_buffer)
+                             plan_fused, plan_gemv, rows, sync_buffer)
 
 __all__ = ["MAX_TOKENS", "blockdiag", "lowrank", "monarch", "nm"]
 
@@ -36,6 +36,10 @@ def _empty(shape: tuple, like: Tensor, dtype: torch.dtype | None = None) -> Tens
     if _ops.POISON:  # tests: an element a kernel does not write shows as NaN
         return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
     return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _tokens(x: Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.dim() != 2 else x.shape[0]
 
 
 # Each product as a plan for one shape (``<op>_plan(x, *operands)``): tile plans, launch grids and constant arguments
@@ -78,7 +82,7 @@ def _fused_plan(x: Tensor, g1: int, m1: int, k1: int, g2: int, m2: int, k2: int)
     does not apply (more than one token, switched off, a stage-2 reduction too long, or the one-grid form first met
     inside a CUDA graph capture: ``sync_buffer``). The launcher: the PDL pair where ``pdl_ok`` (except eager calls,
     where one launch costs the host less than two: ``_triton_decode.EAGER_ONE_GRID``), else the one grid."""
-    if not fused_ok(x.shape[0], k2):
+    if not fused_ok(_tokens(x), k2):
         return None
     plan = plan_fused(g1, m1, k1, g2, m2, k2, _triton_decode.INTERPRET)
     if pdl_ok(x.device) and not (_triton_decode.EAGER_ONE_GRID[0] and _eager(x)):
@@ -93,7 +97,7 @@ def lowrank_plan(x: Tensor, U: Tensor, V: Tensor, act: int = 0):
     """U (out, r) and V (r, in); or g siblings that read the same input stacked (``structmat.fuse_siblings``):
     U (g, out, r) and V (g*r, in), one product whose output is the g outputs side by side, (n, g*out).
     ``act`` (every plan): x is a gated MLP's gate/up output (n, 2*in), the product's input SiLU(gate) * up."""
-    n, k = x.shape[0], V.shape[1]
+    n, k, lead = _tokens(x), V.shape[1], tuple(x.shape[:-1])
     g, out, r = U.shape if U.dim() == 3 else (1, *U.shape)
     us = U.stride() if U.dim() == 3 else (0, *U.stride())
     gr = V.shape[0]  # stage 1 is one (g*r, in) product; stage 2 group j reads its r columns of it
@@ -105,9 +109,10 @@ def lowrank_plan(x: Tensor, U: Tensor, V: Tensor, act: int = 0):
 
         def run_fused(x: Tensor, U: Tensor, V: Tensor, act: int = 0) -> Tensor:
             t = scratch()
-            y = _empty((1, g * out), x)
-            launch(x, (0, x.stride(1)), V, (0, V.stride(0), V.stride(1)), t, (gr, 0, 1, 0), U, us, (r, 1),
-                   y, (out, y.stride(1)), sync, k * x.stride(1))
+            y = _empty((*lead, g * out), x)
+            cs = rows(x)[1]
+            launch(x, (0, cs), V, (0, V.stride(0), V.stride(1)), t, (gr, 0, 1, 0), U, us, (r, 1),
+                   y, (out, 1), sync, k * cs)
             return y
 
         return run_fused
@@ -115,13 +120,14 @@ def lowrank_plan(x: Tensor, U: Tensor, V: Tensor, act: int = 0):
     p2 = plan_gemv(n, g, out, r, x.device, split_ok=False)
     stage1 = gemv_launcher(1, n, gr, k, p1, V.dtype, c_split_stride=n * gr, act=bool(act))
     stage2 = gemv_launcher(g, n, out, r, p2, U.dtype, a_partials=p1["splits"], a_partial_stride=n * gr)
-    scratch, y_shape = _scratch((p1["splits"], n, gr), x, _eager(x)), (n, g * out)
+    scratch, y_shape = _scratch((p1["splits"], n, gr), x, _eager(x)), (*lead, g * out)
 
     def run(x: Tensor, U: Tensor, V: Tensor, act: int = 0) -> Tensor:
         t = scratch()
-        stage1(x, (0, x.stride(0), x.stride(1)), V, (0, V.stride(0), V.stride(1)), t, (0, gr, 1), k * x.stride(1))
+        rs, cs = rows(x)
+        stage1(x, (0, rs, cs), V, (0, V.stride(0), V.stride(1)), t, (0, gr, 1), k * cs)
         y = _empty(y_shape, x)
-        stage2(t, (r, gr, 1), U, us, y, (out, y.stride(0), 1))
+        stage2(t, (r, gr, 1), U, us, y, (out, g * out, 1))
         return y
 
     return run
@@ -132,14 +138,14 @@ def blockdiag_plan(x: Tensor, W: Tensor, siblings: int = 1, act: int = 0):
     one launch whose output is the siblings' outputs side by side (the store puts row j*u + i of block k at
     j*b*u + k*u + i)."""
     b, m, p = W.shape
-    u, n = m // siblings, x.shape[0]
+    u, n, lead = m // siblings, _tokens(x), tuple(x.shape[:-1])
     launch = gemv_launcher(b, n, m, p, plan_gemv(n, b, m, p, x.device, split_ok=False, act=bool(act)), W.dtype,
                            chunk=u if siblings > 1 else 0, chunk_stride=b * u, act=bool(act))
 
     def run(x: Tensor, W: Tensor, siblings: int = 1, act: int = 0) -> Tensor:
-        y = _empty((n, b * m), x)
-        launch(x, (p * x.stride(1), x.stride(0), x.stride(1)), W, W.stride(), y, (u, y.stride(0), 1),
-               b * p * x.stride(1))
+        y = _empty((*lead, b * m), x)
+        rs, cs = rows(x)
+        launch(x, (p * cs, rs, cs), W, W.stride(), y, (u, b * m, 1), b * p * cs)
         return y
 
     return run
@@ -152,7 +158,7 @@ def monarch_plan(x: Tensor, R: Tensor, L: Tensor, act: int = 0):
     j*b*b*c + s*b*c + k*c + q: sibling j's permuted intermediate, where stage 2's group j*b + s reads it."""
     b, m1, p = R.shape
     g2, u, bc = L.shape  # g2 = g*b stage-2 groups of (u, b*c)
-    c, n = bc // b, x.shape[0]
+    c, n, lead = bc // b, _tokens(x), tuple(x.shape[:-1])
     nbytes = (R.numel() + L.numel()) * R.element_size()
     if _triton_decode.EAGER_ONE_GRID[0] and _eager(x):
         least = 0  # (eager: one launch where two would be; the host's time is what counts)
@@ -166,9 +172,10 @@ def monarch_plan(x: Tensor, R: Tensor, L: Tensor, act: int = 0):
 
         def run_fused(x: Tensor, R: Tensor, L: Tensor, act: int = 0) -> Tensor:
             h = scratch()
-            y = _empty((1, g2 * u), x)
-            launch(x, (p * x.stride(1), x.stride(1)), R, R.stride(), h, (g2 * bc, c, 1, bc), L, L.stride(), (bc, 1),
-                   y, (u, y.stride(1)), sync, b * p * x.stride(1))
+            y = _empty((*lead, g2 * u), x)
+            cs = rows(x)[1]
+            launch(x, (p * cs, cs), R, R.stride(), h, (g2 * bc, c, 1, bc), L, L.stride(), (bc, 1),
+                   y, (u, 1), sync, b * p * cs)
             return y
 
         return run_fused
@@ -184,21 +191,23 @@ def monarch_plan(x: Tensor, R: Tensor, L: Tensor, act: int = 0):
 
     def run(x: Tensor, R: Tensor, L: Tensor, act: int = 0) -> Tensor:
         h = scratch()
-        stage1(x, (p * x.stride(1), x.stride(0), x.stride(1)), R, R.stride(), h, (c, g2 * bc, 1), b * p * x.stride(1))
-        y = _empty((n, g2 * u), x)
-        stage2(h, (bc, g2 * bc, 1), L, L.stride(), y, (u, y.stride(0), 1))
+        rs, cs = rows(x)
+        stage1(x, (p * cs, rs, cs), R, R.stride(), h, (c, g2 * bc, 1), b * p * cs)
+        y = _empty((*lead, g2 * u), x)
+        stage2(h, (bc, g2 * bc, 1), L, L.stride(), y, (u, g2 * u, 1))
         return y
 
     return run
 
 
 def nm_plan(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, act: int = 0):
-    k = x.shape[1] // 2 if act else x.shape[1]
-    launch = nm_launcher(x.shape[0], values.shape[0], k, values.shape[1], n, m, x.device, x.dtype, act=bool(act))
+    k = x.shape[-1] // 2 if act else x.shape[-1]
+    lead = tuple(x.shape[:-1])
+    launch = nm_launcher(_tokens(x), values.shape[0], k, values.shape[1], n, m, x.device, x.dtype, act=bool(act))
 
     def run(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, act: int = 0) -> Tensor:
-        y = _empty((x.shape[0], values.shape[0]), x)
-        launch(x, values, positions, y, k * x.stride(1))
+        y = _empty((*lead, values.shape[0]), x)
+        launch(x, values, positions, y, k * rows(x)[1])
         return y
 
     return run

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..structures.base import invalidate_plans
+from ..structures.base import PLAN_EPOCH, invalidate_plans
 
 BACKENDS = ("auto", "reference", "triton", "cublas", "decode", "dense")
 _default = os.environ.get("STRUCTMAT_BACKEND", "auto").strip().lower() or "auto"
@@ -182,10 +182,12 @@ HOST_US = {
     ("blockdiag", "reference"): (46.0, 220.0),
     ("lowrank", "reference"): (52.0, 250.0),
     ("dense", "dense"): (25.0, 150.0),  # pre-merged weight: one F.linear (cache check included)
-    ("monarch", "decode"): (115.0, float("inf")),  # decode kernels: inference only
-    ("blockdiag", "decode"): (58.0, float("inf")),
-    ("lowrank", "decode"): (90.0, float("inf")),
-    ("nm", "decode"): (32.0, float("inf")),
+    # decode kernels (inference only): a layer's eager form, one call into its plan, launched directly (one launch at
+    # one token; low-rank and Monarch two above it)
+    ("monarch", "decode"): (40.0, float("inf")),
+    ("blockdiag", "decode"): (30.0, float("inf")),
+    ("lowrank", "decode"): (40.0, float("inf")),
+    ("nm", "decode"): (30.0, float("inf")),
     ("nm", "reference"): (1000.0, 3000.0),
 }
 
@@ -485,6 +487,43 @@ def nm_fast(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int) -> Ten
     return _fast("nm", x, values, positions, n, m)
 
 
+def eager_form(layer, x: Tensor) -> Callable[[Tensor], Tensor] | None:
+    """``structures.base.EAGER_FORM``: the layer's whole eager call for inputs like ``x`` (N-D, contiguous), where
+    its cached plan for them (just made by its first call) runs a decode kernel: that kernel's plan on ``x`` as it
+    comes, the output allocated in its final shape, the factors read from the layer on each call (a plan never
+    holds them). Few-token eager decode is host-bound: this is one Python call and one launch where the layer's
+    path makes several calls, two reshapes and the plan lookup. None anywhere else (a padded layer, another
+    choice, a CUDA graph capture, a bias in another dtype)."""
+    from ..siblings import _LAYOUT, _padded
+
+    if decode is None or _padded(layer) or layer.name not in _LAYOUT or (
+            x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return None
+    op, layout = _LAYOUT[layer.name]
+    if op not in decode.PLANS:
+        return None
+    flat = (x.shape[:-1].numel(), x.shape[-1])
+    key = (torch.Size(flat), x.dtype, x.device, PLAN_EPOCH[0], torch.is_autocast_enabled(), False)
+    if not getattr(layer._plans.get(key), "decode", False):
+        return None
+    sources = tuple((layer._buffers if buffer else layer._parameters, name) for name, _, buffer in layout)
+    extra = (layer.n, layer.m) if op == "nm" else ()
+    plan = decode.PLANS[op](x, *(d[n] for d, n in sources), *extra)
+    if len(sources) == 1:
+        (d0, n0), = sources
+        run = lambda x: plan(x, d0[n0], *extra)  # noqa: E731
+    else:
+        (d0, n0), (d1, n1) = sources
+        run = lambda x: plan(x, d0[n0], d1[n1], *extra)  # noqa: E731
+    bias = layer._parameters.get("bias")
+    if bias is None:
+        return run
+    if bias.dtype != x.dtype:
+        return None
+    params = layer._parameters
+    return lambda x: run(x).add_(params["bias"])
+
+
 def planner(op: str) -> Callable[..., Callable[..., Tensor] | None]:
     """``run_op``'s planner for ``op``: the call chosen for these inputs, replayed by the layer while the shapes,
     dtypes, device, backend setting and autocast state are those of the key ``run_op`` caches it under. Not under
@@ -517,6 +556,7 @@ def planner(op: str) -> Callable[..., Callable[..., Tensor] | None]:
             _record(op, choice)
             return fn(*args)
 
+        run.decode = choice == "decode"  # (eager_form builds the layer's whole call on it)
         return run
 
     return plan

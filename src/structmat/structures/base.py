@@ -218,6 +218,9 @@ PLANNERS: dict[str, Callable[..., Callable[..., Tensor] | None]] = {}
 #: Bumped whenever a cached plan may no longer hold (a backend forced or restored, the cost constants changed).
 PLAN_EPOCH = [0]
 MAX_PLANS = 64  # per layer: decode lengths 1..64 at one batch shape, without growing without bound
+#: ``EAGER_FORM[0](layer, x)``: the layer's whole eager call for inputs like ``x`` (``x -> y``, its factors read from
+#: the layer on each call) where its plan for them is a decode kernel's, else None. Registered by kernels/.
+EAGER_FORM: list[Callable[..., Callable[[Tensor], Tensor] | None] | None] = [None]
 
 
 def register_fast_path(op: str, fn: Callable[..., Tensor | None]) -> None:
@@ -375,6 +378,18 @@ class StructuredLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # (few-token decode pays this per layer and token: dict lookups instead of nn.Module attribute fallbacks,
         # no reshape of an input that is already 2-D)
+        plans = self._plans
+        key = None
+        if plans is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # eager inference: a layer whose plan for this input is a decode kernel's runs it in one call from
+            # here, on the input as it comes (no reshapes; a contiguous input: its rows are evenly spaced)
+            key = (x.shape, x.dtype, x.device, PLAN_EPOCH[0], torch.is_autocast_enabled(),
+                   x.is_cuda and torch.cuda.is_current_stream_capturing(), "layer")
+            eager = plans.get(key)  # (a call, False where there is none, None where not yet asked)
+            if eager and x.is_contiguous():
+                return eager(x)
+            if eager is not None:  # (decided: a non-contiguous input takes the layer's path, deciding nothing)
+                key = None
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{self._label()}: input has last dimension {x.shape[-1]}, expected in_features={self.in_features}"
@@ -384,13 +399,18 @@ class StructuredLinear(nn.Module):
         if merged is not None and self._merged_usable(merged):
             return F.linear(x, merged.to(x.dtype), None if bias is None else bias.to(x.dtype))
         group = self._sibling_group
-        y = None if group is None else group[0].output(self, group[1], x)  # (structmat.fuse_siblings)
-        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        y = None if group is None else group[0].output(self, group[1], x)  # (structmat.fuse_siblings; x's shape)
         if y is None:
-            y = self._matmul(flat)
+            y = self._matmul(x if x.dim() == 2 else x.reshape(-1, self.in_features))
+            if x.dim() != 2:
+                y = y.reshape(*x.shape[:-1], self.out_features)
         if bias is not None:
             y = y + bias.to(y.dtype)
-        return y if flat is x else y.reshape(*x.shape[:-1], self.out_features)
+        if key is not None and len(plans) < MAX_PLANS:  # (asked once per input shape: its plan exists now)
+            form = EAGER_FORM[0]
+            plans[key] = (form is not None and merged is None and group is None
+                          and x.is_contiguous() and form(self, x)) or False
+        return y
 
     def _merged_usable(self, merged: Tensor) -> bool:
         """Whether the copy made by ``structmat.merge_for_inference`` may serve this call: not when a factor needs a
