@@ -6,7 +6,7 @@
 # product each, the gated MLP as two products), merged; then a second interleaved eager sample (9 rounds).
 STEP_DIR=${OUT:?set OUT}/12
 source benchmarks/experiments/_round.sh
-MODELS="dense lowrank+fused monarch+fused blockdiag+fused nm24+fused" SKIP_EXTRA=1 KERNELS=0 T_MODEL=55 T_MONARCH=70 \
+MODELS="dense lowrank+fused monarch+fused blockdiag+fused nm24+fused" SKIP_EXTRA=1 KERNELS=0 T_MODEL=62 \
   bash benchmarks/experiments/gpu_round_infer.sh
 M=dense,lowrank,lowrank+fused,monarch,monarch+fused,blockdiag,blockdiag+fused,nm24,nm24+fused
 step eager 75 python3 benchmarks/experiments/decode_floor.py --out "$OUT/12" --models dense --graph-batches 1 \
