@@ -262,8 +262,10 @@ class SiblingGroup:
 
         key = (x.shape, x.dtype, x.device, PLAN_EPOCH[0], torch.is_autocast_enabled("cuda"),
                x.is_cuda and torch.cuda.is_current_stream_capturing(), dispatch._GRAPHED[0])
-        run = self._gated_plans[key] if key in self._gated_plans else self._gated_plan(down, x, key)
-        return None if run is None else run(x)
+        if key in self._gated_plans:
+            run = self._gated_plans[key]
+            return None if run is None else run(x)
+        return self._gated_plan(down, x, key)  # (the planning call's output: its products ran once, as any call's)
 
     def _gated_products(self, down: StructuredLinear, x: Tensor, planned: bool):
         """(group product, down product, the MLP's output for ``x``), or None where they do not apply. ``planned``:
@@ -292,15 +294,17 @@ class SiblingGroup:
         y = second(h)
         return group, second, y if planned or x.dim() == 2 else y.reshape(*x.shape[:-1], down.out_features)
 
-    def _gated_plan(self, down: StructuredLinear, x: Tensor, key: tuple):
-        """Eager: the MLP's planned call for inputs like ``x``, made once per key (outside a capture, the kernels
-        a captured call would take are compiled and loaded now too: never inside one)."""
+    def _gated_plan(self, down: StructuredLinear, x: Tensor, key: tuple) -> Tensor | None:
+        """Eager: makes the MLP's planned call for inputs like ``x`` once per key and returns this call's output
+        (None: the MLP's own forward runs). Its products run once: inside a CUDA graph capture a second run would be
+        captured too. Outside a capture, the kernels a captured call would take are compiled and loaded now as
+        well (never inside one)."""
         from .kernels import decode, dispatch
 
-        run = None
+        run = y = None
         found = self._gated_products(down, x, planned=True)
         if found is not None:
-            group, second, _ = found
+            group, second, y = found
 
             def run(x: Tensor) -> Tensor:
                 return second(group(x.contiguous()))
@@ -314,7 +318,7 @@ class SiblingGroup:
                     dispatch._GRAPHED[0] = None
         if len(self._gated_plans) < 64:
             self._gated_plans[key] = run
-        return run
+        return y
 
 
 def _factors_of(layer: StructuredLinear) -> tuple:
