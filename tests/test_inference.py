@@ -815,6 +815,28 @@ def test_cached_inference_plan_equals_the_uncached_call(spec):
         assert torch.equal(clone(x3.double()), y64)
 
 
+def test_decode_host_stub_runs_the_decode_path_on_cpu(tmp_path):
+    """``structmat.bench.decode_host --stub-launch`` (its own process: the stub replaces the Triton kernels) times
+    the GPU decode path's Python on CPU for every structure: each layer's choice is the decode kernels, every row
+    has a finite time, and no launch reaches Triton (a kernel the stub missed fails for want of a GPU driver)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root / "src"), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-m", "structmat.bench.decode_host", "--stub-launch", "--calls", "20",
+                           "--repeats", "1", "--out", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = tmp_path.glob("decode-host-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert sorted({r["structure"] for r in rows}) == ["blockdiag", "lowrank", "monarch", "nm24"]
+    assert all(r["choice"] == "decode" and 0 < r["layer_us"] < float("inf") for r in rows), rows
+    assert all(isinstance(r["forced_us"].get("decode"), float) for r in rows if r["mode"] == "inference_mode"), rows
+
+
 def test_gpu_round_infer_script_arguments(tmp_path):
     """The round-2 script's steps, printed by --dry-run, all parse (a flag error would cost the GPU round) and write
     only under $OUT/12."""
