@@ -347,6 +347,20 @@ def _plan(n: int, groups: int, M: int, K: int, device_type: str, index: int | No
     return dict(BLOCK_N=_block_n(n), BLOCK_M=block_m, BLOCK_K=block_k, splits=splits, split_len=split_len)
 
 
+def _by_precision(kernel, grid: tuple, **constexprs):
+    """precision -> the kernel's Launch with that PRECISION, each made when first asked (fp32's precision follows
+    allow_tf32 at call time, so a launcher may meet two)."""
+    launches: dict = {}
+
+    def get(precision: str) -> Launch:
+        run = launches.get(precision)
+        if run is None:
+            run = launches[precision] = Launch(kernel, grid, PRECISION=precision, **constexprs)
+        return run
+
+    return get
+
+
 def gemv_launcher(groups: int, n: int, M: int, K: int, plan: dict, dtype: torch.dtype, a_partials: int = 1,
                   a_partial_stride: int = 0, chunk: int = 0, chunk_stride: int = 0, c_split_stride: int = 0,
                   act: bool = False):
@@ -365,16 +379,13 @@ def gemv_launcher(groups: int, n: int, M: int, K: int, plan: dict, dtype: torch.
     fixed = None if dtype == torch.float32 else _precision(dtype)  # (fp32 follows allow_tf32 at call time)
     if n == 0 or M == 0 or groups == 0:
         return lambda a, a_strides, w, w_strides, c, c_strides, act_off=0: None
-    launches = {}  # precision -> Launch (fp32's follows allow_tf32 at call time)
+    launches = _by_precision(_decode_gemv, grid, ACT=act, **meta)
 
     def launch(a: Tensor, a_strides: tuple, w: Tensor, w_strides: tuple, c: Tensor, c_strides: tuple,
                act_off: int = 0) -> None:
-        precision = fixed or _precision(w.dtype)
-        run = launches.get(precision)
-        if run is None:
-            run = launches[precision] = Launch(_decode_gemv, grid, PRECISION=precision, ACT=act, **meta)
-        run(a, w, c, n, M, K, a_partials, plan["split_len"], m_blocks, a_partial_stride, *a_strides, *w_strides,
-            c_split_stride, *c_strides, chunk_stride, chunk, act_off)
+        launches(fixed or _precision(w.dtype))(a, w, c, n, M, K, a_partials, plan["split_len"], m_blocks,
+                                               a_partial_stride, *a_strides, *w_strides, c_split_stride, *c_strides,
+                                               chunk_stride, chunk, act_off)
 
     return launch
 
@@ -557,16 +568,11 @@ def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, devi
 
         return launch
     fixed = None if dtype == torch.float32 else _precision(dtype)
-    launches = {}  # precision -> Launch (fp32's follows allow_tf32 at call time)
+    launches = _by_precision(_decode_nm, grid, NNZ=n_keep, GROUP=group, ACT=act, num_warps=4, num_stages=3, **plan)
 
     def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, act_off: int = 0) -> None:  # noqa: F811
-        precision = fixed or _precision(x.dtype)
-        run = launches.get(precision)
-        if run is None:
-            run = launches[precision] = Launch(_decode_nm, grid, NNZ=n_keep, GROUP=group, PRECISION=precision,
-                                               ACT=act, num_warps=4, num_stages=3, **plan)
-        run(x, values, positions, y, N, M, K, kept // n_keep, *rows(x), values.stride(0), positions.stride(0),
-            y.shape[-1], act_off)
+        launches(fixed or _precision(x.dtype))(x, values, positions, y, N, M, K, kept // n_keep, *rows(x),
+                                               values.stride(0), positions.stride(0), y.shape[-1], act_off)
 
     return launch
 
