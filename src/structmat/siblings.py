@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .structures.base import PLAN_EPOCH, StructuredLinear
+from .structures.base import StructuredLinear, plan_key
 
 #: Children of one module that read the same input in the model families structmat targets (Llama/Mistral/Qwen
 #: attention and MLP, BERT-style self-attention, Mixtral-style experts).
@@ -44,7 +44,6 @@ SIBLING_NAMES: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("
                                               ("query", "key", "value"), ("w1", "w3"))
 #: A gated MLP's (gate, up, down) children: down(act_fn(gate(x)) * up(x)) with act_fn SiLU
 GATED_MLP = ("gate_proj", "up_proj", "down_proj")
-_DECODE_OPS = ("lowrank", "monarch", "blockdiag", "nm")
 
 
 # How each structure stacks: (dispatch op, factor names, dim of each factor along which members are stacked,
@@ -215,8 +214,7 @@ class SiblingGroup:
         else:
             from .kernels import dispatch
 
-            key = (x.shape, x.dtype, x.device, PLAN_EPOCH[0], torch.is_autocast_enabled("cuda"),
-                   x.is_cuda and torch.cuda.is_current_stream_capturing(), dispatch._GRAPHED[0])
+            key = plan_key(x, dispatch._GRAPHED[0])
             run = self._plans[key] if key in self._plans else self._plan(member, x, key)
             if run is None:
                 return None
@@ -260,8 +258,7 @@ class SiblingGroup:
             return None if found is None else found[2]
         from .kernels import dispatch
 
-        key = (x.shape, x.dtype, x.device, PLAN_EPOCH[0], torch.is_autocast_enabled("cuda"),
-               x.is_cuda and torch.cuda.is_current_stream_capturing(), dispatch._GRAPHED[0])
+        key = plan_key(x, dispatch._GRAPHED[0])
         if key in self._gated_plans:
             run = self._gated_plans[key]
             return None if run is None else run(x)
@@ -340,7 +337,8 @@ def _gated_ok(parent: nn.Module, group: "SiblingGroup") -> bool:
     that order), down is a decode-capable structured layer, no biases, a SiLU activation, and the parent's forward
     computes down(SiLU(gate(x)) * up(x)) (checked on one random token, through the layers' own paths)."""
     gate, up, down = (getattr(parent, n, None) for n in GATED_MLP)
-    if group.members != [gate, up] or not isinstance(down, StructuredLinear) or down.name not in _DECODE_OPS:
+    if group.members != [gate, up] or not isinstance(down, StructuredLinear) or down.name not in _LAYOUT \
+            or down.name == "dense":  # (down needs a decode op)
         return False
     act = getattr(parent, "act_fn", None)  # (torch's SiLU or transformers' SiLUActivation; the check below decides)
     if _key(down) is None or "_sibling_group" in down.__dict__ or not (

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..structures.base import PLAN_EPOCH, invalidate_plans
+from ..structures.base import invalidate_plans, plan_key
 
 BACKENDS = ("auto", "reference", "triton", "cublas", "decode", "dense")
 _default = os.environ.get("STRUCTMAT_BACKEND", "auto").strip().lower() or "auto"
@@ -504,9 +504,7 @@ def eager_form(layer, x: Tensor) -> Callable[[Tensor], Tensor] | None:
     op, layout = _LAYOUT[layer.name]
     if op not in decode.PLANS:
         return None
-    flat = (x.shape[:-1].numel(), x.shape[-1])
-    key = (torch.Size(flat), x.dtype, x.device, PLAN_EPOCH[0], torch.is_autocast_enabled(), False)
-    if not getattr(layer._plans.get(key), "decode", False):
+    if not getattr(layer._plans.get(plan_key(x.reshape(-1, x.shape[-1]))), "decode", False):  # (run_op's plan)
         return None
     sources = tuple((layer._buffers if buffer else layer._parameters, name) for name, _, buffer in layout)
     extra = (layer.n, layer.m) if op == "nm" else ()

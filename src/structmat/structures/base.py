@@ -227,6 +227,14 @@ def register_fast_path(op: str, fn: Callable[..., Tensor | None]) -> None:
     FAST_PATHS.setdefault(op, []).append(fn)
 
 
+def plan_key(x: Tensor, *tag) -> tuple:
+    """What a cached inference plan for input ``x`` depends on: shape, dtype, device, the plan epoch, autocast, and
+    whether the call is captured into a CUDA graph (there only GPU time counts: such calls have plans of their own);
+    ``tag`` tells apart plans of other kinds for the same input."""
+    return (x.shape, x.dtype, x.device, PLAN_EPOCH[0], torch.is_autocast_enabled(),
+            x.is_cuda and torch.cuda.is_current_stream_capturing(), *tag)
+
+
 def invalidate_plans() -> None:
     """Every layer's cached plans stop applying (they are rebuilt on the next call)."""
     PLAN_EPOCH[0] += 1
@@ -237,10 +245,7 @@ def run_op(op: str, reference: Callable[..., Tensor], *args: Tensor, plans: dict
     gradients off (inference, where few-token calls are host-bound), the dispatch decision for these shapes and
     dtypes is made once and replayed: no validation, cost model or decision lookup on the next calls."""
     if plans is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        x = args[0]
-        # (a call captured into a CUDA graph has its own plan: there only the GPU time counts, not the host's)
-        key = (x.shape, x.dtype, x.device, PLAN_EPOCH[0], torch.is_autocast_enabled(),
-               x.is_cuda and torch.cuda.is_current_stream_capturing())
+        key = plan_key(args[0])
         fn = plans.get(key)
         if fn is None and op in PLANNERS:
             fn = PLANNERS[op](reference, *args)
@@ -383,8 +388,7 @@ class StructuredLinear(nn.Module):
         if plans is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             # eager inference: a layer whose plan for this input is a decode kernel's runs it in one call from
             # here, on the input as it comes (no reshapes; a contiguous input: its rows are evenly spaced)
-            key = (x.shape, x.dtype, x.device, PLAN_EPOCH[0], torch.is_autocast_enabled(),
-                   x.is_cuda and torch.cuda.is_current_stream_capturing(), "layer")
+            key = plan_key(x, "layer")
             eager = plans.get(key)  # (a call, False where there is none, None where not yet asked)
             if eager and x.is_contiguous():
                 return eager(x)
