@@ -128,11 +128,12 @@ def test_gemv_decode_compiles_for_sm90_and_fits_shared_memory(gpu_plans, dtype):
 def test_nm_decode_compiles_for_sm90(gpu_plans):
     """2:4 at the bench shapes: the gather kernel (<= SMALL_TOKENS tokens) and the tensor-core kernel above, without
     spills."""
-    pointers = {"X": "*bf16", "V": "*bf16", "P": "*u8", "Y": "*bf16"}
+    pointers = {"X": "*bf16", "V": "*bf16", "P": "*u8", "Y": "*bf16", "T": "*fp32", "CNT": "*i32"}
     for rows, k in ((2048, 2048), (8192, 2048), (2048, 8192)):
         for n in (1, 4, 16):
             dot = TD.use_dot(n)
-            plan = TD._plan_nm(n, rows, k // 4, "cuda", 0, dot, k == 8192)
+            plan = {key: v for key, v in TD._plan_nm(n, rows, k // 4, "cuda", 0, dot, k == 8192).items()
+                    if key != "G_SPLIT"}  # (a runtime argument)
             fn = TD._decode_nm if dot else TD._decode_nm_gather
             constexprs = {"NNZ": 2, "GROUP": 4, "ACT": k == 8192, **plan, **({"PRECISION": "tf32"} if dot else {})}
             shared, stack = compile_sm90(fn, pointers, constexprs, num_warps=4, num_stages=3)

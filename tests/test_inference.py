@@ -140,7 +140,7 @@ def test_merge_for_inference_bad_input():
 # ---------------------------------------------------------------------------------------------------------------
 
 TOL = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 3e-2}  # as tests/test_kernels.py
-DECODE_TOKENS = (1, 3, 5, 17)  # 1-4: the multiply-reduce path; above: tensor-core tiles
+DECODE_TOKENS = (1, 3, 5, 17)  # 1: the one-token forms (N:M: the gather kernel); above: tensor-core tiles
 DECODE_SHAPES = {  # small awkward sizes for the interpreter; (in, out, structure args)
     "lowrank": (40, 24, dict(rank=6)),
     "blockdiag": (40, 24, dict(nblocks=4)),
@@ -149,6 +149,9 @@ DECODE_SHAPES = {  # small awkward sizes for the interpreter; (in, out, structur
     "nm": (40, 24, dict(n=2, m=4)),
     "nm_38": (48, 24, dict(n=3, m=8)),
     "nm_216": (48, 24, dict(n=2, m=16)),  # (groups above 8: the gather form of the few-token kernel)
+    "nm_26": (48, 24, dict(n=2, m=6)),  # (a group of 6: the expanded tile's columns padded to 8, two masked)
+    "nm_wide": (520, 24, dict(n=2, m=4)),  # (above SMALL_TOKENS: the reduction split 8 ways, a short last split)
+    "nm_wide216": (512, 24, dict(n=2, m=16)),  # (the same for the general form)
 }
 
 

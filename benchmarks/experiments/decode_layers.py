@@ -48,6 +48,13 @@ DEVICE = "cuda"
 VARIANTS = {"decode@two": dict(FUSED=False), "decode@tile4k": dict(FUSED_TILE=4096),
             "decode@tile16k": dict(FUSED_TILE=16384), "decode@w8": dict(FUSED_WARPS=8),
             "decode@st2": dict(num_stages=2), "decode@spinld": dict(SPIN_LOAD=True)}
+#: The N:M kernels' variants (2:4 rows): the gather kernel at every count up to 64 tokens (SMALL_TOKENS=64), the
+#: expanded-tile kernel at every count (SMALL_TOKENS=0), without its K split, its dense tile 128 or 512 inputs wide,
+#: row blocks of 64 or 32
+NM_VARIANTS = {"decode@gather": dict(SMALL_TOKENS=64), "decode@tile": dict(SMALL_TOKENS=0),
+               "decode@nosplit": dict(SMALL_TOKENS=0, NM_MAX_SPLITS=1), "decode@tk128": dict(SMALL_TOKENS=0, NM_TILE_K=128),
+               "decode@tk512": dict(SMALL_TOKENS=0, NM_TILE_K=512), "decode@bm64": dict(SMALL_TOKENS=0, NM_BLOCK_M=64),
+               "decode@bm32": dict(SMALL_TOKENS=0, NM_BLOCK_M=32)}
 BACKENDS = {"lowrank": ("decode", "reference"), "monarch": ("decode", "triton", "cublas", "reference"),
             "blockdiag": ("decode", "triton", "cublas", "reference"), "nm24": ("decode", "reference")}
 
@@ -121,7 +128,17 @@ def variant(settings: dict):
     """Apply a VARIANTS entry to the decode kernels' module; returns the undo."""
     from structmat.kernels import _triton_decode as TD
 
-    saved = (TD.FUSED[0], TD.FUSED_TILE[0], TD.FUSED_WARPS[0], dict(TD.FUSED_META), TD.FUSED_MAX_SPLITS[0])
+    saved = (TD.FUSED[0], TD.FUSED_TILE[0], TD.FUSED_WARPS[0], dict(TD.FUSED_META), TD.FUSED_MAX_SPLITS[0],
+             TD.SMALL_TOKENS[0], TD.NM_TILE_K[0], TD.NM_BLOCK_N[0], dict(TD.NM_META), TD.NM_MAX_SPLITS[0],
+             TD.NM_BLOCK_M[0])
+    TD.NM_MAX_SPLITS[0] = settings.get("NM_MAX_SPLITS", TD.NM_MAX_SPLITS[0])
+    TD.NM_BLOCK_M[0] = settings.get("NM_BLOCK_M", TD.NM_BLOCK_M[0])
+    TD.SMALL_TOKENS[0] = settings.get("SMALL_TOKENS", TD.SMALL_TOKENS[0])
+    TD.NM_TILE_K[0] = settings.get("NM_TILE_K", TD.NM_TILE_K[0])
+    TD.NM_BLOCK_N[0] = settings.get("NM_BLOCK_N", TD.NM_BLOCK_N[0])
+    TD.NM_META["num_stages"] = settings.get("nm_stages", TD.NM_META["num_stages"])
+    TD.NM_META["num_warps"] = settings.get("nm_warps", TD.NM_META["num_warps"])
+    TD._plan_nm.cache_clear()
     TD.FUSED_MAX_SPLITS[0] = settings.get("FUSED_MAX_SPLITS", TD.FUSED_MAX_SPLITS[0])
     TD.FUSED[0] = settings.get("FUSED", TD.FUSED[0])
     TD.FUSED_TILE[0] = settings.get("FUSED_TILE", TD.FUSED_TILE[0])
@@ -132,6 +149,11 @@ def variant(settings: dict):
     def undo():
         TD.FUSED[0], TD.FUSED_TILE[0], TD.FUSED_WARPS[0] = saved[:3]
         TD.FUSED_MAX_SPLITS[0] = saved[4]
+        TD.SMALL_TOKENS[0], TD.NM_TILE_K[0], TD.NM_BLOCK_N[0] = saved[5:8]
+        TD.NM_META.clear()
+        TD.NM_META.update(saved[8])
+        TD.NM_MAX_SPLITS[0], TD.NM_BLOCK_M[0] = saved[9:11]
+        TD._plan_nm.cache_clear()
         TD.FUSED_META.clear()
         TD.FUSED_META.update(saved[3])
         TD.plan_fused.cache_clear()
@@ -177,12 +199,15 @@ def main() -> int:
                     cands = {be: be for be in (*BACKENDS[s], "auto")}
                     if s == "nm24":
                         cands["semi24"] = None
+                        if args.variants:
+                            cands.update({v: "decode" for v in NM_VARIANTS})
                     elif args.variants and s != "nm24":
                         cands.update({v: "decode" for v in VARIANTS})
                     if lean(layer, x) is not None:
                         cands["lean"] = "lean"
                     for cand, be in cands.items():
-                        undo = variant(VARIANTS[cand]) if cand in VARIANTS else (lambda: None)
+                        settings = VARIANTS.get(cand) or (NM_VARIANTS.get(cand) if s == "nm24" else None)
+                        undo = variant(settings) if settings else (lambda: None)
                         try:
                             if be == "lean":
                                 ref = F.linear(x.float(), layer.to_dense().float())

@@ -74,6 +74,7 @@ def structure_cases(in_f: int, out_f: int, quick: bool):
     from structmat.structures.blockdiag import BlockDiagonal
     from structmat.structures.lowrank import LowRank
     from structmat.structures.monarch import Monarch
+    from structmat.structures.sparse import NMSparse
 
     cases = []
     for b in ((4,) if quick else NBLOCKS):
@@ -86,6 +87,7 @@ def structure_cases(in_f: int, out_f: int, quick: bool):
     m = min(in_f, out_f)
     for r in ((m // 4,) if quick else (m // 4, m // 16)):
         cases.append((f"lowrank:rank={r}", lambda r=r: LowRank(in_f, out_f, rank=r, bias=False)))
+    cases.append(("nm:n=2,m=4", lambda: NMSparse(in_f, out_f, n=2, m=4, bias=False)))
     return cases
 
 
@@ -142,7 +144,10 @@ def run_grid(quick: bool = False, dtypes=("bf16",), subset_dtypes=("fp16", "fp32
     jobs = [(dt, s, n) for dt in dtypes for s in shapes_all for n in tokens_all]
     if not (quick or tokens or shapes):  # other dtypes on a subset: the square 4096 shape, decode and large batch
         jobs += [(dt, (4096, 4096), n) for dt in subset_dtypes for n in (16, 8192)]
-    rows, skipped, semi = [], ["monarch:nblocks=2 (as many parameters as dense: rejected by design)"], []
+    rows, semi = [], []
+    skipped = ["monarch:nblocks=2 (as many parameters as dense: rejected by design)",
+               f"nm:n=2,m=4 above {K.dispatch.DECODE_MAX_TOKENS} tokens and in fwdbwd (its kernel is the few-token inference "
+               f"one; elsewhere it runs its PyTorch reference)"]
     t_start = time.time()
     result = dict(rows=rows, semi_structured_2_4=semi, skipped=skipped, complete=False)
     for dname, (in_f, out_f), n in jobs:
@@ -160,6 +165,8 @@ def run_grid(quick: bool = False, dtypes=("bf16",), subset_dtypes=("fp16", "fp32
             dense_graph_ms = _graph_ms(_dense_step(Wr, xr, g, mode), GRAPH_REP_MS) if graphs else None
             dense_flops = 2.0 * n * in_f * out_f * (3 if mode == "fwdbwd" else 1)
             for label, make in structure_cases(in_f, out_f, quick):
+                if label.startswith("nm") and (n > K.dispatch.DECODE_MAX_TOKENS or mode != "fwd"):
+                    continue
                 try:
                     layer = make().to(device="cuda", dtype=dtype)
                 except ValueError as err:
@@ -170,8 +177,8 @@ def run_grid(quick: bool = False, dtypes=("bf16",), subset_dtypes=("fp16", "fp32
                 backends = {}
                 kind = label.split(":")[0]
                 for be in ("triton", "cublas", "dense", "reference"):
-                    if be in ("triton", "cublas") and kind == "lowrank":
-                        continue  # low-rank's fast path is cuBLAS (== reference); see kernels/dispatch.py
+                    if be in ("triton", "cublas") and kind in ("lowrank", "nm"):
+                        continue  # low-rank's fast path is cuBLAS (== reference), N:M's the decode kernel
                     with K.use_backend(be):
                         backends[be] = _time_layer(layer, xr, g, mode, warmup, rep)
                 K.clear_cache()
@@ -179,7 +186,7 @@ def run_grid(quick: bool = False, dtypes=("bf16",), subset_dtypes=("fp16", "fp32
                     ms = _time_layer(layer, xr, g, mode, warmup, rep)
                     graph_ms = _graph_ms(_layer_step(layer, xr, g, mode), GRAPH_REP_MS) if graphs else None
                     choice = (K.LAST_CHOICE.get(kind) or "reference")
-                    if kind == "lowrank" and choice != "dense":
+                    if kind == "lowrank" and choice not in ("dense", "decode"):
                         choice = "cublas"
                 err = None
                 if mode == "fwd":  # the math must not change with the backend: auto vs reference, fp32 norms

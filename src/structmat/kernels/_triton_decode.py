@@ -13,8 +13,8 @@ element strides (so block-diagonal, Monarch and low-rank are views of one descri
     next stage: no atomics, no memset, no extra launch);
   * the output column may be chunked (Monarch's permutation folded into the store, as in ``_triton_gemm``).
 ``decode_nm``: N:M sparse from compressed values and uint8 in-group positions, each read once; the dense weight is
-never formed (at few tokens each value meets the input its position selects; with more tokens the dense slice of
-each in-group position is selected on chip and fed to ``tl.dot``).
+never formed in memory (at few tokens each value meets the input its position selects; with more tokens each
+program expands its tile of values into the dense tile on chip and feeds it to ``tl.dot``).
 Accumulation is fp32 everywhere.
 """
 
@@ -40,10 +40,20 @@ GEMV_META = {"num_warps": 4, "num_stages": 4}
 SMEM_BUDGET = 160 * 1024  # bytes of pipelined operand tiles per program (the H100/H200 allow 227 KB in all)
 BLOCK_K_LARGE = [256]
 #: Up to this many tokens the N:M kernel gathers, per value, the one input its position selects (one multiply-add per
-#: value and token, values read as contiguous row tiles); above, tensor-core tiles (a one-element list so a benchmark
-#: can compare both). The gather replaced a multiply-reduce over every in-group position (4 selects per value), which
-#: ran at 0.26-0.45x dense at one token on the H200 (benchmarks/results/decode-probe-20261203T120056Z.json).
-SMALL_TOKENS = [4]
+#: value and token, values read as contiguous row tiles); above, the expanded-tile kernel (``_decode_nm``; a one-element
+#: list so a benchmark can compare both). Measured on the H200 (decode-layers-20261204T*.json, session 10, cold, bench
+#: shapes 2048x2048 / 2048->8192 / 8192->2048): the gather 5.8 / 15.1 / 17.6 us at one token against the tile's 7.8 /
+#: 17.5 / 19.8, but 9.4 / 17.4 / 32.6 at two tokens against 7.8 / 17.8 / 19.7 and 4x the tile's time at 8 tokens.
+SMALL_TOKENS = [1]
+#: The expanded-tile N:M kernel's (``_decode_nm``) token tile, dense tile width and launch options (lists and a dict so
+#: a benchmark can sweep them)
+NM_BLOCK_N = [16]
+NM_TILE_K = [128]  # (256 and 512 measured 10-40% slower at 1-64 tokens: the expansion is register-bound)
+NM_META = {"num_warps": 4, "num_stages": 3}
+NM_PAIR = [True]  # 2:4 takes the kernel's pair form (``_decode_nm``)
+NM_MAX_SPLITS = [16]  # K splits of one tile (1: none)
+NM_BLOCK_M = [0]  # row block (0: chosen by the plan)
+NM_MIN_SPLIT_TILES = [2]  # dense tiles per split, at least
 
 
 @triton.jit
@@ -213,22 +223,6 @@ def _pdl_stage2(T, W2, Y, M2, K2, M2_BLOCKS, s_ts, s_ag, s_ak, s_w2g, s_w2m, s_w
 
 
 @triton.jit
-def _nm_slot(acc, v, p, X, offs_n, n_ok, grp, g_ok, K, s_xn, s_xk, ACT_OFF, GROUP: tl.constexpr,
-             PRECISION: tl.constexpr, ACT: tl.constexpr):
-    """acc += the products of one value slot: v, p (BLOCK_M, BLOCK_G) hold, per row and group, a value and its
-    in-group position; the dense slice of the weight at in-group position q is selected on chip and fed to tl.dot."""
-    for q in tl.static_range(GROUP):
-        cols = grp * GROUP + q
-        x_ptrs = X + offs_n[:, None] * s_xn + cols[None, :] * s_xk
-        x = tl.load(x_ptrs, mask=n_ok & (g_ok & (cols < K))[None, :], other=0.0)
-        if ACT:
-            x = _gated(x, tl.load(x_ptrs + ACT_OFF, mask=n_ok & (g_ok & (cols < K))[None, :], other=0.0))
-        w = tl.where(p == q, v, tl.zeros_like(v))
-        acc = tl.dot(x.to(v.dtype), tl.trans(w), acc, input_precision=PRECISION)
-    return acc
-
-
-@triton.jit
 def _decode_nm_gather(X, V, P, Y, N, M, K, KEPT, s_xn, s_xk, s_vm, s_pm, s_yn, ACT_OFF,
                       NNZ: tl.constexpr, GROUP: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, ACT: tl.constexpr):
@@ -261,29 +255,99 @@ def _decode_nm_gather(X, V, P, Y, N, M, K, KEPT, s_xn, s_xk, s_vm, s_pm, s_yn, A
 
 
 @triton.jit
-def _decode_nm(X, V, P, Y, N, M, K, G, s_xn, s_xk, s_vm, s_pm, s_yn, ACT_OFF,
-               NNZ: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, ACT: tl.constexpr):
+def _decode_nm(X, V, P, Y, T, CNT, N, M, K, G, G_SPLIT, s_xn, s_xk, s_vm, s_pm, s_yn, ACT_OFF,
+               NNZ: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, ACT: tl.constexpr,
+               PAIR: tl.constexpr, SPLITS: tl.constexpr):
     """Y (N, M) = X (N, K) @ W^T with W (M, G*GROUP) N:M sparse: row r keeps, in each group g of GROUP inputs, NNZ
-    values V[r, g*NNZ + i] at in-group positions P[r, g*NNZ + i] (inputs past K are zero padding). Grid: (row
-    blocks, token blocks). Each value and position is loaded once per token block."""
+    values V[r, g*NNZ + i] at in-group positions P[r, g*NNZ + i] (inputs past K are zero padding). Each program
+    expands a (BLOCK_M rows, BLOCK_G groups) tile of values into the dense tile on chip (column q of a group holds
+    the value whose position is q, else zero) and feeds it to one tensor-core product with the matching input
+    columns: every value and position is read from HBM once per token block, the inputs as contiguous rows.
+
+    PAIR (2:4): the value and position tiles are loaded as contiguous rows, split into the two slots and the four
+    columns joined; the next tile's values and positions are in flight while this one is expanded and multiplied
+    (Triton pipelines only loads that feed tl.dot). Otherwise (any N:M) the tile is built as (rows, groups,
+    GROUP_P2) slot by slot and reshaped; GROUP_P2 is GROUP rounded up to a power of two, the columns past GROUP
+    masked. SPLITS > 1: program (row block, token block, split) reduces groups [split*G_SPLIT, +G_SPLIT) into an
+    fp32 partial in T (SPLITS, N, M); the last of a tile's splits to arrive (counter CNT[tile], reset by it) sums
+    the partials in split order and stores Y. Grid: (row blocks, token blocks, splits)."""
     pid_m = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_n = tl.program_id(1)
+    split = tl.program_id(2)
+    g_start = split * G_SPLIT
+    g_end = tl.minimum(G, g_start + G_SPLIT)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_g = tl.arange(0, BLOCK_G)
-    rm = (offs_m % M).to(tl.int64)
-    n_ok = offs_n[:, None] < N
+    rm = (offs_m % M).to(tl.int64)  # rows past the end wrap (valid addresses, dropped at the store)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for g0 in range(0, G, BLOCK_G):
-        grp = g0 + offs_g
-        g_ok = grp < G
-        for i in tl.static_range(NNZ):  # slot by slot (value i of every group: a strided tile, L1 serves the rest)
-            v = tl.load(V + rm[:, None] * s_vm + (grp * NNZ + i)[None, :], mask=g_ok[None, :], other=0.0)
-            p = tl.load(P + rm[:, None] * s_pm + (grp * NNZ + i)[None, :], mask=g_ok[None, :], other=255)
-            acc = _nm_slot(acc, v, p.to(tl.int32), X, offs_n, n_ok, grp, g_ok, K, s_xn, s_xk, ACT_OFF, GROUP,
-                           PRECISION, ACT)
-    tl.store(Y + offs_n[:, None] * s_yn + offs_m[None, :], acc.to(Y.dtype.element_ty),
-             mask=n_ok & (offs_m[None, :] < M))
+    if PAIR:
+        offs_j = tl.arange(0, BLOCK_G * 2)
+        offs_c = tl.arange(0, BLOCK_G * 4)
+        n_ok = (offs_n < N)[:, None]
+        v_ptrs = V + rm[:, None] * s_vm + (g_start * 2 + offs_j)[None, :]
+        p_ptrs = P + rm[:, None] * s_pm + (g_start * 2 + offs_j)[None, :]
+        j_ok = (g_start * 2 + offs_j < g_end * 2)[None, :]
+        v = tl.load(v_ptrs, mask=j_ok, other=0.0)
+        p = tl.load(p_ptrs, mask=j_ok, other=0)
+        for g0 in range(g_start, g_end, BLOCK_G):
+            cols = g0 * 4 + offs_c
+            ok = n_ok & ((cols < K) & (cols < g_end * 4))[None, :]
+            x_ptrs = X + offs_n[:, None] * s_xn + cols[None, :] * s_xk
+            x = tl.load(x_ptrs, mask=ok, other=0.0)
+            if ACT:
+                x = _gated(x, tl.load(x_ptrs + ACT_OFF, mask=ok, other=0.0))
+            v_ptrs += BLOCK_G * 2
+            p_ptrs += BLOCK_G * 2
+            j_ok = ((g0 + BLOCK_G) * 2 + offs_j < g_end * 2)[None, :]
+            v_next = tl.load(v_ptrs, mask=j_ok, other=0.0)
+            p_next = tl.load(p_ptrs, mask=j_ok, other=0)
+            v0, v1 = tl.split(tl.reshape(v, (BLOCK_M, BLOCK_G, 2)))
+            p0, p1 = tl.split(tl.reshape(p, (BLOCK_M, BLOCK_G, 2)))
+            zero = tl.zeros_like(v0)
+            d0 = tl.where(p0 == 0, v0, tl.where(p1 == 0, v1, zero))
+            d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
+            d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
+            d3 = tl.where(p0 == 3, v0, tl.where(p1 == 3, v1, zero))
+            # join(join(d0, d2), join(d1, d3)) is (rows, groups, 2, 2) with [.., k, a] = d[2k + a]: row-major, q order
+            w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_M, BLOCK_G * 4))
+            acc = tl.dot(x.to(w.dtype), tl.trans(w), acc, input_precision=PRECISION)
+            v, p = v_next, p_next
+    else:
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_q = tl.arange(0, GROUP_P2)
+        n_ok3 = (offs_n < N)[:, None, None]
+        for g0 in range(g_start, g_end, BLOCK_G):
+            grp = g0 + offs_g
+            g_ok = (grp < g_end)[None, :]
+            w3 = tl.zeros((BLOCK_M, BLOCK_G, GROUP_P2), dtype=V.dtype.element_ty)
+            for i in tl.static_range(NNZ):  # slot i of every group (a strided tile: L1 serves the other slots)
+                v = tl.load(V + rm[:, None] * s_vm + (grp * NNZ + i)[None, :], mask=g_ok, other=0.0)
+                p = tl.load(P + rm[:, None] * s_pm + (grp * NNZ + i)[None, :], mask=g_ok, other=0).to(tl.int32)
+                w3 = tl.where(p[:, :, None] == offs_q[None, None, :], v[:, :, None], w3)
+            cols = grp[:, None] * GROUP + offs_q[None, :]  # (BLOCK_G, GROUP_P2) input columns of the tile
+            ok = n_ok3 & ((grp[:, None] < g_end) & (offs_q[None, :] < GROUP) & (cols < K))[None, :, :]
+            x_ptrs = X + offs_n[:, None, None] * s_xn + cols[None, :, :] * s_xk
+            x = tl.load(x_ptrs, mask=ok, other=0.0)
+            if ACT:
+                x = _gated(x, tl.load(x_ptrs + ACT_OFF, mask=ok, other=0.0))
+            x = tl.reshape(x.to(w3.dtype), (BLOCK_N, BLOCK_G * GROUP_P2))
+            acc = tl.dot(x, tl.trans(tl.reshape(w3, (BLOCK_M, BLOCK_G * GROUP_P2))), acc, input_precision=PRECISION)
+    out_ok = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+    y_ptrs = Y + offs_n[:, None] * s_yn + offs_m[None, :]
+    if SPLITS == 1:
+        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=out_ok)
+    else:
+        t_ptrs = T + offs_n[:, None] * M + offs_m[None, :]
+        tl.store(t_ptrs + split * N * M, acc, mask=out_ok)
+        tl.debug_barrier()  # every thread's partial stored, then one release of the arrival
+        tile = pid_n * tl.num_programs(0) + pid_m
+        if tl.atomic_add(CNT + tile, 1, sem="acq_rel") == SPLITS - 1:  # the last split: every partial is visible
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for sp in tl.static_range(SPLITS):
+                total += tl.load(t_ptrs + sp * N * M, mask=out_ok, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptrs, total.to(Y.dtype.element_ty), mask=out_ok)
+            tl.atomic_xchg(CNT + tile, 0)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -518,8 +582,10 @@ def fused_launcher(plan: dict, m1: int, k1: int, m2: int, k2: int, chunk1: int =
 
     return launch
 
+
 @functools.lru_cache(maxsize=1024)
-def _plan_nm(n: int, M: int, G: int, device_type: str, index: int | None, dot: bool, act: bool = False) -> dict:
+def _plan_nm(n: int, M: int, G: int, device_type: str, index: int | None, dot: bool, act: bool = False,
+             group: int = 4, nnz: int = 2) -> dict:
     target = TARGET_PROGRAMS * _sms(device_type, index)
     if not dot:  # the gather kernel: all tokens in one block, rows spread over as many programs as it takes
         block_n = _pow2(max(n, 1))
@@ -531,16 +597,30 @@ def _plan_nm(n: int, M: int, G: int, device_type: str, index: int | None, dot: b
                 block_m = bm
                 break
         return dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_J=max(64, 256 // block_n))
-    # tensor-core tiles of 16 tokens (larger token tiles gave wrong sums and an illegal address on the H200 with
-    # Triton 3.6 at 33-64 tokens; more tokens are more token blocks, whose weight re-reads come mostly from L2)
+    # the expanded-tile kernel: token tiles of NM_BLOCK_N (more tokens are more token blocks, whose weight re-reads
+    # come mostly from L2), a dense tile NM_TILE_K inputs wide, row blocks as large as still leave enough programs,
+    # then the groups split until there are (each split at least NM_MIN_SPLIT_TILES tiles long)
+    gp2 = _pow2(group)
+    pair = NM_PAIR[0] and (nnz, group) == (2, 4)
     if INTERPRET:
-        return dict(BLOCK_N=16, BLOCK_M=16, BLOCK_G=16)
-    block_m = 16
-    for bm in (64, 32):
-        if _cdiv(M, bm) >= target:
-            block_m = bm
-            break
-    return dict(BLOCK_N=16, BLOCK_M=block_m, BLOCK_G=32 if act else 64)  # (act: 64 spilled 40 bytes on sm_90)
+        block_m, block_n, block_g = 16, 16, max(1, 32 // gp2)
+    else:
+        block_m = 16
+        for bm in (64, 32):
+            if _cdiv(M, bm) >= target:
+                block_m = bm
+                break
+        if act or NM_BLOCK_M[0]:  # (act: each row block forms the gated input of its token tile again; fewer, taller
+            block_m = NM_BLOCK_M[0] or 32  # row blocks do that less often, the splits keep the programs)
+        block_n, block_g = NM_BLOCK_N[0], max(1, NM_TILE_K[0] // gp2)
+    programs = _cdiv(M, block_m) * _cdiv(n, block_n)
+    splits = 1
+    while (programs * splits * 2 <= target and G // (splits * 2) >= block_g * NM_MIN_SPLIT_TILES[0]
+           and splits * 2 <= NM_MAX_SPLITS[0]):
+        splits *= 2
+    g_split = _cdiv(_cdiv(G, splits), block_g) * block_g
+    return dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_G=block_g, GROUP_P2=gp2, PAIR=pair, SPLITS=_cdiv(G, g_split),
+                G_SPLIT=g_split)
 
 
 def rows(t: Tensor) -> tuple[int, int]:
@@ -552,33 +632,58 @@ def rows(t: Tensor) -> tuple[int, int]:
 
 def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, device: torch.device,
                 dtype: torch.dtype, act: bool = False):
-    """The N:M launch for one shape, worked out once: ``launch(x, values, positions, y, act_off=0)`` (``act`` as
-    :func:`gemv_launcher`'s; K is the product's input width)."""
+    """The N:M launch for one shape, worked out once: ``(launch, scratch)``, ``launch(x, values, positions, y, t,
+    act_off=0)`` (``act`` as :func:`gemv_launcher`'s; K is the product's input width); ``scratch`` the shape of the
+    fp32 split-K partials ``t`` it needs (None: none, ``t`` ignored)."""
     dot = use_dot(N)
-    plan = _plan_nm(N, M, kept // n_keep, device.type, device.index, dot, act)
-    grid = (_cdiv(M, plan["BLOCK_M"]), _cdiv(N, plan["BLOCK_N"]))
+    plan = dict(_plan_nm(N, M, kept // n_keep, device.type, device.index, dot, act, group, n_keep))
     if N == 0 or M == 0:
-        return lambda x, values, positions, y, act_off=0: None
+        return (lambda x, values, positions, y, t=None, act_off=0: None), None
+    grid = (_cdiv(M, plan["BLOCK_M"]), _cdiv(N, plan["BLOCK_N"]))
     if not dot:
         kernel = Launch(_decode_nm_gather, grid, NNZ=n_keep, GROUP=group, ACT=act, num_warps=4, num_stages=3, **plan)
 
-        def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, act_off: int = 0) -> None:
+        def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, t=None, act_off: int = 0) -> None:
             kernel(x, values, positions, y, N, M, K, kept, *rows(x), values.stride(0), positions.stride(0), y.shape[-1],
                    act_off)
 
-        return launch
+        return launch, None
+    splits = plan["SPLITS"]
+    cnt = split_counters(device, grid[0] * grid[1]) if splits > 1 else None
+    if splits > 1 and cnt is None:  # (first met inside a capture: no counters yet, so no split)
+        plan = dict(plan, SPLITS=1, G_SPLIT=kept // n_keep)
+        splits = 1
     fixed = None if dtype == torch.float32 else _precision(dtype)
-    launches = _by_precision(_decode_nm, grid, NNZ=n_keep, GROUP=group, ACT=act, num_warps=4, num_stages=3, **plan)
+    g_split = plan.pop("G_SPLIT")
+    launches = _by_precision(_decode_nm, grid + (splits,), NNZ=n_keep, GROUP=group, ACT=act, **NM_META, **plan)
 
-    def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, act_off: int = 0) -> None:  # noqa: F811
-        launches(fixed or _precision(x.dtype))(x, values, positions, y, N, M, K, kept // n_keep, *rows(x),
-                                               values.stride(0), positions.stride(0), y.shape[-1], act_off)
+    def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, t=None, act_off: int = 0) -> None:  # noqa: F811
+        launches(fixed or _precision(x.dtype))(x, values, positions, y, y if t is None else t, y if cnt is None else cnt,
+                                               N, M, K, kept // n_keep, g_split, *rows(x), values.stride(0),
+                                               positions.stride(0), y.shape[-1], act_off)
 
-    return launch
+    return launch, ((splits, N, M) if splits > 1 else None)
+
+
+_COUNTERS: dict[tuple, Tensor] = {}
+
+
+def split_counters(device: torch.device, size: int) -> Tensor | None:
+    """The split-K kernels' arrival counters on ``device`` (int32 zeros, each reset by the last split of its tile),
+    at least ``size`` of them, made outside any CUDA graph capture (None while capturing if there are too few). One
+    set per device: split calls of one device must not run concurrently on two streams (decode runs on one)."""
+    key = (device.type, device.index)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < size:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _COUNTERS[key] = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
+    return buf
 
 
 def decode_nm(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, n_keep: int, group: int) -> Tensor:
     """``y = x @ W^T`` for the N:M weight stored as ``values`` / ``positions`` (out, groups*n_keep); x (N, K)."""
     N, K = x.shape
-    nm_launcher(N, values.shape[0], K, values.shape[1], n_keep, group, x.device, x.dtype)(x, values, positions, y)
+    launch, scratch = nm_launcher(N, values.shape[0], K, values.shape[1], n_keep, group, x.device, x.dtype)
+    launch(x, values, positions, y, None if scratch is None else x.new_empty(scratch, dtype=torch.float32))
     return y

@@ -203,11 +203,13 @@ def monarch_plan(x: Tensor, R: Tensor, L: Tensor, act: int = 0):
 def nm_plan(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, act: int = 0):
     k = x.shape[-1] // 2 if act else x.shape[-1]
     lead = tuple(x.shape[:-1])
-    launch = nm_launcher(_tokens(x), values.shape[0], k, values.shape[1], n, m, x.device, x.dtype, act=bool(act))
+    launch, shape = nm_launcher(_tokens(x), values.shape[0], k, values.shape[1], n, m, x.device, x.dtype,
+                                act=bool(act))
+    scratch = _scratch(shape, x, _eager(x)) if shape is not None else (lambda: None)
 
     def run(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, act: int = 0) -> Tensor:
         y = _empty((*lead, values.shape[0]), x)
-        launch(x, values, positions, y, k * rows(x)[1])
+        launch(x, values, positions, y, scratch(), k * rows(x)[1])
         return y
 
     return run
