@@ -521,7 +521,8 @@ def test_fused_decode_repeats_bit_for_bit_gpu(pdl):
     a race (a stage-2 tile reading partials before they are written) or a counter left dirty would show as a call
     whose output differs from the first. Hundreds of back-to-back calls, eager and replayed from a CUDA graph, for
     low-rank and Monarch at 1 and 16 tokens, must all equal the first bit for bit. Both one-token forms: the PDL pair
-    (stage 2 waits on stage 1's completion) and the one grid."""
+    (stage 2 waits on stage 1's completion) and the one grid. N:M's split reduction (its last split sums the
+    partials, counted the same way) at 16 tokens."""
     from structmat.kernels import _triton_decode
 
     assert _triton_decode.FUSED[0]
@@ -632,7 +633,12 @@ def _repeats_bit_for_bit():
                           torch.randn(816, 8192, device=dev, dtype=dt) * 0.01)),
              "monarch": (lambda n: torch.randn(n, 2048, device=dev, dtype=dt),
                          (torch.randn(4, 800, 512, device=dev, dtype=dt) * 0.04,
-                          torch.randn(4, 2048, 800, device=dev, dtype=dt) * 0.04))}
+                          torch.randn(4, 2048, 800, device=dev, dtype=dt) * 0.04)),
+             # (N:M above one token: the reduction split over programs, the last split of a tile summing the partials
+             # and resetting its counter)
+             "nm": (lambda n: torch.randn(n, 8192, device=dev, dtype=dt),
+                    (torch.randn(2048, 4096, device=dev, dtype=dt) * 0.02,
+                     torch.randint(0, 4, (2048, 4096), device=dev, dtype=torch.uint8), 2, 4))}
     for name, (make_x, operands) in cases.items():
         for n in (1, 16):
             x = make_x(n)

@@ -55,6 +55,10 @@ NM_VARIANTS = {"decode@gather": dict(SMALL_TOKENS=64), "decode@tile": dict(SMALL
                "decode@nosplit": dict(SMALL_TOKENS=0, NM_MAX_SPLITS=1), "decode@tk128": dict(SMALL_TOKENS=0, NM_TILE_K=128),
                "decode@tk512": dict(SMALL_TOKENS=0, NM_TILE_K=512), "decode@bm64": dict(SMALL_TOKENS=0, NM_BLOCK_M=64),
                "decode@bm32": dict(SMALL_TOKENS=0, NM_BLOCK_M=32)}
+#: The two-stage kernels above one token (low-rank, Monarch): the first stage's splits capped, taller second-stage
+#: row blocks (``_triton_decode.MULTI_TOKEN``)
+MULTI_VARIANTS = {"decode@s1": dict(max_splits=1), "decode@s2": dict(max_splits=2),
+                  "decode@bm64": dict(partials_block_m=64), "decode@s2bm64": dict(max_splits=2, partials_block_m=64)}
 BACKENDS = {"lowrank": ("decode", "reference"), "monarch": ("decode", "triton", "cublas", "reference"),
             "blockdiag": ("decode", "triton", "cublas", "reference"), "nm24": ("decode", "reference")}
 
@@ -128,6 +132,9 @@ def variant(settings: dict):
     """Apply a VARIANTS entry to the decode kernels' module; returns the undo."""
     from structmat.kernels import _triton_decode as TD
 
+    saved_multi = dict(TD.MULTI_TOKEN)
+    TD.MULTI_TOKEN.update({k: v for k, v in settings.items() if k in TD.MULTI_TOKEN})
+    TD._plan.cache_clear()
     saved = (TD.FUSED[0], TD.FUSED_TILE[0], TD.FUSED_WARPS[0], dict(TD.FUSED_META), TD.FUSED_MAX_SPLITS[0],
              TD.SMALL_TOKENS[0], TD.NM_TILE_K[0], TD.NM_BLOCK_N[0], dict(TD.NM_META), TD.NM_MAX_SPLITS[0],
              TD.NM_BLOCK_M[0])
@@ -153,6 +160,9 @@ def variant(settings: dict):
         TD.NM_META.clear()
         TD.NM_META.update(saved[8])
         TD.NM_MAX_SPLITS[0], TD.NM_BLOCK_M[0] = saved[9:11]
+        TD.MULTI_TOKEN.clear()
+        TD.MULTI_TOKEN.update(saved_multi)
+        TD._plan.cache_clear()
         TD._plan_nm.cache_clear()
         TD.FUSED_META.clear()
         TD.FUSED_META.update(saved[3])
@@ -201,12 +211,15 @@ def main() -> int:
                         cands["semi24"] = None
                         if args.variants:
                             cands.update({v: "decode" for v in NM_VARIANTS})
-                    elif args.variants and s != "nm24":
+                    elif args.variants and n == 1:
                         cands.update({v: "decode" for v in VARIANTS})
+                    elif args.variants and s in ("lowrank", "monarch"):
+                        cands.update({v: "decode" for v in MULTI_VARIANTS})
                     if lean(layer, x) is not None:
                         cands["lean"] = "lean"
                     for cand, be in cands.items():
-                        settings = VARIANTS.get(cand) or (NM_VARIANTS.get(cand) if s == "nm24" else None)
+                        settings = (VARIANTS.get(cand) or MULTI_VARIANTS.get(cand)
+                                    or (NM_VARIANTS.get(cand) if s == "nm24" else None))
                         undo = variant(settings) if settings else (lambda: None)
                         try:
                             if be == "lean":

@@ -384,16 +384,28 @@ def use_dot(n: int) -> bool:
     return n > SMALL_TOKENS[0]
 
 
-def plan_gemv(n: int, groups: int, M: int, K: int, device: torch.device, split_ok: bool, act: bool = False) -> dict:
+def plan_gemv(n: int, groups: int, M: int, K: int, device: torch.device, split_ok: bool, act: bool = False,
+              partials: int = 1) -> dict:
     """Tile sizes and the number of K splits: enough programs to keep every SM streaming weight (cached per shape:
     few-token calls are host-bound). ``act`` (the gated input formed on load): reduction tiles of 128, whose second
-    input tile fits in registers (256 spilled 16-40 bytes on sm_90)."""
-    return _plan(n, groups, M, K, device.type, device.index, split_ok, act)
+    input tile fits in registers (256 spilled 16-40 bytes on sm_90). ``partials``: the input is that many fp32
+    split-K partials of a first stage, which every row block sums on load (see MULTI_TOKEN)."""
+    return _plan(n, groups, M, K, device.type, device.index, split_ok, act, partials)
+
+
+#: Above one token, a second stage's every row block reads the first stage's partials for all its tokens (splits x
+#: tokens x K fp32, from L2): at 16 tokens that re-read outweighs the weight (low-rank 2048->8192 at 16 tokens took
+#: 29 us against dense's 10.6, decode-layers-20261203T150038Z.json). ``max_splits`` caps the first stage's splits
+#: above one token, ``partials_block_m`` is the least row block of a stage that sums partials (fewer re-reads).
+#: Measured on the H200 at 2 and 8 tokens, cold (decode-layers-20261204T*.json, session 10 round 4): no split is as
+#: fast or faster everywhere (Monarch 8192->2048: 13.0 us against 20.1 with splits; low-rank 2048x2048 / 2048->8192 /
+#: 8192->2048: 9.7 / 16.1 / 22.0 against 12.6 / 22.8 / 29.2); taller second-stage row blocks helped only with 2 splits.
+MULTI_TOKEN = {"max_splits": 1, "partials_block_m": 16}
 
 
 @functools.lru_cache(maxsize=4096)
 def _plan(n: int, groups: int, M: int, K: int, device_type: str, index: int | None, split_ok: bool,
-          act: bool = False) -> dict:
+          act: bool = False, partials: int = 1) -> dict:
     target = TARGET_PROGRAMS * _sms(device_type, index)
     block_k = 16 if INTERPRET else (BLOCK_K_LARGE[0] if K >= 2048 and not act else 128)
     block_m = 16
@@ -401,10 +413,14 @@ def _plan(n: int, groups: int, M: int, K: int, device_type: str, index: int | No
         if not INTERPRET and groups * _cdiv(M, bm) >= target:
             block_m = bm
             break
+    if not INTERPRET and n > 1 and partials > 1:
+        block_m = max(block_m, MULTI_TOKEN["partials_block_m"])
     programs = groups * _cdiv(M, block_m)
     splits = 1
+    cap = MULTI_TOKEN["max_splits"] if n > 1 and not INTERPRET else K
     if split_ok:
-        while programs * splits * 2 <= target and K // (splits * 2) >= max(block_k, 512 if not INTERPRET else 16):
+        while (programs * splits * 2 <= target and K // (splits * 2) >= max(block_k, 512 if not INTERPRET else 16)
+               and splits * 2 <= cap):
             splits *= 2
     split_len = _cdiv(_cdiv(K, splits), block_k) * block_k
     splits = _cdiv(K, split_len)

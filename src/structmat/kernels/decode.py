@@ -117,7 +117,7 @@ def lowrank_plan(x: Tensor, U: Tensor, V: Tensor, act: int = 0):
 
         return run_fused
     p1 = plan_gemv(n, 1, gr, k, x.device, split_ok=True, act=bool(act))
-    p2 = plan_gemv(n, g, out, r, x.device, split_ok=False)
+    p2 = plan_gemv(n, g, out, r, x.device, split_ok=False, partials=p1["splits"])
     stage1 = gemv_launcher(1, n, gr, k, p1, V.dtype, c_split_stride=n * gr, act=bool(act))
     stage2 = gemv_launcher(g, n, out, r, p2, U.dtype, a_partials=p1["splits"], a_partial_stride=n * gr)
     scratch, y_shape = _scratch((p1["splits"], n, gr), x, _eager(x)), (*lead, g * out)
@@ -180,7 +180,7 @@ def monarch_plan(x: Tensor, R: Tensor, L: Tensor, act: int = 0):
 
         return run_fused
     p1 = plan_gemv(n, b, m1, p, x.device, split_ok=True, act=bool(act))
-    p2 = plan_gemv(n, g2, u, bc, x.device, split_ok=False)
+    p2 = plan_gemv(n, g2, u, bc, x.device, split_ok=False, partials=p1["splits"])
     # stage 1, group k: row (j, s, q) of R_k -> h[:, j*b*b*c + s*b*c + k*c + q] (the order stage 2 reads), one
     # partial per split
     stage1 = gemv_launcher(b, n, m1, p, p1, R.dtype, chunk=c, chunk_stride=bc, c_split_stride=n * g2 * bc,
