@@ -50,11 +50,13 @@ VARIANTS = {"decode@two": dict(FUSED=False), "decode@tile4k": dict(FUSED_TILE=40
             "decode@st2": dict(num_stages=2), "decode@spinld": dict(SPIN_LOAD=True)}
 #: The N:M kernels' variants (2:4 rows): the gather kernel at every count up to 64 tokens (SMALL_TOKENS=64), the
 #: expanded-tile kernel at every count (SMALL_TOKENS=0), without its K split, its dense tile 128 or 512 inputs wide,
-#: row blocks of 64 or 32
+#: row blocks of 64 or 32, token tiles up to 32 or 64 (a 64-wide dense tile with the latter)
 NM_VARIANTS = {"decode@gather": dict(SMALL_TOKENS=64), "decode@tile": dict(SMALL_TOKENS=0),
-               "decode@nosplit": dict(SMALL_TOKENS=0, NM_MAX_SPLITS=1), "decode@tk128": dict(SMALL_TOKENS=0, NM_TILE_K=128),
+               "decode@nosplit": dict(SMALL_TOKENS=0, NM_MAX_SPLITS=1),
+               "decode@tk128": dict(SMALL_TOKENS=0, NM_TILE_K=128),
                "decode@tk512": dict(SMALL_TOKENS=0, NM_TILE_K=512), "decode@bm64": dict(SMALL_TOKENS=0, NM_BLOCK_M=64),
-               "decode@bm32": dict(SMALL_TOKENS=0, NM_BLOCK_M=32)}
+               "decode@bm32": dict(SMALL_TOKENS=0, NM_BLOCK_M=32), "decode@bn32": dict(NM_BLOCK_N=32),
+               "decode@bn64": dict(NM_BLOCK_N=64), "decode@bn64tk64": dict(NM_BLOCK_N=64, NM_TILE_K=64)}
 #: The two-stage kernels above one token (low-rank, Monarch): the first stage's splits capped, taller second-stage
 #: row blocks (``_triton_decode.MULTI_TOKEN``)
 MULTI_VARIANTS = {"decode@s1": dict(max_splits=1), "decode@s2": dict(max_splits=2),

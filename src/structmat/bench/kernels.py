@@ -146,8 +146,8 @@ def run_grid(quick: bool = False, dtypes=("bf16",), subset_dtypes=("fp16", "fp32
         jobs += [(dt, (4096, 4096), n) for dt in subset_dtypes for n in (16, 8192)]
     rows, semi = [], []
     skipped = ["monarch:nblocks=2 (as many parameters as dense: rejected by design)",
-               f"nm:n=2,m=4 above {K.dispatch.DECODE_MAX_TOKENS} tokens and in fwdbwd (its kernel is the few-token inference "
-               f"one; elsewhere it runs its PyTorch reference)"]
+               f"nm:n=2,m=4 above {K.dispatch.DECODE_MAX_TOKENS} tokens and in fwdbwd (its kernel is the few-token "
+               f"inference one; elsewhere it runs its PyTorch reference)"]
     t_start = time.time()
     result = dict(rows=rows, semi_structured_2_4=semi, skipped=skipped, complete=False)
     for dname, (in_f, out_f), n in jobs:

@@ -45,9 +45,10 @@ BLOCK_K_LARGE = [256]
 #: shapes 2048x2048 / 2048->8192 / 8192->2048): the gather 5.8 / 15.1 / 17.6 us at one token against the tile's 7.8 /
 #: 17.5 / 19.8, but 9.4 / 17.4 / 32.6 at two tokens against 7.8 / 17.8 / 19.7 and 4x the tile's time at 8 tokens.
 SMALL_TOKENS = [1]
-#: The expanded-tile N:M kernel's (``_decode_nm``) token tile, dense tile width and launch options (lists and a dict so
-#: a benchmark can sweep them)
-NM_BLOCK_N = [16]
+#: The expanded-tile N:M kernel's (``_decode_nm``) largest token tile, dense tile width and launch options (lists and a
+#: dict so a benchmark can sweep them)
+NM_BLOCK_N = [64]  # (up to 64 tokens in one tile: 16-token tiles expanded the same values once per 16 tokens, 1.6-2.6x
+#                     slower at 32-64 tokens, decode-layers-20261204T100319Z.json)
 NM_TILE_K = [128]  # (256 and 512 measured 10-40% slower at 1-64 tokens: the expansion is register-bound)
 NM_META = {"num_warps": 4, "num_stages": 3}
 NM_PAIR = [True]  # 2:4 takes the kernel's pair form (``_decode_nm``)
@@ -613,9 +614,9 @@ def _plan_nm(n: int, M: int, G: int, device_type: str, index: int | None, dot: b
                 block_m = bm
                 break
         return dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_J=max(64, 256 // block_n))
-    # the expanded-tile kernel: token tiles of NM_BLOCK_N (more tokens are more token blocks, whose weight re-reads
-    # come mostly from L2), a dense tile NM_TILE_K inputs wide, row blocks as large as still leave enough programs,
-    # then the groups split until there are (each split at least NM_MIN_SPLIT_TILES tiles long)
+    # the expanded-tile kernel: all tokens in one tile up to NM_BLOCK_N (more tokens are more token blocks, whose
+    # weight re-reads come mostly from L2), a dense tile NM_TILE_K inputs wide, row blocks as large as still leave
+    # enough programs, then the groups split until there are (each split at least NM_MIN_SPLIT_TILES tiles long)
     gp2 = _pow2(group)
     pair = NM_PAIR[0] and (nnz, group) == (2, 4)
     if INTERPRET:
@@ -628,7 +629,7 @@ def _plan_nm(n: int, M: int, G: int, device_type: str, index: int | None, dot: b
                 break
         if act or NM_BLOCK_M[0]:  # (act: each row block forms the gated input of its token tile again; fewer, taller
             block_m = NM_BLOCK_M[0] or 32  # row blocks do that less often, the splits keep the programs)
-        block_n, block_g = NM_BLOCK_N[0], max(1, NM_TILE_K[0] // gp2)
+        block_n, block_g = min(NM_BLOCK_N[0], max(16, _pow2(n))), max(1, NM_TILE_K[0] // gp2)
     programs = _cdiv(M, block_m) * _cdiv(n, block_n)
     splits = 1
     while (programs * splits * 2 <= target and G // (splits * 2) >= block_g * NM_MIN_SPLIT_TILES[0]
@@ -674,8 +675,9 @@ def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, devi
     launches = _by_precision(_decode_nm, grid + (splits,), NNZ=n_keep, GROUP=group, ACT=act, **NM_META, **plan)
 
     def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, t=None, act_off: int = 0) -> None:  # noqa: F811
-        launches(fixed or _precision(x.dtype))(x, values, positions, y, y if t is None else t, y if cnt is None else cnt,
-                                               N, M, K, kept // n_keep, g_split, *rows(x), values.stride(0),
+        t = y if t is None else t  # (no split: the kernel never touches t or the counters)
+        launches(fixed or _precision(x.dtype))(x, values, positions, y, t, y if cnt is None else cnt, N, M, K,
+                                               kept // n_keep, g_split, *rows(x), values.stride(0),
                                                positions.stride(0), y.shape[-1], act_off)
 
     return launch, ((splits, N, M) if splits > 1 else None)
