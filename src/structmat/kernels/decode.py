@@ -6,11 +6,15 @@ graphs capture them; inference only (no autograd: dispatch sends a call here onl
   ``structmat::decode_blockdiag(x, W)``       one launch over (block, row block)
   ``structmat::decode_monarch(x, R, L)``      stage 1 writes the permuted intermediate (fp32 split-K partials, in
                                               the order stage 2 reads), stage 2 sums them on load
+  ``structmat::decode_nm(x, values, positions, n, m)``  one token: each value meets the input its position
+                                              selects; more: tiles of values expanded on chip for tl.dot, the
+                                              reduction split where row blocks are few (the last split sums)
 At one token, low-rank and Monarch overlap their stages: on Hopper and later as two launches joined by programmatic
 dependent launch (``_triton_decode.pdl_launcher``: the stage-2 grid loads its weight while stage 1 runs, then waits
 for it), elsewhere as ONE launch (``_triton_decode._decode_fused``, Monarch from MONARCH_FUSED_MIN_BYTES of weight):
-both stages share one grid, the second stage's tiles loading their weight while the first runs. Above one token, below that size, with ``STRUCTMAT_FUSED_DECODE=0`` or a stage-2 reduction above
-``FUSED_MAX_K2``: the two-launch form.
+both stages share one grid, the second stage's tiles loading their weight while the first runs. Above one token,
+below that size, with ``STRUCTMAT_FUSED_DECODE=0`` or a stage-2 reduction above ``FUSED_MAX_K2``: the two-launch
+form (above one token with stage 1 unsplit: ``_triton_decode.MULTI_TOKEN``).
 
 Each weight byte is read from HBM once; the intermediates (tokens x rank or tokens x in) are tiny. Eager calls run
 the same code without the custom op's dispatch (host time is what few-token calls pay).
