@@ -66,3 +66,29 @@ def run_sections(rep, sections, elapsed) -> None:
             rep.data["errors"].append({"case": section.__name__, "trace": traceback.format_exc()[-3000:]})
             traceback.print_exc()
         print(f"   [{section.__name__} done at {elapsed():.0f}s]", flush=True)
+
+
+def set_knobs(module, settings: dict) -> dict:
+    """Set module-level settings (a kernel module's tuning knobs): a dict attribute is updated with the given dict,
+    a one-element list attribute gets the value; returns what was replaced (for :func:`restore_knobs`)."""
+    import copy
+
+    saved = {}
+    for name, value in settings.items():
+        attr = getattr(module, name)
+        saved[name] = copy.deepcopy(attr)
+        if isinstance(attr, dict):
+            attr.update(value)
+        else:
+            attr[0] = value
+    return saved
+
+
+def restore_knobs(module, saved: dict) -> None:
+    for name, value in saved.items():
+        attr = getattr(module, name)
+        if isinstance(attr, dict):
+            attr.clear()
+            attr.update(value)
+        else:
+            attr[:] = value

@@ -43,11 +43,11 @@ DTYPE = torch.bfloat16
 COLD_BYTES = 256e6
 DEVICE = "cuda"
 #: Launch variants of the decode kernels, timed beside the shipped one ("decode"): name -> settings of
-#: structmat.kernels._triton_decode: the older two-launch gemv form (FUSED=False), the fused kernel's tile budget
-#: (weight elements per program), warps and pipeline stages
+#: structmat.kernels._triton_decode (``_common.set_knobs``): the older two-launch gemv form (FUSED=False), the fused
+#: kernel's tile budget (weight elements per program), warps and pipeline stages
 VARIANTS = {"decode@two": dict(FUSED=False), "decode@tile4k": dict(FUSED_TILE=4096),
             "decode@tile16k": dict(FUSED_TILE=16384), "decode@w8": dict(FUSED_WARPS=8),
-            "decode@st2": dict(num_stages=2), "decode@spinld": dict(SPIN_LOAD=True)}
+            "decode@st2": dict(FUSED_META={"num_stages": 2}), "decode@spinld": dict(FUSED_META={"SPIN_LOAD": True})}
 #: The N:M kernels' variants (2:4 rows): the gather kernel at every count up to 64 tokens (SMALL_TOKENS=64), the
 #: expanded-tile kernel at every count (SMALL_TOKENS=0), without its K split, its dense tile 128 or 512 inputs wide,
 #: row blocks of 64 or 32, token tiles up to 32 or 64 (a 64-wide dense tile with the latter)
@@ -57,10 +57,10 @@ NM_VARIANTS = {"decode@gather": dict(SMALL_TOKENS=64), "decode@tile": dict(SMALL
                "decode@tk512": dict(SMALL_TOKENS=0, NM_TILE_K=512), "decode@bm64": dict(SMALL_TOKENS=0, NM_BLOCK_M=64),
                "decode@bm32": dict(SMALL_TOKENS=0, NM_BLOCK_M=32), "decode@bn32": dict(NM_BLOCK_N=32),
                "decode@bn64": dict(NM_BLOCK_N=64), "decode@bn64tk64": dict(NM_BLOCK_N=64, NM_TILE_K=64)}
-#: The two-stage kernels above one token (low-rank, Monarch): the first stage's splits capped, taller second-stage
-#: row blocks (``_triton_decode.MULTI_TOKEN``)
-MULTI_VARIANTS = {"decode@s1": dict(max_splits=1), "decode@s2": dict(max_splits=2),
-                  "decode@bm64": dict(partials_block_m=64), "decode@s2bm64": dict(max_splits=2, partials_block_m=64)}
+#: The two-stage kernels above one token (low-rank, Monarch): the first stage split up to 2 ways, or as at one token
+#: (``_triton_decode.MULTI_TOKEN_SPLITS``; round 4 of session 10 also timed taller second-stage row blocks, a knob
+#: since removed: they helped only with 2 splits)
+MULTI_VARIANTS = {"decode@s2": dict(MULTI_TOKEN_SPLITS=2), "decode@split": dict(MULTI_TOKEN_SPLITS=64)}
 BACKENDS = {"lowrank": ("decode", "reference"), "monarch": ("decode", "triton", "cublas", "reference"),
             "blockdiag": ("decode", "triton", "cublas", "reference"), "nm24": ("decode", "reference")}
 
@@ -131,46 +131,17 @@ def lean(layer, x):
 
 
 def variant(settings: dict):
-    """Apply a VARIANTS entry to the decode kernels' module; returns the undo."""
+    """Apply a VARIANTS / NM_VARIANTS / MULTI_VARIANTS entry to the decode kernels' module (its plan caches dropped);
+    returns the undo."""
     from structmat.kernels import _triton_decode as TD
 
-    saved_multi = dict(TD.MULTI_TOKEN)
-    TD.MULTI_TOKEN.update({k: v for k, v in settings.items() if k in TD.MULTI_TOKEN})
-    TD._plan.cache_clear()
-    saved = (TD.FUSED[0], TD.FUSED_TILE[0], TD.FUSED_WARPS[0], dict(TD.FUSED_META), TD.FUSED_MAX_SPLITS[0],
-             TD.SMALL_TOKENS[0], TD.NM_TILE_K[0], TD.NM_BLOCK_N[0], dict(TD.NM_META), TD.NM_MAX_SPLITS[0],
-             TD.NM_BLOCK_M[0])
-    TD.NM_MAX_SPLITS[0] = settings.get("NM_MAX_SPLITS", TD.NM_MAX_SPLITS[0])
-    TD.NM_BLOCK_M[0] = settings.get("NM_BLOCK_M", TD.NM_BLOCK_M[0])
-    TD.SMALL_TOKENS[0] = settings.get("SMALL_TOKENS", TD.SMALL_TOKENS[0])
-    TD.NM_TILE_K[0] = settings.get("NM_TILE_K", TD.NM_TILE_K[0])
-    TD.NM_BLOCK_N[0] = settings.get("NM_BLOCK_N", TD.NM_BLOCK_N[0])
-    TD.NM_META["num_stages"] = settings.get("nm_stages", TD.NM_META["num_stages"])
-    TD.NM_META["num_warps"] = settings.get("nm_warps", TD.NM_META["num_warps"])
-    TD._plan_nm.cache_clear()
-    TD.FUSED_MAX_SPLITS[0] = settings.get("FUSED_MAX_SPLITS", TD.FUSED_MAX_SPLITS[0])
-    TD.FUSED[0] = settings.get("FUSED", TD.FUSED[0])
-    TD.FUSED_TILE[0] = settings.get("FUSED_TILE", TD.FUSED_TILE[0])
-    TD.FUSED_WARPS[0] = settings.get("FUSED_WARPS", TD.FUSED_WARPS[0])
-    TD.FUSED_META.update({k: v for k, v in settings.items() if k in ("num_stages", "SPIN_LOAD")})
-    TD.plan_fused.cache_clear()
+    def clear():
+        for cached in (TD._plan, TD._plan_nm, TD.plan_fused):
+            cached.cache_clear()
 
-    def undo():
-        TD.FUSED[0], TD.FUSED_TILE[0], TD.FUSED_WARPS[0] = saved[:3]
-        TD.FUSED_MAX_SPLITS[0] = saved[4]
-        TD.SMALL_TOKENS[0], TD.NM_TILE_K[0], TD.NM_BLOCK_N[0] = saved[5:8]
-        TD.NM_META.clear()
-        TD.NM_META.update(saved[8])
-        TD.NM_MAX_SPLITS[0], TD.NM_BLOCK_M[0] = saved[9:11]
-        TD.MULTI_TOKEN.clear()
-        TD.MULTI_TOKEN.update(saved_multi)
-        TD._plan.cache_clear()
-        TD._plan_nm.cache_clear()
-        TD.FUSED_META.clear()
-        TD.FUSED_META.update(saved[3])
-        TD.plan_fused.cache_clear()
-
-    return undo
+    saved = _common.set_knobs(TD, settings)
+    clear()
+    return lambda: (_common.restore_knobs(TD, saved), clear())
 
 
 def main() -> int:

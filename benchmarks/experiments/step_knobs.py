@@ -2,47 +2,22 @@
 
 Run on the GPU machine:
   ``PYTHONPATH=src python benchmarks/experiments/step_knobs.py --out DIR --models monarch,monarch+fused \
-      --batches 8,32 --settings '[{}, {"MULTI_TOKEN": {"max_splits": 4}}]'``
+      --batches 8,32 --settings '[{}, {"MULTI_TOKEN_SPLITS": 4}]'``
 
-Each setting names module attributes of ``structmat.kernels._triton_decode``: a dict attribute is updated, a
-one-element list attribute gets its value. Every model is built once; for each setting the kernels' plan caches and
-the layers' plans are dropped (``invalidate_plans``) and the step is captured again at each batch
-(``infer.graph_decode_tps``). Writes ``step-knobs-<UTC>.json``.
+Each setting names module attributes of ``structmat.kernels._triton_decode`` (``_common.set_knobs``). Every model
+is built once; for each setting the kernels' plan caches and the layers' plans are dropped (``invalidate_plans``)
+and the step is captured again at each batch (``infer.graph_decode_tps``). Writes ``step-knobs-<UTC>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as _dt
 import json
 from pathlib import Path
 
-import _common  # noqa: F401  (puts src/ on the path)
+import _common  # (also puts src/ on the path)
 import torch
-
-
-def apply(TD, setting: dict) -> dict:
-    """Set ``setting`` on the module; returns what it replaced."""
-    saved = {}
-    for name, value in setting.items():
-        attr = getattr(TD, name)
-        saved[name] = copy.deepcopy(attr)
-        if isinstance(attr, dict):
-            attr.update(value)
-        else:
-            attr[0] = value
-    return saved
-
-
-def restore(TD, saved: dict) -> None:
-    for name, value in saved.items():
-        attr = getattr(TD, name)
-        if isinstance(attr, dict):
-            attr.clear()
-            attr.update(value)
-        else:
-            attr[:] = value
 
 
 def main() -> int:
@@ -54,7 +29,7 @@ def main() -> int:
     ap.add_argument("--out", default=".")
     ap.add_argument("--models", default="monarch,monarch+fused")
     ap.add_argument("--batches", default="8,32")
-    ap.add_argument("--settings", default='[{}, {"MULTI_TOKEN": {"max_splits": 4}}]')
+    ap.add_argument("--settings", default='[{}, {"MULTI_TOKEN_SPLITS": 4}]')
     args = ap.parse_args()
     settings = json.loads(args.settings)
     batches = [int(b) for b in args.batches.split(",")]
@@ -65,7 +40,7 @@ def main() -> int:
               for name in args.models.split(",")}
     rows = []
     for setting in settings:
-        saved = apply(TD, setting)
+        saved = _common.set_knobs(TD, setting)
         try:
             for cached in (TD._plan, TD._plan_nm, TD.plan_fused):
                 cached.cache_clear()
@@ -75,7 +50,7 @@ def main() -> int:
                 rows.append({"setting": setting, "model": name, "graph": steps})
                 print(json.dumps(setting), name, [round(s["ms_per_step"], 4) for s in steps], flush=True)
         finally:
-            restore(TD, saved)
+            _common.restore_knobs(TD, saved)
         path.write_text(json.dumps({"rows": rows, "device": torch.cuda.get_device_name()}, indent=1))
     print("wrote", path)
     return 0

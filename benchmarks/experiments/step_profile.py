@@ -37,16 +37,7 @@ def main() -> int:
     for name in args.models.split(","):
         model = infer.build(None if name == "dense" else name, torch.bfloat16, infer.SHAPE)
         step, pos = infer.decode_step(model, args.batch, 32)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        torch.cuda.synchronize()
+        graph = infer.capture(step)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(reps):
                 graph.replay()

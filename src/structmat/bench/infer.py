@@ -274,6 +274,21 @@ def decode_step(model, batch: int, steps: int = 32):
     return step, pos
 
 
+def capture(step) -> torch.cuda.CUDAGraph:
+    """``step`` captured in a CUDA graph (run twice on a side stream first, as a capture needs), synchronized."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    _sync()
+    return graph
+
+
 def graph_decode_tps(model, batch: int, steps: int = 32, compile_mode: str | None = None) -> dict:
     """One decode step with a static cache, captured in a CUDA graph: GPU time per token without host cost.
     ``compile_mode``: the step is first compiled by inductor (``torch.compile(mode=...)``, elementwise work fused),
@@ -287,16 +302,7 @@ def graph_decode_tps(model, batch: int, steps: int = 32, compile_mode: str | Non
         step()
         _sync()
         seconds = time.perf_counter() - t0
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    _sync()
+    graph = capture(step)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(steps):

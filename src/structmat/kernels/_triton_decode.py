@@ -385,28 +385,26 @@ def use_dot(n: int) -> bool:
     return n > SMALL_TOKENS[0]
 
 
-def plan_gemv(n: int, groups: int, M: int, K: int, device: torch.device, split_ok: bool, act: bool = False,
-              partials: int = 1) -> dict:
+def plan_gemv(n: int, groups: int, M: int, K: int, device: torch.device, split_ok: bool, act: bool = False) -> dict:
     """Tile sizes and the number of K splits: enough programs to keep every SM streaming weight (cached per shape:
     few-token calls are host-bound). ``act`` (the gated input formed on load): reduction tiles of 128, whose second
-    input tile fits in registers (256 spilled 16-40 bytes on sm_90). ``partials``: the input is that many fp32
-    split-K partials of a first stage, which every row block sums on load (see MULTI_TOKEN)."""
-    return _plan(n, groups, M, K, device.type, device.index, split_ok, act, partials)
+    input tile fits in registers (256 spilled 16-40 bytes on sm_90)."""
+    return _plan(n, groups, M, K, device.type, device.index, split_ok, act)
 
 
-#: Above one token, a second stage's every row block reads the first stage's partials for all its tokens (splits x
-#: tokens x K fp32, from L2): at 16 tokens that re-read outweighs the weight (low-rank 2048->8192 at 16 tokens took
-#: 29 us against dense's 10.6, decode-layers-20261203T150038Z.json). ``max_splits`` caps the first stage's splits
-#: above one token, ``partials_block_m`` is the least row block of a stage that sums partials (fewer re-reads).
-#: Measured on the H200 at 2 and 8 tokens, cold (decode-layers-20261204T*.json, session 10 round 4): no split is as
-#: fast or faster everywhere (Monarch 8192->2048: 13.0 us against 20.1 with splits; low-rank 2048x2048 / 2048->8192 /
-#: 8192->2048: 9.7 / 16.1 / 22.0 against 12.6 / 22.8 / 29.2); taller second-stage row blocks helped only with 2 splits.
-MULTI_TOKEN = {"max_splits": 1, "partials_block_m": 16}
+#: The most K splits of a first stage above one token. There a second stage's every row block reads the first stage's
+#: partials for all its tokens (splits x tokens x K fp32, from L2): at 16 tokens that re-read outweighed the weight
+#: (low-rank 2048->8192 at 16 tokens took 29 us against dense's 10.6, decode-layers-20261203T150038Z.json). Measured on
+#: the H200 at 2 and 8 tokens, cold (decode-layers-20261204T095228Z.json, session 10 round 4): no split is as fast or
+#: faster everywhere (Monarch 8192->2048: 13.0 us against 20.1 with splits; low-rank 2048x2048 / 2048->8192 /
+#: 8192->2048: 9.7 / 16.1 / 22.0 against 12.6 / 22.8 / 29.2; taller second-stage row blocks, also tried, helped only
+#: with 2 splits), and in the Monarch models' captured steps (step-knobs-20261204T101430Z.json) all but one case.
+MULTI_TOKEN_SPLITS = [1]
 
 
 @functools.lru_cache(maxsize=4096)
 def _plan(n: int, groups: int, M: int, K: int, device_type: str, index: int | None, split_ok: bool,
-          act: bool = False, partials: int = 1) -> dict:
+          act: bool = False) -> dict:
     target = TARGET_PROGRAMS * _sms(device_type, index)
     block_k = 16 if INTERPRET else (BLOCK_K_LARGE[0] if K >= 2048 and not act else 128)
     block_m = 16
@@ -414,11 +412,9 @@ def _plan(n: int, groups: int, M: int, K: int, device_type: str, index: int | No
         if not INTERPRET and groups * _cdiv(M, bm) >= target:
             block_m = bm
             break
-    if not INTERPRET and n > 1 and partials > 1:
-        block_m = max(block_m, MULTI_TOKEN["partials_block_m"])
     programs = groups * _cdiv(M, block_m)
     splits = 1
-    cap = MULTI_TOKEN["max_splits"] if n > 1 and not INTERPRET else K
+    cap = MULTI_TOKEN_SPLITS[0] if n > 1 and not INTERPRET else K
     if split_ok:
         while (programs * splits * 2 <= target and K // (splits * 2) >= max(block_k, 512 if not INTERPRET else 16)
                and splits * 2 <= cap):
@@ -532,20 +528,33 @@ def fused_ok(n: int, k2: int) -> bool:
 
 
 _SYNC: dict[tuple, Tensor] = {}
+_COUNTERS: dict[tuple, Tensor] = {}
+
+
+def _zeros_outside_capture(store: dict, device: torch.device, size: int, least: int) -> Tensor | None:
+    """``store``'s int32 zeros on ``device``, at least ``size`` of them (made with ``max(size, least)``), made
+    outside any CUDA graph capture (memory allocated inside a capture belongs to the graph's pool); None while
+    capturing if there are too few. The kernels reset what they count, so one buffer serves every call; calls of one
+    device must not run concurrently on two streams (decode runs on one)."""
+    key = (device.type, device.index)
+    buf = store.get(key)
+    if buf is None or buf.numel() < size:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = store[key] = torch.zeros(max(size, least), dtype=torch.int32, device=device)
+    return buf
 
 
 def sync_buffer(device: torch.device) -> Tensor | None:
-    """The fused kernel's counters on ``device`` (int32 zeros, reset by each call's last program), made once per
-    device outside any CUDA graph capture (memory allocated inside a capture belongs to the graph's pool); None
-    while capturing before one exists (the caller takes the two-launch path). One per device: fused calls of one
-    device must not run concurrently on two streams (decode runs on one)."""
-    key = (device.type, device.index)
-    buf = _SYNC.get(key)
-    if buf is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buf = _SYNC[key] = torch.zeros(4, dtype=torch.int32, device=device)
-    return buf
+    """The fused kernel's counters on ``device`` (ticket, arrivals, departures; reset by each call's last program);
+    None while capturing before they exist (the caller takes the two-launch path)."""
+    return _zeros_outside_capture(_SYNC, device, 4, 4)
+
+
+def split_counters(device: torch.device, size: int) -> Tensor | None:
+    """The N:M split kernel's arrival counters on ``device``, one per tile (each reset by the last split of its
+    tile); None while capturing if there are too few (the caller does not split)."""
+    return _zeros_outside_capture(_COUNTERS, device, size, 4096)
 
 
 #: The one-token two-stage product as two launches joined by programmatic dependent launch (Hopper and later:
@@ -681,22 +690,6 @@ def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, devi
                                                positions.stride(0), y.shape[-1], act_off)
 
     return launch, ((splits, N, M) if splits > 1 else None)
-
-
-_COUNTERS: dict[tuple, Tensor] = {}
-
-
-def split_counters(device: torch.device, size: int) -> Tensor | None:
-    """The split-K kernels' arrival counters on ``device`` (int32 zeros, each reset by the last split of its tile),
-    at least ``size`` of them, made outside any CUDA graph capture (None while capturing if there are too few). One
-    set per device: split calls of one device must not run concurrently on two streams (decode runs on one)."""
-    key = (device.type, device.index)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < size:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buf = _COUNTERS[key] = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
-    return buf
 
 
 def decode_nm(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, n_keep: int, group: int) -> Tensor:

@@ -14,7 +14,7 @@ dependent launch (``_triton_decode.pdl_launcher``: the stage-2 grid loads its we
 for it), elsewhere as ONE launch (``_triton_decode._decode_fused``, Monarch from MONARCH_FUSED_MIN_BYTES of weight):
 both stages share one grid, the second stage's tiles loading their weight while the first runs. Above one token,
 below that size, with ``STRUCTMAT_FUSED_DECODE=0`` or a stage-2 reduction above ``FUSED_MAX_K2``: the two-launch
-form (above one token with stage 1 unsplit: ``_triton_decode.MULTI_TOKEN``).
+form (above one token with stage 1 unsplit: ``_triton_decode.MULTI_TOKEN_SPLITS``).
 
 Each weight byte is read from HBM once; the intermediates (tokens x rank or tokens x in) are tiny. Eager calls run
 the same code without the custom op's dispatch (host time is what few-token calls pay).
@@ -121,7 +121,7 @@ def lowrank_plan(x: Tensor, U: Tensor, V: Tensor, act: int = 0):
 
         return run_fused
     p1 = plan_gemv(n, 1, gr, k, x.device, split_ok=True, act=bool(act))
-    p2 = plan_gemv(n, g, out, r, x.device, split_ok=False, partials=p1["splits"])
+    p2 = plan_gemv(n, g, out, r, x.device, split_ok=False)
     stage1 = gemv_launcher(1, n, gr, k, p1, V.dtype, c_split_stride=n * gr, act=bool(act))
     stage2 = gemv_launcher(g, n, out, r, p2, U.dtype, a_partials=p1["splits"], a_partial_stride=n * gr)
     scratch, y_shape = _scratch((p1["splits"], n, gr), x, _eager(x)), (*lead, g * out)
@@ -184,7 +184,7 @@ def monarch_plan(x: Tensor, R: Tensor, L: Tensor, act: int = 0):
 
         return run_fused
     p1 = plan_gemv(n, b, m1, p, x.device, split_ok=True, act=bool(act))
-    p2 = plan_gemv(n, g2, u, bc, x.device, split_ok=False, partials=p1["splits"])
+    p2 = plan_gemv(n, g2, u, bc, x.device, split_ok=False)
     # stage 1, group k: row (j, s, q) of R_k -> h[:, j*b*b*c + s*b*c + k*c + q] (the order stage 2 reads), one
     # partial per split
     stage1 = gemv_launcher(b, n, m1, p, p1, R.dtype, chunk=c, chunk_stride=bc, c_split_stride=n * g2 * bc,
