@@ -126,7 +126,7 @@ def test_gemv_decode_compiles_for_sm90_and_fits_shared_memory(gpu_plans, dtype):
 
 
 def test_nm_decode_compiles_for_sm90(gpu_plans):
-    """2:4 at the bench shapes: the gather kernel (<= SMALL_TOKENS tokens) and the expanded-tile kernel above, in shared
+    """2:4 at the bench shapes: the row kernel (<= SMALL_TOKENS tokens) and the expanded-tile kernel above, in shared
     memory; without spills at 1-16 tokens (at 64 tokens, one 64-token tile, compiled here without the launch's
     16-divisibility of sizes and strides, it spills ~450 bytes: recorded, as the gemv kernel's 64-token tiles)."""
     pointers = {"X": "*bf16", "V": "*bf16", "P": "*u8", "Y": "*bf16", "T": "*fp32", "CNT": "*i32"}
@@ -134,8 +134,9 @@ def test_nm_decode_compiles_for_sm90(gpu_plans):
         for n in (1, 4, 16, 64):
             dot = TD.use_dot(n)
             plan = {key: v for key, v in TD._plan_nm(n, rows, k // 4, "cuda", 0, dot, k == 8192).items()
-                    if key != "G_SPLIT"}  # (a runtime argument)
-            fn = TD._decode_nm if dot else TD._decode_nm_gather
+                    if key != "SPLIT_LEN"}  # (a runtime argument)
+            fn = TD._decode_nm if dot else TD._decode_nm_row
             constexprs = {"NNZ": 2, "GROUP": 4, "ACT": k == 8192, **plan, **({"PRECISION": "tf32"} if dot else {})}
-            shared, stack = compile_sm90(fn, pointers, constexprs, num_warps=4, num_stages=3)
+            warps = 4 if dot else TD.NM_ROW_WARPS[0]
+            shared, stack = compile_sm90(fn, pointers, constexprs, num_warps=warps, num_stages=3 if dot else 1)
             assert shared <= SMEM_BYTES and (n > 16 or stack == 0), (rows, k, n, fn.__name__, constexprs, shared, stack)

@@ -163,9 +163,10 @@ def rel_rms(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def nm_operands(out: int, inp: int, n: int, m: int, generator: torch.Generator):
-    """Compressed N:M operands (values, uint8 in-group positions) and the dense matrix they stand for."""
+    """Compressed N:M operands (values, uint8 in-group positions) and the dense matrix they stand for (the support
+    drawn at random, in no order within a group: the kernels must not assume sorted positions)."""
     W = torch.randn(out, inp, generator=generator, dtype=torch.float64)
-    pos = W.abs().reshape(out, inp // m, m).topk(n, -1).indices.sort(-1).values
+    pos = torch.rand(out, inp // m, m, generator=generator).argsort(-1)[..., :n]
     vals = W.reshape(out, inp // m, m).gather(2, pos)
     dense = torch.zeros(out, inp // m, m, dtype=torch.float64).scatter(2, pos, vals).reshape(out, inp)
     return vals.reshape(out, -1), pos.reshape(out, -1).to(torch.uint8), dense
@@ -634,8 +635,8 @@ def _repeats_bit_for_bit():
              "monarch": (lambda n: torch.randn(n, 2048, device=dev, dtype=dt),
                          (torch.randn(4, 800, 512, device=dev, dtype=dt) * 0.04,
                           torch.randn(4, 2048, 800, device=dev, dtype=dt) * 0.04)),
-             # (N:M above one token: the reduction split over programs, the last split of a tile summing the partials
-             # and resetting its counter)
+             # (N:M: the reduction split over programs, the last split of a tile summing the partials and resetting
+             # its counter)
              "nm": (lambda n: torch.randn(n, 8192, device=dev, dtype=dt),
                     (torch.randn(2048, 4096, device=dev, dtype=dt) * 0.02,
                      torch.randint(0, 4, (2048, 4096), device=dev, dtype=torch.uint8), 2, 4))}

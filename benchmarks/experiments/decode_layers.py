@@ -48,15 +48,17 @@ DEVICE = "cuda"
 VARIANTS = {"decode@two": dict(FUSED=False), "decode@tile4k": dict(FUSED_TILE=4096),
             "decode@tile16k": dict(FUSED_TILE=16384), "decode@w8": dict(FUSED_WARPS=8),
             "decode@st2": dict(FUSED_META={"num_stages": 2}), "decode@spinld": dict(FUSED_META={"SPIN_LOAD": True})}
-#: The N:M kernels' variants (2:4 rows): the gather kernel at every count up to 64 tokens (SMALL_TOKENS=64), the
-#: expanded-tile kernel at every count (SMALL_TOKENS=0), without its K split, its dense tile 128 or 512 inputs wide,
-#: row blocks of 64 or 32, token tiles up to 32 or 64 (a 64-wide dense tile with the latter)
-NM_VARIANTS = {"decode@gather": dict(SMALL_TOKENS=64), "decode@tile": dict(SMALL_TOKENS=0),
-               "decode@nosplit": dict(SMALL_TOKENS=0, NM_MAX_SPLITS=1),
-               "decode@tk128": dict(SMALL_TOKENS=0, NM_TILE_K=128),
-               "decode@tk512": dict(SMALL_TOKENS=0, NM_TILE_K=512), "decode@bm64": dict(SMALL_TOKENS=0, NM_BLOCK_M=64),
-               "decode@bm32": dict(SMALL_TOKENS=0, NM_BLOCK_M=32), "decode@bn32": dict(NM_BLOCK_N=32),
-               "decode@bn64": dict(NM_BLOCK_N=64), "decode@bn64tk64": dict(NM_BLOCK_N=64, NM_TILE_K=64)}
+#: The N:M kernels' variants (2:4 rows): at one token the row kernel (``_decode_nm_row``) with row blocks of 2 or 8,
+#: 256 or 512 values per iteration wherever, 2 or 8 warps, without its prefetch, splits up to 16 or each at least 2
+#: tiles long, and the expanded-tile kernel instead (SMALL_TOKENS=0); above one token the expanded-tile kernel without
+#: its split (session 11 rounds 1-3 swept row blocks 4-32, 128-512 values and warps; session 10's variants of the
+#: gather kernel it replaced are in the git history)
+NM_VARIANTS = {"decode@bm2": dict(NM_ROW_BLOCK_M=2), "decode@bm8": dict(NM_ROW_BLOCK_M=8),
+               "decode@bj256": dict(NM_ROW_BLOCK_J=256), "decode@bj512": dict(NM_ROW_BLOCK_J=512),
+               "decode@w2": dict(NM_ROW_WARPS=2), "decode@w8": dict(NM_ROW_WARPS=8),
+               "decode@nopf": dict(NM_ROW_PREFETCH=False), "decode@s16": dict(NM_ROW_MAX_SPLITS=16),
+               "decode@min2": dict(NM_ROW_MIN_SPLIT_TILES=2),
+               "decode@nosplit": dict(NM_ROW_MAX_SPLITS=1, NM_MAX_SPLITS=1), "decode@tile": dict(SMALL_TOKENS=0)}
 #: The two-stage kernels above one token (low-rank, Monarch): the first stage split up to 2 ways, or as at one token
 #: (``_triton_decode.MULTI_TOKEN_SPLITS``; round 4 of session 10 also timed taller second-stage row blocks, a knob
 #: since removed: they helped only with 2 splits)

@@ -13,8 +13,8 @@ element strides (so block-diagonal, Monarch and low-rank are views of one descri
     next stage: no atomics, no memset, no extra launch);
   * the output column may be chunked (Monarch's permutation folded into the store, as in ``_triton_gemm``).
 ``decode_nm``: N:M sparse from compressed values and uint8 in-group positions, each read once; the dense weight is
-never formed in memory (at few tokens each value meets the input its position selects; with more tokens each
-program expands its tile of values into the dense tile on chip and feeds it to ``tl.dot``).
+never formed in memory (at one token each value meets the input its position selects; with more
+tokens each program expands its tile of values into the dense tile on chip and feeds it to ``tl.dot``).
 Accumulation is fp32 everywhere.
 """
 
@@ -39,11 +39,11 @@ TARGET_PROGRAMS = 4  # programs per SM to aim for: enough bytes in flight to str
 GEMV_META = {"num_warps": 4, "num_stages": 4}
 SMEM_BUDGET = 160 * 1024  # bytes of pipelined operand tiles per program (the H100/H200 allow 227 KB in all)
 BLOCK_K_LARGE = [256]
-#: Up to this many tokens the N:M kernel gathers, per value, the one input its position selects (one multiply-add per
-#: value and token, values read as contiguous row tiles); above, the expanded-tile kernel (``_decode_nm``; a one-element
-#: list so a benchmark can compare both). Measured on the H200 (decode-layers-20261204T*.json, session 10, cold, bench
-#: shapes 2048x2048 / 2048->8192 / 8192->2048): the gather 5.8 / 15.1 / 17.6 us at one token against the tile's 7.8 /
-#: 17.5 / 19.8, but 9.4 / 17.4 / 32.6 at two tokens against 7.8 / 17.8 / 19.7 and 4x the tile's time at 8 tokens.
+#: Up to this many tokens the N:M kernel gathers, per value, the one input its position selects (``_decode_nm_row``: one
+#: multiply-add per value and token, values read as contiguous row tiles); above, the expanded-tile kernel
+#: (``_decode_nm``; a one-element list so a benchmark can compare both). Measured on the H200 (session 10, cold, bench
+#: shapes 2048x2048 / 2048->8192 / 8192->2048, decode-layers-20261204T*.json): gathering 5.8 / 15.1 / 17.6 us at one
+#: token against the tile's 7.8 / 17.5 / 19.8, but 9.4 / 17.4 / 32.6 at two tokens against 7.8 / 17.8 / 19.7.
 SMALL_TOKENS = [1]
 #: The expanded-tile N:M kernel's (``_decode_nm``) largest token tile, dense tile width and launch options (lists and a
 #: dict so a benchmark can sweep them)
@@ -55,6 +55,17 @@ NM_PAIR = [True]  # 2:4 takes the kernel's pair form (``_decode_nm``)
 NM_MAX_SPLITS = [16]  # K splits of one tile (1: none)
 NM_BLOCK_M = [0]  # row block (0: chosen by the plan)
 NM_MIN_SPLIT_TILES = [2]  # dense tiles per split, at least
+#: The one-token N:M kernel's (``_decode_nm_row``) row block, values per row and iteration (0: 512 where a row keeps
+#: at least 4096 values, else 256), warps, most splits of the values, tiles per split, and whether the next tile's
+#: loads are issued before this tile's gathers. Session 11 round 3 (H200, cold, bench shapes, us; dense 6.0 / 10.7 /
+#: 13.7): rows 16 at a time 8.2 / 13.4 / 15.5, 8: 6.1 / 11.5 / 12.5, 4: 4.8 / 10.8 / 12.1, 4 with 512 values 4.7 /
+#: 12.6 / 10.6 (decode-layers-20261204T123411Z.json): short row blocks keep more programs' gathers in flight
+NM_ROW_BLOCK_M = [4]
+NM_ROW_BLOCK_J = [0]
+NM_ROW_WARPS = [4]
+NM_ROW_MAX_SPLITS = [8]
+NM_ROW_MIN_SPLIT_TILES = [1]
+NM_ROW_PREFETCH = [True]
 
 
 @triton.jit
@@ -224,35 +235,82 @@ def _pdl_stage2(T, W2, Y, M2, K2, M2_BLOCKS, s_ts, s_ag, s_ak, s_w2g, s_w2m, s_w
 
 
 @triton.jit
-def _decode_nm_gather(X, V, P, Y, N, M, K, KEPT, s_xn, s_xk, s_vm, s_pm, s_yn, ACT_OFF,
-                      NNZ: tl.constexpr, GROUP: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, ACT: tl.constexpr):
-    """Y (N, M) = X (N, K) @ W^T at a few tokens, N:M from compressed values: each value V[r, j] (a contiguous,
-    coalesced tile of a row's kept values) meets the one input its position selects, column
-    (j // NNZ) * GROUP + P[r, j], gathered from X (a few KB, served by L1/L2); one multiply-add per value and token.
-    Grid: (row blocks, token blocks)."""
+def _finish(acc, Y, T, CNT, tile, split, y_off, t_off, out_ok, SPLIT_STRIDE, SPLITS: tl.constexpr):
+    """Store a program's fp32 result ``acc`` at ``Y + y_off``; with SPLITS > 1 it is the partial of reduction split
+    ``split``: stored at ``T + split * SPLIT_STRIDE + t_off``, and the last of the tile's splits to arrive (counter
+    CNT[tile], reset by it) sums the partials in split order and stores Y (one launch, deterministic)."""
+    if SPLITS == 1:
+        tl.store(Y + y_off, acc.to(Y.dtype.element_ty), mask=out_ok)
+    else:
+        tl.store(T + split * SPLIT_STRIDE + t_off, acc, mask=out_ok)
+        tl.debug_barrier()  # every thread's partial stored, then one release of the arrival
+        if tl.atomic_add(CNT + tile, 1, sem="acq_rel") == SPLITS - 1:  # the last split: every partial is visible
+            total = tl.zeros_like(acc)
+            for sp in tl.static_range(SPLITS):
+                total += tl.load(T + sp * SPLIT_STRIDE + t_off, mask=out_ok, other=0.0, cache_modifier=".cg")
+            tl.store(Y + y_off, total.to(Y.dtype.element_ty), mask=out_ok)
+            tl.atomic_xchg(CNT + tile, 0)
+
+
+@triton.jit
+def _nm_row_tile(V, P, rm, s_vm, s_pm, j, j_end, EXACT: tl.constexpr):
+    """Values j (a row of indices) of rows rm and their positions, loaded as two tiles of one shape (so that
+    positions, values and the gathered inputs share one register layout: no shuffles through shared memory)."""
+    v_ptrs = V + rm[:, None] * s_vm + j[None, :]
+    p_ptrs = P + rm[:, None] * s_pm + j[None, :]
+    if EXACT:
+        return tl.load(v_ptrs), tl.load(p_ptrs)
+    ok = (j < j_end)[None, :]
+    return tl.load(v_ptrs, mask=ok, other=0.0), tl.load(p_ptrs, mask=ok, other=0)
+
+
+@triton.jit
+def _decode_nm_row(X, V, P, Y, T, CNT, N, M, K, KEPT, J_SPLIT, s_xn, s_xk, s_vm, s_pm, s_yn, ACT_OFF,
+                   NNZ: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
+                   PREFETCH: tl.constexpr, EXACT: tl.constexpr, ACT: tl.constexpr,
+                   SPLITS: tl.constexpr):
+    """Y (N, M) = X (N, K) @ W^T, one token per program, N:M from compressed values: each value V[r, j] (tiles of
+    BLOCK_M rows x BLOCK_J contiguous values; PREFETCH: the next tile's values and positions in flight while this
+    one is used) meets the one input its position selects, column (j // NNZ) * GROUP + position, gathered from the
+    token's row of X (a few KB, served by L1); one multiply-add per value into a per-lane sum, reduced once at the
+    end. SPLITS > 1: program (row block, token, split) reduces values [split*J_SPLIT, +J_SPLIT) (``_finish``).
+    EXACT: every split a whole number of tiles and no padded group (K = groups * GROUP): no masks on the tiles'
+    inputs (the prefetch stays masked: past a split's last tile it would read past the last row).
+    Grid: (row blocks, tokens, splits)."""
     pid_m = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tok = tl.program_id(1)
+    split = tl.program_id(2)
+    j_start = split * J_SPLIT
+    j_end = tl.minimum(KEPT, j_start + J_SPLIT)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_j = tl.arange(0, BLOCK_J)
     rm = (offs_m % M).to(tl.int64)  # rows past the end wrap (valid addresses, dropped at the store)
-    n_ok = (offs_n < N)[:, None, None]
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for j0 in range(0, KEPT, BLOCK_J):
+    offs_j = tl.arange(0, BLOCK_J)
+    x_row = X + tok.to(tl.int64) * s_xn
+    acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+    if PREFETCH:
+        v, pk = _nm_row_tile(V, P, rm, s_vm, s_pm, j_start + offs_j, j_end, EXACT)
+    for j0 in range(j_start, j_end, BLOCK_J):
         j = j0 + offs_j
-        j_ok = (j < KEPT)[None, :]
-        v = tl.load(V + rm[:, None] * s_vm + j[None, :], mask=j_ok, other=0.0)
-        p = tl.load(P + rm[:, None] * s_pm + j[None, :], mask=j_ok, other=0).to(tl.int32)
-        col = (j // NNZ)[None, :] * GROUP + p
-        ok = n_ok & (j_ok & (col < K))[None, :, :]  # (columns past K: the zero padding of the last group)
-        x_ptrs = X + offs_n[:, None, None] * s_xn + col[None, :, :] * s_xk
-        x = tl.load(x_ptrs, mask=ok, other=0.0)
-        if ACT:
-            x = _gated(x, tl.load(x_ptrs + ACT_OFF, mask=ok, other=0.0))
-        x = x.to(v.dtype).to(tl.float32)  # (as the reference: the input rounded to the weight's dtype)
-        acc += tl.sum(x * v.to(tl.float32)[None, :, :], axis=2)
-    tl.store(Y + offs_n[:, None] * s_yn + offs_m[None, :], acc.to(Y.dtype.element_ty),
-             mask=(offs_n[:, None] < N) & (offs_m[None, :] < M))
+        if PREFETCH:
+            v_next, pk_next = _nm_row_tile(V, P, rm, s_vm, s_pm, j + BLOCK_J, j_end, False)
+        else:
+            v, pk = _nm_row_tile(V, P, rm, s_vm, s_pm, j, j_end, EXACT)
+        col = (j // NNZ * GROUP)[None, :] + pk.to(tl.int32)
+        x_ptrs = x_row + col * s_xk
+        if EXACT:
+            x = tl.load(x_ptrs)
+            if ACT:
+                x = _gated(x, tl.load(x_ptrs + ACT_OFF))
+        else:
+            ok = (j < j_end)[None, :] & (col < K)  # (columns past K: the zero padding of the last group)
+            x = tl.load(x_ptrs, mask=ok, other=0.0)
+            if ACT:
+                x = _gated(x, tl.load(x_ptrs + ACT_OFF, mask=ok, other=0.0))
+        acc += x.to(v.dtype).to(tl.float32) * v.to(tl.float32)  # (as the reference: input rounded to the weight's)
+        if PREFETCH:
+            v, pk = v_next, pk_next
+    _finish(tl.sum(acc, axis=1), Y, T, CNT, tok * tl.num_programs(0) + pid_m, split, tok * s_yn + offs_m,
+            tok * M + offs_m, offs_m < M, N * M, SPLITS)
 
 
 @triton.jit
@@ -270,9 +328,8 @@ def _decode_nm(X, V, P, Y, T, CNT, N, M, K, G, G_SPLIT, s_xn, s_xk, s_vm, s_pm, 
     columns joined; the next tile's values and positions are in flight while this one is expanded and multiplied
     (Triton pipelines only loads that feed tl.dot). Otherwise (any N:M) the tile is built as (rows, groups,
     GROUP_P2) slot by slot and reshaped; GROUP_P2 is GROUP rounded up to a power of two, the columns past GROUP
-    masked. SPLITS > 1: program (row block, token block, split) reduces groups [split*G_SPLIT, +G_SPLIT) into an
-    fp32 partial in T (SPLITS, N, M); the last of a tile's splits to arrive (counter CNT[tile], reset by it) sums
-    the partials in split order and stores Y. Grid: (row blocks, token blocks, splits)."""
+    masked. SPLITS > 1: program (row block, token block, split) reduces groups [split*G_SPLIT, +G_SPLIT)
+    (``_finish``). Grid: (row blocks, token blocks, splits)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     split = tl.program_id(2)
@@ -334,21 +391,8 @@ def _decode_nm(X, V, P, Y, T, CNT, N, M, K, G, G_SPLIT, s_xn, s_xk, s_vm, s_pm, 
                 x = _gated(x, tl.load(x_ptrs + ACT_OFF, mask=ok, other=0.0))
             x = tl.reshape(x.to(w3.dtype), (BLOCK_N, BLOCK_G * GROUP_P2))
             acc = tl.dot(x, tl.trans(tl.reshape(w3, (BLOCK_M, BLOCK_G * GROUP_P2))), acc, input_precision=PRECISION)
-    out_ok = (offs_n[:, None] < N) & (offs_m[None, :] < M)
-    y_ptrs = Y + offs_n[:, None] * s_yn + offs_m[None, :]
-    if SPLITS == 1:
-        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=out_ok)
-    else:
-        t_ptrs = T + offs_n[:, None] * M + offs_m[None, :]
-        tl.store(t_ptrs + split * N * M, acc, mask=out_ok)
-        tl.debug_barrier()  # every thread's partial stored, then one release of the arrival
-        tile = pid_n * tl.num_programs(0) + pid_m
-        if tl.atomic_add(CNT + tile, 1, sem="acq_rel") == SPLITS - 1:  # the last split: every partial is visible
-            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for sp in tl.static_range(SPLITS):
-                total += tl.load(t_ptrs + sp * N * M, mask=out_ok, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptrs, total.to(Y.dtype.element_ty), mask=out_ok)
-            tl.atomic_xchg(CNT + tile, 0)
+    _finish(acc, Y, T, CNT, pid_n * tl.num_programs(0) + pid_m, split, offs_n[:, None] * s_yn + offs_m[None, :],
+            offs_n[:, None] * M + offs_m[None, :], (offs_n[:, None] < N) & (offs_m[None, :] < M), N * M, SPLITS)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -381,7 +425,7 @@ def _block_n(n: int) -> int:
 
 
 def use_dot(n: int) -> bool:
-    """N:M: tensor-core tiles above SMALL_TOKENS tokens, the gather kernel at or below."""
+    """N:M: tensor-core tiles above SMALL_TOKENS tokens, the row kernel (``_decode_nm_row``) at or below."""
     return n > SMALL_TOKENS[0]
 
 
@@ -613,23 +657,27 @@ def fused_launcher(plan: dict, m1: int, k1: int, m2: int, k2: int, chunk1: int =
 def _plan_nm(n: int, M: int, G: int, device_type: str, index: int | None, dot: bool, act: bool = False,
              group: int = 4, nnz: int = 2) -> dict:
     target = TARGET_PROGRAMS * _sms(device_type, index)
-    if not dot:  # the gather kernel: all tokens in one block, rows spread over as many programs as it takes
-        block_n = _pow2(max(n, 1))
+    if not dot:  # the row kernel: one token per program, row blocks x splits of the values up to the target
+        kept = G * nnz
         if INTERPRET:
-            return dict(BLOCK_N=block_n, BLOCK_M=8, BLOCK_J=16)
-        block_m = 4
-        for bm in (32, 16, 8):
-            if _cdiv(M, bm) >= target:
-                block_m = bm
-                break
-        return dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_J=max(64, 256 // block_n))
+            block_m, block_j = 8, 16
+        else:
+            block_m, block_j = NM_ROW_BLOCK_M[0], NM_ROW_BLOCK_J[0] or (512 if kept >= 4096 else 256)
+        programs = _cdiv(M, block_m) * n
+        splits = 1
+        while (programs * splits * 2 <= target and kept // (splits * 2) >= block_j * NM_ROW_MIN_SPLIT_TILES[0]
+               and splits * 2 <= NM_ROW_MAX_SPLITS[0]):
+            splits *= 2
+        j_split = _cdiv(_cdiv(kept, splits), block_j) * block_j
+        return dict(BLOCK_M=block_m, BLOCK_J=block_j, PREFETCH=NM_ROW_PREFETCH[0],
+                    SPLITS=_cdiv(kept, j_split), SPLIT_LEN=j_split)
     # the expanded-tile kernel: all tokens in one tile up to NM_BLOCK_N (more tokens are more token blocks, whose
     # weight re-reads come mostly from L2), a dense tile NM_TILE_K inputs wide, row blocks as large as still leave
     # enough programs, then the groups split until there are (each split at least NM_MIN_SPLIT_TILES tiles long)
     gp2 = _pow2(group)
     pair = NM_PAIR[0] and (nnz, group) == (2, 4)
     if INTERPRET:
-        block_m, block_n, block_g = 16, 16, max(1, 32 // gp2)
+        block_m, block_n, block_g = 16, 16, max(2, 32 // gp2)
     else:
         block_m = 16
         for bm in (64, 32):
@@ -638,15 +686,15 @@ def _plan_nm(n: int, M: int, G: int, device_type: str, index: int | None, dot: b
                 break
         if act or NM_BLOCK_M[0]:  # (act: each row block forms the gated input of its token tile again; fewer, taller
             block_m = NM_BLOCK_M[0] or 32  # row blocks do that less often, the splits keep the programs)
-        block_n, block_g = min(NM_BLOCK_N[0], max(16, _pow2(n))), max(1, NM_TILE_K[0] // gp2)
+        block_n, block_g = min(NM_BLOCK_N[0], max(16, _pow2(n))), max(2, NM_TILE_K[0] // gp2)
     programs = _cdiv(M, block_m) * _cdiv(n, block_n)
     splits = 1
     while (programs * splits * 2 <= target and G // (splits * 2) >= block_g * NM_MIN_SPLIT_TILES[0]
            and splits * 2 <= NM_MAX_SPLITS[0]):
         splits *= 2
     g_split = _cdiv(_cdiv(G, splits), block_g) * block_g
-    return dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_G=block_g, GROUP_P2=gp2, PAIR=pair, SPLITS=_cdiv(G, g_split),
-                G_SPLIT=g_split)
+    return dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_G=block_g, GROUP_P2=gp2, PAIR=pair,
+                SPLITS=_cdiv(G, g_split), SPLIT_LEN=g_split)
 
 
 def rows(t: Tensor) -> tuple[int, int]:
@@ -660,34 +708,33 @@ def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, devi
                 dtype: torch.dtype, act: bool = False):
     """The N:M launch for one shape, worked out once: ``(launch, scratch)``, ``launch(x, values, positions, y, t,
     act_off=0)`` (``act`` as :func:`gemv_launcher`'s; K is the product's input width); ``scratch`` the shape of the
-    fp32 split-K partials ``t`` it needs (None: none, ``t`` ignored)."""
+    fp32 split partials ``t`` it needs (None: none, ``t`` ignored)."""
     dot = use_dot(N)
     plan = dict(_plan_nm(N, M, kept // n_keep, device.type, device.index, dot, act, group, n_keep))
     if N == 0 or M == 0:
         return (lambda x, values, positions, y, t=None, act_off=0: None), None
-    grid = (_cdiv(M, plan["BLOCK_M"]), _cdiv(N, plan["BLOCK_N"]))
-    if not dot:
-        kernel = Launch(_decode_nm_gather, grid, NNZ=n_keep, GROUP=group, ACT=act, num_warps=4, num_stages=3, **plan)
-
-        def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, t=None, act_off: int = 0) -> None:
-            kernel(x, values, positions, y, N, M, K, kept, *rows(x), values.stride(0), positions.stride(0), y.shape[-1],
-                   act_off)
-
-        return launch, None
+    grid = (_cdiv(M, plan["BLOCK_M"]), _cdiv(N, plan.get("BLOCK_N", 1)))
     splits = plan["SPLITS"]
     cnt = split_counters(device, grid[0] * grid[1]) if splits > 1 else None
     if splits > 1 and cnt is None:  # (first met inside a capture: no counters yet, so no split)
-        plan = dict(plan, SPLITS=1, G_SPLIT=kept // n_keep)
+        plan = dict(plan, SPLITS=1, SPLIT_LEN=kept if not dot else kept // n_keep)
         splits = 1
+    split_len = plan.pop("SPLIT_LEN")
     fixed = None if dtype == torch.float32 else _precision(dtype)
-    g_split = plan.pop("G_SPLIT")
-    launches = _by_precision(_decode_nm, grid + (splits,), NNZ=n_keep, GROUP=group, ACT=act, **NM_META, **plan)
+    if dot:
+        launches = _by_precision(_decode_nm, grid + (splits,), NNZ=n_keep, GROUP=group, ACT=act, **NM_META, **plan)
+        length = kept // n_keep
+    else:
+        exact = kept % plan["BLOCK_J"] == 0 and split_len % plan["BLOCK_J"] == 0 and K == kept // n_keep * group
+        kernel = Launch(_decode_nm_row, grid + (splits,), NNZ=n_keep, GROUP=group, ACT=act, EXACT=exact,
+                        num_warps=NM_ROW_WARPS[0], num_stages=1, **plan)
+        launches, length = (lambda precision: kernel), kept
 
-    def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, t=None, act_off: int = 0) -> None:  # noqa: F811
+    def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, t=None, act_off: int = 0) -> None:
         t = y if t is None else t  # (no split: the kernel never touches t or the counters)
         launches(fixed or _precision(x.dtype))(x, values, positions, y, t, y if cnt is None else cnt, N, M, K,
-                                               kept // n_keep, g_split, *rows(x), values.stride(0),
-                                               positions.stride(0), y.shape[-1], act_off)
+                                               length, split_len, *rows(x), values.stride(0), positions.stride(0),
+                                               y.shape[-1], act_off)
 
     return launch, ((splits, N, M) if splits > 1 else None)
 
