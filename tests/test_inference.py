@@ -140,7 +140,7 @@ def test_merge_for_inference_bad_input():
 # ---------------------------------------------------------------------------------------------------------------
 
 TOL = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 3e-2}  # as tests/test_kernels.py
-DECODE_TOKENS = (1, 3, 5, 17)  # 1: the one-token forms (N:M: the gather kernel); above: tensor-core tiles
+DECODE_TOKENS = (1, 3, 5, 17)  # 1: the one-token forms (N:M: the row kernel); above: tensor-core tiles
 DECODE_SHAPES = {  # small awkward sizes for the interpreter; (in, out, structure args)
     "lowrank": (40, 24, dict(rank=6)),
     "blockdiag": (40, 24, dict(nblocks=4)),

@@ -51,14 +51,17 @@ VARIANTS = {"decode@two": dict(FUSED=False), "decode@tile4k": dict(FUSED_TILE=40
 #: The N:M kernels' variants (2:4 rows): at one token the row kernel (``_decode_nm_row``) with row blocks of 2 or 8,
 #: 256 or 512 values per iteration wherever, 2 or 8 warps, without its prefetch, splits up to 16 or each at least 2
 #: tiles long, and the expanded-tile kernel instead (SMALL_TOKENS=0); above one token the expanded-tile kernel without
-#: its split (session 11 rounds 1-3 swept row blocks 4-32, 128-512 values and warps; session 10's variants of the
+#: its split; 128 values per iteration with row blocks of 2, 4 or 8, and with 2 warps (session 11 rounds 1-3 swept row blocks 4-32, 128-512 values and warps; session 10's variants of the
 #: gather kernel it replaced are in the git history)
 NM_VARIANTS = {"decode@bm2": dict(NM_ROW_BLOCK_M=2), "decode@bm8": dict(NM_ROW_BLOCK_M=8),
                "decode@bj256": dict(NM_ROW_BLOCK_J=256), "decode@bj512": dict(NM_ROW_BLOCK_J=512),
                "decode@w2": dict(NM_ROW_WARPS=2), "decode@w8": dict(NM_ROW_WARPS=8),
                "decode@nopf": dict(NM_ROW_PREFETCH=False), "decode@s16": dict(NM_ROW_MAX_SPLITS=16),
                "decode@min2": dict(NM_ROW_MIN_SPLIT_TILES=2),
-               "decode@nosplit": dict(NM_ROW_MAX_SPLITS=1, NM_MAX_SPLITS=1), "decode@tile": dict(SMALL_TOKENS=0)}
+               "decode@nosplit": dict(NM_ROW_MAX_SPLITS=1, NM_MAX_SPLITS=1), "decode@tile": dict(SMALL_TOKENS=0),
+               "decode@bj128": dict(NM_ROW_BLOCK_J=128), "decode@bm2bj128": dict(NM_ROW_BLOCK_M=2, NM_ROW_BLOCK_J=128),
+               "decode@bm8bj128": dict(NM_ROW_BLOCK_M=8, NM_ROW_BLOCK_J=128),
+               "decode@bj128w2": dict(NM_ROW_BLOCK_J=128, NM_ROW_WARPS=2)}
 #: The two-stage kernels above one token (low-rank, Monarch): the first stage split up to 2 ways, or as at one token
 #: (``_triton_decode.MULTI_TOKEN_SPLITS``; round 4 of session 10 also timed taller second-stage row blocks, a knob
 #: since removed: they helped only with 2 splits)
