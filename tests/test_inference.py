@@ -152,6 +152,7 @@ DECODE_SHAPES = {  # small awkward sizes for the interpreter; (in, out, structur
     "nm_26": (48, 24, dict(n=2, m=6)),  # (a group of 6: the expanded tile's columns padded to 8, two masked)
     "nm_wide": (520, 24, dict(n=2, m=4)),  # (above SMALL_TOKENS: the reduction split 8 ways, a short last split)
     "nm_wide216": (512, 24, dict(n=2, m=16)),  # (the same for the general form)
+    "nm_whole": (512, 24, dict(n=2, m=4)),  # (whole tiles: the one-token row kernel's unmasked form)
 }
 
 

@@ -51,7 +51,8 @@ VARIANTS = {"decode@two": dict(FUSED=False), "decode@tile4k": dict(FUSED_TILE=40
 #: The N:M kernels' variants (2:4 rows): at one token the row kernel (``_decode_nm_row``) with row blocks of 2 or 8,
 #: 256 or 512 values per iteration wherever, 2 or 8 warps, without its prefetch, splits up to 16 or each at least 2
 #: tiles long, and the expanded-tile kernel instead (SMALL_TOKENS=0); above one token the expanded-tile kernel without
-#: its split; 128 values per iteration with row blocks of 2, 4 or 8, and with 2 warps (session 11 rounds 1-3 swept row blocks 4-32, 128-512 values and warps; session 10's variants of the
+#: its split; 128 values per iteration with row blocks of 2, 4 or 8, and with 2 warps (round 7 also timed the
+#: expanded-tile kernel's shift expansion, since dropped, against its compare-and-select: NM_PRMT=False; rounds 1-3 swept row blocks 4-32, 128-512 values and warps; session 10's variants of the
 #: gather kernel it replaced are in the git history)
 NM_VARIANTS = {"decode@bm2": dict(NM_ROW_BLOCK_M=2), "decode@bm8": dict(NM_ROW_BLOCK_M=8),
                "decode@bj256": dict(NM_ROW_BLOCK_J=256), "decode@bj512": dict(NM_ROW_BLOCK_J=512),
@@ -154,6 +155,7 @@ def main() -> int:
     ap.add_argument("--out", default=".")
     ap.add_argument("--structures", default="lowrank,monarch,blockdiag,nm24")
     ap.add_argument("--tokens", default="1,16")
+    ap.add_argument("--variants-only", default="", help="comma-separated variant names: time only these")
     ap.add_argument("--no-variants", dest="variants", action="store_false",
                     help="skip the decode kernels' launch variants (VARIANTS)")
     args = ap.parse_args()
@@ -188,7 +190,8 @@ def main() -> int:
                     if s == "nm24":
                         cands["semi24"] = None
                         if args.variants:
-                            cands.update({v: "decode" for v in NM_VARIANTS})
+                            cands.update({v: "decode" for v in NM_VARIANTS
+                                          if not args.variants_only or v in args.variants_only.split(",")})
                     elif args.variants and n == 1:
                         cands.update({v: "decode" for v in VARIANTS})
                     elif args.variants and s in ("lowrank", "monarch"):
