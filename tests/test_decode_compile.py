@@ -140,3 +140,5 @@ def test_nm_decode_compiles_for_sm90(gpu_plans):
             warps = 4 if dot else TD.NM_ROW_WARPS[0]
             shared, stack = compile_sm90(fn, pointers, constexprs, num_warps=warps, num_stages=3 if dot else 1)
             assert shared <= SMEM_BYTES and (n > 16 or stack == 0), (rows, k, n, fn.__name__, constexprs, shared, stack)
+    shared, stack = compile_sm90(TD._gate_rows, {"X": "*bf16", "H": "*bf16"}, {"BLOCK": 1024}, num_warps=4)
+    assert stack == 0, stack  # (the gated input formed first, for the one-token down product)

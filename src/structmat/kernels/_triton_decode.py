@@ -66,6 +66,10 @@ NM_ROW_WARPS = [4]
 NM_ROW_MAX_SPLITS = [8]
 NM_ROW_MIN_SPLIT_TILES = [1]
 NM_ROW_PREFETCH = [True]
+#: A gated MLP's down product at one token (``act``): form SiLU(gate) * up once, in a small kernel of its own
+#: (``_gate_rows``, into the plan's scratch), and run the row kernel on it, instead of forming it inside the row
+#: kernel for every value it gathers (once per kept value, SiLU's exp and division each time)
+NM_ROW_GATE_FIRST = [os.environ.get("STRUCTMAT_NM_GATE_FIRST", "1") not in ("", "0")]
 
 
 @triton.jit
@@ -311,6 +315,18 @@ def _decode_nm_row(X, V, P, Y, T, CNT, N, M, K, KEPT, J_SPLIT, s_xn, s_xk, s_vm,
             v, pk = v_next, pk_next
     _finish(tl.sum(acc, axis=1), Y, T, CNT, tok * tl.num_programs(0) + pid_m, split, tok * s_yn + offs_m,
             tok * M + offs_m, offs_m < M, N * M, SPLITS)
+
+
+@triton.jit
+def _gate_rows(X, H, K, s_xn, s_xk, ACT_OFF, BLOCK: tl.constexpr):
+    """H (N, K) = SiLU(X[:, :K]) * X[:, K:] (``_gated``; gate at column k, up at k + ACT_OFF // s_xk), H contiguous.
+    Grid: (column blocks, tokens)."""
+    tok = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < K
+    ptrs = X + tok.to(tl.int64) * s_xn + offs * s_xk
+    h = _gated(tl.load(ptrs, mask=ok, other=0.0), tl.load(ptrs + ACT_OFF, mask=ok, other=0.0))
+    tl.store(H + tok.to(tl.int64) * K + offs, h, mask=ok)
 
 
 @triton.jit
@@ -708,7 +724,8 @@ def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, devi
                 dtype: torch.dtype, act: bool = False):
     """The N:M launch for one shape, worked out once: ``(launch, scratch)``, ``launch(x, values, positions, y, t,
     act_off=0)`` (``act`` as :func:`gemv_launcher`'s; K is the product's input width); ``scratch`` the shape of the
-    fp32 split partials ``t`` it needs (None: none, ``t`` ignored)."""
+    fp32 scratch ``t`` it needs (None: none, ``t`` ignored): the split partials, and at one token with ``act`` and
+    NM_ROW_GATE_FIRST, flat, the gated input after them."""
     dot = use_dot(N)
     plan = dict(_plan_nm(N, M, kept // n_keep, device.type, device.index, dot, act, group, n_keep))
     if N == 0 or M == 0:
@@ -726,11 +743,24 @@ def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, devi
         length = kept // n_keep
     else:
         exact = kept % plan["BLOCK_J"] == 0 and split_len % plan["BLOCK_J"] == 0 and K == kept // n_keep * group
-        kernel = Launch(_decode_nm_row, grid + (splits,), NNZ=n_keep, GROUP=group, ACT=act, EXACT=exact,
-                        num_warps=NM_ROW_WARPS[0], num_stages=1, **plan)
+        gate_first = act and NM_ROW_GATE_FIRST[0]
+        kernel = Launch(_decode_nm_row, grid + (splits,), NNZ=n_keep, GROUP=group, ACT=act and not gate_first,
+                        EXACT=exact, num_warps=NM_ROW_WARPS[0], num_stages=1, **plan)
+        if gate_first:  # (the hidden vector in the scratch, after the split partials: N*K elements of x's dtype)
+            partials = splits * N * M if splits > 1 else 0
+            hidden = _cdiv(N * K * dtype.itemsize, 4)
+            gate = Launch(_gate_rows, (_cdiv(K, 1024), N), BLOCK=1024, num_warps=4)
+
+            def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, t=None, act_off: int = 0) -> None:
+                h = t[partials:partials + hidden].view(x.dtype)[:N * K]
+                gate(x, h, K, *rows(x), act_off)
+                kernel(h, values, positions, y, t, y if cnt is None else cnt, N, M, K, kept, split_len, K, 1,
+                       values.stride(0), positions.stride(0), y.shape[-1], 0)
+
+            return launch, (partials + hidden,)
         launches, length = (lambda precision: kernel), kept
 
-    def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, t=None, act_off: int = 0) -> None:
+    def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, t=None, act_off: int = 0) -> None:  # noqa: F811
         t = y if t is None else t  # (no split: the kernel never touches t or the counters)
         launches(fixed or _precision(x.dtype))(x, values, positions, y, t, y if cnt is None else cnt, N, M, K,
                                                length, split_len, *rows(x), values.stride(0), positions.stride(0),
