@@ -277,6 +277,13 @@ def _interpret_report() -> dict:
               "decode_fp16": decode_errors("cpu", torch.float16, {k: DECODE_SHAPES[k] for k in ("monarch", "nm")},
                                            (3,)),
               "decode_act": decode_errors("cpu", torch.float32, tokens=(1, 5, 17), act=True)}
+    # the one-token N:M row kernel forming the gated input per gathered value (the form NM_ROW_GATE_FIRST replaces)
+    _triton_decode.NM_ROW_GATE_FIRST[0] = False
+    try:
+        report["decode_act_nm_in_kernel"] = decode_errors(
+            "cpu", torch.float32, {k: v for k, v in DECODE_SHAPES.items() if k.startswith("nm")}, (1,), act=True)
+    finally:
+        _triton_decode.NM_ROW_GATE_FIRST[0] = True
     # the GPU's tile plans (wider tiles, token blocks), run through the interpreter with the address checker
     _triton_decode.INTERPRET = False
     try:
@@ -410,12 +417,15 @@ def test_decode_kernels_match_reference_interpreter(interpret_report):
 
 def test_decode_kernels_form_the_gated_input_on_load_interpreter(interpret_report):
     """``act``: every decode op reading a gate/up output forms SiLU(gate) * up on load and gives the product of that
-    input (gemv, N:M gather and tensor-core forms, the PDL pair and the one grid; direct and as a custom op)."""
+    input (gemv, N:M's row kernel (the gated input formed first by its own kernel, or per gathered value) and
+    tensor-core forms, the PDL pair and the one grid; direct and as a custom op)."""
     errs = interpret_report["decode_act"]
     assert len(errs) == len(DECODE_SHAPES) * 4, errs
     fused = interpret_report["decode_act_fused"]
     assert fused and all(k.startswith(("monarch", "lowrank")) for k in fused), fused
-    bad = {k: v for k, v in {**errs, **fused}.items() if not v <= TOL["float32"]}
+    in_kernel = interpret_report["decode_act_nm_in_kernel"]
+    assert in_kernel and all(k.startswith("nm") for k in in_kernel), in_kernel
+    bad = {k: v for k, v in {**errs, **fused, **in_kernel}.items() if not v <= TOL["float32"]}
     assert not bad, bad
 
 
