@@ -13,8 +13,9 @@ element strides (so block-diagonal, Monarch and low-rank are views of one descri
     next stage: no atomics, no memset, no extra launch);
   * the output column may be chunked (Monarch's permutation folded into the store, as in ``_triton_gemm``).
 ``decode_nm``: N:M sparse from compressed values and uint8 in-group positions, each read once; the dense weight is
-never formed in memory (at one token each value meets the input its position selects; with more
-tokens each program expands its tile of values into the dense tile on chip and feeds it to ``tl.dot``).
+never formed in memory (at one token each value meets the input its position selects, ``_decode_nm_row``, a gated
+MLP's input formed first by ``_gate_rows``; with more tokens each program expands its tile of values into the dense
+tile on chip and feeds it to ``tl.dot``, ``_decode_nm``).
 Accumulation is fp32 everywhere.
 """
 
