@@ -54,11 +54,9 @@ def gpu_plans(monkeypatch):
     """The plans a 132-SM GPU gets (not the interpreter's small tiles), on this CPU machine."""
     monkeypatch.setattr(TD, "_sms", lambda device_type, index: SMS)
     monkeypatch.setattr(TD, "INTERPRET", False)
-    for cached in (TD._plan, TD._plan_nm, TD.plan_fused):
-        cached.cache_clear()
+    TD.clear_plans()
     yield
-    for cached in (TD._plan, TD._plan_nm, TD.plan_fused):
-        cached.cache_clear()
+    TD.clear_plans()
 
 
 # (stage-1 groups, rows, reduction; stage-2 groups, rows, reduction): low-rank 50% and Monarch nb=4 at the bench-infer

@@ -141,13 +141,9 @@ def variant(settings: dict):
     returns the undo."""
     from structmat.kernels import _triton_decode as TD
 
-    def clear():
-        for cached in (TD._plan, TD._plan_nm, TD.plan_fused):
-            cached.cache_clear()
-
     saved = _common.set_knobs(TD, settings)
-    clear()
-    return lambda: (_common.restore_knobs(TD, saved), clear())
+    TD.clear_plans()
+    return lambda: (_common.restore_knobs(TD, saved), TD.clear_plans())
 
 
 def main() -> int:

@@ -44,7 +44,7 @@ def main() -> int:
     model = infer.build("nm24", torch.bfloat16, infer.SHAPE)
     for tile in (int(t) for t in args.tiles.split(",")):
         TD.NM_BLOCK_N[0] = tile
-        TD._plan_nm.cache_clear()
+        TD.clear_plans()
         invalidate_plans()  # (the model's layers keep their plans: without this every tile timed the first one's)
         errs = decode_errors("cuda", torch.bfloat16, shapes, (17, 33, 64))
         bad = {k: v for k, v in errs.items() if not v <= TOL["bfloat16"]}

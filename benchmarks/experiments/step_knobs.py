@@ -42,8 +42,7 @@ def main() -> int:
     for setting in settings:
         saved = _common.set_knobs(TD, setting)
         try:
-            for cached in (TD._plan, TD._plan_nm, TD.plan_fused):
-                cached.cache_clear()
+            TD.clear_plans()
             invalidate_plans()
             for name, model in models.items():
                 steps = [infer.graph_decode_tps(model, b) for b in batches]

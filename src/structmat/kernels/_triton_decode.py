@@ -42,9 +42,10 @@ SMEM_BUDGET = 160 * 1024  # bytes of pipelined operand tiles per program (the H1
 BLOCK_K_LARGE = [256]
 #: Up to this many tokens the N:M kernel gathers, per value, the one input its position selects (``_decode_nm_row``: one
 #: multiply-add per value and token, values read as contiguous row tiles); above, the expanded-tile kernel
-#: (``_decode_nm``; a one-element list so a benchmark can compare both). Measured on the H200 (session 10, cold, bench
-#: shapes 2048x2048 / 2048->8192 / 8192->2048, decode-layers-20261204T*.json): gathering 5.8 / 15.1 / 17.6 us at one
-#: token against the tile's 7.8 / 17.5 / 19.8, but 9.4 / 17.4 / 32.6 at two tokens against 7.8 / 17.8 / 19.7.
+#: (``_decode_nm``; a one-element list so a benchmark can compare both). Measured on the H200 (cold, bench shapes
+#: 2048x2048 / 2048->8192 / 8192->2048): at one token the row kernel 4.7 / 10.8 / 10.6 us against the tile's 7.8 /
+#: 17.4 / 19.6 (decode-layers-20261204T123941Z.json); at two tokens session 10's gather kernel, which the row kernel
+#: replaced, took 9.4 / 17.4 / 32.6 against 7.8 / 17.8 / 19.7 (decode-layers-20261204T092922Z.json).
 SMALL_TOKENS = [1]
 #: The expanded-tile N:M kernel's (``_decode_nm``) largest token tile, dense tile width and launch options (lists and a
 #: dict so a benchmark can sweep them)
@@ -714,6 +715,13 @@ def _plan_nm(n: int, M: int, G: int, device_type: str, index: int | None, dot: b
                 SPLITS=_cdiv(G, g_split), SPLIT_LEN=g_split)
 
 
+def clear_plans() -> None:
+    """Drop the cached tile plans (they read the module's knobs when made: after changing one, call this and
+    ``structures.base.invalidate_plans`` for the layers' own plans)."""
+    for cached in (_plan, _plan_nm, plan_fused):
+        cached.cache_clear()
+
+
 def rows(t: Tensor) -> tuple[int, int]:
     """(row stride, column stride) of ``t`` read as a (rows, last dim) matrix: its strides when 2-D; an N-D input
     must be contiguous (``structures.base``'s eager path checks it), so (last dim, 1) whatever strides its size-1
@@ -738,36 +746,41 @@ def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, devi
         plan = dict(plan, SPLITS=1, SPLIT_LEN=kept if not dot else kept // n_keep)
         splits = 1
     split_len = plan.pop("SPLIT_LEN")
-    fixed = None if dtype == torch.float32 else _precision(dtype)
+    scratch = (splits, N, M) if splits > 1 else None
     if dot:
+        fixed = None if dtype == torch.float32 else _precision(dtype)
         launches = _by_precision(_decode_nm, grid + (splits,), NNZ=n_keep, GROUP=group, ACT=act, **NM_META, **plan)
-        length = kept // n_keep
-    else:
-        exact = kept % plan["BLOCK_J"] == 0 and split_len % plan["BLOCK_J"] == 0 and K == kept // n_keep * group
-        gate_first = act and NM_ROW_GATE_FIRST[0]
-        kernel = Launch(_decode_nm_row, grid + (splits,), NNZ=n_keep, GROUP=group, ACT=act and not gate_first,
-                        EXACT=exact, num_warps=NM_ROW_WARPS[0], num_stages=1, **plan)
-        if gate_first:  # (the hidden vector in the scratch, after the split partials: N*K elements of x's dtype)
-            partials = splits * N * M if splits > 1 else 0
-            hidden = _cdiv(N * K * dtype.itemsize, 4)
-            gate = Launch(_gate_rows, (_cdiv(K, 1024), N), BLOCK=1024, num_warps=4)
 
-            def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, t=None, act_off: int = 0) -> None:
-                h = t[partials:partials + hidden].view(x.dtype)[:N * K]
-                gate(x, h, K, *rows(x), act_off)
-                kernel(h, values, positions, y, t, y if cnt is None else cnt, N, M, K, kept, split_len, K, 1,
-                       values.stride(0), positions.stride(0), y.shape[-1], 0)
+        def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, t=None, act_off: int = 0) -> None:
+            t = y if t is None else t  # (no split: the kernel never touches t or the counters)
+            launches(fixed or _precision(x.dtype))(x, values, positions, y, t, y if cnt is None else cnt, N, M, K,
+                                                   kept // n_keep, split_len, *rows(x), values.stride(0),
+                                                   positions.stride(0), y.shape[-1], act_off)
 
-            return launch, (partials + hidden,)
-        launches, length = (lambda precision: kernel), kept
+        return launch, scratch
+    exact = kept % plan["BLOCK_J"] == 0 and split_len % plan["BLOCK_J"] == 0 and K == kept // n_keep * group
+    gate_first = act and NM_ROW_GATE_FIRST[0]
+    kernel = Launch(_decode_nm_row, grid + (splits,), NNZ=n_keep, GROUP=group, ACT=act and not gate_first,
+                    EXACT=exact, num_warps=NM_ROW_WARPS[0], num_stages=1, **plan)
 
-    def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, t=None, act_off: int = 0) -> None:  # noqa: F811
-        t = y if t is None else t  # (no split: the kernel never touches t or the counters)
-        launches(fixed or _precision(x.dtype))(x, values, positions, y, t, y if cnt is None else cnt, N, M, K,
-                                               length, split_len, *rows(x), values.stride(0), positions.stride(0),
-                                               y.shape[-1], act_off)
+    def row(x: Tensor, x_rows: tuple, values: Tensor, positions: Tensor, y: Tensor, t, act_off: int) -> None:
+        kernel(x, values, positions, y, y if t is None else t, y if cnt is None else cnt, N, M, K, kept, split_len,
+               *x_rows, values.stride(0), positions.stride(0), y.shape[-1], act_off)
 
-    return launch, ((splits, N, M) if splits > 1 else None)
+    if not gate_first:
+        return (lambda x, values, positions, y, t=None, act_off=0:
+                row(x, rows(x), values, positions, y, t, act_off)), scratch
+    # the gated input in the scratch, after the split partials: N*K elements of x's dtype
+    partials = splits * N * M if splits > 1 else 0
+    hidden = _cdiv(N * K * dtype.itemsize, 4)
+    gate = Launch(_gate_rows, (_cdiv(K, 1024), N), BLOCK=1024, num_warps=4)
+
+    def launch_gated(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, t=None, act_off: int = 0) -> None:
+        h = t[partials:partials + hidden].view(x.dtype)[:N * K]
+        gate(x, h, K, *rows(x), act_off)
+        row(h, (K, 1), values, positions, y, t, 0)
+
+    return launch_gated, (partials + hidden,)
 
 
 def decode_nm(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, n_keep: int, group: int) -> Tensor:
