@@ -107,17 +107,20 @@ def test_gemv_decode_compiles_for_sm90_and_fits_shared_memory(gpu_plans, dtype):
     """The gemv kernel (block-diagonal, Monarch's and low-rank's two-launch stages) at 1, 16 and 64 tokens, with the
     pipeline stages its launcher gives (capped to SMEM_BUDGET: fp32 at 64 tokens asked 240 KB at 4 stages and failed
     to launch on the H200). Spills are checked where decode runs most (1-16 tokens); at 64 tokens the 64-row token
-    tile spills today (1.5-1.8 KB of stack, recorded, not yet fixed)."""
+    tile spills today (1.5-1.8 KB of stack, recorded, not yet fixed). Above one token a first stage's splits are
+    summed in the kernel (``REDUCE``, the last split's epilogue)."""
     t = TYPE[dtype]
+    pointers = {"A": "*fp32", "W": f"*{t}", "C": f"*{t}", "T": "*fp32", "CNT": "*i32"}
     for n in (1, 16, 64):
         for groups, rows, k in ((4, 512, 512), (1, 512, 2048), (1, 2048, 512), (4, 512, 2048), (4, 2048, 800)):
             act = rows == 512  # (as a gated MLP's down product: the input formed on load)
-            plan = TD.plan_gemv(n, groups, rows, k, torch.device("cuda", 0), split_ok=True, act=act)
+            plan = TD.plan_gemv(n, groups, rows, k, torch.device("cuda", 0), split_ok=True, act=act, reduce=n > 1)
             per_stage = (plan["BLOCK_N"] + plan["BLOCK_M"]) * plan["BLOCK_K"] * dtype.itemsize
             stages = max(1, min(TD.GEMV_META["num_stages"], TD.SMEM_BUDGET // per_stage))
             constexprs = {"PRECISION": "ieee" if dtype == torch.float32 else "tf32", "ACT": act,
+                          "REDUCE": plan["splits"] if n > 1 else 1,
                           **{k_: plan[k_] for k_ in ("BLOCK_N", "BLOCK_M", "BLOCK_K")}}
-            shared, stack = compile_sm90(TD._decode_gemv, {"A": "*fp32", "W": f"*{t}", "C": f"*{t}"}, constexprs,
+            shared, stack = compile_sm90(TD._decode_gemv, pointers, constexprs,
                                          num_warps=TD.GEMV_META["num_warps"], num_stages=stages)
             assert shared <= SMEM_BYTES, (n, groups, rows, k, t, plan, stages, shared)
             assert n > 16 or stack == 0, (n, groups, rows, k, t, plan, stack)
@@ -135,7 +138,8 @@ def test_nm_decode_compiles_for_sm90(gpu_plans):
                     if key != "SPLIT_LEN"}  # (a runtime argument)
             fn = TD._decode_nm if dot else TD._decode_nm_row
             constexprs = {"NNZ": 2, "GROUP": 4, "ACT": k == 8192, **plan, **({"PRECISION": "tf32"} if dot else {})}
-            warps = 4 if dot else TD.NM_ROW_WARPS[0]
+            warps = (TD.NM_SMALL_WARPS[0] if TD.small_warps(plan["BLOCK_N"], k == 8192) else TD.NM_META["num_warps"]) \
+                if dot else TD.NM_ROW_WARPS[0]
             shared, stack = compile_sm90(fn, pointers, constexprs, num_warps=warps, num_stages=3 if dot else 1)
             assert shared <= SMEM_BYTES and (n > 16 or stack == 0), (rows, k, n, fn.__name__, constexprs, shared, stack)
     shared, stack = compile_sm90(TD._gate_rows, {"X": "*bf16", "H": "*bf16"}, {"BLOCK": 1024}, num_warps=4)

@@ -70,7 +70,8 @@ def run_sections(rep, sections, elapsed) -> None:
 
 def set_knobs(module, settings: dict) -> dict:
     """Set module-level settings (a kernel module's tuning knobs): a dict attribute is updated with the given dict,
-    a one-element list attribute gets the value; returns what was replaced (for :func:`restore_knobs`)."""
+    a one-element list attribute gets the value, any other attribute is replaced; returns what was replaced (for
+    :func:`restore_knobs`)."""
     import copy
 
     saved = {}
@@ -79,8 +80,10 @@ def set_knobs(module, settings: dict) -> dict:
         saved[name] = copy.deepcopy(attr)
         if isinstance(attr, dict):
             attr.update(value)
-        else:
+        elif isinstance(attr, list):
             attr[0] = value
+        else:
+            setattr(module, name, value)
     return saved
 
 
@@ -90,5 +93,7 @@ def restore_knobs(module, saved: dict) -> None:
         if isinstance(attr, dict):
             attr.clear()
             attr.update(value)
-        else:
+        elif isinstance(attr, list):
             attr[:] = value
+        else:
+            setattr(module, name, value)

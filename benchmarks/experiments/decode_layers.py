@@ -62,11 +62,21 @@ NM_VARIANTS = {"decode@bm2": dict(NM_ROW_BLOCK_M=2), "decode@bm8": dict(NM_ROW_B
                "decode@nosplit": dict(NM_ROW_MAX_SPLITS=1, NM_MAX_SPLITS=1), "decode@tile": dict(SMALL_TOKENS=0),
                "decode@bj128": dict(NM_ROW_BLOCK_J=128), "decode@bm2bj128": dict(NM_ROW_BLOCK_M=2, NM_ROW_BLOCK_J=128),
                "decode@bm8bj128": dict(NM_ROW_BLOCK_M=8, NM_ROW_BLOCK_J=128),
-               "decode@bj128w2": dict(NM_ROW_BLOCK_J=128, NM_ROW_WARPS=2)}
-#: The two-stage kernels above one token (low-rank, Monarch): the first stage split up to 2 ways, or as at one token
-#: (``_triton_decode.MULTI_TOKEN_SPLITS``; round 4 of session 10 also timed taller second-stage row blocks, a knob
-#: since removed: they helped only with 2 splits)
-MULTI_VARIANTS = {"decode@s2": dict(MULTI_TOKEN_SPLITS=2), "decode@split": dict(MULTI_TOKEN_SPLITS=64)}
+               "decode@bj128w2": dict(NM_ROW_BLOCK_J=128, NM_ROW_WARPS=2),
+               # above one token: the expanded-tile kernel's programs per SM (8 since session 12) and warps per
+               # program up to 16 tokens (2 since session 12; 4 before), at 64 tokens 2 warps too (session 12 rounds
+               # 1-3 also timed 2-4 tiles in flight, an unmasked form on whole tiles, 8-16 programs per SM of 4 warps:
+               # slower or no faster)
+               "decode@t4w4": dict(NM_TARGET_PROGRAMS=4, NM_SMALL_WARPS=4), "decode@w1": dict(NM_SMALL_WARPS=1),
+               "decode@t16w1": dict(NM_TARGET_PROGRAMS=16, NM_SMALL_WARPS=1), "decode@t4w2": dict(NM_TARGET_PROGRAMS=4),
+               "decode@wide-w2": dict(NM_META={"num_warps": 2})}
+#: The two-stage kernels above one token (low-rank, Monarch): the first stage's splits summed by the second stage
+#: (session 10's form: unsplit, or split up to 2 ways, ``_triton_decode.MULTI_TOKEN_SPLITS``), or in the first
+#: stage's kernel (low-rank's default since session 12, ``MULTI_TOKEN_REDUCE``). (Round 4 of session 10 also timed
+#: taller second-stage row blocks, a knob since removed: they helped only with 2 splits; session 12 round 1 split up
+#: to 2 ways and aimed at 8 programs per SM, round 2 joined the two launches by programmatic dependent launch: no
+#: better, or slower: low-rank 2048->8192 at 16 tokens 14.2 -> 18.3 us.)
+MULTI_VARIANTS = {"decode@unreduced": dict(MULTI_TOKEN_REDUCE=False)}
 BACKENDS = {"lowrank": ("decode", "reference"), "monarch": ("decode", "triton", "cublas", "reference"),
             "blockdiag": ("decode", "triton", "cublas", "reference"), "nm24": ("decode", "reference")}
 

@@ -10,7 +10,9 @@ element strides (so block-diagonal, Monarch and low-rank are views of one descri
   * A may be a stack of ``S_A`` fp32 partial sums (split-K output of a previous stage), summed on load and rounded
     once to the weight's dtype, as the reference rounds its intermediate;
   * the reduction may be split into ``grid[1]`` ranges, each writing its own fp32 partial copy of C (summed by the
-    next stage: no atomics, no memset, no extra launch);
+    next stage: no atomics, no memset, no extra launch), or (``REDUCE``) summed by the last split of each tile to
+    arrive (``_finish``), which stores C itself: above one token the next stage then reads one intermediate, not
+    splits x tokens partials;
   * the output column may be chunked (Monarch's permutation folded into the store, as in ``_triton_gemm``).
 ``decode_nm``: N:M sparse from compressed values and uint8 in-group positions, each read once; the dense weight is
 never formed in memory (at one token each value meets the input its position selects, ``_decode_nm_row``, a gated
@@ -57,6 +59,21 @@ NM_PAIR = [True]  # 2:4 takes the kernel's pair form (``_decode_nm``)
 NM_MAX_SPLITS = [16]  # K splits of one tile (1: none)
 NM_BLOCK_M = [0]  # row block (0: chosen by the plan)
 NM_MIN_SPLIT_TILES = [2]  # dense tiles per split, at least
+#: Programs per SM the expanded-tile kernel aims at (row blocks x token blocks x splits; TARGET_PROGRAMS for it until
+#: session 12), and the warps of a program whose token tile is 16 rows (up to 16 tokens; NM_META's for wider tiles).
+#: The kernel's time is neither its bytes nor its instructions: the three bench shapes (8M kept values each) took
+#: 15.5-17.4 us at 2-16 tokens whatever their tiles, the weight in L2 or not, at ~1.2 instructions a cycle per SM
+#: (the loop: 156 SASS instructions for 8 values a thread, two barriers). Session 12 round 3 (H200, cold, bench
+#: shapes, 16 tokens, decode-layers-20261204T141053Z.json): 4 warps with 4 programs per SM 8.0 / 17.4 / 19.8 us, with
+#: 8 / 16: 9.7 / 21.1 / 21.2 and 9.8 / 20.7 / 20.7; 2 warps with 8: 7.2 / 15.5 / 15.5, with 16: 7.2 / 16.9 / 17.1
+#: (A gated down product, ``act``, keeps 4 warps: its 32-row blocks spilled with 2.)
+NM_TARGET_PROGRAMS = [8]  # (with NM_SMALL_WARPS; wider token tiles and ``act``: TARGET_PROGRAMS, with NM_META)
+NM_SMALL_WARPS = [2]
+
+
+def small_warps(block_n: int, act: bool) -> bool:
+    """The expanded-tile kernel takes NM_SMALL_WARPS warps (else NM_META's)."""
+    return block_n <= 16 and not act
 #: The one-token N:M kernel's (``_decode_nm_row``) row block, values per row and iteration (0: 512 where a row keeps
 #: at least 4096 values, else 256), warps, most splits of the values, tiles per split, and whether the next tile's
 #: loads are issued before this tile's gathers. Session 11 round 3 (H200, cold, bench shapes, us; dense 6.0 / 10.7 /
@@ -83,10 +100,10 @@ def _gated(g, u):
 
 
 @triton.jit
-def _decode_gemv(A, W, C, N, M, K, S_A, SPLIT_LEN, M_BLOCKS,
+def _decode_gemv(A, W, C, T, CNT, N, M, K, S_A, SPLIT_LEN, M_BLOCKS,
                  s_as, s_ag, s_an, s_ak, s_wg, s_wm, s_wk, s_cs, s_cg, s_cn, s_cm, s_cchunk, CHUNK, ACT_OFF,
                  PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                 ACT: tl.constexpr):
+                 ACT: tl.constexpr, REDUCE: tl.constexpr):
     pid = tl.program_id(0)
     g = (pid // M_BLOCKS).to(tl.int64)
     pid_m = pid % M_BLOCKS
@@ -117,8 +134,13 @@ def _decode_gemv(A, W, C, N, M, K, S_A, SPLIT_LEN, M_BLOCKS,
         col = offs_m * s_cm
     else:
         col = (offs_m // CHUNK) * s_cchunk + (offs_m % CHUNK) * s_cm
-    c_ptrs = C + split * s_cs + g * s_cg + offs_n[:, None] * s_cn + col[None, :]
-    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=n_ok & (offs_m[None, :] < M))
+    c_off = g * s_cg + offs_n[:, None] * s_cn + col[None, :]
+    if REDUCE == 1:
+        tl.store(C + split * s_cs + c_off, acc.to(C.dtype.element_ty), mask=n_ok & (offs_m[None, :] < M))
+    else:  # the splits summed here (the last to arrive): C is the product itself, in its dtype
+        gm = (tl.num_programs(0) // M_BLOCKS) * M
+        _finish(acc, C, T, CNT, pid, split, c_off, offs_n[:, None] * gm + g * M + offs_m[None, :],
+                n_ok & (offs_m[None, :] < M), N * gm, REDUCE)
 
 
 @triton.jit
@@ -447,11 +469,13 @@ def use_dot(n: int) -> bool:
     return n > SMALL_TOKENS[0]
 
 
-def plan_gemv(n: int, groups: int, M: int, K: int, device: torch.device, split_ok: bool, act: bool = False) -> dict:
+def plan_gemv(n: int, groups: int, M: int, K: int, device: torch.device, split_ok: bool, act: bool = False,
+              reduce: bool = False) -> dict:
     """Tile sizes and the number of K splits: enough programs to keep every SM streaming weight (cached per shape:
     few-token calls are host-bound). ``act`` (the gated input formed on load): reduction tiles of 128, whose second
-    input tile fits in registers (256 spilled 16-40 bytes on sm_90)."""
-    return _plan(n, groups, M, K, device.type, device.index, split_ok, act)
+    input tile fits in registers (256 spilled 16-40 bytes on sm_90). ``reduce``: the splits are summed in the kernel
+    (``gemv_launcher``'s ``reduce``), so above one token they are not capped by MULTI_TOKEN_SPLITS."""
+    return _plan(n, groups, M, K, device.type, device.index, split_ok, act, reduce)
 
 
 #: The most K splits of a first stage above one token. There a second stage's every row block reads the first stage's
@@ -462,11 +486,16 @@ def plan_gemv(n: int, groups: int, M: int, K: int, device: torch.device, split_o
 #: 8192->2048: 9.7 / 16.1 / 22.0 against 12.6 / 22.8 / 29.2; taller second-stage row blocks, also tried, helped only
 #: with 2 splits), and in the Monarch models' captured steps (step-knobs-20261204T101430Z.json) all but one case.
 MULTI_TOKEN_SPLITS = [1]
+#: Above one token, a first stage's splits summed in its own kernel (the last split of a tile to arrive stores the
+#: intermediate, ``_finish``) and then not capped: the second stage reads one intermediate (tokens x K, the weight's
+#: dtype) instead of every split's partials. Low-rank above one token ran its first stage on 32 programs at rank 512
+#: (16 rows each, unsplit): 2 MB at 2048 inputs, 8 MB at 8192, streamed by a quarter of the SMs
+MULTI_TOKEN_REDUCE = [os.environ.get("STRUCTMAT_MULTI_TOKEN_REDUCE", "1") not in ("", "0")]
 
 
 @functools.lru_cache(maxsize=4096)
 def _plan(n: int, groups: int, M: int, K: int, device_type: str, index: int | None, split_ok: bool,
-          act: bool = False) -> dict:
+          act: bool = False, reduce: bool = False) -> dict:
     target = TARGET_PROGRAMS * _sms(device_type, index)
     block_k = 16 if INTERPRET else (BLOCK_K_LARGE[0] if K >= 2048 and not act else 128)
     block_m = 16
@@ -476,7 +505,7 @@ def _plan(n: int, groups: int, M: int, K: int, device_type: str, index: int | No
             break
     programs = groups * _cdiv(M, block_m)
     splits = 1
-    cap = MULTI_TOKEN_SPLITS[0] if n > 1 and not INTERPRET else K
+    cap = MULTI_TOKEN_SPLITS[0] if n > 1 and not INTERPRET and not reduce else K
     if split_ok:
         while (programs * splits * 2 <= target and K // (splits * 2) >= max(block_k, 512 if not INTERPRET else 16)
                and splits * 2 <= cap):
@@ -502,14 +531,17 @@ def _by_precision(kernel, grid: tuple, **constexprs):
 
 def gemv_launcher(groups: int, n: int, M: int, K: int, plan: dict, dtype: torch.dtype, a_partials: int = 1,
                   a_partial_stride: int = 0, chunk: int = 0, chunk_stride: int = 0, c_split_stride: int = 0,
-                  act: bool = False):
+                  act: bool = False, reduce: bool = False):
     """The launch of ``C[g] = A[g] @ W[g]^T`` for one shape, worked out once: ``launch(a, a_strides, w, w_strides, c,
-    c_strides, act_off=0)`` (strides: A (group, token, k), W (group, row, k), C (group, token, column)); ``plan``
-    from :func:`plan_gemv` (with splits > 1, C is the fp32 partial stack). ``act``: A is a gated MLP's gate/up
-    output, its up half ``act_off`` elements after the gate half, and the product's input is SiLU(gate) * up
-    (``_gated``). A layer's cached inference plan keeps it."""
+    c_strides, act_off=0, t=None, cnt=None)`` (strides: A (group, token, k), W (group, row, k), C (group, token,
+    column)); ``plan`` from :func:`plan_gemv` (with splits > 1, C is the fp32 partial stack, unless ``reduce``: then
+    C is the product and ``t`` the fp32 partials, (splits, n, groups * M), ``cnt`` the counters of
+    :func:`split_counters`, one per program of a split). ``act``: A is a gated MLP's gate/up output, its up half
+    ``act_off`` elements after the gate half, and the product's input is SiLU(gate) * up (``_gated``). A layer's
+    cached inference plan keeps it."""
     m_blocks = _cdiv(M, plan["BLOCK_M"])
     grid = (groups * m_blocks, plan["splits"])
+    reduce_splits = plan["splits"] if reduce and plan["splits"] > 1 else 1
     meta = dict(BLOCK_N=plan["BLOCK_N"], BLOCK_M=plan["BLOCK_M"], BLOCK_K=plan["BLOCK_K"], **GEMV_META)
     # pipeline stages that fit in shared memory: wide token tiles of fp32 (64 tokens x 256 x 4 bytes per operand and
     # stage) asked the H200 for 240 KB at 4 stages and failed to launch
@@ -517,14 +549,14 @@ def gemv_launcher(groups: int, n: int, M: int, K: int, plan: dict, dtype: torch.
     meta["num_stages"] = max(1, min(meta["num_stages"], SMEM_BUDGET // per_stage))
     fixed = None if dtype == torch.float32 else _precision(dtype)  # (fp32 follows allow_tf32 at call time)
     if n == 0 or M == 0 or groups == 0:
-        return lambda a, a_strides, w, w_strides, c, c_strides, act_off=0: None
-    launches = _by_precision(_decode_gemv, grid, ACT=act, **meta)
+        return lambda a, a_strides, w, w_strides, c, c_strides, act_off=0, t=None, cnt=None: None
+    launches = _by_precision(_decode_gemv, grid, ACT=act, REDUCE=reduce_splits, **meta)
 
     def launch(a: Tensor, a_strides: tuple, w: Tensor, w_strides: tuple, c: Tensor, c_strides: tuple,
-               act_off: int = 0) -> None:
-        launches(fixed or _precision(w.dtype))(a, w, c, n, M, K, a_partials, plan["split_len"], m_blocks,
-                                               a_partial_stride, *a_strides, *w_strides, c_split_stride, *c_strides,
-                                               chunk_stride, chunk, act_off)
+               act_off: int = 0, t: Tensor | None = None, cnt: Tensor | None = None) -> None:
+        launches(fixed or _precision(w.dtype))(a, w, c, c if t is None else t, c if cnt is None else cnt, n, M, K,
+                                               a_partials, plan["split_len"], m_blocks, a_partial_stride, *a_strides,
+                                               *w_strides, c_split_stride, *c_strides, chunk_stride, chunk, act_off)
 
     return launch
 
@@ -694,8 +726,10 @@ def _plan_nm(n: int, M: int, G: int, device_type: str, index: int | None, dot: b
     # enough programs, then the groups split until there are (each split at least NM_MIN_SPLIT_TILES tiles long)
     gp2 = _pow2(group)
     pair = NM_PAIR[0] and (nnz, group) == (2, 4)
+    block_n = 16 if INTERPRET else min(NM_BLOCK_N[0], max(16, _pow2(n)))
+    target = (NM_TARGET_PROGRAMS[0] if small_warps(block_n, act) else TARGET_PROGRAMS) * _sms(device_type, index)
     if INTERPRET:
-        block_m, block_n, block_g = 16, 16, max(2, 32 // gp2)
+        block_m, block_g = 16, max(2, 32 // gp2)
     else:
         block_m = 16
         for bm in (64, 32):
@@ -704,7 +738,7 @@ def _plan_nm(n: int, M: int, G: int, device_type: str, index: int | None, dot: b
                 break
         if act or NM_BLOCK_M[0]:  # (act: each row block forms the gated input of its token tile again; fewer, taller
             block_m = NM_BLOCK_M[0] or 32  # row blocks do that less often, the splits keep the programs)
-        block_n, block_g = min(NM_BLOCK_N[0], max(16, _pow2(n))), max(2, NM_TILE_K[0] // gp2)
+        block_g = max(2, NM_TILE_K[0] // gp2)
     programs = _cdiv(M, block_m) * _cdiv(n, block_n)
     splits = 1
     while (programs * splits * 2 <= target and G // (splits * 2) >= block_g * NM_MIN_SPLIT_TILES[0]
@@ -749,7 +783,8 @@ def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, devi
     scratch = (splits, N, M) if splits > 1 else None
     if dot:
         fixed = None if dtype == torch.float32 else _precision(dtype)
-        launches = _by_precision(_decode_nm, grid + (splits,), NNZ=n_keep, GROUP=group, ACT=act, **NM_META, **plan)
+        meta = dict(NM_META, **({"num_warps": NM_SMALL_WARPS[0]} if small_warps(plan["BLOCK_N"], act) else {}))
+        launches = _by_precision(_decode_nm, grid + (splits,), NNZ=n_keep, GROUP=group, ACT=act, **meta, **plan)
 
         def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, t=None, act_off: int = 0) -> None:
             t = y if t is None else t  # (no split: the kernel never touches t or the counters)

@@ -2,7 +2,8 @@
 graphs capture them; inference only (no autograd: dispatch sends a call here only when nothing needs a gradient).
 
   ``structmat::decode_lowrank(x, U, V)``      y = (x V^T) U^T: stage 1 split over the input dim (fp32 partials of
-                                              the rank vector, a few KB that stay in L2), stage 2 sums them on load
+                                              the rank vector, a few KB that stay in L2), stage 2 sums them on load;
+                                              above one token the last split sums them (one intermediate to read)
   ``structmat::decode_blockdiag(x, W)``       one launch over (block, row block)
   ``structmat::decode_monarch(x, R, L)``      stage 1 writes the permuted intermediate (fp32 split-K partials, in
                                               the order stage 2 reads), stage 2 sums them on load
@@ -14,7 +15,8 @@ dependent launch (``_triton_decode.pdl_launcher``: the stage-2 grid loads its we
 for it), elsewhere as ONE launch (``_triton_decode._decode_fused``, Monarch from MONARCH_FUSED_MIN_BYTES of weight):
 both stages share one grid, the second stage's tiles loading their weight while the first runs. Above one token,
 below that size, with ``STRUCTMAT_FUSED_DECODE=0`` or a stage-2 reduction above ``FUSED_MAX_K2``: the two-launch
-form (above one token with stage 1 unsplit: ``_triton_decode.MULTI_TOKEN_SPLITS``).
+form (above one token low-rank's stage 1 split as at one token and summed in its kernel,
+``_triton_decode.MULTI_TOKEN_REDUCE``; Monarch's unsplit, ``MULTI_TOKEN_SPLITS``).
 
 Each weight byte is read from HBM once; the intermediates (tokens x rank or tokens x in) are tiny. Eager calls run
 the same code without the custom op's dispatch (host time is what few-token calls pay).
@@ -30,7 +32,7 @@ from torch import Tensor
 from . import ops as _ops
 from . import _triton_decode
 from ._triton_decode import (MAX_TOKENS, fused_launcher, fused_ok, gemv_launcher, nm_launcher, pdl_launcher, pdl_ok,
-                             plan_fused, plan_gemv, rows, sync_buffer)
+                             plan_fused, plan_gemv, rows, split_counters, sync_buffer)
 
 __all__ = ["MAX_TOKENS", "blockdiag", "lowrank", "monarch", "nm"]
 
@@ -97,6 +99,31 @@ def _fused_plan(x: Tensor, g1: int, m1: int, k1: int, g2: int, m2: int, k2: int)
     return plan, sync, fused_launcher
 
 
+def _stage1_plan(n: int, groups: int, M: int, K: int, device: torch.device, act: int):
+    """(plan, counters) of low-rank's first stage outside the fused one-token forms: above one token with
+    ``MULTI_TOKEN_REDUCE``, split as at one token and summed in the kernel (counters given); otherwise (one token,
+    the knob off, no split, or first met inside a CUDA graph capture before the counters exist) split at most
+    ``MULTI_TOKEN_SPLITS`` ways above one token, the partials summed by stage 2 (counters None)."""
+    if n > 1 and _triton_decode.MULTI_TOKEN_REDUCE[0]:
+        plan = plan_gemv(n, groups, M, K, device, split_ok=True, act=bool(act), reduce=True)
+        if plan["splits"] > 1:
+            cnt = split_counters(device, groups * -(-M // plan["BLOCK_M"]))
+            if cnt is not None:
+                return plan, cnt
+    return plan_gemv(n, groups, M, K, device, split_ok=True, act=bool(act)), None
+
+
+def _scratch_with_hidden(partials: int, hidden: int, like: Tensor):
+    """A flat fp32 scratch of ``partials`` fp32 split partials followed by a ``hidden``-element intermediate in
+    ``like``'s dtype; ``(scratch, split)``: ``split(buffer)`` gives the two views."""
+    words = -(-hidden * like.element_size() // 4)
+
+    def split(buf: Tensor) -> tuple[Tensor, Tensor]:
+        return buf[:partials], buf[partials:partials + words].view(like.dtype)[:hidden]
+
+    return _scratch((partials + words,), like, _eager(like)), split
+
+
 def lowrank_plan(x: Tensor, U: Tensor, V: Tensor, act: int = 0):
     """U (out, r) and V (r, in); or g siblings that read the same input stacked (``structmat.fuse_siblings``):
     U (g, out, r) and V (g*r, in), one product whose output is the g outputs side by side, (n, g*out).
@@ -120,11 +147,26 @@ def lowrank_plan(x: Tensor, U: Tensor, V: Tensor, act: int = 0):
             return y
 
         return run_fused
-    p1 = plan_gemv(n, 1, gr, k, x.device, split_ok=True, act=bool(act))
+    p1, cnt = _stage1_plan(n, 1, gr, k, x.device, act)
     p2 = plan_gemv(n, g, out, r, x.device, split_ok=False)
+    y_shape = (*lead, g * out)
+    if cnt is not None:  # stage 1's splits summed in its kernel: stage 2 reads the intermediate h (n, g*r)
+        stage1 = gemv_launcher(1, n, gr, k, p1, V.dtype, act=bool(act), reduce=True)
+        stage2 = gemv_launcher(g, n, out, r, p2, U.dtype)
+        scratch, hidden = _scratch_with_hidden(p1["splits"] * n * gr, n * gr, x)
+
+        def run_reduced(x: Tensor, U: Tensor, V: Tensor, act: int = 0) -> Tensor:
+            t, h = hidden(scratch())
+            rs, cs = rows(x)
+            stage1(x, (0, rs, cs), V, (0, V.stride(0), V.stride(1)), h, (0, gr, 1), k * cs, t, cnt)
+            y = _empty(y_shape, x)
+            stage2(h, (r, gr, 1), U, us, y, (out, g * out, 1))
+            return y
+
+        return run_reduced
     stage1 = gemv_launcher(1, n, gr, k, p1, V.dtype, c_split_stride=n * gr, act=bool(act))
     stage2 = gemv_launcher(g, n, out, r, p2, U.dtype, a_partials=p1["splits"], a_partial_stride=n * gr)
-    scratch, y_shape = _scratch((p1["splits"], n, gr), x, _eager(x)), (*lead, g * out)
+    scratch = _scratch((p1["splits"], n, gr), x, _eager(x))
 
     def run(x: Tensor, U: Tensor, V: Tensor, act: int = 0) -> Tensor:
         t = scratch()
@@ -183,6 +225,8 @@ def monarch_plan(x: Tensor, R: Tensor, L: Tensor, act: int = 0):
             return y
 
         return run_fused
+    # (above one token Monarch's first stage keeps its split summed by stage 2: summed in its kernel it measured
+    # slower: 8192->2048 at 4 and 16 tokens 14.2 / 14.8 us against 13.3 / 13.3, decode-layers-20261204T135731Z.json)
     p1 = plan_gemv(n, b, m1, p, x.device, split_ok=True, act=bool(act))
     p2 = plan_gemv(n, g2, u, bc, x.device, split_ok=False)
     # stage 1, group k: row (j, s, q) of R_k -> h[:, j*b*b*c + s*b*c + k*c + q] (the order stage 2 reads), one

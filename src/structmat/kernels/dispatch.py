@@ -217,13 +217,16 @@ BW_FRACTION = {"dense": 0.9, "other": 0.4}
 #: 2048->8192, 8192->2048) at 1 and 16 tokens (benchmarks/results/decode-layers-20261203T150038Z.json and
 #: -150111Z.json; cuBLAS dense F.linear fits 4.0 us + 4070 GB/s there). The references take extra copy kernels from
 #: 2 tokens on (block-diagonal's output transpose, Monarch's permutation), where the custom ops' strided cuBLAS calls
-#: do not.
+#: do not. Low-rank's decode kernels at 2+ tokens (the first stage's splits summed in its kernel since session 12) refit
+#: to decode-layers-20261204T141821Z.json (8.4 / 14.2 / 14.4 us at 4.2 / 16.7 / 16.7 MB, 16 tokens; the two cuBLAS
+#: calls 9.5 / 11.8 / 14.0) and the kernel rows under graphs (kernels-20261204T141857Z.json: at rank 512 of 2048->8192
+#: and 8192->2048, 10.5 MB, cuBLAS was the faster): decode below ~9.5 MB.
 FEW_TOKEN_COST = {
     ("blockdiag", "decode"): (2.5, 2.5, 2500.0), ("blockdiag", "reference"): (3.1, 5.7, 3600.0),
     ("blockdiag", "cublas"): (3.1, 3.1, 3600.0), ("blockdiag", "triton"): (3.1, 3.1, 3600.0),
     ("monarch", "decode"): (3.6, 3.6, 1230.0), ("monarch", "triton"): (6.5, 7.5, 2360.0),
     ("monarch", "cublas"): (13.9, 13.9, 1200.0), ("monarch", "reference"): (8.6, 14.0, 3800.0),
-    ("lowrank", "reference"): (7.9, 7.9, 2840.0), ("lowrank", "decode"): (7.9, 7.9, 1000.0),
+    ("lowrank", "reference"): (7.9, 7.9, 2840.0), ("lowrank", "decode"): (7.9, 6.5, 2000.0),
     ("nm", "decode"): (2.3, 2.3, 1780.0), ("nm", "reference"): (5.0, 5.0, 67.0),
 }
 #: One token, decode backend: the one-launch two-stage kernel (_triton_decode._decode_fused), (fixed us, GB/s), fitted
