@@ -439,8 +439,9 @@ def test_decode_kernels_form_the_gated_input_on_load_interpreter(interpret_repor
 
 def test_fused_two_stage_decode_matches_reference_interpreter(interpret_report):
     """The one-launch low-rank / Monarch kernel at one token (interpreter and GPU tile plans), its PDL-joined
-    two-launch form, and the two-launch form it replaces all give the reference's sums; every call left the stage counters at zero for the next one. Above one token, the first stage's splits summed by the second stage (the
-    form before ``MULTI_TOKEN_REDUCE``; the default form is in ``decode``)."""
+    two-launch form, and the two-launch form it replaces all give the reference's sums; every call left the stage
+    counters at zero for the next one. Above one token, the first stage's splits summed by the second stage (the form
+    before ``MULTI_TOKEN_REDUCE``, Monarch's still; low-rank's default form is in ``decode``)."""
     for key in ("decode_fused", "decode_fused_spin_load", "decode_pdl", "decode_fused_gpu_plans", "decode_two_launch",
                 "decode_unreduced"):
         errs = interpret_report[key]
