@@ -103,6 +103,22 @@ def test_pdl_two_launch_decode_compiles_for_sm90_without_spills(gpu_plans, dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_multi_token_pdl_second_stage_compiles_for_sm90_without_spills(gpu_plans, dtype):
+    """Above one token, low-rank's second stage as the second launch of a PDL pair (``_pdl_stage2_dot``: its first
+    weight tile in registers before griddepcontrol.wait, then tensor-core tiles of 16 token rows) at the low-rank
+    second stages of the bench shapes, single and fused siblings, and ranks up to 1024."""
+    t = TYPE[dtype]
+    for groups, rows, rank in ((1, 2048, 512), (1, 8192, 816), (1, 2048, 816), (3, 2048, 512), (2, 8192, 816),
+                               (1, 4096, 1024)):
+        plan = TD.plan_fused(1, 16, 16, groups, rows, rank, False)
+        constexprs = {"PRECISION": "ieee" if dtype == torch.float32 else "tf32", "BLOCK_N": 16, "WAIT": 1,
+                      **{k: plan[k] for k in ("K2_ITERS", "BM2", "BK2")}}
+        shared, stack = compile_sm90(TD._pdl_stage2_dot, {"H": f"*{t}", "W2": f"*{t}", "Y": f"*{t}"}, constexprs,
+                                     num_warps=plan["num_warps"], num_stages=1, launch_pdl=True)
+        assert shared <= SMEM_BYTES and stack == 0, (groups, rows, rank, t, plan, shared, stack)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gemv_decode_compiles_for_sm90_and_fits_shared_memory(gpu_plans, dtype):
     """The gemv kernel (block-diagonal, Monarch's and low-rank's two-launch stages) at 1, 16 and 64 tokens, with the
     pipeline stages its launcher gives (capped to SMEM_BUDGET: fp32 at 64 tokens asked 240 KB at 4 stages and failed
@@ -118,7 +134,7 @@ def test_gemv_decode_compiles_for_sm90_and_fits_shared_memory(gpu_plans, dtype):
             per_stage = (plan["BLOCK_N"] + plan["BLOCK_M"]) * plan["BLOCK_K"] * dtype.itemsize
             stages = max(1, min(TD.GEMV_META["num_stages"], TD.SMEM_BUDGET // per_stage))
             constexprs = {"PRECISION": "ieee" if dtype == torch.float32 else "tf32", "ACT": act,
-                          "REDUCE": plan["splits"] if n > 1 else 1,
+                          "REDUCE": plan["splits"] if n > 1 else 1, "PDL": n > 1,
                           **{k_: plan[k_] for k_ in ("BLOCK_N", "BLOCK_M", "BLOCK_K")}}
             shared, stack = compile_sm90(TD._decode_gemv, pointers, constexprs,
                                          num_warps=TD.GEMV_META["num_warps"], num_stages=stages)

@@ -316,14 +316,17 @@ def _interpret_report() -> dict:
         report["decode_two_launch"] = decode_errors("cpu", torch.float32, two_stage, (1,))
     finally:
         _triton_decode.FUSED[0] = True
-    # above one token, a first stage's splits summed by the second stage (the form before MULTI_TOKEN_REDUCE)
-    _triton_decode.MULTI_TOKEN_REDUCE[0] = False
-    _triton_decode.clear_plans()
-    try:
-        report["decode_unreduced"] = decode_errors("cpu", torch.float32, two_stage, (3, 17))
-    finally:
-        _triton_decode.MULTI_TOKEN_REDUCE[0] = True
+    # above one token, a first stage's splits summed by the second stage (the form before MULTI_TOKEN_REDUCE), and
+    # low-rank's summed splits read by a plain second launch (where the GPU has no programmatic dependent launch)
+    for knob, key in ((_triton_decode.MULTI_TOKEN_REDUCE, "decode_unreduced"),
+                      (_triton_decode.MULTI_TOKEN_PDL, "decode_reduced_unpaired")):
+        knob[0] = False
         _triton_decode.clear_plans()
+        try:
+            report[key] = decode_errors("cpu", torch.float32, two_stage, (3, 16))
+        finally:
+            knob[0] = True
+            _triton_decode.clear_plans()
     report["fused_sync_after"] = {str(k): v.tolist() for k, v in _triton_decode._SYNC.items()}
     report["addresses"] = {"installed": checker.installed, "checked": checker.checked,
                            "violations": checker.violations[:20]}
@@ -441,9 +444,10 @@ def test_fused_two_stage_decode_matches_reference_interpreter(interpret_report):
     """The one-launch low-rank / Monarch kernel at one token (interpreter and GPU tile plans), its PDL-joined
     two-launch form, and the two-launch form it replaces all give the reference's sums; every call left the stage
     counters at zero for the next one. Above one token, the first stage's splits summed by the second stage (the form
-    before ``MULTI_TOKEN_REDUCE``, Monarch's still; low-rank's default form is in ``decode``)."""
+    before ``MULTI_TOKEN_REDUCE``, Monarch's still) and low-rank's summed splits read by a plain second launch (no
+    PDL pair); low-rank's default form (the PDL pair, in the interpreter as two plain launches) is in ``decode``."""
     for key in ("decode_fused", "decode_fused_spin_load", "decode_pdl", "decode_fused_gpu_plans", "decode_two_launch",
-                "decode_unreduced"):
+                "decode_unreduced", "decode_reduced_unpaired"):
         errs = interpret_report[key]
         assert errs and all(k.startswith(("monarch", "lowrank")) for k in errs), errs
         bad = {k: v for k, v in errs.items() if not v <= TOL["float32"]}
@@ -982,6 +986,7 @@ def test_measured_few_token_policy_at_the_bench_shapes():
     """The cost model with the H200 constants (dispatch.FEW_TOKEN_COST, HOST_US), at the bench-infer layer shapes and
     one token: the picks that measured fastest per layer (decode-layers-20261203T150038Z.json). Eager: least host
     time; captured in a CUDA graph: least GPU time; prefill: GPU time, eager or not."""
+    from structmat.kernels import _triton_decode as TD
     from structmat.kernels.dispatch import choose
 
     def pick(op, n, inp, out, graphed, b=4):
@@ -991,8 +996,11 @@ def test_measured_few_token_policy_at_the_bench_shapes():
             numel = (inp * out // (inp + out) // 2) * (inp + out)
         else:  # monarch at 50%
             numel = inp * out // 2
+        # (low-rank above one token: the PDL pair, on the H200, where its second stage's weight is small enough)
+        u_bytes = out * (inp * out // (inp + out) // 2) * 2
+        paired = op == "lowrank" and TD.MULTI_TOKEN_PDL[0] and 1 < n <= 16 and u_bytes <= TD.PDL_DOT_MAX_BYTES
         return choose(op, n, inp, out, 2.0 * n * numel, 2 * (numel + n * (inp + out)), torch.bfloat16, b, False,
-                      False, True, graphed)
+                      False, True, graphed, paired=paired)
 
     for op in ("blockdiag", "monarch", "lowrank"):  # eager: the layer's eager form, least host time
         assert pick(op, 1, 2048, 2048, False) == "decode", op
@@ -1003,9 +1011,11 @@ def test_measured_few_token_policy_at_the_bench_shapes():
     assert pick("monarch", 1, 8192, 2048, True) == "decode"
     assert pick("lowrank", 1, 2048, 8192, True) == "decode"
     assert pick("lowrank", 1, 2048, 8192, False) == "decode"  # eager: one direct launch, less host than 2 cuBLAS
-    # above one token, low-rank's first stage summed in its kernel (session 12, decode-layers-20261204T141821Z.json):
-    # 14.2 vs 11.8 us at 2048->8192 (two cuBLAS calls), 8.4 vs 9.5 us at 2048x2048, 16 tokens
+    # above one token, low-rank's first stage summed in its kernel and (second-stage weight <= 4 MB) the PDL pair
+    # (session 12, decode-layers-20261204T144046Z.json, 16 tokens): 2048->8192 14.3 (unpaired) vs 11.9 us (two cuBLAS
+    # calls), 2048x2048 6.8 (pair) vs 9.4, 8192->2048 12.9 (pair) vs 14.1
     assert pick("lowrank", 16, 2048, 8192, True) == "reference"
     assert pick("lowrank", 16, 2048, 2048, True) == "decode"
+    assert pick("lowrank", 16, 8192, 2048, True) == "decode"
     for graphed in (False, True):
         assert pick("monarch", 8192, 2048, 2048, graphed) == pick("monarch", 8192, 2048, 2048, True)  # prefill

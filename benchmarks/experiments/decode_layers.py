@@ -75,11 +75,13 @@ NM_VARIANTS = {"decode@bm2": dict(NM_ROW_BLOCK_M=2), "decode@bm8": dict(NM_ROW_B
                "decode@st2": dict(NM_META={"num_stages": 2}), "decode@st4": dict(NM_META={"num_stages": 4})}
 #: The two-stage kernels above one token (low-rank, Monarch): the first stage's splits summed by the second stage
 #: (session 10's form: unsplit, or split up to 2 ways, ``_triton_decode.MULTI_TOKEN_SPLITS``), or in the first
-#: stage's kernel (low-rank's default since session 12, ``MULTI_TOKEN_REDUCE``). (Round 4 of session 10 also timed
-#: taller second-stage row blocks, a knob since removed: they helped only with 2 splits; session 12 round 1 split up
-#: to 2 ways and aimed at 8 programs per SM, round 2 joined the two launches by programmatic dependent launch: no
-#: better, or slower: low-rank 2048->8192 at 16 tokens 14.2 -> 18.3 us.)
+#: stage's kernel (low-rank's default since session 12, ``MULTI_TOKEN_REDUCE``), its second stage a plain launch or
+#: the PDL-joined ``_pdl_stage2_dot`` that loads its weight first (``MULTI_TOKEN_PDL``). (Round 4 of session 10 also
+#: timed taller second-stage row blocks, a knob since removed: they helped only with 2 splits; session 12 round 1
+#: split up to 2 ways and aimed at 8 programs per SM, round 2 joined the two gemv launches by programmatic dependent
+#: launch, the second waiting before any load: no better, or slower, low-rank 2048->8192 at 16 tokens 14.2 -> 18.3 us.)
 MULTI_VARIANTS = {"decode@unreduced": dict(MULTI_TOKEN_REDUCE=False),
+                  "decode@unpaired": dict(MULTI_TOKEN_PDL=False),
                   # the gemv kernel's warps, pipeline depth and reduction tile (K >= 2048) for both stages
                   "decode@gemv-w8": dict(GEMV_META={"num_warps": 8}),
                   "decode@gemv-st2": dict(GEMV_META={"num_stages": 2}), "decode@gemv-bk128": dict(BLOCK_K_LARGE=128)}

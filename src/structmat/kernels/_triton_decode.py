@@ -14,6 +14,8 @@ element strides (so block-diagonal, Monarch and low-rank are views of one descri
     arrive (``_finish``), which stores C itself: above one token the next stage then reads one intermediate, not
     splits x tokens partials;
   * the output column may be chunked (Monarch's permutation folded into the store, as in ``_triton_gemm``).
+``_pdl_stage2_dot``: above one token (up to 16), low-rank's second stage launched early by programmatic dependent
+launch after the gemv first stage (``REDUCE``): its weight tile loaded, then it waits for the first stage's grid.
 ``decode_nm``: N:M sparse from compressed values and uint8 in-group positions, each read once; the dense weight is
 never formed in memory (at one token each value meets the input its position selects, ``_decode_nm_row``, a gated
 MLP's input formed first by ``_gate_rows``; with more tokens each program expands its tile of values into the dense
@@ -103,7 +105,9 @@ def _gated(g, u):
 def _decode_gemv(A, W, C, T, CNT, N, M, K, S_A, SPLIT_LEN, M_BLOCKS,
                  s_as, s_ag, s_an, s_ak, s_wg, s_wm, s_wk, s_cs, s_cg, s_cn, s_cm, s_cchunk, CHUNK, ACT_OFF,
                  PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                 ACT: tl.constexpr, REDUCE: tl.constexpr):
+                 ACT: tl.constexpr, REDUCE: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # the first stage of a PDL-joined pair (``pdl_dot_launcher``): let the second stage's grid start now
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     g = (pid // M_BLOCKS).to(tl.int64)
     pid_m = pid % M_BLOCKS
@@ -260,6 +264,38 @@ def _pdl_stage2(T, W2, Y, M2, K2, M2_BLOCKS, s_ts, s_ag, s_ak, s_w2g, s_w2m, s_w
     interpreter, whose launches run one after the other) instead of counters."""
     _fused_stage2(T, W2, Y, T, M2, K2, M2_BLOCKS, 0, tl.program_id(0), s_ts, s_ag, s_ak, s_w2g, s_w2m, s_w2k, s_yg,
                   s_ym, S1, K2_ITERS, BM2, BK2, False, WAIT)
+
+
+@triton.jit
+def _pdl_stage2_dot(H, W2, Y, N, M2, K2, M2_BLOCKS, s_hg, s_hn, s_hk, s_w2g, s_w2m, s_w2k, s_yg, s_yn, s_ym,
+                    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, K2_ITERS: tl.constexpr, BM2: tl.constexpr,
+                    BK2: tl.constexpr, WAIT: tl.constexpr):
+    """Above one token, the second stage of a PDL-joined pair: Y[g] (N, M2) = H[g] (N, K2) @ W2[g]^T, H the first
+    stage's intermediate (the gemv kernel's ``REDUCE`` output, in the weight's dtype). The first weight tile is loaded
+    before waiting for the first stage's grid (WAIT 1; 2 in the interpreter, whose launches run one after the
+    other), so the bytes that matter stream while the first stage runs."""
+    tile = tl.program_id(0)
+    g = (tile // M2_BLOCKS).to(tl.int64)
+    offs_m = (tile % M2_BLOCKS) * BM2 + tl.arange(0, BM2)
+    rows = W2 + g * s_w2g + (offs_m % M2)[:, None] * s_w2m  # (rows past the end wrap: dropped at the store)
+    offs_k = tl.arange(0, BK2)
+    offs_n = tl.arange(0, BLOCK_N)
+    n_ok = (offs_n < N)[:, None]
+    w_first = tl.load(rows + offs_k[None, :] * s_w2k, mask=(offs_k < K2)[None, :], other=0.0)
+    if WAIT == 1:
+        gdc_wait()
+    acc = tl.zeros((BLOCK_N, BM2), dtype=tl.float32)
+    for i in tl.static_range(K2_ITERS):
+        k = i * BK2 + offs_k
+        k_ok = (k < K2)[None, :]
+        if i == 0:
+            w = w_first
+        else:
+            w = tl.load(rows + k[None, :] * s_w2k, mask=k_ok, other=0.0)
+        a = tl.load(H + g * s_hg + offs_n[:, None] * s_hn + k[None, :] * s_hk, mask=n_ok & k_ok, other=0.0)
+        acc = tl.dot(a.to(w.dtype), tl.trans(w), acc, input_precision=PRECISION)
+    tl.store(Y + g * s_yg + offs_n[:, None] * s_yn + offs_m[None, :] * s_ym, acc.to(Y.dtype.element_ty),
+             mask=n_ok & (offs_m < M2)[None, :])
 
 
 @triton.jit
@@ -531,14 +567,14 @@ def _by_precision(kernel, grid: tuple, **constexprs):
 
 def gemv_launcher(groups: int, n: int, M: int, K: int, plan: dict, dtype: torch.dtype, a_partials: int = 1,
                   a_partial_stride: int = 0, chunk: int = 0, chunk_stride: int = 0, c_split_stride: int = 0,
-                  act: bool = False, reduce: bool = False):
+                  act: bool = False, reduce: bool = False, pdl: bool = False):
     """The launch of ``C[g] = A[g] @ W[g]^T`` for one shape, worked out once: ``launch(a, a_strides, w, w_strides, c,
     c_strides, act_off=0, t=None, cnt=None)`` (strides: A (group, token, k), W (group, row, k), C (group, token,
     column)); ``plan`` from :func:`plan_gemv` (with splits > 1, C is the fp32 partial stack, unless ``reduce``: then
     C is the product and ``t`` the fp32 partials, (splits, n, groups * M), ``cnt`` the counters of
     :func:`split_counters`, one per program of a split). ``act``: A is a gated MLP's gate/up output, its up half
     ``act_off`` elements after the gate half, and the product's input is SiLU(gate) * up (``_gated``). A layer's
-    cached inference plan keeps it."""
+    cached inference plan keeps it. ``pdl``: the first stage of a PDL-joined pair (:func:`pdl_dot_launcher`)."""
     m_blocks = _cdiv(M, plan["BLOCK_M"])
     grid = (groups * m_blocks, plan["splits"])
     reduce_splits = plan["splits"] if reduce and plan["splits"] > 1 else 1
@@ -550,7 +586,7 @@ def gemv_launcher(groups: int, n: int, M: int, K: int, plan: dict, dtype: torch.
     fixed = None if dtype == torch.float32 else _precision(dtype)  # (fp32 follows allow_tf32 at call time)
     if n == 0 or M == 0 or groups == 0:
         return lambda a, a_strides, w, w_strides, c, c_strides, act_off=0, t=None, cnt=None: None
-    launches = _by_precision(_decode_gemv, grid, ACT=act, REDUCE=reduce_splits, **meta)
+    launches = _by_precision(_decode_gemv, grid, ACT=act, REDUCE=reduce_splits, PDL=pdl and not INTERPRET, **meta)
 
     def launch(a: Tensor, a_strides: tuple, w: Tensor, w_strides: tuple, c: Tensor, c_strides: tuple,
                act_off: int = 0, t: Tensor | None = None, cnt: Tensor | None = None) -> None:
@@ -683,6 +719,44 @@ def pdl_launcher(plan: dict, m1: int, k1: int, m2: int, k2: int, chunk1: int = 0
                y: Tensor, ys: tuple, sync: Tensor | None = None, act_off: int = 0) -> None:
         stage1(x, w1, t, m1, k1, plan["M1_BLOCKS"], *xs, *w1s, *ts, chunk1, act_off)
         stage2(t, w2, y, m2, k2, plan["M2_BLOCKS"], ts[0], *as_, *w2s, *ys)
+
+    return launch
+
+
+#: Above one token (up to 16), low-rank's second stage as the second launch of a PDL-joined pair
+#: (``_pdl_stage2_dot``, its first weight tile loaded while the first stage runs) after the first stage's gemv
+#: launch (which sums its splits: ``MULTI_TOKEN_REDUCE``), where ``pdl_ok``
+MULTI_TOKEN_PDL = [os.environ.get("STRUCTMAT_MULTI_TOKEN_PDL", "1") not in ("", "0")]
+
+
+#: ... only where the second stage's weight is at most this many bytes: every second-stage program holds its first
+#: tile while it waits, and more than about a wave of them starves the first stage (round 8,
+#: decode-layers-20261204T144046Z.json, 16 tokens cold: 2048x2048 and 8192->2048 at 50% (2.1 / 3.3 MB) 8.5 -> 6.8
+#: and 14.3 -> 12.9 us; 2048->8192 (13.4 MB) 14.3 -> 20.9 us; kernels-20261204T144115Z.json: 4096^2 rank 1024
+#: (8.4 MB) 0.70x dense)
+PDL_DOT_MAX_BYTES = 4e6
+
+
+def pdl_dot_ok(n: int, k2: int, w2_bytes: int, device: torch.device) -> bool:
+    return (MULTI_TOKEN_PDL[0] and 1 < n <= 16 and k2 <= FUSED_MAX_K2 and w2_bytes <= PDL_DOT_MAX_BYTES
+            and pdl_ok(device))
+
+
+def pdl_dot_launcher(groups: int, n: int, M: int, K: int, dtype: torch.dtype):
+    """The second stage above one token as a PDL-joined launch (``_pdl_stage2_dot``), with the arguments of
+    :func:`gemv_launcher`'s launch: ``launch(a, a_strides, w, w_strides, c, c_strides)``, A the first stage's
+    intermediate in the weight's dtype. Tiles as the one-token pair's second stage (:func:`plan_fused`)."""
+    plan = plan_fused(1, 16, 16, groups, M, K, INTERPRET)
+    pdl = not INTERPRET
+    extra = {"launch_pdl": True} if pdl else {}
+    fixed = None if dtype == torch.float32 else _precision(dtype)
+    launches = _by_precision(_pdl_stage2_dot, (plan["P2"],), BLOCK_N=_block_n(n), K2_ITERS=plan["K2_ITERS"],
+                             BM2=plan["BM2"], BK2=plan["BK2"], WAIT=1 if pdl else 2, num_warps=plan["num_warps"],
+                             num_stages=1, **extra)
+
+    def launch(a: Tensor, a_strides: tuple, w: Tensor, w_strides: tuple, c: Tensor, c_strides: tuple) -> None:
+        launches(fixed or _precision(w.dtype))(a, w, c, n, M, K, plan["M2_BLOCKS"], *a_strides, *w_strides,
+                                               *c_strides)
 
     return launch
 

@@ -3,7 +3,9 @@ graphs capture them; inference only (no autograd: dispatch sends a call here onl
 
   ``structmat::decode_lowrank(x, U, V)``      y = (x V^T) U^T: stage 1 split over the input dim (fp32 partials of
                                               the rank vector, a few KB that stay in L2), stage 2 sums them on load;
-                                              above one token the last split sums them (one intermediate to read)
+                                              above one token the last split sums them (one intermediate to read),
+                                              and up to 16 tokens, where its weight is small, stage 2 is launched
+                                              early (PDL) and loads its weight while stage 1 runs
   ``structmat::decode_blockdiag(x, W)``       one launch over (block, row block)
   ``structmat::decode_monarch(x, R, L)``      stage 1 writes the permuted intermediate (fp32 split-K partials, in
                                               the order stage 2 reads), stage 2 sums them on load
@@ -31,8 +33,9 @@ from torch import Tensor
 
 from . import ops as _ops
 from . import _triton_decode
-from ._triton_decode import (MAX_TOKENS, fused_launcher, fused_ok, gemv_launcher, nm_launcher, pdl_launcher, pdl_ok,
-                             plan_fused, plan_gemv, rows, split_counters, sync_buffer)
+from ._triton_decode import (MAX_TOKENS, fused_launcher, fused_ok, gemv_launcher, nm_launcher, pdl_dot_launcher,
+                             pdl_dot_ok, pdl_launcher, pdl_ok, plan_fused, plan_gemv, rows, split_counters,
+                             sync_buffer)
 
 __all__ = ["MAX_TOKENS", "blockdiag", "lowrank", "monarch", "nm"]
 
@@ -151,8 +154,10 @@ def lowrank_plan(x: Tensor, U: Tensor, V: Tensor, act: int = 0):
     p2 = plan_gemv(n, g, out, r, x.device, split_ok=False)
     y_shape = (*lead, g * out)
     if cnt is not None:  # stage 1's splits summed in its kernel: stage 2 reads the intermediate h (n, g*r)
-        stage1 = gemv_launcher(1, n, gr, k, p1, V.dtype, act=bool(act), reduce=True)
-        stage2 = gemv_launcher(g, n, out, r, p2, U.dtype)
+        # (the second stage launched early, its weight loaded while stage 1 runs)
+        pair = pdl_dot_ok(n, r, U.numel() * U.element_size(), x.device)
+        stage1 = gemv_launcher(1, n, gr, k, p1, V.dtype, act=bool(act), reduce=True, pdl=pair)
+        stage2 = (pdl_dot_launcher(g, n, out, r, U.dtype) if pair else gemv_launcher(g, n, out, r, p2, U.dtype))
         scratch, hidden = _scratch_with_hidden(p1["splits"] * n * gr, n * gr, x)
 
         def run_reduced(x: Tensor, U: Tensor, V: Tensor, act: int = 0) -> Tensor:

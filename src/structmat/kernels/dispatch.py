@@ -237,6 +237,10 @@ FUSED_ONE_TOKEN_COST = {"lowrank": (6.6, 2920.0), "monarch": (6.5, 2780.0)}
 #: single layers' products of the bench shape (decode-groups-20261203T232921Z.json: low-rank 4.2-33.4 MB in
 #: 4.5-14.0 us, Monarch 12.6-32.6 MB in 6.5-13.2 us)
 PDL_ONE_TOKEN_COST = {"lowrank": (3.1, 3070.0), "monarch": (2.3, 2980.0)}
+#: Low-rank above one token as the PDL pair (``_triton_decode.pdl_dot_ok``: the second stage's weight loaded while the
+#: first stage runs), (fixed us at 2+ tokens, GB/s), fitted the same way (decode-layers-20261204T144046Z.json:
+#: 6.7 / 6.8 us at 4.2 MB, 12.2 / 12.9 us at 16.7 MB, 4 / 16 tokens; the plain second launch 8.4 / 14.0-14.4)
+PAIRED_MULTI_TOKEN_COST = {"lowrank": (4.8, 2170.0)}
 FP32_TRITON_MONARCH_EFF = 0.08  # IEEE fp32 dots in the Triton kernel measured far below cuBLAS's fp32 path
 
 
@@ -247,16 +251,16 @@ def _peak(dtype: torch.dtype) -> float:
 
 
 def estimate_us(op: str, backend: str, flops: float, nbytes: float, dtype: torch.dtype, training: bool = False,
-                nblocks: int = 4, graphed: bool = False, tokens: int = 1) -> float:
+                nblocks: int = 4, graphed: bool = False, tokens: int = 1, paired: bool = False) -> float:
     """Estimated microseconds of one call: host-bound or device-bound, whichever is larger. ``flops`` and
     ``nbytes`` are the forward's; training triples both (grad input and grad weights). ``graphed``: the call is
     replayed from a CUDA graph (captured, or compiled for one), where the host cost is gone: the GPU time alone."""
-    device = device_us(op, backend, flops, nbytes, dtype, training, tokens)
+    device = device_us(op, backend, flops, nbytes, dtype, training, tokens, paired)
     return device if graphed else max(host_us(op, backend, nblocks, training), device)
 
 
 def device_us(op: str, backend: str, flops: float, nbytes: float, dtype: torch.dtype, training: bool = False,
-              tokens: int = 1) -> float:
+              tokens: int = 1, paired: bool = False) -> float:
     """Estimated GPU microseconds of one call: FLOP-bound or byte-bound, whichever is larger (in inference, plus the
     path's fixed cost per call, FEW_TOKEN_COST)."""
     eff = EFFICIENCY[backend]
@@ -265,6 +269,9 @@ def device_us(op: str, backend: str, flops: float, nbytes: float, dtype: torch.d
         eff = FP32_TRITON_MONARCH_EFF
     flop_us = flops / (_peak(dtype) * 1e12 * eff) * 1e6
     few = None if training else FEW_TOKEN_COST.get((op, backend))
+    if few is not None and paired and backend == "decode" and tokens > 1:
+        fixed, gbs = PAIRED_MULTI_TOKEN_COST[op]
+        few = (few[0], fixed, gbs)
     if few is not None:
         us = max(flop_us, nbytes / (few[2] * 1e3)) + (few[0] if tokens <= 1 else few[1])
         table = PDL_ONE_TOKEN_COST if _pdl_enabled() else FUSED_ONE_TOKEN_COST
@@ -289,7 +296,7 @@ def _pdl_enabled() -> bool:
 
 def choose(op: str, n: int, in_features: int, out_features: int, struct_flops: float, struct_bytes: float,
            dtype: torch.dtype, nblocks: int, training: bool, factor_grad: bool, kernels_ok: bool,
-           graphed: bool = False, exclude: tuple[str, ...] = ()) -> str:
+           graphed: bool = False, exclude: tuple[str, ...] = (), paired: bool = False) -> str:
     """The automatic choice, from shapes only (the benchmark's offline check calls this too). ``graphed``: the call
     runs inside a CUDA graph or a compiled graph, so the GPU time decides; otherwise (eager) the host's cost counts
     too, and at few tokens it is the larger. Inference above DECODE_MAX_TOKENS (prefill) is device-bound as a whole
@@ -303,7 +310,8 @@ def choose(op: str, n: int, in_features: int, out_features: int, struct_flops: f
                 continue
             est[be] = estimate_us(op, be, struct_flops, struct_bytes, dtype, training, nblocks, graphed, n)
     if kernels_ok and not training and n <= DECODE_MAX_TOKENS:  # few tokens: the time is the weight's bytes
-        est["decode"] = estimate_us(op, "decode", struct_flops, struct_bytes, dtype, training, nblocks, graphed, n)
+        est["decode"] = estimate_us(op, "decode", struct_flops, struct_bytes, dtype, training, nblocks, graphed, n,
+                                    paired)
     # Never the dense merge: cached, it is a hidden dense copy of every layer (a "compressed" model then holds more
     # memory than the dense one: issue 12); merged differentiably every step it measured slower than every structured
     # path at every token count (run 6, kernels-20261201T012737Z.json). merge_for_inference() is the explicit choice.
@@ -311,7 +319,7 @@ def choose(op: str, n: int, in_features: int, out_features: int, struct_flops: f
     # reduce-overhead, a captured decode step) the host cost is gone and only that remains.
     best, best_key = "reference", None
     for be, us in est.items():  # (a plain loop: min(key=...) is a graph break under torch.compile)
-        key = (us, device_us(op, be, struct_flops, struct_bytes, dtype, training, n))
+        key = (us, device_us(op, be, struct_flops, struct_bytes, dtype, training, n, paired))
         if best_key is None or key < best_key:
             best, best_key = be, key
     return best
@@ -322,9 +330,11 @@ _GRAPHED: list[bool | None] = [None]  # set by the planner to ask what a capture
 
 
 def _pick(op: str, x: Tensor, factors: tuple[Tensor, ...], cost: Callable[[int], tuple[float, float]],
-          out_features: int, nblocks: int = 1, exclude: tuple[str, ...] = ()) -> str:
+          out_features: int, nblocks: int = 1, exclude: tuple[str, ...] = (),
+          paired: Callable[[int], bool] | None = None) -> str:
     """Resolve ``auto`` (and impossible forced choices) to a concrete backend. ``cost(tokens)`` gives the
-    structure's forward (FLOPs, bytes) at that many tokens."""
+    structure's forward (FLOPs, bytes) at that many tokens; ``paired(tokens)``: its decode kernels run as a PDL pair
+    there (``PAIRED_MULTI_TOKEN_COST``)."""
     backend = get_backend()
     if backend in ("reference", "dense"):
         return backend
@@ -349,14 +359,14 @@ def _pick(op: str, x: Tensor, factors: tuple[Tensor, ...], cost: Callable[[int],
         if not isinstance(n, int):
             n = DECODE_MAX_TOKENS if n <= DECODE_MAX_TOKENS else TRACE_MANY_TOKENS
         return choose(op, n, x.shape[1], out_features, *cost(n), x.dtype, nblocks, training, factor_grad,
-                      kernels_ok, graphed=True, exclude=exclude)
+                      kernels_ok, graphed=True, exclude=exclude, paired=bool(paired and paired(n)))
     graphed = _GRAPHED[0] if _GRAPHED[0] is not None else x.is_cuda and torch.cuda.is_current_stream_capturing()
     key = (op, tuple(x.shape), tuple(tuple(f.shape) for f in factors), x.dtype, training, factor_grad, kernels_ok,
            graphed)
     hit = _decisions.get(key)
     if hit is None:
         hit = choose(op, x.shape[0], x.shape[1], out_features, *cost(x.shape[0]), x.dtype, nblocks, training,
-                     factor_grad, kernels_ok, graphed, exclude)
+                     factor_grad, kernels_ok, graphed, exclude, bool(paired and paired(x.shape[0])))
         if len(_decisions) < 4096:
             _decisions[key] = hit
     return hit
@@ -436,7 +446,9 @@ def _monarch_call(choice: str) -> Callable[..., Tensor] | None:
 def _lowrank_choice(x: Tensor, U: Tensor, V: Tensor) -> str:
     r = U.shape[1]
     es, numel, io = x.element_size(), U.numel() + V.numel(), U.shape[0] + V.shape[1]
-    choice = _pick("lowrank", x, (U, V), lambda n: (2.0 * n * r * io, es * (numel + n * (io + 2 * r))), U.shape[0])
+    choice = _pick("lowrank", x, (U, V), lambda n: (2.0 * n * r * io, es * (numel + n * (io + 2 * r))), U.shape[0],
+                   paired=lambda n: decode is not None and decode._triton_decode.pdl_dot_ok(n, r, U.numel() * es,
+                                                                                            x.device))
     # every other backend: two cuBLAS GEMMs are the fastest correct implementation (see the module docstring)
     return choice if choice in ("dense", "decode", "reference") else "cublas"
 
