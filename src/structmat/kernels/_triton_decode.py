@@ -71,11 +71,6 @@ NM_MIN_SPLIT_TILES = [2]  # dense tiles per split, at least
 #: (A gated down product, ``act``, keeps 4 warps: its 32-row blocks spilled with 2.)
 NM_TARGET_PROGRAMS = [8]  # (with NM_SMALL_WARPS; wider token tiles and ``act``: TARGET_PROGRAMS, with NM_META)
 NM_SMALL_WARPS = [2]
-
-
-def small_warps(block_n: int, act: bool) -> bool:
-    """The expanded-tile kernel takes NM_SMALL_WARPS warps (else NM_META's)."""
-    return block_n <= 16 and not act
 #: The one-token N:M kernel's (``_decode_nm_row``) row block, values per row and iteration (0: 512 where a row keeps
 #: at least 4096 values, else 256), warps, most splits of the values, tiles per split, and whether the next tile's
 #: loads are issued before this tile's gathers. Session 11 round 3 (H200, cold, bench shapes, us; dense 6.0 / 10.7 /
@@ -105,7 +100,7 @@ def _gated(g, u):
 def _decode_gemv(A, W, C, T, CNT, N, M, K, S_A, SPLIT_LEN, M_BLOCKS,
                  s_as, s_ag, s_an, s_ak, s_wg, s_wm, s_wk, s_cs, s_cg, s_cn, s_cm, s_cchunk, CHUNK, ACT_OFF,
                  PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                 ACT: tl.constexpr, REDUCE: tl.constexpr, PDL: tl.constexpr = False):
+                 ACT: tl.constexpr, REDUCE: tl.constexpr, PDL: tl.constexpr):
     if PDL:  # the first stage of a PDL-joined pair (``pdl_dot_launcher``): let the second stage's grid start now
         gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -505,6 +500,11 @@ def use_dot(n: int) -> bool:
     return n > SMALL_TOKENS[0]
 
 
+def small_warps(block_n: int, act: bool) -> bool:
+    """The expanded-tile kernel takes NM_SMALL_WARPS warps (else NM_META's)."""
+    return block_n <= 16 and not act
+
+
 def plan_gemv(n: int, groups: int, M: int, K: int, device: torch.device, split_ok: bool, act: bool = False,
               reduce: bool = False) -> dict:
     """Tile sizes and the number of K splits: enough programs to keep every SM streaming weight (cached per shape:
@@ -830,6 +830,17 @@ def clear_plans() -> None:
         cached.cache_clear()
 
 
+def scratch_after_partials(partials: int, elements: int, dtype: torch.dtype):
+    """A flat fp32 scratch of ``partials`` split partials followed by an ``elements``-long intermediate of ``dtype``:
+    ``(fp32 words in all, views)``, ``views(buf)`` giving the two parts."""
+    words = _cdiv(elements * dtype.itemsize, 4)
+
+    def views(buf: Tensor) -> tuple[Tensor, Tensor]:
+        return buf[:partials], buf[partials:partials + words].view(dtype)[:elements]
+
+    return partials + words, views
+
+
 def rows(t: Tensor) -> tuple[int, int]:
     """(row stride, column stride) of ``t`` read as a (rows, last dim) matrix: its strides when 2-D; an N-D input
     must be contiguous (``structures.base``'s eager path checks it), so (last dim, 1) whatever strides its size-1
@@ -880,16 +891,15 @@ def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, devi
         return (lambda x, values, positions, y, t=None, act_off=0:
                 row(x, rows(x), values, positions, y, t, act_off)), scratch
     # the gated input in the scratch, after the split partials: N*K elements of x's dtype
-    partials = splits * N * M if splits > 1 else 0
-    hidden = _cdiv(N * K * dtype.itemsize, 4)
+    words, views = scratch_after_partials(splits * N * M if splits > 1 else 0, N * K, dtype)
     gate = Launch(_gate_rows, (_cdiv(K, 1024), N), BLOCK=1024, num_warps=4)
 
     def launch_gated(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, t=None, act_off: int = 0) -> None:
-        h = t[partials:partials + hidden].view(x.dtype)[:N * K]
+        h = views(t)[1]
         gate(x, h, K, *rows(x), act_off)
         row(h, (K, 1), values, positions, y, t, 0)
 
-    return launch_gated, (partials + hidden,)
+    return launch_gated, (words,)
 
 
 def decode_nm(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, n_keep: int, group: int) -> Tensor:

@@ -34,8 +34,8 @@ from torch import Tensor
 from . import ops as _ops
 from . import _triton_decode
 from ._triton_decode import (MAX_TOKENS, fused_launcher, fused_ok, gemv_launcher, nm_launcher, pdl_dot_launcher,
-                             pdl_dot_ok, pdl_launcher, pdl_ok, plan_fused, plan_gemv, rows, split_counters,
-                             sync_buffer)
+                             pdl_dot_ok, pdl_launcher, pdl_ok, plan_fused, plan_gemv, rows, scratch_after_partials,
+                             split_counters, sync_buffer)
 
 __all__ = ["MAX_TOKENS", "blockdiag", "lowrank", "monarch", "nm"]
 
@@ -116,17 +116,6 @@ def _stage1_plan(n: int, groups: int, M: int, K: int, device: torch.device, act:
     return plan_gemv(n, groups, M, K, device, split_ok=True, act=bool(act)), None
 
 
-def _scratch_with_hidden(partials: int, hidden: int, like: Tensor):
-    """A flat fp32 scratch of ``partials`` fp32 split partials followed by a ``hidden``-element intermediate in
-    ``like``'s dtype; ``(scratch, split)``: ``split(buffer)`` gives the two views."""
-    words = -(-hidden * like.element_size() // 4)
-
-    def split(buf: Tensor) -> tuple[Tensor, Tensor]:
-        return buf[:partials], buf[partials:partials + words].view(like.dtype)[:hidden]
-
-    return _scratch((partials + words,), like, _eager(like)), split
-
-
 def lowrank_plan(x: Tensor, U: Tensor, V: Tensor, act: int = 0):
     """U (out, r) and V (r, in); or g siblings that read the same input stacked (``structmat.fuse_siblings``):
     U (g, out, r) and V (g*r, in), one product whose output is the g outputs side by side, (n, g*out).
@@ -158,10 +147,11 @@ def lowrank_plan(x: Tensor, U: Tensor, V: Tensor, act: int = 0):
         pair = pdl_dot_ok(n, r, U.numel() * U.element_size(), x.device)
         stage1 = gemv_launcher(1, n, gr, k, p1, V.dtype, act=bool(act), reduce=True, pdl=pair)
         stage2 = (pdl_dot_launcher(g, n, out, r, U.dtype) if pair else gemv_launcher(g, n, out, r, p2, U.dtype))
-        scratch, hidden = _scratch_with_hidden(p1["splits"] * n * gr, n * gr, x)
+        words, views = scratch_after_partials(p1["splits"] * n * gr, n * gr, x.dtype)  # (partials, then h)
+        scratch = _scratch((words,), x, _eager(x))
 
         def run_reduced(x: Tensor, U: Tensor, V: Tensor, act: int = 0) -> Tensor:
-            t, h = hidden(scratch())
+            t, h = views(scratch())
             rs, cs = rows(x)
             stage1(x, (0, rs, cs), V, (0, V.stride(0), V.stride(1)), h, (0, gr, 1), k * cs, t, cnt)
             y = _empty(y_shape, x)
