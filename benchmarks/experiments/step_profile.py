@@ -5,7 +5,8 @@ Run on the GPU machine:  ``PYTHONPATH=src python benchmarks/experiments/step_pro
 Round 5 measured the fused Monarch model's captured step at batch 8 slower than the unfused one (1.52 vs 1.34 ms)
 where at batch 1 it is faster (0.90 vs 1.02 ms). For each model, the decode step at the given batch is captured in a
 CUDA graph as ``infer.graph_decode_tps`` captures it, and 5 replays are profiled: each kernel's GPU time per step and
-its calls, so the layers that differ show by kernel name. Writes ``step-profile-<UTC>.json``.
+its calls, so the layers that differ show by kernel name (``--compile``: the step compiled by inductor first). Writes
+``step-profile-<UTC>.json``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ def main() -> int:
     ap.add_argument("--out", default=".")
     ap.add_argument("--models", default="monarch,monarch+fused")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--compile", action="store_true", help="the step compiled by inductor first (as "
+                    "infer.graph_decode_tps's compile_mode='default'), then captured")
     args = ap.parse_args()
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = Path(args.out) / f"step-profile-{stamp}.json"
@@ -37,6 +40,10 @@ def main() -> int:
     for name in args.models.split(","):
         model = infer.build(None if name == "dense" else name, torch.bfloat16, infer.SHAPE)
         step, pos = infer.decode_step(model, args.batch, 32)
+        if args.compile:
+            torch._dynamo.reset()
+            step = torch.compile(step)
+            step()
         graph = infer.capture(step)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(reps):

@@ -358,15 +358,16 @@ def _pick(op: str, x: Tensor, factors: tuple[Tensor, ...], cost: Callable[[int],
         n = x.shape[0]
         if not isinstance(n, int):
             n = DECODE_MAX_TOKENS if n <= DECODE_MAX_TOKENS else TRACE_MANY_TOKENS
+        # (``paired is not None``, never the function's truthiness: dynamo breaks the graph on a jump on a function)
         return choose(op, n, x.shape[1], out_features, *cost(n), x.dtype, nblocks, training, factor_grad,
-                      kernels_ok, graphed=True, exclude=exclude, paired=bool(paired and paired(n)))
+                      kernels_ok, graphed=True, exclude=exclude, paired=paired is not None and bool(paired(n)))
     graphed = _GRAPHED[0] if _GRAPHED[0] is not None else x.is_cuda and torch.cuda.is_current_stream_capturing()
     key = (op, tuple(x.shape), tuple(tuple(f.shape) for f in factors), x.dtype, training, factor_grad, kernels_ok,
            graphed)
     hit = _decisions.get(key)
     if hit is None:
         hit = choose(op, x.shape[0], x.shape[1], out_features, *cost(x.shape[0]), x.dtype, nblocks, training,
-                     factor_grad, kernels_ok, graphed, exclude, bool(paired and paired(x.shape[0])))
+                     factor_grad, kernels_ok, graphed, exclude, paired is not None and bool(paired(x.shape[0])))
         if len(_decisions) < 4096:
             _decisions[key] = hit
     return hit
