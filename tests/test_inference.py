@@ -523,6 +523,7 @@ def _captured_after_a_long_kernel(name: str, x: torch.Tensor, operands: tuple, k
     long kernel whose last blocks write the op's input (a copy of 32M elements), zeros at capture; replayed with
     the real input in the copy's source. A launch that read its input before the previous kernel had written it would
     see the zeros (or a stale tail)."""
+    from structmat.bench import infer
     from structmat.kernels import decode
 
     big = 1 << 25
@@ -531,17 +532,17 @@ def _captured_after_a_long_kernel(name: str, x: torch.Tensor, operands: tuple, k
     xin = dst[big - x.numel():].view(x.shape)
     with decode.captured_form():
         run = decode.PLANS[name](xin, *operands, **kw)
-    for _ in range(2):  # (compiled, then the direct launch recorded)
-        run(xin, *operands, **kw)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    outs = []
+
+    def step():  # (run twice before the capture: compiled, then the direct launch recorded)
         torch.mul(src, 1, out=dst)
-        y = run(xin, *operands, **kw)
+        outs.append(run(xin, *operands, **kw))
+
+    graph = infer.capture(step)
     src[big - x.numel():].copy_(x.flatten())
     graph.replay()
     torch.cuda.synchronize()
-    return y
+    return outs[-1]
 
 
 @pytest.mark.gpu
