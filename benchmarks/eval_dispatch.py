@@ -30,6 +30,7 @@ def row_model(r):
         c = monarch_block_rank(in_f, out_f, b)
         numel = b * b * c * p + b * u * b * c
         nbytes = es * (numel + n * (in_f + 2 * b * b * c + out_f))
+        return name, b, 2.0 * n * numel, nbytes, (es * b * b * c * p, es * b * u * b * c)  # (R's, L's bytes)
     elif name == "blockdiag":
         b = val
         numel = b * (out_f // b) * (in_f // b)
@@ -38,17 +39,19 @@ def row_model(r):
         b = 1
         numel = val * (in_f + out_f)
         nbytes = es * (numel + n * (in_f + out_f + 2 * val))
-    return name, b, 2.0 * n * numel, nbytes
+    return name, b, 2.0 * n * numel, nbytes, None
 
 
 def main(path):
     data = json.load(open(path))
     regrets, vs_dense, misses = [], [], []
     for r in data["rows"]:
-        op, b, flops, nbytes = row_model(r)
+        if r["structure"].partition(":")[0] not in ("monarch", "blockdiag", "lowrank"):
+            continue  # (N:M has one path besides its reference: nothing to choose)
+        op, b, flops, nbytes, stages = row_model(r)
         training = r["mode"] == "fwdbwd"
         pick = dispatch.choose(op, r["tokens"], r["in_features"], r["out_features"], flops, nbytes, DT[r["dtype"]], b,
-                               training, training, True)
+                               training, training, True, stages=stages)
         measured = dict(r["backends"])
         if op == "lowrank":  # lowrank's "triton"/"cublas" are its reference (two cuBLAS GEMMs)
             measured.setdefault("triton", measured["reference"])

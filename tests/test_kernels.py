@@ -318,6 +318,37 @@ def test_monarch_block_rank_off_the_triton_tile_never_takes_triton(monkeypatch):
         assert dispatch._monarch_choice(x, unaligned.R, unaligned.L) == "triton"
 
 
+def test_monarch_few_token_choice_by_stage(monkeypatch):
+    """At 2-64 tokens, captured in a CUDA graph, Monarch's path follows its two weights (dispatch.MONARCH_STAGE_COST):
+    a wide second stage (2048->8192) takes the Triton path, also at a block rank off its tile (the scattered store
+    is a few rows there), a long first stage (8192->2048) and the square layer decode's gemv pair: what measured
+    fastest on the H200 (decode-layers-20261204T165753Z.json, cold us at 2 / 4 / 16 tokens: 2048->8192 triton
+    10.4 / 11.3 / 12.6 vs decode 14.1 / 14.1 / 13.9; 8192->2048 decode 13.1 / 13.0 / 13.1 vs triton 13.1 / 13.1 /
+    14.4; 2048^2 decode 7.2 / 7.3 / 7.2 vs triton 8.6 / 7.8 / 8.6). Above 64 tokens the off-tile rank excludes
+    Triton again, and eager calls (host-bound) keep decode."""
+    from structmat.kernels import dispatch
+    from structmat.structures import build
+
+    if dispatch.ops is None:
+        pytest.skip("needs the Triton ops module (triton installed)")
+    monkeypatch.setattr(dispatch, "INTERPRET", True)  # decide as on a GPU, from shapes only (no product runs)
+    monkeypatch.setattr(dispatch, "_decisions", {})
+    layers = {shape: build("monarch:nblocks=4,ratio=0.5", *shape, bias=False).to(torch.bfloat16)
+              for shape in ((2048, 8192), (8192, 2048), (2048, 2048))}
+    want = {(2048, 8192): "triton", (8192, 2048): "decode", (2048, 2048): "decode"}
+    with torch.no_grad():
+        for graphed in (True, False):
+            monkeypatch.setattr(dispatch, "_GRAPHED", [graphed])
+            for (inp, out), layer in layers.items():
+                for n in (2, 4, 16, 64):
+                    got = dispatch._monarch_choice(torch.empty(n, inp, dtype=torch.bfloat16), layer.R, layer.L)
+                    assert got == (want[(inp, out)] if graphed else "decode"), (inp, out, n, graphed, got)
+        monkeypatch.setattr(dispatch, "_GRAPHED", [True])
+        wide = layers[(2048, 8192)]
+        assert wide.c % dispatch.TRITON_MONARCH_CHUNK  # (block rank 200: off the tile)
+        assert dispatch._monarch_choice(torch.empty(65, 2048, dtype=torch.bfloat16), wide.R, wide.L) != "triton"
+
+
 def test_auto_on_cpu_is_reference():
     import structmat.kernels as K
     from structmat.structures.monarch import Monarch

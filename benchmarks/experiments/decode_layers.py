@@ -79,7 +79,11 @@ NM_VARIANTS = {"decode@bm2": dict(NM_ROW_BLOCK_M=2), "decode@bm8": dict(NM_ROW_B
 #: the PDL-joined ``_pdl_stage2_dot`` that loads its weight first (``MULTI_TOKEN_PDL``). (Round 4 of session 10 also
 #: timed taller second-stage row blocks, a knob since removed: they helped only with 2 splits; session 12 round 1
 #: split up to 2 ways and aimed at 8 programs per SM, round 2 joined the two gemv launches by programmatic dependent
-#: launch, the second waiting before any load: no better, or slower, low-rank 2048->8192 at 16 tokens 14.2 -> 18.3 us.)
+#: launch, the second waiting before any load: no better, or slower, low-rank 2048->8192 at 16 tokens 14.2 -> 18.3 us.
+#: Session 14 round 4 timed the PDL pair at every second-stage size and its second stage with smaller tiles, rows x
+#: reduction 64x128, 32x128, 32x256, 64x256 on 8 warps and 16x128 on 4 (58-110 registers against 182): slower than
+#: the shipped choice at every shape, e.g. 2048->8192 at 16 tokens 13.0-15.3 us against cuBLAS's 11.8 (dense 10.6);
+#: ``benchmarks/experiments/patches/s14_pdl_dot_tile.diff`` restores those variants.)
 MULTI_VARIANTS = {"decode@unreduced": dict(MULTI_TOKEN_REDUCE=False),
                   "decode@unpaired": dict(MULTI_TOKEN_PDL=False),
                   # the gemv kernel's warps, pipeline depth and reduction tile (K >= 2048) for both stages
@@ -169,6 +173,9 @@ def main() -> int:
     ap.add_argument("--out", default=".")
     ap.add_argument("--structures", default="lowrank,monarch,blockdiag,nm24")
     ap.add_argument("--tokens", default="1,16")
+    ap.add_argument("--shapes", default="2048x2048,2048x8192,8192x2048",
+                    help="in x out per layer (default: the bench-infer Llama's); --structures also takes specs, e.g. "
+                         "monarch:nblocks=8 (`structmat bench kernels`' rows)")
     ap.add_argument("--variants-only", default="", help="comma-separated variant names: time only these")
     ap.add_argument("--no-variants", dest="variants", action="store_false",
                     help="skip the decode kernels' launch variants (VARIANTS)")
@@ -182,7 +189,7 @@ def main() -> int:
     rep: dict = {"rows": [], "errors": [], "cold_bytes": COLD_BYTES}
     t0 = time.time()
     tokens = [int(t) for t in args.tokens.split(",")]
-    for inp, out in ((2048, 2048), (2048, 8192), (8192, 2048)):
+    for inp, out in [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]:
         for n in tokens:
             x = torch.randn(n, inp, device=DEVICE, dtype=DTYPE)
             eager = n == 1
@@ -200,7 +207,7 @@ def main() -> int:
                 for s in args.structures.split(","):
                     layer = layer_for(s, inp, out)
                     wb = nbytes(layer)
-                    cands = {be: be for be in (*BACKENDS[s], "auto")}
+                    cands = {be: be for be in (*BACKENDS[s.split(":")[0]], "auto")}
                     if s == "nm24":
                         cands["semi24"] = None
                         if args.variants:
@@ -231,8 +238,10 @@ def main() -> int:
                                 with K.use_backend(be):
                                     make = lambda: (lambda L=copy.deepcopy(layer): L(x))  # noqa: E731
                                     r = measure(make, wb, x, eager)
-                                    layer(x)
+                                    got = copy.deepcopy(layer)(x)  # (a fresh plan: this candidate's settings)
                                     r["choice"] = K.LAST_CHOICE.get(layer.name, "?")
+                                    ref = F.linear(x.double(), layer.to_dense().double())
+                                    r["err"] = ((got.double() - ref).norm() / ref.norm()).item()
                             rep["rows"].append(dict(base, structure=s, spec=layer.spec, candidate=cand,
                                                     weight_bytes=wb, **r))
                         except Exception:

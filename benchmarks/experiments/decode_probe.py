@@ -130,7 +130,7 @@ def layer_for(structure: str, inp: int, out: int):
     from structmat.bench.infer import STRUCTURES
     from structmat.structures.base import resolve_spec, structure_class
 
-    cfg = resolve_spec(STRUCTURES[structure], inp, out)
+    cfg = resolve_spec(STRUCTURES.get(structure, structure), inp, out)  # (a bench name, or any spec)
     kw = {k: v for k, v in cfg.to_dict().items() if k != "structure"}
     torch.manual_seed(0)
     layer = structure_class(cfg.to_dict()["structure"])(inp, out, bias=False, device="cuda", dtype=DTYPE, **kw)

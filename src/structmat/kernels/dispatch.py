@@ -241,6 +241,14 @@ PDL_ONE_TOKEN_COST = {"lowrank": (3.1, 3070.0), "monarch": (2.3, 2980.0)}
 #: first stage runs), (fixed us at 2+ tokens, GB/s), fitted the same way (decode-layers-20261204T144046Z.json:
 #: 6.7 / 6.8 us at 4.2 MB, 12.2 / 12.9 us at 16.7 MB, 4 / 16 tokens; the plain second launch 8.4 / 14.0-14.4)
 PAIRED_MULTI_TOKEN_COST = {"lowrank": (4.8, 2170.0)}
+#: Monarch above one token, by stage: (fixed us, GB/s on the first stage's weight R, GB/s on the second's L). The two
+#: paths stream the stages differently: decode's gemv pair takes R (a long reduction) better, the Triton path's cuBLAS
+#: second stage takes a wide L far better, so at equal bytes 2048->8192 and 8192->2048 measured opposite (session 13
+#: round 6). Fitted on the H200 at 2-64 tokens, cold, to 12 Monarchs (the bench model's layers and `bench kernels`'
+#: rows: nb=4 and 8 at 2048^2, 4096^2, 2048->8192, 8192->2048; decode-layers-20261204T165753Z.json and -170448Z.json):
+#: picking by it cost 2.6 us over the 54 cases (one pick off by more than 0.5 us), the bytes-only fit above 15 us
+#: over the 36 at 2-16 tokens. (A per-token term did not pick better.)
+MONARCH_STAGE_COST = {"decode": (5.24, 2269.0, 1690.0), "triton": (6.48, 1988.0, 4943.0)}
 FP32_TRITON_MONARCH_EFF = 0.08  # IEEE fp32 dots in the Triton kernel measured far below cuBLAS's fp32 path
 
 
@@ -251,23 +259,29 @@ def _peak(dtype: torch.dtype) -> float:
 
 
 def estimate_us(op: str, backend: str, flops: float, nbytes: float, dtype: torch.dtype, training: bool = False,
-                nblocks: int = 4, graphed: bool = False, tokens: int = 1, paired: bool = False) -> float:
+                nblocks: int = 4, graphed: bool = False, tokens: int = 1, paired: bool = False,
+                stages: tuple[float, float] | None = None) -> float:
     """Estimated microseconds of one call: host-bound or device-bound, whichever is larger. ``flops`` and
     ``nbytes`` are the forward's; training triples both (grad input and grad weights). ``graphed``: the call is
     replayed from a CUDA graph (captured, or compiled for one), where the host cost is gone: the GPU time alone."""
-    device = device_us(op, backend, flops, nbytes, dtype, training, tokens, paired)
+    device = device_us(op, backend, flops, nbytes, dtype, training, tokens, paired, stages)
     return device if graphed else max(host_us(op, backend, nblocks, training), device)
 
 
 def device_us(op: str, backend: str, flops: float, nbytes: float, dtype: torch.dtype, training: bool = False,
-              tokens: int = 1, paired: bool = False) -> float:
+              tokens: int = 1, paired: bool = False, stages: tuple[float, float] | None = None) -> float:
     """Estimated GPU microseconds of one call: FLOP-bound or byte-bound, whichever is larger (in inference, plus the
-    path's fixed cost per call, FEW_TOKEN_COST)."""
+    path's fixed cost per call, FEW_TOKEN_COST). ``stages``: the two weights' bytes of a two-stage product (Monarch's
+    R and L), for the by-stage fits above one token (MONARCH_STAGE_COST)."""
     eff = EFFICIENCY[backend]
     eff = eff[op] if isinstance(eff, dict) else eff
     if dtype == torch.float32 and backend == "triton" and op == "monarch":
         eff = FP32_TRITON_MONARCH_EFF
     flop_us = flops / (_peak(dtype) * 1e12 * eff) * 1e6
+    staged = MONARCH_STAGE_COST.get(backend) if op == "monarch" and stages is not None else None
+    if staged is not None and not training and 1 < tokens <= DECODE_MAX_TOKENS:
+        fixed, gbs1, gbs2 = staged
+        return max(flop_us, stages[0] / (gbs1 * 1e3) + stages[1] / (gbs2 * 1e3)) + fixed
     few = None if training else FEW_TOKEN_COST.get((op, backend))
     if few is not None and paired and backend == "decode" and tokens > 1:
         fixed, gbs = PAIRED_MULTI_TOKEN_COST[op]
@@ -296,22 +310,25 @@ def _pdl_enabled() -> bool:
 
 def choose(op: str, n: int, in_features: int, out_features: int, struct_flops: float, struct_bytes: float,
            dtype: torch.dtype, nblocks: int, training: bool, factor_grad: bool, kernels_ok: bool,
-           graphed: bool = False, exclude: tuple[str, ...] = (), paired: bool = False) -> str:
+           graphed: bool = False, exclude: tuple[str, ...] = (), paired: bool = False,
+           stages: tuple[float, float] | None = None) -> str:
     """The automatic choice, from shapes only (the benchmark's offline check calls this too). ``graphed``: the call
     runs inside a CUDA graph or a compiled graph, so the GPU time decides; otherwise (eager) the host's cost counts
     too, and at few tokens it is the larger. Inference above DECODE_MAX_TOKENS (prefill) is device-bound as a whole
     (the host queues a forward's kernels faster than the GPU runs them), so the GPU time decides there too.
-    ``exclude``: backends this layer's shapes rule out (see ``TRITON_MONARCH_CHUNK``)."""
+    ``exclude``: backends this layer's shapes rule out (see ``TRITON_MONARCH_CHUNK``); ``stages``: ``device_us``'s."""
     graphed = graphed or (not training and n > DECODE_MAX_TOKENS)
-    est = {"reference": estimate_us(op, "reference", struct_flops, struct_bytes, dtype, training, nblocks, graphed, n)}
+    est = {"reference": estimate_us(op, "reference", struct_flops, struct_bytes, dtype, training, nblocks, graphed, n,
+                                    stages=stages)}
     if kernels_ok and op in ("monarch", "blockdiag"):
         for be in ("triton", "cublas"):
             if be in exclude:
                 continue
-            est[be] = estimate_us(op, be, struct_flops, struct_bytes, dtype, training, nblocks, graphed, n)
+            est[be] = estimate_us(op, be, struct_flops, struct_bytes, dtype, training, nblocks, graphed, n,
+                                  stages=stages)
     if kernels_ok and not training and n <= DECODE_MAX_TOKENS:  # few tokens: the time is the weight's bytes
         est["decode"] = estimate_us(op, "decode", struct_flops, struct_bytes, dtype, training, nblocks, graphed, n,
-                                    paired)
+                                    paired, stages)
     # Never the dense merge: cached, it is a hidden dense copy of every layer (a "compressed" model then holds more
     # memory than the dense one: issue 12); merged differentiably every step it measured slower than every structured
     # path at every token count (run 6, kernels-20261201T012737Z.json). merge_for_inference() is the explicit choice.
@@ -319,7 +336,7 @@ def choose(op: str, n: int, in_features: int, out_features: int, struct_flops: f
     # reduce-overhead, a captured decode step) the host cost is gone and only that remains.
     best, best_key = "reference", None
     for be, us in est.items():  # (a plain loop: min(key=...) is a graph break under torch.compile)
-        key = (us, device_us(op, be, struct_flops, struct_bytes, dtype, training, n, paired))
+        key = (us, device_us(op, be, struct_flops, struct_bytes, dtype, training, n, paired, stages))
         if best_key is None or key < best_key:
             best, best_key = be, key
     return best
@@ -330,11 +347,12 @@ _GRAPHED: list[bool | None] = [None]  # set by the planner to ask what a capture
 
 
 def _pick(op: str, x: Tensor, factors: tuple[Tensor, ...], cost: Callable[[int], tuple[float, float]],
-          out_features: int, nblocks: int = 1, exclude: tuple[str, ...] = (),
-          paired: Callable[[int], bool] | None = None) -> str:
+          out_features: int, nblocks: int = 1, exclude: Callable[[int], tuple[str, ...]] | None = None,
+          paired: Callable[[int], bool] | None = None, stages: tuple[float, float] | None = None) -> str:
     """Resolve ``auto`` (and impossible forced choices) to a concrete backend. ``cost(tokens)`` gives the
-    structure's forward (FLOPs, bytes) at that many tokens; ``paired(tokens)``: its decode kernels run as a PDL pair
-    there (``PAIRED_MULTI_TOKEN_COST``)."""
+    structure's forward (FLOPs, bytes) at that many tokens; ``exclude(tokens)``: backends ruled out there;
+    ``paired(tokens)``: its decode kernels run as a PDL pair there (``PAIRED_MULTI_TOKEN_COST``); ``stages``: the
+    two stages' weight bytes (``device_us``)."""
     backend = get_backend()
     if backend in ("reference", "dense"):
         return backend
@@ -360,14 +378,16 @@ def _pick(op: str, x: Tensor, factors: tuple[Tensor, ...], cost: Callable[[int],
             n = DECODE_MAX_TOKENS if n <= DECODE_MAX_TOKENS else TRACE_MANY_TOKENS
         # (``paired is not None``, never the function's truthiness: dynamo breaks the graph on a jump on a function)
         return choose(op, n, x.shape[1], out_features, *cost(n), x.dtype, nblocks, training, factor_grad,
-                      kernels_ok, graphed=True, exclude=exclude, paired=paired is not None and bool(paired(n)))
+                      kernels_ok, graphed=True, exclude=() if exclude is None else exclude(n),
+                      paired=paired is not None and bool(paired(n)), stages=stages)
     graphed = _GRAPHED[0] if _GRAPHED[0] is not None else x.is_cuda and torch.cuda.is_current_stream_capturing()
     key = (op, tuple(x.shape), tuple(tuple(f.shape) for f in factors), x.dtype, training, factor_grad, kernels_ok,
            graphed)
     hit = _decisions.get(key)
     if hit is None:
-        hit = choose(op, x.shape[0], x.shape[1], out_features, *cost(x.shape[0]), x.dtype, nblocks, training,
-                     factor_grad, kernels_ok, graphed, exclude, paired is not None and bool(paired(x.shape[0])))
+        n = x.shape[0]
+        hit = choose(op, n, x.shape[1], out_features, *cost(n), x.dtype, nblocks, training, factor_grad, kernels_ok,
+                     graphed, () if exclude is None else exclude(n), paired is not None and bool(paired(n)), stages)
         if len(_decisions) < 4096:
             _decisions[key] = hit
     return hit
@@ -421,17 +441,22 @@ def _blockdiag_call(choice: str) -> Callable[..., Tensor] | None:
 #: not a multiple of its narrowest tile (64 columns) takes a scattered per-column store instead of contiguous rows.
 #: Measured on the H200 at 8192 tokens, block rank 200 (the bench model's 2048<->8192 layers): 0.60 ms under
 #: "triton" vs 0.25 ms under "cublas" (dense 0.40 / 0.37 ms; prefill-layers-20261203T204450Z.json), so such layers
-#: never take the Triton path unless it is forced.
+#: take the Triton path above TRITON_CHUNK_FREE_TOKENS tokens only if it is forced. At 2-64 tokens the scattered store
+#: is a few rows: there the same layers measured fastest on it, 2048->8192 at 2 / 4 / 16 / 32 / 64 tokens 10.4-11.4 /
+#: 10.4-11.3 / 12.5-12.6 / 12.8 / 14.1 us against decode's 14.1 / 14.1 / 13.9 / 17.1 / 23.2 (dense 10.6-11.2;
+#: decode-layers-20261204T165753Z.json, -170448Z.json).
 TRITON_MONARCH_CHUNK = 64
+TRITON_CHUNK_FREE_TOKENS = 64
 
 
 def _monarch_choice(x: Tensor, R: Tensor, L: Tensor) -> str:
     b, bc, p = R.shape
     u = L.shape[1]
     es, numel = x.element_size(), R.numel() + L.numel()
-    exclude = () if (bc // b) % TRITON_MONARCH_CHUNK == 0 else ("triton",)
+    aligned = (bc // b) % TRITON_MONARCH_CHUNK == 0
     return _pick("monarch", x, (R, L), lambda n: (2.0 * n * numel, es * (numel + n * (b * p + 2 * b * bc + b * u))),
-                 b * u, b, exclude)
+                 b * u, b, lambda n: () if aligned or n <= TRITON_CHUNK_FREE_TOKENS else ("triton",),
+                 stages=(es * R.numel(), es * L.numel()))
 
 
 def _monarch_call(choice: str) -> Callable[..., Tensor] | None:
