@@ -154,9 +154,8 @@ def time_it() -> int:
     from structmat.structures import build
 
     x_cache = {}
-    for spec, (inp, out) in (("monarch:nblocks=4,ratio=0.5", (2048, 2048)), ("monarch:nblocks=4,ratio=0.5", (4096, 4096)),
-                             ("monarch:nblocks=4,ratio=0.5", (2048, 8192)), ("monarch:nblocks=4,ratio=0.5", (8192, 2048))):
-        layer = build(spec, inp, out, bias=False).to("cuda", torch.bfloat16).eval()
+    for inp, out in ((2048, 2048), (4096, 4096), (2048, 8192), (8192, 2048)):
+        layer = build("monarch:nblocks=4,ratio=0.5", inp, out, bias=False).to("cuda", torch.bfloat16).eval()
         x = x_cache.setdefault(inp, torch.randn(8192, inp, device="cuda", dtype=torch.bfloat16))
         W = layer.to_dense().to(torch.bfloat16)
         R, L = layer.R.detach(), layer.L.detach()
