@@ -68,8 +68,12 @@ def ref_kron(layer):
 
 
 def ref_nm(layer):
-    # index holds uint8 positions inside each group of m inputs; value j of a row sits in group j // n
-    cols = layer.index.long() + torch.arange(layer.index.shape[1]).unsqueeze(0) // layer.n * layer.m
+    # index holds the positions inside each group of m inputs, packed `bits` to a position from the low bits up;
+    # value j of a row sits in group j // n
+    per = 8 // layer.bits
+    j = torch.arange(layer.values.shape[1])
+    pos = (layer.index.long()[:, j // per] >> (j % per * layer.bits)) & ((1 << layer.bits) - 1)
+    cols = pos + j.unsqueeze(0) // layer.n * layer.m
     rows = torch.arange(layer.out_features).unsqueeze(1).expand_as(cols)
     dense = layer.values.new_zeros(layer.out_features, layer.in_padded)
     dense = dense.index_put((rows.reshape(-1), cols.reshape(-1)), layer.values.reshape(-1))

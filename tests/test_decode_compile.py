@@ -160,7 +160,8 @@ def test_gemv_decode_compiles_for_sm90_and_fits_shared_memory(gpu_plans, dtype):
 
 
 def test_nm_decode_compiles_for_sm90(gpu_plans):
-    """2:4 at the bench shapes: the row kernel (<= SMALL_TOKENS tokens) and the expanded-tile kernel above, in shared
+    """2:4 at the bench shapes: the row kernel (<= SMALL_TOKENS tokens; for 16-bit values the byte-permute kernel)
+    and the expanded-tile kernel above, in shared
     memory; without spills at 1-64 tokens (compiled without the launch's specialization the 64-token tile took 255
     registers and spilled 112-896 bytes; as launched 56-152 registers, none)."""
     pointers = {"X": "*bf16", "V": "*bf16", "P": "*u8", "Y": "*bf16", "T": "*fp32", "CNT": "*i32"}
@@ -170,10 +171,18 @@ def test_nm_decode_compiles_for_sm90(gpu_plans):
             plan = {key: v for key, v in TD._plan_nm(n, rows, k // 4, "cuda", 0, dot, k == 8192).items()
                     if key != "SPLIT_LEN"}  # (a runtime argument)
             fn = TD._decode_nm if dot else TD._decode_nm_row
-            constexprs = {"NNZ": 2, "GROUP": 4, "ACT": k == 8192, **plan, **({"PRECISION": "tf32"} if dot else {})}
+            constexprs = {"NNZ": 2, "GROUP": 4, "PBITS": 2, "ACT": k == 8192, **plan,
+                          **({"PRECISION": "tf32"} if dot else {})}
             warps = (TD.NM_SMALL_WARPS[0] if TD.small_warps(plan["BLOCK_N"], k == 8192) else TD.NM_META["num_warps"]) \
                 if dot else TD.NM_ROW_WARPS[0]
             shared, stack = compile_sm90(fn, pointers, constexprs, num_warps=warps, num_stages=3 if dot else 1)
             assert shared <= SMEM_BYTES and stack == 0, (rows, k, n, fn.__name__, constexprs, shared, stack)
+        # 2:4 of bfloat16 at one token: the byte-permute kernel (inline PTX prmt), as launched
+        plan = TD._plan_nm(1, rows, k // 4, "cuda", 0, False, False)
+        constexprs = {"BLOCK_M": plan["BLOCK_M"], "BLOCK_G": plan["BLOCK_J"] // 2, "PRMT": True,
+                      "SPLITS": plan["SPLITS"]}
+        shared, stack = compile_sm90(TD._decode_nm24_row, pointers, constexprs, num_warps=TD.NM_ROW_WARPS[0],
+                                     num_stages=1)
+        assert shared <= SMEM_BYTES and stack == 0, (rows, k, constexprs, shared, stack)
     shared, stack = compile_sm90(TD._gate_rows, {"X": "*bf16", "H": "*bf16"}, {"BLOCK": 1024}, num_warps=4)
     assert stack == 0, stack  # (the gated input formed first, for the one-token down product)

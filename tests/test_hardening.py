@@ -178,7 +178,7 @@ def _nm_counts(tmp):
     layer = build("nm:n=2,m=8,pad=True", 10, 6)  # 10 inputs padded to 16: two groups
     allocated = sum(t.numel() for t in layer.parameters())
     assert layer.param_count() == allocated == 6 * 2 * 2 + 6
-    assert layer.index.numel() == layer.values.numel()
+    assert layer.index.shape == (6, 2)  # 4 positions of 4 bits per row (m=8): two bytes
     assert layer.to_dense().shape == (6, 10)
 
 
@@ -200,14 +200,32 @@ def _set(key: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict
     return lambda t: t.__setitem__(key, fn(t[key]))
 
 
+def _positions(t):
+    """The v_proj (nm:n=2,m=4) support as one uint8 in-group position per kept value, unpacked from its 2-bit
+    storage: the storage before packed positions, which older checkpoints hold (packed and checked on load)."""
+    from structmat.structures.sparse import unpack_positions
+
+    return unpack_positions(t, t.shape[1] * 4, 2)
+
+
 def _columns(t):
-    """The v_proj (nm:n=2,m=4) support as absolute int64 columns: the storage before uint8 in-group positions,
-    which old checkpoints still hold (converted and checked on load)."""
-    return t.long() + torch.arange(t.shape[1]).unsqueeze(0) // 2 * 4
+    """The v_proj support as absolute int64 columns: the storage before in-group positions (converted on load)."""
+    pos = _positions(t)
+    return pos.long() + torch.arange(pos.shape[1]).unsqueeze(0) // 2 * 4
 
 
 def _legacy(fn):
     return lambda t: fn(_columns(t))
+
+
+def _legacy_uint8(fn):
+    return lambda t: fn(_positions(t))
+
+
+def _packed_duplicate(t):
+    t = t.clone()
+    t[0, 0] = (t[0, 0] & 0xF0) | 0b0101  # group 0 of row 0 keeps position 1 twice
+    return t
 
 
 def _position_out_of_group(t):
@@ -258,22 +276,27 @@ for _name, _key, _fn, _match in (
         ("nm legacy index negative", V_INDEX, _legacy(_nm_negative), "pattern"),
         ("nm legacy index duplicate", V_INDEX, _legacy(_nm_duplicate), "repeats"),
         ("nm legacy index breaks the N:M pattern", V_INDEX, _legacy(_nm_wrong_group), "pattern|repeats"),
-        ("nm position outside its group", V_INDEX, _position_out_of_group, "pattern"),
-        ("nm position duplicate", V_INDEX, _nm_duplicate, "repeats"),
+        ("nm legacy uint8 position outside its group", V_INDEX, _legacy_uint8(_position_out_of_group), "pattern"),
+        ("nm legacy uint8 position duplicate", V_INDEX, _legacy_uint8(_nm_duplicate), "repeats"),
+        ("nm packed position duplicate", V_INDEX, _packed_duplicate, "repeats"),
+        ("nm packed positions of the wrong width", V_INDEX, lambda t: t[:, :-1].contiguous(), "shape"),
         ("sparse index duplicate", S_INDEX, _sparse_duplicate, "repeats"),
         ("sparse index out of range", S_INDEX, _sparse_out_of_range, "outside"),
         ("splr sparse index duplicate", "model.layers.0.self_attn.k_proj.sparse.index", _sparse_duplicate,
          "repeats")):
     case(5, _name, match=_match)(lambda tmp, k=_key, f=_fn: load_pretrained(edit_weights(saved_copy(tmp), _set(k, f))))
 
-@case(5, "nm legacy int64 columns load as the same model", error=None)
-def _nm_legacy_loads(tmp):
-    path = saved_copy(tmp)
-    ref = load_pretrained(path)
-    loaded = load_pretrained(edit_weights(path, _set(V_INDEX, _columns)))
-    layer = loaded.model.layers[0].self_attn.v_proj
-    assert layer.index.dtype == torch.uint8
-    assert torch.equal(layer.to_dense(), ref.model.layers[0].self_attn.v_proj.to_dense())
+for _name, _legacy_form in (("int64 columns", _columns), ("uint8 positions", _positions)):
+    @case(5, f"nm legacy {_name} load as the same model", error=None)
+    def _nm_legacy_loads(tmp, form=_legacy_form):
+        path = saved_copy(tmp)
+        ref = load_pretrained(path)
+        ref_layer = ref.model.layers[0].self_attn.v_proj
+        loaded = load_pretrained(edit_weights(path, _set(V_INDEX, form)))
+        layer = loaded.model.layers[0].self_attn.v_proj
+        assert layer.index.dtype == torch.uint8 and layer.index.shape == ref_layer.index.shape
+        assert torch.equal(layer.index, ref_layer.index)
+        assert torch.equal(layer.to_dense(), ref_layer.to_dense())
 
 
 case(5, "nm index stored as float", match="dtype")(

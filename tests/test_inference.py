@@ -123,7 +123,7 @@ def test_sparse_references_rebuild_a_few_rows_at_a_time(monkeypatch):
         monkeypatch.setattr(sparse, "DENSE_TILE_ELEMENTS", 64)  # 2 rows of the (padded) weight per tile
         assert torch.allclose(layer(x), ref, rtol=1e-12, atol=1e-12)
         monkeypatch.undo()
-    assert NMSparse(32, 16, n=2, m=4).index.dtype == torch.uint8  # one byte per kept value
+    assert NMSparse(32, 16, n=2, m=4).index.shape == (16, 4)  # 2:4: 16 positions of 2 bits per row, 4 bytes
 
 
 def test_merge_for_inference_bad_input():
@@ -164,13 +164,15 @@ def rel_rms(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def nm_operands(out: int, inp: int, n: int, m: int, generator: torch.Generator):
-    """Compressed N:M operands (values, uint8 in-group positions) and the dense matrix they stand for (the support
+    """Compressed N:M operands (values, packed in-group positions) and the dense matrix they stand for (the support
     drawn at random, in no order within a group: the kernels must not assume sorted positions)."""
+    from structmat.structures.sparse import pack_positions, position_bits
+
     W = torch.randn(out, inp, generator=generator, dtype=torch.float64)
     pos = torch.rand(out, inp // m, m, generator=generator).argsort(-1)[..., :n]
     vals = W.reshape(out, inp // m, m).gather(2, pos)
     dense = torch.zeros(out, inp // m, m, dtype=torch.float64).scatter(2, pos, vals).reshape(out, inp)
-    return vals.reshape(out, -1), pos.reshape(out, -1).to(torch.uint8), dense
+    return vals.reshape(out, -1), pack_positions(pos.reshape(out, -1), position_bits(m)), dense
 
 
 def decode_errors(device: str, dtype: torch.dtype, shapes=DECODE_SHAPES, tokens=DECODE_TOKENS,
@@ -288,10 +290,28 @@ def _interpret_report() -> dict:
             "cpu", torch.float32, {k: v for k, v in DECODE_SHAPES.items() if k.startswith("nm")}, (1,), act=True)
     finally:
         _triton_decode.NM_ROW_GATE_FIRST[0] = True
+    # 2:4 of 16-bit values at one token: the byte-permute kernel (_decode_nm24_row), its gated down product (the
+    # gated input formed first), and with the GPU's tile plans (wide tiles, splits) on a 2:4 large enough to split
+    nm24 = {"nm": DECODE_SHAPES["nm"], "nm_24wide": (512, 40, dict(n=2, m=4))}
+    launched, call = set(), _triton_decode.Launch.__call__
+
+    def recording(self, *args):
+        launched.add(self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else self.kernel.__name__)
+        return call(self, *args)
+
+    _triton_decode.Launch.__call__ = recording
+    try:
+        for dt in (torch.bfloat16, torch.float16):
+            report[f"decode_nm24_row_{dt}"] = decode_errors("cpu", dt, nm24, (1,))
+            report[f"decode_act_nm24_row_{dt}"] = decode_errors("cpu", dt, nm24, (1,), act=True)
+    finally:
+        _triton_decode.Launch.__call__ = call
+    report["nm24_launched"] = sorted(launched)
     # the GPU's tile plans (wider tiles, token blocks), run through the interpreter with the address checker
     _triton_decode.INTERPRET = False
     try:
         report["decode_gpu_plans"] = decode_errors("cpu", torch.float32, tokens=(1, 17, 33))
+        report["decode_gpu_plans_nm24_row"] = decode_errors("cpu", torch.bfloat16, nm24, (1,))
     finally:
         _triton_decode.INTERPRET = True
     # the one-launch two-stage kernel at one token for every two-stage shape (Monarch takes it only from
@@ -428,6 +448,31 @@ def test_decode_kernels_match_reference_interpreter(interpret_report):
     assert not bad, bad
     bad = {k: v for k, v in interpret_report["decode_fp16"].items() if not v <= TOL["float16"]}
     assert not bad, bad
+
+
+def test_nm24_row_kernel_picks_inputs_by_byte_permute_interpreter(interpret_report):
+    """2:4 of 16-bit values at one token runs ``_decode_nm24_row`` (each group's two inputs picked from its four, no
+    gathered loads; its portable selection here, PTX prmt on the GPU): against float64 in bfloat16 and float16, the
+    gated down product, and with the GPU's tile plans (splits summed by the last split)."""
+    assert "_decode_nm24_row" in interpret_report["nm24_launched"], interpret_report["nm24_launched"]
+    for key, tol in (("decode_nm24_row_torch.bfloat16", TOL["bfloat16"]), ("decode_nm24_row_torch.float16",
+                     TOL["float16"]), ("decode_act_nm24_row_torch.bfloat16", TOL["bfloat16"]),
+                     ("decode_act_nm24_row_torch.float16", TOL["float16"]),
+                     ("decode_gpu_plans_nm24_row", TOL["bfloat16"])):
+        errs = interpret_report[key]
+        assert len(errs) >= 2 and all(v <= tol for v in errs.values()), (key, errs)
+
+
+def test_nm24_byte_permute_selector():
+    """The selector ``_pick_pair`` hands PTX prmt (34 p0 + 8704 p1 + 0x1010) picks bytes 2p0, 2p0+1, 2p1, 2p1+1 of
+    the eight input bytes (x0..x3), checked against prmt's definition for every pair of positions."""
+    x = [0x1111, 0x2222, 0x3333, 0x4444]
+    eight = b"".join(v.to_bytes(2, "little") for v in x)
+    for p0 in range(4):
+        for p1 in range(4):
+            sel = p0 * 34 + p1 * 8704 + 0x1010
+            got = bytes(eight[(sel >> (4 * i)) & 7] for i in range(4))  # (prmt's default mode: nibble i -> byte i)
+            assert int.from_bytes(got, "little") == x[p0] | x[p1] << 16, (p0, p1)
 
 
 def test_decode_kernels_form_the_gated_input_on_load_interpreter(interpret_report):
@@ -639,9 +684,9 @@ def test_direct_launch_skips_triton_binding_gpu():
              ("lowrank", 16, (torch.randn(2048, 512, device=dev, dtype=dt) * 0.04,
                               torch.randn(512, 2048, device=dev, dtype=dt) * 0.02), True),
              ("nm", 1, (torch.randn(2048, 1024, device=dev, dtype=dt),
-                        torch.randint(0, 4, (2048, 1024), device=dev, dtype=torch.uint8), 2, 4), True),
+                        torch.randint(0, 256, (2048, 256), device=dev, dtype=torch.uint8), 2, 4), True),
              ("nm", 16, (torch.randn(2048, 1024, device=dev, dtype=dt),
-                         torch.randint(0, 4, (2048, 1024), device=dev, dtype=torch.uint8), 2, 4), True)]
+                         torch.randint(0, 256, (2048, 256), device=dev, dtype=torch.uint8), 2, 4), True)]
     saved = _triton_decode.PDL[0]
     jit.JITFunction.run = counted
     try:
@@ -715,7 +760,7 @@ def _repeats_bit_for_bit():
              # its counter)
              "nm": (lambda n: torch.randn(n, 8192, device=dev, dtype=dt),
                     (torch.randn(2048, 4096, device=dev, dtype=dt) * 0.02,
-                     torch.randint(0, 4, (2048, 4096), device=dev, dtype=torch.uint8), 2, 4))}
+                     torch.randint(0, 256, (2048, 1024), device=dev, dtype=torch.uint8), 2, 4))}
     for name, (make_x, operands) in cases.items():
         for n in (1, 16):
             x = make_x(n)
@@ -1100,3 +1145,27 @@ def test_measured_few_token_policy_at_the_bench_shapes():
     assert pick("lowrank", 16, 8192, 2048, True) == "decode"
     for graphed in (False, True):
         assert pick("monarch", 8192, 2048, 2048, graphed) == pick("monarch", 8192, 2048, 2048, True)  # prefill
+
+
+def test_nm_positions_packed():
+    """N:M positions are stored in as few bits as m needs, low bits first (the layout the decode kernels unpack):
+    2:4 rows keep 2-bit positions (a quarter byte per kept value), 2:8 4-bit ones, 2:32 one byte."""
+    from structmat.structures.sparse import pack_positions, position_bits, unpack_positions
+
+    layer = NMSparse(8, 3, n=2, m=4, bias=False)
+    layer.set_positions_(torch.tensor([[1, 3, 0, 2], [0, 1, 2, 3], [2, 3, 1, 2]]))
+    assert layer.index.tolist() == [[1 | 3 << 2 | 0 << 4 | 2 << 6], [0 | 1 << 2 | 2 << 4 | 3 << 6],
+                                    [2 | 3 << 2 | 1 << 4 | 2 << 6]]
+    dense = torch.zeros(3, 8)
+    for r, cols in enumerate(([1, 3, 4, 6], [0, 1, 6, 7], [2, 3, 5, 6])):
+        dense[r, cols] = layer.values[r].detach()
+    assert torch.equal(layer.to_dense(), dense)
+    g = torch.Generator().manual_seed(0)
+    for m, bits, width in ((4, 2, 3), (8, 4, 5), (32, 8, 10)):  # (10 positions: the last byte partly used)
+        assert position_bits(m) == bits
+        pos = torch.randint(0, m, (5, 10), generator=g).to(torch.uint8)
+        packed = pack_positions(pos, bits)
+        assert packed.shape == (5, width) and packed.dtype == torch.uint8
+        assert torch.equal(unpack_positions(packed, 10, bits), pos)
+    with pytest.raises(ValueError, match="pattern"):
+        layer.set_positions_(torch.tensor([[1, 4, 0, 2], [0, 1, 2, 3], [2, 3, 1, 2]]))  # 4 is outside a group of 4

@@ -34,9 +34,11 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from ..structures.sparse import position_bits
 from ._launch import Launch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # (small tile plans; tests may switch it)
+RUNS_IN_INTERPRETER = INTERPRET  # (no PTX: inline assembly takes its portable form)
 MAX_TOKENS = 64  # the kernels keep all tokens in one tile
 TARGET_PROGRAMS = 4  # programs per SM to aim for: enough bytes in flight to stream HBM
 #: The gemv kernel's launch options and its reduction tile at K >= 2048 (module-level so a benchmark can sweep them;
@@ -82,6 +84,9 @@ NM_ROW_WARPS = [4]
 NM_ROW_MAX_SPLITS = [8]
 NM_ROW_MIN_SPLIT_TILES = [1]
 NM_ROW_PREFETCH = [True]
+#: 2:4 of 16-bit values at one token takes ``_decode_nm24_row`` (inputs picked by byte permutes, no gathers) instead
+#: of the row kernel
+NM24_ROW = [os.environ.get("STRUCTMAT_NM24_ROW", "1") not in ("", "0")]
 #: A gated MLP's down product at one token (``act``): form SiLU(gate) * up once, in a small kernel of its own
 #: (``_gate_rows``, into the plan's scratch), and run the row kernel on it, instead of forming it inside the row
 #: kernel for every value it gathers (once per kept value, SiLU's exp and division each time)
@@ -312,20 +317,47 @@ def _finish(acc, Y, T, CNT, tile, split, y_off, t_off, out_ok, SPLIT_STRIDE, SPL
 
 
 @triton.jit
-def _nm_row_tile(V, P, rm, s_vm, s_pm, j, j_end, EXACT: tl.constexpr):
-    """Values j (a row of indices) of rows rm and their positions, loaded as two tiles of one shape (so that
-    positions, values and the gathered inputs share one register layout: no shuffles through shared memory)."""
+def _unpack(packed, j, PBITS: tl.constexpr):
+    """Position j from its byte ``packed`` (``structures.sparse.pack_positions``: PBITS bits each, low bits first)."""
+    if PBITS == 8:
+        return packed
+    else:
+        return ((packed >> ((j % (8 // PBITS)) * PBITS).to(tl.uint8)) & ((1 << PBITS) - 1)).to(tl.uint8)
+
+
+@triton.jit
+def _unpack_tile(b, PBITS: tl.constexpr):
+    """A (rows, w) tile of packed bytes -> the (rows, w * 8 // PBITS) positions they hold, in order: the bytes are
+    loaded as contiguous vectors and split in registers (a load per position cost 1.7x the SASS)."""
+    if PBITS == 8:
+        return b
+    elif PBITS == 4:
+        return tl.reshape(tl.join(b & 15, b >> 4), (b.shape[0], b.shape[1] * 2))
+    else:  # positions 4i + 2c + d: join over c, then d (join appends the innermost dimension)
+        return tl.reshape(tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6)),
+                          (b.shape[0], b.shape[1] * 4))
+
+
+@triton.jit
+def _nm_row_tile(V, P, rm, s_vm, s_pm, j0, j_end, EXACT: tl.constexpr, PBITS: tl.constexpr,
+                 BLOCK_J: tl.constexpr):
+    """Values j0 .. j0 + BLOCK_J - 1 (j0 at a whole byte of positions) of rows rm and their positions, as two tiles of
+    one shape (so that positions, values and the gathered inputs share one register layout)."""
+    j = j0 + tl.arange(0, BLOCK_J)
     v_ptrs = V + rm[:, None] * s_vm + j[None, :]
-    p_ptrs = P + rm[:, None] * s_pm + j[None, :]
+    jb = j0 // (8 // PBITS) + tl.arange(0, BLOCK_J * PBITS // 8)
+    p_ptrs = P + rm[:, None] * s_pm + jb[None, :]
     if EXACT:
-        return tl.load(v_ptrs), tl.load(p_ptrs)
+        return tl.load(v_ptrs), _unpack_tile(tl.load(p_ptrs), PBITS)
     ok = (j < j_end)[None, :]
-    return tl.load(v_ptrs, mask=ok, other=0.0), tl.load(p_ptrs, mask=ok, other=0)
+    b = tl.load(p_ptrs, mask=(jb * (8 // PBITS) < j_end)[None, :], other=0)
+    return tl.load(v_ptrs, mask=ok, other=0.0), _unpack_tile(b, PBITS)
 
 
 @triton.jit
 def _decode_nm_row(X, V, P, Y, T, CNT, N, M, K, KEPT, J_SPLIT, s_xn, s_xk, s_vm, s_pm, s_yn, ACT_OFF,
-                   NNZ: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
+                   NNZ: tl.constexpr, GROUP: tl.constexpr, PBITS: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_J: tl.constexpr,
                    PREFETCH: tl.constexpr, EXACT: tl.constexpr, ACT: tl.constexpr,
                    SPLITS: tl.constexpr):
     """Y (N, M) = X (N, K) @ W^T, one token per program, N:M from compressed values: each value V[r, j] (tiles of
@@ -347,13 +379,13 @@ def _decode_nm_row(X, V, P, Y, T, CNT, N, M, K, KEPT, J_SPLIT, s_xn, s_xk, s_vm,
     x_row = X + tok.to(tl.int64) * s_xn
     acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
     if PREFETCH:
-        v, pk = _nm_row_tile(V, P, rm, s_vm, s_pm, j_start + offs_j, j_end, EXACT)
+        v, pk = _nm_row_tile(V, P, rm, s_vm, s_pm, j_start, j_end, EXACT, PBITS, BLOCK_J)
     for j0 in range(j_start, j_end, BLOCK_J):
         j = j0 + offs_j
         if PREFETCH:
-            v_next, pk_next = _nm_row_tile(V, P, rm, s_vm, s_pm, j + BLOCK_J, j_end, False)
+            v_next, pk_next = _nm_row_tile(V, P, rm, s_vm, s_pm, j0 + BLOCK_J, j_end, False, PBITS, BLOCK_J)
         else:
-            v, pk = _nm_row_tile(V, P, rm, s_vm, s_pm, j, j_end, EXACT)
+            v, pk = _nm_row_tile(V, P, rm, s_vm, s_pm, j0, j_end, EXACT, PBITS, BLOCK_J)
         col = (j // NNZ * GROUP)[None, :] + pk.to(tl.int32)
         x_ptrs = x_row + col * s_xk
         if EXACT:
@@ -373,6 +405,82 @@ def _decode_nm_row(X, V, P, Y, T, CNT, N, M, K, KEPT, J_SPLIT, s_xn, s_xk, s_vm,
 
 
 @triton.jit
+def _halves(w, DT: tl.constexpr):
+    """Two 16-bit floats of type DT packed in an int32 (low, high), as float32."""
+    if DT == tl.bfloat16:  # (a bfloat16 is the top half of the float32 it rounds)
+        return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
+    else:
+        return ((w & 65535).to(tl.int16).to(DT, bitcast=True).to(tl.float32),
+                (w >> 16).to(tl.int16).to(DT, bitcast=True).to(tl.float32))
+
+
+@triton.jit
+def _pick_pair(x01, x23, code, PRMT: tl.constexpr):
+    """(x[p0], x[p1]) packed in an int32, from a group's four 16-bit inputs (x0 | x1 << 16, x2 | x3 << 16) and its
+    2:4 code p0 | p1 << 2: one byte permute (PTX prmt: bytes 2p0, 2p0 + 1, 2p1, 2p1 + 1 of the eight, selector
+    nibbles 34 p0 + 8704 p1 + 0x1010), no gather. PRMT=False (Triton's interpreter, which runs no PTX): the same
+    selection by shifts and compares."""
+    if PRMT:
+        sel = (code & 3) * 34 + (code >> 2) * 8704 + 0x1010
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [x01, x23, sel],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        p0 = code & 3
+        p1 = code >> 2
+        h0 = (tl.where(p0 < 2, x01, x23) >> ((p0 & 1) * 16)) & 65535
+        h1 = (tl.where(p1 < 2, x01, x23) >> ((p1 & 1) * 16)) & 65535
+        return h0 | (h1 << 16)
+
+
+@triton.jit
+def _nm24_tile(V32, P_rows, X32, g0, g_end, BLOCK_G: tl.constexpr):
+    """Groups g0 .. g0 + BLOCK_G - 1 (g0 even) of a 2:4 row block: the value pairs (rows, groups) as int32, the
+    packed codes (rows, groups / 2) bytes, and the token's inputs (groups, 2) as int32 pairs; masked past g_end."""
+    offs_g = g0 + tl.arange(0, BLOCK_G)
+    offs_b = g0 // 2 + tl.arange(0, BLOCK_G // 2)
+    ok = offs_g < g_end
+    v = tl.load(V32 + offs_g[None, :], mask=ok[None, :], other=0)
+    b = tl.load(P_rows + offs_b[None, :], mask=(offs_b * 2 < g_end)[None, :], other=0)
+    xx = tl.load(X32 + (offs_g * 2)[:, None] + tl.arange(0, 2)[None, :], mask=ok[:, None], other=0)
+    return v, b, xx
+
+
+@triton.jit
+def _decode_nm24_row(X, V, P, Y, T, CNT, N, M, G, G_SPLIT, s_xn, s_vm, s_pm, s_yn,
+                     BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, PRMT: tl.constexpr, SPLITS: tl.constexpr):
+    """Y (N, M) = X (N, 4G) @ W^T for a 2:4 weight of 16-bit values (V: row r's pair for group g at V[r, 2g:2g+2],
+    read as one int32; P: 2-bit positions, a code p0 | p1 << 2 per group, two groups a byte), one token per
+    program. Each group's pair of inputs is picked from the token's four inputs of the group (loaded as two int32,
+    contiguous, shared by the row block) by one byte permute (``_pick_pair``), then both multiply-add in float32:
+    no gathered loads (the row kernel's per-value gather from L1 bound it at ~1.7 TB/s at 2048->8192). The next
+    tile's loads are issued before this one is used. X rows contiguous with an even row stride, V an even row
+    stride, both 4-byte aligned (the launcher checks). SPLITS > 1: program (row block, token, split) reduces groups
+    [split*G_SPLIT, +G_SPLIT) (``_finish``). Grid: (row blocks, tokens, splits)."""
+    pid_m = tl.program_id(0)
+    tok = tl.program_id(1)
+    split = tl.program_id(2)
+    g_start = split * G_SPLIT
+    g_end = tl.minimum(G, g_start + G_SPLIT)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = (offs_m % M).to(tl.int64)  # rows past the end wrap (valid addresses, dropped at the store)
+    X32 = X.to(tl.pointer_type(tl.int32)) + tok.to(tl.int64) * (s_xn // 2)
+    V32 = V.to(tl.pointer_type(tl.int32)) + rm[:, None] * (s_vm // 2)
+    P_rows = P + rm[:, None] * s_pm
+    acc = tl.zeros((BLOCK_M, BLOCK_G), dtype=tl.float32)
+    v, b, xx = _nm24_tile(V32, P_rows, X32, g_start, g_end, BLOCK_G)
+    for g0 in range(g_start, g_end, BLOCK_G):
+        v_next, b_next, xx_next = _nm24_tile(V32, P_rows, X32, g0 + BLOCK_G, g_end, BLOCK_G)
+        x01, x23 = tl.split(xx)
+        code = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_M, BLOCK_G)).to(tl.int32)
+        xlo, xhi = _halves(_pick_pair(x01, x23, code, PRMT), V.dtype.element_ty)
+        vlo, vhi = _halves(v, V.dtype.element_ty)
+        acc += xlo * vlo + xhi * vhi
+        v, b, xx = v_next, b_next, xx_next
+    _finish(tl.sum(acc, axis=1), Y, T, CNT, tok * tl.num_programs(0) + pid_m, split, tok * s_yn + offs_m,
+            tok * M + offs_m, offs_m < M, N * M, SPLITS)
+
+
+@triton.jit
 def _gate_rows(X, H, K, s_xn, s_xk, ACT_OFF, BLOCK: tl.constexpr):
     """H (N, K) = SiLU(X[:, :K]) * X[:, K:] (``_gated``; gate at column k, up at k + ACT_OFF // s_xk), H contiguous.
     Grid: (column blocks, tokens)."""
@@ -386,11 +494,12 @@ def _gate_rows(X, H, K, s_xn, s_xk, ACT_OFF, BLOCK: tl.constexpr):
 
 @triton.jit
 def _decode_nm(X, V, P, Y, T, CNT, N, M, K, G, G_SPLIT, s_xn, s_xk, s_vm, s_pm, s_yn, ACT_OFF,
-               NNZ: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, ACT: tl.constexpr,
+               NNZ: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, PBITS: tl.constexpr,
+               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, ACT: tl.constexpr,
                PAIR: tl.constexpr, SPLITS: tl.constexpr):
     """Y (N, M) = X (N, K) @ W^T with W (M, G*GROUP) N:M sparse: row r keeps, in each group g of GROUP inputs, NNZ
-    values V[r, g*NNZ + i] at in-group positions P[r, g*NNZ + i] (inputs past K are zero padding). Each program
+    values V[r, g*NNZ + i] at in-group positions p[r, g*NNZ + i] (packed in P, PBITS each: ``_unpack``; inputs past
+    K are zero padding). Each program
     expands a (BLOCK_M rows, BLOCK_G groups) tile of values into the dense tile on chip (column q of a group holds
     the value whose position is q, else zero) and feeds it to one tensor-core product with the matching input
     columns: every value and position is read from HBM once per token block, the inputs as contiguous rows.
@@ -410,15 +519,15 @@ def _decode_nm(X, V, P, Y, T, CNT, N, M, K, G, G_SPLIT, s_xn, s_xk, s_vm, s_pm, 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rm = (offs_m % M).to(tl.int64)  # rows past the end wrap (valid addresses, dropped at the store)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    if PAIR:
+    if PAIR:  # (2:4: 2-bit positions, a byte holding groups 2i and 2i + 1 as p0 | p1 << 2 | p0' << 4 | p1' << 6)
         offs_j = tl.arange(0, BLOCK_G * 2)
+        offs_b = tl.arange(0, BLOCK_G // 2)
         offs_c = tl.arange(0, BLOCK_G * 4)
         n_ok = (offs_n < N)[:, None]
         v_ptrs = V + rm[:, None] * s_vm + (g_start * 2 + offs_j)[None, :]
-        p_ptrs = P + rm[:, None] * s_pm + (g_start * 2 + offs_j)[None, :]
-        j_ok = (g_start * 2 + offs_j < g_end * 2)[None, :]
-        v = tl.load(v_ptrs, mask=j_ok, other=0.0)
-        p = tl.load(p_ptrs, mask=j_ok, other=0)
+        p_ptrs = P + rm[:, None] * s_pm + (g_start // 2 + offs_b)[None, :]
+        v = tl.load(v_ptrs, mask=(g_start * 2 + offs_j < g_end * 2)[None, :], other=0.0)
+        b = tl.load(p_ptrs, mask=(g_start + offs_b * 2 < g_end)[None, :], other=0)
         for g0 in range(g_start, g_end, BLOCK_G):
             cols = g0 * 4 + offs_c
             ok = n_ok & ((cols < K) & (cols < g_end * 4))[None, :]
@@ -427,12 +536,12 @@ def _decode_nm(X, V, P, Y, T, CNT, N, M, K, G, G_SPLIT, s_xn, s_xk, s_vm, s_pm, 
             if ACT:
                 x = _gated(x, tl.load(x_ptrs + ACT_OFF, mask=ok, other=0.0))
             v_ptrs += BLOCK_G * 2
-            p_ptrs += BLOCK_G * 2
-            j_ok = ((g0 + BLOCK_G) * 2 + offs_j < g_end * 2)[None, :]
-            v_next = tl.load(v_ptrs, mask=j_ok, other=0.0)
-            p_next = tl.load(p_ptrs, mask=j_ok, other=0)
+            p_ptrs += BLOCK_G // 2
+            v_next = tl.load(v_ptrs, mask=((g0 + BLOCK_G) * 2 + offs_j < g_end * 2)[None, :], other=0.0)
+            b_next = tl.load(p_ptrs, mask=(g0 + BLOCK_G + offs_b * 2 < g_end)[None, :], other=0)
             v0, v1 = tl.split(tl.reshape(v, (BLOCK_M, BLOCK_G, 2)))
-            p0, p1 = tl.split(tl.reshape(p, (BLOCK_M, BLOCK_G, 2)))
+            p0 = tl.reshape(tl.join(b & 3, (b >> 4) & 3), (BLOCK_M, BLOCK_G))
+            p1 = tl.reshape(tl.join((b >> 2) & 3, b >> 6), (BLOCK_M, BLOCK_G))
             zero = tl.zeros_like(v0)
             d0 = tl.where(p0 == 0, v0, tl.where(p1 == 0, v1, zero))
             d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
@@ -441,7 +550,7 @@ def _decode_nm(X, V, P, Y, T, CNT, N, M, K, G, G_SPLIT, s_xn, s_xk, s_vm, s_pm, 
             # join(join(d0, d2), join(d1, d3)) is (rows, groups, 2, 2) with [.., k, a] = d[2k + a]: row-major, q order
             w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_M, BLOCK_G * 4))
             acc = tl.dot(x.to(w.dtype), tl.trans(w), acc, input_precision=PRECISION)
-            v, p = v_next, p_next
+            v, b = v_next, b_next
     else:
         offs_g = tl.arange(0, BLOCK_G)
         offs_q = tl.arange(0, GROUP_P2)
@@ -451,8 +560,10 @@ def _decode_nm(X, V, P, Y, T, CNT, N, M, K, G, G_SPLIT, s_xn, s_xk, s_vm, s_pm, 
             g_ok = (grp < g_end)[None, :]
             w3 = tl.zeros((BLOCK_M, BLOCK_G, GROUP_P2), dtype=V.dtype.element_ty)
             for i in tl.static_range(NNZ):  # slot i of every group (a strided tile: L1 serves the other slots)
-                v = tl.load(V + rm[:, None] * s_vm + (grp * NNZ + i)[None, :], mask=g_ok, other=0.0)
-                p = tl.load(P + rm[:, None] * s_pm + (grp * NNZ + i)[None, :], mask=g_ok, other=0).to(tl.int32)
+                j = (grp * NNZ + i)[None, :]
+                v = tl.load(V + rm[:, None] * s_vm + j, mask=g_ok, other=0.0)
+                p = _unpack(tl.load(P + rm[:, None] * s_pm + j // (8 // PBITS), mask=g_ok, other=0), j, PBITS)
+                p = p.to(tl.int32)
                 w3 = tl.where(p[:, :, None] == offs_q[None, None, :], v[:, :, None], w3)
             cols = grp[:, None] * GROUP + offs_q[None, :]  # (BLOCK_G, GROUP_P2) input columns of the tile
             ok = n_ok3 & ((grp[:, None] < g_end) & (offs_q[None, :] < GROUP) & (cols < K))[None, :, :]
@@ -869,7 +980,8 @@ def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, devi
     if dot:
         fixed = None if dtype == torch.float32 else _precision(dtype)
         meta = dict(NM_META, **({"num_warps": NM_SMALL_WARPS[0]} if small_warps(plan["BLOCK_N"], act) else {}))
-        launches = _by_precision(_decode_nm, grid + (splits,), NNZ=n_keep, GROUP=group, ACT=act, **meta, **plan)
+        launches = _by_precision(_decode_nm, grid + (splits,), NNZ=n_keep, GROUP=group, PBITS=position_bits(group),
+                                 ACT=act, **meta, **plan)
 
         def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, t=None, act_off: int = 0) -> None:
             t = y if t is None else t  # (no split: the kernel never touches t or the counters)
@@ -880,12 +992,27 @@ def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, devi
         return launch, scratch
     exact = kept % plan["BLOCK_J"] == 0 and split_len % plan["BLOCK_J"] == 0 and K == kept // n_keep * group
     gate_first = act and NM_ROW_GATE_FIRST[0]
-    kernel = Launch(_decode_nm_row, grid + (splits,), NNZ=n_keep, GROUP=group, ACT=act and not gate_first,
+    kernel = Launch(_decode_nm_row, grid + (splits,), NNZ=n_keep, GROUP=group, PBITS=position_bits(group),
+                    ACT=act and not gate_first,
                     EXACT=exact, num_warps=NM_ROW_WARPS[0], num_stages=1, **plan)
 
-    def row(x: Tensor, x_rows: tuple, values: Tensor, positions: Tensor, y: Tensor, t, act_off: int) -> None:
-        kernel(x, values, positions, y, y if t is None else t, y if cnt is None else cnt, N, M, K, kept, split_len,
-               *x_rows, values.stride(0), positions.stride(0), y.shape[-1], act_off)
+    if not (NM24_ROW[0] and (n_keep, group) == (2, 4) and K == kept * 2 and dtype in (torch.bfloat16, torch.float16)
+            and not (act and not gate_first)):
+        def row(x: Tensor, x_rows: tuple, values: Tensor, positions: Tensor, y: Tensor, t, act_off: int) -> None:
+            kernel(x, values, positions, y, y if t is None else t, y if cnt is None else cnt, N, M, K, kept,
+                   split_len, *x_rows, values.stride(0), positions.stride(0), y.shape[-1], act_off)
+    else:  # 2:4 of 16-bit values: inputs picked by byte permutes (``_decode_nm24_row``) where the layout allows
+        pair = Launch(_decode_nm24_row, grid + (splits,), BLOCK_M=plan["BLOCK_M"], BLOCK_G=plan["BLOCK_J"] // 2,
+                      PRMT=not RUNS_IN_INTERPRETER, SPLITS=splits, num_warps=NM_ROW_WARPS[0], num_stages=1)
+
+        def row(x: Tensor, x_rows: tuple, values: Tensor, positions: Tensor, y: Tensor, t, act_off: int) -> None:
+            if (x_rows[1] == 1 and x_rows[0] % 2 == 0 and values.stride(0) % 2 == 0 and values.dtype == x.dtype
+                    and x.data_ptr() % 4 == 0 and values.data_ptr() % 4 == 0):
+                pair(x, values, positions, y, y if t is None else t, y if cnt is None else cnt, N, M, kept // 2,
+                     split_len // 2, x_rows[0], values.stride(0), positions.stride(0), y.shape[-1])
+            else:
+                kernel(x, values, positions, y, y if t is None else t, y if cnt is None else cnt, N, M, K, kept,
+                       split_len, *x_rows, values.stride(0), positions.stride(0), y.shape[-1], act_off)
 
     if not gate_first:
         return (lambda x, values, positions, y, t=None, act_off=0:
@@ -903,7 +1030,8 @@ def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, devi
 
 
 def decode_nm(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, n_keep: int, group: int) -> Tensor:
-    """``y = x @ W^T`` for the N:M weight stored as ``values`` / ``positions`` (out, groups*n_keep); x (N, K)."""
+    """``y = x @ W^T`` for the N:M weight stored as ``values`` (out, groups*n_keep) and ``positions`` (packed,
+    ``structures.sparse.pack_positions``); x (N, K)."""
     N, K = x.shape
     launch, scratch = nm_launcher(N, values.shape[0], K, values.shape[1], n_keep, group, x.device, x.dtype)
     launch(x, values, positions, y, None if scratch is None else x.new_empty(scratch, dtype=torch.float32))

@@ -489,8 +489,8 @@ def _nm_choice(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int) -> 
     if positions.dtype != torch.uint8 or values.stride(1) != 1 or positions.stride(1) != 1:
         return "reference"
     es, numel = x.element_size(), values.numel()
-    choice = _pick("nm", x, (values,), lambda t: (2.0 * t * numel, (es + 1) * numel + es * t * (x.shape[1] +
-                                                                                              values.shape[0])),
+    weight = es * numel + positions.numel()  # (values and packed positions)
+    choice = _pick("nm", x, (values,), lambda t: (2.0 * t * numel, weight + es * t * (x.shape[1] + values.shape[0])),
                    values.shape[0])
     return "decode" if choice == "decode" else "reference"  # (no other kernel for N:M: the reference)
 
@@ -525,7 +525,7 @@ def lowrank_fast(x: Tensor, U: Tensor, V: Tensor) -> Tensor | None:
 
 
 def nm_fast(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int) -> Tensor | None:
-    """N:M at few tokens in inference: the decode kernel on the compressed values and uint8 positions; otherwise
+    """N:M at few tokens in inference: the decode kernel on the compressed values and packed positions; otherwise
     the reference (a few rows of the weight rebuilt at a time)."""
     return _fast("nm", x, values, positions, n, m)
 

@@ -231,11 +231,12 @@ def _sparse_layer(p: Problem, layer, what: Tensor, keep: Tensor):
         index = keep.nonzero()[:, 1].reshape(out_features, -1)
     else:
         index = keep.reshape(-1).nonzero().squeeze(1)
-    if index.shape != layer.index.shape:  # cannot happen for valid masks; the structure's own selection is exact
+    expected = (out_features, layer.kept) if p.config.name == "nm" else tuple(layer.index.shape)
+    if tuple(index.shape) != expected:  # cannot happen for valid masks; the structure's own selection is exact
         return p.cls.from_dense(what[:, :in_features].to(p.weight.dtype), p.bias, **p.args)
     with torch.no_grad():
         if p.config.name == "nm":
-            layer.set_support_(index)  # (stored as uint8 in-group positions)
+            layer.set_support_(index)  # (stored as packed in-group positions)
             layer.values.copy_(what.gather(1, index))
         else:
             layer.index.copy_(index)
@@ -258,7 +259,7 @@ def wanda(p: Problem):
         pos = score.reshape(out, -1, m).topk(n, dim=-1).indices.sort(dim=-1).values  # (out, groups, n)
         columns = (pos + torch.arange(0, layer.in_padded, m, device=pos.device).view(1, -1, 1)).reshape(out, -1)
         with torch.no_grad():
-            layer.index.copy_(pos.reshape(out, -1).to(layer.index.dtype))
+            layer.set_positions_(pos.reshape(out, -1))
             layer.values.copy_(torch.nn.functional.pad(p.w, (0, pad)).gather(1, columns))
         return layer
     else:
