@@ -172,7 +172,7 @@ def test_nm_decode_compiles_for_sm90(gpu_plans):
                     if key != "SPLIT_LEN"}  # (a runtime argument)
             fn = TD._decode_nm if dot else TD._decode_nm_row
             constexprs = {"NNZ": 2, "GROUP": 4, "PBITS": 2, "ACT": k == 8192, **plan,
-                          **({"PRECISION": "tf32"} if dot else {})}
+                          **({"PRECISION": "tf32", "PERMUTE": True, "PRMT": True} if dot else {})}
             warps = (TD.NM_SMALL_WARPS[0] if TD.small_warps(plan["BLOCK_N"], k == 8192) else TD.NM_META["num_warps"]) \
                 if dot else TD.NM_ROW_WARPS[0]
             shared, stack = compile_sm90(fn, pointers, constexprs, num_warps=warps, num_stages=3 if dot else 1)

@@ -465,7 +465,8 @@ def test_nm24_row_kernel_picks_inputs_by_byte_permute_interpreter(interpret_repo
 
 def test_nm24_byte_permute_selector():
     """The selector ``_pick_pair`` hands PTX prmt (34 p0 + 8704 p1 + 0x1010) picks bytes 2p0, 2p0+1, 2p1, 2p1+1 of
-    the eight input bytes (x0..x3), checked against prmt's definition for every pair of positions."""
+    the eight input bytes (x0..x3), and ``_expand_pair``'s two place each value at its position and zeros elsewhere,
+    checked against prmt's definition for every pair of positions."""
     x = [0x1111, 0x2222, 0x3333, 0x4444]
     eight = b"".join(v.to_bytes(2, "little") for v in x)
     for p0 in range(4):
@@ -473,6 +474,16 @@ def test_nm24_byte_permute_selector():
             sel = p0 * 34 + p1 * 8704 + 0x1010
             got = bytes(eight[(sel >> (4 * i)) & 7] for i in range(4))  # (prmt's default mode: nibble i -> byte i)
             assert int.from_bytes(got, "little") == x[p0] | x[p1] << 16, (p0, p1)
+    # the expanded tile's selectors (``_expand_pair``): dense weight q is v0 where p0 = q, v1 where p1 = q, else 0
+    pair = (0x1111 | 0x2222 << 16).to_bytes(4, "little") + bytes(4)  # (v0 | v1 << 16, then the zero word)
+    for p0 in range(4):
+        for p1 in range(4):
+            if p0 == p1:
+                continue
+            sel = 0x54545454 - (0x44 << 8 * p0) - (0x22 << 8 * p1)
+            dense = b"".join(bytes(pair[(part >> (4 * i)) & 7] for i in range(4)) for part in (sel, sel >> 16))
+            want = [0x1111 if q == p0 else 0x2222 if q == p1 else 0 for q in range(4)]
+            assert [int.from_bytes(dense[2 * q:2 * q + 2], "little") for q in range(4)] == want, (p0, p1)
 
 
 def test_decode_kernels_form_the_gated_input_on_load_interpreter(interpret_report):

@@ -87,6 +87,8 @@ NM_ROW_PREFETCH = [True]
 #: 2:4 of 16-bit values at one token takes ``_decode_nm24_row`` (inputs picked by byte permutes, no gathers) instead
 #: of the row kernel
 NM24_ROW = [os.environ.get("STRUCTMAT_NM24_ROW", "1") not in ("", "0")]
+#: and above one token expands its tiles by byte permutes (``_expand_pair``) instead of compares and selects
+NM24_PERMUTE = [os.environ.get("STRUCTMAT_NM24_PERMUTE", "1") not in ("", "0")]
 #: A gated MLP's down product at one token (``act``): form SiLU(gate) * up once, in a small kernel of its own
 #: (``_gate_rows``, into the plan's scratch), and run the row kernel on it, instead of forming it inside the row
 #: kernel for every value it gathers (once per kept value, SiLU's exp and division each time)
@@ -493,10 +495,35 @@ def _gate_rows(X, H, K, s_xn, s_xk, ACT_OFF, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _expand_pair(v32, code, DT: tl.constexpr, PRMT: tl.constexpr):
+    """A 2:4 group's dense four weights (d0, d1, d2, d3, of type DT) from its value pair (v0 | v1 << 16, int32) and
+    code p0 | p1 << 2: dense weight q is v0 where p0 = q, v1 where p1 = q, else zero. PRMT: two byte permutes of the
+    pair and a zero word, their selector bytes (0x10: v0, 0x32: v1, 0x54: zero, weight q in byte q) formed as
+    0x54545454 - 0x44 << 8 p0 - 0x22 << 8 p1 (a compare and two selects per weight, in SASS ~15 instructions per
+    dense weight, did the same). Otherwise (the interpreter) by compares."""
+    p0 = code & 3
+    p1 = code >> 2
+    if PRMT:
+        one = tl.full(code.shape, 1, tl.int32)
+        sel = 0x54545454 - ((one * 0x44) << (p0 * 8)) - ((one * 0x22) << (p1 * 8))
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 z, t0, t1, hi; mov.b32 z, 0; shr.b32 hi, $5, 16; prmt.b32 t0, $4, z, $5; "
+            "prmt.b32 t1, $4, z, hi; mov.b32 {$0, $1}, t0; mov.b32 {$2, $3}, t1; }",
+            "=h,=h,=h,=h,r,r", [v32, sel], dtype=(DT.value, DT.value, DT.value, DT.value), is_pure=True, pack=1)
+    else:
+        v0 = (v32 & 65535).to(tl.int16).to(DT, bitcast=True)
+        v1 = (v32 >> 16).to(tl.int16).to(DT, bitcast=True)
+        zero = tl.zeros_like(v0)
+        return (tl.where(p0 == 0, v0, tl.where(p1 == 0, v1, zero)), tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero)),
+                tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero)), tl.where(p0 == 3, v0, tl.where(p1 == 3, v1, zero)))
+
+
+@triton.jit
 def _decode_nm(X, V, P, Y, T, CNT, N, M, K, G, G_SPLIT, s_xn, s_xk, s_vm, s_pm, s_yn, ACT_OFF,
                NNZ: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr, PBITS: tl.constexpr,
-               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, ACT: tl.constexpr,
-               PAIR: tl.constexpr, SPLITS: tl.constexpr):
+               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
+               ACT: tl.constexpr, PAIR: tl.constexpr, SPLITS: tl.constexpr, PERMUTE: tl.constexpr = False,
+               PRMT: tl.constexpr = False):
     """Y (N, M) = X (N, K) @ W^T with W (M, G*GROUP) N:M sparse: row r keeps, in each group g of GROUP inputs, NNZ
     values V[r, g*NNZ + i] at in-group positions p[r, g*NNZ + i] (packed in P, PBITS each: ``_unpack``; inputs past
     K are zero padding). Each program
@@ -521,12 +548,17 @@ def _decode_nm(X, V, P, Y, T, CNT, N, M, K, G, G_SPLIT, s_xn, s_xk, s_vm, s_pm, 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     if PAIR:  # (2:4: 2-bit positions, a byte holding groups 2i and 2i + 1 as p0 | p1 << 2 | p0' << 4 | p1' << 6)
         offs_j = tl.arange(0, BLOCK_G * 2)
+        offs_g = tl.arange(0, BLOCK_G)
         offs_b = tl.arange(0, BLOCK_G // 2)
         offs_c = tl.arange(0, BLOCK_G * 4)
         n_ok = (offs_n < N)[:, None]
-        v_ptrs = V + rm[:, None] * s_vm + (g_start * 2 + offs_j)[None, :]
+        if PERMUTE:  # (16-bit values read as int32 pairs, one per group: ``_expand_pair``)
+            v_ptrs = V.to(tl.pointer_type(tl.int32)) + rm[:, None] * (s_vm // 2) + (g_start + offs_g)[None, :]
+            v = tl.load(v_ptrs, mask=(g_start + offs_g < g_end)[None, :], other=0)
+        else:
+            v_ptrs = V + rm[:, None] * s_vm + (g_start * 2 + offs_j)[None, :]
+            v = tl.load(v_ptrs, mask=(g_start * 2 + offs_j < g_end * 2)[None, :], other=0.0)
         p_ptrs = P + rm[:, None] * s_pm + (g_start // 2 + offs_b)[None, :]
-        v = tl.load(v_ptrs, mask=(g_start * 2 + offs_j < g_end * 2)[None, :], other=0.0)
         b = tl.load(p_ptrs, mask=(g_start + offs_b * 2 < g_end)[None, :], other=0)
         for g0 in range(g_start, g_end, BLOCK_G):
             cols = g0 * 4 + offs_c
@@ -535,18 +567,26 @@ def _decode_nm(X, V, P, Y, T, CNT, N, M, K, G, G_SPLIT, s_xn, s_xk, s_vm, s_pm, 
             x = tl.load(x_ptrs, mask=ok, other=0.0)
             if ACT:
                 x = _gated(x, tl.load(x_ptrs + ACT_OFF, mask=ok, other=0.0))
-            v_ptrs += BLOCK_G * 2
+            if PERMUTE:
+                v_ptrs += BLOCK_G
+                v_next = tl.load(v_ptrs, mask=(g0 + BLOCK_G + offs_g < g_end)[None, :], other=0)
+            else:
+                v_ptrs += BLOCK_G * 2
+                v_next = tl.load(v_ptrs, mask=((g0 + BLOCK_G) * 2 + offs_j < g_end * 2)[None, :], other=0.0)
             p_ptrs += BLOCK_G // 2
-            v_next = tl.load(v_ptrs, mask=((g0 + BLOCK_G) * 2 + offs_j < g_end * 2)[None, :], other=0.0)
             b_next = tl.load(p_ptrs, mask=(g0 + BLOCK_G + offs_b * 2 < g_end)[None, :], other=0)
-            v0, v1 = tl.split(tl.reshape(v, (BLOCK_M, BLOCK_G, 2)))
-            p0 = tl.reshape(tl.join(b & 3, (b >> 4) & 3), (BLOCK_M, BLOCK_G))
-            p1 = tl.reshape(tl.join((b >> 2) & 3, b >> 6), (BLOCK_M, BLOCK_G))
-            zero = tl.zeros_like(v0)
-            d0 = tl.where(p0 == 0, v0, tl.where(p1 == 0, v1, zero))
-            d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
-            d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
-            d3 = tl.where(p0 == 3, v0, tl.where(p1 == 3, v1, zero))
+            if PERMUTE:
+                code = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_M, BLOCK_G)).to(tl.int32)
+                d0, d1, d2, d3 = _expand_pair(v, code, V.dtype.element_ty, PRMT)
+            else:
+                v0, v1 = tl.split(tl.reshape(v, (BLOCK_M, BLOCK_G, 2)))
+                p0 = tl.reshape(tl.join(b & 3, (b >> 4) & 3), (BLOCK_M, BLOCK_G))
+                p1 = tl.reshape(tl.join((b >> 2) & 3, b >> 6), (BLOCK_M, BLOCK_G))
+                zero = tl.zeros_like(v0)
+                d0 = tl.where(p0 == 0, v0, tl.where(p1 == 0, v1, zero))
+                d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
+                d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
+                d3 = tl.where(p0 == 3, v0, tl.where(p1 == 3, v1, zero))
             # join(join(d0, d2), join(d1, d3)) is (rows, groups, 2, 2) with [.., k, a] = d[2k + a]: row-major, q order
             w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_M, BLOCK_G * 4))
             acc = tl.dot(x.to(w.dtype), tl.trans(w), acc, input_precision=PRECISION)
@@ -982,12 +1022,20 @@ def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, devi
         meta = dict(NM_META, **({"num_warps": NM_SMALL_WARPS[0]} if small_warps(plan["BLOCK_N"], act) else {}))
         launches = _by_precision(_decode_nm, grid + (splits,), NNZ=n_keep, GROUP=group, PBITS=position_bits(group),
                                  ACT=act, **meta, **plan)
+        # 2:4 of 16-bit values aligned for int32 pairs: the tile expanded by byte permutes (``_expand_pair``)
+        permute = (_by_precision(_decode_nm, grid + (splits,), NNZ=n_keep, GROUP=group, PBITS=2, ACT=act,
+                                 PERMUTE=True, PRMT=not RUNS_IN_INTERPRETER, **meta, **plan)
+                   if NM24_PERMUTE[0] and plan["PAIR"] and dtype in (torch.bfloat16, torch.float16) else None)
 
         def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, t=None, act_off: int = 0) -> None:
             t = y if t is None else t  # (no split: the kernel never touches t or the counters)
-            launches(fixed or _precision(x.dtype))(x, values, positions, y, t, y if cnt is None else cnt, N, M, K,
-                                                   kept // n_keep, split_len, *rows(x), values.stride(0),
-                                                   positions.stride(0), y.shape[-1], act_off)
+            chosen = launches
+            if (permute is not None and values.dtype == x.dtype and values.stride(0) % 2 == 0
+                    and values.data_ptr() % 4 == 0):
+                chosen = permute
+            chosen(fixed or _precision(x.dtype))(x, values, positions, y, t, y if cnt is None else cnt, N, M, K,
+                                                 kept // n_keep, split_len, *rows(x), values.stride(0),
+                                                 positions.stride(0), y.shape[-1], act_off)
 
         return launch, scratch
     exact = kept % plan["BLOCK_J"] == 0 and split_len % plan["BLOCK_J"] == 0 and K == kept // n_keep * group

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Session 15, GPU round 3 (one H200), issue 12, from the repo root:
+#   OUT=$OUT bash benchmarks/experiments/gpu_round_s15_r3.sh
+# 2:4 above one token with its tiles expanded by byte permutes (_triton_decode._expand_pair, 16-bit values read as
+# int32 pairs): the GPU tests, per layer at 1-64 tokens (cold and hot), `structmat bench kernels` rows under CUDA
+# graphs at 1 / 4 / 16 tokens, and the 2:4 models' captured steps at batch 1 / 8 / 32 and compiled batch-1 step
+# beside dense's, on this tree and on the tree before session 15 (old/a = `git archive 3725670 src
+# benchmarks/experiments`, untracked, carried with the working tree).
+STEP_DIR=${OUT:?set OUT}/12
+source benchmarks/experiments/_round.sh
+step tests 220 python3 -m pytest -q -m gpu tests/test_inference.py -x -k "one_graph or captured_decode_reads or (decode_kernels_match_reference_gpu and bfloat16) or repeats_bit_for_bit or direct_launch or eager_form"
+step layers 100 python3 benchmarks/experiments/decode_layers.py --out "$OUT/12" --tokens 1,2,4,8,16,32,64 \
+  --structures nm24 --no-variants
+step kernels 110 python3 -m structmat bench kernels --out "$OUT/12" --graphs --tokens 1,4,16 \
+  --shapes 4096x4096,2048x8192,8192x2048 --dtypes bf16 --modes fwd --no-semi --budget-s 90
+mkdir -p "$OUT/12/old"
+M=dense,nm24,nm24+fused
+step floor 130 python3 benchmarks/experiments/decode_floor.py --out "$OUT/12" --models $M --graph-batches 1,8,32 \
+  --eager-models "" --generate-models "" --step-compile $M
+step floor_old 130 python3 old/a/benchmarks/experiments/decode_floor.py --out "$OUT/12/old" --models $M \
+  --graph-batches 1,8,32 --eager-models "" --generate-models "" --step-compile $M
+tar czf "$OUT/round.tgz" -C "$OUT" 12 steps.log gpu.txt && rm -rf "$OUT/12"
+exit 0
