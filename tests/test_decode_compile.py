@@ -177,12 +177,13 @@ def test_nm_decode_compiles_for_sm90(gpu_plans):
                 if dot else TD.NM_ROW_WARPS[0]
             shared, stack = compile_sm90(fn, pointers, constexprs, num_warps=warps, num_stages=3 if dot else 1)
             assert shared <= SMEM_BYTES and stack == 0, (rows, k, n, fn.__name__, constexprs, shared, stack)
-        # 2:4 of bfloat16 at one token: the byte-permute kernel (inline PTX prmt), as launched
+        # 2:4 of bfloat16 at 1-4 tokens: the byte-permute kernel (inline PTX prmt), as launched
         plan = TD._plan_nm(1, rows, k // 4, "cuda", 0, False, False)
-        constexprs = {"BLOCK_M": plan["BLOCK_M"], "BLOCK_G": plan["BLOCK_J"] // 2, "PRMT": True,
-                      "SPLITS": plan["SPLITS"]}
-        shared, stack = compile_sm90(TD._decode_nm24_row, pointers, constexprs, num_warps=TD.NM_ROW_WARPS[0],
-                                     num_stages=1)
-        assert shared <= SMEM_BYTES and stack == 0, (rows, k, constexprs, shared, stack)
+        for tokens in (1, 4):
+            constexprs = {"BLOCK_M": plan["BLOCK_M"], "BLOCK_G": plan["BLOCK_J"] // 2 if tokens == 1 else 128,
+                          "TOKENS": tokens, "PRMT": True, "SPLITS": plan["SPLITS"]}
+            shared, stack = compile_sm90(TD._decode_nm24_row, pointers, constexprs, num_warps=TD.NM_ROW_WARPS[0],
+                                         num_stages=1)
+            assert shared <= SMEM_BYTES and stack == 0, (rows, k, constexprs, shared, stack)
     shared, stack = compile_sm90(TD._gate_rows, {"X": "*bf16", "H": "*bf16"}, {"BLOCK": 1024}, num_warps=4)
     assert stack == 0, stack  # (the gated input formed first, for the one-token down product)

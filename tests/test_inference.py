@@ -293,7 +293,7 @@ def _interpret_report() -> dict:
     # 2:4 of 16-bit values at one token: the byte-permute kernel (_decode_nm24_row), its gated down product (the
     # gated input formed first), and with the GPU's tile plans (wide tiles, splits) on a 2:4 large enough to split
     nm24 = {"nm": DECODE_SHAPES["nm"], "nm_24wide": (512, 40, dict(n=2, m=4))}
-    launched, call = set(), _triton_decode.Launch.__call__
+    launched, call, row_tokens = set(), _triton_decode.Launch.__call__, _triton_decode.NM24_ROW_TOKENS[0]
 
     def recording(self, *args):
         launched.add(self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else self.kernel.__name__)
@@ -302,16 +302,21 @@ def _interpret_report() -> dict:
     _triton_decode.Launch.__call__ = recording
     try:
         for dt in (torch.bfloat16, torch.float16):
-            report[f"decode_nm24_row_{dt}"] = decode_errors("cpu", dt, nm24, (1,))
+            report[f"decode_nm24_row_{dt}"] = decode_errors("cpu", dt, nm24, (1, 2))
             report[f"decode_act_nm24_row_{dt}"] = decode_errors("cpu", dt, nm24, (1,), act=True)
+        _triton_decode.NM24_ROW_TOKENS[0] = 4
+        _triton_decode.clear_plans()
+        report["decode_nm24_row_4"] = decode_errors("cpu", torch.bfloat16, nm24, (3,))
     finally:
         _triton_decode.Launch.__call__ = call
+        _triton_decode.NM24_ROW_TOKENS[0] = row_tokens
+        _triton_decode.clear_plans()
     report["nm24_launched"] = sorted(launched)
     # the GPU's tile plans (wider tiles, token blocks), run through the interpreter with the address checker
     _triton_decode.INTERPRET = False
     try:
         report["decode_gpu_plans"] = decode_errors("cpu", torch.float32, tokens=(1, 17, 33))
-        report["decode_gpu_plans_nm24_row"] = decode_errors("cpu", torch.bfloat16, nm24, (1,))
+        report["decode_gpu_plans_nm24_row"] = decode_errors("cpu", torch.bfloat16, nm24, (1, 2))
     finally:
         _triton_decode.INTERPRET = True
     # the one-launch two-stage kernel at one token for every two-stage shape (Monarch takes it only from
@@ -451,13 +456,14 @@ def test_decode_kernels_match_reference_interpreter(interpret_report):
 
 
 def test_nm24_row_kernel_picks_inputs_by_byte_permute_interpreter(interpret_report):
-    """2:4 of 16-bit values at one token runs ``_decode_nm24_row`` (each group's two inputs picked from its four, no
-    gathered loads; its portable selection here, PTX prmt on the GPU): against float64 in bfloat16 and float16, the
-    gated down product, and with the GPU's tile plans (splits summed by the last split)."""
+    """2:4 of 16-bit values at 1-2 tokens runs ``_decode_nm24_row`` (each group's two inputs picked from its four, no
+    gathered loads; its portable selection here, PTX prmt on the GPU): against float64 in bfloat16 and float16 at
+    one and two tokens (one program), the gated down product, and with the GPU's tile plans (splits summed by the
+    last split); three tokens in a program of four (a masked fourth) by raising NM24_ROW_TOKENS."""
     assert "_decode_nm24_row" in interpret_report["nm24_launched"], interpret_report["nm24_launched"]
     for key, tol in (("decode_nm24_row_torch.bfloat16", TOL["bfloat16"]), ("decode_nm24_row_torch.float16",
                      TOL["float16"]), ("decode_act_nm24_row_torch.bfloat16", TOL["bfloat16"]),
-                     ("decode_act_nm24_row_torch.float16", TOL["float16"]),
+                     ("decode_act_nm24_row_torch.float16", TOL["float16"]), ("decode_nm24_row_4", TOL["bfloat16"]),
                      ("decode_gpu_plans_nm24_row", TOL["bfloat16"])):
         errs = interpret_report[key]
         assert len(errs) >= 2 and all(v <= tol for v in errs.values()), (key, errs)

@@ -72,7 +72,12 @@ NM_VARIANTS = {"decode@bm2": dict(NM_ROW_BLOCK_M=2), "decode@bm8": dict(NM_ROW_B
                "decode@wide-w2": dict(NM_META={"num_warps": 2}),
                # the dense tile 64 or 256 inputs wide (128), the input tile's pipeline 2 or 4 deep (3)
                "decode@tk64": dict(NM_TILE_K=64), "decode@tk256": dict(NM_TILE_K=256),
-               "decode@st2": dict(NM_META={"num_stages": 2}), "decode@st4": dict(NM_META={"num_stages": 4})}
+               "decode@st2": dict(NM_META={"num_stages": 2}), "decode@st4": dict(NM_META={"num_stages": 4}),
+               # (session 15) 2:4's byte-permute kernel up to 1 / 2 / 8 tokens a program (4), or not at all (the
+               # gather kernel at one token, the expanded tile above), and its tiles expanded by compares
+               "decode@r1": dict(NM24_ROW_TOKENS=1), "decode@r2": dict(NM24_ROW_TOKENS=2),
+               "decode@r8": dict(NM24_ROW_TOKENS=8), "decode@gather": dict(NM24_ROW=False),
+               "decode@noperm": dict(NM24_PERMUTE=False)}
 #: The two-stage kernels above one token (low-rank, Monarch): the first stage's splits summed by the second stage
 #: (session 10's form: unsplit, or split up to 2 ways, ``_triton_decode.MULTI_TOKEN_SPLITS``), or in the first
 #: stage's kernel (low-rank's default since session 12, ``MULTI_TOKEN_REDUCE``), its second stage a plain launch or

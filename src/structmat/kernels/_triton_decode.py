@@ -89,6 +89,12 @@ NM_ROW_PREFETCH = [True]
 NM24_ROW = [os.environ.get("STRUCTMAT_NM24_ROW", "1") not in ("", "0")]
 #: and above one token expands its tiles by byte permutes (``_expand_pair``) instead of compares and selects
 NM24_PERMUTE = [os.environ.get("STRUCTMAT_NM24_PERMUTE", "1") not in ("", "0")]
+#: Up to this many tokens the byte-permute kernel takes them all in one program (each group's selector formed once,
+#: its inputs picked for every token), above them the expanded-tile kernel. Session 15 round 4 (H200, cold, us at
+#: 2048^2 / 2048->8192 / 8192->2048; dense 6.1 / 10.5 / 13.5; decode-layers-20261204T191509Z.json): 2 tokens 5.0 /
+#: 12.7 / 12.2 against the expanded tile's 7.2 / 16.7 / 17.2; 4 tokens (one program of 4) 6.5 / 18.8 / 16.3
+#: against 7.3 / 17.1 / 17.2: faster at two shapes, slower at the third, so 3-4 tokens keep the expanded tile
+NM24_ROW_TOKENS = [2]
 #: A gated MLP's down product at one token (``act``): form SiLU(gate) * up once, in a small kernel of its own
 #: (``_gate_rows``, into the plan's scratch), and run the row kernel on it, instead of forming it inside the row
 #: kernel for every value it gathers (once per kept value, SiLU's exp and division each time)
@@ -435,51 +441,75 @@ def _pick_pair(x01, x23, code, PRMT: tl.constexpr):
 
 
 @triton.jit
-def _nm24_tile(V32, P_rows, X32, g0, g_end, BLOCK_G: tl.constexpr):
+def _nm24_tile(V32, P_rows, X32, t_ok, g0, g_end, BLOCK_G: tl.constexpr, TOKENS: tl.constexpr):
     """Groups g0 .. g0 + BLOCK_G - 1 (g0 even) of a 2:4 row block: the value pairs (rows, groups) as int32, the
-    packed codes (rows, groups / 2) bytes, and the token's inputs (groups, 2) as int32 pairs; masked past g_end."""
+    packed codes (rows, groups / 2) bytes, and the tokens' inputs as int32 pairs, (groups, 2) for one token (X32 its
+    row), else (tokens, groups, 2) (X32 the tokens' rows, (tokens, 1, 1); t_ok: which are tokens); masked past
+    g_end."""
     offs_g = g0 + tl.arange(0, BLOCK_G)
     offs_b = g0 // 2 + tl.arange(0, BLOCK_G // 2)
     ok = offs_g < g_end
     v = tl.load(V32 + offs_g[None, :], mask=ok[None, :], other=0)
     b = tl.load(P_rows + offs_b[None, :], mask=(offs_b * 2 < g_end)[None, :], other=0)
-    xx = tl.load(X32 + (offs_g * 2)[:, None] + tl.arange(0, 2)[None, :], mask=ok[:, None], other=0)
+    if TOKENS == 1:
+        xx = tl.load(X32 + (offs_g * 2)[:, None] + tl.arange(0, 2)[None, :], mask=ok[:, None], other=0)
+    else:
+        xx = tl.load(X32 + (offs_g * 2)[None, :, None] + tl.arange(0, 2)[None, None, :],
+                     mask=t_ok[:, None, None] & ok[None, :, None], other=0)
     return v, b, xx
 
 
 @triton.jit
 def _decode_nm24_row(X, V, P, Y, T, CNT, N, M, G, G_SPLIT, s_xn, s_vm, s_pm, s_yn,
-                     BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, PRMT: tl.constexpr, SPLITS: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr, TOKENS: tl.constexpr, PRMT: tl.constexpr,
+                     SPLITS: tl.constexpr):
     """Y (N, M) = X (N, 4G) @ W^T for a 2:4 weight of 16-bit values (V: row r's pair for group g at V[r, 2g:2g+2],
-    read as one int32; P: 2-bit positions, a code p0 | p1 << 2 per group, two groups a byte), one token per
-    program. Each group's pair of inputs is picked from the token's four inputs of the group (loaded as two int32,
-    contiguous, shared by the row block) by one byte permute (``_pick_pair``), then both multiply-add in float32:
-    no gathered loads (the row kernel's per-value gather from L1 bound it at ~1.7 TB/s at 2048->8192). The next
-    tile's loads are issued before this one is used. X rows contiguous with an even row stride, V an even row
-    stride, both 4-byte aligned (the launcher checks). SPLITS > 1: program (row block, token, split) reduces groups
-    [split*G_SPLIT, +G_SPLIT) (``_finish``). Grid: (row blocks, tokens, splits)."""
+    read as one int32; P: 2-bit positions, a code p0 | p1 << 2 per group, two groups a byte), TOKENS tokens per
+    program. Each group's pair of inputs is picked from a token's four inputs of the group (loaded as two int32,
+    contiguous, shared by the row block) by one byte permute (``_pick_pair``; its selector formed once per group for
+    all the tokens), then both multiply-add in float32: no gathered loads (the gather kernel's per-value loads from L1
+    bound it at ~1.7 TB/s at 2048->8192), each value read once for the program's tokens. The next tile's loads are
+    issued before this one is used. X rows contiguous with an even row stride, V an even row stride, both 4-byte
+    aligned (the launcher checks). SPLITS > 1: program (row block, token block, split) reduces groups
+    [split*G_SPLIT, +G_SPLIT) (``_finish``). Grid: (row blocks, token blocks, splits)."""
     pid_m = tl.program_id(0)
-    tok = tl.program_id(1)
+    pid_t = tl.program_id(1)
     split = tl.program_id(2)
     g_start = split * G_SPLIT
     g_end = tl.minimum(G, g_start + G_SPLIT)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rm = (offs_m % M).to(tl.int64)  # rows past the end wrap (valid addresses, dropped at the store)
-    X32 = X.to(tl.pointer_type(tl.int32)) + tok.to(tl.int64) * (s_xn // 2)
+    offs_t = pid_t * TOKENS + tl.arange(0, TOKENS)
+    t_ok = offs_t < N
     V32 = V.to(tl.pointer_type(tl.int32)) + rm[:, None] * (s_vm // 2)
     P_rows = P + rm[:, None] * s_pm
-    acc = tl.zeros((BLOCK_M, BLOCK_G), dtype=tl.float32)
-    v, b, xx = _nm24_tile(V32, P_rows, X32, g_start, g_end, BLOCK_G)
+    if TOKENS == 1:  # (2-D tiles: a leading token dimension of 1 cost a third more instructions, through shared memory)
+        X32 = X.to(tl.pointer_type(tl.int32)) + pid_t.to(tl.int64) * (s_xn // 2)
+        acc = tl.zeros((BLOCK_M, BLOCK_G), dtype=tl.float32)
+    else:
+        X32 = X.to(tl.pointer_type(tl.int32)) + (offs_t.to(tl.int64) * (s_xn // 2))[:, None, None]
+        acc = tl.zeros((TOKENS, BLOCK_M, BLOCK_G), dtype=tl.float32)
+    v, b, xx = _nm24_tile(V32, P_rows, X32, t_ok, g_start, g_end, BLOCK_G, TOKENS)
     for g0 in range(g_start, g_end, BLOCK_G):
-        v_next, b_next, xx_next = _nm24_tile(V32, P_rows, X32, g0 + BLOCK_G, g_end, BLOCK_G)
+        v_next, b_next, xx_next = _nm24_tile(V32, P_rows, X32, t_ok, g0 + BLOCK_G, g_end, BLOCK_G, TOKENS)
         x01, x23 = tl.split(xx)
         code = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_M, BLOCK_G)).to(tl.int32)
-        xlo, xhi = _halves(_pick_pair(x01, x23, code, PRMT), V.dtype.element_ty)
         vlo, vhi = _halves(v, V.dtype.element_ty)
-        acc += xlo * vlo + xhi * vhi
+        if TOKENS == 1:
+            xlo, xhi = _halves(_pick_pair(x01[None, :], x23[None, :], code, PRMT), V.dtype.element_ty)
+            acc += xlo * vlo + xhi * vhi
+        else:
+            xlo, xhi = _halves(_pick_pair(x01[:, None, :], x23[:, None, :], code[None, :, :], PRMT),
+                               V.dtype.element_ty)
+            acc += xlo * vlo[None, :, :] + xhi * vhi[None, :, :]
         v, b, xx = v_next, b_next, xx_next
-    _finish(tl.sum(acc, axis=1), Y, T, CNT, tok * tl.num_programs(0) + pid_m, split, tok * s_yn + offs_m,
-            tok * M + offs_m, offs_m < M, N * M, SPLITS)
+    if TOKENS == 1:
+        _finish(tl.sum(acc, axis=1), Y, T, CNT, pid_t * tl.num_programs(0) + pid_m, split, pid_t * s_yn + offs_m,
+                pid_t * M + offs_m, offs_m < M, N * M, SPLITS)
+    else:
+        _finish(tl.sum(acc, axis=2), Y, T, CNT, pid_t * tl.num_programs(0) + pid_m, split,
+                offs_t[:, None] * s_yn + offs_m[None, :], offs_t[:, None] * M + offs_m[None, :],
+                t_ok[:, None] & (offs_m < M)[None, :], N * M, SPLITS)
 
 
 @triton.jit
@@ -1005,8 +1035,14 @@ def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, devi
     act_off=0)`` (``act`` as :func:`gemv_launcher`'s; K is the product's input width); ``scratch`` the shape of the
     fp32 scratch ``t`` it needs (None: none, ``t`` ignored): the split partials, and at one token with ``act`` and
     NM_ROW_GATE_FIRST, flat, the gated input after them."""
-    dot = use_dot(N)
-    plan = dict(_plan_nm(N, M, kept // n_keep, device.type, device.index, dot, act, group, n_keep))
+    gate_first = act and NM_ROW_GATE_FIRST[0]
+    # 2:4 of 16-bit values at up to NM24_ROW_TOKENS tokens: the byte-permute kernel, ``tokens24`` tokens a program
+    pair_ok = (NM24_ROW[0] and (n_keep, group) == (2, 4) and K == kept * 2 and dtype in (torch.bfloat16, torch.float16)
+               and not (act and not gate_first))
+    tokens24 = _pow2(N) if pair_ok and N <= NM24_ROW_TOKENS[0] else 0
+    dot = use_dot(N) and not tokens24
+    plan = dict(_plan_nm(_cdiv(N, tokens24) if tokens24 else N, M, kept // n_keep, device.type, device.index, dot,
+                         act, group, n_keep))
     if N == 0 or M == 0:
         return (lambda x, values, positions, y, t=None, act_off=0: None), None
     grid = (_cdiv(M, plan["BLOCK_M"]), _cdiv(N, plan.get("BLOCK_N", 1)))
@@ -1039,19 +1075,19 @@ def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, devi
 
         return launch, scratch
     exact = kept % plan["BLOCK_J"] == 0 and split_len % plan["BLOCK_J"] == 0 and K == kept // n_keep * group
-    gate_first = act and NM_ROW_GATE_FIRST[0]
     kernel = Launch(_decode_nm_row, grid + (splits,), NNZ=n_keep, GROUP=group, PBITS=position_bits(group),
                     ACT=act and not gate_first,
                     EXACT=exact, num_warps=NM_ROW_WARPS[0], num_stages=1, **plan)
 
-    if not (NM24_ROW[0] and (n_keep, group) == (2, 4) and K == kept * 2 and dtype in (torch.bfloat16, torch.float16)
-            and not (act and not gate_first)):
+    if not tokens24:
         def row(x: Tensor, x_rows: tuple, values: Tensor, positions: Tensor, y: Tensor, t, act_off: int) -> None:
             kernel(x, values, positions, y, y if t is None else t, y if cnt is None else cnt, N, M, K, kept,
                    split_len, *x_rows, values.stride(0), positions.stride(0), y.shape[-1], act_off)
     else:  # 2:4 of 16-bit values: inputs picked by byte permutes (``_decode_nm24_row``) where the layout allows
-        pair = Launch(_decode_nm24_row, grid + (splits,), BLOCK_M=plan["BLOCK_M"], BLOCK_G=plan["BLOCK_J"] // 2,
-                      PRMT=not RUNS_IN_INTERPRETER, SPLITS=splits, num_warps=NM_ROW_WARPS[0], num_stages=1)
+        pair = Launch(_decode_nm24_row, (grid[0], _cdiv(N, tokens24), splits), BLOCK_M=plan["BLOCK_M"],
+                      BLOCK_G=plan["BLOCK_J"] // 2 if tokens24 == 1 else min(plan["BLOCK_J"] // 2, 128),
+                      TOKENS=tokens24, PRMT=not RUNS_IN_INTERPRETER, SPLITS=splits,
+                      num_warps=NM_ROW_WARPS[0], num_stages=1)
 
         def row(x: Tensor, x_rows: tuple, values: Tensor, positions: Tensor, y: Tensor, t, act_off: int) -> None:
             if (x_rows[1] == 1 and x_rows[0] % 2 == 0 and values.stride(0) % 2 == 0 and values.dtype == x.dtype
