@@ -9,9 +9,12 @@ graphs capture them; inference only (no autograd: dispatch sends a call here onl
   ``structmat::decode_blockdiag(x, W)``       one launch over (block, row block)
   ``structmat::decode_monarch(x, R, L)``      stage 1 writes the permuted intermediate (fp32 split-K partials, in
                                               the order stage 2 reads), stage 2 sums them on load
-  ``structmat::decode_nm(x, values, positions, n, m)``  one token: each value meets the input its position
-                                              selects; more: tiles of values expanded on chip for tl.dot, the
-                                              reduction split where row blocks are few (the last split sums)
+  ``structmat::decode_nm(x, values, positions, n, m)``  values and packed positions; 2:4 of 16-bit values at
+                                              1-2 tokens: each group's two inputs picked from its four by a byte
+                                              permute; other N:M at one token: each value meets the input its
+                                              position selects; more tokens: tiles of values expanded on chip for
+                                              tl.dot (2:4 by byte permutes), the reduction split where row blocks
+                                              are few (the last split sums)
 At one token, low-rank and Monarch overlap their stages: on Hopper and later as two launches joined by programmatic
 dependent launch (``_triton_decode.pdl_launcher``: the stage-2 grid loads its weight while stage 1 runs, then waits
 for it), elsewhere as ONE launch (``_triton_decode._decode_fused``, Monarch from MONARCH_FUSED_MIN_BYTES of weight):
