@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
-import json
 import math
 import sys
 import time

@@ -558,7 +558,7 @@ def load_pretrained(directory: str | os.PathLike, device: Any = None, dtype: tor
             raise _fail(directory, f"{MANIFEST} says {alias!r} shares {source!r}, which is not in {WEIGHTS}",
                         "save the model again")
         tensors[alias] = tensors[source]
-    for name, module in model.named_modules():  # older storage formats (e.g. N:M int64 columns -> uint8 positions)
+    for name, module in model.named_modules():  # older storage formats (N:M int64 columns, one uint8 per position)
         if isinstance(module, StructuredLinear):
             try:
                 module.upgrade_state(tensors, f"{name}." if name else "")

@@ -406,7 +406,7 @@ def _kernel_dtype_ok(x: Tensor, factors: tuple[Tensor, ...]) -> bool:
 def _autocast(*tensors: Tensor) -> tuple[Tensor, ...]:
     x = tensors[0]
     if x.is_cuda and torch.is_autocast_enabled("cuda"):
-        dtype = torch.get_autocast_dtype("cuda")  # (floating tensors only: N:M's uint8 positions stay as they are)
+        dtype = torch.get_autocast_dtype("cuda")  # (floating tensors only: N:M's packed positions stay as they are)
         return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
     return tensors
 
