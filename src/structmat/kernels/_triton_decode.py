@@ -493,7 +493,7 @@ def _decode_nm24_row(X, V, P, Y, T, CNT, N, M, G, G_SPLIT, s_xn, s_vm, s_pm, s_y
     for g0 in range(g_start, g_end, BLOCK_G):
         v_next, b_next, xx_next = _nm24_tile(V32, P_rows, X32, t_ok, g0 + BLOCK_G, g_end, BLOCK_G, TOKENS)
         x01, x23 = tl.split(xx)
-        code = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_M, BLOCK_G)).to(tl.int32)
+        code = _unpack_tile(b, 4).to(tl.int32)  # (a 4-bit code per group)
         vlo, vhi = _halves(v, V.dtype.element_ty)
         if TOKENS == 1:
             xlo, xhi = _halves(_pick_pair(x01[None, :], x23[None, :], code, PRMT), V.dtype.element_ty)
@@ -525,6 +525,14 @@ def _gate_rows(X, H, K, s_xn, s_xk, ACT_OFF, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _place_pair(v0, v1, p0, p1):
+    """A 2:4 group's dense four weights (d0, d1, d2, d3): v0 where p0 = q, v1 where p1 = q, else zero."""
+    zero = tl.zeros_like(v0)
+    return (tl.where(p0 == 0, v0, tl.where(p1 == 0, v1, zero)), tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero)),
+            tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero)), tl.where(p0 == 3, v0, tl.where(p1 == 3, v1, zero)))
+
+
+@triton.jit
 def _expand_pair(v32, code, DT: tl.constexpr, PRMT: tl.constexpr):
     """A 2:4 group's dense four weights (d0, d1, d2, d3, of type DT) from its value pair (v0 | v1 << 16, int32) and
     code p0 | p1 << 2: dense weight q is v0 where p0 = q, v1 where p1 = q, else zero. PRMT: two byte permutes of the
@@ -541,11 +549,8 @@ def _expand_pair(v32, code, DT: tl.constexpr, PRMT: tl.constexpr):
             "prmt.b32 t1, $4, z, hi; mov.b32 {$0, $1}, t0; mov.b32 {$2, $3}, t1; }",
             "=h,=h,=h,=h,r,r", [v32, sel], dtype=(DT.value, DT.value, DT.value, DT.value), is_pure=True, pack=1)
     else:
-        v0 = (v32 & 65535).to(tl.int16).to(DT, bitcast=True)
-        v1 = (v32 >> 16).to(tl.int16).to(DT, bitcast=True)
-        zero = tl.zeros_like(v0)
-        return (tl.where(p0 == 0, v0, tl.where(p1 == 0, v1, zero)), tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero)),
-                tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero)), tl.where(p0 == 3, v0, tl.where(p1 == 3, v1, zero)))
+        return _place_pair((v32 & 65535).to(tl.int16).to(DT, bitcast=True),
+                           (v32 >> 16).to(tl.int16).to(DT, bitcast=True), p0, p1)
 
 
 @triton.jit
@@ -606,17 +611,13 @@ def _decode_nm(X, V, P, Y, T, CNT, N, M, K, G, G_SPLIT, s_xn, s_xk, s_vm, s_pm, 
             p_ptrs += BLOCK_G // 2
             b_next = tl.load(p_ptrs, mask=(g0 + BLOCK_G + offs_b * 2 < g_end)[None, :], other=0)
             if PERMUTE:
-                code = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_M, BLOCK_G)).to(tl.int32)
+                code = _unpack_tile(b, 4).to(tl.int32)  # (a 4-bit code per group)
                 d0, d1, d2, d3 = _expand_pair(v, code, V.dtype.element_ty, PRMT)
             else:
                 v0, v1 = tl.split(tl.reshape(v, (BLOCK_M, BLOCK_G, 2)))
                 p0 = tl.reshape(tl.join(b & 3, (b >> 4) & 3), (BLOCK_M, BLOCK_G))
                 p1 = tl.reshape(tl.join((b >> 2) & 3, b >> 6), (BLOCK_M, BLOCK_G))
-                zero = tl.zeros_like(v0)
-                d0 = tl.where(p0 == 0, v0, tl.where(p1 == 0, v1, zero))
-                d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
-                d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
-                d3 = tl.where(p0 == 3, v0, tl.where(p1 == 3, v1, zero))
+                d0, d1, d2, d3 = _place_pair(v0, v1, p0, p1)
             # join(join(d0, d2), join(d1, d3)) is (rows, groups, 2, 2) with [.., k, a] = d[2k + a]: row-major, q order
             w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_M, BLOCK_G * 4))
             acc = tl.dot(x.to(w.dtype), tl.trans(w), acc, input_precision=PRECISION)

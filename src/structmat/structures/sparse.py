@@ -219,18 +219,23 @@ class NMSparse(_SparseBase):
 
     def set_support_(self, columns: Tensor) -> None:
         """Store a support given as absolute columns of the padded input (n per group of m), after checking it."""
-        self.index.copy_(pack_positions(self._positions_from_columns(columns), self.bits))
+        self.index.copy_(self._packed_from_columns(columns))
 
     def set_positions_(self, positions: Tensor) -> None:
         """Store a support given as in-group positions (out, groups*n), after checking it."""
         self.set_support_(positions.long() + self._group_offsets(positions.device))
 
+    def _packed_from_columns(self, columns: Tensor) -> Tensor:
+        """Absolute columns (n per group of m) -> the packed in-group positions the index buffer holds, checked
+        before packing (packing keeps only the low bits)."""
+        return pack_positions(self._positions_from_columns(columns), self.bits)
+
     def _positions_from_columns(self, columns: Tensor) -> Tensor:
-        """Absolute int64 columns (the storage before uint8 positions) -> validated uint8 in-group positions."""
+        """Absolute int64 columns (the oldest storage) -> validated uint8 in-group positions (one per kept value)."""
         if columns.dtype.is_floating_point or columns.dtype.is_complex or columns.dtype == torch.bool:
             raise self._index_error(f"has dtype {columns.dtype}, expected an integer dtype")
-        if tuple(columns.shape) != (self.out_features, self.groups * self.n):
-            raise self._index_error(f"has shape {tuple(columns.shape)}, expected {(self.out_features, self.groups * self.n)}")
+        if tuple(columns.shape) != (self.out_features, self.kept):
+            raise self._index_error(f"has shape {tuple(columns.shape)}, expected {(self.out_features, self.kept)}")
         pos = columns.long() - self._group_offsets(columns.device)
         if bool(((pos < 0) | (pos >= self.m)).any()):
             raise self._index_error(f"breaks the {self.n}:{self.m} pattern (an index lies outside its group of "
@@ -243,12 +248,10 @@ class NMSparse(_SparseBase):
         old = state.get(prefix + "index")
         if not isinstance(old, Tensor) or old.device.type == "meta":
             return
-        kept_shape = (self.out_features, self.kept)
         if old.dtype == torch.int64:
-            state[prefix + "index"] = pack_positions(self._positions_from_columns(old), self.bits)
-        elif old.dtype == torch.uint8 and self.bits < 8 and tuple(old.shape) == kept_shape:
-            state[prefix + "index"] = pack_positions(
-                self._positions_from_columns(old.long() + self._group_offsets(old.device)), self.bits)
+            state[prefix + "index"] = self._packed_from_columns(old)
+        elif old.dtype == torch.uint8 and self.bits < 8 and tuple(old.shape) == (self.out_features, self.kept):
+            state[prefix + "index"] = self._packed_from_columns(old.long() + self._group_offsets(old.device))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.upgrade_state(state_dict, prefix)
