@@ -40,19 +40,22 @@ TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 UNIT_STRIDES = ("s_xk", "s_w1k", "s_tm", "s_ak", "s_w2k", "s_ym", "s_hk", "s_wk", "s_cm")
 SIZES_OF_16 = ("M1", "K1", "M2", "K2", "M", "K", "G", "KEPT", "G_SPLIT", "J_SPLIT", "SPLIT_LEN", "ACT_OFF", "s_xg",
                "s_xn", "s_w1g", "s_w1m", "s_ts", "s_tchunk", "s_ag", "s_an", "s_as", "s_w2g", "s_w2m", "s_yg", "s_yn",
-               "s_hg", "s_hn", "s_wg", "s_wm", "s_cs", "s_cg", "s_cn", "s_cchunk", "s_vm", "s_pm")
+               "s_hg", "s_hn", "s_wg", "s_wm", "s_cs", "s_cg", "s_cn", "s_cchunk", "s_vm", "s_pm", "SB", "SB_SPLIT")
 
 
-def compile_sm90(fn, pointers: dict, constexprs: dict, **options):
-    """(shared bytes, stack bytes) of ``fn`` compiled for sm_90 as launched on the bench layouts (UNIT_STRIDES,
-    SIZES_OF_16, pointers 16-byte aligned); every other argument an i32."""
+def compile_sm90(fn, pointers: dict, constexprs: dict, sass: list | None = None, **options):
+    """(shared bytes, stack bytes) of ``fn`` (Triton or Gluon) compiled for sm_90 as launched on the bench layouts
+    (UNIT_STRIDES, SIZES_OF_16, pointers 16-byte aligned); every other argument an i32. ``sass``: a list that gets
+    the machine code's text."""
     names = fn.arg_names
     constexprs = {**{a: 1 for a in UNIT_STRIDES if a in names}, **constexprs}
     signature = {a: pointers.get(a, "constexpr" if a in constexprs else "i32") for a in names}
     marked = [a for a in names if a in pointers or (a in SIZES_OF_16 and a not in constexprs)]
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, attrs={(names.index(a),): [["tt.divisibility", 16]]
-                                                                       for a in marked},
-                                    constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    source = triton.compiler.ASTSource
+    if type(fn).__name__ == "GluonJITFunction":
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    src = source(fn=fn, signature=signature, attrs={(names.index(a),): [["tt.divisibility", 16]] for a in marked},
+                 constexprs={(names.index(k),): v for k, v in constexprs.items()})
     kernel = triton.compile(src, target=H200, options=options)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"structmat-{os.getpid()}-{fn.__name__}.cubin")
@@ -61,6 +64,8 @@ def compile_sm90(fn, pointers: dict, constexprs: dict, **options):
     try:
         usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True,
                                check=True).stdout
+        if sass is not None:
+            sass.append(subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout)
     finally:
         os.remove(path)
     return kernel.metadata.shared, int(re.search(r"STACK:(\d+)", usage).group(1))
@@ -187,3 +192,19 @@ def test_nm_decode_compiles_for_sm90(gpu_plans):
             assert shared <= SMEM_BYTES and stack == 0, (rows, k, constexprs, shared, stack)
     shared, stack = compile_sm90(TD._gate_rows, {"X": "*bf16", "H": "*bf16"}, {"BLOCK": 1024}, num_warps=4)
     assert stack == 0, stack  # (the gated input formed first, for the one-token down product)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("warps,two", [(4, False), (8, False), (8, True)])
+def test_nm24_sparse_mma_compiles_for_sm90_without_spills(dtype, warps, two):
+    """The sparse-tensor-core 2:4 kernel (Gluon, inline ``mma.sp``): compiles for sm_90, keeps its fragments in
+    registers, issues the sparse MMA (HMMA.SP) and loads each lane's values and codes 8 bytes at a time."""
+    from structmat.kernels import _gluon_nm24
+
+    ty = TYPE[dtype]
+    code = []
+    _, stack = compile_sm90(_gluon_nm24._nm24_mma_sp, {"X": f"*{ty}", "V": f"*{ty}", "P": "*u8", "Y": f"*{ty}"},
+                            {"WARPS": warps, "TWO": two, "FP16": dtype == torch.float16}, sass=code, num_warps=warps)
+    assert stack == 0
+    assert re.search(r"HMMA\.SP\.16832\.F32" + (r"\.BF16" if dtype == torch.bfloat16 else r" "), code[0])
+    assert code[0].count("LDG.E.64") >= 12  # (two blocks in flight: four value runs and two code words each)

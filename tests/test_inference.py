@@ -455,6 +455,66 @@ def test_decode_kernels_match_reference_interpreter(interpret_report):
     assert not bad, bad
 
 
+def test_nm24_sparse_tensor_cores_take_what_they_can(monkeypatch):
+    """Which 2:4 products go to the sparse tensor cores (``_gluon_nm24``): 16-bit values, whole 64-wide blocks, 3-8
+    tokens (two for a weight of 2^24 or more), no gated input, an sm_80+ GPU; the interpreter and CPUs never."""
+    from structmat.kernels import _triton_decode as TD
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(TD, "INTERPRET", False)
+    monkeypatch.setattr(TD, "_capability", lambda device_type, index: (9, 0) if device_type == "cuda" else (0, 0))
+
+    def ok(n=4, m=2048, k=2048, nm=(2, 4), device=cuda, dtype=torch.bfloat16, act=False):
+        return TD._sparse_mma_ok(n, m, k, k * nm[0] // nm[1], *nm, device, dtype, act)
+
+    assert ok() and ok(n=3) and ok(n=8) and ok(dtype=torch.float16) and ok(n=2, m=8192)
+    assert not ok(n=9) and not ok(n=1, m=8192) and not ok(n=2) and not ok(n=64)
+    assert not ok(k=2080) and not ok(nm=(1, 4)) and not ok(nm=(2, 8)) and not ok(dtype=torch.float32)
+    assert not ok(act=True) and not ok(device=torch.device("cpu"))
+    monkeypatch.setattr(TD, "_capability", lambda device_type, index: (7, 5))
+    assert not ok()
+    monkeypatch.setattr(TD, "_capability", lambda device_type, index: (9, 0))
+    monkeypatch.setattr(TD, "INTERPRET", True)
+    assert not ok()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_nm24_sparse_tensor_cores_match_reference_gpu(dtype, monkeypatch):
+    """2:4 on the sparse tensor cores (``mma.sp``) against the float64 product: positions in any order within a group
+    (the instruction is given them as stored), rows not a multiple of 16, 2-8 tokens, a large weight at 2 tokens, and
+    operands misaligned for its 8-byte loads (then the other kernels take the call). The kernel must have run."""
+    from structmat.kernels import _gluon_nm24, decode
+
+    class Counted:  # (each decode.nm call plans anew, so every aligned call launches through kernel[grid])
+        def __init__(self, kernel):
+            self.kernel, self.calls = kernel, 0
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                self.calls += 1
+                return self.kernel[grid](*args, **kw)
+            return run
+
+    counted = Counted(_gluon_nm24._nm24_mma_sp)
+    monkeypatch.setattr(_gluon_nm24, "_nm24_mma_sp", counted)
+    g = torch.Generator().manual_seed(0)
+    dt = getattr(torch, dtype)
+    errs = {}
+    for out_f, in_f, tokens in ((24, 512, (3, 5, 8)), (200, 192, (4,)), (8192, 2048, (2, 8))):
+        vals, pos, dense = nm_operands(out_f, in_f, 2, 4, g)
+        for n in tokens:
+            x = torch.randn(n, in_f, generator=g, dtype=torch.float64)
+            ref = x @ dense.T
+            errs[(out_f, n)] = rel_rms(decode.nm(x.cuda().to(dt), vals.cuda().to(dt), pos.cuda(), 2, 4), ref)
+            padded = torch.zeros(out_f, vals.shape[1] + 2, dtype=dt, device="cuda")  # (values 4 bytes off 8)
+            padded[:, 2:] = vals.to(dt)
+            errs[(out_f, n, "misaligned")] = rel_rms(decode.nm(x.cuda().to(dt), padded[:, 2:], pos.cuda(), 2, 4), ref)
+    bad = {k: v for k, v in errs.items() if not v <= TOL[dtype]}
+    assert not bad, bad
+    assert counted.calls == 6  # (the six aligned calls)
+
+
 def test_nm24_row_kernel_picks_inputs_by_byte_permute_interpreter(interpret_report):
     """2:4 of 16-bit values at 1-2 tokens runs ``_decode_nm24_row`` (each group's two inputs picked from its four, no
     gathered loads; its portable selection here, PTX prmt on the GPU): against float64 in bfloat16 and float16 at

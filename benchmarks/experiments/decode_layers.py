@@ -76,7 +76,13 @@ NM_VARIANTS = {"decode@bm2": dict(NM_ROW_BLOCK_M=2), "decode@bm8": dict(NM_ROW_B
                # gather kernel at one token, the expanded tile above), and its tiles expanded by compares
                "decode@r1": dict(NM24_ROW_TOKENS=1), "decode@r2": dict(NM24_ROW_TOKENS=2),
                "decode@r8": dict(NM24_ROW_TOKENS=8), "decode@gather": dict(NM24_ROW=False),
-               "decode@noperm": dict(NM24_PERMUTE=False)}
+               "decode@noperm": dict(NM24_PERMUTE=False),
+               # (session 16) the sparse tensor cores (mma.sp, ``_gluon_nm24``) off, at every token count, up to 16
+               # tokens, with 4, 8 or 16 warps
+               "decode@nosp": dict(NM24_SP=False), "decode@sp1": dict(NM24_SP_TOKENS=(1, 64)),
+               "decode@sp16": dict(NM24_SP_TOKENS=(3, 16)),
+               "decode@spw4": dict(NM24_SP_WARPS=4), "decode@spw8": dict(NM24_SP_WARPS=8),
+               "decode@spw16": dict(NM24_SP_WARPS=16)}
 #: The two-stage kernels above one token (low-rank, Monarch): the first stage's splits summed by the second stage
 #: (session 10's form: unsplit, or split up to 2 ways, ``_triton_decode.MULTI_TOKEN_SPLITS``), or in the first
 #: stage's kernel (low-rank's default since session 12, ``MULTI_TOKEN_REDUCE``), its second stage a plain launch or

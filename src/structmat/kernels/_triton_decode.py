@@ -37,6 +37,11 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from ..structures.sparse import position_bits
 from ._launch import Launch
 
+try:  # (Gluon, Triton's language with explicit layouts: Triton >= 3.4)
+    from . import _gluon_nm24
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    _gluon_nm24 = None
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # (small tile plans; tests may switch it)
 RUNS_IN_INTERPRETER = INTERPRET  # (no PTX: inline assembly takes its portable form)
 MAX_TOKENS = 64  # the kernels keep all tokens in one tile
@@ -95,6 +100,20 @@ NM24_PERMUTE = [os.environ.get("STRUCTMAT_NM24_PERMUTE", "1") not in ("", "0")]
 #: 12.7 / 12.2 against the expanded tile's 7.2 / 16.7 / 17.2; 4 tokens (one program of 4) 6.5 / 18.8 / 16.3
 #: against 7.3 / 17.1 / 17.2: faster at two shapes, slower at the third, so 3-4 tokens keep the expanded tile
 NM24_ROW_TOKENS = [2]
+#: 2:4 of 16-bit values at a few tokens (NM24_SP_TOKENS), where the GPU has sparse tensor cores (sm_80+): the
+#: stored values and codes are ``mma.sp``'s operands as they are (``_gluon_nm24``), nothing expanded; NM24_SP_WARPS
+#: warps a program, each a share of the reduction (0: 4 where the row tiles alone fill the GPU twice, else 8, as
+#: measured: 9.7 vs 12.2 us at 2048->8192, 11.8 vs 16.2 at 8192->2048, 4 tokens; a gated input, ``act``, keeps the
+#: kernels below)
+NM24_SP = [os.environ.get("STRUCTMAT_NM24_SP", "1") not in ("", "0") and _gluon_nm24 is not None]
+NM24_SP_WARPS = [0]
+#: Tokens it takes: 3-8 (session 16 round 2, H200, bf16, cold, us at 2048^2 / 2048->8192 / 8192->2048, dense 6.0 /
+#: 10.6 / 13.6; decode-layers-20261204T201318Z.json): 4 tokens 5.6 / 9.7 / 11.8 against the expanded tile's 7.2 /
+#: 16.7 / 16.8, 8 tokens 6.0 / 12.0 / 12.6 against 7.4 / 16.8 / 16.8; 16 tokens (a second n8 tile) 7.6 / 25.0 / 17.1
+#: against 7.6 / 16.8 / 16.8, so from 9 tokens on the expanded tile. Two tokens where the weight holds at least
+#: NM24_SP_PAIR_ELEMENTS weights: 8.8 / 11.6 us against the byte-permute kernel's 12.6 / 12.1 (at 2048^2 5.4 vs 5.0)
+NM24_SP_TOKENS = [(3, 8)]
+NM24_SP_PAIR_ELEMENTS = [1 << 24]
 #: A gated MLP's down product at one token (``act``): form SiLU(gate) * up once, in a small kernel of its own
 #: (``_gate_rows``, into the plan's scratch), and run the row kernel on it, instead of forming it inside the row
 #: kernel for every value it gathers (once per kept value, SiLU's exp and division each time)
@@ -1030,12 +1049,55 @@ def rows(t: Tensor) -> tuple[int, int]:
     return (t.stride(0), t.stride(1)) if t.dim() == 2 else (t.shape[-1], 1)
 
 
+@functools.lru_cache(maxsize=16)
+def _capability(device_type: str, index: int | None) -> tuple:
+    return torch.cuda.get_device_capability(index) if device_type == "cuda" else (0, 0)
+
+
+def _sparse_mma_ok(N: int, M: int, K: int, kept: int, n_keep: int, group: int, device: torch.device,
+                   dtype: torch.dtype, act: bool) -> bool:
+    """Whether the product takes the sparse tensor cores (NM24_SP): 2:4 of 16-bit values, whole 64-wide blocks, no
+    gated input, tokens within NM24_SP_TOKENS (or two, for a weight of NM24_SP_PAIR_ELEMENTS or more), an sm_80+
+    GPU (not the interpreter: inline PTX)."""
+    low, high = NM24_SP_TOKENS[0]
+    return (NM24_SP[0] and (n_keep, group) == (2, 4) and K == kept * 2 and K % 64 == 0 and not act
+            and dtype in (torch.bfloat16, torch.float16) and not INTERPRET
+            and (low <= N <= high or N == 2 and M * K >= NM24_SP_PAIR_ELEMENTS[0])
+            and _capability(device.type, device.index) >= (8, 0))
+
+
+def _sparse_mma_launcher(N: int, M: int, K: int, device: torch.device, dtype: torch.dtype):
+    """The ``mma.sp`` launch (``_gluon_nm24``) with ``nm_launcher``'s calling convention; a call whose operands are
+    not aligned for its loads (values and codes 8 bytes a lane, inputs 4) takes the launch ``nm_launcher`` makes
+    without it."""
+    tiles = _cdiv(M, 16)  # (row tiles of 16: a program each, its warps splitting the reduction)
+    warps = NM24_SP_WARPS[0] or (4 if tiles >= 2 * _sms(device.type, device.index) else 8)
+    sb = K // 64
+    kernel = Launch(_gluon_nm24._nm24_mma_sp, (tiles, _cdiv(N, 16)), WARPS=warps, TWO=N > 8,
+                    FP16=dtype == torch.float16, num_warps=warps)
+    other, scratch = nm_launcher(N, M, K, K // 2, 2, 4, device, dtype, sparse_mma=False)
+
+    def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, t=None, act_off: int = 0) -> None:
+        rs, cs = rows(x)
+        if (cs == 1 and rs % 2 == 0 and values.stride(0) % 4 == 0 and positions.stride(0) % 8 == 0
+                and values.dtype == x.dtype and x.data_ptr() % 4 == 0 and values.data_ptr() % 8 == 0
+                and positions.data_ptr() % 8 == 0):
+            kernel(x, values, positions, y, N, M, sb, _cdiv(sb, warps), rs, values.stride(0), positions.stride(0),
+                   y.shape[-1])
+        else:
+            other(x, values, positions, y, t, act_off)
+
+    return launch, scratch
+
+
 def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, device: torch.device,
-                dtype: torch.dtype, act: bool = False):
+                dtype: torch.dtype, act: bool = False, sparse_mma: bool = True):
     """The N:M launch for one shape, worked out once: ``(launch, scratch)``, ``launch(x, values, positions, y, t,
     act_off=0)`` (``act`` as :func:`gemv_launcher`'s; K is the product's input width); ``scratch`` the shape of the
     fp32 scratch ``t`` it needs (None: none, ``t`` ignored): the split partials, and at one token with ``act`` and
     NM_ROW_GATE_FIRST, flat, the gated input after them."""
+    if sparse_mma and _sparse_mma_ok(N, M, K, kept, n_keep, group, device, dtype, act):
+        return _sparse_mma_launcher(N, M, K, device, dtype)
     gate_first = act and NM_ROW_GATE_FIRST[0]
     # 2:4 of 16-bit values at up to NM24_ROW_TOKENS tokens: the byte-permute kernel, ``tokens24`` tokens a program
     pair_ok = (NM24_ROW[0] and (n_keep, group) == (2, 4) and K == kept * 2 and dtype in (torch.bfloat16, torch.float16)
