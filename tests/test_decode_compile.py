@@ -195,16 +195,20 @@ def test_nm_decode_compiles_for_sm90(gpu_plans):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("warps,two", [(4, False), (8, False), (8, True)])
-def test_nm24_sparse_mma_compiles_for_sm90_without_spills(dtype, warps, two):
+@pytest.mark.parametrize("warps,two,depth,prep", [(4, False, 2, True), (8, False, 2, False), (8, True, 2, True),
+                                                  (8, False, 4, True)])
+def test_nm24_sparse_mma_compiles_for_sm90_without_spills(dtype, warps, two, depth, prep):
     """The sparse-tensor-core 2:4 kernel (Gluon, inline ``mma.sp``): compiles for sm_90, keeps its fragments in
-    registers, issues the sparse MMA (HMMA.SP) and loads each lane's values and codes 8 bytes at a time."""
+    registers, issues the sparse MMA (HMMA.SP), loads each lane's values 16 bytes at a time and its codes 8, and
+    (PREP) its inputs 16 bytes at a time from their fragment order."""
     from structmat.kernels import _gluon_nm24
 
     ty = TYPE[dtype]
     code = []
-    _, stack = compile_sm90(_gluon_nm24._nm24_mma_sp, {"X": f"*{ty}", "V": f"*{ty}", "P": "*u8", "Y": f"*{ty}"},
-                            {"WARPS": warps, "TWO": two, "FP16": dtype == torch.float16}, sass=code, num_warps=warps)
+    _, stack = compile_sm90(_gluon_nm24._nm24_mma_sp, {"X": f"*{ty}", "V": f"*{ty}", "P": "*u8", "Y": f"*{ty}", "XF": "*fp32"},
+                            {"WARPS": warps, "TWO": two, "DEPTH": depth, "PREP": prep, "FP16": dtype == torch.float16}, sass=code, num_warps=warps)
     assert stack == 0
     assert re.search(r"HMMA\.SP\.16832\.F32" + (r"\.BF16" if dtype == torch.bfloat16 else r" "), code[0])
-    assert code[0].count("LDG.E.64") >= 12  # (two blocks in flight: four value runs and two code words each)
+    blocks = 2 * depth  # (a prologue of DEPTH blocks, DEPTH more in the loop)
+    assert code[0].count("LDG.E.128 ") == blocks * (2 + (2 * (1 + two) if prep else 0))  # (rows g, g + 8; inputs)
+    assert code[0].count("LDG.E.64 ") == blocks * 2  # (the codes of rows g, g + 8)

@@ -312,6 +312,7 @@ def _interpret_report() -> dict:
         _triton_decode.NM24_ROW_TOKENS[0] = row_tokens
         _triton_decode.clear_plans()
     report["nm24_launched"] = sorted(launched)
+    report["input_fragments"] = input_fragments_check()
     # the GPU's tile plans (wider tiles, token blocks), run through the interpreter with the address checker
     _triton_decode.INTERPRET = False
     try:
@@ -456,7 +457,7 @@ def test_decode_kernels_match_reference_interpreter(interpret_report):
 
 
 def test_nm24_sparse_tensor_cores_take_what_they_can(monkeypatch):
-    """Which 2:4 products go to the sparse tensor cores (``_gluon_nm24``): 16-bit values, whole 64-wide blocks, 3-8
+    """Which 2:4 products go to the sparse tensor cores (``_gluon_nm24``): 16-bit values, whole 64-wide blocks, 3-32
     tokens (two for a weight of 2^24 or more), no gated input, an sm_80+ GPU; the interpreter and CPUs never."""
     from structmat.kernels import _triton_decode as TD
 
@@ -467,8 +468,8 @@ def test_nm24_sparse_tensor_cores_take_what_they_can(monkeypatch):
     def ok(n=4, m=2048, k=2048, nm=(2, 4), device=cuda, dtype=torch.bfloat16, act=False):
         return TD._sparse_mma_ok(n, m, k, k * nm[0] // nm[1], *nm, device, dtype, act)
 
-    assert ok() and ok(n=3) and ok(n=8) and ok(dtype=torch.float16) and ok(n=2, m=8192)
-    assert not ok(n=9) and not ok(n=1, m=8192) and not ok(n=2) and not ok(n=64)
+    assert ok() and ok(n=3) and ok(n=8) and ok(n=9) and ok(n=32) and ok(dtype=torch.float16) and ok(n=2, m=8192)
+    assert not ok(n=33) and not ok(n=1, m=8192) and not ok(n=2) and not ok(n=64)
     assert not ok(k=2080) and not ok(nm=(1, 4)) and not ok(nm=(2, 8)) and not ok(dtype=torch.float32)
     assert not ok(act=True) and not ok(device=torch.device("cpu"))
     monkeypatch.setattr(TD, "_capability", lambda device_type, index: (7, 5))
@@ -478,12 +479,44 @@ def test_nm24_sparse_tensor_cores_take_what_they_can(monkeypatch):
     assert not ok()
 
 
+def input_fragments_check() -> str:
+    """``_gluon_nm24._input_fragments`` (run where Triton runs it: the interpreter here) against the index arithmetic
+    of the mma.sp B fragment: lane 4g + c's register i of mma m holds the int32 pair
+    32 sb + 8 (c // 2) + 4m + {0, 16, 2, 18}[i] + c % 2 of token 8t + g, zero past the last token. "ok" or what
+    differs."""
+    from structmat.kernels import _gluon_nm24
+
+    n, k = 11, 192
+    x = torch.randn(n, k + 2, dtype=torch.float16)[:, 2:]  # (a row stride that is not the width)
+    sb, blocks = k // 64, 2
+    xf = torch.full((blocks * sb * 256,), -1, dtype=torch.int32)
+    _gluon_nm24._input_fragments[(sb, blocks)](x, xf, n, sb, x.stride(0))
+    pairs = torch.zeros(blocks * 8, k // 2, dtype=torch.int32)
+    pairs[:n] = x.contiguous().view(torch.int32)
+    want = torch.empty(blocks, sb, 2, 32, 4, dtype=torch.int32)
+    for t in range(blocks):
+        for b in range(sb):
+            for m in range(2):
+                for lane in range(32):
+                    g, c = divmod(lane, 4)
+                    for i, off in enumerate((0, 16, 2, 18)):
+                        want[t, b, m, lane, i] = pairs[8 * t + g, 32 * b + 8 * (c // 2) + 4 * m + off + c % 2]
+    bad = (xf != want.flatten()).nonzero().flatten()
+    return "ok" if bad.numel() == 0 else f"{bad.numel()} of {xf.numel()} differ, first at {bad[:8].tolist()}"
+
+
+def test_nm24_input_fragments_interpreter(interpret_report):
+    """The sparse kernel's inputs in fragment order, as the interpreter computes them (``input_fragments_check``)."""
+    assert interpret_report["input_fragments"] == "ok", interpret_report["input_fragments"]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_nm24_sparse_tensor_cores_match_reference_gpu(dtype, monkeypatch):
     """2:4 on the sparse tensor cores (``mma.sp``) against the float64 product: positions in any order within a group
-    (the instruction is given them as stored), rows not a multiple of 16, 2-8 tokens, a large weight at 2 tokens, and
-    operands misaligned for its 8-byte loads (then the other kernels take the call). The kernel must have run."""
+    (the instruction is given them as stored), rows not a multiple of 16, 2-32 tokens, a large weight at 2 tokens, and
+    operands misaligned for its 8-byte loads (then the other kernels take the call); above 8 tokens the inputs in
+    fragment order and two n8 tiles a program. The kernel must have run."""
     from structmat.kernels import _gluon_nm24, decode
 
     class Counted:  # (each decode.nm call plans anew, so every aligned call launches through kernel[grid])
@@ -501,7 +534,7 @@ def test_nm24_sparse_tensor_cores_match_reference_gpu(dtype, monkeypatch):
     g = torch.Generator().manual_seed(0)
     dt = getattr(torch, dtype)
     errs = {}
-    for out_f, in_f, tokens in ((24, 512, (3, 5, 8)), (200, 192, (4,)), (8192, 2048, (2, 8))):
+    for out_f, in_f, tokens in ((24, 512, (3, 5, 8, 17)), (200, 192, (4, 32)), (8192, 2048, (2, 8, 16))):
         vals, pos, dense = nm_operands(out_f, in_f, 2, 4, g)
         for n in tokens:
             x = torch.randn(n, in_f, generator=g, dtype=torch.float64)
@@ -512,7 +545,7 @@ def test_nm24_sparse_tensor_cores_match_reference_gpu(dtype, monkeypatch):
             errs[(out_f, n, "misaligned")] = rel_rms(decode.nm(x.cuda().to(dt), padded[:, 2:], pos.cuda(), 2, 4), ref)
     bad = {k: v for k, v in errs.items() if not v <= TOL[dtype]}
     assert not bad, bad
-    assert counted.calls == 6  # (the six aligned calls)
+    assert counted.calls == 9  # (the nine aligned calls)
 
 
 def test_nm24_row_kernel_picks_inputs_by_byte_permute_interpreter(interpret_report):

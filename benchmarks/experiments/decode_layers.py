@@ -82,7 +82,13 @@ NM_VARIANTS = {"decode@bm2": dict(NM_ROW_BLOCK_M=2), "decode@bm8": dict(NM_ROW_B
                "decode@nosp": dict(NM24_SP=False), "decode@sp1": dict(NM24_SP_TOKENS=(1, 64)),
                "decode@sp16": dict(NM24_SP_TOKENS=(3, 16)),
                "decode@spw4": dict(NM24_SP_WARPS=4), "decode@spw8": dict(NM24_SP_WARPS=8),
-               "decode@spw16": dict(NM24_SP_WARPS=16)}
+               "decode@spw16": dict(NM24_SP_WARPS=16),
+               # its four blocks in flight (2), up to 32 tokens in programs of 16 (two n8 tiles) or of 8
+               "decode@d4": dict(NM24_SP_DEPTH=4), "decode@sp32": dict(NM24_SP_TOKENS=(3, 32)),
+               "decode@sp32tb8": dict(NM24_SP_TOKENS=(3, 32), NM24_SP_TOKEN_BLOCK=8),
+               "decode@sp32tb8d4": dict(NM24_SP_TOKENS=(3, 32), NM24_SP_TOKEN_BLOCK=8, NM24_SP_DEPTH=4),
+               # the inputs gathered by each lane instead of put in fragment order first; up to 64 tokens
+               "decode@noprep": dict(NM24_SP_PREP=False), "decode@sp64": dict(NM24_SP_TOKENS=(3, 64))}
 #: The two-stage kernels above one token (low-rank, Monarch): the first stage's splits summed by the second stage
 #: (session 10's form: unsplit, or split up to 2 ways, ``_triton_decode.MULTI_TOKEN_SPLITS``), or in the first
 #: stage's kernel (low-rank's default since session 12, ``MULTI_TOKEN_REDUCE``), its second stage a plain launch or

@@ -3,7 +3,8 @@ product, for positions stored in order within each group (p0 < p1) and out of or
 
 Run on the GPU machine:  ``PYTHONPATH=src python benchmarks/experiments/nm24_sparse_mma.py --out DIR``
 For each (rows, inputs, tokens, dtype, order): relative RMS error of ``decode.nm`` (the sparse-tensor-core path, and
-with it switched off) against the float64 product. Writes ``nm24-sparse-mma-<UTC>.json``.
+with it switched off) against the float64 product; ``--settings`` (JSON list of knob dicts of
+``_triton_decode``) repeats the sparse-tensor-core case under each. Writes ``nm24-sparse-mma-<UTC>.json``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ def main() -> int:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
+    ap.add_argument("--settings", default="[]")
     args = ap.parse_args()
+    settings = json.loads(args.settings)
     gen = torch.Generator().manual_seed(0)
     rows = []
     for out_f, in_f in ((24, 512), (200, 192), (2048, 2048), (8192, 2048), (2048, 8192)):
@@ -52,11 +55,18 @@ def main() -> int:
                         err = float((y - ref).norm() / ref.norm()) if torch.isfinite(y).all() else float("inf")
                         row["sp_err" if sp else "old_err"] = err
                     TD.NM24_SP[0] = True
+                    for k, knobs in enumerate(settings):
+                        saved = _common.set_knobs(TD, {key: tuple(v) if isinstance(v, list) else v
+                                                       for key, v in knobs.items()})
+                        y = decode.nm(x.cuda().to(dtype), vals.cuda().to(dtype), pos.cuda(), 2, 4).double().cpu()
+                        row[f"sp_err@{k}"] = (float((y - ref).norm() / ref.norm()) if torch.isfinite(y).all()
+                                              else float("inf"))
+                        _common.restore_knobs(TD, saved)
                     rows.append(row)
                     print(row, flush=True)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = Path(args.out) / f"nm24-sparse-mma-{stamp}.json"
-    path.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), rows=rows), indent=1))
+    path.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), settings=settings, rows=rows), indent=1))
     print(path)
     return 0
 

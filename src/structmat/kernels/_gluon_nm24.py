@@ -26,8 +26,31 @@ float64 product under ``-m gpu`` (``tests/test_inference.py``) and compiled for 
 
 from __future__ import annotations
 
+import triton
+import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+
+
+@triton.jit
+def _input_fragments(X, XF, N, SB, s_xn):
+    """The inputs in the order the sparse kernel's lanes take them (its PREP form): for token block t (8 tokens) and
+    64-wide block sb, XF[(t SB + sb) 256 + 128 m + 4 lane + i] = register b_i of mma m for that lane, the int32
+    pair 2G + (c odd) of token 8t + g (``_inputs``), zero past the last token. Each lane then loads its four B
+    registers of an mma as one 16-byte run, a warp 512 contiguous bytes, instead of four 4-byte loads across eight
+    token rows. Plain Triton (runs in the interpreter). Grid: (SB, token blocks)."""
+    sb = tl.program_id(0)
+    t = tl.program_id(1)
+    e = tl.arange(0, 256)
+    m = e // 128
+    lane = (e // 4) % 32
+    i = e % 4
+    c = lane % 4
+    tok = t * 8 + lane // 4
+    pair = sb * 32 + 8 * (c // 2) + 4 * m + (i % 2) * 16 + (i // 2) * 2 + c % 2
+    X32 = X.to(tl.pointer_type(tl.int32))
+    v = tl.load(X32 + tok.to(tl.int64) * (s_xn // 2) + pair, mask=tok < N, other=0)
+    tl.store(XF.to(tl.pointer_type(tl.int32)) + (t * SB + sb) * 256 + e, v)
 
 
 @gluon.jit
@@ -51,6 +74,19 @@ def _pairs(ptr, ok, pair: gl.constexpr):
 
 
 @gluon.jit
+def _quad(ptr, ok, layout: gl.constexpr, quad: gl.constexpr):
+    """Four consecutive int32 per lane (one 16-byte load), split into four (warps, 32) tensors of ``layout``."""
+    base: gl.constexpr = gl.SliceLayout(2, quad)
+    four = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, quad))), 0), 0)
+    v = gl.load(gl.convert_layout(ptr, base)[:, :, None] + four, mask=gl.convert_layout(ok, base)[:, :, None], other=0)
+    even, odd = gl.split(gl.reshape(v, [v.shape[0], 32, 2, 2]))  # (offsets 0, 2 and 1, 3)
+    w0, w2 = gl.split(even)
+    w1, w3 = gl.split(odd)
+    return (gl.convert_layout(w0, layout), gl.convert_layout(w1, layout), gl.convert_layout(w2, layout),
+            gl.convert_layout(w3, layout))
+
+
+@gluon.jit
 def _codes(lo, hi, j):
     """The 16-bit metadata of one row for slots 4c .. 4c + 3: nibbles j, j + 4, j + 8, j + 12 of the row's 16 codes
     (lo: groups 0-7, hi: 8-15)."""
@@ -69,16 +105,17 @@ def _inputs(X32, tok, N, base, ok, s_x32, m: gl.constexpr):
 
 
 @gluon.jit
-def _fragments(v_lo, v_hi, p_lo, p_hi, X32, tok, N, sb, sb_end, s_x32, xbase, j, TWO: gl.constexpr,
-               pair: gl.constexpr):
-    """64-wide block ``sb``'s registers of one lane for its two mma: A of rows g, g + 8 (groups 4c .. 4c + 3, two
-    8-byte loads a row), E, B of tokens ``tok`` and (TWO) ``tok + 8``; zeros past ``sb_end`` (codes 0x4444 there:
-    positions 0 and 1, a valid pair)."""
+def _fragments(v_lo, v_hi, p_lo, p_hi, X32, tok, N, sb, sb_end, s_x32, xbase, j, XF, xf, xf2, TWO: gl.constexpr,
+               PREP: gl.constexpr, pair: gl.constexpr, quad: gl.constexpr):
+    """64-wide block ``sb``'s registers of one lane for its two mma: A of rows g, g + 8 (groups 4c .. 4c + 3, one
+    16-byte load a row), E, B of tokens ``tok`` and (TWO) ``tok + 8``: with PREP from ``XF`` (the inputs in fragment
+    order, ``_input_fragments``: one 16-byte load per mma; ``xf``, ``xf2`` this lane's offsets there for the two
+    token blocks), else gathered from the
+    inputs' rows; zeros past ``sb_end`` (codes 0x4444 there: positions 0 and 1, a valid pair)."""
+    layout: gl.constexpr = gl.SliceLayout(2, pair)
     ok = sb < sb_end
-    g0, g1 = _pairs(v_lo + sb * 16, ok, pair)
-    g2, g3 = _pairs(v_lo + sb * 16 + 2, ok, pair)
-    h0, h1 = _pairs(v_hi + sb * 16, ok, pair)
-    h2, h3 = _pairs(v_hi + sb * 16 + 2, ok, pair)
+    g = _quad(v_lo + sb * 16, ok, layout, quad)
+    h = _quad(v_hi + sb * 16, ok, layout, quad)
     lo0, hi0 = _pairs(p_lo + sb * 2, ok, pair)
     lo8, hi8 = _pairs(p_hi + sb * 2, ok, pair)
     lo0 = gl.where(ok, lo0, 0x44444444)
@@ -87,16 +124,26 @@ def _fragments(v_lo, v_hi, p_lo, p_hi, X32, tok, N, sb, sb_end, s_x32, xbase, j,
     hi8 = gl.where(ok, hi8, 0x44444444)
     e0 = _codes(lo0, hi0, j) | (_codes(lo8, hi8, j) << 16)
     e1 = _codes(lo0, hi0, j + 2) | (_codes(lo8, hi8, j + 2) << 16)
-    base = sb * 32 + xbase
-    b0 = _inputs(X32, tok, N, base, ok, s_x32, 0)
-    b1 = _inputs(X32, tok, N, base, ok, s_x32, 1)
-    if TWO:
-        c0 = _inputs(X32, tok + 8, N, base, ok, s_x32, 0)
-        c1 = _inputs(X32, tok + 8, N, base, ok, s_x32, 1)
+    if PREP:  # (block sb of token block t: 2 x 128 int32 at (t SB + sb) 256, lane-major, four a lane)
+        b0 = _quad(XF + xf + sb * 256, ok, layout, quad)
+        b1 = _quad(XF + xf + sb * 256 + 128, ok, layout, quad)
+        if TWO:
+            c0 = _quad(XF + xf2 + sb * 256, ok, layout, quad)
+            c1 = _quad(XF + xf2 + sb * 256 + 128, ok, layout, quad)
+        else:
+            c0 = b0
+            c1 = b1
     else:
-        c0 = b0
-        c1 = b1
-    return (g0, h0, g1, h1), (g2, h2, g3, h3), e0, e1, b0, b1, c0, c1
+        base = sb * 32 + xbase
+        b0 = _inputs(X32, tok, N, base, ok, s_x32, 0)
+        b1 = _inputs(X32, tok, N, base, ok, s_x32, 1)
+        if TWO:
+            c0 = _inputs(X32, tok + 8, N, base, ok, s_x32, 0)
+            c1 = _inputs(X32, tok + 8, N, base, ok, s_x32, 1)
+        else:
+            c0 = b0
+            c1 = b1
+    return (g[0], h[0], g[1], h[1]), (g[2], h[2], g[3], h[3]), e0, e1, b0, b1, c0, c1
 
 
 @gluon.jit
@@ -112,19 +159,21 @@ def _step(fr, d, f, TWO: gl.constexpr, FP16: gl.constexpr):
 
 
 @gluon.jit
-def _nm24_mma_sp(X, V, P, Y, N, M, SB, SB_SPLIT, s_xn, s_vm, s_pm, s_yn,
-                 WARPS: gl.constexpr, TWO: gl.constexpr, FP16: gl.constexpr):
+def _nm24_mma_sp(X, V, P, Y, XF, N, M, SB, SB_SPLIT, s_xn, s_vm, s_pm, s_yn,
+                 WARPS: gl.constexpr, TWO: gl.constexpr, DEPTH: gl.constexpr, PREP: gl.constexpr,
+                 FP16: gl.constexpr):
     """Y (N, M) = X (N, 64 SB) @ W^T, W 2:4 of 16-bit values (V: row r's pair of group q at V[r, 2q:2q+2]; P: codes,
-    two groups a byte). Program (row tile of 16, token block of 16); warp w reduces 64-wide blocks
-    [w SB_SPLIT, (w + 1) SB_SPLIT), two at a time, the next two loaded before these are multiplied; TWO: a second
-    n8 tile (tokens 8-15 of the block). A block is two mma: lane c's four pairs (groups 4c .. 4c + 3, one 16-byte
+    two groups a byte). Program (row tile of 16, token block of 8, or 16 with TWO: a second n8 tile); warp w
+    reduces 64-wide blocks [w SB_SPLIT, (w + 1) SB_SPLIT), DEPTH (2 or 4) at a time, the next DEPTH loaded before
+    these are multiplied. A block is two mma: lane c's four pairs (groups 4c .. 4c + 3, one 16-byte
     run of a row) are groups 4c + 2m and 4c + 2m + 1 of mma m, i.e. its k slots c and c + 4 hold those groups; the
     codes and inputs follow the same assignment. Rows past M wrap (valid addresses, dropped at the store). X rows
     and V, P rows 8-byte aligned (the launcher checks)."""
     pair: gl.constexpr = gl.BlockedLayout([1, 1, 2], [1, 32, 1], [WARPS, 1, 1], [2, 1, 0])
+    quad: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 32, 1], [WARPS, 1, 1], [2, 1, 0])
     layout: gl.constexpr = gl.SliceLayout(2, pair)
     pid_m = gl.program_id(0)
-    tok = gl.program_id(1) * 16
+    tok = gl.program_id(1) * (16 if TWO else 8)
     warp = gl.arange(0, WARPS, layout=gl.SliceLayout(1, layout))[:, None]
     lane = gl.arange(0, 32, layout=gl.SliceLayout(0, layout))[None, :]
     g = lane // 4
@@ -148,14 +197,31 @@ def _nm24_mma_sp(X, V, P, Y, N, M, SB, SB_SPLIT, s_xn, s_vm, s_pm, s_yn,
     sb0 = warp * SB_SPLIT
     sb_end = gl.minimum(sb0 + SB_SPLIT, SB)
     tk = tok + g
-    f0 = _fragments(v_lo, v_hi, p_lo, p_hi, X32, tk, N, sb0, sb_end, s_x32, xbase, j, TWO, pair)
-    f1 = _fragments(v_lo, v_hi, p_lo, p_hi, X32, tk, N, sb0 + 1, sb_end, s_x32, xbase, j, TWO, pair)
-    for i in range(2, SB_SPLIT + 2, 2):
-        n0 = _fragments(v_lo, v_hi, p_lo, p_hi, X32, tk, N, sb0 + i, sb_end, s_x32, xbase, j, TWO, pair)
-        n1 = _fragments(v_lo, v_hi, p_lo, p_hi, X32, tk, N, sb0 + i + 1, sb_end, s_x32, xbase, j, TWO, pair)
-        d, f = _step(f0, d, f, TWO, FP16)
-        d, f = _step(f1, d, f, TWO, FP16)
-        f0, f1 = n0, n1
+    XF32 = XF.to(gl.pointer_type(gl.int32))
+    xf = (tok // 8) * SB * 256 + lane * 4
+    xf2 = xf + SB * 256
+    f0 = _fragments(v_lo, v_hi, p_lo, p_hi, X32, tk, N, sb0, sb_end, s_x32, xbase, j, XF32, xf, xf2, TWO, PREP, pair, quad)
+    f1 = _fragments(v_lo, v_hi, p_lo, p_hi, X32, tk, N, sb0 + 1, sb_end, s_x32, xbase, j, XF32, xf, xf2, TWO, PREP, pair, quad)
+    if DEPTH == 2:
+        for i in range(2, SB_SPLIT + 2, 2):
+            n0 = _fragments(v_lo, v_hi, p_lo, p_hi, X32, tk, N, sb0 + i, sb_end, s_x32, xbase, j, XF32, xf, xf2, TWO, PREP, pair, quad)
+            n1 = _fragments(v_lo, v_hi, p_lo, p_hi, X32, tk, N, sb0 + i + 1, sb_end, s_x32, xbase, j, XF32, xf, xf2, TWO, PREP, pair, quad)
+            d, f = _step(f0, d, f, TWO, FP16)
+            d, f = _step(f1, d, f, TWO, FP16)
+            f0, f1 = n0, n1
+    else:  # (four blocks in flight)
+        f2 = _fragments(v_lo, v_hi, p_lo, p_hi, X32, tk, N, sb0 + 2, sb_end, s_x32, xbase, j, XF32, xf, xf2, TWO, PREP, pair, quad)
+        f3 = _fragments(v_lo, v_hi, p_lo, p_hi, X32, tk, N, sb0 + 3, sb_end, s_x32, xbase, j, XF32, xf, xf2, TWO, PREP, pair, quad)
+        for i in range(4, SB_SPLIT + 4, 4):
+            n0 = _fragments(v_lo, v_hi, p_lo, p_hi, X32, tk, N, sb0 + i, sb_end, s_x32, xbase, j, XF32, xf, xf2, TWO, PREP, pair, quad)
+            n1 = _fragments(v_lo, v_hi, p_lo, p_hi, X32, tk, N, sb0 + i + 1, sb_end, s_x32, xbase, j, XF32, xf, xf2, TWO, PREP, pair, quad)
+            n2 = _fragments(v_lo, v_hi, p_lo, p_hi, X32, tk, N, sb0 + i + 2, sb_end, s_x32, xbase, j, XF32, xf, xf2, TWO, PREP, pair, quad)
+            n3 = _fragments(v_lo, v_hi, p_lo, p_hi, X32, tk, N, sb0 + i + 3, sb_end, s_x32, xbase, j, XF32, xf, xf2, TWO, PREP, pair, quad)
+            d, f = _step(f0, d, f, TWO, FP16)
+            d, f = _step(f1, d, f, TWO, FP16)
+            d, f = _step(f2, d, f, TWO, FP16)
+            d, f = _step(f3, d, f, TWO, FP16)
+            f0, f1, f2, f3 = n0, n1, n2, n3
     rows = pid_m * 16 + gl.arange(0, 32, layout=gl.SliceLayout(0, layout)) // 4
     _store(Y, gl.sum(d[0], axis=0), gl.sum(d[1], axis=0), gl.sum(d[2], axis=0), gl.sum(d[3], axis=0), tok, rows,
            N, M, s_yn, layout)

@@ -26,6 +26,7 @@ Accumulation is fp32 everywhere.
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -107,13 +108,24 @@ NM24_ROW_TOKENS = [2]
 #: kernels below)
 NM24_SP = [os.environ.get("STRUCTMAT_NM24_SP", "1") not in ("", "0") and _gluon_nm24 is not None]
 NM24_SP_WARPS = [0]
-#: Tokens it takes: 3-8 (session 16 round 2, H200, bf16, cold, us at 2048^2 / 2048->8192 / 8192->2048, dense 6.0 /
-#: 10.6 / 13.6; decode-layers-20261204T201318Z.json): 4 tokens 5.6 / 9.7 / 11.8 against the expanded tile's 7.2 /
-#: 16.7 / 16.8, 8 tokens 6.0 / 12.0 / 12.6 against 7.4 / 16.8 / 16.8; 16 tokens (a second n8 tile) 7.6 / 25.0 / 17.1
-#: against 7.6 / 16.8 / 16.8, so from 9 tokens on the expanded tile. Two tokens where the weight holds at least
-#: NM24_SP_PAIR_ELEMENTS weights: 8.8 / 11.6 us against the byte-permute kernel's 12.6 / 12.1 (at 2048^2 5.4 vs 5.0)
-NM24_SP_TOKENS = [(3, 8)]
+#: Tokens it takes: 3-32 (H200, bf16, cold, us at 2048^2 / 2048->8192 / 8192->2048; dense 6.1 / 10.6 / 13.7):
+#: 4 tokens 5.3 / 8.9 / 11.7 against the expanded tile's 7.4 / 16.9 / 17.0; 8 tokens 5.7 / 10.7 / 12.4 against 7.6 /
+#: 17.0 / 17.1; 16 tokens 7.4 / 11.0 / 14.2 against 7.8 / 17.0 / 17.1; 32 tokens 8.4 / 17.7 / 16.3 against 8.1 /
+#: 18.0 / 19.9 (session 16 round 4, decode-layers-20261204T203010Z.json). Two tokens where the weight holds at
+#: least NM24_SP_PAIR_ELEMENTS weights: 8.8 / 11.6 us against the byte-permute kernel's 12.6 / 12.1 (at 2048^2 5.4
+#: vs 5.0; round 2, decode-layers-20261204T201318Z.json)
+NM24_SP_TOKENS = [(3, 32)]
 NM24_SP_PAIR_ELEMENTS = [1 << 24]
+#: 64-wide blocks a warp keeps in flight (2; 4 measured slower, 12.8 vs 9.8 us at 2048->8192 and 4 tokens), and
+#: tokens a program takes (16: two n8 tiles sharing the values and codes; 8: one, measured slower at 16-32 tokens)
+NM24_SP_DEPTH = [2]
+NM24_SP_TOKEN_BLOCK = [16]
+#: From NM24_SP_PREP_TOKENS tokens on the inputs are put in fragment order first (``_gluon_nm24._input_fragments``,
+#: one small launch), so that each lane loads an mma's inputs as one 16-byte run instead of four 4-byte loads from
+#: eight token rows: at 16 tokens 7.4 / 11.0 / 14.2 us against 7.8 / 17.0 / 17.1 without; at 4 tokens the launch
+#: costs more than it saves (6.3 / 9.5 / 12.8 against 5.3 / 8.9 / 11.7)
+NM24_SP_PREP = [True]
+NM24_SP_PREP_TOKENS = [9]
 #: A gated MLP's down product at one token (``act``): form SiLU(gate) * up once, in a small kernel of its own
 #: (``_gate_rows``, into the plan's scratch), and run the row kernel on it, instead of forming it inside the row
 #: kernel for every value it gathers (once per kept value, SiLU's exp and division each time)
@@ -1073,19 +1085,30 @@ def _sparse_mma_launcher(N: int, M: int, K: int, device: torch.device, dtype: to
     tiles = _cdiv(M, 16)  # (row tiles of 16: a program each, its warps splitting the reduction)
     warps = NM24_SP_WARPS[0] or (4 if tiles >= 2 * _sms(device.type, device.index) else 8)
     sb = K // 64
-    kernel = Launch(_gluon_nm24._nm24_mma_sp, (tiles, _cdiv(N, 16)), WARPS=warps, TWO=N > 8,
-                    FP16=dtype == torch.float16, num_warps=warps)
-    other, scratch = nm_launcher(N, M, K, K // 2, 2, 4, device, dtype, sparse_mma=False)
+    two = N > 8 and NM24_SP_TOKEN_BLOCK[0] == 16
+    prep = NM24_SP_PREP[0] and N >= NM24_SP_PREP_TOKENS[0]
+    blocks = _cdiv(N, 16) * 2 if two else _cdiv(N, 8)  # (token blocks of 8 the fragment-order inputs hold)
+    kernel = Launch(_gluon_nm24._nm24_mma_sp, (tiles, _cdiv(N, 16 if two else 8)), WARPS=warps, TWO=two,
+                    DEPTH=NM24_SP_DEPTH[0], PREP=prep, FP16=dtype == torch.float16, num_warps=warps)
+    fragments = Launch(_gluon_nm24._input_fragments, (sb, blocks), num_warps=4) if prep else None
+    other, other_scratch = nm_launcher(N, M, K, K // 2, 2, 4, device, dtype, sparse_mma=False)
+    xf_words = blocks * sb * 256 if prep else 0
+    other_words = math.prod(other_scratch) if other_scratch is not None else 0
+    scratch = (max(xf_words, other_words),) if max(xf_words, other_words) else None
 
     def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, t=None, act_off: int = 0) -> None:
         rs, cs = rows(x)
         if (cs == 1 and rs % 2 == 0 and values.stride(0) % 4 == 0 and positions.stride(0) % 8 == 0
                 and values.dtype == x.dtype and x.data_ptr() % 4 == 0 and values.data_ptr() % 8 == 0
                 and positions.data_ptr() % 8 == 0):
-            kernel(x, values, positions, y, N, M, sb, _cdiv(sb, warps), rs, values.stride(0), positions.stride(0),
-                   y.shape[-1])
+            xf = x
+            if prep:
+                xf = t[:xf_words]
+                fragments(x, xf, N, sb, rs)
+            kernel(x, values, positions, y, xf, N, M, sb, _cdiv(sb, warps), rs, values.stride(0),
+                   positions.stride(0), y.shape[-1])
         else:
-            other(x, values, positions, y, t, act_off)
+            other(x, values, positions, y, t[:other_words].view(other_scratch) if other_words else None, act_off)
 
     return launch, scratch
 
