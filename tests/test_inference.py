@@ -458,7 +458,7 @@ def test_decode_kernels_match_reference_interpreter(interpret_report):
 
 def test_nm24_sparse_tensor_cores_take_what_they_can(monkeypatch):
     """Which 2:4 products go to the sparse tensor cores (``_gluon_nm24``): 16-bit values, whole 64-wide blocks, 3-32
-    tokens (two for a weight of 2^24 or more), no gated input, an sm_80+ GPU; the interpreter and CPUs never."""
+    tokens (two for a weight of 2^24 or more; a gated input too), an sm_80+ GPU; the interpreter and CPUs never."""
     from structmat.kernels import _triton_decode as TD
 
     cuda = torch.device("cuda", 0)
@@ -471,7 +471,7 @@ def test_nm24_sparse_tensor_cores_take_what_they_can(monkeypatch):
     assert ok() and ok(n=3) and ok(n=8) and ok(n=9) and ok(n=32) and ok(dtype=torch.float16) and ok(n=2, m=8192)
     assert not ok(n=33) and not ok(n=1, m=8192) and not ok(n=2) and not ok(n=64)
     assert not ok(k=2080) and not ok(nm=(1, 4)) and not ok(nm=(2, 8)) and not ok(dtype=torch.float32)
-    assert not ok(act=True) and not ok(device=torch.device("cpu"))
+    assert ok(act=True) and not ok(device=torch.device("cpu"))
     monkeypatch.setattr(TD, "_capability", lambda device_type, index: (7, 5))
     assert not ok()
     monkeypatch.setattr(TD, "_capability", lambda device_type, index: (9, 0))
@@ -516,7 +516,7 @@ def test_nm24_sparse_tensor_cores_match_reference_gpu(dtype, monkeypatch):
     """2:4 on the sparse tensor cores (``mma.sp``) against the float64 product: positions in any order within a group
     (the instruction is given them as stored), rows not a multiple of 16, 2-32 tokens, a large weight at 2 tokens, and
     operands misaligned for its 8-byte loads (then the other kernels take the call); above 8 tokens the inputs in
-    fragment order and two n8 tiles a program. The kernel must have run."""
+    fragment order and two n8 tiles a program; a gated input (formed first). The kernel must have run."""
     from structmat.kernels import _gluon_nm24, decode
 
     class Counted:  # (each decode.nm call plans anew, so every aligned call launches through kernel[grid])
@@ -543,9 +543,15 @@ def test_nm24_sparse_tensor_cores_match_reference_gpu(dtype, monkeypatch):
             padded = torch.zeros(out_f, vals.shape[1] + 2, dtype=dt, device="cuda")  # (values 4 bytes off 8)
             padded[:, 2:] = vals.to(dt)
             errs[(out_f, n, "misaligned")] = rel_rms(decode.nm(x.cuda().to(dt), padded[:, 2:], pos.cuda(), 2, 4), ref)
+        if out_f == 8192:  # a gated MLP's down product: SiLU(gate) * up formed first, then the sparse kernel
+            for n in (4, 16):
+                gate_up = torch.randn(n, 2 * in_f, generator=g, dtype=torch.float64)
+                h = (F.silu(gate_up[:, :in_f]) * gate_up[:, in_f:]).to(dt).double()
+                errs[(out_f, n, "act")] = rel_rms(decode.nm(gate_up.cuda().to(dt), vals.cuda().to(dt), pos.cuda(),
+                                                            2, 4, act=1), h @ dense.T)
     bad = {k: v for k, v in errs.items() if not v <= TOL[dtype]}
     assert not bad, bad
-    assert counted.calls == 9  # (the nine aligned calls)
+    assert counted.calls == 11  # (the nine aligned calls and the two gated ones)
 
 
 def test_nm24_row_kernel_picks_inputs_by_byte_permute_interpreter(interpret_report):

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Session 16, GPU round 5 (one H200), issue 12, from the repo root:
 #   OUT=$OUT bash benchmarks/experiments/gpu_round_s16_r5.sh
-# The shipped 2:4 forms (mma.sp at 3-32 tokens and at 2 on weights of 2^24+, the inputs in fragment order from 9
-# tokens): its GPU test, per layer at 1-32 tokens, the kernel bench under graphs, the 2:4 models' captured steps at
-# batch 1 / 2 / 8 / 32 and compiled batch-1 step beside dense's.
+# The shipped 2:4 forms (mma.sp at 3-32 tokens and at 2 on weights of 2^24+, a gated input formed first, the inputs
+# in fragment order from 9 tokens): its GPU test, per layer at 1-32 tokens, the kernel bench under graphs, the 2:4
+# models' captured steps at batch 1 / 2 / 8 / 32 and compiled batch-1 step beside dense's.
 STEP_DIR=${OUT:?set OUT}/12
 source benchmarks/experiments/_round.sh
 python3 -c "import triton, torch; print(triton.__version__, torch.__version__)" > "$OUT/versions.txt" 2>&1

@@ -104,8 +104,8 @@ NM24_ROW_TOKENS = [2]
 #: 2:4 of 16-bit values at a few tokens (NM24_SP_TOKENS), where the GPU has sparse tensor cores (sm_80+): the
 #: stored values and codes are ``mma.sp``'s operands as they are (``_gluon_nm24``), nothing expanded; NM24_SP_WARPS
 #: warps a program, each a share of the reduction (0: 4 where the row tiles alone fill the GPU twice, else 8, as
-#: measured: 9.7 vs 12.2 us at 2048->8192, 11.8 vs 16.2 at 8192->2048, 4 tokens; a gated input, ``act``, keeps the
-#: kernels below)
+#: measured: 9.7 vs 12.2 us at 2048->8192, 11.8 vs 16.2 at 8192->2048, 4 tokens; a gated input, ``act``, is formed
+#: first by ``_gate_rows``)
 NM24_SP = [os.environ.get("STRUCTMAT_NM24_SP", "1") not in ("", "0") and _gluon_nm24 is not None]
 NM24_SP_WARPS = [0]
 #: Tokens it takes: 3-32 (H200, bf16, cold, us at 2048^2 / 2048->8192 / 8192->2048; dense 6.1 / 10.6 / 13.7):
@@ -1068,20 +1068,21 @@ def _capability(device_type: str, index: int | None) -> tuple:
 
 def _sparse_mma_ok(N: int, M: int, K: int, kept: int, n_keep: int, group: int, device: torch.device,
                    dtype: torch.dtype, act: bool) -> bool:
-    """Whether the product takes the sparse tensor cores (NM24_SP): 2:4 of 16-bit values, whole 64-wide blocks, no
-    gated input, tokens within NM24_SP_TOKENS (or two, for a weight of NM24_SP_PAIR_ELEMENTS or more), an sm_80+
-    GPU (not the interpreter: inline PTX)."""
+    """Whether the product takes the sparse tensor cores (NM24_SP): 2:4 of 16-bit values, whole 64-wide blocks,
+    tokens within NM24_SP_TOKENS (or two, for a weight of NM24_SP_PAIR_ELEMENTS or more), an sm_80+ GPU (not the
+    interpreter: inline PTX). ``act`` (a gated input) is formed first."""
     low, high = NM24_SP_TOKENS[0]
-    return (NM24_SP[0] and (n_keep, group) == (2, 4) and K == kept * 2 and K % 64 == 0 and not act
+    return (NM24_SP[0] and (n_keep, group) == (2, 4) and K == kept * 2 and K % 64 == 0
             and dtype in (torch.bfloat16, torch.float16) and not INTERPRET
             and (low <= N <= high or N == 2 and M * K >= NM24_SP_PAIR_ELEMENTS[0])
             and _capability(device.type, device.index) >= (8, 0))
 
 
-def _sparse_mma_launcher(N: int, M: int, K: int, device: torch.device, dtype: torch.dtype):
-    """The ``mma.sp`` launch (``_gluon_nm24``) with ``nm_launcher``'s calling convention; a call whose operands are
-    not aligned for its loads (values and codes 8 bytes a lane, inputs 4) takes the launch ``nm_launcher`` makes
-    without it."""
+def _sparse_mma_launcher(N: int, M: int, K: int, device: torch.device, dtype: torch.dtype, act: bool = False):
+    """The ``mma.sp`` launch (``_gluon_nm24``) with ``nm_launcher``'s calling convention (``act``: SiLU(gate) * up
+    formed first by ``_gate_rows``, into the scratch); a call whose operands are not aligned for its loads (values and
+    codes 8 bytes a lane, inputs 4) takes the launch ``nm_launcher`` makes without it. The scratch: the inputs in
+    fragment order, then the gated input; the other launch's scratch a prefix of the same buffer."""
     tiles = _cdiv(M, 16)  # (row tiles of 16: a program each, its warps splitting the reduction)
     warps = NM24_SP_WARPS[0] or (4 if tiles >= 2 * _sms(device.type, device.index) else 8)
     sb = K // 64
@@ -1091,16 +1092,22 @@ def _sparse_mma_launcher(N: int, M: int, K: int, device: torch.device, dtype: to
     kernel = Launch(_gluon_nm24._nm24_mma_sp, (tiles, _cdiv(N, 16 if two else 8)), WARPS=warps, TWO=two,
                     DEPTH=NM24_SP_DEPTH[0], PREP=prep, FP16=dtype == torch.float16, num_warps=warps)
     fragments = Launch(_gluon_nm24._input_fragments, (sb, blocks), num_warps=4) if prep else None
-    other, other_scratch = nm_launcher(N, M, K, K // 2, 2, 4, device, dtype, sparse_mma=False)
+    gate = Launch(_gate_rows, (_cdiv(K, 1024), N), BLOCK=1024, num_warps=4) if act else None
+    other, other_scratch = nm_launcher(N, M, K, K // 2, 2, 4, device, dtype, act=act, sparse_mma=False)
     xf_words = blocks * sb * 256 if prep else 0
+    h_words = _cdiv(N * K * dtype.itemsize, 4) if act else 0
     other_words = math.prod(other_scratch) if other_scratch is not None else 0
-    scratch = (max(xf_words, other_words),) if max(xf_words, other_words) else None
+    words = max(xf_words + h_words, other_words)
 
     def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, t=None, act_off: int = 0) -> None:
         rs, cs = rows(x)
-        if (cs == 1 and rs % 2 == 0 and values.stride(0) % 4 == 0 and positions.stride(0) % 8 == 0
-                and values.dtype == x.dtype and x.data_ptr() % 4 == 0 and values.data_ptr() % 8 == 0
+        if ((act or cs == 1 and rs % 2 == 0 and x.data_ptr() % 4 == 0) and values.stride(0) % 4 == 0
+                and positions.stride(0) % 8 == 0 and values.dtype == x.dtype and values.data_ptr() % 8 == 0
                 and positions.data_ptr() % 8 == 0):
+            if act:
+                h = t[xf_words:xf_words + h_words].view(x.dtype)[:N * K]
+                gate(x, h, K, rs, cs, act_off)
+                x, rs = h, K
             xf = x
             if prep:
                 xf = t[:xf_words]
@@ -1110,7 +1117,7 @@ def _sparse_mma_launcher(N: int, M: int, K: int, device: torch.device, dtype: to
         else:
             other(x, values, positions, y, t[:other_words].view(other_scratch) if other_words else None, act_off)
 
-    return launch, scratch
+    return launch, ((words,) if words else None)
 
 
 def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, device: torch.device,
@@ -1120,7 +1127,7 @@ def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, devi
     fp32 scratch ``t`` it needs (None: none, ``t`` ignored): the split partials, and at one token with ``act`` and
     NM_ROW_GATE_FIRST, flat, the gated input after them."""
     if sparse_mma and _sparse_mma_ok(N, M, K, kept, n_keep, group, device, dtype, act):
-        return _sparse_mma_launcher(N, M, K, device, dtype)
+        return _sparse_mma_launcher(N, M, K, device, dtype, act)
     gate_first = act and NM_ROW_GATE_FIRST[0]
     # 2:4 of 16-bit values at up to NM24_ROW_TOKENS tokens: the byte-permute kernel, ``tokens24`` tokens a program
     pair_ok = (NM24_ROW[0] and (n_keep, group) == (2, 4) and K == kept * 2 and dtype in (torch.bfloat16, torch.float16)
