@@ -16,10 +16,11 @@ element strides (so block-diagonal, Monarch and low-rank are views of one descri
   * the output column may be chunked (Monarch's permutation folded into the store, as in ``_triton_gemm``).
 ``_pdl_stage2_dot``: above one token (up to 16), low-rank's second stage launched early by programmatic dependent
 launch after the gemv first stage (``REDUCE``): its weight tile loaded, then it waits for the first stage's grid.
-``decode_nm``: N:M sparse from compressed values and uint8 in-group positions, each read once; the dense weight is
+``decode_nm``: N:M sparse from compressed values and packed in-group positions, each read once; the dense weight is
 never formed in memory (at one token each value meets the input its position selects, ``_decode_nm_row``, a gated
-MLP's input formed first by ``_gate_rows``; with more tokens each program expands its tile of values into the dense
-tile on chip and feeds it to ``tl.dot``, ``_decode_nm``).
+MLP's input formed first by ``_gate_rows``; 2:4 of 16-bit values at 1-2 tokens picks its inputs by byte permutes,
+``_decode_nm24_row``, and at 3-32 tokens runs on the sparse tensor cores, ``_gluon_nm24``; with more tokens each
+program expands its tile of values into the dense tile on chip and feeds it to ``tl.dot``, ``_decode_nm``).
 Accumulation is fp32 everywhere.
 """
 

@@ -11,7 +11,9 @@ graphs capture them; inference only (no autograd: dispatch sends a call here onl
                                               the order stage 2 reads), stage 2 sums them on load
   ``structmat::decode_nm(x, values, positions, n, m)``  values and packed positions; 2:4 of 16-bit values at
                                               1-2 tokens: each group's two inputs picked from its four by a byte
-                                              permute; other N:M at one token: each value meets the input its
+                                              permute; at 3-32 tokens (and 2 on large weights) on an sm_80+ GPU:
+                                              the sparse tensor cores (mma.sp, ``_gluon_nm24``), values and codes
+                                              as stored; other N:M at one token: each value meets the input its
                                               position selects; more tokens: tiles of values expanded on chip for
                                               tl.dot (2:4 by byte permutes), the reduction split where row blocks
                                               are few (the last split sums)
