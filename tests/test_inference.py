@@ -313,6 +313,7 @@ def _interpret_report() -> dict:
         _triton_decode.clear_plans()
     report["nm24_launched"] = sorted(launched)
     report["input_fragments"] = input_fragments_check()
+    report["sparse_mma_build_failure"] = sparse_mma_build_failure_check()
     # the GPU's tile plans (wider tiles, token blocks), run through the interpreter with the address checker
     _triton_decode.INTERPRET = False
     try:
@@ -505,6 +506,55 @@ def input_fragments_check() -> str:
     return "ok" if bad.numel() == 0 else f"{bad.numel()} of {xf.numel()} differ, first at {bad[:8].tolist()}"
 
 
+def sparse_mma_build_failure_check() -> dict:
+    """The sparse-tensor-core launch (``_triton_decode._sparse_mma_launcher``) when its kernel fails to build (a
+    stand-in that raises, in Triton's interpreter): the first call warns and takes the other kernels (their scratch a
+    prefix of the plan's), with and without a gated input; later plans no longer take it. Returns errors and flags."""
+    from structmat.kernels import _gluon_nm24
+    from structmat.kernels import _triton_decode as TD
+
+    class Broken:
+        def __getitem__(self, grid):
+            def build(*args, **kw):
+                raise RuntimeError("stand-in: does not build")
+            return build
+
+    g = torch.Generator().manual_seed(1)
+    out = {}
+    saved = _gluon_nm24._nm24_mma_sp, TD.NM24_SP[0]
+    _gluon_nm24._nm24_mma_sp = Broken()
+    try:
+        for act in (False, True):
+            TD.SPARSE_MMA_ERROR[0] = None
+            TD.NM24_SP[0] = True
+            n, m, k = 5, 24, 128
+            vals, pos, dense = nm_operands(m, k, 2, 4, g)
+            x = torch.randn(n, 2 * k if act else k, generator=g, dtype=torch.float64)
+            xin = (F.silu(x[:, :k]) * x[:, k:]).to(torch.float16).double() if act else x
+            launch, scratch = TD._sparse_mma_launcher(n, m, k, torch.device("cpu"), torch.float16, act)
+            t = torch.empty(scratch, dtype=torch.float32) if scratch is not None else None
+            y = torch.full((n, m), float("nan"), dtype=torch.float16)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                launch(x.to(torch.float16), vals.to(torch.float16), pos, y, t, k if act else 0)
+            out[f"err_act{int(act)}"] = rel_rms(y, xin @ dense.T)
+            out[f"warned_act{int(act)}"] = any("did not build" in str(w.message) for w in caught)
+            out[f"switched_off_act{int(act)}"] = not TD.NM24_SP[0] and TD.SPARSE_MMA_ERROR[0] is not None
+    finally:
+        _gluon_nm24._nm24_mma_sp, TD.NM24_SP[0] = saved
+        TD.SPARSE_MMA_ERROR[0] = None
+    return out
+
+
+def test_nm24_sparse_mma_build_failure_takes_the_other_kernels_interpreter(interpret_report):
+    """A sparse-tensor-core kernel that does not build (``sparse_mma_build_failure_check``): warned once, switched
+    off, the product still right (fp16, with and without a gated input)."""
+    rep = interpret_report["sparse_mma_build_failure"]
+    for act in (0, 1):
+        assert rep[f"err_act{act}"] <= TOL["float16"], rep
+        assert rep[f"warned_act{act}"] and rep[f"switched_off_act{act}"], rep
+
+
 def test_nm24_input_fragments_interpreter(interpret_report):
     """The sparse kernel's inputs in fragment order, as the interpreter computes them (``input_fragments_check``)."""
     assert interpret_report["input_fragments"] == "ok", interpret_report["input_fragments"]
@@ -518,6 +568,7 @@ def test_nm24_sparse_tensor_cores_match_reference_gpu(dtype, monkeypatch):
     operands misaligned for its 8-byte loads (then the other kernels take the call); above 8 tokens the inputs in
     fragment order and two n8 tiles a program; a gated input (formed first). The kernel must have run."""
     from structmat.kernels import _gluon_nm24, decode
+    from structmat.kernels import _triton_decode as TD
 
     class Counted:  # (each decode.nm call plans anew, so every aligned call launches through kernel[grid])
         def __init__(self, kernel):
@@ -551,6 +602,7 @@ def test_nm24_sparse_tensor_cores_match_reference_gpu(dtype, monkeypatch):
                                                             2, 4, act=1), h @ dense.T)
     bad = {k: v for k, v in errs.items() if not v <= TOL[dtype]}
     assert not bad, bad
+    assert TD.SPARSE_MMA_ERROR[0] is None, TD.SPARSE_MMA_ERROR[0]
     assert counted.calls == 11  # (the nine aligned calls and the two gated ones)
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -127,6 +128,9 @@ NM24_SP_TOKEN_BLOCK = [16]
 #: costs more than it saves (6.3 / 9.5 / 12.8 against 5.3 / 8.9 / 11.7)
 NM24_SP_PREP = [True]
 NM24_SP_PREP_TOKENS = [9]
+#: The error, where the sparse-tensor-core kernel failed to build with this machine's Triton (Gluon is young; it
+#: builds with Triton 3.6 and 3.9): NM24_SP is then switched off, with a warning, and 2:4 takes the kernels above
+SPARSE_MMA_ERROR: list = [None]
 #: A gated MLP's down product at one token (``act``): form SiLU(gate) * up once, in a small kernel of its own
 #: (``_gate_rows``, into the plan's scratch), and run the row kernel on it, instead of forming it inside the row
 #: kernel for every value it gathers (once per kept value, SiLU's exp and division each time)
@@ -1100,23 +1104,38 @@ def _sparse_mma_launcher(N: int, M: int, K: int, device: torch.device, dtype: to
     other_words = math.prod(other_scratch) if other_scratch is not None else 0
     words = max(xf_words + h_words, other_words)
 
+    def sparse(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, t, act_off: int, rs: int, cs: int) -> None:
+        if act:
+            h = t[xf_words:xf_words + h_words].view(x.dtype)[:N * K]
+            gate(x, h, K, rs, cs, act_off)
+            x, rs = h, K
+        xf = x
+        if prep:
+            xf = t[:xf_words]
+            fragments(x, xf, N, sb, rs)
+        kernel(x, values, positions, y, xf, N, M, sb, _cdiv(sb, warps), rs, values.stride(0),
+               positions.stride(0), y.shape[-1])
+
+    built = []
+
     def launch(x: Tensor, values: Tensor, positions: Tensor, y: Tensor, t=None, act_off: int = 0) -> None:
         rs, cs = rows(x)
-        if ((act or cs == 1 and rs % 2 == 0 and x.data_ptr() % 4 == 0) and values.stride(0) % 4 == 0
-                and positions.stride(0) % 8 == 0 and values.dtype == x.dtype and values.data_ptr() % 8 == 0
-                and positions.data_ptr() % 8 == 0):
-            if act:
-                h = t[xf_words:xf_words + h_words].view(x.dtype)[:N * K]
-                gate(x, h, K, rs, cs, act_off)
-                x, rs = h, K
-            xf = x
-            if prep:
-                xf = t[:xf_words]
-                fragments(x, xf, N, sb, rs)
-            kernel(x, values, positions, y, xf, N, M, sb, _cdiv(sb, warps), rs, values.stride(0),
-                   positions.stride(0), y.shape[-1])
-        else:
-            other(x, values, positions, y, t[:other_words].view(other_scratch) if other_words else None, act_off)
+        if (SPARSE_MMA_ERROR[0] is None and (act or cs == 1 and rs % 2 == 0 and x.data_ptr() % 4 == 0)
+                and values.stride(0) % 4 == 0 and positions.stride(0) % 8 == 0 and values.dtype == x.dtype
+                and values.data_ptr() % 8 == 0 and positions.data_ptr() % 8 == 0):
+            if built:
+                return sparse(x, values, positions, y, t, act_off, rs, cs)
+            try:  # (the first call builds the kernels)
+                sparse(x, values, positions, y, t, act_off, rs, cs)
+                built.append(True)
+                return
+            except Exception as err:  # (any build failure: the other kernels from now on, said once)
+                SPARSE_MMA_ERROR[0] = err
+                NM24_SP[0] = False
+                warnings.warn(f"structmat: the 2:4 sparse-tensor-core kernel did not build with Triton "
+                              f"{triton.__version__} ({err!r:.300}); 2:4 products take the other decode kernels",
+                              RuntimeWarning, stacklevel=2)
+        other(x, values, positions, y, t[:other_words].view(other_scratch) if other_words else None, act_off)
 
     return launch, ((words,) if words else None)
 
