@@ -110,8 +110,8 @@ def _fragments(v_lo, v_hi, p_lo, p_hi, X32, tok, N, sb, sb_end, s_x32, xbase, j,
     """64-wide block ``sb``'s registers of one lane for its two mma: A of rows g, g + 8 (groups 4c .. 4c + 3, one
     16-byte load a row), E, B of tokens ``tok`` and (TWO) ``tok + 8``: with PREP from ``XF`` (the inputs in fragment
     order, ``_input_fragments``: one 16-byte load per mma; ``xf``, ``xf2`` this lane's offsets there for the two
-    token blocks), else gathered from the
-    inputs' rows; zeros past ``sb_end`` (codes 0x4444 there: positions 0 and 1, a valid pair)."""
+    token blocks), else gathered from the inputs' rows; zeros past ``sb_end`` (codes 0x4444 there: positions 0 and 1,
+    a valid pair)."""
     layout: gl.constexpr = gl.SliceLayout(2, pair)
     ok = sb < sb_end
     g = _quad(v_lo + sb * 16, ok, layout, quad)
