@@ -11,7 +11,9 @@ Run on the GPU machine (Firecracker runtime; ncu leaves the clocks alone with ``
 
 Cases (bf16; shapes of `structmat bench kernels` and the bench-infer Llama):
   dense_<in>x<out>_t<n>    F.linear (cuBLAS)
-  nm24_<in>x<out>_t<n>     2:4 decode kernel (row kernel at one token, expanded-tile kernel above)
+  nm24_<in>x<out>_t<n>     2:4 decode kernel (byte-permute kernel at one token, sparse tensor cores at 16; positions
+                           packed as the layers store them since session 15: this script passed one uint8 per value
+                           until session 16)
   lr<r>_<in>x<out>_t<n>    low-rank decode kernels (one token: the PDL pair, as captured; above: the gemv pair)
   lrcublas<r>_..._t<n>     low-rank as two cuBLAS GEMMs (the dispatch's choice above ~4 MB of second stage)
   model:<name>             (``--models``) one forward of one token through a one-block bench-infer Llama
@@ -38,11 +40,14 @@ DTYPE = torch.bfloat16
 
 
 def _nm_operands(out_f: int, in_f: int, gen):
+    """2:4 values and their positions, packed as the layers store them (2 bits each: ``pack_positions``)."""
+    from structmat.structures.sparse import pack_positions
+
     vals = torch.randn(out_f, in_f // 2, generator=gen, device="cuda").to(DTYPE) * 0.02
     pos = torch.stack([torch.randperm(4, generator=gen, device="cuda")[:2].sort().values
                        for _ in range(64)])  # a few patterns, tiled (the kernels never assume any)
     pos = pos[torch.randint(0, 64, (out_f * in_f // 4,), generator=gen, device="cuda")].reshape(out_f, -1)
-    return vals, pos.to(torch.uint8).contiguous()
+    return vals, pack_positions(pos.to(torch.uint8), 2).contiguous()
 
 
 def cases(gen):
