@@ -920,7 +920,7 @@ MONARCH_PDL_MIN_BYTES = 0
 
 
 def pdl_ok(device: torch.device) -> bool:
-    return PDL[0] and (INTERPRET or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9))
+    return PDL[0] and (INTERPRET or _capability(device.type, device.index) >= (9, 0))
 
 
 def pdl_launcher(plan: dict, m1: int, k1: int, m2: int, k2: int, chunk1: int = 0, act: bool = False):
