@@ -212,3 +212,26 @@ def test_nm24_sparse_mma_compiles_for_sm90_without_spills(dtype, warps, two, dep
     blocks = 2 * depth  # (a prologue of DEPTH blocks, DEPTH more in the loop)
     assert code[0].count("LDG.E.128 ") == blocks * (2 + (2 * (1 + two) if prep else 0))  # (rows g, g + 8; inputs)
     assert code[0].count("LDG.E.64 ") == blocks * 2  # (the codes of rows g, g + 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_monarch_fused_many_tokens_compiles_for_sm90_without_spills(dtype, monkeypatch):
+    """Monarch's one-launch many-token forward (``_triton_monarch``), at every tile setting its first call on a GPU
+    tries: compiles for sm_90, no spills, its programs per SM fit the shared memory, tensor-core products (HGMMA),
+    and pipelined loads (cp.async: LDGSTS; a loop Triton could not pipeline would have none). Block ranks that are
+    multiples of 8 (every bench shape: 128, 200, 256) take ALIGN8; the first setting is compiled without it too."""
+    from structmat.kernels import _triton_monarch as TM
+
+    # (as launched at the bench shapes: sizes and strides multiples of 16, except the block rank C, 200 there)
+    monkeypatch.setattr(__import__(__name__), "SIZES_OF_16", SIZES_OF_16 + ("N", "P", "U", "CP", "s_rg", "s_rm",
+                                                                              "s_lg", "s_lm"))
+    ty = TYPE[dtype]
+    for (BN, BC, BK1, BU, BK2, warps, stages, per_sm), align in [(c, True) for c in TM.CONFIGS] + [(TM.CONFIGS[0],
+                                                                                                   False)]:
+        code = []
+        shared, stack = compile_sm90(TM._monarch_fused, {a: f"*{ty}" for a in ("X", "R", "L", "Y", "H")},
+                                     {"PRECISION": "tf32", "BN": BN, "BC": BC, "BK1": BK1, "BU": BU, "BK2": BK2,
+                                      "s_rk": 1, "s_lk": 1, "ALIGN8": align}, sass=code, num_warps=warps,
+                                     num_stages=stages)
+        assert stack == 0 and shared * per_sm <= 228 * 1024, (BN, BC, BU, warps, align, shared, stack)
+        assert "HGMMA" in code[0] and "LDGSTS" in code[0], (BN, BC, BU, warps, align)

@@ -157,6 +157,7 @@ def _interpret_report() -> dict:
                                                **{f"g{i}": rel_rms(a, b) for i, (a, b) in enumerate(zip(g, g_ref))}}
             except Exception as err:
                 report[f"{name}-{backend}"] = {"error": float("inf"), "message": repr(err)[:1500]}
+    report.update(_fused_monarch_report())
     # opcheck: schema, fake (meta) kernels and the autograd registration, as torch.compile relies on them.
     from structmat.kernels import ops
 
@@ -169,6 +170,67 @@ def _interpret_report() -> dict:
         report["opcheck"] = "ok"
     except Exception as err:  # report, the test fails with the message
         report["opcheck"] = repr(err)[:2000]
+    return report
+
+
+def _fused_monarch_report() -> dict:
+    """Monarch's one-launch many-token forward (``_triton_monarch``; opt-in ``ops.MONARCH_FUSED``): the kernel on every
+    case (its persistent loop over more tiles than programs, a reused scratch slot, tails of every loop), then
+    through a layer in inference and under torch.compile, where the ops must route to it."""
+    import structmat.kernels as K
+    from structmat.kernels import _triton_monarch as TM
+    from structmat.kernels import ops
+    from structmat.structures.monarch import Monarch, monarch_multiply
+
+    report = {}
+    ops.POISON = True
+    for i, (n, b, p, u, c) in enumerate(MONARCH_CASES + [(70, 4, 24, 20, 5)]):
+        x, R, L = _inputs([(n, b * p), (b, b * c, p), (b, u, b * c)], torch.float32, "cpu", 70 + i)
+        y = ops.monarch_fused_mm(x, R, L)
+        report[f"fused-{i}"] = {"y": rel_rms(y, monarch_multiply(x.double(), R.double(), L.double()))}
+    ops.POISON = False
+    try:
+        TM.monarch_fused(torch.zeros(3, 10), torch.zeros(2, 4, 4), torch.zeros(2, 6, 4))
+        report["fused-shape-error"] = "no error"
+    except ValueError as err:
+        report["fused-shape-error"] = str(err)
+    calls = []
+    real = TM.monarch_fused
+    TM.monarch_fused = lambda *a, **k: calls.append(1) or real(*a, **k)
+    saved = ops.MONARCH_FUSED[0], ops.MONARCH_FUSED_MIN_TOKENS[0]
+    ops.MONARCH_FUSED[0], ops.MONARCH_FUSED_MIN_TOKENS[0] = True, 8
+    try:
+        layer = Monarch(48, 40, nblocks=4).eval()
+        x = torch.randn(2, 9, 48)
+        with torch.no_grad():
+            with K.use_backend("reference"):
+                y_ref = layer(x)
+            for form in ("eager", "compile"):
+                calls.clear()
+                with K.use_backend("triton"):
+                    run = torch.compile(layer, fullgraph=True, backend="aot_eager") if form == "compile" else layer
+                    y = run(x)
+                    few = run(x[:1, :4])  # (below the token bound: the two-launch path)
+                report[f"fused-layer-{form}"] = {"y": rel_rms(y, y_ref), "few": rel_rms(few, y_ref[:1, :4]),
+                                                 "calls": len(calls)}
+            calls.clear()
+            with K.use_backend("cublas"):  # (the cuBLAS engine never launches Triton)
+                layer(x)
+            report["fused-cublas-calls"] = len(calls)
+        with K.use_backend("triton"):  # gradients: the autograd path, never the inference kernel
+            calls.clear()
+            y = layer(x.requires_grad_())
+            report["fused-grad"] = {"calls": len(calls), "has_grad_fn": y.grad_fn is not None}
+    finally:
+        TM.monarch_fused = real
+        ops.MONARCH_FUSED[0], ops.MONARCH_FUSED_MIN_TOKENS[0] = saved
+    x, R, L = _inputs([(5, 12), (3, 6, 4), (3, 4, 6)], torch.float32, "cpu", 31)
+    try:
+        for test in ("test_schema", "test_faketensor"):
+            torch.library.opcheck(ops.monarch_fused_mm, (x, R, L), test_utils=test)
+        report["fused-opcheck"] = "ok"
+    except Exception as err:
+        report["fused-opcheck"] = repr(err)[:2000]
     return report
 
 
@@ -213,6 +275,22 @@ def test_compile_fullgraph_interpreter(interpret_report, key):
     assert "message" not in errors, errors.get("message")
     assert errors["choice"] == key.rsplit("-", 1)[1]
     _check(errors, "float32")
+
+
+@pytest.mark.parametrize("i", range(len(MONARCH_CASES) + 1))
+def test_monarch_fused_kernel_interpreter(interpret_report, i):
+    _check(interpret_report[f"fused-{i}"], "float32")
+
+
+def test_monarch_fused_routing_interpreter(interpret_report):
+    r = interpret_report
+    assert "not one Monarch product" in r["fused-shape-error"], r["fused-shape-error"]
+    for form in ("eager", "compile"):  # one fused launch for the 18-token call, none for the 4-token one
+        assert r[f"fused-layer-{form}"]["calls"] == 1, r[f"fused-layer-{form}"]
+        _check({k: v for k, v in r[f"fused-layer-{form}"].items() if k != "calls"}, "float32")
+    assert r["fused-cublas-calls"] == 0
+    assert r["fused-grad"] == {"calls": 0, "has_grad_fn": True}
+    assert r["fused-opcheck"] == "ok", r["fused-opcheck"]
 
 
 def test_opcheck_interpreter(interpret_report):
@@ -391,6 +469,26 @@ def test_kernel_matches_reference_gpu(kind, case, dtype, engine, monkeypatch):
     _check(errors, dtype)
     # and no worse than the reference in the same dtype (a loose factor: the rounding order differs)
     assert errors["y"] <= TOL_VS_REFERENCE_FACTOR * errors["ref_y"] + TOL[dtype] / 10, errors
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("b,p,c,u", [(4, 512, 128, 512), (4, 512, 200, 2048), (4, 2048, 200, 512), (3, 40, 5, 24)])
+def test_monarch_fused_matches_reference_gpu(b, p, c, u, dtype):
+    """The one-launch many-token Monarch forward at every tile setting (and the one it picks), on the bench model's
+    block shapes and an awkward one (a block rank off 8: no ALIGN8), a token count off every tile: against float64
+    and no worse than the two-launch forward in the same dtype (a loose factor: the rounding order differs)."""
+    from structmat.kernels import _triton_monarch as TM
+    from structmat.kernels import ops
+    from structmat.structures.monarch import monarch_multiply
+
+    dt = getattr(torch, dtype)
+    x, R, L = _inputs([(1000, b * p), (b, b * c, p), (b, u, b * c)], dt, "cuda", b + p + c + u)
+    ref = monarch_multiply(x.double(), R.double(), L.double())
+    two = rel_rms(ops._mon_forward(x, R, L, "triton")[0], ref)
+    for cfg in [*TM.CONFIGS, None]:
+        err = rel_rms(TM.monarch_fused(x, R, L, config=cfg), ref)
+        assert err <= TOL[dtype] and err <= TOL_VS_REFERENCE_FACTOR * two + TOL[dtype] / 10, (cfg, err, two)
 
 
 @pytest.mark.gpu

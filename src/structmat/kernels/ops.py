@@ -6,6 +6,8 @@ so ``torch.compile(fullgraph=True)`` traces through them as opaque nodes. Shapes
   ``structmat::blockdiag_mm(x, W)``: x (N, b*p), W (b, u, p) -> y (N, b*u)  [== structures.blockdiag.blockdiag_bmm]
   ``structmat::monarch_mm(x, R, L)``: x (N, b*p), R (b, b*c, p), L (b, u, b*c) -> (y (N, b*u), h (N, b*b*c))
       [y == structures.monarch.monarch_multiply; h is the permuted intermediate kept for the backward pass]
+  ``structmat::monarch_fused_mm(x, R, L)``: y alone, in one persistent launch (inference, many tokens, opt-in:
+      ``MONARCH_FUSED``; ``_triton_monarch``)
 
 Layouts. Stage 1 of Monarch computes, for every input block k, h_k = x_k @ R_k^T whose columns are ordered (s, q)
 (chunk s of c intermediates goes to output block s). The kernel stores column (s, q) of group k at
@@ -16,9 +18,12 @@ No transposed copy is ever materialised.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
+from . import _triton_monarch
 from ._triton_gemm import grouped_gemm
 
 #: Tests set this to fill every output buffer with NaN before the kernel writes it (an unwritten element shows).
@@ -170,6 +175,21 @@ def _mon_forward(x: Tensor, R: Tensor, L: Tensor, engine: str = "triton") -> tup
     return y, h
 
 
+#: Inference above the few-token range under the "triton" engine (nothing needs a gradient, so no intermediate is
+#: kept): Monarch's forward as ONE persistent kernel, the intermediate in per-program L2 scratch instead of a round
+#: trip through HBM (``_triton_monarch``, issue 12 deliver 3). Off unless ``STRUCTMAT_MONARCH_FUSED=1``: correct in
+#: the interpreter and compiled for sm_90 without spills (tests), but not yet timed on a GPU (session 17 was lent
+#: none); ``benchmarks/experiments/gpu_round_s17_r1.sh`` times it against the two-launch paths.
+MONARCH_FUSED = [os.environ.get("STRUCTMAT_MONARCH_FUSED", "0") not in ("", "0")]
+MONARCH_FUSED_MIN_TOKENS = [65]  # (at 1-64 tokens inference runs the decode kernels)
+
+
+def _fused_ok(x: Tensor, R: Tensor, engine: str) -> bool:
+    return (MONARCH_FUSED[0] and engine == "triton" and IMPL["mon_s1"] == "triton" and x.dim() == 2
+            and x.shape[0] >= MONARCH_FUSED_MIN_TOKENS[0] and x.dtype == R.dtype
+            and (x.is_cuda or _triton_monarch.INTERPRET))
+
+
 def _mon_backward(dy: Tensor, x: Tensor, R: Tensor, L: Tensor, h: Tensor, engine: str = "triton",
                   need: tuple[bool, bool, bool] = (True, True, True)) -> tuple[Tensor | None, ...]:
     """Gradients of x, R and L (each only if ``need`` asks for it; dh is computed only for dx or dR)."""
@@ -215,6 +235,17 @@ def monarch_mm(x: Tensor, R: Tensor, L: Tensor, engine: str = "triton") -> tuple
 def _(x, R, L, engine="triton"):
     b, bc, _ = R.shape
     return x.new_empty((x.shape[0], b * L.shape[1])), x.new_empty((x.shape[0], b * bc))
+
+
+@torch.library.custom_op("structmat::monarch_fused_mm", mutates_args=())
+def monarch_fused_mm(x: Tensor, R: Tensor, L: Tensor) -> Tensor:
+    """Inference only (no autograd registered): y of ``monarch_mm`` in one launch, no intermediate returned."""
+    return _triton_monarch.monarch_fused(x, R, L, out=_empty((x.shape[0], R.shape[0] * L.shape[1]), x))
+
+
+@monarch_fused_mm.register_fake
+def _(x, R, L):
+    return x.new_empty((x.shape[0], R.shape[0] * L.shape[1]))
 
 
 @torch.library.custom_op("structmat::monarch_mm_backward", mutates_args=())
@@ -285,8 +316,11 @@ def _needs_autograd(*tensors: Tensor) -> bool:
 
 def monarch(x: Tensor, R: Tensor, L: Tensor, engine: str = "triton") -> Tensor:
     """The Monarch product y (the custom op under torch.compile, the same code without its dispatch otherwise)."""
+    fused = not _needs_autograd(x, R, L) and _fused_ok(x, R, engine)
     if torch.compiler.is_compiling():
-        return monarch_mm(x, R, L, engine)[0]
+        return monarch_fused_mm(x, R, L) if fused else monarch_mm(x, R, L, engine)[0]
+    if fused:
+        return _triton_monarch.monarch_fused(x, R, L, out=_empty((x.shape[0], R.shape[0] * L.shape[1]), x))
     if _needs_autograd(x, R, L):
         return _MonarchFunction.apply(x, R, L, engine)
     return _mon_forward(x, R, L, engine)[0]

@@ -1,0 +1,150 @@
+"""Monarch's forward for many tokens as ONE persistent kernel: both block-diagonal stages and the permutation, the
+intermediate never round-tripping through HBM (issue 12, deliver 3).
+
+y = monarch(x, R, L) with x (N, b*p), R (b, b*c, p), L (b, u, b*c). Output block s needs only the permuted
+intermediate's block s, h_s (N, b*c), whose chunk k is x_k @ R_k[s*c:(s+1)*c]^T: the c rows of every R_k that go to
+block s. So a tile (BN tokens, output block s) computes its h_s from its x rows and 1/b of R, and y's block s from
+h_s and L_s: no FLOP is repeated, and the b tiles of one token block (consecutive tile numbers, run side by side)
+read the same x rows, from L2 after the first.
+
+The tile's h_s (BN x b*c, rounded to x's dtype as the two-launch forward rounds its intermediate) goes to the
+program's own scratch slot: the grid is persistent (a few programs per SM, each looping over tiles), so the slots
+total a few MB that stay in L2, rewritten tile after tile: HBM sees x, the weights and y, the intermediate only L2.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._triton_gemm import _precision
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _monarch_fused(X, R, L, Y, H, N, P, C, CP, U, NB, TILES,
+                   s_xn, s_xk, s_rg, s_rm, s_rk, s_lg, s_lm, s_lk, s_yn, s_ym,
+                   PRECISION: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, BK1: tl.constexpr,
+                   BU: tl.constexpr, BK2: tl.constexpr, ALIGN8: tl.constexpr):
+    """The scratch row holds the b chunks of h_s at a pitch of CP >= C columns (C rounded up to 16: aligned rows and
+    chunks, whatever the block rank), the columns past C zero. ALIGN8: C is a multiple of 8, so L's columns come in
+    aligned runs of 8 (16-byte loads; the hints say what Triton cannot see through the chunk arithmetic)."""
+    pid = tl.program_id(0)
+    K2P = NB * CP
+    slot = H + pid.to(tl.int64) * BN * K2P  # this program's (BN, b*CP) scratch, row-major
+    offs_n = tl.arange(0, BN)
+    offs_c = tl.arange(0, BC)
+    offs_k1 = tl.arange(0, BK1)
+    offs_u = tl.arange(0, BU)
+    offs_k2 = tl.arange(0, BK2)
+    for tile in range(pid, TILES, tl.num_programs(0)):
+        s = tile % NB
+        rows = (tile // NB) * BN + offs_n
+        rn = rows % N  # rows past the end wrap (valid addresses, dropped at the store)
+        # stage 1: h_s[:, k*CP + q] = x[:, k*p:(k+1)*p] . R[k, s*c + q, :] (zero for q >= c)
+        for k in range(NB):
+            for c0 in range(0, CP, BC):
+                q = c0 + offs_c
+                x_ptrs = X + rn[:, None] * s_xn + (k * P + offs_k1)[None, :] * s_xk
+                r_ptrs = R + k * s_rg + (s * C + q % C)[:, None] * s_rm + offs_k1[None, :] * s_rk
+                acc = tl.zeros((BN, BC), dtype=tl.float32)
+                for p0 in range(0, P, BK1):
+                    k_ok = (p0 + offs_k1) < P
+                    a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+                    w = tl.load(r_ptrs, mask=(q < C)[:, None] & k_ok[None, :], other=0.0)
+                    acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+                    x_ptrs += BK1 * s_xk
+                    r_ptrs += BK1 * s_rk
+                tl.store(slot + offs_n[:, None] * K2P + (k * CP + q)[None, :], acc.to(H.dtype.element_ty),
+                         mask=(q < CP)[None, :])
+        tl.debug_barrier()  # every thread's stores of h_s before any thread reads it
+        # stage 2: y[:, s*u + t] = sum_(k, q < c) h_s[:, k*CP + q] . L[s, t, k*c + q]
+        for u0 in range(0, U, BU):
+            ru = (u0 + offs_u) % U
+            acc = tl.zeros((BN, BU), dtype=tl.float32)
+            for j0 in range(0, K2P, BK2):
+                j = j0 + offs_k2
+                q = j % CP
+                col = (j // CP) * C + q
+                if ALIGN8:
+                    col = tl.max_contiguous(tl.multiple_of(col, 8), 8)
+                j_ok = j < K2P
+                a = tl.load(slot + offs_n[:, None] * K2P + j[None, :], mask=j_ok[None, :], other=0.0,
+                            cache_modifier=".cg")  # (from L2: this CTA's own stores)
+                w = tl.load(L + s * s_lg + ru[:, None] * s_lm + col[None, :] * s_lk, mask=(j_ok & (q < C))[None, :],
+                            other=0.0)
+                acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+            tl.store(Y + rows[:, None] * s_yn + (s * U + u0 + offs_u)[None, :] * s_ym, acc.to(Y.dtype.element_ty),
+                     mask=(rows < N)[:, None] & (u0 + offs_u < U)[None, :])
+        tl.debug_barrier()  # every thread done reading h_s before the next tile overwrites it
+
+
+#: Tile settings tried on a shape's first call on the GPU (the fastest is kept per shape): (BN, BC, BK1, BU, BK2,
+#: warps, stages, programs per SM).
+CONFIGS = [(128, 128, 64, 128, 64, 8, 3, 1), (128, 64, 64, 128, 64, 8, 3, 2), (64, 128, 64, 128, 64, 4, 3, 2),
+           (128, 64, 64, 64, 64, 4, 3, 2), (64, 64, 64, 128, 64, 4, 3, 3)]
+#: The interpreter (CPU tests): small tiles, so the tests' sizes take several of each loop and a tail
+INTERPRET_CONFIG = (16, 16, 16, 16, 16, 4, 1, 1)
+INTERPRET_PROGRAMS = 3  # fewer programs than tiles: the persistent loop and the slot reuse are exercised
+_BEST: dict[tuple, tuple] = {}
+
+
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _launch(x: Tensor, R: Tensor, L: Tensor, y: Tensor, cfg: tuple, programs: int) -> None:
+    b, bc, p = R.shape
+    u, c, n = L.shape[1], bc // b, x.shape[0]
+    BN, BC, BK1, BU, BK2, warps, stages, _ = cfg
+    tiles = triton.cdiv(n, BN) * b
+    programs = min(programs, tiles)
+    cp = triton.cdiv(c, 16) * 16  # (BK2 <= 16 or a multiple of it, BC too: the scratch columns are whole tiles)
+    h = torch.empty((programs, BN, b * cp), dtype=x.dtype, device=x.device)
+    _monarch_fused[(programs,)](x, R, L, y, h, n, p, c, cp, u, b, tiles, *x.stride(), *R.stride(), *L.stride(),
+                                *y.stride(), PRECISION=_precision(x.dtype), BN=BN, BC=BC, BK1=BK1, BU=BU, BK2=BK2,
+                                ALIGN8=c % 8 == 0 and L.stride(1) % 8 == 0 and L.stride(2) == 1, num_warps=warps,
+                                num_stages=stages)
+
+
+def monarch_fused(x: Tensor, R: Tensor, L: Tensor, config: tuple | None = None, out: Tensor | None = None) -> Tensor:
+    """y (N, b*u) = monarch_multiply(x, R, L) for x (N, b*p), in one launch; no intermediate returned (inference).
+    ``out``: the (N, b*u) output buffer to write (allocated here if None).
+    ``config``: force one of ``CONFIGS`` (benchmarks); otherwise the first call per shape times them all (outside a
+    CUDA graph capture; inside one, before any such call, the first setting runs)."""
+    b, bc, p = R.shape
+    u = L.shape[1]
+    if x.dim() != 2 or x.shape[1] != b * p or L.shape != (b, u, bc) or bc % b:
+        raise ValueError(f"monarch_fused: x {tuple(x.shape)}, R {tuple(R.shape)}, L {tuple(L.shape)} are not one "
+                         "Monarch product (x (N, b*p), R (b, b*c, p), L (b, u, b*c))")
+    y = torch.empty((x.shape[0], b * u), dtype=x.dtype, device=x.device) if out is None else out
+    if x.shape[0] == 0:
+        return y
+    if INTERPRET or not x.is_cuda:
+        _launch(x, R, L, y, INTERPRET_CONFIG, INTERPRET_PROGRAMS)
+        return y
+    sms = _sms(x.device)
+    if config is not None:
+        _launch(x, R, L, y, config, config[-1] * sms)
+        return y
+    key = (triton.next_power_of_2(x.shape[0]), b, bc, p, u, x.dtype, R.dtype, tuple(x.stride()), x.device.index)
+    best = _BEST.get(key)
+    if best is None and torch.cuda.is_current_stream_capturing():  # (no timing inside a capture: the first setting)
+        best = CONFIGS[0]
+    elif best is None:
+        timed = {}
+        for cfg in CONFIGS:
+            try:
+                timed[cfg] = triton.testing.do_bench(lambda: _launch(x, R, L, y, cfg, cfg[-1] * sms), warmup=3, rep=15)
+            except Exception:  # (a tile setting this GPU cannot hold: out of shared memory)
+                continue
+        if not timed:
+            raise RuntimeError(f"monarch_fused: no tile setting ran for x {tuple(x.shape)}, R {tuple(R.shape)}")
+        best = _BEST[key] = min(timed, key=timed.get)
+    _launch(x, R, L, y, best, best[-1] * sms)
+    return y
