@@ -219,7 +219,8 @@ def test_monarch_fused_many_tokens_compiles_for_sm90_without_spills(dtype, monke
     """Monarch's one-launch many-token forward (``_triton_monarch``), at every tile setting its first call on a GPU
     tries: compiles for sm_90, no spills, its programs per SM fit the shared memory, tensor-core products (HGMMA),
     and pipelined loads (cp.async: LDGSTS; a loop Triton could not pipeline would have none). Block ranks that are
-    multiples of 8 (every bench shape: 128, 200, 256) take ALIGN8; the first setting is compiled without it too."""
+    multiples of 8 (every bench shape: 128, 200, 256) take ALIGN8, which must leave no 2-byte load; the first setting
+    is compiled without it too."""
     from structmat.kernels import _triton_monarch as TM
 
     # (as launched at the bench shapes: sizes and strides multiples of 16, except the block rank C, 200 there)
@@ -235,3 +236,5 @@ def test_monarch_fused_many_tokens_compiles_for_sm90_without_spills(dtype, monke
                                      num_stages=stages)
         assert stack == 0 and shared * per_sm <= 228 * 1024, (BN, BC, BU, warps, align, shared, stack)
         assert "HGMMA" in code[0] and "LDGSTS" in code[0], (BN, BC, BU, warps, align)
+        if align:  # (every operand 16 bytes at a time: no 2-byte loads of L's chunks)
+            assert "LDG.E.U16" not in code[0], (BN, BC, BU, warps)

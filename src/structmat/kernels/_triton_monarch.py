@@ -32,9 +32,12 @@ def _monarch_fused(X, R, L, Y, H, N, P, C, CP, U, NB, TILES,
                    PRECISION: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, BK1: tl.constexpr,
                    BU: tl.constexpr, BK2: tl.constexpr, ALIGN8: tl.constexpr):
     """The scratch row holds the b chunks of h_s at a pitch of CP >= C columns (C rounded up to 16: aligned rows and
-    chunks, whatever the block rank), the columns past C zero. ALIGN8: C is a multiple of 8, so L's columns come in
-    aligned runs of 8 (16-byte loads; the hints say what Triton cannot see through the chunk arithmetic)."""
+    chunks, whatever the block rank), the columns past C zero. ALIGN8: C is a multiple of 8 and Triton is told so, so L's
+    columns come in aligned runs of 8 under masks constant along them: 16-byte asynchronous loads (without it,
+    2-byte loads through registers: 32 a thread per tile of L at the first tile setting)."""
     pid = tl.program_id(0)
+    if ALIGN8:
+        C = (C // 8) * 8  # (the same value, now known to Triton as a multiple of 8)
     K2P = NB * CP
     slot = H + pid.to(tl.int64) * BN * K2P  # this program's (BN, b*CP) scratch, row-major
     offs_n = tl.arange(0, BN)
@@ -71,8 +74,6 @@ def _monarch_fused(X, R, L, Y, H, N, P, C, CP, U, NB, TILES,
                 j = j0 + offs_k2
                 q = j % CP
                 col = (j // CP) * C + q
-                if ALIGN8:
-                    col = tl.max_contiguous(tl.multiple_of(col, 8), 8)
                 j_ok = j < K2P
                 a = tl.load(slot + offs_n[:, None] * K2P + j[None, :], mask=j_ok[None, :], other=0.0,
                             cache_modifier=".cg")  # (from L2: this CTA's own stores)
