@@ -394,6 +394,17 @@ def test_monarch_block_rank_off_the_triton_tile_never_takes_triton(monkeypatch):
         assert dispatch._monarch_choice(x.requires_grad_(), unaligned.R, unaligned.L) != "triton"
     with dispatch.use_backend("triton"), torch.no_grad():
         assert dispatch._monarch_choice(x, unaligned.R, unaligned.L) == "triton"
+    # with the opt-in one-launch inference forward (no chunked store) nothing is excluded in inference from its
+    # token bound on; training still excludes the scattered store
+    monkeypatch.setattr(dispatch.ops, "MONARCH_FUSED", [True])
+    monkeypatch.setattr(dispatch, "_decisions", {})
+    with torch.no_grad():
+        assert dispatch._monarch_choice(x, unaligned.R, unaligned.L) == "triton"
+        small = x[:dispatch.ops.MONARCH_FUSED_MIN_TOKENS[0] - 1]
+        if small.shape[0] > dispatch.TRITON_CHUNK_FREE_TOKENS:
+            assert dispatch._monarch_choice(small, unaligned.R, unaligned.L) != "triton"
+    with torch.enable_grad():
+        assert dispatch._monarch_choice(x.requires_grad_(), unaligned.R, unaligned.L) != "triton"
 
 
 def test_monarch_few_token_choice_by_stage(monkeypatch):

@@ -184,9 +184,10 @@ MONARCH_FUSED = [os.environ.get("STRUCTMAT_MONARCH_FUSED", "0") not in ("", "0")
 MONARCH_FUSED_MIN_TOKENS = [65]  # (at 1-64 tokens inference runs the decode kernels)
 
 
-def _fused_ok(x: Tensor, R: Tensor, engine: str) -> bool:
+def _fused_ok(x: Tensor, R: Tensor, L: Tensor, engine: str) -> bool:
     return (MONARCH_FUSED[0] and engine == "triton" and IMPL["mon_s1"] == "triton" and x.dim() == 2
             and x.shape[0] >= MONARCH_FUSED_MIN_TOKENS[0] and x.dtype == R.dtype
+            and x.shape[0] * R.shape[0] * L.shape[1] < 2**31  # (its offsets are 32-bit)
             and (x.is_cuda or _triton_monarch.INTERPRET))
 
 
@@ -316,7 +317,7 @@ def _needs_autograd(*tensors: Tensor) -> bool:
 
 def monarch(x: Tensor, R: Tensor, L: Tensor, engine: str = "triton") -> Tensor:
     """The Monarch product y (the custom op under torch.compile, the same code without its dispatch otherwise)."""
-    fused = not _needs_autograd(x, R, L) and _fused_ok(x, R, engine)
+    fused = not _needs_autograd(x, R, L) and _fused_ok(x, R, L, engine)
     if torch.compiler.is_compiling():
         return monarch_fused_mm(x, R, L) if fused else monarch_mm(x, R, L, engine)[0]
     if fused:
