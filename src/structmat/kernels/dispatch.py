@@ -454,7 +454,7 @@ def _monarch_choice(x: Tensor, R: Tensor, L: Tensor) -> str:
     u = L.shape[1]
     es, numel = x.element_size(), R.numel() + L.numel()
     # (the opt-in one-launch inference forward, ops.MONARCH_FUSED, has no chunked store: nothing to exclude there)
-    fused = ops is not None and ops.MONARCH_FUSED[0] and not (
+    fused = ops is not None and ops.MONARCH_FUSED[0] and x.dtype in ops.MONARCH_FUSED_DTYPES and not (
         torch.is_grad_enabled() and (x.requires_grad or R.requires_grad or L.requires_grad))
     least = ops.MONARCH_FUSED_MIN_TOKENS[0] if fused else float("inf")
     aligned = (bc // b) % TRITON_MONARCH_CHUNK == 0

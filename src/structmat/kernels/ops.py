@@ -182,11 +182,14 @@ def _mon_forward(x: Tensor, R: Tensor, L: Tensor, engine: str = "triton") -> tup
 #: none); ``benchmarks/experiments/gpu_round_s17_r1.sh`` times it against the two-launch paths.
 MONARCH_FUSED = [os.environ.get("STRUCTMAT_MONARCH_FUSED", "0") not in ("", "0")]
 MONARCH_FUSED_MIN_TOKENS = [65]  # (at 1-64 tokens inference runs the decode kernels)
+#: (fp32's IEEE dots in Triton run far below cuBLAS's fp32 path: dispatch.FP32_TRITON_MONARCH_EFF; tests add it to
+#: run the kernel through the interpreter, which mishandles 16-bit dots)
+MONARCH_FUSED_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _fused_ok(x: Tensor, R: Tensor, L: Tensor, engine: str) -> bool:
     return (MONARCH_FUSED[0] and engine == "triton" and IMPL["mon_s1"] == "triton" and x.dim() == 2
-            and x.shape[0] >= MONARCH_FUSED_MIN_TOKENS[0] and x.dtype == R.dtype
+            and x.shape[0] >= MONARCH_FUSED_MIN_TOKENS[0] and x.dtype in MONARCH_FUSED_DTYPES and x.dtype == R.dtype
             and x.shape[0] * R.shape[0] * L.shape[1] < 2**31  # (its offsets are 32-bit)
             and (x.is_cuda or _triton_monarch.INTERPRET))
 
