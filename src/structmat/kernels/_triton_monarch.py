@@ -87,8 +87,11 @@ def _monarch_fused(X, R, L, Y, H, N, P, C, CP, U, NB, TILES,
 
 #: Tile settings tried on a shape's first call on the GPU (the fastest is kept per shape): (BN, BC, BK1, BU, BK2,
 #: warps, stages, programs per SM).
+#: (A first stage of BC columns re-reads its BN x p rows of x from L2 once per BC columns of each chunk, and the
+#: second re-reads h_s once per BU outputs: the wide settings read less, the narrow ones keep more programs per SM.)
 CONFIGS = [(128, 128, 64, 128, 64, 8, 3, 1), (128, 64, 64, 128, 64, 8, 3, 2), (64, 128, 64, 128, 64, 4, 3, 2),
-           (128, 64, 64, 64, 64, 4, 3, 2), (64, 64, 64, 128, 64, 4, 3, 3)]
+           (128, 64, 64, 64, 64, 4, 3, 2), (64, 64, 64, 128, 64, 4, 3, 3), (128, 256, 64, 128, 64, 8, 3, 1),
+           (128, 256, 64, 256, 64, 8, 2, 1)]
 #: The interpreter (CPU tests): small tiles, so the tests' sizes take several of each loop and a tail
 INTERPRET_CONFIG = (16, 16, 16, 16, 16, 4, 1, 1)
 INTERPRET_PROGRAMS = 3  # fewer programs than tiles: the persistent loop and the slot reuse are exercised
