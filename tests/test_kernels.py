@@ -186,8 +186,11 @@ def _fused_monarch_report() -> dict:
     ops.POISON = True
     for i, (n, b, p, u, c) in enumerate(MONARCH_CASES + [(70, 4, 24, 20, 5)]):
         x, R, L = _inputs([(n, b * p), (b, b * c, p), (b, u, b * c)], torch.float32, "cpu", 70 + i)
-        y = ops.monarch_fused_mm(x, R, L)
-        report[f"fused-{i}"] = {"y": rel_rms(y, monarch_multiply(x.double(), R.double(), L.double()))}
+        ref = monarch_multiply(x.double(), R.double(), L.double())
+        report[f"fused-{i}"] = {"y": rel_rms(ops.monarch_fused_mm(x, R, L), ref)}
+        for cfg in TM.INTERPRET_CONFIGS:  # (each loop form: nested, and flat over (output tile, step))
+            y = ops._empty(ref.shape, x)
+            report[f"fused-{i}"][f"flat{int(cfg[-1])}"] = rel_rms(TM.monarch_fused(x, R, L, config=cfg, out=y), ref)
     ops.POISON = False
     try:
         TM.monarch_fused(torch.zeros(3, 10), torch.zeros(2, 4, 4), torch.zeros(2, 6, 4))

@@ -27,14 +27,40 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
+def _stage1_operands(X, R, rn, k, s, q, p0, P, C, s_xn, s_xk, s_rg, s_rm, s_rk, offs_k1):
+    """x[rows, k*p + p0 + i] and R[k, s*c + q, p0 + i] for the next BK1 of the reduction (R's rows past c: zero)."""
+    kk = p0 + offs_k1
+    k_ok = kk < P
+    a = tl.load(X + rn[:, None] * s_xn + (k * P + kk)[None, :] * s_xk, mask=k_ok[None, :], other=0.0)
+    w = tl.load(R + k * s_rg + (s * C + q % C)[:, None] * s_rm + kk[None, :] * s_rk,
+                mask=(q < C)[:, None] & k_ok[None, :], other=0.0)
+    return a, w
+
+
+@triton.jit
+def _stage2_operands(slot, L, s, ru, j0, K2P, CP, C, s_lg, s_lm, s_lk, offs_n, offs_k2):
+    """h_s[:, j0 + i] from the scratch slot (through L2 only: this CTA's own stores) and the L_s columns they meet
+    (chunk j // CP, column j % CP; none past c)."""
+    j = j0 + offs_k2
+    q = j % CP
+    j_ok = j < K2P
+    a = tl.load(slot + offs_n[:, None] * K2P + j[None, :], mask=j_ok[None, :], other=0.0, cache_modifier=".cg")
+    w = tl.load(L + s * s_lg + ru[:, None] * s_lm + ((j // CP) * C + q)[None, :] * s_lk,
+                mask=(j_ok & (q < C))[None, :], other=0.0)
+    return a, w
+
+
+@triton.jit
 def _monarch_fused(X, R, L, Y, H, N, P, C, CP, U, NB, TILES,
                    s_xn, s_xk, s_rg, s_rm, s_rk, s_lg, s_lm, s_lk, s_yn, s_ym,
                    PRECISION: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, BK1: tl.constexpr,
-                   BU: tl.constexpr, BK2: tl.constexpr, ALIGN8: tl.constexpr):
+                   BU: tl.constexpr, BK2: tl.constexpr, ALIGN8: tl.constexpr, FLAT: tl.constexpr):
     """The scratch row holds the b chunks of h_s at a pitch of CP >= C columns (C rounded up to 16: aligned rows and
-    chunks, whatever the block rank), the columns past C zero. ALIGN8: C is a multiple of 8 and Triton is told so, so L's
-    columns come in aligned runs of 8 under masks constant along them: 16-byte asynchronous loads (without it,
-    2-byte loads through registers: 32 a thread per tile of L at the first tile setting)."""
+    chunks, whatever the block rank), the columns past C zero. ALIGN8: C is a multiple of 8 and Triton is told so, so
+    L's columns come in aligned runs of 8 under masks constant along them: 16-byte asynchronous loads (without it,
+    2-byte loads through registers: 32 a thread per tile of L at the first tile setting). FLAT: each stage as ONE
+    loop over its (output tile, reduction step) pairs, the tile stored at its last step, so that the pipeline runs on
+    across output tiles (nested loops restart it, with its prologue, for every output tile)."""
     pid = tl.program_id(0)
     if ALIGN8:
         C = (C // 8) * 8  # (the same value, now known to Triton as a multiple of 8)
@@ -45,55 +71,74 @@ def _monarch_fused(X, R, L, Y, H, N, P, C, CP, U, NB, TILES,
     offs_k1 = tl.arange(0, BK1)
     offs_u = tl.arange(0, BU)
     offs_k2 = tl.arange(0, BK2)
+    n_p = tl.cdiv(P, BK1)
+    n_c = tl.cdiv(CP, BC)
+    n_j = tl.cdiv(K2P, BK2)
     for tile in range(pid, TILES, tl.num_programs(0)):
         s = tile % NB
         rows = (tile // NB) * BN + offs_n
         rn = rows % N  # rows past the end wrap (valid addresses, dropped at the store)
         # stage 1: h_s[:, k*CP + q] = x[:, k*p:(k+1)*p] . R[k, s*c + q, :] (zero for q >= c)
-        for k in range(NB):
-            for c0 in range(0, CP, BC):
-                q = c0 + offs_c
-                x_ptrs = X + rn[:, None] * s_xn + (k * P + offs_k1)[None, :] * s_xk
-                r_ptrs = R + k * s_rg + (s * C + q % C)[:, None] * s_rm + offs_k1[None, :] * s_rk
-                acc = tl.zeros((BN, BC), dtype=tl.float32)
-                for p0 in range(0, P, BK1):
-                    k_ok = (p0 + offs_k1) < P
-                    a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-                    w = tl.load(r_ptrs, mask=(q < C)[:, None] & k_ok[None, :], other=0.0)
-                    acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
-                    x_ptrs += BK1 * s_xk
-                    r_ptrs += BK1 * s_rk
-                tl.store(slot + offs_n[:, None] * K2P + (k * CP + q)[None, :], acc.to(H.dtype.element_ty),
-                         mask=(q < CP)[None, :])
+        if FLAT:
+            acc = tl.zeros((BN, BC), dtype=tl.float32)
+            for it in range(NB * n_c * n_p):
+                step = it % n_p
+                k = it // n_p // n_c
+                q = (it // n_p % n_c) * BC + offs_c
+                a, w = _stage1_operands(X, R, rn, k, s, q, step * BK1, P, C, s_xn, s_xk, s_rg, s_rm, s_rk, offs_k1)
+                acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+                if step == n_p - 1:
+                    tl.store(slot + offs_n[:, None] * K2P + (k * CP + q)[None, :], acc.to(H.dtype.element_ty),
+                             mask=(q < CP)[None, :])
+                    acc = tl.zeros((BN, BC), dtype=tl.float32)
+        else:
+            for k in range(NB):
+                for c0 in range(0, CP, BC):
+                    q = c0 + offs_c
+                    acc = tl.zeros((BN, BC), dtype=tl.float32)
+                    for p0 in range(0, P, BK1):
+                        a, w = _stage1_operands(X, R, rn, k, s, q, p0, P, C, s_xn, s_xk, s_rg, s_rm, s_rk, offs_k1)
+                        acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+                    tl.store(slot + offs_n[:, None] * K2P + (k * CP + q)[None, :], acc.to(H.dtype.element_ty),
+                             mask=(q < CP)[None, :])
         tl.debug_barrier()  # every thread's stores of h_s before any thread reads it
         # stage 2: y[:, s*u + t] = sum_(k, q < c) h_s[:, k*CP + q] . L[s, t, k*c + q]
-        for u0 in range(0, U, BU):
-            ru = (u0 + offs_u) % U
+        if FLAT:
             acc = tl.zeros((BN, BU), dtype=tl.float32)
-            for j0 in range(0, K2P, BK2):
-                j = j0 + offs_k2
-                q = j % CP
-                col = (j // CP) * C + q
-                j_ok = j < K2P
-                a = tl.load(slot + offs_n[:, None] * K2P + j[None, :], mask=j_ok[None, :], other=0.0,
-                            cache_modifier=".cg")  # (from L2: this CTA's own stores)
-                w = tl.load(L + s * s_lg + ru[:, None] * s_lm + col[None, :] * s_lk, mask=(j_ok & (q < C))[None, :],
-                            other=0.0)
+            for it in range(tl.cdiv(U, BU) * n_j):
+                step = it % n_j
+                u0 = it // n_j * BU
+                a, w = _stage2_operands(slot, L, s, (u0 + offs_u) % U, step * BK2, K2P, CP, C, s_lg, s_lm, s_lk,
+                                        offs_n, offs_k2)
                 acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
-            tl.store(Y + rows[:, None] * s_yn + (s * U + u0 + offs_u)[None, :] * s_ym, acc.to(Y.dtype.element_ty),
-                     mask=(rows < N)[:, None] & (u0 + offs_u < U)[None, :])
+                if step == n_j - 1:
+                    tl.store(Y + rows[:, None] * s_yn + (s * U + u0 + offs_u)[None, :] * s_ym,
+                             acc.to(Y.dtype.element_ty), mask=(rows < N)[:, None] & (u0 + offs_u < U)[None, :])
+                    acc = tl.zeros((BN, BU), dtype=tl.float32)
+        else:
+            for u0 in range(0, U, BU):
+                acc = tl.zeros((BN, BU), dtype=tl.float32)
+                for j0 in range(0, K2P, BK2):
+                    a, w = _stage2_operands(slot, L, s, (u0 + offs_u) % U, j0, K2P, CP, C, s_lg, s_lm, s_lk, offs_n,
+                                            offs_k2)
+                    acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+                tl.store(Y + rows[:, None] * s_yn + (s * U + u0 + offs_u)[None, :] * s_ym, acc.to(Y.dtype.element_ty),
+                         mask=(rows < N)[:, None] & (u0 + offs_u < U)[None, :])
         tl.debug_barrier()  # every thread done reading h_s before the next tile overwrites it
 
 
 #: Tile settings tried on a shape's first call on the GPU (the fastest is kept per shape): (BN, BC, BK1, BU, BK2,
-#: warps, stages, programs per SM).
-#: (A first stage of BC columns re-reads its BN x p rows of x from L2 once per BC columns of each chunk, and the
-#: second re-reads h_s once per BU outputs: the wide settings read less, the narrow ones keep more programs per SM.)
-CONFIGS = [(128, 128, 64, 128, 64, 8, 3, 1), (128, 64, 64, 128, 64, 8, 3, 2), (64, 128, 64, 128, 64, 4, 3, 2),
-           (128, 64, 64, 64, 64, 4, 3, 2), (64, 64, 64, 128, 64, 4, 3, 3), (128, 256, 64, 128, 64, 8, 3, 1),
-           (128, 256, 64, 256, 64, 8, 2, 1)]
+#: warps, stages, programs per SM, FLAT). (A first stage of BC columns re-reads its BN x p rows of x from L2 once per
+#: BC columns of each chunk, and the second re-reads h_s once per BU outputs: the wide settings read less, the narrow
+#: ones keep more programs per SM.) Every one compiles for sm_90 without spills and fits its programs per SM
+#: (tests/test_decode_compile.py); the flat forms take more shared memory, so fewer of them fit.
+CONFIGS = [(128, 128, 64, 128, 64, 8, 3, 1, False), (128, 64, 64, 128, 64, 8, 3, 2, False),
+           (64, 128, 64, 128, 64, 4, 3, 2, False), (128, 64, 64, 64, 64, 4, 3, 2, False),
+           (64, 64, 64, 128, 64, 4, 3, 3, False), (128, 256, 64, 128, 64, 8, 3, 1, False),
+           (128, 256, 64, 256, 64, 8, 2, 1, False), (128, 128, 64, 128, 64, 8, 3, 1, True),
+           (128, 64, 64, 64, 64, 4, 3, 2, True), (128, 256, 64, 256, 64, 8, 2, 1, True)]
 #: The interpreter (CPU tests): small tiles, so the tests' sizes take several of each loop and a tail
-INTERPRET_CONFIG = (16, 16, 16, 16, 16, 4, 1, 1)
+INTERPRET_CONFIGS = [(16, 16, 16, 16, 16, 4, 1, 1, False), (16, 16, 16, 16, 16, 4, 1, 1, True)]
 INTERPRET_PROGRAMS = 3  # fewer programs than tiles: the persistent loop and the slot reuse are exercised
 _BEST: dict[tuple, tuple] = {}
 
@@ -105,22 +150,23 @@ def _sms(device: torch.device) -> int:
 def _launch(x: Tensor, R: Tensor, L: Tensor, y: Tensor, cfg: tuple, programs: int) -> None:
     b, bc, p = R.shape
     u, c, n = L.shape[1], bc // b, x.shape[0]
-    BN, BC, BK1, BU, BK2, warps, stages, _ = cfg
+    BN, BC, BK1, BU, BK2, warps, stages, _, flat = cfg
     tiles = triton.cdiv(n, BN) * b
     programs = min(programs, tiles)
-    cp = triton.cdiv(c, 16) * 16  # (BK2 <= 16 or a multiple of it, BC too: the scratch columns are whole tiles)
+    cp = triton.cdiv(c, 16) * 16  # (a 16-aligned pitch: aligned scratch rows and chunk starts)
     h = torch.empty((programs, BN, b * cp), dtype=x.dtype, device=x.device)
     _monarch_fused[(programs,)](x, R, L, y, h, n, p, c, cp, u, b, tiles, *x.stride(), *R.stride(), *L.stride(),
                                 *y.stride(), PRECISION=_precision(x.dtype), BN=BN, BC=BC, BK1=BK1, BU=BU, BK2=BK2,
-                                ALIGN8=c % 8 == 0 and L.stride(1) % 8 == 0 and L.stride(2) == 1, num_warps=warps,
-                                num_stages=stages)
+                                ALIGN8=c % 8 == 0 and L.stride(1) % 8 == 0 and L.stride(2) == 1, FLAT=flat,
+                                num_warps=warps, num_stages=stages)
 
 
 def monarch_fused(x: Tensor, R: Tensor, L: Tensor, config: tuple | None = None, out: Tensor | None = None) -> Tensor:
     """y (N, b*u) = monarch_multiply(x, R, L) for x (N, b*p), in one launch; no intermediate returned (inference).
     ``out``: the (N, b*u) output buffer to write (allocated here if None).
-    ``config``: force one of ``CONFIGS`` (benchmarks); otherwise the first call per shape times them all (outside a
-    CUDA graph capture; inside one, before any such call, the first setting runs)."""
+    ``config``: force one of ``CONFIGS`` (benchmarks; in the interpreter, of ``INTERPRET_CONFIGS``); otherwise the
+    first call per shape times them all (outside a CUDA graph capture; inside one, before any such call, the first
+    setting runs)."""
     b, bc, p = R.shape
     u = L.shape[1]
     if x.dim() != 2 or x.shape[1] != b * p or L.shape != (b, u, bc) or bc % b:
@@ -130,7 +176,7 @@ def monarch_fused(x: Tensor, R: Tensor, L: Tensor, config: tuple | None = None, 
     if x.shape[0] == 0:
         return y
     if INTERPRET or not x.is_cuda:
-        _launch(x, R, L, y, INTERPRET_CONFIG, INTERPRET_PROGRAMS)
+        _launch(x, R, L, y, config or INTERPRET_CONFIGS[0], INTERPRET_PROGRAMS)
         return y
     sms = _sms(x.device)
     if config is not None:
