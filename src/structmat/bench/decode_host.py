@@ -82,7 +82,12 @@ def stub_launches() -> None:
 
     from triton.runtime.jit import JITFunction
 
+    from structmat.kernels import decode
+
     dispatch.INTERPRET = True
+    # the plans' eager forms, as a GPU's eager call takes them (one launch for low-rank and Monarch at one token, kept
+    # scratch), not the forms of a captured call, which a CPU tensor would otherwise get (before session 17 it did)
+    decode._eager = lambda x: not decode._AS_CAPTURED[0] and not torch.compiler.is_compiling()
     for name, obj in list(vars(_triton_decode).items()):  # (every kernel: the gemv, N:M, one-grid and PDL forms)
         if isinstance(obj, JITFunction):
             setattr(_triton_decode, name, _NoLaunch())
