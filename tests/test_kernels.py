@@ -490,8 +490,8 @@ def test_kernel_matches_reference_gpu(kind, case, dtype, engine, monkeypatch):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("b,p,c,u", [(4, 512, 128, 512), (4, 512, 200, 2048), (4, 2048, 200, 512), (3, 40, 5, 24)])
 def test_monarch_fused_matches_reference_gpu(b, p, c, u, dtype):
-    """The one-launch many-token Monarch forward at every tile setting (and the one it picks), on the bench model's
-    block shapes and an awkward one (a block rank off 8: no ALIGN8), a token count off every tile: against float64
+    """The one-launch many-token Monarch forward at every tile setting (bf16; fp16 the one it picks), on the bench
+    model's block shapes and an awkward one (a block rank off 8: no ALIGN8), a token count off every tile: against float64
     and no worse than the two-launch forward in the same dtype (a loose factor: the rounding order differs)."""
     from structmat.kernels import _triton_monarch as TM
     from structmat.kernels import ops
@@ -501,7 +501,7 @@ def test_monarch_fused_matches_reference_gpu(b, p, c, u, dtype):
     x, R, L = _inputs([(1000, b * p), (b, b * c, p), (b, u, b * c)], dt, "cuda", b + p + c + u)
     ref = monarch_multiply(x.double(), R.double(), L.double())
     two = rel_rms(ops._mon_forward(x, R, L, "triton")[0], ref)
-    for cfg in [*TM.CONFIGS, None]:
+    for cfg in [*TM.CONFIGS, None] if dtype == "bfloat16" else [None]:  # (fp16: the setting it picks)
         err = rel_rms(TM.monarch_fused(x, R, L, config=cfg), ref)
         assert err <= TOL[dtype] and err <= TOL_VS_REFERENCE_FACTOR * two + TOL[dtype] / 10, (cfg, err, two)
 

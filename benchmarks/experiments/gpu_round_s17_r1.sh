@@ -11,7 +11,7 @@
 STEP_DIR=${OUT:?set OUT}/12
 source benchmarks/experiments/_round.sh
 python3 -c "import triton, torch; print(triton.__version__, torch.__version__)" > "$OUT/versions.txt" 2>&1
-step tests 120 python3 -m pytest -q -m gpu tests/test_kernels.py -x -k "monarch_fused"
+step tests 200 python3 -m pytest -q -m gpu tests/test_kernels.py -x -k "monarch_fused"
 step many 150 python3 benchmarks/experiments/monarch_many.py --out "$OUT/12" --tokens 1024,8192
 export STRUCTMAT_MONARCH_FUSED=1  # (forced "triton" rows and the model's "monarch triton" row take the fused kernel)
 step prefill 200 python3 benchmarks/experiments/prefill_layers.py --out "$OUT/12" --structures monarch --tokens 8192
