@@ -227,13 +227,13 @@ def test_monarch_fused_many_tokens_compiles_for_sm90_without_spills(dtype, monke
     monkeypatch.setattr(__import__(__name__), "SIZES_OF_16", SIZES_OF_16 + ("N", "P", "U", "CP", "s_rg", "s_rm",
                                                                               "s_lg", "s_lm"))
     ty = TYPE[dtype]
-    for (BN, BC, BK1, BU, BK2, warps, stages, per_sm, flat), align in [(c, True) for c in TM.CONFIGS] + [
+    for (BN, BC, BK1, BU, BK2, warps, stages, per_sm, flat, tail), align in [(c, True) for c in TM.CONFIGS] + [
             (TM.CONFIGS[0], False)]:
         code = []
         shared, stack = compile_sm90(TM._monarch_fused, {a: f"*{ty}" for a in ("X", "R", "L", "Y", "H")},
                                      {"PRECISION": "tf32", "BN": BN, "BC": BC, "BK1": BK1, "BU": BU, "BK2": BK2,
-                                      "s_rk": 1, "s_lk": 1, "ALIGN8": align, "FLAT": flat}, sass=code,
-                                     num_warps=warps, num_stages=stages)
+                                      "s_rk": 1, "s_lk": 1, "ALIGN8": align, "FLAT": flat, "TAIL": tail},
+                                     sass=code, num_warps=warps, num_stages=stages)
         assert stack == 0 and shared * per_sm <= 228 * 1024, (BN, BC, BU, warps, align, shared, stack)
         assert "HGMMA" in code[0] and "LDGSTS" in code[0], (BN, BC, BU, warps, align)
         if align:  # (every operand 16 bytes at a time: no 2-byte loads of L's chunks)

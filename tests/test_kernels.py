@@ -34,6 +34,8 @@ MONARCH_CASES = [  # (tokens, nblocks b, in-block p, out-block u, block rank c)
     (50, 4, 16, 16, 4),
 ]
 BLOCKDIAG_CASES = [(1, 4, 8, 8), (33, 3, 20, 12), (70, 2, 40, 24)]  # (tokens, b, p, u)
+# the fused many-token kernel also gets more tiles than programs, and a block rank with whole tiles and a tail
+FUSED_EXTRA_CASES = [(70, 4, 24, 20, 5), (40, 2, 24, 20, 37)]
 
 
 def rel_rms(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -184,13 +186,14 @@ def _fused_monarch_report() -> dict:
 
     report = {}
     ops.POISON = True
-    for i, (n, b, p, u, c) in enumerate(MONARCH_CASES + [(70, 4, 24, 20, 5)]):
+    for i, (n, b, p, u, c) in enumerate(MONARCH_CASES + FUSED_EXTRA_CASES):
         x, R, L = _inputs([(n, b * p), (b, b * c, p), (b, u, b * c)], torch.float32, "cpu", 70 + i)
         ref = monarch_multiply(x.double(), R.double(), L.double())
         report[f"fused-{i}"] = {"y": rel_rms(ops.monarch_fused_mm(x, R, L), ref)}
         for cfg in TM.INTERPRET_CONFIGS:  # (each loop form: nested, and flat over (output tile, step))
             y = ops._empty(ref.shape, x)
-            report[f"fused-{i}"][f"flat{int(cfg[-1])}"] = rel_rms(TM.monarch_fused(x, R, L, config=cfg, out=y), ref)
+            report[f"fused-{i}"][f"flat{int(cfg[8])}-tail{cfg[9]}"] = rel_rms(
+                TM.monarch_fused(x, R, L, config=cfg, out=y), ref)
     ops.POISON = False
     try:
         TM.monarch_fused(torch.zeros(3, 10), torch.zeros(2, 4, 4), torch.zeros(2, 6, 4))
@@ -281,7 +284,7 @@ def test_compile_fullgraph_interpreter(interpret_report, key):
     _check(errors, "float32")
 
 
-@pytest.mark.parametrize("i", range(len(MONARCH_CASES) + 1))
+@pytest.mark.parametrize("i", range(len(MONARCH_CASES) + len(FUSED_EXTRA_CASES)))
 def test_monarch_fused_kernel_interpreter(interpret_report, i):
     _check(interpret_report[f"fused-{i}"], "float32")
 

@@ -38,6 +38,18 @@ def _stage1_operands(X, R, rn, k, s, q, p0, P, C, s_xn, s_xk, s_rg, s_rm, s_rk, 
 
 
 @triton.jit
+def _stage1_tile(X, R, slot, rn, k, s, q, P, C, CP, K2P, s_xn, s_xk, s_rg, s_rm, s_rk, offs_n, offs_k1,
+                 PRECISION: tl.constexpr, BN: tl.constexpr, BK1: tl.constexpr):
+    """Columns q of chunk k of h_s (one pipelined reduction over p), stored to the scratch slot."""
+    acc = tl.zeros((BN, q.shape[0]), dtype=tl.float32)
+    for p0 in range(0, P, BK1):
+        a, w = _stage1_operands(X, R, rn, k, s, q, p0, P, C, s_xn, s_xk, s_rg, s_rm, s_rk, offs_k1)
+        acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+    tl.store(slot + offs_n[:, None] * K2P + (k * CP + q)[None, :], acc.to(slot.dtype.element_ty),
+             mask=(q < CP)[None, :])
+
+
+@triton.jit
 def _stage2_operands(slot, L, s, ru, j0, K2P, CP, C, s_lg, s_lm, s_lk, offs_n, offs_k2):
     """h_s[:, j0 + i] from the scratch slot (through L2 only: this CTA's own stores) and the L_s columns they meet
     (chunk j // CP, column j % CP; none past c)."""
@@ -54,13 +66,16 @@ def _stage2_operands(slot, L, s, ru, j0, K2P, CP, C, s_lg, s_lm, s_lk, offs_n, o
 def _monarch_fused(X, R, L, Y, H, N, P, C, CP, U, NB, TILES,
                    s_xn, s_xk, s_rg, s_rm, s_rk, s_lg, s_lm, s_lk, s_yn, s_ym,
                    PRECISION: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, BK1: tl.constexpr,
-                   BU: tl.constexpr, BK2: tl.constexpr, ALIGN8: tl.constexpr, FLAT: tl.constexpr):
+                   BU: tl.constexpr, BK2: tl.constexpr, ALIGN8: tl.constexpr, FLAT: tl.constexpr,
+                   TAIL: tl.constexpr):
     """The scratch row holds the b chunks of h_s at a pitch of CP >= C columns (C rounded up to 16: aligned rows and
     chunks, whatever the block rank), the columns past C zero. ALIGN8: C is a multiple of 8 and Triton is told so, so
     L's columns come in aligned runs of 8 under masks constant along them: 16-byte asynchronous loads (without it,
     2-byte loads through registers: 32 a thread per tile of L at the first tile setting). FLAT: each stage as ONE
     loop over its (output tile, reduction step) pairs, the tile stored at its last step, so that the pipeline runs on
-    across output tiles (nested loops restart it, with its prologue, for every output tile)."""
+    across output tiles (nested loops restart it, with its prologue, for every output tile). TAIL (nested form): a
+    chunk's columns past its last whole BC tile in TAIL-wide tiles, less padding where BC does not divide the block
+    rank."""
     pid = tl.program_id(0)
     if ALIGN8:
         C = (C // 8) * 8  # (the same value, now known to Triton as a multiple of 8)
@@ -93,14 +108,13 @@ def _monarch_fused(X, R, L, Y, H, N, P, C, CP, U, NB, TILES,
                     acc = tl.zeros((BN, BC), dtype=tl.float32)
         else:
             for k in range(NB):
-                for c0 in range(0, CP, BC):
-                    q = c0 + offs_c
-                    acc = tl.zeros((BN, BC), dtype=tl.float32)
-                    for p0 in range(0, P, BK1):
-                        a, w = _stage1_operands(X, R, rn, k, s, q, p0, P, C, s_xn, s_xk, s_rg, s_rm, s_rk, offs_k1)
-                        acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
-                    tl.store(slot + offs_n[:, None] * K2P + (k * CP + q)[None, :], acc.to(H.dtype.element_ty),
-                             mask=(q < CP)[None, :])
+                for c0 in range(0, CP if TAIL == 0 else C // BC * BC, BC):  # (with TAIL: whole BC tiles only)
+                    _stage1_tile(X, R, slot, rn, k, s, c0 + offs_c, P, C, CP, K2P, s_xn, s_xk, s_rg, s_rm, s_rk,
+                                 offs_n, offs_k1, PRECISION, BN, BK1)
+                if TAIL > 0:  # the rest of the chunk in TAIL-wide tiles: at block rank 200 and BC 64, 16 columns
+                    for c0 in range(C // BC * BC, CP, TAIL):  # (8 of them zero) instead of 64 (56 zero)
+                        _stage1_tile(X, R, slot, rn, k, s, c0 + tl.arange(0, TAIL), P, C, CP, K2P, s_xn, s_xk, s_rg,
+                                     s_rm, s_rk, offs_n, offs_k1, PRECISION, BN, BK1)
         tl.debug_barrier()  # every thread's stores of h_s before any thread reads it
         # stage 2: y[:, s*u + t] = sum_(k, q < c) h_s[:, k*CP + q] . L[s, t, k*c + q]
         if FLAT:
@@ -128,17 +142,18 @@ def _monarch_fused(X, R, L, Y, H, N, P, C, CP, U, NB, TILES,
 
 
 #: Tile settings tried on a shape's first call on the GPU (the fastest is kept per shape): (BN, BC, BK1, BU, BK2,
-#: warps, stages, programs per SM, FLAT). (A first stage of BC columns re-reads its BN x p rows of x from L2 once per
+#: warps, stages, programs per SM, FLAT, TAIL). (A first stage of BC columns re-reads its BN x p rows of x from L2 once per
 #: BC columns of each chunk, and the second re-reads h_s once per BU outputs: the wide settings read less, the narrow
 #: ones keep more programs per SM.) Every one compiles for sm_90 without spills and fits its programs per SM
 #: (tests/test_decode_compile.py); the flat forms take more shared memory, so fewer of them fit.
-CONFIGS = [(128, 128, 64, 128, 64, 8, 3, 1, False), (128, 64, 64, 128, 64, 8, 3, 2, False),
-           (64, 128, 64, 128, 64, 4, 3, 2, False), (128, 64, 64, 64, 64, 4, 3, 2, False),
-           (64, 64, 64, 128, 64, 4, 3, 3, False), (128, 256, 64, 128, 64, 8, 3, 1, False),
-           (128, 256, 64, 256, 64, 8, 2, 1, False), (128, 128, 64, 128, 64, 8, 3, 1, True),
-           (128, 64, 64, 64, 64, 4, 3, 2, True), (128, 256, 64, 256, 64, 8, 2, 1, True)]
-#: The interpreter (CPU tests): small tiles, so the tests' sizes take several of each loop and a tail
-INTERPRET_CONFIGS = [(16, 16, 16, 16, 16, 4, 1, 1, False), (16, 16, 16, 16, 16, 4, 1, 1, True)]
+CONFIGS = [(128, 128, 64, 128, 64, 8, 3, 1, False, 0), (128, 64, 64, 128, 64, 8, 3, 2, False, 16),
+           (64, 128, 64, 128, 64, 4, 3, 2, False, 0), (128, 64, 64, 64, 64, 4, 3, 2, False, 16),
+           (64, 64, 64, 128, 64, 4, 3, 3, False, 16), (128, 256, 64, 128, 64, 8, 3, 1, False, 0),
+           (128, 256, 64, 256, 64, 8, 2, 1, False, 0), (128, 128, 64, 128, 64, 8, 3, 1, True, 0),
+           (128, 64, 64, 64, 64, 4, 3, 2, True, 0), (128, 256, 64, 256, 64, 8, 2, 1, True, 0)]
+#: The interpreter (CPU tests): small tiles, so the tests' sizes take several of each loop and a tail; both forms
+INTERPRET_CONFIGS = [(16, 16, 16, 16, 16, 4, 1, 1, False, 0), (16, 16, 16, 16, 16, 4, 1, 1, True, 0),
+                     (16, 32, 16, 16, 16, 4, 1, 1, False, 16)]
 INTERPRET_PROGRAMS = 3  # fewer programs than tiles: the persistent loop and the slot reuse are exercised
 _BEST: dict[tuple, tuple] = {}
 
@@ -150,7 +165,7 @@ def _sms(device: torch.device) -> int:
 def _launch(x: Tensor, R: Tensor, L: Tensor, y: Tensor, cfg: tuple, programs: int) -> None:
     b, bc, p = R.shape
     u, c, n = L.shape[1], bc // b, x.shape[0]
-    BN, BC, BK1, BU, BK2, warps, stages, _, flat = cfg
+    BN, BC, BK1, BU, BK2, warps, stages, _, flat, tail = cfg
     tiles = triton.cdiv(n, BN) * b
     programs = min(programs, tiles)
     cp = triton.cdiv(c, 16) * 16  # (a 16-aligned pitch: aligned scratch rows and chunk starts)
@@ -158,7 +173,7 @@ def _launch(x: Tensor, R: Tensor, L: Tensor, y: Tensor, cfg: tuple, programs: in
     _monarch_fused[(programs,)](x, R, L, y, h, n, p, c, cp, u, b, tiles, *x.stride(), *R.stride(), *L.stride(),
                                 *y.stride(), PRECISION=_precision(x.dtype), BN=BN, BC=BC, BK1=BK1, BU=BU, BK2=BK2,
                                 ALIGN8=c % 8 == 0 and L.stride(1) % 8 == 0 and L.stride(2) == 1, FLAT=flat,
-                                num_warps=warps, num_stages=stages)
+                                TAIL=tail, num_warps=warps, num_stages=stages)
 
 
 def monarch_fused(x: Tensor, R: Tensor, L: Tensor, config: tuple | None = None, out: Tensor | None = None) -> Tensor:
