@@ -23,12 +23,28 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--structures", default="monarch,lowrank")
     ap.add_argument("--tokens", default="8192", help="comma list of token counts for the layer rows")
+    ap.add_argument("--monarch-fused", action="store_true",
+                    help="also each Monarch model and layer under auto with the one-launch many-token kernel on "
+                         "(kernels.ops.MONARCH_FUSED), in the same process (rows 'auto+fused')")
     args = ap.parse_args()
     from triton.testing import do_bench
 
     from structmat.bench.infer import SHAPE, STRUCTURES, build, prefill_tps
     from structmat.kernels import dispatch
     from structmat.structures import build as build_layer
+
+    from structmat.kernels import ops
+
+    def backends(name: str) -> list[str]:
+        extra = ["auto+fused"] if args.monarch_fused and name.startswith("monarch") else []
+        return ["auto", "reference", "triton", "cublas", *extra]
+
+    def forced(backend: str):
+        """dispatch.use_backend, with 'auto+fused' as auto with the fused Monarch kernel on"""
+        fused = backend == "auto+fused"
+        ops.MONARCH_FUSED[0] = fused
+        dispatch.clear_cache()  # (the decisions depend on the knob)
+        return dispatch.use_backend("auto" if fused else backend)
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     h, f = SHAPE["hidden_size"], SHAPE["intermediate_size"]
@@ -44,9 +60,9 @@ def main() -> None:
         layer = build_layer(spec, in_f, out_f, bias=False).to(dev, dt).eval()
         row = {"spec": str(getattr(layer, "spec", spec)), "dense_ms": do_bench(lambda: F.linear(x, w), rep=200)}
         with torch.no_grad():
-            for backend in ("auto", "reference", "triton", "cublas"):
+            for backend in backends(structure):
                 try:
-                    with dispatch.use_backend(backend):
+                    with forced(backend):
                         layer(x)
                         row[f"{backend}_ms"] = do_bench(lambda: layer(x), rep=200)
                         row[f"{backend}_choice"] = dict(dispatch.LAST_CHOICE)
@@ -58,9 +74,8 @@ def main() -> None:
         del layer, x, w
     for name in ["dense", *args.structures.split(",")]:
         model = build(None if name == "dense" else name, dt, SHAPE)
-        backends = ["auto"] if name == "dense" else ["auto", "reference", "triton", "cublas"]
-        for backend in backends:
-            with dispatch.use_backend(backend):
+        for backend in ["auto"] if name == "dense" else backends(name):
+            with forced(backend):
                 tps = prefill_tps(model, 4, 2048, reps=5)
             result["models"][f"{name} {backend}"] = tps
             print(name, backend, f"{tps:.0f} tok/s", flush=True)
