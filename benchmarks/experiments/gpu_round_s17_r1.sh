@@ -5,9 +5,10 @@
 # Monarch's many-token forward as one persistent kernel (kernels/_triton_monarch.py, the intermediate in per-program
 # L2 scratch; opt-in STRUCTMAT_MONARCH_FUSED=1): its GPU test (every tile setting against float64), then per layer
 # at 1024 / 8192 tokens against the two-launch paths and dense (monarch_many.py), then the bench model's Monarch
-# prefill (4x2048) and its layers at 8192 tokens, the kernel off and on (rows auto / auto+fused) in one process. Predicted: 2048^2 (1.23x with two launches; ~17 of its 76 us move the
-# intermediate through HBM) toward 1.5x; 4096^2 (tensor-core bound, 1.77x) no gain; the model's prefill 1.21x
-# toward 1.25x (the 2048<->8192 layers, block rank 200, pad their chunks to 208 and their tiles to 256).
+# prefill (4x2048) and its layers at 8192 tokens, the kernel off and on (rows auto / auto+fused) in one process.
+# Predicted: 2048^2 (1.23x with two launches; ~17 of its 76 us move the intermediate through HBM) toward 1.5x;
+# 4096^2 (tensor-core bound, 1.77x) no gain; the model's prefill 1.21x toward 1.25x (the 2048<->8192 layers, block
+# rank 200, pad each chunk to 208, or to 256 in the settings without a 16-wide tail).
 STEP_DIR=${OUT:?set OUT}/12
 source benchmarks/experiments/_round.sh
 python3 -c "import triton, torch; print(triton.__version__, torch.__version__)" > "$OUT/versions.txt" 2>&1
