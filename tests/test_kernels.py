@@ -192,7 +192,7 @@ def _fused_monarch_report() -> dict:
         report[f"fused-{i}"] = {"y": rel_rms(ops.monarch_fused_mm(x, R, L), ref)}
         for cfg in TM.INTERPRET_CONFIGS:  # (each loop form: nested, and flat over (output tile, step))
             y = ops._empty(ref.shape, x)
-            report[f"fused-{i}"][f"flat{int(cfg[8])}-tail{cfg[9]}"] = rel_rms(
+            report[f"fused-{i}"][f"flat{int(cfg.flat)}-tail{cfg.tail}"] = rel_rms(
                 TM.monarch_fused(x, R, L, config=cfg, out=y), ref)
     ops.POISON = False
     try:
@@ -287,6 +287,19 @@ def test_compile_fullgraph_interpreter(interpret_report, key):
 @pytest.mark.parametrize("i", range(len(MONARCH_CASES) + len(FUSED_EXTRA_CASES)))
 def test_monarch_fused_kernel_interpreter(interpret_report, i):
     _check(interpret_report[f"fused-{i}"], "float32")
+
+
+def test_monarch_fused_grid_covers_every_tile():
+    """The persistent launch's grid on a 132-SM GPU for every tile setting: at least one program, per_sm per SM at
+    most, never more programs than tiles (a setting whose fields are read in the wrong order would launch none)."""
+    pytest.importorskip("triton")
+    from structmat.kernels import _triton_monarch as TM
+
+    for cfg in TM.CONFIGS:
+        for n, b in ((1, 4), (65, 4), (8192, 4), (8192, 8)):
+            tiles, programs = TM.grid(n, b, cfg, 132)
+            assert tiles == -(-n // cfg.BN) * b and programs == min(tiles, cfg.per_sm * 132) >= 1, (cfg, n, b)
+    assert TM.grid(100, 4, TM.INTERPRET_CONFIGS[0], None) == (28, TM.INTERPRET_PROGRAMS)
 
 
 def test_monarch_fused_routing_interpreter(interpret_report):
@@ -507,6 +520,14 @@ def test_monarch_fused_matches_reference_gpu(b, p, c, u, dtype):
     for cfg in [*TM.CONFIGS, None] if dtype == "bfloat16" else [None]:  # (fp16: the setting it picks)
         err = rel_rms(TM.monarch_fused(x, R, L, config=cfg), ref)
         assert err <= TOL[dtype] and err <= TOL_VS_REFERENCE_FACTOR * two + TOL[dtype] / 10, (cfg, err, two)
+    # the measured choice against a baseline: one that costs nothing wins and is what runs from then on; one far
+    # slower loses (the kernel's own output)
+    done = torch.zeros(1, device="cuda")
+    assert TM.monarch_fused(x, R, L, baseline=lambda: done) is done
+    assert TM.monarch_fused(x, R, L, baseline=lambda: done) is done
+    slow = lambda: (torch.cuda._sleep(50_000_000), done)[1]  # noqa: E731
+    y = TM.monarch_fused(x[:999], R, L, baseline=slow)
+    assert y is not done and rel_rms(y, ref[:999]) <= TOL[dtype]
 
 
 @pytest.mark.gpu

@@ -15,6 +15,7 @@ total a few MB that stay in L2, rewritten tile after tile: HBM sees x, the weigh
 from __future__ import annotations
 
 import os
+from typing import Callable, NamedTuple
 
 import torch
 import triton
@@ -141,47 +142,73 @@ def _monarch_fused(X, R, L, Y, H, N, P, C, CP, U, NB, TILES,
         tl.debug_barrier()  # every thread done reading h_s before the next tile overwrites it
 
 
-#: Tile settings tried on a shape's first call on the GPU (the fastest is kept per shape): (BN, BC, BK1, BU, BK2,
-#: warps, stages, programs per SM, FLAT, TAIL). (A first stage of BC columns re-reads its BN x p rows of x from L2 once per
-#: BC columns of each chunk, and the second re-reads h_s once per BU outputs: the wide settings read less, the narrow
-#: ones keep more programs per SM.) Every one compiles for sm_90 without spills and fits its programs per SM
-#: (tests/test_decode_compile.py); the flat forms take more shared memory, so fewer of them fit.
-CONFIGS = [(128, 128, 64, 128, 64, 8, 3, 1, False, 0), (128, 64, 64, 128, 64, 8, 3, 2, False, 16),
-           (64, 128, 64, 128, 64, 4, 3, 2, False, 0), (128, 64, 64, 64, 64, 4, 3, 2, False, 16),
-           (64, 64, 64, 128, 64, 4, 3, 3, False, 16), (128, 256, 64, 128, 64, 8, 3, 1, False, 0),
-           (128, 256, 64, 256, 64, 8, 2, 1, False, 0), (128, 128, 64, 128, 64, 8, 3, 1, True, 0),
-           (128, 64, 64, 64, 64, 4, 3, 2, True, 0), (128, 256, 64, 256, 64, 8, 2, 1, True, 0)]
+class Tiles(NamedTuple):
+    """One tile setting: token rows BN, first-stage columns BC and reduction step BK1, second-stage outputs BU and
+    reduction step BK2, warps, pipeline stages, programs per SM, the FLAT loop form, the TAIL width (nested form)."""
+    BN: int
+    BC: int
+    BK1: int
+    BU: int
+    BK2: int
+    warps: int
+    stages: int
+    per_sm: int
+    flat: bool = False
+    tail: int = 0
+
+
+#: Tile settings tried on a shape's first call on the GPU (the fastest is kept per shape). (A first stage of BC
+#: columns re-reads its BN x p rows of x from L2 once per BC columns of each chunk, and the second re-reads h_s once per
+#: BU outputs: the wide settings read less, the narrow ones keep more programs per SM.) Every one compiles for sm_90
+#: without spills and fits its programs per SM (tests/test_decode_compile.py); the flat forms take more shared
+#: memory, so fewer of them fit.
+CONFIGS = [Tiles(128, 128, 64, 128, 64, 8, 3, 1), Tiles(128, 64, 64, 128, 64, 8, 3, 2, tail=16),
+           Tiles(64, 128, 64, 128, 64, 4, 3, 2), Tiles(128, 64, 64, 64, 64, 4, 3, 2, tail=16),
+           Tiles(64, 64, 64, 128, 64, 4, 3, 3, tail=16), Tiles(128, 256, 64, 128, 64, 8, 3, 1),
+           Tiles(128, 256, 64, 256, 64, 8, 2, 1), Tiles(128, 128, 64, 128, 64, 8, 3, 1, flat=True),
+           Tiles(128, 64, 64, 64, 64, 4, 3, 2, flat=True), Tiles(128, 256, 64, 256, 64, 8, 2, 1, flat=True)]
 #: The interpreter (CPU tests): small tiles, so the tests' sizes take several of each loop and a tail; both forms
-INTERPRET_CONFIGS = [(16, 16, 16, 16, 16, 4, 1, 1, False, 0), (16, 16, 16, 16, 16, 4, 1, 1, True, 0),
-                     (16, 32, 16, 16, 16, 4, 1, 1, False, 16)]
+INTERPRET_CONFIGS = [Tiles(16, 16, 16, 16, 16, 4, 1, 1), Tiles(16, 16, 16, 16, 16, 4, 1, 1, flat=True),
+                     Tiles(16, 32, 16, 16, 16, 4, 1, 1, tail=16)]
 INTERPRET_PROGRAMS = 3  # fewer programs than tiles: the persistent loop and the slot reuse are exercised
-_BEST: dict[tuple, tuple] = {}
+#: Per shape key: the fastest tile setting, or BASELINE where the caller's other way measured faster
+_BEST: dict[tuple, Tiles | str] = {}
+BASELINE = "baseline"
 
 
 def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _launch(x: Tensor, R: Tensor, L: Tensor, y: Tensor, cfg: tuple, programs: int) -> None:
+def grid(n: int, b: int, cfg: Tiles, sms: int | None) -> tuple[int, int]:
+    """(tiles, programs) of a launch: every (BN-token block, output block) tile; ``cfg.per_sm`` programs per SM (the
+    interpreter, ``sms`` None: INTERPRET_PROGRAMS), never more than the tiles."""
+    tiles = triton.cdiv(n, cfg.BN) * b
+    return tiles, min(tiles, INTERPRET_PROGRAMS if sms is None else cfg.per_sm * sms)
+
+
+def _launch(x: Tensor, R: Tensor, L: Tensor, y: Tensor, cfg: Tiles, sms: int | None) -> None:
     b, bc, p = R.shape
     u, c, n = L.shape[1], bc // b, x.shape[0]
-    BN, BC, BK1, BU, BK2, warps, stages, _, flat, tail = cfg
-    tiles = triton.cdiv(n, BN) * b
-    programs = min(programs, tiles)
+    tiles, programs = grid(n, b, cfg, sms)
     cp = triton.cdiv(c, 16) * 16  # (a 16-aligned pitch: aligned scratch rows and chunk starts)
-    h = torch.empty((programs, BN, b * cp), dtype=x.dtype, device=x.device)
+    h = torch.empty((programs, cfg.BN, b * cp), dtype=x.dtype, device=x.device)
     _monarch_fused[(programs,)](x, R, L, y, h, n, p, c, cp, u, b, tiles, *x.stride(), *R.stride(), *L.stride(),
-                                *y.stride(), PRECISION=_precision(x.dtype), BN=BN, BC=BC, BK1=BK1, BU=BU, BK2=BK2,
-                                ALIGN8=c % 8 == 0 and L.stride(1) % 8 == 0 and L.stride(2) == 1, FLAT=flat,
-                                TAIL=tail, num_warps=warps, num_stages=stages)
+                                *y.stride(), PRECISION=_precision(x.dtype), BN=cfg.BN, BC=cfg.BC, BK1=cfg.BK1,
+                                BU=cfg.BU, BK2=cfg.BK2,
+                                ALIGN8=c % 8 == 0 and L.stride(1) % 8 == 0 and L.stride(2) == 1, FLAT=cfg.flat,
+                                TAIL=cfg.tail, num_warps=cfg.warps, num_stages=cfg.stages)
 
 
-def monarch_fused(x: Tensor, R: Tensor, L: Tensor, config: tuple | None = None, out: Tensor | None = None) -> Tensor:
+def monarch_fused(x: Tensor, R: Tensor, L: Tensor, config: Tiles | None = None, out: Tensor | None = None,
+                  baseline: Callable[[], Tensor] | None = None) -> Tensor:
     """y (N, b*u) = monarch_multiply(x, R, L) for x (N, b*p), in one launch; no intermediate returned (inference).
     ``out``: the (N, b*u) output buffer to write (allocated here if None).
     ``config``: force one of ``CONFIGS`` (benchmarks; in the interpreter, of ``INTERPRET_CONFIGS``); otherwise the
-    first call per shape times them all (outside a CUDA graph capture; inside one, before any such call, the first
-    setting runs)."""
+    first call per shape times them all and keeps the fastest, and ``baseline`` (another way to compute y, e.g. the
+    two-launch forward), if given, is timed beside them: where it is faster, it is what this shape runs from then on
+    (``out`` unused). Inside a CUDA graph capture, before any such call, nothing is timed: the baseline runs, or
+    without one the first setting."""
     b, bc, p = R.shape
     u = L.shape[1]
     if x.dim() != 2 or x.shape[1] != b * p or L.shape != (b, u, bc) or bc % b:
@@ -191,25 +218,30 @@ def monarch_fused(x: Tensor, R: Tensor, L: Tensor, config: tuple | None = None, 
     if x.shape[0] == 0:
         return y
     if INTERPRET or not x.is_cuda:
-        _launch(x, R, L, y, config or INTERPRET_CONFIGS[0], INTERPRET_PROGRAMS)
+        _launch(x, R, L, y, config or INTERPRET_CONFIGS[0], None)
         return y
     sms = _sms(x.device)
     if config is not None:
-        _launch(x, R, L, y, config, config[-1] * sms)
+        _launch(x, R, L, y, config, sms)
         return y
-    key = (triton.next_power_of_2(x.shape[0]), b, bc, p, u, x.dtype, R.dtype, tuple(x.stride()), x.device.index)
+    key = (triton.next_power_of_2(x.shape[0]), b, bc, p, u, x.dtype, R.dtype, tuple(x.stride()), x.device.index,
+           baseline is not None)
     best = _BEST.get(key)
-    if best is None and torch.cuda.is_current_stream_capturing():  # (no timing inside a capture: the first setting)
-        best = CONFIGS[0]
+    if best is None and torch.cuda.is_current_stream_capturing():  # (no timing inside a capture)
+        best = BASELINE if baseline is not None else CONFIGS[0]
     elif best is None:
         timed = {}
         for cfg in CONFIGS:
             try:
-                timed[cfg] = triton.testing.do_bench(lambda: _launch(x, R, L, y, cfg, cfg[-1] * sms), warmup=3, rep=15)
+                timed[cfg] = triton.testing.do_bench(lambda: _launch(x, R, L, y, cfg, sms), warmup=3, rep=15)
             except Exception:  # (a tile setting this GPU cannot hold: out of shared memory)
                 continue
+        if baseline is not None:
+            timed[BASELINE] = triton.testing.do_bench(baseline, warmup=3, rep=15)
         if not timed:
             raise RuntimeError(f"monarch_fused: no tile setting ran for x {tuple(x.shape)}, R {tuple(R.shape)}")
         best = _BEST[key] = min(timed, key=timed.get)
-    _launch(x, R, L, y, best, best[-1] * sms)
+    if best == BASELINE:
+        return baseline()
+    _launch(x, R, L, y, best, sms)
     return y

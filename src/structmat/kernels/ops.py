@@ -177,7 +177,8 @@ def _mon_forward(x: Tensor, R: Tensor, L: Tensor, engine: str = "triton") -> tup
 
 #: Inference above the few-token range under the "triton" engine (nothing needs a gradient, so no intermediate is
 #: kept): Monarch's forward as ONE persistent kernel, the intermediate in per-program L2 scratch instead of a round
-#: trip through HBM (``_triton_monarch``, issue 12 deliver 3). Off unless ``STRUCTMAT_MONARCH_FUSED=1``: correct in
+#: trip through HBM (``_triton_monarch``, issue 12 deliver 3), where its first call per shape times it faster than
+#: the two-launch forward (which runs otherwise). Off unless ``STRUCTMAT_MONARCH_FUSED=1``: correct in
 #: the interpreter and compiled for sm_90 without spills (tests), but not yet timed on a GPU (session 17 was lent
 #: none); ``benchmarks/experiments/gpu_round_s17_r1.sh`` times it against the two-launch paths.
 MONARCH_FUSED = [os.environ.get("STRUCTMAT_MONARCH_FUSED", "0") not in ("", "0")]
@@ -192,6 +193,12 @@ def _fused_ok(x: Tensor, R: Tensor, L: Tensor, engine: str) -> bool:
             and x.shape[0] >= MONARCH_FUSED_MIN_TOKENS[0] and x.dtype in MONARCH_FUSED_DTYPES and x.dtype == R.dtype
             and x.shape[0] * R.shape[0] * L.shape[1] < 2**31  # (its offsets are 32-bit)
             and (x.is_cuda or _triton_monarch.INTERPRET))
+
+
+def _fused_forward(x: Tensor, R: Tensor, L: Tensor) -> Tensor:
+    """The one-launch forward, or the two-launch one where its first call per shape measured that faster."""
+    return _triton_monarch.monarch_fused(x, R, L, out=_empty((x.shape[0], R.shape[0] * L.shape[1]), x),
+                                         baseline=lambda: _mon_forward(x, R, L, "triton")[0])
 
 
 def _mon_backward(dy: Tensor, x: Tensor, R: Tensor, L: Tensor, h: Tensor, engine: str = "triton",
@@ -244,7 +251,7 @@ def _(x, R, L, engine="triton"):
 @torch.library.custom_op("structmat::monarch_fused_mm", mutates_args=())
 def monarch_fused_mm(x: Tensor, R: Tensor, L: Tensor) -> Tensor:
     """Inference only (no autograd registered): y of ``monarch_mm`` in one launch, no intermediate returned."""
-    return _triton_monarch.monarch_fused(x, R, L, out=_empty((x.shape[0], R.shape[0] * L.shape[1]), x))
+    return _fused_forward(x, R, L)
 
 
 @monarch_fused_mm.register_fake
@@ -324,7 +331,7 @@ def monarch(x: Tensor, R: Tensor, L: Tensor, engine: str = "triton") -> Tensor:
     if torch.compiler.is_compiling():
         return monarch_fused_mm(x, R, L) if fused else monarch_mm(x, R, L, engine)[0]
     if fused:
-        return _triton_monarch.monarch_fused(x, R, L, out=_empty((x.shape[0], R.shape[0] * L.shape[1]), x))
+        return _fused_forward(x, R, L)
     if _needs_autograd(x, R, L):
         return _MonarchFunction.apply(x, R, L, engine)
     return _mon_forward(x, R, L, engine)[0]
