@@ -526,8 +526,8 @@ def test_monarch_fused_matches_reference_gpu(b, p, c, u, dtype):
     assert TM.monarch_fused(x, R, L, baseline=lambda: done) is done
     assert TM.monarch_fused(x, R, L, baseline=lambda: done) is done
     slow = lambda: (torch.cuda._sleep(50_000_000), done)[1]  # noqa: E731
-    y = TM.monarch_fused(x[:999], R, L, baseline=slow)
-    assert y is not done and rel_rms(y, ref[:999]) <= TOL[dtype]
+    y = TM.monarch_fused(x[:500], R, L, baseline=slow)  # (another shape key: 500 tokens, not 1000)
+    assert y is not done and rel_rms(y, ref[:500]) <= TOL[dtype]
 
 
 @pytest.mark.gpu
