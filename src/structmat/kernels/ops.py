@@ -180,7 +180,8 @@ def _mon_forward(x: Tensor, R: Tensor, L: Tensor, engine: str = "triton") -> tup
 #: trip through HBM (``_triton_monarch``, issue 12 deliver 3), where its first call per shape times it faster than
 #: the two-launch forward (which runs otherwise). Off unless ``STRUCTMAT_MONARCH_FUSED=1``: correct in
 #: the interpreter and compiled for sm_90 without spills (tests), but not yet timed on a GPU (session 17 was lent
-#: none); ``benchmarks/experiments/gpu_round_s17_r1.sh`` times it against the two-launch paths.
+#: none); ``benchmarks/experiments/gpu_round_s17_r1.sh`` times it against the two-launch paths. (Set at run time:
+#: then ``structmat.kernels.clear_cache()``, since ``auto``'s cached decisions read it.)
 MONARCH_FUSED = [os.environ.get("STRUCTMAT_MONARCH_FUSED", "0") not in ("", "0")]
 MONARCH_FUSED_MIN_TOKENS = [65]  # (at 1-64 tokens inference runs the decode kernels)
 #: (fp32's IEEE dots in Triton run far below cuBLAS's fp32 path: dispatch.FP32_TRITON_MONARCH_EFF; tests add it to
