@@ -30,10 +30,8 @@ def main() -> None:
     from triton.testing import do_bench
 
     from structmat.bench.infer import SHAPE, STRUCTURES, build, prefill_tps
-    from structmat.kernels import dispatch
+    from structmat.kernels import dispatch, ops
     from structmat.structures import build as build_layer
-
-    from structmat.kernels import ops
 
     def backends(name: str) -> list[str]:
         extra = ["auto+fused"] if args.monarch_fused and name.startswith("monarch") else []
