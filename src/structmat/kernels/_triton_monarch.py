@@ -40,9 +40,9 @@ def _stage1_operands(X, R, rn, k, s, q, p0, P, C, s_xn, s_xk, s_rg, s_rm, s_rk, 
 
 @triton.jit
 def _stage1_tile(X, R, slot, rn, k, s, q, P, C, CP, K2P, s_xn, s_xk, s_rg, s_rm, s_rk, offs_n, offs_k1,
-                 PRECISION: tl.constexpr, BN: tl.constexpr, BK1: tl.constexpr):
-    """Columns q of chunk k of h_s (one pipelined reduction over p), stored to the scratch slot."""
-    acc = tl.zeros((BN, q.shape[0]), dtype=tl.float32)
+                 PRECISION: tl.constexpr, BN: tl.constexpr, BK1: tl.constexpr, WIDTH: tl.constexpr):
+    """Columns q (WIDTH of them) of chunk k of h_s (one pipelined reduction over p), stored to the scratch slot."""
+    acc = tl.zeros((BN, WIDTH), dtype=tl.float32)
     for p0 in range(0, P, BK1):
         a, w = _stage1_operands(X, R, rn, k, s, q, p0, P, C, s_xn, s_xk, s_rg, s_rm, s_rk, offs_k1)
         acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
@@ -108,14 +108,17 @@ def _monarch_fused(X, R, L, Y, H, N, P, C, CP, U, NB, TILES,
                              mask=(q < CP)[None, :])
                     acc = tl.zeros((BN, BC), dtype=tl.float32)
         else:
+            whole = CP  # (with TAIL: the whole BC tiles only)
+            if TAIL > 0:
+                whole = C // BC * BC
             for k in range(NB):
-                for c0 in range(0, CP if TAIL == 0 else C // BC * BC, BC):  # (with TAIL: whole BC tiles only)
+                for c0 in range(0, whole, BC):
                     _stage1_tile(X, R, slot, rn, k, s, c0 + offs_c, P, C, CP, K2P, s_xn, s_xk, s_rg, s_rm, s_rk,
-                                 offs_n, offs_k1, PRECISION, BN, BK1)
+                                 offs_n, offs_k1, PRECISION, BN, BK1, BC)
                 if TAIL > 0:  # the rest of the chunk in TAIL-wide tiles: at block rank 200 and BC 64, 16 columns
                     for c0 in range(C // BC * BC, CP, TAIL):  # (8 of them zero) instead of 64 (56 zero)
                         _stage1_tile(X, R, slot, rn, k, s, c0 + tl.arange(0, TAIL), P, C, CP, K2P, s_xn, s_xk, s_rg,
-                                     s_rm, s_rk, offs_n, offs_k1, PRECISION, BN, BK1)
+                                     s_rm, s_rk, offs_n, offs_k1, PRECISION, BN, BK1, TAIL)
         tl.debug_barrier()  # every thread's stores of h_s before any thread reads it
         # stage 2: y[:, s*u + t] = sum_(k, q < c) h_s[:, k*CP + q] . L[s, t, k*c + q]
         if FLAT:
