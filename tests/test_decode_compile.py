@@ -220,21 +220,23 @@ def test_monarch_fused_many_tokens_compiles_for_sm90_without_spills(dtype, monke
     tries: compiles for sm_90, no spills, its programs per SM fit the shared memory, tensor-core products (HGMMA),
     and pipelined loads (cp.async: LDGSTS; a loop Triton could not pipeline would have none). Block ranks that are
     multiples of 8 (every bench shape: 128, 200, 256) take ALIGN8, which must leave no 2-byte load; the first setting
-    is compiled without it too."""
+    is compiled without it too; and the training form (SAVE: the intermediate written for the backward)."""
     from structmat.kernels import _triton_monarch as TM
 
     # (as launched at the bench shapes: sizes and strides multiples of 16, except the block rank C, 200 there)
-    monkeypatch.setattr(__import__(__name__), "SIZES_OF_16", SIZES_OF_16 + ("N", "P", "U", "CP", "s_rg", "s_rm",
-                                                                              "s_lg", "s_lm"))
+    monkeypatch.setattr(__import__(__name__), "SIZES_OF_16", SIZES_OF_16 + ("N", "P", "U", "CP", "s_hn", "s_rg",
+                                                                              "s_rm", "s_lg", "s_lm"))
     ty = TYPE[dtype]
-    for (BN, BC, BK1, BU, BK2, warps, stages, per_sm, flat, tail), align in [(c, True) for c in TM.CONFIGS] + [
-            (TM.CONFIGS[0], False)]:
+    # (inference with every setting; training, SAVE, with every setting in bf16 and with the first in fp16)
+    cases = [(c, True, False) for c in TM.CONFIGS] + [(TM.CONFIGS[0], False, False)] + [
+        (c, True, True) for c in (TM.SAVE_CONFIGS if dtype == torch.bfloat16 else TM.SAVE_CONFIGS[:1])]
+    for (BN, BC, BK1, BU, BK2, warps, stages, per_sm, flat, tail), align, save in cases:
         code = []
         shared, stack = compile_sm90(TM._monarch_fused, {a: f"*{ty}" for a in ("X", "R", "L", "Y", "H")},
                                      {"PRECISION": "tf32", "BN": BN, "BC": BC, "BK1": BK1, "BU": BU, "BK2": BK2,
-                                      "s_rk": 1, "s_lk": 1, "ALIGN8": align, "FLAT": flat, "TAIL": tail},
-                                     sass=code, num_warps=warps, num_stages=stages)
-        assert stack == 0 and shared * per_sm <= 228 * 1024, (BN, BC, BU, warps, align, shared, stack)
-        assert "HGMMA" in code[0] and "LDGSTS" in code[0], (BN, BC, BU, warps, align)
+                                      "s_rk": 1, "s_lk": 1, "ALIGN8": align, "FLAT": flat, "TAIL": tail,
+                                      "SAVE": save}, sass=code, num_warps=warps, num_stages=stages)
+        assert stack == 0 and shared * per_sm <= 228 * 1024, (BN, BC, BU, warps, align, save, shared, stack)
+        assert "HGMMA" in code[0] and "LDGSTS" in code[0], (BN, BC, BU, warps, align, save)
         if align:  # (every operand 16 bytes at a time: no 2-byte loads of L's chunks)
-            assert "LDG.E.U16" not in code[0], (BN, BC, BU, warps)
+            assert "LDG.E.U16" not in code[0], (BN, BC, BU, warps, save)

@@ -190,10 +190,14 @@ def _fused_monarch_report() -> dict:
         x, R, L = _inputs([(n, b * p), (b, b * c, p), (b, u, b * c)], torch.float32, "cpu", 70 + i)
         ref = monarch_multiply(x.double(), R.double(), L.double())
         report[f"fused-{i}"] = {"y": rel_rms(ops.monarch_fused_mm(x, R, L), ref)}
+        h_two = ops._two_launch_forward(x, R, L)[1]
         for cfg in TM.INTERPRET_CONFIGS:  # (each loop form: nested, and flat over (output tile, step))
             y = ops._empty(ref.shape, x)
-            report[f"fused-{i}"][f"flat{int(cfg.flat)}-tail{cfg.tail}"] = rel_rms(
-                TM.monarch_fused(x, R, L, config=cfg, out=y), ref)
+            tag = f"flat{int(cfg.flat)}-tail{cfg.tail}"
+            report[f"fused-{i}"][tag] = rel_rms(TM.monarch_fused(x, R, L, config=cfg, out=y), ref)
+            h = ops._empty(h_two.shape, x)  # (training form: the intermediate as the two launches write it)
+            report[f"fused-{i}"][f"{tag}-save"] = rel_rms(TM.monarch_fused(x, R, L, config=cfg, save=h), ref)
+            report[f"fused-{i}"][f"{tag}-h"] = rel_rms(h, h_two)
     ops.POISON = False
     try:
         TM.monarch_fused(torch.zeros(3, 10), torch.zeros(2, 4, 4), torch.zeros(2, 6, 4))
@@ -202,7 +206,7 @@ def _fused_monarch_report() -> dict:
         report["fused-shape-error"] = str(err)
     calls = []
     real = TM.monarch_fused
-    TM.monarch_fused = lambda *a, **k: calls.append(1) or real(*a, **k)
+    TM.monarch_fused = lambda *a, **k: calls.append(int(k.get("save") is not None)) or real(*a, **k)
     saved = ops.MONARCH_FUSED[0], ops.MONARCH_FUSED_MIN_TOKENS[0], ops.MONARCH_FUSED_DTYPES
     ops.MONARCH_FUSED[0], ops.MONARCH_FUSED_MIN_TOKENS[0] = True, 8
     ops.MONARCH_FUSED_DTYPES += (torch.float32,)  # (fp32 here: the interpreter mishandles 16-bit dots)
@@ -224,10 +228,17 @@ def _fused_monarch_report() -> dict:
             with K.use_backend("cublas"):  # (the cuBLAS engine never launches Triton)
                 layer(x)
             report["fused-cublas-calls"] = len(calls)
-        with K.use_backend("triton"):  # gradients: the autograd path, never the inference kernel
+        with K.use_backend("reference"):
+            g_ref = torch.autograd.grad(layer(x.requires_grad_()).square().sum(), [x, *layer.parameters()])
+        for form in ("eager", "compile"):  # training: the kernel writes the intermediate the backward reads
             calls.clear()
-            y = layer(x.requires_grad_())
-            report["fused-grad"] = {"calls": len(calls), "has_grad_fn": y.grad_fn is not None}
+            with K.use_backend("triton"):
+                run = torch.compile(layer, fullgraph=True, backend="aot_eager") if form == "compile" else layer
+                y = run(x)
+                g = torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])
+            report[f"fused-grad-{form}"] = {"calls": len(calls), "saved": sum(calls),
+                                             "y": rel_rms(y, y_ref),
+                                             **{f"g{i}": rel_rms(a, b) for i, (a, b) in enumerate(zip(g, g_ref))}}
     finally:
         TM.monarch_fused = real
         ops.MONARCH_FUSED[0], ops.MONARCH_FUSED_MIN_TOKENS[0], ops.MONARCH_FUSED_DTYPES = saved
@@ -309,7 +320,9 @@ def test_monarch_fused_routing_interpreter(interpret_report):
         assert r[f"fused-layer-{form}"]["calls"] == 1, r[f"fused-layer-{form}"]
         _check({k: v for k, v in r[f"fused-layer-{form}"].items() if k != "calls"}, "float32")
     assert r["fused-cublas-calls"] == 0
-    assert r["fused-grad"] == {"calls": 0, "has_grad_fn": True}
+    for form in ("eager", "compile"):  # with gradients: one launch that keeps the intermediate, exact gradients
+        assert r[f"fused-grad-{form}"]["calls"] == r[f"fused-grad-{form}"]["saved"] == 1, r[f"fused-grad-{form}"]
+        _check({k: v for k, v in r[f"fused-grad-{form}"].items() if k not in ("calls", "saved")}, "float32")
     assert r["fused-opcheck"] == "ok", r["fused-opcheck"]
 
 
@@ -516,10 +529,16 @@ def test_monarch_fused_matches_reference_gpu(b, p, c, u, dtype):
     dt = getattr(torch, dtype)
     x, R, L = _inputs([(1000, b * p), (b, b * c, p), (b, u, b * c)], dt, "cuda", b + p + c + u)
     ref = monarch_multiply(x.double(), R.double(), L.double())
-    two = rel_rms(ops._mon_forward(x, R, L, "triton")[0], ref)
+    two = rel_rms(ops._two_launch_forward(x, R, L, "triton")[0], ref)
     for cfg in [*TM.CONFIGS, None] if dtype == "bfloat16" else [None]:  # (fp16: the setting it picks)
         err = rel_rms(TM.monarch_fused(x, R, L, config=cfg), ref)
         assert err <= TOL[dtype] and err <= TOL_VS_REFERENCE_FACTOR * two + TOL[dtype] / 10, (cfg, err, two)
+    h_two = ops._two_launch_forward(x, R, L, "triton")[1]
+    for cfg in [*TM.SAVE_CONFIGS, None] if dtype == "bfloat16" else [None]:  # the training form
+        h = torch.full_like(h_two, float("nan"))
+        err = rel_rms(TM.monarch_fused(x, R, L, config=cfg, save=h), ref)
+        assert err <= TOL[dtype] and err <= TOL_VS_REFERENCE_FACTOR * two + TOL[dtype] / 10, (cfg, err, two)
+        assert rel_rms(h, h_two) <= TOL[dtype], cfg  # (the same products, each rounded once: in the order it sums)
     # the measured choice against a baseline: one that costs nothing wins and is what runs from then on; one far
     # slower loses (the kernel's own output)
     done = torch.zeros(1, device="cuda")

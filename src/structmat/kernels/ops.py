@@ -160,12 +160,27 @@ blockdiag_mm.register_autograd(_bd_grad, setup_context=_bd_setup)
 
 
 def _mon_forward(x: Tensor, R: Tensor, L: Tensor, engine: str = "triton") -> tuple[Tensor, Tensor]:
+    """(y, h): the output and the permuted intermediate (kept for the backward). With ``MONARCH_FUSED`` (see there)
+    in one launch that writes h as it goes and reads it back from L2, where its first call per shape times that
+    faster than the two launches."""
+    if not _fused_ok(x, R, L, engine):
+        return _two_launch_forward(x, R, L, engine)
+    y, h = _empty((x.shape[0], R.shape[0] * L.shape[1]), x), _empty((x.shape[0], R.shape[0] * R.shape[1]), x)
+    y = _triton_monarch.monarch_fused(x, R, L, out=y, save=h,
+                                      baseline=lambda: _two_launch_forward(x, R, L, engine, y, h)[0])
+    return y, h
+
+
+def _two_launch_forward(x: Tensor, R: Tensor, L: Tensor, engine: str = "triton", y: Tensor | None = None,
+                        h: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(y, h) by two grouped GEMMs: stage 1 writes the permuted intermediate, stage 2 reads it (into ``y`` and
+    ``h`` where given)."""
     b, bc, p = R.shape
     u = L.shape[1]
     c = bc // b
     n = x.shape[0]
-    h = _empty((n, b * bc), x)  # (s, k, q) order
-    y = _empty((n, b * u), x)
+    h = _empty((n, b * bc), x) if h is None else h  # (s, k, q) order
+    y = _empty((n, b * u), x) if y is None else y
     # stage 1, group k: A = x[:, k*p:] (n, p); B[j, (s,q)] = R[k, s*c+q, j]; column (s,q) -> h[:, s*b*c + k*c + q]
     _gemm("mon_s1", engine, x, (p * x.stride(1), x.stride(0), x.stride(1)), R, (R.stride(0), R.stride(2), R.stride(1)),
           h, (c, h.stride(0), 1), b, n, bc, p, chunk=c, chunk_stride=bc)
@@ -175,10 +190,10 @@ def _mon_forward(x: Tensor, R: Tensor, L: Tensor, engine: str = "triton") -> tup
     return y, h
 
 
-#: Inference above the few-token range under the "triton" engine (nothing needs a gradient, so no intermediate is
-#: kept): Monarch's forward as ONE persistent kernel, the intermediate in per-program L2 scratch instead of a round
-#: trip through HBM (``_triton_monarch``, issue 12 deliver 3), where its first call per shape times it faster than
-#: the two-launch forward (which runs otherwise). Off unless ``STRUCTMAT_MONARCH_FUSED=1``: correct in
+#: Above the few-token range under the "triton" engine: Monarch's forward as ONE persistent kernel
+#: (``_triton_monarch``, issue 12 deliver 3), where its first call per shape times it faster than the two-launch
+#: forward (which runs otherwise). In inference (nothing needs a gradient) the intermediate lives in per-program L2
+#: scratch instead of a round trip through HBM; in training it is written for the backward and read back from L2. Off unless ``STRUCTMAT_MONARCH_FUSED=1``: correct in
 #: the interpreter and compiled for sm_90 without spills (tests), but not yet timed on a GPU (session 17 was lent
 #: none); ``benchmarks/experiments/gpu_round_s17_r1.sh`` times it against the two-launch paths. (Set at run time:
 #: then ``structmat.kernels.clear_cache()``, since ``auto``'s cached decisions read it.)
@@ -197,9 +212,10 @@ def _fused_ok(x: Tensor, R: Tensor, L: Tensor, engine: str) -> bool:
 
 
 def _fused_forward(x: Tensor, R: Tensor, L: Tensor) -> Tensor:
-    """The one-launch forward, or the two-launch one where its first call per shape measured that faster."""
+    """Inference: the one-launch forward keeping no intermediate, or the two launches where its first call per shape
+    measured them faster."""
     return _triton_monarch.monarch_fused(x, R, L, out=_empty((x.shape[0], R.shape[0] * L.shape[1]), x),
-                                         baseline=lambda: _mon_forward(x, R, L, "triton")[0])
+                                         baseline=lambda: _two_launch_forward(x, R, L, "triton")[0])
 
 
 def _mon_backward(dy: Tensor, x: Tensor, R: Tensor, L: Tensor, h: Tensor, engine: str = "triton",
@@ -363,10 +379,10 @@ def calibrate(tokens: int = 8192, features: int = 4096, nblocks: int = 4, dtype=
     R = torch.randn(b, bc, p, device=dev, dtype=dtype, generator=g)
     L = torch.randn(b, u, bc, device=dev, dtype=dtype, generator=g)
     dy = torch.randn(n, b * u, device=dev, dtype=dtype, generator=g)
-    _, h = _mon_forward(x, R, L)
+    _, h = _two_launch_forward(x, R, L)  # (the GEMM roles: never the one-launch form)
     roles = {"bd_fwd": lambda: _bd_forward(x, W), "bd_dx": lambda: _bd_backward(dy, x, W),
-             "bd_dw": lambda: _bd_backward(dy, x, W), "mon_s2": lambda: _mon_forward(x, R, L),
-             "mon_s1": lambda: _mon_forward(x, R, L), "mon_dh": lambda: _mon_backward(dy, x, R, L, h),
+             "bd_dw": lambda: _bd_backward(dy, x, W), "mon_s2": lambda: _two_launch_forward(x, R, L),
+             "mon_s1": lambda: _two_launch_forward(x, R, L), "mon_dh": lambda: _mon_backward(dy, x, R, L, h),
              "mon_dx": lambda: _mon_backward(dy, x, R, L, h), "mon_dl": lambda: _mon_backward(dy, x, R, L, h),
              "mon_dr": lambda: _mon_backward(dy, x, R, L, h)}
     out = {}
