@@ -1,7 +1,8 @@
 """Monarch's forward at many tokens: the one-launch fused kernel (``kernels/_triton_monarch.py``, issue 12 deliver 3)
 against the two-launch paths (``triton``: Triton stage 1 + cuBLAS stage 2; ``cublas``) and dense cuBLAS, bf16, per
 layer: the bench-infer model's Monarch layers (nb=4, 50%: 2048^2, 2048->8192, 8192->2048) and `structmat bench
-kernels`' 4096^2 rows (nb=4 and 8). Each fused tile setting is timed on its own, then the one the kernel picks.
+kernels`' 4096^2 rows (nb=4 and 8). Each fused tile setting is timed on its own, then the one the kernel picks; and
+the training forward (the intermediate kept: the SAVE form against the two launches).
 GPU times: ``triton.testing.do_bench`` medians (L2 flushed between calls), and replayed from a CUDA graph (warm).
 
     PYTHONPATH=src python benchmarks/experiments/monarch_many.py --out DIR [--tokens 1024,8192]
@@ -41,7 +42,7 @@ def main() -> int:
     from decode_probe import layer_for
     from structmat.eval.results import run_info, write_json
     from structmat.kernels import _triton_monarch as TM
-    from structmat.kernels import dispatch
+    from structmat.kernels import dispatch, ops
     from structmat.structures.monarch import monarch_multiply
 
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -95,6 +96,14 @@ def main() -> int:
                                                                                           R.shape[2], L.shape[1])])
                 except Exception:
                     rep["errors"].append({"case": f"{spec}-{inp}x{out}-{n}-fused",
+                                          "trace": traceback.format_exc()[-1500:]})
+                try:  # the training forward: y and the intermediate kept for the backward
+                    h = torch.empty(n, R.shape[0] * R.shape[1], device=x.device, dtype=x.dtype)
+                    TM.monarch_fused(x, R, L, save=h)  # (picks its setting)
+                    row["train_fused_ms"] = do_bench(lambda: TM.monarch_fused(x, R, L, save=h), rep=100)
+                    row["train_two_ms"] = do_bench(lambda: ops._two_launch_forward(x, R, L, "triton"), rep=100)
+                except Exception:
+                    rep["errors"].append({"case": f"{spec}-{inp}x{out}-{n}-train",
                                           "trace": traceback.format_exc()[-1500:]})
             for k in [k for k in row if k.endswith("_ms") and k != "dense_ms" and not k.endswith("graph_ms")]:
                 row[k[:-3] + "_vs_dense"] = row["dense_ms"] / row[k]
