@@ -39,6 +39,20 @@ def _stage1_operands(X, R, rn, k, s, q, p0, P, C, s_xn, s_xk, s_rg, s_rm, s_rk, 
 
 
 @triton.jit
+def _store_chunk(slot, acc, row_ok, k, q, CP, RS, offs_n):
+    """Columns q of chunk k of h_s, rounded to the slot's dtype (as the two-launch forward rounds its intermediate)."""
+    tl.store(slot + offs_n[:, None] * RS + (k * CP + q)[None, :], acc.to(slot.dtype.element_ty),
+             mask=row_ok[:, None] & (q < CP)[None, :])
+
+
+@triton.jit
+def _store_outputs(Y, acc, rows, row_ok, s, u0, U, s_yn, s_ym, offs_u):
+    """Outputs u0 .. u0 + BU - 1 of y's block s for the tile's rows."""
+    tl.store(Y + rows[:, None] * s_yn + (s * U + u0 + offs_u)[None, :] * s_ym, acc.to(Y.dtype.element_ty),
+             mask=row_ok[:, None] & (u0 + offs_u < U)[None, :])
+
+
+@triton.jit
 def _stage1_tile(X, R, slot, rn, row_ok, k, s, q, P, C, CP, RS, s_xn, s_xk, s_rg, s_rm, s_rk, offs_n, offs_k1,
                  PRECISION: tl.constexpr, BN: tl.constexpr, BK1: tl.constexpr, WIDTH: tl.constexpr):
     """Columns q (WIDTH of them) of chunk k of h_s (one pipelined reduction over p), stored to the slot."""
@@ -46,8 +60,7 @@ def _stage1_tile(X, R, slot, rn, row_ok, k, s, q, P, C, CP, RS, s_xn, s_xk, s_rg
     for p0 in range(0, P, BK1):
         a, w = _stage1_operands(X, R, rn, k, s, q, p0, P, C, s_xn, s_xk, s_rg, s_rm, s_rk, offs_k1)
         acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
-    tl.store(slot + offs_n[:, None] * RS + (k * CP + q)[None, :], acc.to(slot.dtype.element_ty),
-             mask=row_ok[:, None] & (q < CP)[None, :])
+    _store_chunk(slot, acc, row_ok, k, q, CP, RS, offs_n)
 
 
 @triton.jit
@@ -111,8 +124,7 @@ def _monarch_fused(X, R, L, Y, H, N, P, C, CP, U, NB, TILES, s_hn,
                 a, w = _stage1_operands(X, R, rn, k, s, q, step * BK1, P, C, s_xn, s_xk, s_rg, s_rm, s_rk, offs_k1)
                 acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
                 if step == n_p - 1:
-                    tl.store(slot + offs_n[:, None] * s_hn + (k * CP + q)[None, :], acc.to(H.dtype.element_ty),
-                             mask=row_ok[:, None] & (q < CP)[None, :])
+                    _store_chunk(slot, acc, row_ok, k, q, CP, s_hn, offs_n)
                     acc = tl.zeros((BN, BC), dtype=tl.float32)
         else:
             whole = CP  # (with TAIL: the whole BC tiles only)
@@ -137,8 +149,7 @@ def _monarch_fused(X, R, L, Y, H, N, P, C, CP, U, NB, TILES, s_hn,
                                         s_lm, s_lk, offs_n, offs_k2)
                 acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
                 if step == n_j - 1:
-                    tl.store(Y + rows[:, None] * s_yn + (s * U + u0 + offs_u)[None, :] * s_ym,
-                             acc.to(Y.dtype.element_ty), mask=(rows < N)[:, None] & (u0 + offs_u < U)[None, :])
+                    _store_outputs(Y, acc, rows, row_ok, s, u0, U, s_yn, s_ym, offs_u)
                     acc = tl.zeros((BN, BU), dtype=tl.float32)
         else:
             for u0 in range(0, U, BU):
@@ -147,8 +158,7 @@ def _monarch_fused(X, R, L, Y, H, N, P, C, CP, U, NB, TILES, s_hn,
                     a, w = _stage2_operands(slot, row_ok, L, s, (u0 + offs_u) % U, j0, K2P, CP, C, s_hn, s_lg, s_lm,
                                             s_lk, offs_n, offs_k2)
                     acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
-                tl.store(Y + rows[:, None] * s_yn + (s * U + u0 + offs_u)[None, :] * s_ym, acc.to(Y.dtype.element_ty),
-                         mask=(rows < N)[:, None] & (u0 + offs_u < U)[None, :])
+                _store_outputs(Y, acc, rows, row_ok, s, u0, U, s_yn, s_ym, offs_u)
         tl.debug_barrier()  # every thread done reading h_s before the next tile overwrites it
 
 

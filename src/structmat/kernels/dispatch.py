@@ -454,12 +454,11 @@ def _monarch_choice(x: Tensor, R: Tensor, L: Tensor) -> str:
     u = L.shape[1]
     es, numel = x.element_size(), R.numel() + L.numel()
     # (the opt-in one-launch inference forward, ops.MONARCH_FUSED, has no chunked store: nothing to exclude there)
-    fused = ops is not None and ops.MONARCH_FUSED[0] and x.dtype in ops.MONARCH_FUSED_DTYPES and not (
-        torch.is_grad_enabled() and (x.requires_grad or R.requires_grad or L.requires_grad))
-    least = ops.MONARCH_FUSED_MIN_TOKENS[0] if fused else float("inf")
+    inference = ops is not None and not ops._needs_autograd(x, R, L)
     aligned = (bc // b) % TRITON_MONARCH_CHUNK == 0
     return _pick("monarch", x, (R, L), lambda n: (2.0 * n * numel, es * (numel + n * (b * p + 2 * b * bc + b * u))),
-                 b * u, b, lambda n: () if aligned or n <= TRITON_CHUNK_FREE_TOKENS or n >= least else ("triton",),
+                 b * u, b, lambda n: () if aligned or n <= TRITON_CHUNK_FREE_TOKENS or (
+                     inference and ops.fused_applies(n, x, R, L, "triton")) else ("triton",),
                  stages=(es * R.numel(), es * L.numel()))
 
 

@@ -193,10 +193,11 @@ def _two_launch_forward(x: Tensor, R: Tensor, L: Tensor, engine: str = "triton",
 #: Above the few-token range under the "triton" engine: Monarch's forward as ONE persistent kernel
 #: (``_triton_monarch``, issue 12 deliver 3), where its first call per shape times it faster than the two-launch
 #: forward (which runs otherwise). In inference (nothing needs a gradient) the intermediate lives in per-program L2
-#: scratch instead of a round trip through HBM; in training it is written for the backward and read back from L2. Off unless ``STRUCTMAT_MONARCH_FUSED=1``: correct in
-#: the interpreter and compiled for sm_90 without spills (tests), but not yet timed on a GPU (session 17 was lent
-#: none); ``benchmarks/experiments/gpu_round_s17_r1.sh`` times it against the two-launch paths. (Set at run time:
-#: then ``structmat.kernels.clear_cache()``, since ``auto``'s cached decisions read it.)
+#: scratch instead of a round trip through HBM; in training it is written for the backward and read back from L2.
+#: Off unless ``STRUCTMAT_MONARCH_FUSED=1``: correct in the interpreter and compiled for sm_90 without spills (tests),
+#: but not yet timed on a GPU (session 17 was lent none); ``benchmarks/experiments/gpu_round_s17_r1.sh`` times it
+#: against the two-launch paths. (Set at run time: then ``structmat.kernels.clear_cache()``, since ``auto``'s cached
+#: decisions read it.)
 MONARCH_FUSED = [os.environ.get("STRUCTMAT_MONARCH_FUSED", "0") not in ("", "0")]
 MONARCH_FUSED_MIN_TOKENS = [65]  # (at 1-64 tokens inference runs the decode kernels)
 #: (fp32's IEEE dots in Triton run far below cuBLAS's fp32 path: dispatch.FP32_TRITON_MONARCH_EFF; tests add it to
@@ -204,11 +205,17 @@ MONARCH_FUSED_MIN_TOKENS = [65]  # (at 1-64 tokens inference runs the decode ker
 MONARCH_FUSED_DTYPES = (torch.float16, torch.bfloat16)
 
 
+def fused_applies(tokens: int, x: Tensor, R: Tensor, L: Tensor, engine: str) -> bool:
+    """Whether a forward of ``tokens`` rows with x's dtype and these factors takes the one-launch kernel under
+    ``engine`` (the dispatch asks it for a token count; ``_fused_ok`` for the call itself)."""
+    return (MONARCH_FUSED[0] and engine == "triton" and IMPL["mon_s1"] == "triton"
+            and tokens >= MONARCH_FUSED_MIN_TOKENS[0] and x.dtype in MONARCH_FUSED_DTYPES and x.dtype == R.dtype
+            and tokens * R.shape[0] * L.shape[1] < 2**31)  # (its offsets are 32-bit)
+
+
 def _fused_ok(x: Tensor, R: Tensor, L: Tensor, engine: str) -> bool:
-    return (MONARCH_FUSED[0] and engine == "triton" and IMPL["mon_s1"] == "triton" and x.dim() == 2
-            and x.shape[0] >= MONARCH_FUSED_MIN_TOKENS[0] and x.dtype in MONARCH_FUSED_DTYPES and x.dtype == R.dtype
-            and x.shape[0] * R.shape[0] * L.shape[1] < 2**31  # (its offsets are 32-bit)
-            and (x.is_cuda or _triton_monarch.INTERPRET))
+    return (x.dim() == 2 and (x.is_cuda or _triton_monarch.INTERPRET)
+            and fused_applies(x.shape[0], x, R, L, engine))
 
 
 def _fused_forward(x: Tensor, R: Tensor, L: Tensor) -> Tensor:
@@ -344,7 +351,7 @@ def _needs_autograd(*tensors: Tensor) -> bool:
 
 def monarch(x: Tensor, R: Tensor, L: Tensor, engine: str = "triton") -> Tensor:
     """The Monarch product y (the custom op under torch.compile, the same code without its dispatch otherwise)."""
-    fused = not _needs_autograd(x, R, L) and _fused_ok(x, R, L, engine)
+    fused = _fused_ok(x, R, L, engine) and not _needs_autograd(x, R, L)
     if torch.compiler.is_compiling():
         return monarch_fused_mm(x, R, L) if fused else monarch_mm(x, R, L, engine)[0]
     if fused:
