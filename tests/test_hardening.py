@@ -116,6 +116,7 @@ def edit_config(path: Path, **changes: Any) -> Path:
 
 
 V_INDEX = "model.layers.0.self_attn.v_proj.index"
+V_VALUES = "model.layers.0.self_attn.v_proj.values"
 S_INDEX = "model.layers.0.mlp.down_proj.index"
 Q_U = "model.layers.0.self_attn.q_proj.U"
 
@@ -285,6 +286,38 @@ for _name, _key, _fn, _match in (
         ("splr sparse index duplicate", "model.layers.0.self_attn.k_proj.sparse.index", _sparse_duplicate,
          "repeats")):
     case(5, _name, match=_match)(lambda tmp, k=_key, f=_fn: load_pretrained(edit_weights(saved_copy(tmp), _set(k, f))))
+
+def _swap_first_pairs(tensors, form):
+    """Each row's first group lists its two positions (and values) the other way round: a checkpoint from before
+    positions were kept in order. ``form``: how the positions are stored (packed, or a legacy storage)."""
+    from structmat.structures.sparse import pack_positions
+
+    pos, values = _positions(tensors[V_INDEX]).clone(), tensors[V_VALUES].clone()
+    pos[:, [0, 1]], values[:, [0, 1]] = pos[:, [1, 0]], values[:, [1, 0]]
+    tensors[V_INDEX] = form(pack_positions(pos, 2))
+    tensors[V_VALUES] = values
+
+
+for _name, _form in (("packed", lambda t: t), ("int64 columns", _columns), ("uint8 positions", _positions)):
+    @case(5, f"nm positions out of order ({_name}) load as the same model, put in order", error=None)
+    def _nm_unordered_loads(tmp, form=_form):
+        path = saved_copy(tmp)
+        ref = load_pretrained(path).model.layers[0].self_attn.v_proj
+        layer = load_pretrained(edit_weights(path, lambda t: _swap_first_pairs(t, form))).model.layers[0].self_attn.v_proj
+        assert torch.equal(layer.index, ref.index) and torch.equal(layer.values, ref.values)
+        assert torch.equal(layer.to_dense(), ref.to_dense())
+
+
+@case(5, "nm positions out of order without their values are refused", match="out of increasing order")
+def _nm_unordered_alone(tmp):
+    from structmat.structures.sparse import pack_positions
+
+    layer = load_pretrained(saved_copy(tmp)).model.layers[0].self_attn.v_proj
+    pos = layer.positions()
+    pos[:, [0, 1]] = pos[:, [1, 0]]
+    layer.load_state_dict({"index": pack_positions(pos, 2)}, strict=False)  # (the values stay as they were)
+    layer.check_state_()
+
 
 for _name, _legacy_form in (("int64 columns", _columns), ("uint8 positions", _positions)):
     @case(5, f"nm legacy {_name} load as the same model", error=None)
@@ -661,6 +694,7 @@ def _edit_adapter_weights(fn: Callable[[dict], Any]) -> Callable[[Path], None]:
 
 A_Q = "model.layers.0.self_attn.q_proj"
 A_V_INDEX = "model.layers.0.self_attn.v_proj.index"
+V_VALUES = "model.layers.0.self_attn.v_proj.values"
 
 
 @case(5, "adapter round trip", error=None)

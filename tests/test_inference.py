@@ -1337,3 +1337,7 @@ def test_nm_positions_packed():
         assert torch.equal(unpack_positions(packed, 10, bits), pos)
     with pytest.raises(ValueError, match="pattern"):
         layer.set_positions_(torch.tensor([[1, 4, 0, 2], [0, 1, 2, 3], [2, 3, 1, 2]]))  # 4 is outside a group of 4
+    before = layer.index.clone()
+    with pytest.raises(ValueError, match="out of order"):  # (2:4 on the sparse tensor cores reads only that order)
+        layer.set_positions_(torch.tensor([[3, 1, 0, 2], [0, 1, 2, 3], [2, 3, 1, 2]]))
+    assert torch.equal(layer.index, before)  # (nothing lost)

@@ -6,7 +6,9 @@ The references rebuild a few rows of the weight at a time (never the whole dense
 the decode kernel, which reads the values and the packed in-group positions once (kernels/decode.py).
 N:M stores each kept value's position inside its group in as few bits as m needs (2 for m <= 4, 4 for m <= 16,
 else 8), packed into uint8 from the low bits up: 2:4 keeps 2 + 0.25 bytes per two bf16 values, 56% of dense's bytes
-(one byte per position was 75%, which capped its decode at 1.33x dense).
+(one byte per position was 75%, which capped its decode at 1.33x dense). A group's positions increase (a 2:4
+group's two are then one of the six codes the sparse tensor cores accept; checkpoints are put in that order on
+load).
 """
 
 from __future__ import annotations
@@ -218,8 +220,13 @@ class NMSparse(_SparseBase):
         return self.positions().long() + self._group_offsets(self.index.device)
 
     def set_support_(self, columns: Tensor) -> None:
-        """Store a support given as absolute columns of the padded input (n per group of m), after checking it."""
-        self.index.copy_(self._packed_from_columns(columns))
+        """Store a support given as absolute columns of the padded input (n per group of m, increasing within each
+        group: the order the sparse tensor cores read), after checking it."""
+        positions = self._positions_from_columns(columns)
+        if self._out_of_order(positions):
+            raise self._index_error("lists a group's columns out of order; give each group's columns in increasing "
+                                    "order (sort them, and the values with them)")
+        self.index.copy_(pack_positions(positions, self.bits))
 
     def set_positions_(self, positions: Tensor) -> None:
         """Store a support given as in-group positions (out, groups*n), after checking it."""
@@ -252,6 +259,30 @@ class NMSparse(_SparseBase):
             state[prefix + "index"] = self._packed_from_columns(old)
         elif old.dtype == torch.uint8 and self.bits < 8 and tuple(old.shape) == (self.out_features, self.kept):
             state[prefix + "index"] = self._packed_from_columns(old.long() + self._group_offsets(old.device))
+        self._order_state(state, prefix)
+
+    def _out_of_order(self, positions: Tensor) -> bool:
+        """Whether some group lists its positions out of increasing order ((out, kept) positions)."""
+        grouped = positions.reshape(positions.shape[0], -1, self.n).to(torch.int16)
+        return self.n > 1 and bool((grouped.diff(dim=-1) < 0).any())
+
+    def _order_state(self, state: dict, prefix: str) -> None:
+        """Positions are kept increasing within each group (2:4's sparse tensor-core metadata is documented valid only
+        in that order; other orders computed right on the H200, session 16, but nothing promises it); a checkpoint written before that rule may list them otherwise: sort each group's positions and its values with
+        them (the same matrix). Left as it is where the state lacks the values (the check then names it)."""
+        index, values = state.get(prefix + "index"), state.get(prefix + "values")
+        shape = (self.out_features, packed_width(self.kept, self.bits))
+        if not (isinstance(index, Tensor) and isinstance(values, Tensor) and index.dtype == torch.uint8
+                and tuple(index.shape) == shape and tuple(values.shape) == (self.out_features, self.kept)):
+            return
+        positions = unpack_positions(index, self.kept, self.bits)
+        if not self._out_of_order(positions):
+            return
+        grouped = positions.reshape(self.out_features, self.groups, self.n).long()
+        order = grouped.argsort(dim=-1, stable=True)
+        state[prefix + "index"] = pack_positions(grouped.gather(-1, order).reshape(self.out_features, -1), self.bits)
+        state[prefix + "values"] = values.reshape(self.out_features, self.groups, self.n).gather(
+            -1, order.to(values.device)).reshape(self.out_features, self.kept)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.upgrade_state(state_dict, prefix)
@@ -269,6 +300,9 @@ class NMSparse(_SparseBase):
         group = pos.reshape(self.out_features, self.groups, self.n)
         if self.n > 1 and bool((group.sort(dim=-1).values.diff(dim=-1) == 0).any()):
             raise self._index_error("repeats a column within a group")
+        if self._out_of_order(pos):
+            raise self._index_error("lists a group's positions out of increasing order (a state loaded without its "
+                                    "values, or written by hand)")
 
     def to_dense(self) -> Tensor:
         dense = self.values.new_zeros(self.out_features, self.in_padded).scatter(1, self.absolute_index(), self.values)
