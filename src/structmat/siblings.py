@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kernels import dispatch as _dispatch  # (imports on any machine; its kernels only where Triton does)
 from .structures.base import StructuredLinear, plan_key
 
 #: Children of one module that read the same input in the model families structmat targets (Llama/Mistral/Qwen
@@ -207,6 +208,8 @@ class SiblingGroup:
         if torch.compiler.is_compiling():
             return self._traced(member, x, lo)
         # eager: every check below is host time paid per member and token, so the cheap ones come first
+        if _many_tokens(x):  # (a prefill: each member runs its own path; nothing to look up)
+            return None
         version = -2 if x.is_inference() else x._version  # (inference tensors keep no version counter)
         if self._pending > 0 and self._x is x and self._x_version == version:
             y = self._y
@@ -256,6 +259,8 @@ class SiblingGroup:
         if torch.compiler.is_compiling():
             found = self._gated_products(down, x, planned=False)
             return None if found is None else found[2]
+        if _many_tokens(x):  # (the MLP's own forward)
+            return None
         from .kernels import dispatch
 
         key = plan_key(x, dispatch._GRAPHED[0])
@@ -316,6 +321,12 @@ class SiblingGroup:
         if len(self._gated_plans) < 64:
             self._gated_plans[key] = run
         return y
+
+
+def _many_tokens(x: Tensor) -> bool:
+    """More rows than the decode kernels take: a group never runs its product there (its members and a gated MLP
+    run their own paths), so an eager call asks nothing else (no plan key, no lookup)."""
+    return x.numel() > _dispatch.DECODE_MAX_TOKENS * x.shape[-1]
 
 
 def _factors_of(layer: StructuredLinear) -> tuple:
