@@ -1019,6 +1019,17 @@ def test_bench_infer_needs_cuda():
         infer.main(["--out", "/nonexistent-never-written"])
 
 
+def test_bench_kernels_needs_cuda(tmp_path, monkeypatch):
+    """Without a GPU, `structmat bench kernels` exits with one line naming what it needs, before it touches CUDA or
+    writes a file (it ended in torch's AssertionError traceback before)."""
+    from structmat.bench import kernels
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        kernels.main(["--out", str(tmp_path / "k")])
+    assert not (tmp_path / "k").exists()
+
+
 def test_merge_cached_in_inference_mode_is_not_reused_for_training():
     # a frozen structured base evaluated under inference_mode, then trained through (adapter-style): the dense merge
     # cached during the evaluation is an inference tensor that autograd cannot save, so it must not be reused

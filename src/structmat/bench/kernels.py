@@ -309,6 +309,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not torch.cuda.is_available():  # (before anything touches CUDA or writes a file)
+        raise SystemExit("structmat bench kernels needs a CUDA GPU (run it on an H100/H200)")
+    from structmat.eval.results import write_json
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -321,14 +325,14 @@ def main(argv=None) -> int:
         print("calibration (ms):", json.dumps(info["calibration_ms"]))
     info["impl"] = dict(K.ops.IMPL) if K.HAVE_TRITON else None
 
-    def checkpoint(res):
-        jpath.write_text(json.dumps(dict(res, run_info=info), indent=1))
+    def checkpoint(res):  # (after every row, atomically: a run cut short keeps a whole file)
+        write_json(jpath, dict(res, run_info=info))
 
     result = run_grid(quick=args.quick, dtypes=tuple(args.dtypes.split(",")), modes=tuple(args.modes.split(",")),
                       rep=args.rep, semi_structured=not args.no_semi, budget_s=args.budget_s, checkpoint=checkpoint,
                       graphs=args.graphs, tokens=args.tokens, shapes=args.shapes)
     result["run_info"] = info
-    jpath.write_text(json.dumps(result, indent=1))
+    write_json(jpath, result)
     try:
         plot(result, out / f"kernels-{stamp}.png")
     except Exception as err:  # matplotlib missing: the JSON is the record

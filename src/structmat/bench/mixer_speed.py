@@ -241,7 +241,9 @@ def main(argv=None) -> int:
                      "torch": torch.__version__, "device": torch.cuda.get_device_name(), "args": vars(a)},
     }
     jpath = out / f"mixer-speed-{stamp}.json"
-    jpath.write_text(json.dumps(payload, indent=2) + "\n")
+    from structmat.eval.results import write_json
+
+    write_json(jpath, payload)
     try:
         import matplotlib
 
