@@ -231,3 +231,21 @@ def test_split_query_document():
     assert split_query_document("abcdef") == ("abc", "def")
     with pytest.raises(ValueError):
         split_query_document("x")
+
+
+def test_perplexity_row_log_keeps_whole_lines(tmp_path, capsys):
+    """The demo's row log (demo_rows.jsonl): the dense line first, then one JSON line per finished row, the file
+    rewritten whole after each (a run killed mid-write keeps every finished row, never half a line)."""
+    import json
+
+    from structmat.eval.compression_sweep import SweepRow, perplexity_row_log
+
+    path = tmp_path / "rows.jsonl"
+    on_row = perplexity_row_log(path, {"ppl": 8.0})
+    assert [json.loads(x) for x in path.read_text().splitlines()] == [{"dense": {"ppl": 8.0}}]
+    for t, ppl in ((0.5, 14.5), (0.75, 8.8)):
+        on_row(SweepRow("budget mix", t, "mix", t, 1.0, metrics={"ppl": ppl}))
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(lines) == 3 and [r["ppl"] for r in lines[1:]] == [14.5, 8.8]
+    assert "1.81 x dense" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]  # (no temp file left behind)

@@ -265,7 +265,9 @@ def main(argv=None) -> int:
         ax.legend()
         ax.grid(True, which="both", alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out / f"mixer-speed-{stamp}.png", dpi=120)
+        from structmat.atomic import write_png
+
+        write_png(out / f"mixer-speed-{stamp}.png", fig, dpi=120)
     except ImportError:
         print("matplotlib missing: no PNG")
     print(f"wrote {jpath}")

@@ -113,14 +113,17 @@ def perplexity_row_log(path, dense: dict[str, Any]) -> Callable[[SweepRow], None
     measured."""
     import json
 
+    from ..atomic import write_atomic
+
     path = Path(path)
-    path.write_text(json.dumps({"dense": dense}) + "\n")
+    lines = [json.dumps({"dense": dense})]
+    write_atomic(path, ("\n".join(lines) + "\n").encode())
 
     def on_row(r: SweepRow) -> None:
         print(f"  {r.mode:<10} {r.method:<17} target {r.target:.2f}: ppl {r.ppl:.3f} "
               f"({r.ppl / dense['ppl']:.2f} x dense, {r.seconds:.1f} s)", flush=True)
-        with path.open("a") as f:
-            f.write(json.dumps(rows_as_dicts([r])[0]) + "\n")
+        lines.append(json.dumps(rows_as_dicts([r])[0]))
+        write_atomic(path, ("\n".join(lines) + "\n").encode())  # (the whole file each row: never half a line)
     return on_row
 
 
