@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels import dispatch as _dispatch  # (imports on any machine; its kernels only where Triton does)
+from .kernels import dispatch  # (imports on any machine; its kernels only where Triton does)
 from .structures.base import StructuredLinear, plan_key
 
 #: Children of one module that read the same input in the model families structmat targets (Llama/Mistral/Qwen
@@ -147,8 +147,6 @@ class SiblingGroup:
         """Whether the group runs its decode product for this input: where the member's own dispatch takes the
         decode kernels; in eager calls (host-bound: one call for g members) wherever the decode kernels can run,
         unless a backend is forced."""
-        from .kernels import dispatch
-
         if self.op == "dense":
             return True  # (one GEMM for all members, on any device)
         if dispatch.decode is None:
@@ -176,7 +174,7 @@ class SiblingGroup:
 
     def _plan(self, member: StructuredLinear, x: Tensor, key: tuple) -> Callable[[Tensor], Tensor] | None:
         """Eager: the group's call for inputs like ``x`` (None: the members' own paths), made once per key."""
-        from .kernels import decode, dispatch
+        from .kernels import decode
 
         flat = x.reshape(-1, member.in_features)
         xc = x.contiguous()  # (planned on the input's own shape: the output comes in it, no reshapes)
@@ -215,8 +213,6 @@ class SiblingGroup:
             y = self._y
             self._pending -= 1
         else:
-            from .kernels import dispatch
-
             key = plan_key(x, dispatch._GRAPHED[0])
             run = self._plans[key] if key in self._plans else self._plan(member, x, key)
             if run is None:
@@ -230,8 +226,6 @@ class SiblingGroup:
     def _traced(self, member: StructuredLinear, x: Tensor, lo: int) -> Tensor | None:
         """Under torch.compile: the same bookkeeping on trace-time attributes (dynamo tracks the mutation and
         compares traced tensors by identity), so the graph holds one call per group; it ends with them cleared."""
-        from .kernels import dispatch
-
         flat = x if x.dim() == 2 else x.reshape(-1, member.in_features)
         if flat.shape[0] > dispatch.DECODE_MAX_TOKENS or (flat.is_cuda and torch.is_autocast_enabled("cuda")):
             return None
@@ -261,8 +255,6 @@ class SiblingGroup:
             return None if found is None else found[2]
         if _many_tokens(x):  # (the MLP's own forward)
             return None
-        from .kernels import dispatch
-
         key = plan_key(x, dispatch._GRAPHED[0])
         if key in self._gated_plans:
             run = self._gated_plans[key]
@@ -272,7 +264,7 @@ class SiblingGroup:
     def _gated_products(self, down: StructuredLinear, x: Tensor, planned: bool):
         """(group product, down product, the MLP's output for ``x``), or None where they do not apply. ``planned``:
         the decode kernels' plans made once (eager), else ``decode``'s calls (custom ops under torch.compile)."""
-        from .kernels import decode, dispatch
+        from .kernels import decode
 
         flat = x if x.dim() == 2 else x.reshape(-1, self.members[0].in_features)
         if flat.shape[0] > dispatch.DECODE_MAX_TOKENS or (flat.is_cuda and torch.is_autocast_enabled("cuda")):
@@ -301,7 +293,7 @@ class SiblingGroup:
         (None: the MLP's own forward runs). Its products run once: inside a CUDA graph capture a second run would be
         captured too. Outside a capture, the kernels a captured call would take are compiled and loaded now as
         well (never inside one)."""
-        from .kernels import decode, dispatch
+        from .kernels import decode
 
         run = y = None
         found = self._gated_products(down, x, planned=True)
@@ -326,7 +318,7 @@ class SiblingGroup:
 def _many_tokens(x: Tensor) -> bool:
     """More rows than the decode kernels take: a group never runs its product there (its members and a gated MLP
     run their own paths), so an eager call asks nothing else (no plan key, no lookup)."""
-    return x.numel() > _dispatch.DECODE_MAX_TOKENS * x.shape[-1]
+    return x.numel() > dispatch.DECODE_MAX_TOKENS * x.shape[-1]
 
 
 def _factors_of(layer: StructuredLinear) -> tuple:

@@ -268,8 +268,9 @@ class NMSparse(_SparseBase):
 
     def _order_state(self, state: dict, prefix: str) -> None:
         """Positions are kept increasing within each group (2:4's sparse tensor-core metadata is documented valid only
-        in that order; other orders computed right on the H200, session 16, but nothing promises it); a checkpoint written before that rule may list them otherwise: sort each group's positions and its values with
-        them (the same matrix). Left as it is where the state lacks the values (the check then names it)."""
+        in that order; other orders computed right on the H200, session 16, but nothing promises it); a checkpoint
+        written before that rule may list them otherwise: sort each group's positions and its values with them (the
+        same matrix). Left as it is where the state lacks the values (the check then names it)."""
         index, values = state.get(prefix + "index"), state.get(prefix + "values")
         shape = (self.out_features, packed_width(self.kept, self.bits))
         if not (isinstance(index, Tensor) and isinstance(values, Tensor) and index.dtype == torch.uint8
