@@ -7,6 +7,13 @@ where the unfused one measured 1.18x (session 7): fused members run their own pa
 Here dense and each structure, unfused and fused, are timed in one process (median of 5 forwards), and each
 structured model's forward is profiled once: the CUDA kernels' total time per kernel name, so a path that changed
 with the strided factors shows by name. Writes ``prefill-fused-<UTC>.json``.
+Session 10's run (``prefill-fused-20261204T093841Z.json``) found the same kernels and GPU time fused and unfused
+but 3.5 ms more wall time per fused forward, and CPU profiles (sessions 10, 17, 18) found no host-side difference.
+So each row also has (session 18): ``host_ms``, the host's time to issue one forward (no sync inside the timed call;
+a sync inside the forward shows as host time close to the wall time), ``wall_ms`` (synchronized), ``gpu_busy_ms``
+(the union of the forward's kernel intervals) and ``gpu_idle_ms`` (first kernel start to last kernel end, less the
+busy time), with the five longest idle gaps and the kernels on either side of each: where the GPU waits, and after
+what.
 """
 
 from __future__ import annotations
@@ -18,6 +25,44 @@ from pathlib import Path
 
 import _common  # noqa: F401  (puts src/ on the path)
 import torch
+
+
+def host_and_wall(forward, reps: int = 5) -> dict:
+    """Medians over ``reps`` forwards (no grad): the host's time to return from one (the GPU idle before it, no sync
+    inside the timed call) and the synchronized wall time."""
+    import time
+
+    host, wall = [], []
+    with torch.no_grad():
+        forward()
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            forward()
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            host.append((t1 - t0) * 1e3)
+            wall.append((time.perf_counter() - t0) * 1e3)
+    return {"host_ms": sorted(host)[reps // 2], "wall_ms": sorted(wall)[reps // 2]}
+
+
+def gpu_gaps(prof, top: int = 5) -> dict:
+    """From a profile of one forward: the union of its kernels' intervals (busy), the idle time between the first
+    kernel's start and the last one's end, and the ``top`` longest idle gaps with the kernels before and after."""
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                     if str(e.device_type).endswith("CUDA") and e.time_range.end > e.time_range.start)
+    if not kernels:
+        return {}
+    busy, gaps, end, last = 0.0, [], kernels[0][0], kernels[0][2]
+    for start, stop, name in kernels:
+        if start > end:
+            gaps.append((start - end, last, name))
+        busy += max(0.0, stop - max(start, end))
+        if stop > end:
+            end, last = stop, name
+    gaps.sort(reverse=True)
+    return {"gpu_busy_ms": busy / 1e3, "gpu_idle_ms": (end - kernels[0][0] - busy) / 1e3, "kernels": len(kernels),
+            "longest_gaps": [{"us": round(g, 1), "after": a[:100], "before": b[:100]} for g, a, b in gaps[:top]]}
 
 
 def main() -> int:
@@ -35,11 +80,13 @@ def main() -> int:
         model = infer.build(None if name == "dense" else name, torch.bfloat16, infer.SHAPE)
         row = rows[name] = {"prefill_tps": infer.prefill_tps(model, 4, 2048, 5)}
         ids = torch.randint(0, model.config.vocab_size, (4, 2048), device="cuda")
+        row.update(host_and_wall(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1)))
         from torch.profiler import ProfilerActivity, profile
 
         with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
             torch.cuda.synchronize()
+        row.update(gpu_gaps(prof))
         # (kernel entries only: an operator's entry also counts its kernels' time)
         kernels = sorted(((e.key, e.self_device_time_total, e.count) for e in prof.key_averages()
                           if str(e.device_type).endswith("CUDA") and e.self_device_time_total > 0),
@@ -48,7 +95,9 @@ def main() -> int:
         row["cuda_total_us"] = round(sum(t for _, t, _ in kernels), 1)
         rows["dense"] = rows.get("dense", row)
         row["vs_dense"] = row["prefill_tps"] / rows["dense"]["prefill_tps"]
-        print(name, round(row["prefill_tps"]), round(row["vs_dense"], 3), row["cuda_total_us"], flush=True)
+        print(name, round(row["prefill_tps"]), round(row["vs_dense"], 3), row["cuda_total_us"],
+              {k: round(row[k], 2) for k in ("host_ms", "wall_ms", "gpu_busy_ms", "gpu_idle_ms") if k in row},
+              flush=True)
         for k in row["kernels_us"][:8]:
             print("   ", k, flush=True)
         path.write_text(json.dumps({"rows": rows, "device": torch.cuda.get_device_name(),
