@@ -313,6 +313,35 @@ def test_monarch_fused_grid_covers_every_tile():
     assert TM.grid(100, 4, TM.INTERPRET_CONFIGS[0], None) == (28, TM.INTERPRET_PROGRAMS)
 
 
+def test_kernels_keep_to_32_bit_offsets(monkeypatch):
+    """The Triton kernels index in 32-bit arithmetic: an operand reaching 2^31 elements (sizes on the meta device,
+    no memory) takes cuBLAS in the grouped GEMM's roles, is never given to Monarch's fused kernel by the dispatch,
+    and the kernel called directly runs the baseline or names the limit; below it nothing changes."""
+    pytest.importorskip("triton")
+    from structmat.kernels import _triton_monarch as TM
+    from structmat.kernels import ops
+
+    launched = []
+    monkeypatch.setattr(ops, "grouped_gemm", lambda *a, **k: launched.append(a[6:]))
+    R, L = (torch.empty(4, 512, 512, device="meta", dtype=torch.bfloat16) for _ in range(2))
+    for n, fits in ((8192, True), (2**20, True), (2**20 + 1, False)):  # (x: n x 2048 elements, 2^31 at n = 2^20)
+        x = torch.empty(n, 2048, device="meta", dtype=torch.bfloat16)
+        launched.clear()
+        y, h = ops._two_launch_forward(x, R, L, "triton")
+        assert y.shape == (n, 2048) and len(launched) == (1 if fits else 0), (n, launched)  # (stage 2: cuBLAS)
+        monkeypatch.setattr(ops, "MONARCH_FUSED", [True])
+        assert ops.fused_applies(n, x, R, L, "triton") == fits
+        assert TM.offsets_fit(n, R, L) == fits
+    done = torch.zeros(1, device="meta")
+    assert TM.monarch_fused(x, R, L, baseline=lambda: done) is done
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        TM.monarch_fused(x, R, L)
+    # the backward's roles too: dR reads x transposed (its rows n apart)
+    launched.clear()
+    ops._mon_backward(torch.empty(2**20 + 1, 2048, device="meta", dtype=torch.bfloat16), x, R, L, h)
+    assert launched == []
+
+
 def test_monarch_fused_routing_interpreter(interpret_report):
     r = interpret_report
     assert "not one Monarch product" in r["fused-shape-error"], r["fused-shape-error"]

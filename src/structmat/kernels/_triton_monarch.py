@@ -198,6 +198,18 @@ _BEST: dict[tuple, Tiles | str] = {}
 BASELINE = "baseline"
 
 
+def _reach(t: Tensor) -> int:
+    """The largest element offset from ``t``'s start that indexing it by its strides reaches."""
+    return sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+
+
+def offsets_fit(tokens: int, R: Tensor, L: Tensor) -> bool:
+    """Whether the kernel's 32-bit offsets (all but the scratch's, which are 64-bit) reach every element for
+    ``tokens`` rows of a row-major x (N, b*p) and y (N, b*u) and these factors."""
+    b, _, p = R.shape
+    return max(tokens * b * max(p, L.shape[1]) - 1, _reach(R), _reach(L)) < 2**31
+
+
 def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -248,6 +260,11 @@ def monarch_fused(x: Tensor, R: Tensor, L: Tensor, config: Tiles | None = None, 
     y = torch.empty((x.shape[0], b * u), dtype=x.dtype, device=x.device) if out is None else out
     if x.shape[0] == 0:
         return y
+    if max(_reach(x), _reach(y), _reach(R), _reach(L)) >= 2**31:  # (its offsets are 32-bit)
+        if baseline is not None:
+            return baseline()
+        raise ValueError(f"monarch_fused: x {tuple(x.shape)} -> y {tuple(y.shape)} reaches past 2^31 elements, beyond "
+                         "the kernel's 32-bit offsets; use the two-launch forward (ops._two_launch_forward)")
     if INTERPRET or not x.is_cuda:
         _launch(x, R, L, y, config or INTERPRET_CONFIGS[0], None, save)
         return y

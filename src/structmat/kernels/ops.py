@@ -54,6 +54,20 @@ def _empty(shape, like: Tensor) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
+#: The Triton kernels index within a group (and Monarch's fused kernel everywhere but its scratch) in 32-bit
+#: arithmetic; an operand reaching further (a ~2^31-element activation, e.g. 512k tokens x 4096) takes cuBLAS instead
+INT32_EXTENT = 2**31
+
+
+def _fits_int32(groups: int, M: int, N: int, K: int, sa: tuple, sb: tuple, sc: tuple, chunk: int,
+                chunk_stride: int) -> bool:
+    """Whether the largest element offset of every operand of ``_gemm``'s description is below INT32_EXTENT."""
+    g = groups - 1
+    c_last = (chunk - 1) * sc[2] + (N // chunk - 1) * chunk_stride if chunk else (N - 1) * sc[2]
+    return max(g * sa[0] + (M - 1) * sa[1] + (K - 1) * sa[2], g * sb[0] + (K - 1) * sb[1] + (N - 1) * sb[2],
+               g * sc[0] + (M - 1) * sc[1] + c_last) < INT32_EXTENT
+
+
 def _gemm(role: str, engine: str, a: Tensor, sa: tuple, b: Tensor, sb: tuple, c: Tensor, sc: tuple, groups: int,
           M: int, N: int, K: int, chunk: int = 0, chunk_stride: int = 0) -> None:
     """``C[g] = A[g] @ B[g]`` for every group, each operand given by its (group, row, column) element strides from
@@ -65,7 +79,7 @@ def _gemm(role: str, engine: str, a: Tensor, sa: tuple, b: Tensor, sb: tuple, c:
 
     Few-token calls are host-bound (about 4 us per view op on the lent H200's host), so this builds each view with
     one ``as_strided`` instead of view/transpose chains."""
-    if _impl(role, engine) == "triton":
+    if _impl(role, engine) == "triton" and _fits_int32(groups, M, N, K, sa, sb, sc, chunk, chunk_stride):
         grouped_gemm(a, sa, b, sb, c, sc, groups, M, N, K, chunk=chunk, chunk_stride=chunk_stride)
         return
     A = a.as_strided((groups, M, K), sa, a.storage_offset())
@@ -210,7 +224,7 @@ def fused_applies(tokens: int, x: Tensor, R: Tensor, L: Tensor, engine: str) -> 
     ``engine`` (the dispatch asks it for a token count; ``_fused_ok`` for the call itself)."""
     return (MONARCH_FUSED[0] and engine == "triton" and IMPL["mon_s1"] == "triton"
             and tokens >= MONARCH_FUSED_MIN_TOKENS[0] and x.dtype in MONARCH_FUSED_DTYPES and x.dtype == R.dtype
-            and tokens * R.shape[0] * L.shape[1] < 2**31)  # (its offsets are 32-bit)
+            and _triton_monarch.offsets_fit(tokens, R, L))
 
 
 def _fused_ok(x: Tensor, R: Tensor, L: Tensor, engine: str) -> bool:
