@@ -413,6 +413,10 @@ def test_gated_mlp_only_where_the_forward_is_gated_silu():
     mlp = MLP(spec)
     mlp.up_proj = build("lowrank:rank=5", IN, 48, bias=False).init_()  # (unequal siblings: no group)
     assert "forward" not in _fused(mlp).__dict__
+    mlp = MLP(spec)
+    with torch.no_grad():
+        mlp.down_proj.U.fill_(float("nan"))
+    assert "forward" not in _fused(mlp).__dict__  # (a non-finite check output: nothing to compare; it raised before)
 
 
 def _fused(model: nn.Module, **kwargs) -> nn.Module:
