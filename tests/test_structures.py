@@ -66,6 +66,22 @@ def test_gradients_match_dense_reference(row):
 
 
 @rows
+def test_empty_batch_like_nn_linear(row):
+    """An input with no rows (an empty batch, an expert that got no tokens) gives an empty output of the right shape
+    and, in training, zero gradients, as nn.Linear does (Monarch and block-diagonal raised on a reshape before)."""
+    layer = make(row, row.typical)
+    for shape in ((0, layer.in_features), (2, 0, layer.in_features)):
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        y = layer(x)
+        assert y.shape == (*shape[:-1], layer.out_features)
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+        assert all(p.grad is None or not p.grad.any() for p in layer.parameters())
+        with torch.no_grad():
+            assert layer(x).shape == y.shape
+
+
+@rows
 def test_counts_match_formulas(row):
     @given(shape=row.shapes)
     def check(shape):

@@ -32,7 +32,7 @@ def blockdiag_bmm(x: Tensor, weight: Tensor) -> Tensor:
     if x.shape[0] == 1:  # one token (eager decode pays every torch call in host time): two views and the bmm
         return torch.bmm(x.reshape(nblocks, 1, p), weight.transpose(1, 2)).reshape(1, -1)
     xb = x.reshape(x.shape[0], nblocks, p).transpose(0, 1)
-    return torch.bmm(xb, weight.transpose(1, 2)).transpose(0, 1).reshape(x.shape[0], -1)
+    return torch.bmm(xb, weight.transpose(1, 2)).transpose(0, 1).reshape(x.shape[0], nblocks * weight.shape[1])
 
 
 @register
