@@ -82,6 +82,16 @@ def test_empty_batch_like_nn_linear(row):
 
 
 @rows
+def test_input_in_another_dtype_is_a_type_error(row):
+    """Outside autocast an input in another dtype than the layer's is refused with a TypeError naming the layer and
+    the fix, as nn.Linear refuses it (the sparse layers computed in the input's dtype: integers gave integer garbage)."""
+    layer = make(row, row.typical, dtype=torch.float32)
+    for dtype in (torch.float64, torch.bfloat16, torch.int64):
+        with pytest.raises(TypeError, match="differs from the layer's"):
+            layer(torch.ones(3, layer.in_features, dtype=dtype))
+
+
+@rows
 def test_counts_match_formulas(row):
     @given(shape=row.shapes)
     def check(shape):

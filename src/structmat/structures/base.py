@@ -398,6 +398,7 @@ class StructuredLinear(nn.Module):
             raise ValueError(
                 f"{self._label()}: input has last dimension {x.shape[-1]}, expected in_features={self.in_features}"
             )
+        self._check_input_dtype(x)
         bias = self._parameters.get("bias")
         merged = self._buffers.get(MERGED_WEIGHT)
         if merged is not None and self._merged_usable(merged):
@@ -415,6 +416,19 @@ class StructuredLinear(nn.Module):
             plans[key] = (form is not None and merged is None and group is None
                           and x.is_contiguous() and form(self, x)) or False
         return y
+
+    def _check_input_dtype(self, x: Tensor) -> None:
+        """An input in another dtype than the factors, outside autocast, is an error, as for nn.Linear (the sparse
+        layers cast their values to it: an integer input gave integer garbage)."""
+        bias = self._parameters.get("bias")
+        # (a factor of this layer, else of a part: sums and products keep theirs in child layers)
+        factor = next((p for n, p in self._parameters.items() if n != "bias" and p is not None), None)
+        if factor is None:
+            factor = next((p for p in self.parameters() if p is not bias), None)
+        if factor is not None and x.dtype != factor.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"{self._label()}: input dtype {x.dtype} differs from the layer's {factor.dtype}; cast the "
+                            f"input (x.to({factor.dtype})) or the layer (layer.to({x.dtype})), or run it under "
+                            "torch.autocast")
 
     def _merged_usable(self, merged: Tensor) -> bool:
         """Whether the copy made by ``structmat.merge_for_inference`` may serve this call: not when a factor needs a
