@@ -122,6 +122,9 @@ def test_sparse_references_rebuild_a_few_rows_at_a_time(monkeypatch):
         ref = x @ layer.to_dense().T + layer.bias
         monkeypatch.setattr(sparse, "DENSE_TILE_ELEMENTS", 64)  # 2 rows of the (padded) weight per tile
         assert torch.allclose(layer(x), ref, rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(ref)  # every value's gradient from its own tile only
+        (got,) = torch.autograd.grad((layer(x) * g).sum(), [layer.values])
+        assert torch.allclose(got, torch.autograd.grad((ref * g).sum(), [layer.values])[0], rtol=1e-12, atol=1e-12)
         monkeypatch.undo()
     assert NMSparse(32, 16, n=2, m=4).index.shape == (16, 4)  # 2:4: 16 positions of 2 bits per row, 4 bytes
 

@@ -122,6 +122,9 @@ def test_meta_device_build_then_materialize(row):
     layer = make(row, shape, dtype=torch.float32, device="meta")
     assert all(p.device.type == "meta" for p in layer.parameters())
     assert layer.to_dense().shape == (layer.out_features, layer.in_features)
+    # a forward on the meta device too: no shape in it depends on the data (a boolean mask would: FixedSparse's did,
+    # a host sync per block of rows on a GPU, and no CUDA graph capture)
+    assert layer(torch.randn(3, 2, shape[0], device="meta")).shape == (3, 2, layer.out_features)
     assert layer.param_count() == row.weight_params(layer) + layer.out_features
     real = layer.to_empty(device="cpu").init_()
     x = torch.randn(2, real.in_features)

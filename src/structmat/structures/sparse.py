@@ -113,13 +113,18 @@ def nm_multiply(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int) ->
 
 
 def sparse_multiply(x: Tensor, values: Tensor, index: Tensor, out_features: int) -> Tensor:
-    """Reference fixed-support product: x (N, in) -> (N, out) for W.flatten()[index] = values."""
+    """Reference fixed-support product: x (N, in) -> (N, out) for W.flatten()[index] = values. Each block of rows is
+    rebuilt from every value, those of other rows added into one spare slot past the block: no shape depends on the
+    support, so a forward never waits on the GPU (a boolean mask did, once per block), can be captured in a CUDA
+    graph or traced whole, and runs on the meta device."""
     in_features = x.shape[1]
     parts = []
     for lo, hi in _row_blocks(out_features, in_features, x.shape[0]):
-        sel = (index >= lo * in_features) & (index < hi * in_features)
-        tile = values.new_zeros((hi - lo) * in_features).index_put((index[sel] - lo * in_features,), values[sel])
-        parts.append(F.linear(x, tile.reshape(hi - lo, in_features).to(x.dtype)))
+        size = (hi - lo) * in_features
+        local = index - lo * in_features
+        slot = torch.where((local >= 0) & (local < size), local, size)
+        tile = values.new_zeros(size + 1).scatter_add(0, slot, values)[:size]
+        parts.append(F.linear(x, tile.view(hi - lo, in_features).to(x.dtype)))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
