@@ -64,3 +64,15 @@ def test_kernel_warm_up_runs_each_delta_shape_once(monkeypatch):
             for m in ("deltanet[0,1]", "deltanet[-1,1]", "deltaproduct2[-1,1]", "ssm[-1,1]")]
     state_tracking.warm_kernel_caches(jobs)
     assert seen == [("deltanet[0,1]", 1), ("deltaproduct2[-1,1]", 1)]  # n_h = 1 and 2 once each, no SSM
+
+
+def test_an_unavailable_device_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    """--device cuda on a machine without it: exit status 2 and one line naming the device (it ended in torch's
+    AssertionError traceback), nothing written."""
+    import pytest
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--smoke", "--device", "cuda:7" if torch.cuda.is_available() else "cuda", "--out", str(tmp_path / "o")])
+    assert exit_.value.code == 2 and "is not available on this machine" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

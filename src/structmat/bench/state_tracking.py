@@ -410,6 +410,12 @@ def main(argv=None) -> int:
         if a.models == ",".join(MODELS):
             a.models = "deltaproduct2[-1,1],ssm[-1,1]"
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from structmat.validate import check_device
+
+    try:
+        check_device(device, "structmat bench state-tracking --device")
+    except ValueError as err:
+        p.error(str(err))
     tasks = [t for t in a.tasks.split(",") if t]
     models = re.findall(r"\w+(?:\[[^\]]*\])?", a.models)  # names contain commas inside brackets
     for t in tasks:
