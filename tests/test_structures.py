@@ -89,6 +89,9 @@ def test_input_in_another_dtype_is_a_type_error(row):
     for dtype in (torch.float64, torch.bfloat16, torch.int64):
         with pytest.raises(TypeError, match="differs from the layer's"):
             layer(torch.ones(3, layer.in_features, dtype=dtype))
+    meta = make(row, row.typical, dtype=torch.float32, device="meta")  # (a device autocast does not know)
+    with pytest.raises(TypeError, match="differs from the layer's"):
+        meta(torch.ones(3, meta.in_features, dtype=torch.float64, device="meta"))
 
 
 @rows

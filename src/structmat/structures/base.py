@@ -314,6 +314,13 @@ def truncated_svd(blocks: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
 MERGED_WEIGHT = "merged_weight"
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # (a device type autocast does not know, e.g. meta: never on)
+        return False
+
+
 class StructuredLinear(nn.Module):
     """A linear map ``(..., in_features) -> (..., out_features)`` whose weight has a structure."""
 
@@ -425,7 +432,7 @@ class StructuredLinear(nn.Module):
         factor = next((p for n, p in self._parameters.items() if n != "bias" and p is not None), None)
         if factor is None:
             factor = next((p for p in self.parameters() if p is not bias), None)
-        if factor is not None and x.dtype != factor.dtype and not torch.is_autocast_enabled(x.device.type):
+        if factor is not None and x.dtype != factor.dtype and not _autocast_on(x.device.type):
             raise TypeError(f"{self._label()}: input dtype {x.dtype} differs from the layer's {factor.dtype}; cast the "
                             f"input (x.to({factor.dtype})) or the layer (layer.to({x.dtype})), or run it under "
                             "torch.autocast")
