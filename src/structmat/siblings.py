@@ -110,10 +110,22 @@ class SiblingGroup:
         self._forget()
 
     def _forget(self) -> None:
-        self._x = self._y = None
-        self._x_version, self._pending = -1, 0
+        # (x, x's version, the group product for x, members still to take their slice), or None. One attribute, read
+        # and written whole: threads sharing the model may each replace it (costing a product) but never pair one
+        # thread's input with another's output
+        self._held = None
         self._traced_x = self._traced_y = None
         self._traced_pending = 0
+
+    @property
+    def _x(self) -> Tensor | None:
+        held = self._held
+        return None if held is None else held[0]
+
+    @property
+    def _pending(self) -> int:
+        held = self._held
+        return 0 if held is None else held[3]
 
     def dissolve(self) -> None:
         """Every member runs its own path again (their tensors stay views of the stacks until replaced)."""
@@ -209,18 +221,17 @@ class SiblingGroup:
         if _many_tokens(x):  # (a prefill: each member runs its own path; nothing to look up)
             return None
         version = -2 if x.is_inference() else x._version  # (inference tensors keep no version counter)
-        if self._pending > 0 and self._x is x and self._x_version == version:
-            y = self._y
-            self._pending -= 1
+        held = self._held
+        if held is not None and held[0] is x and held[1] == version:
+            y, pending = held[2], held[3] - 1
         else:
             key = plan_key(x, dispatch._GRAPHED[0])
             run = self._plans[key] if key in self._plans else self._plan(member, x, key)
             if run is None:
                 return None
-            y = run(x.contiguous())
-            self._x, self._x_version, self._y, self._pending = x, version, y, len(self.members) - 1
-        if self._pending == 0:
-            self._forget()  # (every member has its slice: nothing of this step stays alive)
+            y, pending = run(x.contiguous()), len(self.members) - 1
+        # (every member has its slice: nothing of this step stays alive)
+        self._held = (x, version, y, pending) if pending > 0 else None
         return y.narrow(-1, lo, self.out)
 
     def _traced(self, member: StructuredLinear, x: Tensor, lo: int) -> Tensor | None:
