@@ -1355,3 +1355,25 @@ def test_nm_positions_packed():
     with pytest.raises(ValueError, match="out of order"):  # (2:4 on the sparse tensor cores reads only that order)
         layer.set_positions_(torch.tensor([[3, 1, 0, 2], [0, 1, 2, 3], [2, 3, 1, 2]]))
     assert torch.equal(layer.index, before)  # (nothing lost)
+
+
+def test_kept_scratch_is_per_thread():
+    """An eager decode plan keeps its fp32 scratch between calls (one thread's calls are ordered on its stream), but
+    threads sharing a model get their own: on a shared stream two calls' launches interleave, and one call's second
+    stage would read the other's first-stage output from a shared buffer."""
+    import threading
+
+    pytest.importorskip("triton")
+    from structmat.kernels import decode
+
+    like = torch.empty(1)
+    get = decode._scratch((2, 8), like, keep=True)
+    mine = get()
+    assert get() is mine and mine.shape == (2, 8) and mine.dtype == torch.float32  # (kept within a thread)
+    theirs = []
+    t = threading.Thread(target=lambda: theirs.extend([get(), get()]))
+    t.start()
+    t.join()
+    assert theirs[0] is theirs[1] and theirs[0] is not mine
+    fresh = decode._scratch((2, 8), like, keep=False)
+    assert fresh() is not fresh()  # (captured and compiled plans: a buffer per call)

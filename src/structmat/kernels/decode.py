@@ -32,6 +32,7 @@ the same code without the custom op's dispatch (host time is what few-token call
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 from torch import Tensor
@@ -83,12 +84,21 @@ def captured_form():
 
 
 def _scratch(shape: tuple, like: Tensor, keep: bool):
-    """A plan's fp32 scratch (split-K partials): allocated per call, or once and reused where ``keep`` (an eager
-    plan: its calls are ordered on the stream; a plan is not shared between streams)."""
+    """A plan's fp32 scratch (split-K partials, a first stage's output): allocated per call, or once per thread and
+    reused where ``keep`` (an eager plan: one thread's calls are ordered on its stream; threads sharing a model each
+    get their own, since two calls' launches interleave on a shared stream: one's second stage would read the
+    other's first; a plan is not shared between streams)."""
     if not keep:
         return lambda: _empty(shape, like, torch.float32)
-    buf = []
-    return lambda: buf[0] if buf else buf.append(_empty(shape, like, torch.float32)) or buf[0]
+    held = threading.local()
+
+    def get() -> Tensor:
+        buf = getattr(held, "buf", None)
+        if buf is None:
+            buf = held.buf = _empty(shape, like, torch.float32)
+        return buf
+
+    return get
 
 
 def _fused_plan(x: Tensor, g1: int, m1: int, k1: int, g2: int, m2: int, k2: int):
