@@ -21,6 +21,9 @@ import triton.language as tl
 from torch import Tensor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+#: The kernels here and in _triton_monarch index rows and columns in 32-bit arithmetic: an operand must reach fewer
+#: elements than this from its start (callers check; ops sends larger ones to cuBLAS)
+INT32_EXTENT = 2**31
 #: Autotune per shape (default). With STRUCTMAT_AUTOTUNE=0 (or AUTOTUNE = False) a fixed heuristic config runs:
 #: one compile per dtype, for quick tests.
 AUTOTUNE = os.environ.get("STRUCTMAT_AUTOTUNE", "1") != "0"

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_gemm import _precision
+from ._triton_gemm import INT32_EXTENT, _precision
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -207,7 +207,7 @@ def offsets_fit(tokens: int, R: Tensor, L: Tensor) -> bool:
     """Whether the kernel's 32-bit offsets (all but the scratch's, which are 64-bit) reach every element for
     ``tokens`` rows of a row-major x (N, b*p) and y (N, b*u) and these factors."""
     b, _, p = R.shape
-    return max(tokens * b * max(p, L.shape[1]) - 1, _reach(R), _reach(L)) < 2**31
+    return max(tokens * b * max(p, L.shape[1]) - 1, _reach(R), _reach(L)) < INT32_EXTENT
 
 
 def _sms(device: torch.device) -> int:
@@ -260,7 +260,7 @@ def monarch_fused(x: Tensor, R: Tensor, L: Tensor, config: Tiles | None = None, 
     y = torch.empty((x.shape[0], b * u), dtype=x.dtype, device=x.device) if out is None else out
     if x.shape[0] == 0:
         return y
-    if max(_reach(x), _reach(y), _reach(R), _reach(L)) >= 2**31:  # (its offsets are 32-bit)
+    if max(_reach(x), _reach(y), _reach(R), _reach(L)) >= INT32_EXTENT:  # (its offsets are 32-bit)
         if baseline is not None:
             return baseline()
         raise ValueError(f"monarch_fused: x {tuple(x.shape)} -> y {tuple(y.shape)} reaches past 2^31 elements, beyond "

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import _triton_monarch
-from ._triton_gemm import grouped_gemm
+from ._triton_gemm import INT32_EXTENT, grouped_gemm
 
 #: Tests set this to fill every output buffer with NaN before the kernel writes it (an unwritten element shows).
 POISON = False
@@ -54,14 +54,11 @@ def _empty(shape, like: Tensor) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
-#: The Triton kernels index within a group (and Monarch's fused kernel everywhere but its scratch) in 32-bit
-#: arithmetic; an operand reaching further (a ~2^31-element activation, e.g. 512k tokens x 4096) takes cuBLAS instead
-INT32_EXTENT = 2**31
-
-
 def _fits_int32(groups: int, M: int, N: int, K: int, sa: tuple, sb: tuple, sc: tuple, chunk: int,
                 chunk_stride: int) -> bool:
-    """Whether the largest element offset of every operand of ``_gemm``'s description is below INT32_EXTENT."""
+    """Whether the largest element offset of every operand of ``_gemm``'s description is below INT32_EXTENT (the
+    grouped kernel's row offsets are 32-bit within a group; a ~2^31-element activation, e.g. 512k tokens x 4096,
+    takes cuBLAS instead)."""
     g = groups - 1
     c_last = (chunk - 1) * sc[2] + (N // chunk - 1) * chunk_stride if chunk else (N - 1) * sc[2]
     return max(g * sa[0] + (M - 1) * sa[1] + (K - 1) * sa[2], g * sb[0] + (K - 1) * sb[1] + (N - 1) * sb[2],
