@@ -173,9 +173,12 @@ def test_gpt2_conv1d_lossy_error_is_reported():
     assert (layer(x) - ref).norm() / ref.norm() > 0.01
 
 
+MIXED_PLAN = {r".*q_proj": "monarch:nblocks=4", r".*mlp.*": "lowrank:ratio=0.5", r".*v_proj": "nm:n=2,m=4"}
+
+
 def test_densify_round_trip():
     model = tiny_llama()
-    structurize(model, {r".*q_proj": "monarch:nblocks=4", r".*mlp.*": "lowrank:ratio=0.5", r".*v_proj": "nm:n=2,m=4"})
+    structurize(model, MIXED_PLAN)
     x = tokens()
     with torch.no_grad():
         structured = model(x).logits
@@ -186,6 +189,25 @@ def test_densify_round_trip():
         dense = model(x).logits
     assert torch.allclose(structured, dense, rtol=1e-4, atol=1e-5)
     assert densify(model) == 0
+
+
+def test_densify_only_the_named_structures():
+    model = tiny_llama()
+    structurize(model, MIXED_PLAN)
+    x = tokens()
+    with torch.no_grad():
+        structured = model(x).logits
+    before = structured_modules(model)
+    with pytest.raises(ValueError, match="unknown structure name.*'nmm'"):
+        densify(model, ("nm", "nmm"))
+    assert structured_modules(model) == before  # the refused call changed nothing
+    assert densify(model, "nm") == 2  # the v projection of each of the two blocks
+    left = structured_modules(model)
+    assert sorted({layer.name for layer in left.values()}) == ["lowrank", "monarch"] and len(left) == 8
+    assert all(type(module) is nn.Linear for name, module in linear_modules(model).items() if name.endswith("v_proj"))
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, structured, rtol=1e-4, atol=1e-5)
+    assert densify(model, ["sparse"]) == 0
 
 
 def test_impossible_size_names_the_module_and_changes_nothing():

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .modules import (_conv1d_class, _is_linear, _walk, dense_cost, dense_weight, linear_modules,  # noqa: F401
                       locations, structured_modules)
 from .plan import DATA_FREE, PLAN_VERSION, Plan, SpecLike, Target  # noqa: F401  (re-exported)
+from .structures import REGISTRY
 from .structures import from_dense as _from_dense
 from .structures.base import StructuredLinear
 
@@ -346,9 +347,19 @@ def _untie(model: nn.Module, name: str) -> str | None:
     return f"{name} shared its weight with another module; the other module keeps the dense weight"
 
 
-def densify(model: nn.Module) -> int:
-    """Replace every StructuredLinear by an ``nn.Linear`` whose weight is its ``to_dense()``; return the count."""
+def densify(model: nn.Module, structures: str | Iterable[str] | None = None) -> int:
+    """Replace every StructuredLinear by an ``nn.Linear`` whose weight is its ``to_dense()``; return the count.
+
+    ``structures`` (registry names, e.g. ``("nm", "sparse")``) limits it to those layers: on a CPU, where the sparse
+    layers have no kernel and rebuild dense tiles at every call, a mixed model's sparse layers can be made dense for
+    speed while its factored layers keep their savings."""
     found = structured_modules(model)
+    if structures is not None:
+        names = {structures} if isinstance(structures, str) else set(structures)
+        unknown = sorted(names - set(REGISTRY))
+        if unknown:
+            raise ValueError(f"densify: unknown structure name(s) {unknown}; known: {sorted(REGISTRY)}")
+        found = {name: layer for name, layer in found.items() if layer.name in names}
     if not found:
         return 0
     where = locations(model)
