@@ -80,6 +80,8 @@ def test_compress_and_eval_a_local_causal_lm_directory(tmp_path, capsys):
         [r["output_error"] for r in results[0]["report"]["layers"]], rel=1e-3)
     out = out / "target-0.50"
     assert (out / "structmat.json").is_file()
+    assert (out / "tokenizer_config.json").is_file()  # saved beside the model: generate needs no --tokenizer
+    assert main(["generate", "--model", str(out), "--max-new-tokens", "3", "--rounds", "1"]) == 0
     assert main(["eval", "--model", str(out), "--tokenizer", str(src), "--files", "2", "--seq-len", "64",
                  "--out", str(out)]) == 0
     metrics = json.loads((out / "eval.json").read_text())["metrics"]

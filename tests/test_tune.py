@@ -12,25 +12,14 @@ from structmat.adapters import load_adapter
 from structmat.train.loop import list_checkpoints
 from structmat.train.tune import TuneConfig, tune
 
-from corpora import stdlib_corpus
+from corpora import stdlib_corpus, tiny_llama_folder
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny Llama (MiniLM's word-piece tokenizer, saved next to it) and a small stdlib corpus."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from structmat.data.corpus import minilm_tokenizer
-
     root = tmp_path_factory.mktemp("tune")
-    tok = minilm_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         architectures=["LlamaForCausalLM"])
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(root / "llama")
-    tok.save_pretrained(root / "llama")
+    tiny_llama_folder(root / "llama")
     return root, stdlib_corpus(root)
 
 

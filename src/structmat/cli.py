@@ -201,6 +201,14 @@ def _load(name: str, tokenizer: str | None = None):
         from .io import load_pretrained
 
         model = load_pretrained(path)
+        if tokenizer == "smollm2":  # the packaged models' tokenizers, by the names --model takes
+            from .data.smollm2 import smollm2_dir
+
+            tokenizer = str(smollm2_dir())
+        elif tokenizer == "minilm":
+            from .data.pretrained import minilm_dir
+
+            tokenizer = str(minilm_dir())
         try:
             tok = AutoTokenizer.from_pretrained(tokenizer or str(path), local_files_only=True)
         except (OSError, ValueError):
@@ -250,6 +258,7 @@ def _compress(args: argparse.Namespace) -> int:
         model, report = done.model, done.report
         out = Path(args.out) / f"target-{target:.2f}"  # one folder per target, also for a single one
         start = time.perf_counter()
+        loaded.tokenizer.save_pretrained(out)  # (first: the model's save then carries it into its folder atomically)
         save_pretrained(model, out)
         print(f"saved in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         print(report.format())
@@ -335,6 +344,18 @@ def _plot_quality(results: list[dict], kind: str, path: Path) -> Path:
 
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import run
+
+    if _check_device(args.device, "generate") is not None:
+        return 2
+    if args.max_new_tokens < 2 or args.rounds < 1 or not args.temperature > 0:
+        print("structmat generate: --max-new-tokens must be >= 2, --rounds >= 1 and --temperature > 0",
+              file=sys.stderr)
+        return 2
+    return run(args)
+
+
 def _eval(args: argparse.Namespace) -> int:
     from .data.corpus import text_chunks, token_stream
     from .data.models import is_causal, load_model
@@ -373,6 +394,7 @@ def _targets(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     from .compress import DEFAULT_ALLOW
+    from .generate import DEFAULT_PROMPT
     from .structures import REGISTRY
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -479,6 +501,33 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seq-len", type=int, default=512, help="causal LMs: perplexity window")
     ev.add_argument("--out", default="structmat-out", help="folder for eval.json")
     ev.set_defaults(func=_eval)
+    gen = sub.add_parser("generate", formatter_class=fmt,
+                         help="run a (compressed) causal LM on a prompt: the text, prefill time, decode tokens/s, "
+                              "parameter and peak memory; --baseline MODEL measures the dense original beside it",
+                         description="Generate text with a causal LM (a structmat folder from `structmat compress`, an "
+                                     "HF folder or hub id, or smollm2) and measure it as it runs: prefill time, "
+                                     "decode tokens/s (best of --rounds), parameter bytes and, on a GPU, peak memory. "
+                                     "Structured siblings are fused first (fuse_siblings).")
+    gen.add_argument("--model", required=True, help="a structmat or HF model folder, an HF hub id, or smollm2")
+    gen.add_argument("--tokenizer", default=None, help="tokenizer folder (or smollm2) for a structmat folder saved "
+                     "without one; default: the model's own")
+    gen.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per timed call (end of "
+                     "sequence suppressed, so every round decodes as many)")
+    gen.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda where available)")
+    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="auto: bfloat16 on a GPU, float32 on a CPU")
+    gen.add_argument("--no-fuse", dest="fuse", action="store_false", help="keep structured siblings unfused")
+    gen.add_argument("--densify-sparse", action="store_true", help="make N:M / fixed-sparse / sparse+low-rank "
+                     "layers dense first (on a CPU they have no kernel: dense speed at dense memory)")
+    gen.add_argument("--sample", action="store_true", help="sample (seeded) instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=0.8, help="with --sample")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--baseline", default=None, help="a second model (e.g. the dense original) measured the same "
+                     "way in the same process, rounds interleaved; prints and records the ratios")
+    gen.add_argument("--rounds", type=int, default=3, help="timed rounds per model (the best is reported)")
+    gen.add_argument("--json", default=None, help="also write the measurements and text to this JSON file")
+    gen.set_defaults(func=_generate)
     bench = sub.add_parser("bench", help="benchmarks: structmat bench kernels|infer|mixer-speed (CUDA GPU) or "
                            "state-tracking [--smoke] | train-compare (CPU or GPU); each takes its own flags (--help)")
     bench.add_argument("which", choices=["kernels", "infer", "state-tracking", "mixer-speed", "train-compare"],

@@ -1,0 +1,193 @@
+"""``structmat generate``: run a (compressed) causal LM the way a user serves it, and measure it while doing so.
+
+The model (a folder written by ``structmat compress`` / ``save_pretrained``, an HF folder or hub id, or ``smollm2``)
+is moved to its device and dtype, its structured siblings fused (``fuse_siblings``: q/k/v and gate/up as one product
+each at few tokens, no memory added) and HF ``generate`` runs on a prompt. Printed: the text, then the prompt's
+time (prefill), decode tokens/s, the parameter bytes and, on a GPU, the peak memory; ``--baseline MODEL`` measures a
+second model (the dense original) the same way in the same process, rounds interleaved, and gives the ratios.
+Timing: a 2-token warm-up first (plans, first-call kernel compiles), then per round a 1-token call (prefill) and an
+N-token call with end-of-sequence suppressed (``min_new_tokens``), so every round decodes the same N tokens;
+decode tokens/s = (N - 1) / (N-token time - 1-token time), the best round's.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+#: structures with no CPU kernel: their reference rebuilds weight tiles on every call (README, "On a CPU")
+SPARSE_STRUCTURES = ("nm", "sparse", "splr")
+DEFAULT_PROMPT = "def fibonacci(n):"
+
+
+@dataclass
+class Measured:
+    source: str
+    device: str
+    dtype: str
+    param_bytes: int
+    structured_layers: int
+    fused_groups: int
+    densified_layers: int
+    prompt_tokens: int
+    new_tokens: int
+    prefill_s: list[float] = field(default_factory=list)
+    generate_s: list[float] = field(default_factory=list)
+    peak_bytes: int | None = None
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """The best round's decode rate (each round's N-token time less its 1-token time)."""
+        best = min(full - first for full, first in zip(self.generate_s, self.prefill_s))
+        return (self.new_tokens - 1) / max(best, 1e-9)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "decode_tokens_per_s": self.decode_tokens_per_s}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":  # bf16 where the kernels run, float32 on a CPU (its bf16 matmuls are slow without AMX)
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"--dtype {name!r}: use auto, float32, bfloat16 or float16")
+    return dtypes[name]
+
+
+def prepare(model: nn.Module, device: torch.device, dtype: torch.dtype, fuse: bool = True,
+            densify_sparse: bool = False) -> dict[str, int]:
+    """Move ``model`` to ``device``/``dtype`` for inference, then (optionally) make its sparse layers dense and fuse
+    its structured siblings (after the move: a move dissolves fused groups). Returns what it did."""
+    from .siblings import fuse_siblings
+    from .surgery import densify, structured_modules
+
+    model.eval().to(device=device, dtype=dtype)
+    densified = densify(model, SPARSE_STRUCTURES) if densify_sparse else 0
+    groups = fuse_siblings(model) if fuse else []
+    return {"structured_layers": len(structured_modules(model)), "fused_groups": len(groups),
+            "densified_layers": densified}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _generate(model, ids: torch.Tensor, new: int, sample: bool, temperature: float, seed: int,
+              pad_token_id: int | None) -> tuple[torch.Tensor, float]:
+    torch.manual_seed(seed)  # (sampling: every round draws the same tokens)
+    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=sample, pad_token_id=pad_token_id)
+    if sample:
+        kwargs["temperature"] = temperature
+    _sync(ids.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    _sync(ids.device)
+    seconds = time.perf_counter() - start
+    if out.shape[1] != ids.shape[1] + new:
+        raise RuntimeError(f"generate returned {out.shape[1] - ids.shape[1]} new tokens, not {new}")
+    return out, seconds
+
+
+class Runner:
+    """One model prepared for generation and its measurements."""
+
+    def __init__(self, model: nn.Module, tokenizer, source: str, device: torch.device, dtype: torch.dtype,
+                 prompt: str, new_tokens: int, fuse: bool, densify_sparse: bool, sample: bool, temperature: float,
+                 seed: int):
+        if new_tokens < 2:
+            raise ValueError(f"--max-new-tokens {new_tokens}: at least 2 (decode speed is measured past the first)")
+        did = prepare(model, device, dtype, fuse, densify_sparse)
+        self.model, self.tokenizer, self.sample, self.temperature, self.seed = model, tokenizer, sample, temperature, seed
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        if self.ids.shape[1] == 0:
+            raise ValueError("--prompt is empty after tokenization; give some text")
+        params = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        self.measured = Measured(source, str(device), str(dtype).replace("torch.", ""), params,
+                                 prompt_tokens=self.ids.shape[1], new_tokens=new_tokens, **did)
+        self.output: torch.Tensor | None = None
+        self._run(2)  # warm-up
+
+    def _run(self, new: int) -> tuple[torch.Tensor, float]:
+        return _generate(self.model, self.ids, new, self.sample, self.temperature, self.seed, self.pad)
+
+    def round(self) -> None:
+        device = self.ids.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        _, first = self._run(1)
+        self.output, full = self._run(self.measured.new_tokens)
+        self.measured.prefill_s.append(first)
+        self.measured.generate_s.append(full)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
+            self.measured.peak_bytes = max(self.measured.peak_bytes or 0, peak)
+
+    def sparse_on_cpu(self) -> int:
+        from .surgery import structured_modules
+
+        if self.ids.device.type != "cpu":
+            return 0
+        return sum(layer.name in SPARSE_STRUCTURES for layer in structured_modules(self.model).values())
+
+
+def _line(m: Measured) -> str:
+    peak = f", peak {m.peak_bytes / 2**20:.0f} MiB" if m.peak_bytes is not None else ""
+    return (f"{m.source}: prefill {m.prompt_tokens} tokens {min(m.prefill_s) * 1e3:.1f} ms, decode "
+            f"{m.decode_tokens_per_s:.1f} tokens/s ({m.new_tokens} tokens, {m.device}, {m.dtype}), parameters "
+            f"{m.param_bytes / 2**20:.0f} MiB{peak}; {m.structured_layers} structured layers, {m.fused_groups} "
+            f"fused groups" + (f", {m.densified_layers} sparse layers made dense" if m.densified_layers else ""))
+
+
+def run(args) -> int:
+    """The ``structmat generate`` command (arguments from ``cli.build_parser``)."""
+    from .cli import _load
+    from .eval.results import run_info, write_json
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = resolve_dtype(args.dtype, device)
+    options = dict(device=device, dtype=dtype, prompt=args.prompt, new_tokens=args.max_new_tokens,
+                   fuse=args.fuse, densify_sparse=args.densify_sparse, sample=args.sample,
+                   temperature=args.temperature, seed=args.seed)
+    runners = []
+    for name in [args.model] + ([args.baseline] if args.baseline else []):
+        loaded = _load(name, args.tokenizer)
+        if loaded.kind != "causal":
+            raise ValueError(f"structmat generate needs a causal LM; {loaded.source} is an encoder")
+        runners.append(Runner(loaded.model, loaded.tokenizer, loaded.source, **options))
+    main = runners[0]
+    if main.sparse_on_cpu():
+        print(f"note: {main.sparse_on_cpu()} sparse layers (N:M, fixed sparse) run their PyTorch reference on a CPU, "
+              "about 3x slower than dense end to end; --densify-sparse makes them dense (dense speed and memory)",
+              file=sys.stderr)
+    for _ in range(args.rounds):
+        for runner in runners:
+            runner.round()
+    text = main.tokenizer.decode(main.output[0], skip_special_tokens=True)
+    print(text)
+    for runner in runners:
+        print(_line(runner.measured), file=sys.stderr)
+    record: dict[str, Any] = {"model": main.measured.to_dict()}
+    if len(runners) > 1:
+        base = runners[1].measured
+        ratios = {"decode_speedup": main.measured.decode_tokens_per_s / base.decode_tokens_per_s,
+                  "prefill_speedup": min(base.prefill_s) / min(main.measured.prefill_s),
+                  "param_bytes_ratio": main.measured.param_bytes / base.param_bytes}
+        if main.measured.peak_bytes is not None and base.peak_bytes:
+            ratios["peak_bytes_ratio"] = main.measured.peak_bytes / base.peak_bytes
+        record.update(baseline=base.to_dict(), vs_baseline=ratios)
+        print("vs baseline: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()), file=sys.stderr)
+    if args.json:
+        path = write_json(Path(args.json), {**record, "prompt": args.prompt, "text": text,
+                                            "run_info": run_info(vars(args), device=device)})
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
