@@ -59,6 +59,14 @@ def test_generate_measures_a_structured_model_beside_its_baseline(models, capsys
     code, unfused, _ = _run(capsys, "--model", models / "lowrank", "--prompt", "import os", "--max-new-tokens", 5,
                             "--rounds", 1, "--no-fuse")
     assert code == 0 and unfused == text
+    # compiled (static cache; dynamo with its eager backend: the graph, not inductor's C++ build): the same text,
+    # graphs compiled in the warm-up and none while timed
+    record = models / "compiled.json"
+    code, compiled, err = _run(capsys, "--model", models / "lowrank", "--prompt", "import os", "--max-new-tokens", 5,
+                               "--rounds", 2, "--compile", "eager", "--json", record)
+    assert code == 0 and compiled == text, err
+    got = json.loads(record.read_text())["model"]
+    assert got["compile_backend"] == "eager" and got["graphs_in_warmup"] >= 1 and got["graphs_in_rounds"] == 0
     sampled = [_run(capsys, "--model", models / "lowrank", "--max-new-tokens", 4, "--rounds", 1, "--sample",
                     "--seed", 3)[1] for _ in range(2)]
     assert sampled[0] == sampled[1]  # seeded: the same draw

@@ -520,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-fuse", dest="fuse", action="store_false", help="keep structured siblings unfused")
     gen.add_argument("--densify-sparse", action="store_true", help="make N:M / fixed-sparse / sparse+low-rank "
                      "layers dense first (on a CPU they have no kernel: dense speed at dense memory)")
+    gen.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                     help="static KV cache and HF's compiled decode step with this torch.compile backend (inductor "
+                     "when given alone; reduce-overhead CUDA graphs on a GPU); reports graphs compiled while timed")
     gen.add_argument("--sample", action="store_true", help="sample (seeded) instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=0.8, help="with --sample")
     gen.add_argument("--seed", type=int, default=0)

@@ -7,7 +7,10 @@ time (prefill), decode tokens/s, the parameter bytes and, on a GPU, the peak mem
 second model (the dense original) the same way in the same process, rounds interleaved, and gives the ratios.
 Timing: a 2-token warm-up first (plans, first-call kernel compiles), then per round a 1-token call (prefill) and an
 N-token call with end-of-sequence suppressed (``min_new_tokens``), so every round decodes the same N tokens;
-decode tokens/s = (N - 1) / (N-token time - 1-token time), the best round's.
+decode tokens/s = (N - 1) / (N-token time - 1-token time), the best round's. ``--compile BACKEND``: a static KV cache
+and HF's compiled decode step (``CompileConfig``; inductor takes ``reduce-overhead``, CUDA graphs, on a GPU); the
+warm-up then runs the 1- and the N-token call once each (a static cache of each length compiles its graph) and the
+graphs dynamo compiled in the timed rounds are counted (0: no recompiles).
 """
 
 from __future__ import annotations
@@ -37,9 +40,12 @@ class Measured:
     densified_layers: int
     prompt_tokens: int
     new_tokens: int
+    compile_backend: str | None = None
     prefill_s: list[float] = field(default_factory=list)
     generate_s: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
+    graphs_in_warmup: int | None = None  # with --compile: graphs compiled by the warm-up (at least one)
+    graphs_in_rounds: int | None = None  # and during the timed rounds (0: no recompiles)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -79,10 +85,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def compile_options(backend: str | None, device: torch.device) -> dict[str, Any]:
+    """``generate`` keywords for HF's compiled decode step with a static cache (none for ``backend`` None)."""
+    if backend is None:
+        return {}
+    from transformers.generation.configuration_utils import CompileConfig
+
+    mode = "reduce-overhead" if backend == "inductor" and device.type == "cuda" else None  # (CUDA graphs)
+    config = CompileConfig(backend=backend, mode=mode, fullgraph=False)
+    config._compile_all_devices = True  # (HF compiles on GPUs only unless told)
+    return {"cache_implementation": "static", "compile_config": config}
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def _generate(model, ids: torch.Tensor, new: int, sample: bool, temperature: float, seed: int,
-              pad_token_id: int | None) -> tuple[torch.Tensor, float]:
+              pad_token_id: int | None, compiled: dict[str, Any]) -> tuple[torch.Tensor, float]:
     torch.manual_seed(seed)  # (sampling: every round draws the same tokens)
-    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=sample, pad_token_id=pad_token_id)
+    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=sample, pad_token_id=pad_token_id, **compiled)
     if sample:
         kwargs["temperature"] = temperature
     _sync(ids.device)
@@ -101,7 +125,7 @@ class Runner:
 
     def __init__(self, model: nn.Module, tokenizer, source: str, device: torch.device, dtype: torch.dtype,
                  prompt: str, new_tokens: int, fuse: bool, densify_sparse: bool, sample: bool, temperature: float,
-                 seed: int):
+                 seed: int, compile_backend: str | None = None):
         if new_tokens < 2:
             raise ValueError(f"--max-new-tokens {new_tokens}: at least 2 (decode speed is measured past the first)")
         did = prepare(model, device, dtype, fuse, densify_sparse)
@@ -112,21 +136,31 @@ class Runner:
             raise ValueError("--prompt is empty after tokenization; give some text")
         params = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         self.measured = Measured(source, str(device), str(dtype).replace("torch.", ""), params,
-                                 prompt_tokens=self.ids.shape[1], new_tokens=new_tokens, **did)
+                                 prompt_tokens=self.ids.shape[1], new_tokens=new_tokens,
+                                 compile_backend=compile_backend, **did)
+        self.compiled = compile_options(compile_backend, device)
         self.output: torch.Tensor | None = None
-        self._run(2)  # warm-up
+        graphs = _graphs()
+        for new in ((1, new_tokens) if self.compiled else (2,)):  # warm-up (compiled: each cache length's graph)
+            self._run(new)
+        if self.compiled:
+            self.measured.graphs_in_warmup = _graphs() - graphs
 
     def _run(self, new: int) -> tuple[torch.Tensor, float]:
-        return _generate(self.model, self.ids, new, self.sample, self.temperature, self.seed, self.pad)
+        return _generate(self.model, self.ids, new, self.sample, self.temperature, self.seed, self.pad,
+                         self.compiled)
 
     def round(self) -> None:
         device = self.ids.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        graphs = _graphs()
         _, first = self._run(1)
         self.output, full = self._run(self.measured.new_tokens)
         self.measured.prefill_s.append(first)
         self.measured.generate_s.append(full)
+        if self.compiled:
+            self.measured.graphs_in_rounds = (self.measured.graphs_in_rounds or 0) + _graphs() - graphs
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device)
             self.measured.peak_bytes = max(self.measured.peak_bytes or 0, peak)
@@ -144,7 +178,10 @@ def _line(m: Measured) -> str:
     return (f"{m.source}: prefill {m.prompt_tokens} tokens {min(m.prefill_s) * 1e3:.1f} ms, decode "
             f"{m.decode_tokens_per_s:.1f} tokens/s ({m.new_tokens} tokens, {m.device}, {m.dtype}), parameters "
             f"{m.param_bytes / 2**20:.0f} MiB{peak}; {m.structured_layers} structured layers, {m.fused_groups} "
-            f"fused groups" + (f", {m.densified_layers} sparse layers made dense" if m.densified_layers else ""))
+            f"fused groups" + (f", {m.densified_layers} sparse layers made dense" if m.densified_layers else "")
+            + (f"; compiled ({m.compile_backend}): {m.graphs_in_warmup} graphs in the warm-up, {m.graphs_in_rounds} "
+               "while timed"
+               if m.compile_backend else ""))
 
 
 def run(args) -> int:
@@ -156,7 +193,7 @@ def run(args) -> int:
     dtype = resolve_dtype(args.dtype, device)
     options = dict(device=device, dtype=dtype, prompt=args.prompt, new_tokens=args.max_new_tokens,
                    fuse=args.fuse, densify_sparse=args.densify_sparse, sample=args.sample,
-                   temperature=args.temperature, seed=args.seed)
+                   temperature=args.temperature, seed=args.seed, compile_backend=args.compile)
     runners = []
     for name in [args.model] + ([args.baseline] if args.baseline else []):
         loaded = _load(name, args.tokenizer)
