@@ -177,7 +177,7 @@ def _line(m: Measured) -> str:
     peak = f", peak {m.peak_bytes / 2**20:.0f} MiB" if m.peak_bytes is not None else ""
     return (f"{m.source}: prefill {m.prompt_tokens} tokens {min(m.prefill_s) * 1e3:.1f} ms, decode "
             f"{m.decode_tokens_per_s:.1f} tokens/s ({m.new_tokens} tokens, {m.device}, {m.dtype}), parameters "
-            f"{m.param_bytes / 2**20:.0f} MiB{peak}; {m.structured_layers} structured layers, {m.fused_groups} "
+            f"{m.param_bytes / 2**20:.1f} MiB{peak}; {m.structured_layers} structured layers, {m.fused_groups} "
             f"fused groups" + (f", {m.densified_layers} sparse layers made dense" if m.densified_layers else "")
             + (f"; compiled ({m.compile_backend}): {m.graphs_in_warmup} graphs in the warm-up, {m.graphs_in_rounds} "
                "while timed"
