@@ -13,6 +13,10 @@ import structmat
 from structmat.cli import main
 
 
+CHAT = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}")
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A tiny dense Llama with MiniLM's tokenizer, and two structmat folders of it: every block linear low-rank
@@ -26,7 +30,8 @@ def models(tmp_path_factory):
         model = LlamaForCausalLM(dense.config)
         model.load_state_dict(dense.state_dict())
         structmat.structurize(model, {r".*_proj": spec})
-        if with_tokenizer:
+        if with_tokenizer:  # (with a chat template, as an instruct model's)
+            tok.chat_template = CHAT
             tok.save_pretrained(root / name)
         structmat.save_pretrained(model, root / name)
     return root
@@ -67,6 +72,14 @@ def test_generate_measures_a_structured_model_beside_its_baseline(models, capsys
     assert code == 0 and compiled == text, err
     got = json.loads(record.read_text())["model"]
     assert got["compile_backend"] == "eager" and got["graphs_in_warmup"] >= 1 and got["graphs_in_rounds"] == 0
+    # a batch of 3 copies of the prompt: tokens/s counts every row
+    record = models / "batch.json"
+    code, batched, err = _run(capsys, "--model", models / "lowrank", "--prompt", "import os", "--max-new-tokens", 5,
+                              "--rounds", 1, "--batch", 3, "--json", record)
+    assert code == 0 and batched.startswith("import os") and "x batch 3" in err
+    got = json.loads(record.read_text())["model"]
+    assert got["batch"] == 3 and got["decode_tokens_per_s"] == pytest.approx(
+        3 * 4 / (got["generate_s"][0] - got["prefill_s"][0]))
     sampled = [_run(capsys, "--model", models / "lowrank", "--max-new-tokens", 4, "--rounds", 1, "--sample",
                     "--seed", 3)[1] for _ in range(2)]
     assert sampled[0] == sampled[1]  # seeded: the same draw
@@ -91,7 +104,28 @@ def test_generate_refuses_bad_input_with_one_line(models, capsys):
     assert code == 1 and "needs a causal LM" in err
     code, _, err = _run(capsys, "--model", models / "dense", "--max-new-tokens", 1)
     assert code == 2 and "--max-new-tokens must be >= 2" in err
+    code, _, err = _run(capsys, "--model", models / "dense", "--batch", 0)
+    assert code == 2 and "--batch >= 1" in err
     code, _, err = _run(capsys, "--model", models / "dense", "--device", "nonsense")
     assert code == 2 and "not a device" in err
     code, _, err = _run(capsys, "--model", models / "missing")
     assert code == 1 and "no such model folder" in err
+
+
+def test_generate_chat_wraps_the_prompt_in_the_template_and_prints_the_reply(models, capsys):
+    import torch
+    from transformers import AutoTokenizer
+
+    code, reply, err = _run(capsys, "--model", models / "lowrank", "--prompt", "sort a list", "--max-new-tokens", 4,
+                            "--rounds", 1, "--chat", "--no-fuse")
+    assert code == 0, err
+    tok = AutoTokenizer.from_pretrained(models / "lowrank", local_files_only=True)
+    ids = tok.apply_chat_template([{"role": "user", "content": "sort a list"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    model = structmat.load_pretrained(models / "lowrank").eval()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                             do_sample=False, pad_token_id=tok.pad_token_id)
+    assert reply.strip() == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    code, _, err = _run(capsys, "--model", models / "dense", "--chat", "--max-new-tokens", 3)
+    assert code == 1 and "no chat template" in err

@@ -1007,7 +1007,7 @@ def _help_text(tmp):
                 continue
             assert action.help, f"structmat {name} {action.option_strings or action.dest} has no help"
         text = subparser.format_help()
-        if name in ("demo", "compress", "eval", "table"):
+        if name in ("demo", "compress", "eval", "table", "generate"):
             assert "(default:" in text, f"structmat {name} --help shows no defaults"
         if name == "train":
             assert "(default 5m)" in text and "(default 16384)" in text

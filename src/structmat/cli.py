@@ -349,8 +349,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     if _check_device(args.device, "generate") is not None:
         return 2
-    if args.max_new_tokens < 2 or args.rounds < 1 or not args.temperature > 0:
-        print("structmat generate: --max-new-tokens must be >= 2, --rounds >= 1 and --temperature > 0",
+    if args.max_new_tokens < 2 or args.rounds < 1 or args.batch < 1 or not args.temperature > 0:
+        print("structmat generate: --max-new-tokens must be >= 2, --rounds and --batch >= 1, --temperature > 0",
               file=sys.stderr)
         return 2
     return run(args)
@@ -512,8 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tokenizer", default=None, help="tokenizer folder (or smollm2) for a structmat folder saved "
                      "without one; default: the model's own")
     gen.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text to continue")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the tokenizer's chat "
+                     "template (instruct models, e.g. smollm2) and print the reply alone")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per timed call (end of "
                      "sequence suppressed, so every round decodes as many)")
+    gen.add_argument("--batch", type=int, default=1, help="decode this many copies of the prompt at once "
+                     "(tokens/s counts every row; the first row's text is printed)")
     gen.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda where available)")
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                      help="auto: bfloat16 on a GPU, float32 on a CPU")
@@ -525,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "when given alone; reduce-overhead CUDA graphs on a GPU); reports graphs compiled while timed")
     gen.add_argument("--sample", action="store_true", help="sample (seeded) instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=0.8, help="with --sample")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0, help="with --sample: the draw (every round draws the same)")
     gen.add_argument("--baseline", default=None, help="a second model (e.g. the dense original) measured the same "
                      "way in the same process, rounds interleaved; prints and records the ratios")
     gen.add_argument("--rounds", type=int, default=3, help="timed rounds per model (the best is reported)")

@@ -40,6 +40,7 @@ class Measured:
     densified_layers: int
     prompt_tokens: int
     new_tokens: int
+    batch: int
     compile_backend: str | None = None
     prefill_s: list[float] = field(default_factory=list)
     generate_s: list[float] = field(default_factory=list)
@@ -49,9 +50,10 @@ class Measured:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        """The best round's decode rate (each round's N-token time less its 1-token time)."""
+        """The best round's decode rate, tokens of the whole batch a second (each round's N-token time less its
+        1-token time)."""
         best = min(full - first for full, first in zip(self.generate_s, self.prefill_s))
-        return (self.new_tokens - 1) / max(best, 1e-9)
+        return self.batch * (self.new_tokens - 1) / max(best, 1e-9)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "decode_tokens_per_s": self.decode_tokens_per_s}
@@ -78,6 +80,15 @@ def prepare(model: nn.Module, device: torch.device, dtype: torch.dtype, fuse: bo
     groups = fuse_siblings(model) if fuse else []
     return {"structured_layers": len(structured_modules(model)), "fused_groups": len(groups),
             "densified_layers": densified}
+
+
+def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
+    """``prompt`` as one user turn in the tokenizer's chat template, ready for the assistant's reply: (1, tokens)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--chat: this model's tokenizer has no chat template; drop --chat to continue the raw prompt")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    return ids
 
 
 def _sync(device: torch.device) -> None:
@@ -125,18 +136,21 @@ class Runner:
 
     def __init__(self, model: nn.Module, tokenizer, source: str, device: torch.device, dtype: torch.dtype,
                  prompt: str, new_tokens: int, fuse: bool, densify_sparse: bool, sample: bool, temperature: float,
-                 seed: int, compile_backend: str | None = None):
+                 seed: int, compile_backend: str | None = None, batch: int = 1, chat: bool = False):
         if new_tokens < 2:
             raise ValueError(f"--max-new-tokens {new_tokens}: at least 2 (decode speed is measured past the first)")
         did = prepare(model, device, dtype, fuse, densify_sparse)
         self.model, self.tokenizer, self.sample, self.temperature, self.seed = model, tokenizer, sample, temperature, seed
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-        if self.ids.shape[1] == 0:
+        if batch < 1:
+            raise ValueError(f"--batch {batch}: at least 1")
+        ids = chat_ids(tokenizer, prompt) if chat else tokenizer(prompt, return_tensors="pt").input_ids
+        if ids.shape[1] == 0:
             raise ValueError("--prompt is empty after tokenization; give some text")
+        self.ids = ids.expand(batch, -1).contiguous().to(device)  # (the prompt in every row: batch decode)
         params = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         self.measured = Measured(source, str(device), str(dtype).replace("torch.", ""), params,
-                                 prompt_tokens=self.ids.shape[1], new_tokens=new_tokens,
+                                 prompt_tokens=self.ids.shape[1], new_tokens=new_tokens, batch=batch,
                                  compile_backend=compile_backend, **did)
         self.compiled = compile_options(compile_backend, device)
         self.output: torch.Tensor | None = None
@@ -175,8 +189,9 @@ class Runner:
 
 def _line(m: Measured) -> str:
     peak = f", peak {m.peak_bytes / 2**20:.0f} MiB" if m.peak_bytes is not None else ""
-    return (f"{m.source}: prefill {m.prompt_tokens} tokens {min(m.prefill_s) * 1e3:.1f} ms, decode "
-            f"{m.decode_tokens_per_s:.1f} tokens/s ({m.new_tokens} tokens, {m.device}, {m.dtype}), parameters "
+    rows = f" x batch {m.batch}" if m.batch > 1 else ""
+    return (f"{m.source}: prefill {m.prompt_tokens} tokens{rows} {min(m.prefill_s) * 1e3:.1f} ms, decode "
+            f"{m.decode_tokens_per_s:.1f} tokens/s ({m.new_tokens} tokens{rows}, {m.device}, {m.dtype}), parameters "
             f"{m.param_bytes / 2**20:.1f} MiB{peak}; {m.structured_layers} structured layers, {m.fused_groups} "
             f"fused groups" + (f", {m.densified_layers} sparse layers made dense" if m.densified_layers else "")
             + (f"; compiled ({m.compile_backend}): {m.graphs_in_warmup} graphs in the warm-up, {m.graphs_in_rounds} "
@@ -193,7 +208,8 @@ def run(args) -> int:
     dtype = resolve_dtype(args.dtype, device)
     options = dict(device=device, dtype=dtype, prompt=args.prompt, new_tokens=args.max_new_tokens,
                    fuse=args.fuse, densify_sparse=args.densify_sparse, sample=args.sample,
-                   temperature=args.temperature, seed=args.seed, compile_backend=args.compile)
+                   temperature=args.temperature, seed=args.seed, compile_backend=args.compile, batch=args.batch,
+                   chat=args.chat)
     runners = []
     for name in [args.model] + ([args.baseline] if args.baseline else []):
         loaded = _load(name, args.tokenizer)
@@ -208,7 +224,9 @@ def run(args) -> int:
     for _ in range(args.rounds):
         for runner in runners:
             runner.round()
-    text = main.tokenizer.decode(main.output[0], skip_special_tokens=True)
+    # (a chat prompt prints the reply alone: the template around the prompt is not the user's text)
+    shown = main.output[0, main.ids.shape[1]:] if args.chat else main.output[0]
+    text = main.tokenizer.decode(shown, skip_special_tokens=True)
     print(text)
     for runner in runners:
         print(_line(runner.measured), file=sys.stderr)
