@@ -3,8 +3,10 @@
 The model (a folder written by ``structmat compress`` / ``save_pretrained``, an HF folder or hub id, or ``smollm2``)
 is moved to its device and dtype, its structured siblings fused (``fuse_siblings``: q/k/v and gate/up as one product
 each at few tokens, no memory added) and HF ``generate`` runs on a prompt. Printed: the text, then the prompt's
-time (prefill), decode tokens/s, the parameter bytes and, on a GPU, the peak memory; ``--baseline MODEL`` measures a
-second model (the dense original) the same way in the same process, rounds interleaved, and gives the ratios.
+time (prefill), decode tokens/s, the parameter bytes and, on a GPU, the bytes the model holds between calls and its
+peak (each counted from what was allocated before it, so a second model on the device is not in the first's);
+``--baseline MODEL`` measures a second model (the dense original) the same way in the same process, rounds
+interleaved, and gives the ratios.
 Timing: a 2-token warm-up first (plans, first-call kernel compiles), then per round a 1-token call (prefill) and an
 N-token call with end-of-sequence suppressed (``min_new_tokens``), so every round decodes the same N tokens;
 decode tokens/s = (N - 1) / (N-token time - 1-token time), the best round's. ``--compile BACKEND``: a static KV cache
@@ -44,7 +46,8 @@ class Measured:
     compile_backend: str | None = None
     prefill_s: list[float] = field(default_factory=list)
     generate_s: list[float] = field(default_factory=list)
-    peak_bytes: int | None = None
+    held_bytes: int | None = None  # GPU: what the model keeps on the device between calls (parameters, kept scratch)
+    peak_bytes: int | None = None  # GPU: held_bytes + the most a timed call allocated beyond what was allocated before
     graphs_in_warmup: int | None = None  # with --compile: graphs compiled by the warm-up (at least one)
     graphs_in_rounds: int | None = None  # and during the timed rounds (0: no recompiles)
 
@@ -86,14 +89,17 @@ def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
     """``prompt`` as one user turn in the tokenizer's chat template, ready for the assistant's reply: (1, tokens)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("--chat: this model's tokenizer has no chat template; drop --chat to continue the raw prompt")
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)["input_ids"]
-    return ids
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)["input_ids"]
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
 def compile_options(backend: str | None, device: torch.device) -> dict[str, Any]:
@@ -139,11 +145,12 @@ class Runner:
                  seed: int, compile_backend: str | None = None, batch: int = 1, chat: bool = False):
         if new_tokens < 2:
             raise ValueError(f"--max-new-tokens {new_tokens}: at least 2 (decode speed is measured past the first)")
+        if batch < 1:
+            raise ValueError(f"--batch {batch}: at least 1")
+        allocated = _allocated(device)  # (another model may already be on the device: only the change is this one's)
         did = prepare(model, device, dtype, fuse, densify_sparse)
         self.model, self.tokenizer, self.sample, self.temperature, self.seed = model, tokenizer, sample, temperature, seed
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if batch < 1:
-            raise ValueError(f"--batch {batch}: at least 1")
         ids = chat_ids(tokenizer, prompt) if chat else tokenizer(prompt, return_tensors="pt").input_ids
         if ids.shape[1] == 0:
             raise ValueError("--prompt is empty after tokenization; give some text")
@@ -159,6 +166,9 @@ class Runner:
             self._run(new)
         if self.compiled:
             self.measured.graphs_in_warmup = _graphs() - graphs
+        if device.type == "cuda":
+            _sync(device)
+            self.measured.held_bytes = _allocated(device) - allocated
 
     def _run(self, new: int) -> tuple[torch.Tensor, float]:
         return _generate(self.model, self.ids, new, self.sample, self.temperature, self.seed, self.pad,
@@ -166,6 +176,7 @@ class Runner:
 
     def round(self) -> None:
         device = self.ids.device
+        allocated = _allocated(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         graphs = _graphs()
@@ -176,7 +187,7 @@ class Runner:
         if self.compiled:
             self.measured.graphs_in_rounds = (self.measured.graphs_in_rounds or 0) + _graphs() - graphs
         if device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(device)
+            peak = self.measured.held_bytes + torch.cuda.max_memory_allocated(device) - allocated
             self.measured.peak_bytes = max(self.measured.peak_bytes or 0, peak)
 
     def sparse_on_cpu(self) -> int:
@@ -188,15 +199,16 @@ class Runner:
 
 
 def _line(m: Measured) -> str:
-    peak = f", peak {m.peak_bytes / 2**20:.0f} MiB" if m.peak_bytes is not None else ""
+    mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
+    gpu = f", held {mib(m.held_bytes)}, peak {mib(m.peak_bytes)}" if m.peak_bytes is not None else ""
     rows = f" x batch {m.batch}" if m.batch > 1 else ""
+    densified = f", {m.densified_layers} sparse layers made dense" if m.densified_layers else ""
+    compiled = (f"; compiled ({m.compile_backend}): {m.graphs_in_warmup} graphs in the warm-up, "
+                f"{m.graphs_in_rounds} while timed") if m.compile_backend else ""
     return (f"{m.source}: prefill {m.prompt_tokens} tokens{rows} {min(m.prefill_s) * 1e3:.1f} ms, decode "
             f"{m.decode_tokens_per_s:.1f} tokens/s ({m.new_tokens} tokens{rows}, {m.device}, {m.dtype}), parameters "
-            f"{m.param_bytes / 2**20:.1f} MiB{peak}; {m.structured_layers} structured layers, {m.fused_groups} "
-            f"fused groups" + (f", {m.densified_layers} sparse layers made dense" if m.densified_layers else "")
-            + (f"; compiled ({m.compile_backend}): {m.graphs_in_warmup} graphs in the warm-up, {m.graphs_in_rounds} "
-               "while timed"
-               if m.compile_backend else ""))
+            f"{mib(m.param_bytes)}{gpu}; {m.structured_layers} structured layers, {m.fused_groups} fused groups"
+            f"{densified}{compiled}")
 
 
 def run(args) -> int:
@@ -217,8 +229,9 @@ def run(args) -> int:
             raise ValueError(f"structmat generate needs a causal LM; {loaded.source} is an encoder")
         runners.append(Runner(loaded.model, loaded.tokenizer, loaded.source, **options))
     main = runners[0]
-    if main.sparse_on_cpu():
-        print(f"note: {main.sparse_on_cpu()} sparse layers (N:M, fixed sparse) run their PyTorch reference on a CPU, "
+    sparse = main.sparse_on_cpu()
+    if sparse:
+        print(f"note: {sparse} sparse layers (N:M, fixed sparse) run their PyTorch reference on a CPU, "
               "about 3x slower than dense end to end; --densify-sparse makes them dense (dense speed and memory)",
               file=sys.stderr)
     for _ in range(args.rounds):
@@ -237,6 +250,7 @@ def run(args) -> int:
                   "prefill_speedup": min(base.prefill_s) / min(main.measured.prefill_s),
                   "param_bytes_ratio": main.measured.param_bytes / base.param_bytes}
         if main.measured.peak_bytes is not None and base.peak_bytes:
+            ratios["held_bytes_ratio"] = main.measured.held_bytes / base.held_bytes
             ratios["peak_bytes_ratio"] = main.measured.peak_bytes / base.peak_bytes
         record.update(baseline=base.to_dict(), vs_baseline=ratios)
         print("vs baseline: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()), file=sys.stderr)
