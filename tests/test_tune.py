@@ -223,3 +223,21 @@ def test_coalesced_groups_give_the_same_adamw_updates_in_one_group_per_lr_mult_a
             opt.zero_grad()
     for p, t in zip(params, twins):
         torch.testing.assert_close(p, t, rtol=0, atol=0)
+
+
+def test_eval_tokens_bounds_the_causal_evaluation(setup, monkeypatch):
+    """eval_tokens: every evaluation reads only the held-out stream's first N tokens (a CPU's bound on it); fewer
+    than one window is refused; another count is another run (its resume key)."""
+    import structmat.eval.perplexity as P
+    from structmat.train.tune import TuneConfig, _resume_key
+
+    seen, real = [], P.perplexity
+    monkeypatch.setattr(P, "perplexity", lambda model, tokens, **kw: seen.append(tokens.numel()) or real(
+        model, tokens, **kw))
+    res = tune(_cfg(setup, "eval_tokens", steps=2, eval_every=1, ckpt_every=0, eval_tokens=64))
+    assert len(res["validation"]) == 3 and seen == [64, 64, 64]
+    with pytest.raises(ValueError, match="eval_tokens=16 is less than one eval_window of 32"):
+        tune(_cfg(setup, "eval_tokens_short", eval_tokens=16))
+    with pytest.raises(ValueError, match="eval_tokens must be an int >= 0"):
+        TuneConfig(model="x", eval_tokens=-1)
+    assert _resume_key(TuneConfig(model="x")) != _resume_key(TuneConfig(model="x", eval_tokens=64))

@@ -82,6 +82,7 @@ class TuneConfig:
     eval_max_length: int = 128        # encoders: tokens per held-out text (the fidelity protocol's 128)
     eval_files: int = 16              # causal: held-out files for perplexity
     eval_window: int = 256
+    eval_tokens: int = 0              # causal: only the first N held-out tokens (0: all of eval_files; a CPU's bound)
     ckpt_every: int = 50
     keep_checkpoints: int = 2
     resume: bool = True
@@ -125,7 +126,7 @@ class TuneConfig:
             v = getattr(self, key)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"tune config: {key} must be an int >= 1, got {v!r}")
-        for key in ("warmup", "eval_every", "ckpt_every", "stop_after"):
+        for key in ("warmup", "eval_every", "ckpt_every", "stop_after", "eval_tokens"):
             v = getattr(self, key)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"tune config: {key} must be an int >= 0, got {v!r}")
@@ -167,6 +168,8 @@ def _resume_key(cfg: TuneConfig) -> str:
         d.pop("hidden_weight")  # off: the key of the runs written before the option existed
     if not d["max_seconds"]:
         d.pop("max_seconds")
+    if not d["eval_tokens"]:
+        d.pop("eval_tokens")
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
@@ -430,6 +433,11 @@ def _tune(cfg: TuneConfig) -> dict[str, Any]:
         stream = token_stream(train_docs[: cfg.max_files], tokenizer)
         pad_id = -1
         val_ref = token_stream(val_docs[: cfg.eval_files], tokenizer)
+        if cfg.eval_tokens:  # (a cheaper, noisier estimate: the stream's first tokens)
+            if cfg.eval_tokens < cfg.eval_window:
+                raise ValueError(f"tune: eval_tokens={cfg.eval_tokens} is less than one eval_window of "
+                                 f"{cfg.eval_window} tokens; give at least {cfg.eval_window}")
+            val_ref = val_ref[: cfg.eval_tokens]
     else:
         stream, pad_id = _encoder_stream(tokenizer, text_chunks(train_docs, cfg.texts, seed=cfg.seed + 1),
                                          cfg.seq_len)

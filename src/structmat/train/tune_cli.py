@@ -34,6 +34,8 @@ _HELP = {
     "eval_max_length": "encoders: tokens per held-out text",
     "eval_files": "causal: held-out files for perplexity",
     "eval_window": "causal: perplexity window in tokens",
+    "eval_tokens": "causal: evaluate on only the first N held-out tokens (0: all of --eval-files; bounds a CPU's "
+                   "evaluation)",
     "ckpt_every": "checkpoint every N steps (0: none); a rerun with the same settings resumes exactly",
     "keep_checkpoints": "how many checkpoints to keep",
     "resume": "resume from the last checkpoint in --out-dir when one matches the settings",
