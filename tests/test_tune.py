@@ -77,6 +77,10 @@ def test_heal_distils_the_teacher_into_adapters_on_a_compressed_student(setup):
     assert {r["method"] for r in rows if ".mlp." not in r["name"]} == {"exact"}
     merged = structmat.load_pretrained(root / "heal" / "model")
     assert all(isinstance(m, structmat.LowRank) for n, m in structmat.surgery.structured_modules(merged).items())
+    # the healed model's folder holds its tokenizer: it runs alone (structmat generate, no --tokenizer)
+    from structmat.cli import main
+
+    assert main(["generate", "--model", str(root / "heal" / "model"), "--max-new-tokens", "2", "--rounds", "1"]) == 0
 
 
 def test_budget_places_ranks_where_the_error_is(setup):

@@ -598,6 +598,8 @@ def _tune(cfg: TuneConfig) -> dict[str, Any]:
         results["merge"] = merged.to_dict()
         results["merged"] = _evaluate(cfg, kind, model, tokenizer, val_docs, val_ref, teacher)
         with contextlib.suppress(ValueError):  # only transformers models can be saved as a model directory
+            if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):  # (first: carried in atomically)
+                tokenizer.save_pretrained(out / "model")
             save_pretrained(model, out / "model")
     write_json(out / "results.json", results)
     _plot(results, out / "curves.png")
