@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from ..calibrate import InputStats
 from ..structures import build, from_dense, resolve_spec
 from ..structures.base import StructuredLinear, StructureConfig
+from ..structures.lowrank import LowRank, max_rank
 from ..surgery import Plan, _conv1d_class, _locations, dense_weight
 
 INITS = ("zero", "pissa", "eora")
@@ -356,11 +357,37 @@ def _merge_method(structure: str, stats: InputStats | None) -> str:
     return "whitened" if "whitened" in methods else "sparsegpt" if "sparsegpt" in methods else "data-free"
 
 
+def _sums_exactly(adapted: AdaptedLinear) -> bool:
+    """A low-rank base plus a low-rank delta is exactly of rank r + a: merged without projecting (a projection back
+    to rank r gave a healed SmolLM2 back more than its healing)."""
+    return isinstance(adapted.base, LowRank) and isinstance(adapted.delta, LowRank)
+
+
+def _lowrank_sum(adapted: AdaptedLinear) -> LowRank | None:
+    """The low-rank layer of rank r + a holding base + delta exactly, the two factor pairs side by side (the
+    adapter's parameters join the layer's); None where r + a would hold as many parameters as dense (a dense layer is
+    then the exact merge)."""
+    base, delta = adapted.base, adapted.delta
+    rank = base.rank + delta.rank
+    if rank > max_rank(base.in_features, base.out_features):
+        return None
+    merged = LowRank(base.in_features, base.out_features, rank, bias=base.bias is not None, device=base.U.device,
+                     dtype=base.U.dtype)
+    with torch.no_grad():
+        merged.U.copy_(torch.cat([base.U, (adapted.scale * delta.U.to(torch.float64)).to(base.U.dtype)], dim=1))
+        merged.V.copy_(torch.cat([base.V, delta.V.to(base.V.dtype)], dim=0))
+        if base.bias is not None:
+            merged.bias.copy_(base.bias)
+    return merged
+
+
 def merge(model: nn.Module, stats: Mapping[str, InputStats] | None = None) -> MergeReport:
     """Fold every adapter into its base, in place. A dense base becomes an ``nn.Linear`` holding base + delta; a
-    structured base is projected back onto its own structure (same config: N:M stays exactly N:M, Monarch stays
-    Monarch), on the calibration objective where ``stats`` has the layer (whitened, or SparseGPT for sparse bases),
-    Frobenius-optimal otherwise. The error this introduces is reported per layer. ``unmerge`` restores the pairs."""
+    low-rank base with a low-rank delta becomes the exact low-rank layer of the summed ranks, or, where that would be
+    as large as dense, an exact ``nn.Linear``; any other structured base is projected back onto its own structure (same config: N:M stays exactly N:M, Monarch
+    stays Monarch), on the calibration objective where ``stats`` has the layer (whitened, or SparseGPT for sparse
+    bases), Frobenius-optimal otherwise. The error this introduces is reported per layer. ``unmerge`` restores the
+    pairs."""
     found = adapter_modules(model)
     report = MergeReport()
     replaced: list[tuple[AdaptedLinear, nn.Module]] = []
@@ -370,7 +397,10 @@ def merge(model: nn.Module, stats: Mapping[str, InputStats] | None = None) -> Me
         layer_stats = None if stats is None else stats.get(name)
         bias = None if base.bias is None else base.bias.detach()
         weight = _weight_of(base)
-        if isinstance(base, StructuredLinear):
+        summed = _lowrank_sum(adapted) if _sums_exactly(adapted) else None
+        if summed is not None:
+            method, merged = "exact", summed
+        elif isinstance(base, StructuredLinear) and not _sums_exactly(adapted):
             method = _merge_method(base.name, layer_stats)
             if method == "data-free":
                 merged = from_dense(target, base.config, None if bias is None else bias.to(torch.float64))
