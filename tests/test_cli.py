@@ -86,3 +86,17 @@ def test_compress_and_eval_a_local_causal_lm_directory(tmp_path, capsys):
                  "--out", str(out)]) == 0
     metrics = json.loads((out / "eval.json").read_text())["metrics"]
     assert metrics["ppl"] > 1 and metrics["windows"] >= 1
+
+    # without --tokenizer, eval takes the folder's own (compress saved it), never a default of another model's
+    def ppl(*extra):
+        assert main(["eval", "--model", str(out), "--files", "2", "--seq-len", "64", "--out", str(out), *extra]) == 0
+        return json.loads((out / "eval.json").read_text())["metrics"]["ppl"]
+
+    assert ppl() == ppl("--tokenizer", "minilm") == metrics["ppl"]  # (the folder's tokenizer is MiniLM's)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "[SEP]": 1, "def": 2, "return": 3}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", eos_token="[SEP]").save_pretrained(out)
+    assert ppl() != metrics["ppl"]  # the folder's (now another) tokenizer

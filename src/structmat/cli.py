@@ -189,33 +189,46 @@ def _check_device(device: str | None, command: str) -> torch.device | None | int
 
 
 
+def _tokenizer(name: str):
+    """The tokenizer --tokenizer names: 'minilm' or 'smollm2' (the packaged models'), a model folder, or a hub id."""
+    from transformers import AutoTokenizer
+
+    if name == "smollm2":
+        from .data.smollm2 import smollm2_dir
+
+        name = str(smollm2_dir())
+    elif name == "minilm":
+        from .data.pretrained import minilm_dir
+
+        name = str(minilm_dir())
+    local = Path(name).expanduser().is_dir()
+    try:
+        return AutoTokenizer.from_pretrained(str(Path(name).expanduser()) if local else name, local_files_only=local)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--tokenizer {name!r}: no tokenizer there ({err.__class__.__name__}); give a model folder "
+                         "that has one, minilm or smollm2") from None
+
+
 def _load(name: str, tokenizer: str | None = None):
     """The model named by --model: 'minilm', 'smollm2', a structmat folder (rebuilt through its manifest, so its
-    structured layers keep their weights), an HF folder, or a hub id. A missing local folder is a ValueError."""
+    structured layers keep their weights), an HF folder, or a hub id; with the tokenizer ``tokenizer`` names, else
+    the model's own. A missing local folder is a ValueError."""
+    import dataclasses
+
     from .data.models import Loaded, is_causal, load_model
 
     path = Path(name).expanduser()
     if (path / "structmat.json").is_file():
-        from transformers import AutoTokenizer
-
         from .io import load_pretrained
 
         model = load_pretrained(path)
-        if tokenizer == "smollm2":  # the packaged models' tokenizers, by the names --model takes
-            from .data.smollm2 import smollm2_dir
-
-            tokenizer = str(smollm2_dir())
-        elif tokenizer == "minilm":
-            from .data.pretrained import minilm_dir
-
-            tokenizer = str(minilm_dir())
-        try:
-            tok = AutoTokenizer.from_pretrained(tokenizer or str(path), local_files_only=True)
-        except (OSError, ValueError):
+        if tokenizer is None and not (path / "tokenizer_config.json").is_file():
             raise ValueError(f"{path} is a structmat model folder without a tokenizer; pass --tokenizer FOLDER (the "
-                             "original model's folder)") from None
+                             "original model's folder, or minilm / smollm2)")
+        tok = _tokenizer(tokenizer or str(path))
         return Loaded(model, tok, "causal" if is_causal(model) else "encoder", str(path))
-    return load_model(name)
+    loaded = load_model(name)
+    return loaded if tokenizer is None else dataclasses.replace(loaded, tokenizer=_tokenizer(tokenizer))
 
 
 def _compress(args: argparse.Namespace) -> int:
@@ -362,11 +375,9 @@ def _eval(args: argparse.Namespace) -> int:
     from .eval.fidelity import encoder_fidelity, fidelity_reference
     from .eval.perplexity import perplexity
     from .eval.results import run_info, write_json
-    from .io import load_pretrained
 
-    path = Path(args.model)
-    model = load_pretrained(path) if (path / "structmat.json").is_file() else load_model(args.model).model
-    tokenizer = load_model(args.tokenizer).tokenizer
+    loaded = _load(args.model, args.tokenizer)
+    model, tokenizer = loaded.model, loaded.tokenizer
     _, val = _corpus_split(args.corpus)
     if is_causal(model):
         tokens = token_stream(val[: args.files], tokenizer)
@@ -492,8 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", formatter_class=fmt,
                         help="evaluate a model: perplexity (causal LM) or fidelity to a reference (encoder)")
     ev.add_argument("--model", required=True, help="a structmat or HF model directory, an HF id, or 'minilm'")
-    ev.add_argument("--tokenizer", default="minilm", help="where the tokenizer comes from: a model folder, an HF id, "
-                    "or 'minilm'")
+    ev.add_argument("--tokenizer", default=None, help="where the tokenizer comes from: a model folder, an HF id, "
+                    "minilm or smollm2 (default: the model's own; a structmat folder saved without one needs it)")
     ev.add_argument("--reference", default="minilm", help="encoders: the original model to compare with")
     ev.add_argument("--corpus", default="stdlib", help="evaluation corpus (its held-out files are used)")
     ev.add_argument("--texts", type=int, default=512, help="encoders: held-out text chunks")
