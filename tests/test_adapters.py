@@ -215,6 +215,19 @@ def test_a_low_rank_base_with_a_low_rank_delta_merges_exactly_into_the_summed_ra
     assert type(model.down) is nn.Linear and rows["down"].method == "exact" and rows["down"].weight_error < 1e-12
     assert rel(model(x), y) < FORWARD_REL[torch.float64]
     assert unmerge(model) == 2 and torch.equal(model(x), y)
+    # sparse + low rank: its low-rank part grows, its sparse part stays as it was
+    model = Tiny()
+    structmat.structurize(model, {"up": "splr:rank=4,density=0.1"})
+    adapt(model, {"up": "lowrank:rank=4"})
+    randomize_deltas(model)
+    pair = adapter_modules(model)["up"]
+    y = model(x).detach()
+    report = merge(model)
+    assert isinstance(model.up, structmat.SparsePlusLowRank) and model.up.rank == 8
+    assert torch.equal(model.up.sparse.to_dense(), pair.base.sparse.to_dense())
+    assert report.rows[0].method == "exact" and report.rows[0].weight_error < 1e-12
+    assert rel(model(x), y) < FORWARD_REL[torch.float64]
+    assert unmerge(model) == 1 and torch.equal(model(x), y)
 
 
 def test_bad_input_raises_before_changing_the_model():

@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from ..calibrate import InputStats
 from ..structures import build, from_dense, resolve_spec
 from ..structures.base import StructuredLinear, StructureConfig
-from ..structures.lowrank import LowRank, max_rank
+from ..structures.lowrank import LowRank
+from ..structures.sparse_lowrank import SparsePlusLowRank
 from ..surgery import Plan, _conv1d_class, _locations, dense_weight
 
 INITS = ("zero", "pissa", "eora")
@@ -358,24 +359,28 @@ def _merge_method(structure: str, stats: InputStats | None) -> str:
 
 
 def _sums_exactly(adapted: AdaptedLinear) -> bool:
-    """A low-rank base plus a low-rank delta is exactly of rank r + a: merged without projecting (a projection back
-    to rank r gave a healed SmolLM2 back more than its healing)."""
-    return isinstance(adapted.base, LowRank) and isinstance(adapted.delta, LowRank)
+    """A low-rank delta on a low-rank base (or on sparse + low rank's low-rank part) sums exactly to rank r + a:
+    merged without projecting (a projection back to rank r gave a healed SmolLM2 back more than its healing)."""
+    return isinstance(adapted.delta, LowRank) and isinstance(adapted.base, (LowRank, SparsePlusLowRank))
 
 
-def _lowrank_sum(adapted: AdaptedLinear) -> LowRank | None:
-    """The low-rank layer of rank r + a holding base + delta exactly, the two factor pairs side by side (the
-    adapter's parameters join the layer's); None where r + a would hold as many parameters as dense (a dense layer is
-    then the exact merge)."""
+def _lowrank_sum(adapted: AdaptedLinear) -> StructuredLinear | None:
+    """The base's structure at rank r + a holding base + delta exactly, the two factor pairs side by side (the
+    adapter's parameters join the layer's; a sparse part kept as it is); None where that would hold as many
+    parameters as dense (a dense layer is then the exact merge)."""
     base, delta = adapted.base, adapted.delta
-    rank = base.rank + delta.rank
-    if rank > max_rank(base.in_features, base.out_features):
+    low = base if isinstance(base, LowRank) else base.lowrank
+    try:
+        merged = build(dataclasses.replace(base.config, rank=low.rank + delta.rank), base.in_features,
+                       base.out_features, bias=base.bias is not None, device=low.U.device, dtype=low.U.dtype)
+    except ValueError:  # (as large as dense)
         return None
-    merged = LowRank(base.in_features, base.out_features, rank, bias=base.bias is not None, device=base.U.device,
-                     dtype=base.U.dtype)
     with torch.no_grad():
-        merged.U.copy_(torch.cat([base.U, (adapted.scale * delta.U.to(torch.float64)).to(base.U.dtype)], dim=1))
-        merged.V.copy_(torch.cat([base.V, delta.V.to(base.V.dtype)], dim=0))
+        into = merged if isinstance(merged, LowRank) else merged.lowrank
+        into.U.copy_(torch.cat([low.U, (adapted.scale * delta.U.to(torch.float64)).to(low.U.dtype)], dim=1))
+        into.V.copy_(torch.cat([low.V, delta.V.to(low.V.dtype)], dim=0))
+        if isinstance(base, SparsePlusLowRank):
+            merged.sparse.load_state_dict(base.sparse.state_dict())
         if base.bias is not None:
             merged.bias.copy_(base.bias)
     return merged
@@ -383,8 +388,8 @@ def _lowrank_sum(adapted: AdaptedLinear) -> LowRank | None:
 
 def merge(model: nn.Module, stats: Mapping[str, InputStats] | None = None) -> MergeReport:
     """Fold every adapter into its base, in place. A dense base becomes an ``nn.Linear`` holding base + delta; a
-    low-rank base with a low-rank delta becomes the exact low-rank layer of the summed ranks, or, where that would be
-    as large as dense, an exact ``nn.Linear``; any other structured base is projected back onto its own structure (same config: N:M stays exactly N:M, Monarch
+    low-rank base with a low-rank delta becomes the exact low-rank layer of the summed ranks (sparse + low rank: its
+    low-rank part grows), or, where that would be as large as dense, an exact ``nn.Linear``; any other structured base is projected back onto its own structure (same config: N:M stays exactly N:M, Monarch
     stays Monarch), on the calibration objective where ``stats`` has the layer (whitened, or SparseGPT for sparse
     bases), Frobenius-optimal otherwise. The error this introduces is reported per layer. ``unmerge`` restores the
     pairs."""
