@@ -598,8 +598,8 @@ def _tune(cfg: TuneConfig) -> dict[str, Any]:
         results["merge"] = merged.to_dict()
         results["merged"] = _evaluate(cfg, kind, model, tokenizer, val_docs, val_ref, teacher)
         with contextlib.suppress(ValueError):  # only transformers models can be saved as a model directory
-            if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):  # (first: carried in atomically)
-                tokenizer.save_pretrained(out / "model")
+            if getattr(model, "config", None) is not None and hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(out / "model")  # (first: the model's atomic save carries it in)
             save_pretrained(model, out / "model")
     write_json(out / "results.json", results)
     _plot(results, out / "curves.png")
