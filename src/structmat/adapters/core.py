@@ -389,10 +389,10 @@ def _lowrank_sum(adapted: AdaptedLinear) -> StructuredLinear | None:
 def merge(model: nn.Module, stats: Mapping[str, InputStats] | None = None) -> MergeReport:
     """Fold every adapter into its base, in place. A dense base becomes an ``nn.Linear`` holding base + delta; a
     low-rank base with a low-rank delta becomes the exact low-rank layer of the summed ranks (sparse + low rank: its
-    low-rank part grows), or, where that would be as large as dense, an exact ``nn.Linear``; any other structured base is projected back onto its own structure (same config: N:M stays exactly N:M, Monarch
-    stays Monarch), on the calibration objective where ``stats`` has the layer (whitened, or SparseGPT for sparse
-    bases), Frobenius-optimal otherwise. The error this introduces is reported per layer. ``unmerge`` restores the
-    pairs."""
+    low-rank part grows), or, where that would be as large as dense, an exact ``nn.Linear``; any other structured
+    base is projected back onto its own structure (same config: N:M stays exactly N:M, Monarch stays Monarch), on the
+    calibration objective where ``stats`` has the layer (whitened, or SparseGPT for sparse bases), Frobenius-optimal
+    otherwise. The error this introduces is reported per layer. ``unmerge`` restores the pairs."""
     found = adapter_modules(model)
     report = MergeReport()
     replaced: list[tuple[AdaptedLinear, nn.Module]] = []
