@@ -93,6 +93,11 @@ def test_compress_and_eval_a_local_causal_lm_directory(tmp_path, capsys):
         return json.loads((out / "eval.json").read_text())["metrics"]["ppl"]
 
     assert ppl() == ppl("--tokenizer", "minilm") == metrics["ppl"]  # (the folder's tokenizer is MiniLM's)
+    assert main(["eval", "--model", str(out), "--files", "2", "--seq-len", "64", "--tokens", "200", "--out",
+                 str(out)]) == 0
+    capped = json.loads((out / "eval.json").read_text())["metrics"]
+    assert capped["stream_tokens"] == 200 and capped["windows"] == 3
+    assert main(["eval", "--model", str(out), "--seq-len", "64", "--tokens", "10", "--out", str(out)]) == 1
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

@@ -381,6 +381,10 @@ def _eval(args: argparse.Namespace) -> int:
     _, val = _corpus_split(args.corpus)
     if is_causal(model):
         tokens = token_stream(val[: args.files], tokenizer)
+        if args.tokens:  # (a cheaper, noisier estimate: the stream's first tokens)
+            if args.tokens < args.seq_len:
+                raise ValueError(f"--tokens {args.tokens} is less than one --seq-len window ({args.seq_len})")
+            tokens = tokens[: args.tokens]
         metrics = perplexity(model, tokens, window=args.seq_len)
     else:
         texts = text_chunks(val, args.texts)
@@ -510,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--texts", type=int, default=512, help="encoders: held-out text chunks")
     ev.add_argument("--files", type=int, default=64, help="causal LMs: validation files to evaluate on")
     ev.add_argument("--seq-len", type=int, default=512, help="causal LMs: perplexity window")
+    ev.add_argument("--tokens", type=int, default=0, help="causal LMs: only the first N held-out tokens (0: all of "
+                    "--files; bounds a CPU's evaluation)")
     ev.add_argument("--out", default="structmat-out", help="folder for eval.json")
     ev.set_defaults(func=_eval)
     gen = sub.add_parser("generate", formatter_class=fmt,
