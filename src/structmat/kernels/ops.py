@@ -205,10 +205,10 @@ def _two_launch_forward(x: Tensor, R: Tensor, L: Tensor, engine: str = "triton",
 #: (``_triton_monarch``, issue 12 deliver 3), where its first call per shape times it faster than the two-launch
 #: forward (which runs otherwise). In inference (nothing needs a gradient) the intermediate lives in per-program L2
 #: scratch instead of a round trip through HBM; in training it is written for the backward and read back from L2.
-#: Off unless ``STRUCTMAT_MONARCH_FUSED=1``: correct in the interpreter and compiled for sm_90 without spills (tests),
-#: but not yet timed on a GPU (session 17 was lent none); ``benchmarks/experiments/gpu_round_s17_r1.sh`` times it
-#: against the two-launch paths. (Set at run time: then ``structmat.kernels.clear_cache()``, since ``auto``'s cached
-#: decisions read it.)
+#: Off unless ``STRUCTMAT_MONARCH_FUSED=1``: correct (interpreter and H200 tests) but slower than the two launches on
+#: the H200 (session 19, ``monarch-many-20261205T031840Z.json``: 4096^2 at 8192 tokens 1.21x dense against cuBLAS's
+#: 1.64x; its products run at 313-440 TFLOP/s against 560-600, compute-bound at these sizes). (Set at run time: then
+#: ``structmat.kernels.clear_cache()``, since ``auto``'s cached decisions read it.)
 MONARCH_FUSED = [os.environ.get("STRUCTMAT_MONARCH_FUSED", "0") not in ("", "0")]
 MONARCH_FUSED_MIN_TOKENS = [65]  # (at 1-64 tokens inference runs the decode kernels)
 #: (fp32's IEEE dots in Triton run far below cuBLAS's fp32 path: dispatch.FP32_TRITON_MONARCH_EFF; tests add it to
