@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Session 17, GPU round 2 (one H200), issue 12, from the repo root (written in session 17, not yet run):
+# Session 17, GPU round 2 (one H200), issue 12, from the repo root (written in session 17; run in session 19, logs in
+# benchmarks/results/logs/s19-round2/):
 #   OUT=$OUT bash benchmarks/experiments/gpu_round_s17_r2.sh
 # (1) The bench model's Monarch prefill (4x2048) and its layers at 8192 tokens with the fused many-token kernel off
 # and on (rows auto / auto+fused) in one process (round 1 timed the kernel per layer). (2) Eager HF generate, batch

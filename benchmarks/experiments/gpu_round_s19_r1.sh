@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Session 19, GPU round 1 (one H200), issue 12, from the repo root (written in session 19, which was lent no GPU:
-# not yet run; after gpu_round_s17_r1/_r2 and gpu_round_s18_r1):
+# Session 19, GPU round 1 (one H200), issue 12, from the repo root (run in session 19, logs in
+# benchmarks/results/logs/s19-round4/):
 #   OUT=$OUT bash benchmarks/experiments/gpu_round_s19_r1.sh
 # `structmat generate` as a user runs it, at the bench shape: folders of the dense and structured Llamas (random
 # weights, a synthetic tokenizer: generate_folders.py), then each structure against the dense folder in one process,
