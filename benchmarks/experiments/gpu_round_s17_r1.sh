@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Session 17, GPU round 1 (one H200), issue 12, from the repo root (written in session 17, which was lent no GPU:
-# not yet run):
+# Session 17, GPU round 1 (one H200), issue 12, from the repo root (written in session 17; run in session 19, logs in
+# benchmarks/results/logs/s19-round1/):
 #   OUT=$OUT bash benchmarks/experiments/gpu_round_s17_r1.sh
 # Monarch's many-token forward as one persistent kernel (kernels/_triton_monarch.py, the intermediate in per-program
 # L2 scratch; opt-in STRUCTMAT_MONARCH_FUSED=1): its GPU test (every tile setting against float64), then per layer
