@@ -971,16 +971,18 @@ def test_bench_infer_ratios_and_table():
         return {"param_bytes": params, "before_forward_bytes": params, "after_forward_bytes": params + 4096,
                 "peak_bytes": 2 * params, "prefill_tps": tps,
                 "graph": [{"batch": 1, "tokens_per_s": tps}], "eager": [{"batch": 1, "tokens_per_s": tps / 10}],
-                "graph_compiled": [{"batch": 1, "tokens_per_s": 2 * tps}]}
+                "graph_compiled": [{"batch": 1, "tokens_per_s": 2 * tps}],
+                "prefill_compiled": {"tokens_per_s": 3 * tps, "graphs_compiled": 1}}
 
     result = {"models": {"dense": row(100, 50.0), "blockdiag": row(40, 75.0)}}
     infer._ratios(result)
     r = result["models"]["blockdiag"]["vs_dense"]
     assert r["prefill"] == pytest.approx(1.5) and r["graph_b1"] == pytest.approx(1.5) and r["eager_b1"] == 1.5
     assert r["params_vs_dense"] == pytest.approx(0.4) and r["after_forward_over_params"] == pytest.approx(1 + 4096 / 40)
-    assert r["graph_compiled_b1"] == pytest.approx(1.5)
+    assert r["graph_compiled_b1"] == pytest.approx(1.5) and r["prefill_compiled"] == pytest.approx(1.5)
     table = infer.format_table(result)
     assert "| blockdiag |" in table and "1.50x" in table and "compiled step b1" in table
+    assert "prefill compiled" in table and table.count("1.50x") == 5  # (prefill both ways, eager, step, graph)
 
 
 def test_bench_infer_merge_and_argument_errors(tmp_path):
@@ -1006,7 +1008,8 @@ def test_bench_infer_merge_and_argument_errors(tmp_path):
     assert result["models"]["blockdiag"]["vs_dense"]["graph_b1"] == pytest.approx(2.5)
     assert result["models"]["blockdiag"]["vs_dense"]["params_vs_dense"] == pytest.approx(0.4)
     assert result["errors"] == {"nm24/graph": "boom"} and result["merged_from"] == [Path(f).name for f in files]
-    for bad in (["--batches", "1,x"], ["--prefill", "4by2048"], ["--new-tokens", "1"], ["--merge", "/nonexistent.json"]):
+    for bad in (["--batches", "1,x"], ["--prefill", "4by2048"], ["--new-tokens", "1"], ["--merge", "/nonexistent.json"],
+                ["--steps", "prefill_tps,decode"]):
         with pytest.raises(SystemExit) as exc:
             infer.main([*bad, "--out", str(tmp_path / "never")])
         assert exc.value.code == 2

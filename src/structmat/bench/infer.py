@@ -17,6 +17,9 @@ For each model (dense and each structure of ``--structures``; ``--checkpoint DIR
                            ``untracked_by_frame``, the allocating Python frames of those bytes
   ``peak_bytes``           the peak of that forward, minus the baseline
   ``prefill_tps``          tokens/s of one forward over ``--prefill`` (batch x tokens, logits of the last token)
+  ``prefill_compiled``     the same forward through ``torch.compile`` (inductor, ``--prefill-compile-mode``, static
+                           shapes): norms, rotary embedding and the MLP's activation fused, as a serving stack that
+                           compiles its forward runs prefill; graphs compiled and the compile time are kept
   ``eager``/``compiled``   HF ``generate`` (greedy, a 16-token prompt, ``--new-tokens`` new tokens forced with
                            ``min_new_tokens``): decode tokens/s = batch x (new - 1) / (t(new) - t(1)), i.e. the prefill
                            and first token cancel; eager = ``disable_compile``; compiled = static cache with HF's
@@ -60,6 +63,9 @@ BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=8, num_attention_heads=16,
              num_key_value_heads=16, vocab_size=32000)
 PROMPT = 16
+#: The measurements of each model, in the order they run (``--steps`` picks some); the compiled ones reset dynamo
+STEPS = ("prefill_tps", "graph", "eager", "kernels", "prefill_compiled", "graph_compiled", "compiled")
+COMPILED_STEPS = ("prefill_compiled", "graph_compiled", "compiled")
 
 
 def _sync() -> None:
@@ -222,6 +228,25 @@ def prefill_tps(model, batch: int, tokens: int, reps: int) -> float:
     return batch * tokens / ms * 1e3
 
 
+def prefill_compiled_tps(model, batch: int, tokens: int, reps: int, mode: str) -> dict:
+    """``prefill_tps`` of ``torch.compile(model)`` (inductor, static shapes): the first calls compile (timed apart),
+    then the median of ``reps`` forwards."""
+    from torch._dynamo.utils import counters
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, tokens), device="cuda")
+    compiled = torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
+    graphs_before = counters["stats"]["unique_graphs"]
+    run = lambda: compiled(input_ids=ids, use_cache=False, logits_to_keep=1)  # noqa: E731
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        run()
+        _sync()
+        compile_s = time.perf_counter() - t0
+        ms = _time_ms(run, reps)
+    return dict(tokens_per_s=batch * tokens / ms * 1e3, compile_s=compile_s, mode=mode,
+                graphs_compiled=counters["stats"]["unique_graphs"] - graphs_before)
+
+
 def generate_tps(model, batch: int, new_tokens: int, compiled: bool, backend: str, mode: str, reps: int) -> dict:
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import CompileConfig
@@ -346,7 +371,6 @@ def kernel_rows(model, dtype, tokens=(1, 8, 32)) -> list[dict]:
                              out_features=layer.out_features, tokens=n, choice=choice, ms=ms, dense_ms=dense_ms,
                              speedup=dense_ms / ms, weight_bytes=wbytes, gbs=wbytes / ms * 1e-6,
                              dense_gbs=W.numel() * W.element_size() / dense_ms * 1e-6))
-        del W
     return rows
 
 
@@ -442,19 +466,24 @@ def run(args, checkpoint=None) -> dict:
             if name != "dense" and args.kernels:
                 steps["kernels"] = lambda: kernel_rows(model, dtype)
             # (the compiles last: the longest steps, and a time limit that cuts one keeps the rows before it)
+            if args.prefill_compile_mode != "none":
+                steps["prefill_compiled"] = lambda: prefill_compiled_tps(model, pb, pt, args.reps,
+                                                                         args.prefill_compile_mode)
             if args.step_compile_mode != "none":
                 steps["graph_compiled"] = lambda: [graph_decode_tps(model, b, compile_mode=args.step_compile_mode)
                                                    for b in args.compiled_batches]
             if args.compile_backend != "none":
                 steps["compiled"] = lambda: [generate_tps(model, b, args.new_tokens, True, args.compile_backend,
                                                           args.compile_mode, args.reps) for b in args.compiled_batches]
+            if args.steps:
+                steps = {k: v for k, v in steps.items() if k in args.steps}
             for key, step in steps.items():
                 try:  # each measurement on its own: one failure must not lose the others
-                    if key in ("compiled", "graph_compiled"):
+                    if key in COMPILED_STEPS:
                         torch._dynamo.reset()
                         log.lines.clear()
                     row[key] = step()
-                    if key in ("compiled", "graph_compiled") and log.lines:
+                    if key in COMPILED_STEPS and log.lines:
                         row[f"{key}_dynamo_log"] = log.lines[:12]
                 except Exception as err:
                     result["errors"][f"{name}/{key}"] = traceback.format_exc()[-3000:]
@@ -514,6 +543,8 @@ def _ratios(result: dict) -> None:
                  "peak_vs_dense": row["peak_bytes"] / dense["peak_bytes"]}
         if "prefill_tps" in row and "prefill_tps" in dense:
             r["prefill"] = row["prefill_tps"] / dense["prefill_tps"]
+        if "prefill_compiled" in row and "prefill_compiled" in dense:
+            r["prefill_compiled"] = row["prefill_compiled"]["tokens_per_s"] / dense["prefill_compiled"]["tokens_per_s"]
         for kind in ("eager", "compiled", "graph", "graph_compiled"):
             for a, b in zip(row.get(kind, []), dense.get(kind, [])):
                 r[f"{kind}_b{a['batch']}"] = a["tokens_per_s"] / b["tokens_per_s"]
@@ -565,6 +596,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill", default="4x2048", help="prefill batch x tokens")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend for generate, or none")
     p.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode (inductor)")
+    p.add_argument("--prefill-compile-mode", default="default",
+                   help="inductor mode for the compiled prefill forward (default, max-autotune-no-cudagraphs, ...), "
+                        "or none")
+    p.add_argument("--steps", default="", type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
+                   help=f"only these measurements (comma list of {', '.join(STEPS)}; memory always runs); "
+                        "default: all")
     p.add_argument("--step-compile-mode", default="default",
                    help="inductor mode for the compiled decode step replayed from a CUDA graph, or none")
     p.add_argument("--no-kernels", dest="kernels", action="store_false", help="skip the per-layer kernel rows")
@@ -581,6 +618,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "ratios against their dense row; measures nothing")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
+    unknown = [v for v in args.steps if v not in STEPS]
+    if unknown:
+        p.error(f"--steps: unknown {', '.join(unknown)}; give some of {', '.join(STEPS)}")
     if args.new_tokens < 2:
         p.error("--new-tokens must be >= 2 (decode speed is measured between 1 and N new tokens)")
     for flag in ("batches", "prefill"):
@@ -623,15 +663,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def format_table(result: dict) -> str:
-    lines = ["| model | params GiB | after fwd / params | peak GiB | prefill | eager b1 | compiled b1 | "
-             "compiled step b1 | graph b1 | graph b8 | graph b32 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | params GiB | after fwd / params | peak GiB | prefill | prefill compiled | eager b1 | "
+             "compiled b1 | compiled step b1 | graph b1 | graph b8 | graph b32 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in result["models"].items():
         r = row.get("vs_dense", {})
         f = lambda k: f"{r[k]:.2f}x" if k in r else "-"  # noqa: E731
         gib = lambda k: f"{row[k] / 2**30:.3f}" if k in row else "-"  # noqa: E731
         over = f"{r['after_forward_over_params']:.3f}" if "after_forward_over_params" in r else "-"
-        lines.append(f"| {name} | {gib('param_bytes')} | {over} | {gib('peak_bytes')} | {f('prefill')} | {f('eager_b1')} | {f('compiled_b1')} | "
-                     f"{f('graph_compiled_b1')} | {f('graph_b1')} | {f('graph_b8')} | {f('graph_b32')} |")
+        lines.append(f"| {name} | {gib('param_bytes')} | {over} | {gib('peak_bytes')} | {f('prefill')} | "
+                     f"{f('prefill_compiled')} | {f('eager_b1')} | {f('compiled_b1')} | {f('graph_compiled_b1')} | {f('graph_b1')} | {f('graph_b8')} | {f('graph_b32')} |")
     return "\n".join(lines)
 
 
