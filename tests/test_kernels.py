@@ -452,6 +452,15 @@ def test_monarch_block_rank_off_the_triton_tile_never_takes_triton(monkeypatch):
                                2 * (numel + 8192 * (b * p + 2 * b * bc + b * aligned.L.shape[1])), torch.bfloat16,
                                b, False, False, True)
         assert dispatch._monarch_choice(x, aligned.R, aligned.L) == free  # an aligned rank: nothing excluded
+        # a wide aligned block rank at many tokens: cuBLAS (measured faster there), Triton below that token count
+        wide = build("monarch:nblocks=4,ratio=0.5", 4096, 4096, bias=False).to(torch.bfloat16)
+        assert wide.c >= dispatch.CUBLAS_MONARCH_MIN_CHUNK and wide.c % dispatch.TRITON_MONARCH_CHUNK == 0
+        many = torch.empty(dispatch.CUBLAS_MONARCH_MIN_TOKENS, 4096, dtype=torch.bfloat16)
+        assert dispatch._monarch_choice(many, wide.R, wide.L) == "cublas"
+        assert dispatch._monarch_choice(many[:1024], wide.R, wide.L) == "triton"
+        narrow = build("monarch:nblocks=8,ratio=0.25", 4096, 4096, bias=False).to(torch.bfloat16)
+        assert narrow.c < dispatch.CUBLAS_MONARCH_MIN_CHUNK
+        assert dispatch._monarch_choice(many, narrow.R, narrow.L) == "triton"
     with torch.enable_grad():
         assert dispatch._monarch_choice(x.requires_grad_(), unaligned.R, unaligned.L) != "triton"
     with dispatch.use_backend("triton"), torch.no_grad():

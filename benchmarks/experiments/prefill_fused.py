@@ -71,16 +71,27 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--models", default="dense,monarch,monarch+fused,lowrank,lowrank+fused")
+    ap.add_argument("--compiled", action="store_true",
+                    help="(session 20) also each model's forward compiled by inductor (static shapes): rows "
+                         "'<model>@compiled', profiled the same way")
     args = ap.parse_args()
     rows: dict = {}
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = Path(args.out) / f"prefill-fused-{stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    for name in args.models.split(","):
+    forms = [(name, False) for name in args.models.split(",")]
+    if args.compiled:
+        forms += [(name, True) for name in args.models.split(",")]
+    for name, compiled in forms:
         model = infer.build(None if name == "dense" else name, torch.bfloat16, infer.SHAPE)
-        row = rows[name] = {"prefill_tps": infer.prefill_tps(model, 4, 2048, 5)}
+        if compiled:
+            torch._dynamo.reset()
+            model = torch.compile(model, dynamic=False)
+            name = f"{name}@compiled"
         ids = torch.randint(0, model.config.vocab_size, (4, 2048), device="cuda")
+        row = rows[name] = {}
         row.update(host_and_wall(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1)))
+        row["prefill_tps"] = 4 * 2048 / row["wall_ms"] * 1e3
         from torch.profiler import ProfilerActivity, profile
 
         with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -93,8 +104,8 @@ def main() -> int:
                          key=lambda r: -r[1])
         row["kernels_us"] = [{"name": k[:120], "us": round(t, 1), "calls": c} for k, t, c in kernels[:20]]
         row["cuda_total_us"] = round(sum(t for _, t, _ in kernels), 1)
-        rows["dense"] = rows.get("dense", row)
-        row["vs_dense"] = row["prefill_tps"] / rows["dense"]["prefill_tps"]
+        dense = rows.get("dense@compiled" if compiled else "dense", row)
+        row["vs_dense"] = row["prefill_tps"] / dense["prefill_tps"]
         print(name, round(row["prefill_tps"]), round(row["vs_dense"], 3), row["cuda_total_us"],
               {k: round(row[k], 2) for k in ("host_ms", "wall_ms", "gpu_busy_ms", "gpu_idle_ms") if k in row},
               flush=True)
@@ -102,7 +113,7 @@ def main() -> int:
             print("   ", k, flush=True)
         path.write_text(json.dumps({"rows": rows, "device": torch.cuda.get_device_name(),
                                     "torch": torch.__version__}, indent=1))
-        del model
+        model = None
         torch.cuda.empty_cache()
     print("wrote", path)
     return 0

@@ -447,6 +447,14 @@ def _blockdiag_call(choice: str) -> Callable[..., Tensor] | None:
 #: decode-layers-20261204T165753Z.json, -170448Z.json).
 TRITON_MONARCH_CHUNK = 64
 TRITON_CHUNK_FREE_TOKENS = 64
+#: Inference at many tokens with a wide block rank: cuBLAS's per-chunk strided-batched calls run stage 1 faster than
+#: the Triton grouped GEMM once each call is large. Measured on the H200, bf16, from CUDA graphs
+#: (monarch-many-20261205T031840Z.json): 4096^2 nb=4 (block rank 256) at 8192 tokens 0.2225 ms cuBLAS against
+#: 0.243 Triton, where at 1024 tokens Triton led (0.033 against 0.041), and at block rank 128 / 64 (2048^2 nb=4,
+#: 4096^2 nb=8) Triton led at 8192 tokens too (0.074 / 0.146 against 0.083 / 0.257). The cost model gives both the
+#: same efficiency (a tie goes to Triton), so this rule, fitted to those four points, sends such layers to cuBLAS.
+CUBLAS_MONARCH_MIN_CHUNK = 256
+CUBLAS_MONARCH_MIN_TOKENS = 8192
 
 
 def _monarch_choice(x: Tensor, R: Tensor, L: Tensor) -> str:
@@ -455,11 +463,18 @@ def _monarch_choice(x: Tensor, R: Tensor, L: Tensor) -> str:
     es, numel = x.element_size(), R.numel() + L.numel()
     # (the opt-in one-launch inference forward, ops.MONARCH_FUSED, has no chunked store: nothing to exclude there)
     inference = ops is not None and not ops._needs_autograd(x, R, L)
-    aligned = (bc // b) % TRITON_MONARCH_CHUNK == 0
+    c = bc // b
+    aligned = c % TRITON_MONARCH_CHUNK == 0
+
+    def exclude(n: int) -> tuple[str, ...]:
+        if inference and ops.fused_applies(n, x, R, L, "triton"):
+            return ()  # (the opt-in one-launch forward, asked for)
+        if inference and n >= CUBLAS_MONARCH_MIN_TOKENS and c >= CUBLAS_MONARCH_MIN_CHUNK:
+            return ("triton",)  # (measured slower than cuBLAS there)
+        return () if aligned or n <= TRITON_CHUNK_FREE_TOKENS else ("triton",)
+
     return _pick("monarch", x, (R, L), lambda n: (2.0 * n * numel, es * (numel + n * (b * p + 2 * b * bc + b * u))),
-                 b * u, b, lambda n: () if aligned or n <= TRITON_CHUNK_FREE_TOKENS or (
-                     inference and ops.fused_applies(n, x, R, L, "triton")) else ("triton",),
-                 stages=(es * R.numel(), es * L.numel()))
+                 b * u, b, exclude, stages=(es * R.numel(), es * L.numel()))
 
 
 def _monarch_call(choice: str) -> Callable[..., Tensor] | None:
