@@ -7,11 +7,15 @@
 # GEMMs. 1. Where compiled prefill's time goes (kernel breakdown of the compiled forwards; prediction: SDPA and the
 # fused elementwise kernels ~3 ms, so ~4 ms is something else). 2. Monarch's many-token rule (4096^2 nb=4 at 8192
 # tokens now cuBLAS: auto should read 1.64x, was 1.54x; nb=8 and 2048^2 unchanged), and 3. bench kernels at the
-# large shapes, so no row lost speed.
+# large shapes, so no row lost speed. 3. bench infer's prefill, eager and compiled, for every structure, unfused and
+# fused (and the steady peak: a second forward's, without the autotuner's 256 MB L2-flush buffer).
 STEP_DIR=${OUT:?set OUT}/12
 source benchmarks/experiments/_round.sh
 python3 -c "import triton, torch, transformers; print(triton.__version__, torch.__version__, transformers.__version__)" > "$OUT/versions.txt" 2>&1
 step gapc 240 python3 benchmarks/experiments/prefill_fused.py --out "$OUT/12" --models dense,monarch --compiled
+step prefill 300 python3 -m structmat bench infer \
+  --structures monarch,lowrank,blockdiag,nm24,monarch+fused,lowrank+fused,blockdiag+fused \
+  --steps prefill_tps,prefill_compiled --no-kernels --reps 5 --budget-s 270 --out "$OUT/12"
 step many 120 python3 benchmarks/experiments/monarch_many.py --out "$OUT/12" --tokens 1024,8192 --shapes 0,3,4
 tar czf "$OUT/round.tgz" -C "$OUT" 12 steps.log gpu.txt versions.txt && rm -rf "$OUT/12"
 exit 0
