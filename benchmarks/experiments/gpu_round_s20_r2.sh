@@ -12,10 +12,10 @@
 STEP_DIR=${OUT:?set OUT}/12
 source benchmarks/experiments/_round.sh
 python3 -c "import triton, torch, transformers; print(triton.__version__, torch.__version__, transformers.__version__)" > "$OUT/versions.txt" 2>&1
-step gapc 240 python3 benchmarks/experiments/prefill_fused.py --out "$OUT/12" --models dense,monarch --compiled
-step prefill 300 python3 -m structmat bench infer \
-  --structures monarch,lowrank,blockdiag,nm24,monarch+fused,lowrank+fused,blockdiag+fused \
-  --steps prefill_tps,prefill_compiled --no-kernels --reps 5 --budget-s 270 --out "$OUT/12"
+step gapc 150 python3 benchmarks/experiments/prefill_fused.py --out "$OUT/12" --models dense,monarch --compiled
+step prefill 270 python3 -m structmat bench infer \
+  --structures monarch,lowrank,blockdiag,monarch+fused,lowrank+fused,blockdiag+fused,nm24 \
+  --steps prefill_tps,prefill_compiled --no-kernels --reps 5 --budget-s 220 --out "$OUT/12"
 step many 120 python3 benchmarks/experiments/monarch_many.py --out "$OUT/12" --tokens 1024,8192 --shapes 0,3,4
 tar czf "$OUT/round.tgz" -C "$OUT" 12 steps.log gpu.txt versions.txt && rm -rf "$OUT/12"
 exit 0
