@@ -104,7 +104,10 @@ MULTI_VARIANTS = {"decode@unreduced": dict(MULTI_TOKEN_REDUCE=False),
                   "decode@unpaired": dict(MULTI_TOKEN_PDL=False),
                   # the gemv kernel's warps, pipeline depth and reduction tile (K >= 2048) for both stages
                   "decode@gemv-w8": dict(GEMV_META={"num_warps": 8}),
-                  "decode@gemv-st2": dict(GEMV_META={"num_stages": 2}), "decode@gemv-bk128": dict(BLOCK_K_LARGE=128)}
+                  "decode@gemv-st2": dict(GEMV_META={"num_stages": 2}), "decode@gemv-bk128": dict(BLOCK_K_LARGE=128),
+                  # (session 20) the PDL pair at any second-stage size, and 2 / 8 programs per SM (4)
+                  "decode@pair-any": dict(PDL_DOT_MAX_BYTES=1e12), "decode@tp2": dict(TARGET_PROGRAMS=2),
+                  "decode@tp8": dict(TARGET_PROGRAMS=8)}
 BACKENDS = {"lowrank": ("decode", "reference"), "monarch": ("decode", "triton", "cublas", "reference"),
             "blockdiag": ("decode", "triton", "cublas", "reference"), "nm24": ("decode", "reference")}
 
@@ -231,7 +234,7 @@ def main() -> int:
                                           if not args.variants_only or v in args.variants_only.split(",")})
                     elif args.variants and n == 1:
                         cands.update({v: "decode" for v in VARIANTS})
-                    elif args.variants and s in ("lowrank", "monarch"):
+                    elif args.variants and s.split(":")[0] in ("lowrank", "monarch"):
                         cands.update({v: "decode" for v in MULTI_VARIANTS})
                     if lean(layer, x) is not None:
                         cands["lean"] = "lean"
