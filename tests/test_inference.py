@@ -1300,16 +1300,18 @@ def test_measured_few_token_policy_at_the_bench_shapes():
     from structmat.kernels import _triton_decode as TD
     from structmat.kernels.dispatch import choose
 
-    def pick(op, n, inp, out, graphed, b=4):
+    def pick(op, n, inp, out, graphed, b=4, rank=None):
+        rank = inp * out // (inp + out) // 2 if rank is None else rank  # (low-rank at 50% unless given)
         if op == "blockdiag":
             numel = inp * out // b
         elif op == "lowrank":
-            numel = (inp * out // (inp + out) // 2) * (inp + out)
+            numel = rank * (inp + out)
         else:  # monarch at 50%
             numel = inp * out // 2
         # (low-rank above one token: the PDL pair, on the H200, where its second stage's weight is small enough)
-        u_bytes = out * (inp * out // (inp + out) // 2) * 2
-        paired = op == "lowrank" and TD.MULTI_TOKEN_PDL[0] and 1 < n <= 16 and u_bytes <= TD.PDL_DOT_MAX_BYTES
+        u_bytes = out * rank * 2
+        most = TD.PDL_DOT_NARROW_MAX_BYTES if rank <= TD.PDL_DOT_NARROW_K else TD.PDL_DOT_MAX_BYTES
+        paired = op == "lowrank" and TD.MULTI_TOKEN_PDL[0] and 1 < n <= 16 and u_bytes <= most
         return choose(op, n, inp, out, 2.0 * n * numel, 2 * (numel + n * (inp + out)), torch.bfloat16, b, False,
                       False, True, graphed, paired=paired)
 
@@ -1328,6 +1330,10 @@ def test_measured_few_token_policy_at_the_bench_shapes():
     assert pick("lowrank", 16, 2048, 8192, True) == "reference"
     assert pick("lowrank", 16, 2048, 2048, True) == "decode"
     assert pick("lowrank", 16, 8192, 2048, True) == "decode"
+    # a rank up to 512 pairs up to 8.4 MB of second stage (session 20, decode-layers-20261205T044218Z.json: rank 512
+    # of 2048->8192 at 4 / 16 tokens 9.0 / 9.3 us paired against two cuBLAS calls' 10.5 / 10.5)
+    assert pick("lowrank", 4, 2048, 8192, True, rank=512) == "decode"
+    assert pick("lowrank", 16, 2048, 8192, True, rank=512) == "decode"
     for graphed in (False, True):
         assert pick("monarch", 8192, 2048, 2048, graphed) == pick("monarch", 8192, 2048, 2048, True)  # prefill
 
@@ -1380,3 +1386,26 @@ def test_kept_scratch_is_per_thread():
     assert theirs[0] is theirs[1] and theirs[0] is not mine
     fresh = decode._scratch((2, 8), like, keep=False)
     assert fresh() is not fresh()  # (captured and compiled plans: a buffer per call)
+
+
+def test_bench_infer_compiled_forward_blocks_restores_the_model():
+    """Regional compilation for the compiled prefill: every decoder block replaced by its compiled form inside the
+    block (same logits as eager; the causal mask stays eager) and put back after; a model without decoder blocks is
+    a ValueError naming the other scope."""
+    from structmat.bench import infer
+
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2, vocab_size=64)
+    model = infer.build("blockdiag", torch.float32, shape, device="cpu")
+    ids = torch.randint(0, 64, (2, 8))
+    originals = list(model.model.layers)
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits
+        with infer.compiled_forward(model, "blocks") as compiled:
+            assert all(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in compiled.model.layers)
+            got = compiled(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert list(model.model.layers) == originals
+    with pytest.raises(ValueError, match="scope='model'"):
+        with infer.compiled_forward(torch.nn.Linear(2, 2), "blocks"):
+            pass

@@ -39,7 +39,9 @@ GROUPS = {"qkv": (3, 2048, 2048), "gate_up": (2, 2048, 8192), "o": (1, 2048, 204
 VARIANTS = {"base": {}, "tile4k": dict(FUSED_TILE=4096), "tile16k": dict(FUSED_TILE=16384),
             "w8": dict(FUSED_WARPS=8), "w2": dict(FUSED_WARPS=2), "splits4": dict(FUSED_MAX_SPLITS=4),
             "splits16": dict(FUSED_MAX_SPLITS=16), "st2": dict(num_stages=2),
-            "tile16k-w8": dict(FUSED_TILE=16384, FUSED_WARPS=8)}
+            "tile16k-w8": dict(FUSED_TILE=16384, FUSED_WARPS=8),
+            # (session 20, above one token) low-rank's PDL pair only up to 4 MB of second stage, whatever its rank
+            "pair4mb": dict(PDL_DOT_NARROW_MAX_BYTES=0)}
 
 
 class Siblings(torch.nn.Module):
@@ -86,12 +88,13 @@ def main() -> int:
     ap.add_argument("--out", default=".")
     ap.add_argument("--structures", default=",".join(SPECS))
     ap.add_argument("--variants", default=",".join(VARIANTS), help="for low-rank and Monarch")
+    ap.add_argument("--tokens", type=int, default=1, help="tokens per product (session 20: above one token too)")
     args = ap.parse_args()
     from structmat.eval.results import run_info, write_json
 
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = Path(args.out) / f"decode-groups-{stamp}.json"
-    rep: dict = {"rows": [], "errors": [], "cold_bytes": COLD_BYTES, "tokens": 1}
+    rep: dict = {"rows": [], "errors": [], "cold_bytes": COLD_BYTES, "tokens": args.tokens}
     t0 = time.time()
     torch.manual_seed(0)
     with torch.no_grad():
@@ -102,7 +105,7 @@ def main() -> int:
                 try:
                     total = 0.0
                     for gname, (g, inp, out) in GROUPS.items():
-                        x = torch.randn(1, inp, device=DEVICE, dtype=DTYPE)
+                        x = torch.randn(args.tokens, inp, device=DEVICE, dtype=DTYPE)
                         fn, nbytes = runner(SPECS[s], g, inp, out, x)
                         k = int(min(128, max(2, math.ceil(COLD_BYTES / nbytes))))
                         copies = [fn] + [runner(SPECS[s], g, inp, out, x)[0] for _ in range(k - 1)]

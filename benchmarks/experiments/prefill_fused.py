@@ -74,6 +74,8 @@ def main() -> int:
     ap.add_argument("--compiled", action="store_true",
                     help="(session 20) also each model's forward compiled by inductor (static shapes): rows "
                          "'<model>@compiled', profiled the same way")
+    ap.add_argument("--scope", default="blocks", choices=["blocks", "model"],
+                    help="what --compiled compiles (structmat.bench.infer.compiled_forward)")
     args = ap.parse_args()
     rows: dict = {}
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -86,8 +88,8 @@ def main() -> int:
         model = infer.build(None if name == "dense" else name, torch.bfloat16, infer.SHAPE)
         if compiled:
             torch._dynamo.reset()
-            model = torch.compile(model, dynamic=False)
-            name = f"{name}@compiled"
+            model = infer.compiled_forward(model, args.scope).__enter__()  # (the model is dropped after its row)
+            name = f"{name}@compiled-{args.scope}"
         ids = torch.randint(0, model.config.vocab_size, (4, 2048), device="cuda")
         row = rows[name] = {}
         row.update(host_and_wall(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1)))
@@ -104,7 +106,7 @@ def main() -> int:
                          key=lambda r: -r[1])
         row["kernels_us"] = [{"name": k[:120], "us": round(t, 1), "calls": c} for k, t, c in kernels[:20]]
         row["cuda_total_us"] = round(sum(t for _, t, _ in kernels), 1)
-        dense = rows.get("dense@compiled" if compiled else "dense", row)
+        dense = rows.get(f"dense@compiled-{args.scope}" if compiled else "dense", row)
         row["vs_dense"] = row["prefill_tps"] / dense["prefill_tps"]
         print(name, round(row["prefill_tps"]), round(row["vs_dense"], 3), row["cuda_total_us"],
               {k: round(row[k], 2) for k in ("host_ms", "wall_ms", "gpu_busy_ms", "gpu_idle_ms") if k in row},

@@ -19,9 +19,10 @@ For each model (dense and each structure of ``--structures``; ``--checkpoint DIR
                            forward's (``first_peak_bytes``, ``after_first_forward_bytes``) also holds one-time work:
                            Triton's autotuner flushes L2 with a 256 MB buffer while it times the grouped GEMM's tiles
   ``prefill_tps``          tokens/s of one forward over ``--prefill`` (batch x tokens, logits of the last token)
-  ``prefill_compiled``     the same forward through ``torch.compile`` (inductor, ``--prefill-compile-mode``, static
-                           shapes): norms, rotary embedding and the MLP's activation fused, as a serving stack that
-                           compiles its forward runs prefill; graphs compiled and the compile time are kept
+  ``prefill_compiled``     the same forward compiled by inductor (``--prefill-compile-mode``, static shapes; by
+                           default each decoder block, ``--prefill-compile-scope``): norms, rotary embedding and the
+                           MLP's activation fused, as a serving stack that compiles its forward runs prefill; graphs
+                           compiled and the compile time are kept
   ``eager``/``compiled``   HF ``generate`` (greedy, a 16-token prompt, ``--new-tokens`` new tokens forced with
                            ``min_new_tokens``): decode tokens/s = batch x (new - 1) / (t(new) - t(1)), i.e. the prefill
                            and first token cancel; eager = ``disable_compile``; compiled = static cache with HF's
@@ -45,6 +46,7 @@ the files with ``--merge`` (``benchmarks/experiments/gpu_round_infer.sh``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import gc
 import json
@@ -236,22 +238,48 @@ def prefill_tps(model, batch: int, tokens: int, reps: int) -> float:
     return batch * tokens / ms * 1e3
 
 
-def prefill_compiled_tps(model, batch: int, tokens: int, reps: int, mode: str) -> dict:
-    """``prefill_tps`` of ``torch.compile(model)`` (inductor, static shapes): the first calls compile (timed apart),
-    then the median of ``reps`` forwards."""
+@contextlib.contextmanager
+def compiled_forward(model, scope: str, mode: str = "default"):
+    """The model with its forward compiled by inductor (static shapes) inside the block, restored after. ``scope``
+    "blocks": each decoder block replaced by its compiled form (regional compilation: the blocks share one compiled
+    graph; the embedding, the causal mask and the head stay eager); "model": the whole forward. Whole-model
+    compilation on torch < 2.14 makes transformers build the causal mask as a tensor (it cannot skip it while
+    tracing), and SDPA then takes a masked kernel: measured 3.2x the attention time of the unmasked causal one on the
+    H200 (session 20, prefill-fused-20261205T043732Z.json); compiled blocks receive the mask the eager model builds
+    (none: causal)."""
+    mode_arg = None if mode == "default" else mode
+    if scope == "model":
+        yield torch.compile(model, mode=mode_arg, dynamic=False)
+        return
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise ValueError(f"compiled_forward: {type(model).__name__} has no model.layers to compile block by block; "
+                         "use scope='model'")
+    originals = list(layers)
+    try:
+        for i, layer in enumerate(originals):
+            layers[i] = torch.compile(layer, mode=mode_arg, dynamic=False)
+        yield model
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+
+
+def prefill_compiled_tps(model, batch: int, tokens: int, reps: int, mode: str, scope: str = "blocks") -> dict:
+    """``prefill_tps`` with the forward compiled by inductor (:func:`compiled_forward`): the first call compiles
+    (timed apart), then the median of ``reps`` forwards."""
     from torch._dynamo.utils import counters
 
     ids = torch.randint(0, model.config.vocab_size, (batch, tokens), device="cuda")
-    compiled = torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
     graphs_before = counters["stats"]["unique_graphs"]
-    run = lambda: compiled(input_ids=ids, use_cache=False, logits_to_keep=1)  # noqa: E731
-    with torch.no_grad():
+    with compiled_forward(model, scope, mode) as compiled, torch.no_grad():
+        run = lambda: compiled(input_ids=ids, use_cache=False, logits_to_keep=1)  # noqa: E731
         t0 = time.perf_counter()
         run()
         _sync()
         compile_s = time.perf_counter() - t0
         ms = _time_ms(run, reps)
-    return dict(tokens_per_s=batch * tokens / ms * 1e3, compile_s=compile_s, mode=mode,
+    return dict(tokens_per_s=batch * tokens / ms * 1e3, compile_s=compile_s, mode=mode, scope=scope,
                 graphs_compiled=counters["stats"]["unique_graphs"] - graphs_before)
 
 
@@ -476,7 +504,8 @@ def run(args, checkpoint=None) -> dict:
             # (the compiles last: the longest steps, and a time limit that cuts one keeps the rows before it)
             if args.prefill_compile_mode != "none":
                 steps["prefill_compiled"] = lambda: prefill_compiled_tps(model, pb, pt, args.reps,
-                                                                         args.prefill_compile_mode)
+                                                                         args.prefill_compile_mode,
+                                                                         args.prefill_compile_scope)
             if args.step_compile_mode != "none":
                 steps["graph_compiled"] = lambda: [graph_decode_tps(model, b, compile_mode=args.step_compile_mode)
                                                    for b in args.compiled_batches]
@@ -607,6 +636,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-compile-mode", default="default",
                    help="inductor mode for the compiled prefill forward (default, max-autotune-no-cudagraphs, ...), "
                         "or none")
+    p.add_argument("--prefill-compile-scope", default="blocks", choices=["blocks", "model"],
+                   help="compile each decoder block (the causal mask stays eager: SDPA's unmasked causal kernel) or "
+                        "the whole forward (transformers then builds a mask tensor on torch < 2.14)")
     p.add_argument("--steps", default="", type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
                    help=f"only these measurements (comma list of {', '.join(STEPS)}; memory always runs); "
                         "default: all")

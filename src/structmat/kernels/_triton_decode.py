@@ -953,11 +953,19 @@ MULTI_TOKEN_PDL = [os.environ.get("STRUCTMAT_MULTI_TOKEN_PDL", "1") not in ("", 
 #: and 14.3 -> 12.9 us; 2048->8192 (13.4 MB) 14.3 -> 20.9 us; kernels-20261204T144115Z.json: 4096^2 rank 1024
 #: (8.4 MB) 0.70x dense)
 PDL_DOT_MAX_BYTES = 4e6
+#: ... or, where the second stage's reduction (the rank) is at most PDL_DOT_NARROW_K, up to this many bytes: its
+#: programs each hold a tile of 16 rows x at most 512 on 4 warps (a rank of 513-1024 takes 1024-wide tiles on 8 warps,
+#: the case that starved the first stage). Session 20 round 3 (decode-layers-20261205T044218Z.json, cold): low-rank
+#: rank 512 of 2048->8192 (an 8.4 MB second stage) at 4 / 16 tokens 9.0 / 9.3 us paired against 10.7 / 10.9 (dense
+#: 10.5 / 10.5); rank 1024 of 4096^2 (8.4 MB, 1024 wide) 14.4 / 15.2 against 12.8 / 13.1
+#: (decode-layers-20261205T044200Z.json)
+PDL_DOT_NARROW_K = 512
+PDL_DOT_NARROW_MAX_BYTES = 8.4e6
 
 
 def pdl_dot_ok(n: int, k2: int, w2_bytes: int, device: torch.device) -> bool:
-    return (MULTI_TOKEN_PDL[0] and 1 < n <= 16 and k2 <= FUSED_MAX_K2 and w2_bytes <= PDL_DOT_MAX_BYTES
-            and pdl_ok(device))
+    most = PDL_DOT_NARROW_MAX_BYTES if k2 <= PDL_DOT_NARROW_K else PDL_DOT_MAX_BYTES
+    return MULTI_TOKEN_PDL[0] and 1 < n <= 16 and k2 <= FUSED_MAX_K2 and w2_bytes <= most and pdl_ok(device)
 
 
 def pdl_dot_launcher(groups: int, n: int, M: int, K: int, dtype: torch.dtype):
