@@ -160,6 +160,7 @@ def _interpret_report() -> dict:
             except Exception as err:
                 report[f"{name}-{backend}"] = {"error": float("inf"), "message": repr(err)[:1500]}
     report.update(_fused_monarch_report())
+    report.update(_nm_expand_report())
     # opcheck: schema, fake (meta) kernels and the autograd registration, as torch.compile relies on them.
     from structmat.kernels import ops
 
@@ -249,6 +250,56 @@ def _fused_monarch_report() -> dict:
         report["fused-opcheck"] = "ok"
     except Exception as err:
         report["fused-opcheck"] = repr(err)[:2000]
+    return report
+
+
+#: N:M layers for the many-token expansion kernel: (in, out, n, m), padded where m does not divide in; awkward tile
+#: tails (rows not a multiple of 32, columns not of 128) and every position width (2, 4 and 8 bits)
+NM_EXPAND_CASES = [(40, 37, 2, 4), (130, 70, 1, 4), (64, 33, 4, 8), (96, 20, 2, 16), (200, 9, 3, 32)]
+
+
+def _nm_expand_report() -> dict:
+    """The N:M expansion kernel (``_triton_nm_expand``) against the scattered dense rows (exact: it only moves
+    values), on whole layers and on a row slice; a layer at more than DECODE_MAX_TOKENS tokens in inference takes it
+    (``ops.nm``), eager and under torch.compile; with a gradient it keeps the reference."""
+    import structmat.kernels as K
+    from structmat.kernels import _triton_nm_expand as E
+    from structmat.kernels import ops
+    from structmat.structures.sparse import NMSparse
+
+    report = {}
+    for i, (inp, out, n, m) in enumerate(NM_EXPAND_CASES):
+        torch.manual_seed(90 + i)
+        layer = NMSparse(inp, out, n=n, m=m, pad=True)
+        values = layer.values.detach()
+        want = values.new_zeros(out, layer.in_padded).scatter(1, layer.absolute_index(), values)
+        rows = slice(3, out - 2)
+        report[f"nm-expand-{i}"] = {
+            "whole": bool(torch.equal(E.nm_expand(values, layer.index, n, m), want)),
+            "rows": bool(torch.equal(E.nm_expand(values[rows], layer.index[rows], n, m), want[rows])),
+            "half": bool(torch.equal(E.nm_expand(values, layer.index, n, m, torch.float16), want.half()))}
+    layer = NMSparse(48, 40, n=2, m=4).eval()
+    x = torch.randn(2, 40, 48)  # (80 tokens: above DECODE_MAX_TOKENS)
+    with torch.no_grad():
+        with K.use_backend("reference"):
+            y_ref = layer(x)
+        y = layer(x)
+        choice = K.LAST_CHOICE["nm"]
+        yc = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    y_grad = layer(x)  # (gradients on: the reference)
+    report["nm-layer"] = {"y": rel_rms(y, y_ref), "compiled": rel_rms(yc, y_ref), "choice": choice,
+                          "grad_choice": K.LAST_CHOICE["nm"], "grad_y": rel_rms(y_grad.detach(), y_ref)}
+    try:
+        E.nm_expand(layer.values.detach()[:, ::2], layer.index, 2, 4)
+        report["nm-expand-error"] = "no error"
+    except ValueError as err:
+        report["nm-expand-error"] = str(err)
+    try:
+        for test in ("test_schema", "test_faketensor"):
+            torch.library.opcheck(ops.nm_expand_op, (layer.values.detach(), layer.index, 2, 4), test_utils=test)
+        report["nm-expand-opcheck"] = "ok"
+    except Exception as err:
+        report["nm-expand-opcheck"] = repr(err)[:2000]
     return report
 
 
@@ -353,6 +404,19 @@ def test_monarch_fused_routing_interpreter(interpret_report):
         assert r[f"fused-grad-{form}"]["calls"] == r[f"fused-grad-{form}"]["saved"] == 1, r[f"fused-grad-{form}"]
         _check({k: v for k, v in r[f"fused-grad-{form}"].items() if k not in ("calls", "saved")}, "float32")
     assert r["fused-opcheck"] == "ok", r["fused-opcheck"]
+
+
+@pytest.mark.parametrize("i", range(len(NM_EXPAND_CASES)))
+def test_nm_expand_kernel_interpreter(interpret_report, i):
+    assert interpret_report[f"nm-expand-{i}"] == {"whole": True, "rows": True, "half": True}
+
+
+def test_nm_many_tokens_take_the_expansion_interpreter(interpret_report):
+    r = interpret_report["nm-layer"]
+    assert r["choice"] == "triton" and r["grad_choice"] == "reference", r
+    _check({k: r[k] for k in ("y", "compiled", "grad_y")}, "float32")
+    assert "not an N:M layer's rows" in interpret_report["nm-expand-error"]
+    assert interpret_report["nm-expand-opcheck"] == "ok", interpret_report["nm-expand-opcheck"]
 
 
 def test_opcheck_interpreter(interpret_report):
@@ -585,6 +649,30 @@ def test_monarch_fused_matches_reference_gpu(b, p, c, u, dtype):
     slow = lambda: (torch.cuda._sleep(50_000_000), done)[1]  # noqa: E731
     y = TM.monarch_fused(x[:500], R, L, baseline=slow)  # (another shape key: 500 tokens, not 1000)
     assert y is not done and rel_rms(y, ref[:500]) <= TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("inp,out,n,m", [(2048, 8192, 2, 4), (8192, 2048, 2, 4), (1000, 301, 1, 4), (520, 77, 4, 8)])
+def test_nm_many_tokens_expansion_gpu(inp, out, n, m, dtype):
+    """The N:M expansion kernel on the GPU: exact dense rows (bench shapes and awkward ones), and a layer's many-token
+    inference forward through it (``ops.nm``) equal to the reference's, which rebuilds the same tiles in PyTorch."""
+    import structmat.kernels as K
+    from structmat.kernels import _triton_nm_expand as E
+    from structmat.structures.sparse import NMSparse
+
+    torch.manual_seed(inp + out)
+    layer = NMSparse(inp, out, n=n, m=m, pad=True).to("cuda", getattr(torch, dtype)).eval()
+    values = layer.values.detach()
+    want = values.new_zeros(out, layer.in_padded).scatter(1, layer.absolute_index(), values)
+    assert torch.equal(E.nm_expand(values, layer.index, n, m), want)
+    x = torch.randn(300, inp, device="cuda", dtype=values.dtype)
+    with torch.no_grad():
+        with K.use_backend("reference"):
+            ref = layer(x)
+        y = layer(x)
+    assert K.LAST_CHOICE["nm"] == "triton"
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)  # (the same tiles, the same GEMMs)
 
 
 @pytest.mark.gpu

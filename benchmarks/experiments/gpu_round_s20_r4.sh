@@ -8,8 +8,12 @@
 # 2. Low-rank's PDL pair now also for a rank <= 512 up to 8.4 MB of second stage (round 3): the bench model's fused
 #    q/k/v group (rank 512, 6.3 MB) changes at 2-16 tokens: decode_groups at 4, 8 and 16 tokens, new rule (base)
 #    against the old one (pair4mb). 3. bench kernels forward rows at 1-16 tokens under graphs (the must-show list).
+# 4. N:M at many tokens in inference now expands each weight tile with one Triton kernel (_triton_nm_expand) where
+#    the reference ran ~10 PyTorch kernels per tile (2:4 prefill 0.35x dense in round 2): its -m gpu test first;
+#    prediction: 2:4 eager prefill near dense (0.85-0.95x: the GEMMs are dense-sized, plus expansion and a cat).
 STEP_DIR=${OUT:?set OUT}/12
 source benchmarks/experiments/_round.sh
+step gputest 60 python3 -m pytest -q -p no:warnings -m gpu tests/test_kernels.py -k nm_many_tokens
 step prefill 200 python3 -m structmat bench infer --structures monarch,lowrank,blockdiag,nm24 \
   --steps prefill_tps,prefill_compiled --no-kernels --reps 5 --budget-s 170 --out "$OUT/12"
 step gapc 90 python3 benchmarks/experiments/prefill_fused.py --out "$OUT/12" --models dense,monarch --compiled

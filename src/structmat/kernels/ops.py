@@ -8,6 +8,8 @@ so ``torch.compile(fullgraph=True)`` traces through them as opaque nodes. Shapes
       [y == structures.monarch.monarch_multiply; h is the permuted intermediate kept for the backward pass]
   ``structmat::monarch_fused_mm(x, R, L)``: y alone, in one persistent launch (inference, many tokens, opt-in:
       ``MONARCH_FUSED``; ``_triton_monarch``)
+  ``structmat::nm_expand(values, positions, n, m)``: rows of an N:M weight expanded to dense (``_triton_nm_expand``);
+      :func:`nm` is the many-token inference product on such tiles (never the whole dense weight)
 
 Layouts. Stage 1 of Monarch computes, for every input block k, h_k = x_k @ R_k^T whose columns are ordered (s, q)
 (chunk s of c intermediates goes to output block s). The kernel stores column (s, q) of group k at
@@ -23,7 +25,7 @@ import os
 import torch
 from torch import Tensor
 
-from . import _triton_monarch
+from . import _triton_monarch, _triton_nm_expand
 from ._triton_gemm import INT32_EXTENT, grouped_gemm
 
 #: Tests set this to fill every output buffer with NaN before the kernel writes it (an unwritten element shows).
@@ -379,6 +381,31 @@ def blockdiag(x: Tensor, W: Tensor, engine: str = "triton") -> Tensor:
     if _needs_autograd(x, W):
         return _BlockdiagFunction.apply(x, W, engine)
     return _bd_forward(x, W, engine)
+
+
+@torch.library.custom_op("structmat::nm_expand", mutates_args=())
+def nm_expand_op(values: Tensor, positions: Tensor, n: int, m: int) -> Tensor:
+    return _triton_nm_expand.nm_expand(values, positions, n, m)
+
+
+@nm_expand_op.register_fake
+def _(values, positions, n, m):
+    return values.new_empty((values.shape[0], values.shape[1] // n * m))
+
+
+def nm(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int) -> Tensor:
+    """The N:M product at many tokens in inference (no gradient): the weight rebuilt a tile of rows at a time, as the
+    reference does (``structures.sparse._row_blocks``: never the whole dense weight), each tile by one expansion
+    kernel, then one GEMM per tile."""
+    from ..structures.sparse import _row_blocks
+
+    out_features, kept = values.shape
+    in_padded = kept // n * m
+    xp = x if x.shape[1] == in_padded else torch.nn.functional.pad(x, (0, in_padded - x.shape[1]))
+    expand = nm_expand_op if torch.compiler.is_compiling() else _triton_nm_expand.nm_expand
+    parts = [torch.nn.functional.linear(xp, expand(values[lo:hi], positions[lo:hi], n, m))
+             for lo, hi in _row_blocks(out_features, in_padded, x.shape[0])]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def calibrate(tokens: int = 8192, features: int = 4096, nblocks: int = 4, dtype=torch.bfloat16) -> dict:
