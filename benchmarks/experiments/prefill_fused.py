@@ -76,6 +76,7 @@ def main() -> int:
                          "'<model>@compiled', profiled the same way")
     ap.add_argument("--scope", default="blocks", choices=["blocks", "model"],
                     help="what --compiled compiles (structmat.bench.infer.compiled_forward)")
+    ap.add_argument("--mode", default="default", help="inductor mode for --compiled (e.g. reduce-overhead)")
     args = ap.parse_args()
     rows: dict = {}
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -88,8 +89,9 @@ def main() -> int:
         model = infer.build(None if name == "dense" else name, torch.bfloat16, infer.SHAPE)
         if compiled:
             torch._dynamo.reset()
-            model = infer.compiled_forward(model, args.scope).__enter__()  # (the model is dropped after its row)
-            name = f"{name}@compiled-{args.scope}"
+            held = infer.compiled_forward(model, args.scope, args.mode)  # (kept: its exit restores the model)
+            model = held.__enter__()
+            name = f"{name}@compiled-{args.scope}-{args.mode}"
         ids = torch.randint(0, model.config.vocab_size, (4, 2048), device="cuda")
         row = rows[name] = {}
         row.update(host_and_wall(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1)))
@@ -106,7 +108,7 @@ def main() -> int:
                          key=lambda r: -r[1])
         row["kernels_us"] = [{"name": k[:120], "us": round(t, 1), "calls": c} for k, t, c in kernels[:20]]
         row["cuda_total_us"] = round(sum(t for _, t, _ in kernels), 1)
-        dense = rows.get(f"dense@compiled-{args.scope}" if compiled else "dense", row)
+        dense = rows.get(f"dense@compiled-{args.scope}-{args.mode}" if compiled else "dense", row)
         row["vs_dense"] = row["prefill_tps"] / dense["prefill_tps"]
         print(name, round(row["prefill_tps"]), round(row["vs_dense"], 3), row["cuda_total_us"],
               {k: round(row[k], 2) for k in ("host_ms", "wall_ms", "gpu_busy_ms", "gpu_idle_ms") if k in row},
