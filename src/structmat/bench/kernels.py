@@ -15,12 +15,17 @@ Every row times, with the median of ``triton.testing.do_bench``, one structure a
                  replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``): GPU time without the host's
                  launch cost, i.e. what ``torch.compile(mode="reduce-overhead")`` or a captured training step gets.
                  No L2 flush between replays (weights up to the 60 MB L2 stay cached, for dense too).
+  ``cold_graph_ms``, ``dense_cold_graph_ms``, ``cold_graph_speedup``  (with ``--graphs``, forward at <= 64 tokens) the
+                 same, from one CUDA graph that runs distinct copies of the layer (of the dense weight) whose bytes
+                 together exceed ``COLD_BYTES``: every call reads its weight from HBM, as in a model's decode step,
+                 where a layer's weight is never still in L2 from its previous call (per call)
 Writes ``kernels-<UTC date-time>.json`` (rows + run_info) and a PNG of speed vs dense next to it.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as _dt
 import json
 import os
@@ -39,6 +44,8 @@ NBLOCKS = (2, 4, 8)
 QUICK_TOKENS = (1, 256, 8192)
 QUICK_SHAPES = ((4096, 4096), (4096, 16384))
 GRAPH_REP_MS = 5  # per CUDA-graph timing (10 replays of ~5 ms each): host noise is gone, a short run is stable
+COLD_BYTES = 256e6  # the copies of a cold timing hold at least this many weight bytes (4x the largest L2, 60 MB)
+COLD_MAX_TOKENS = 64  # cold timings at decode's token counts (above, the products are no longer weight-bound)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -110,6 +117,22 @@ def _dense_step(W, x, g, mode: str):
     return lambda: torch.autograd.grad(F.linear(x, W), [x, W], g)
 
 
+def _cold_graph_ms(make_step, nbytes: int) -> float | None:
+    """Per-call ms of ``make_step()``'s calls (each on its own copy of the weights) replayed from one CUDA graph, the
+    copies together at least COLD_BYTES: the weights come from HBM on every call."""
+    import math
+
+    k = int(min(256, max(2, math.ceil(COLD_BYTES / max(nbytes, 1)))))
+    steps = [make_step() for _ in range(k)]
+
+    def run_all():
+        for step in steps:
+            step()
+
+    ms = _graph_ms(run_all, GRAPH_REP_MS)
+    return None if ms is None else ms / k
+
+
 def _time_layer(layer, x, g, mode: str, warmup: int, rep: int) -> float:
     return _bench_ms(_layer_step(layer, x, g, mode), warmup, rep)
 
@@ -146,8 +169,8 @@ def run_grid(quick: bool = False, dtypes=("bf16",), subset_dtypes=("fp16", "fp32
         jobs += [(dt, (4096, 4096), n) for dt in subset_dtypes for n in (16, 8192)]
     rows, semi = [], []
     skipped = ["monarch:nblocks=2 (as many parameters as dense: rejected by design)",
-               f"nm:n=2,m=4 above {K.dispatch.DECODE_MAX_TOKENS} tokens and in fwdbwd (its kernel is the few-token "
-               f"inference one; elsewhere it runs its PyTorch reference)"]
+               "nm:n=2,m=4 in fwdbwd (its kernels are inference ones: decode at few tokens, the tile expansion "
+               "above; training runs its PyTorch reference)"]
     t_start = time.time()
     result = dict(rows=rows, semi_structured_2_4=semi, skipped=skipped, complete=False)
     for dname, (in_f, out_f), n in jobs:
@@ -163,9 +186,13 @@ def run_grid(quick: bool = False, dtypes=("bf16",), subset_dtypes=("fp16", "fp32
             g = torch.randn(n, out_f, device="cuda", dtype=dtype)
             dense_ms = _time_dense(Wr, xr, g, mode, warmup, rep)
             dense_graph_ms = _graph_ms(_dense_step(Wr, xr, g, mode), GRAPH_REP_MS) if graphs else None
+            cold = graphs and mode == "fwd" and n <= COLD_MAX_TOKENS
+            dense_cold_ms = (_cold_graph_ms(lambda W=W, x=xr, g=g: _dense_step(W.clone(), x, g, mode),
+                                            W.numel() * W.element_size())
+                             if cold else None)
             dense_flops = 2.0 * n * in_f * out_f * (3 if mode == "fwdbwd" else 1)
             for label, make in structure_cases(in_f, out_f, quick):
-                if label.startswith("nm") and (n > K.dispatch.DECODE_MAX_TOKENS or mode != "fwd"):
+                if label.startswith("nm") and mode != "fwd":
                     continue
                 try:
                     layer = make().to(device="cuda", dtype=dtype)
@@ -185,6 +212,10 @@ def run_grid(quick: bool = False, dtypes=("bf16",), subset_dtypes=("fp16", "fp32
                 with K.use_backend("auto"):
                     ms = _time_layer(layer, xr, g, mode, warmup, rep)
                     graph_ms = _graph_ms(_layer_step(layer, xr, g, mode), GRAPH_REP_MS) if graphs else None
+                    nbytes = sum(t.numel() * t.element_size() for t in [*layer.parameters(), *layer.buffers()])
+                    cold_ms = (_cold_graph_ms(
+                        lambda layer=layer, x=xr, g=g: _layer_step(copy.deepcopy(layer), x, g, mode), nbytes)
+                               if cold else None)
                     choice = (K.LAST_CHOICE.get(kind) or "reference")
                     if kind == "lowrank" and choice not in ("dense", "decode"):
                         choice = "cublas"
@@ -204,12 +235,15 @@ def run_grid(quick: bool = False, dtypes=("bf16",), subset_dtypes=("fp16", "fp32
                            tflops=flops / ms * 1e-9, dense_tflops=dense_flops / dense_ms * 1e-9, speedup=speedup,
                            ideal=ideal, pct_ideal=100.0 * speedup / ideal, rel_err_vs_reference=err,
                            graph_ms=graph_ms, dense_graph_ms=dense_graph_ms,
-                           graph_speedup=dense_graph_ms / graph_ms if graph_ms and dense_graph_ms else None)
+                           graph_speedup=dense_graph_ms / graph_ms if graph_ms and dense_graph_ms else None,
+                           cold_graph_ms=cold_ms, dense_cold_graph_ms=dense_cold_ms,
+                           cold_graph_speedup=dense_cold_ms / cold_ms if cold_ms and dense_cold_ms else None)
                 rows.append(row)
                 log(f"{dname} {mode:6s} {in_f:>5}->{out_f:<5} n={n:<5} {label:22s} {ms:8.4f} ms  dense {dense_ms:8.4f}"
                     f"  x{speedup:5.2f} (ideal {ideal:4.2f}, {row['pct_ideal']:5.1f}%)  {choice:9s} "
                     + " ".join(f"{k}={v:.4f}" for k, v in backends.items())
-                    + (f"  graph x{row['graph_speedup']:.2f}" if row["graph_speedup"] else ""))
+                    + (f"  graph x{row['graph_speedup']:.2f}" if row["graph_speedup"] else "")
+                    + (f"  cold x{row['cold_graph_speedup']:.2f}" if row["cold_graph_speedup"] else ""))
                 del layer
             del xr, Wr, g
         if semi_structured and dname == "bf16" and n in (16, 256, 2048, 8192, 16384):
