@@ -272,8 +272,14 @@ def prefill_compiled_tps(model, batch: int, tokens: int, reps: int, mode: str, s
 
     ids = torch.randint(0, model.config.vocab_size, (batch, tokens), device="cuda")
     graphs_before = counters["stats"]["unique_graphs"]
+    graphs = "reduce-overhead" in mode or mode == "max-autotune"  # (inductor's CUDA-graph modes)
+
+    def run():
+        if graphs:  # each forward a new step: the last one's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        return compiled(input_ids=ids, use_cache=False, logits_to_keep=1)
+
     with compiled_forward(model, scope, mode) as compiled, torch.no_grad():
-        run = lambda: compiled(input_ids=ids, use_cache=False, logits_to_keep=1)  # noqa: E731
         t0 = time.perf_counter()
         run()
         _sync()
