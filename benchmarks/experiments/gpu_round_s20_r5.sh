@@ -13,10 +13,10 @@
 # graph column reads 0.96 / 0.86x).
 STEP_DIR=${OUT:?set OUT}/12
 source benchmarks/experiments/_round.sh
-step prefill 140 python3 -m structmat bench infer --structures monarch,lowrank,blockdiag,nm24 \
+step prefill 110 python3 -m structmat bench infer --structures monarch,lowrank,blockdiag,nm24 \
   --steps prefill_tps,prefill_compiled --prefill-compile-mode reduce-overhead --no-kernels --reps 5 \
-  --budget-s 110 --out "$OUT/12"
-step kernels 110 python3 -m structmat bench kernels --out "$OUT/12" --graphs --tokens 1,4,16 \
-  --shapes 4096x4096,2048x8192,8192x2048 --dtypes bf16 --modes fwd --no-semi --budget-s 80
+  --budget-s 75 --out "$OUT/12"
+step kernels 60 python3 -m structmat bench kernels --out "$OUT/12" --graphs --tokens 1,4,16 \
+  --shapes 4096x4096,2048x8192,8192x2048 --dtypes bf16 --modes fwd --no-semi --budget-s 40
 tar czf "$OUT/round.tgz" -C "$OUT" 12 steps.log gpu.txt && rm -rf "$OUT/12"
 exit 0
