@@ -8,7 +8,9 @@ Backends (the math never changes with the backend; only rounding order and speed
   ``cublas``     the same custom ops with every role on cuBLAS strided-batched calls (Monarch's permuted roles as
                  b calls, one per output chunk); no Triton launch at all, no transposed copy either.
                  Low-rank has no kernel of its own under either: its two products are full dense GEMMs that cuBLAS
-                 runs at the roofline, so "triton"/"cublas" give the reference's two cuBLAS calls (``lowrank_fast``)
+                 runs at the roofline, so "triton"/"cublas" give the reference's two cuBLAS calls (``lowrank_fast``).
+                 N:M above DECODE_MAX_TOKENS in inference: ``ops.nm`` (each weight tile expanded by one Triton
+                 kernel, then a GEMM; chosen by ``auto`` and "triton")
   ``decode``     few-token inference (<= 64 tokens, nothing needs a gradient): the Triton kernels of ``decode.py``,
                  which spread the weight over all SMs and read each weight byte once (low-rank and N:M too)
   ``dense``      only when forced: the weight pre-merged into one dense matrix (``to_dense``), cached and
