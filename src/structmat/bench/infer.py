@@ -718,7 +718,8 @@ def format_table(result: dict) -> str:
         gib = lambda k: f"{row[k] / 2**30:.3f}" if k in row else "-"  # noqa: E731
         over = f"{r['after_forward_over_params']:.3f}" if "after_forward_over_params" in r else "-"
         lines.append(f"| {name} | {gib('param_bytes')} | {over} | {gib('peak_bytes')} | {f('prefill')} | "
-                     f"{f('prefill_compiled')} | {f('eager_b1')} | {f('compiled_b1')} | {f('graph_compiled_b1')} | {f('graph_b1')} | {f('graph_b8')} | {f('graph_b32')} |")
+                     f"{f('prefill_compiled')} | {f('eager_b1')} | {f('compiled_b1')} | {f('graph_compiled_b1')} | "
+                     f"{f('graph_b1')} | {f('graph_b8')} | {f('graph_b32')} |")
     return "\n".join(lines)
 
 
