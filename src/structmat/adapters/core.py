@@ -402,10 +402,11 @@ def merge(model: nn.Module, stats: Mapping[str, InputStats] | None = None) -> Me
         layer_stats = None if stats is None else stats.get(name)
         bias = None if base.bias is None else base.bias.detach()
         weight = _weight_of(base)
-        summed = _lowrank_sum(adapted) if _sums_exactly(adapted) else None
+        exact = _sums_exactly(adapted)
+        summed = _lowrank_sum(adapted) if exact else None
         if summed is not None:
             method, merged = "exact", summed
-        elif isinstance(base, StructuredLinear) and not _sums_exactly(adapted):
+        elif isinstance(base, StructuredLinear) and not exact:
             method = _merge_method(base.name, layer_stats)
             if method == "data-free":
                 merged = from_dense(target, base.config, None if bias is None else bias.to(torch.float64))

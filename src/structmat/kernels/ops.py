@@ -397,15 +397,10 @@ def nm(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int) -> Tensor:
     """The N:M product at many tokens in inference (no gradient): the weight rebuilt a tile of rows at a time, as the
     reference does (``structures.sparse._row_blocks``: never the whole dense weight), each tile by one expansion
     kernel, then one GEMM per tile."""
-    from ..structures.sparse import _row_blocks
+    from ..structures.sparse import nm_multiply
 
-    out_features, kept = values.shape
-    in_padded = kept // n * m
-    xp = x if x.shape[1] == in_padded else torch.nn.functional.pad(x, (0, in_padded - x.shape[1]))
     expand = nm_expand_op if torch.compiler.is_compiling() else _triton_nm_expand.nm_expand
-    parts = [torch.nn.functional.linear(xp, expand(values[lo:hi], positions[lo:hi], n, m))
-             for lo, hi in _row_blocks(out_features, in_padded, x.shape[0])]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return nm_multiply(x, values, positions, n, m, expand=expand)
 
 
 def calibrate(tokens: int = 8192, features: int = 4096, nblocks: int = 4, dtype=torch.bfloat16) -> dict:

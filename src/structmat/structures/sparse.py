@@ -95,19 +95,25 @@ def unpack_positions(packed: Tensor, count: int, bits: int) -> Tensor:
     return pos.reshape(packed.shape[0], -1)[:, :count].to(torch.uint8)
 
 
-def nm_multiply(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int) -> Tensor:
+def nm_multiply(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, expand=None) -> Tensor:
     """Reference N:M product: x (N, in) -> (N, out) for row r keeping values[r, g*n + i] at column
     g*m + p[r, g*n + i] of the input padded to a multiple of m, p the positions unpacked from ``positions``
-    (:func:`pack_positions` with :func:`position_bits` of m)."""
+    (:func:`pack_positions` with :func:`position_bits` of m). The weight is rebuilt a tile of rows at a time;
+    ``expand(values_rows, positions_rows, n, m)``, if given, builds a tile (a kernel's: ``structmat.kernels.ops.nm``)."""
     out_features, kept = values.shape
     in_padded = kept // n * m
     bits = position_bits(m)
-    xp = F.pad(x, (0, in_padded - x.shape[1]))
-    group_start = (torch.arange(kept, device=values.device) // n * m).unsqueeze(0)
+    xp = x if x.shape[1] == in_padded else F.pad(x, (0, in_padded - x.shape[1]))
+    group_start = None
     parts = []
-    for lo, hi in _row_blocks(out_features, in_padded, x.shape[0]):  # (column indices per tile: int64 is 8 B each)
-        cols = unpack_positions(positions[lo:hi], kept, bits).long() + group_start
-        tile = values.new_zeros(hi - lo, in_padded).scatter(1, cols, values[lo:hi])
+    for lo, hi in _row_blocks(out_features, in_padded, x.shape[0]):
+        if expand is not None:
+            tile = expand(values[lo:hi], positions[lo:hi], n, m)
+        else:  # (column indices per tile: int64 is 8 B each)
+            if group_start is None:
+                group_start = (torch.arange(kept, device=values.device) // n * m).unsqueeze(0)
+            cols = unpack_positions(positions[lo:hi], kept, bits).long() + group_start
+            tile = values.new_zeros(hi - lo, in_padded).scatter(1, cols, values[lo:hi])
         parts.append(F.linear(xp, tile.to(x.dtype)))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
