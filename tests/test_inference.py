@@ -125,6 +125,10 @@ def test_sparse_references_rebuild_a_few_rows_at_a_time(monkeypatch):
         g = torch.randn_like(ref)  # every value's gradient from its own tile only
         (got,) = torch.autograd.grad((layer(x) * g).sum(), [layer.values])
         assert torch.allclose(got, torch.autograd.grad((ref * g).sum(), [layer.values])[0], rtol=1e-12, atol=1e-12)
+        tiled = layer(x).detach()  # (autograd: the tiles' products concatenated)
+        with torch.no_grad():  # inference: each tile's product written into its output columns, no cat
+            monkeypatch.setattr(torch, "cat", lambda *a, **k: pytest.fail("inference concatenated the tiles"))
+            assert torch.equal(layer(x), tiled)
         monkeypatch.undo()
     assert NMSparse(32, 16, n=2, m=4).index.shape == (16, 4)  # 2:4: 16 positions of 2 bits per row, 4 bytes
 
@@ -1409,3 +1413,80 @@ def test_bench_infer_compiled_forward_blocks_restores_the_model():
     with pytest.raises(ValueError, match="scope='model'"):
         with infer.compiled_forward(torch.nn.Linear(2, 2), "blocks"):
             pass
+
+
+def test_launch_cache_keeps_one_launch_per_call_signature():
+    """``_launch.LaunchCache``: one Launch per grid, constexprs, non-tensor arguments and tensor dtypes/devices (a
+    Launch's direct path checks only integers and alignment, so a dtype must never share one), every call forwarded
+    to the kernel as given (on CPU tensors a Launch always goes through ``kernel[grid]``), the oldest dropped past
+    the limit."""
+    from structmat.kernels._launch import LaunchCache
+
+    seen = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: seen.append((grid, args, kw))
+
+    cache = LaunchCache(Kernel(), limit=3)
+    a32, b32, a16 = torch.zeros(2), torch.zeros(3), torch.zeros(2, dtype=torch.float16)
+    cache((4, 1), a32, 7, BLOCK=16)
+    cache((4, 1), b32, 7, BLOCK=16)  # (another tensor, same dtype: the same launch)
+    assert len(cache.launches) == 1
+    cache((4, 1), a16, 7, BLOCK=16)  # another dtype
+    cache((4, 1), a32, 8, BLOCK=16)  # another integer
+    assert len(cache.launches) == 3
+    cache((4, 1), a32, 7, BLOCK=32)  # another constexpr: past the limit, the first one dropped
+    assert len(cache.launches) == 3
+    assert [(g, tuple(x if not isinstance(x, torch.Tensor) else x.dtype for x in args), kw) for g, args, kw in seen] \
+        == [((4, 1, 1), (torch.float32, 7), {"BLOCK": 16}), ((4, 1, 1), (torch.float32, 7), {"BLOCK": 16}),
+            ((4, 1, 1), (torch.float16, 7), {"BLOCK": 16}), ((4, 1, 1), (torch.float32, 8), {"BLOCK": 16}),
+            ((4, 1, 1), (torch.float32, 7), {"BLOCK": 32})]
+    assert seen[1][1][0] is b32
+    assert ((4, 1), ("BLOCK", 16), torch.float32, torch.device("cpu"), 7) not in cache.launches
+
+
+@pytest.mark.gpu
+def test_many_token_launches_skip_triton_binding_gpu(monkeypatch):
+    """Prefill's Triton launches (the grouped GEMM of block-diagonal and Monarch, the N:M tile expansion) go to the
+    compiled launcher directly after their first calls (``_launch.LaunchCache``): no ``JITFunction.run``, the same
+    output bit for bit, also from a CUDA graph."""
+    import triton.runtime.jit as jit
+
+    from structmat.kernels import _triton_nm_expand, ops
+
+    torch.manual_seed(0)
+    dev, dt = "cuda", torch.bfloat16
+    x = torch.randn(512, 1024, device=dev, dtype=dt)
+    W = torch.randn(4, 256, 256, device=dev, dtype=dt) * 0.05
+    R, L = torch.randn(4, 128, 256, device=dev, dtype=dt) * 0.05, torch.randn(4, 256, 128, device=dev, dtype=dt) * 0.05
+    layer = NMSparse(1024, 512, n=2, m=4, device=dev, dtype=dt)
+    cases = {"blockdiag": lambda: ops._bd_forward(x, W, "triton"),
+             "monarch": lambda: ops._two_launch_forward(x, R, L, "triton")[0],
+             "nm_expand": lambda: _triton_nm_expand.nm_expand(layer.values.detach(), layer.index, 2, 4)}
+    calls = [0]
+    original = jit.JITFunction.run
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setitem(ops.IMPL, "bd_fwd", "triton")  # (cuBLAS by default)
+    jit.JITFunction.run = counted
+    try:
+        for name, fn in cases.items():
+            calls[0] = 0
+            first = fn().clone()
+            for _ in range(3):  # (autotune or compile, the first Launch call, the recording one)
+                assert torch.equal(fn(), first), name
+            assert calls[0] > 0, (name, "never launched a Triton kernel")
+            calls[0] = 0
+            assert all(torch.equal(fn(), first) for _ in range(20)), name
+            assert calls[0] == 0, (name, "went through Triton")
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static = fn()
+            graph.replay()
+            assert torch.equal(static, first), (name, "graph")
+    finally:
+        jit.JITFunction.run = original

@@ -115,3 +115,25 @@ class Launch:
         self.tensors_of = _picker([i for i, x in enumerate(args) if isinstance(x, Tensor)])
         self.values = self.values_of(args)
         self.tail, self.device, self.run = tuple(rest[len(args):]), device, launcher
+
+
+class LaunchCache:
+    """``LaunchCache(kernel)(grid, *args, **constexprs)`` runs ``kernel[grid](*args, **constexprs)`` through one
+    :class:`Launch` per grid, constexprs and non-tensor arguments (tensors: their dtype and device), made when first
+    met: the direct path for kernels whose launches vary from call to call (the many-token GEMM of prefill, the N:M
+    tile expansion), where no per-shape plan keeps a Launch. Host cost per call: one key, one dict lookup. At most
+    ``limit`` launches are kept (then the oldest is dropped; a dropped one is remade, through Triton, when met again)."""
+
+    __slots__ = ("kernel", "limit", "launches")
+
+    def __init__(self, kernel, limit: int = 512):
+        self.kernel, self.limit, self.launches = kernel, limit, {}
+
+    def __call__(self, grid: tuple, *args, **kw) -> None:
+        key = (grid, *kw.items(), *((a.dtype, a.device) if isinstance(a, Tensor) else a for a in args))
+        launch = self.launches.get(key)
+        if launch is None:
+            if len(self.launches) >= self.limit:
+                del self.launches[next(iter(self.launches))]
+            launch = self.launches[key] = Launch(self.kernel, grid, **kw)
+        launch(*args)

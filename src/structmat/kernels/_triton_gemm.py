@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._launch import LaunchCache
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 #: The kernels here and in _triton_monarch index rows and columns in 32-bit arithmetic: an operand must reach fewer
 #: elements than this from its start (callers check; ops sends larger ones to cuBLAS)
@@ -144,7 +146,7 @@ def grouped_gemm(a: Tensor, a_strides, b: Tensor, b_strides, c: Tensor, c_stride
         cfg = ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8} if M > 64
                else {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8})
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), groups)
-        _grouped_gemm[grid](*args, PRECISION=prec, num_warps=8 if M > 64 else 4, num_stages=3, **cfg)
+        _LAUNCHES(grid, *args, PRECISION=prec, num_warps=8 if M > 64 else 4, num_stages=3, **cfg)
     else:
         key = (_bucket(M), N, K, a_strides[1], b_strides[1], c_strides[2], a.dtype, b.dtype, c.dtype, prec,
                a.device.index)
@@ -153,11 +155,13 @@ def grouped_gemm(a: Tensor, a_strides, b: Tensor, b_strides, c: Tensor, c_stride
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), groups)  # noqa
             _grouped_gemm_tuned[grid](*args, PRECISION=prec)
             _BEST[key] = _grouped_gemm_tuned.best_config.all_kwargs()
-        else:  # later calls skip the autotuner's per-call Python (host time is what few-token calls pay)
+        else:  # later calls skip the autotuner's and Triton's per-call Python (eager prefill is near host-bound)
             grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), groups)
-            _grouped_gemm[grid](*args, PRECISION=prec, **cfg)
+            _LAUNCHES(grid, *args, PRECISION=prec, **cfg)
     return c
 
 
 _BEST: dict[tuple, dict] = {}
+#: The GPU's launches of the tuned or fixed config, each past its first calls straight to Triton's compiled launcher
+_LAUNCHES = LaunchCache(_grouped_gemm)
 

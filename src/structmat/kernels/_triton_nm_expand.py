@@ -16,6 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..structures.sparse import position_bits
+from ._launch import LaunchCache
 
 #: Rows x columns of dense tile per program (a 2:4 bf16 tile of 32 x 128: 8 KB written, 2.3 KB read)
 BLOCK_R, BLOCK_C = 32, 128
@@ -40,6 +41,9 @@ def _nm_expand(V, P, OUT, ROWS, GROUPS, s_v, s_p, s_o, N: tl.constexpr, M: tl.co
     tl.store(OUT + row * s_o + c[None, :], out.to(OUT.dtype.element_ty), mask=ok)
 
 
+_LAUNCHES = LaunchCache(_nm_expand)  # (a prefill's tiles repeat per layer shape: past Triton's binding after two)
+
+
 def nm_expand(values: Tensor, positions: Tensor, n: int, m: int, dtype: torch.dtype | None = None) -> Tensor:
     """Dense (rows, kept // n * m) rows of an N:M weight from its values (rows, kept) and packed positions (rows,
     packed width; ``structures.sparse.pack_positions``), in ``dtype`` (default the values')."""
@@ -52,6 +56,6 @@ def nm_expand(values: Tensor, positions: Tensor, n: int, m: int, dtype: torch.dt
     out = torch.empty(rows, groups * m, dtype=dtype or values.dtype, device=values.device)
     if out.numel():
         grid = (triton.cdiv(rows, BLOCK_R), triton.cdiv(groups * m, BLOCK_C))
-        _nm_expand[grid](values, positions, out, rows, groups, values.stride(0), positions.stride(0), out.stride(0),
-                         N=n, M=m, BITS=position_bits(m), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=4)
+        _LAUNCHES(grid, values, positions, out, rows, groups, values.stride(0), positions.stride(0), out.stride(0),
+                  N=n, M=m, BITS=position_bits(m), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=4)
     return out

@@ -105,17 +105,33 @@ def nm_multiply(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, ex
     bits = position_bits(m)
     xp = x if x.shape[1] == in_padded else F.pad(x, (0, in_padded - x.shape[1]))
     group_start = None
-    parts = []
-    for lo, hi in _row_blocks(out_features, in_padded, x.shape[0]):
+
+    def tile(lo: int, hi: int) -> Tensor:
+        nonlocal group_start
         if expand is not None:
-            tile = expand(values[lo:hi], positions[lo:hi], n, m)
-        else:  # (column indices per tile: int64 is 8 B each)
-            if group_start is None:
-                group_start = (torch.arange(kept, device=values.device) // n * m).unsqueeze(0)
-            cols = unpack_positions(positions[lo:hi], kept, bits).long() + group_start
-            tile = values.new_zeros(hi - lo, in_padded).scatter(1, cols, values[lo:hi])
-        parts.append(F.linear(xp, tile.to(x.dtype)))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            return expand(values[lo:hi], positions[lo:hi], n, m)
+        if group_start is None:  # (column indices per tile: int64 is 8 B each)
+            group_start = (torch.arange(kept, device=values.device) // n * m).unsqueeze(0)
+        cols = unpack_positions(positions[lo:hi], kept, bits).long() + group_start
+        return values.new_zeros(hi - lo, in_padded).scatter(1, cols, values[lo:hi])
+
+    return _tiled_product(xp, values, out_features, _row_blocks(out_features, in_padded, x.shape[0]), tile)
+
+
+def _tiled_product(x: Tensor, values: Tensor, out_features: int, blocks: list, tile) -> Tensor:
+    """``x @ W^T`` for W rebuilt a block of rows at a time, ``tile(lo, hi)`` the rows [lo, hi). Without autograd
+    (inference) each block's GEMM writes straight into its columns of the output (a strided ``out=``: no ``cat``,
+    which copies the whole output once more: 2:4 prefill, session 21); with it, or while tracing, the blocks are
+    concatenated."""
+    if len(blocks) == 1:
+        return F.linear(x, tile(*blocks[0]).to(x.dtype))
+    if (torch.is_grad_enabled() and (x.requires_grad or values.requires_grad)) or torch.compiler.is_compiling() \
+            or torch.is_autocast_enabled(x.device.type):  # (autocast does not apply to out= calls)
+        return torch.cat([F.linear(x, tile(lo, hi).to(x.dtype)) for lo, hi in blocks], dim=1)
+    y = x.new_empty(x.shape[0], out_features)
+    for lo, hi in blocks:
+        torch.mm(x, tile(lo, hi).to(x.dtype).t(), out=y[:, lo:hi])
+    return y
 
 
 def sparse_multiply(x: Tensor, values: Tensor, index: Tensor, out_features: int) -> Tensor:
@@ -124,14 +140,14 @@ def sparse_multiply(x: Tensor, values: Tensor, index: Tensor, out_features: int)
     support, so a forward never waits on the GPU (a boolean mask did, once per block), can be captured in a CUDA
     graph or traced whole, and runs on the meta device."""
     in_features = x.shape[1]
-    parts = []
-    for lo, hi in _row_blocks(out_features, in_features, x.shape[0]):
+
+    def tile(lo: int, hi: int) -> Tensor:
         size = (hi - lo) * in_features
         local = index - lo * in_features
         slot = torch.where((local >= 0) & (local < size), local, size)
-        tile = values.new_zeros(size + 1).scatter_add(0, slot, values)[:size]
-        parts.append(F.linear(x, tile.view(hi - lo, in_features).to(x.dtype)))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return values.new_zeros(size + 1).scatter_add(0, slot, values)[:size].view(hi - lo, in_features)
+
+    return _tiled_product(x, values, out_features, _row_blocks(out_features, in_features, x.shape[0]), tile)
 
 
 def nnz_for(density: float, in_features: int, out_features: int) -> int:
