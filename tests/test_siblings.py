@@ -131,6 +131,41 @@ def _interpret_report() -> dict:
         report[f"{name}-compiled"] = dict(max_err=max(errs), calls=per_call,
                                           graphs=int(counters["stats"]["unique_graphs"]),
                                           traced_cleared=groups[0]._traced_x is None and groups[0]._traced_y is None)
+    # Monarch at many tokens (a prefill): the group's two grouped launches for every member (ops.monarch_siblings)
+    # on each engine, eager and compiled (one custom op in the graph)
+    import structmat.kernels as K
+
+    group_runs = [0]
+    siblings_body = ops.monarch_siblings
+
+    def counted_siblings(*args, **kwargs):
+        group_runs[0] += 1
+        return siblings_body(*args, **kwargs)
+
+    ops.monarch_siblings = counted_siblings
+    model = Attention(SPECS["monarch"]).eval()
+    ref64 = Attention(SPECS["monarch"], torch.float64).eval()
+    ref64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    groups = structmat.fuse_siblings(model)
+    x = torch.randn(2, 48, IN)  # (96 tokens: above the decode kernels' range)
+    ref = ref64(x.double())
+    for engine in ("triton", "cublas"):
+        with K.use_backend(engine), torch.inference_mode():
+            group_runs[0] = 0
+            y = model(x)
+            entry = dict(err=rel_rms(y, ref), runs=group_runs[0], held=groups[0]._x is not None)
+        torch._dynamo.reset()
+        codes = []
+
+        def keep(gm, example_inputs):
+            codes.append(gm.code)
+            return gm.forward
+
+        with K.use_backend(engine), torch.no_grad():
+            entry["compiled_err"] = rel_rms(torch.compile(model, backend=keep, fullgraph=True)(x), ref)
+        entry["compiled_ops"] = codes[0].count("structmat.monarch_siblings_mm")
+        report[f"monarch-many-{engine}"] = entry
+    ops.monarch_siblings = siblings_body
     # gated MLPs: two products where the decode kernels run (no SiLU call), eager and compiled
     silu_calls = [0]
     silu = torch.nn.functional.silu
@@ -235,6 +270,46 @@ def test_compiled_fused_siblings_one_product_no_recompile_interpreter(interpret_
     assert entry["calls"][0] == [name], entry  # one token: one group product for q, k and v
     assert all(c in ([], [name]) for c in entry["calls"]), entry
     assert entry["traced_cleared"], entry
+
+
+@pytest.mark.parametrize("engine", ["triton", "cublas"])
+def test_monarch_siblings_at_many_tokens_one_grouped_product_interpreter(interpret_report, engine):
+    """A prefill through fused Monarch q/k/v: one group product (two grouped launches) for the three members, eager
+    and compiled, each member's slice equal to its float64 reference; nothing held afterwards."""
+    entry = interpret_report[f"monarch-many-{engine}"]
+    assert entry["runs"] == 1 and entry["err"] <= TOL and not entry["held"], entry
+    assert entry["compiled_ops"] == 1 and entry["compiled_err"] <= TOL, entry
+
+
+def test_monarch_siblings_at_many_tokens_in_process(monkeypatch):
+    """The same on the cuBLAS engine in this process (strided-batched ``torch.bmm``, which runs on CPU tensors), and
+    training through the members takes their own paths (the grouped product has no backward)."""
+    from structmat.kernels import dispatch, ops
+
+    monkeypatch.setattr(dispatch, "INTERPRET", True)  # (CPU tensors may take the kernel engines)
+    runs = [0]
+    body = ops.monarch_siblings
+
+    def counted(*args, **kwargs):
+        runs[0] += 1
+        return body(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "monarch_siblings", counted)
+    torch.manual_seed(0)
+    model = Attention(SPECS["monarch"]).eval()
+    ref64 = Attention(SPECS["monarch"], torch.float64).eval()
+    ref64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    groups = structmat.fuse_siblings(model)
+    x = torch.randn(2, 48, IN)
+    with structmat.kernels.use_backend("cublas"):
+        with torch.inference_mode():
+            y = model(x)
+            assert runs[0] == 1 and groups[0]._x is None
+            assert rel_rms(y, ref64(x.double())) <= TOL
+            assert torch.equal(model(x), y) and runs[0] == 2  # (the kept plan)
+        xs = x.clone().requires_grad_()
+        model(xs).sum().backward()
+    assert runs[0] == 2 and model.q_proj.R.grad is not None and xs.grad is not None
 
 
 @pytest.mark.parametrize("spec", ["monarch:nblocks=4,ratio=0.5", "lowrank:ratio=0.5"])
@@ -451,15 +526,15 @@ class Block(nn.Module):
 @pytest.mark.parametrize("spec", ["lowrank:ratio=0.5", "monarch:nblocks=4,ratio=0.5", "blockdiag:nblocks=4",
                                   "nm:n=2,m=4", "dense"])
 def test_fused_siblings_match_reference_gpu(spec):
-    """bf16 at the bench shape, 1-64 tokens (the group product: every member's slice) and 300 (each member's own
-    path on its strided view of the stacks), eager and replayed from a CUDA graph, against float64 (bf16 tolerance,
-    as the decode kernels' GPU test)."""
+    """bf16 at the bench shape, 1-64 tokens (the group product: every member's slice) and 300 (Monarch: the group's
+    grouped launches, ops.monarch_siblings; the others: each member's own path on its strided view of the stacks),
+    eager and replayed from a CUDA graph, against float64 (bf16 tolerance, as the decode kernels' GPU test)."""
     torch.manual_seed(0)
     model = Block(spec).eval()
     dense = [m.to_dense().double() for m in (model.q_proj, model.k_proj, model.v_proj, model.gate_proj, model.up_proj)]
     groups = structmat.fuse_siblings(model)
     assert sorted(len(g.members) for g in groups) == [2, 3]
-    for n in (1, 4, 16, 64, 300):  # (300: each member's own many-token path, on factors that are views of stacks)
+    for n in (1, 4, 16, 64, 300):  # (300: many tokens)
         x = torch.randn(1, n, 2048, device="cuda", dtype=torch.bfloat16)
         refs = [x.double() @ w.T for w in dense]
         with torch.no_grad():

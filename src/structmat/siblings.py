@@ -14,7 +14,10 @@ launch for all members: ``structmat.kernels.decode`` with stacked operands) and 
     member has taken its slice;
   * under ``torch.compile`` the same bookkeeping is traced (dynamo compares traced tensors by identity): the graph
     holds one call of the group's custom op per group.
-Anywhere else (many tokens, gradients, CPU without Triton, autocast) each member runs its own path, unchanged.
+Monarch siblings at many tokens in inference (a prefill) run as one product too, where each member's own dispatch
+takes the grouped GEMMs: two grouped launches for all members (``kernels.ops.monarch_siblings``: wider products
+than the thin attention projections make alone). Anywhere else (other structures at many tokens, gradients, CPU
+without Triton, autocast) each member runs its own path, unchanged.
 A member called with another input than its siblings gets a correct result at the cost of the whole group's product.
 
 Gated MLPs (``gate_proj``/``up_proj``/``down_proj`` with a SiLU ``act_fn``, as Llama, Mistral, Qwen, SmolLM): where
@@ -208,6 +211,46 @@ class SiblingGroup:
             self._plans[key] = run
         return run
 
+    def _many_engine(self, member: StructuredLinear, flat: Tensor) -> str | None:
+        """Many tokens in inference: the engine ("triton" or "cublas") of the group's Monarch products
+        (``ops.monarch_siblings``) where the member's own dispatch takes that engine for this input; None elsewhere
+        (another structure, the reference, the opt-in one-launch kernel, no Triton: each member's own path)."""
+        if self.op != "monarch" or dispatch.ops is None:
+            return None
+        factors = self._factors(member)
+        engine = dispatch._OPS["monarch"][0](flat, *factors)
+        if engine not in ("triton", "cublas") or dispatch.ops.fused_applies(flat.shape[0], flat, *factors, engine):
+            return None
+        return engine
+
+    def _many_call(self, engine: str, traced: bool = False) -> Callable[[Tensor], Tensor]:
+        """The group's many-token Monarch product on a 2-D input (the custom op while tracing)."""
+        ops = dispatch.ops
+        R, L = self.stacks
+        g = len(self.members)
+        if traced:
+            return lambda flat: ops.monarch_siblings_mm(flat, R, L, g, engine)
+        return lambda flat: ops.monarch_siblings(flat, R, L, g, engine)
+
+    def _many_plan(self, member: StructuredLinear, x: Tensor, key: tuple) -> Callable[[Tensor], Tensor] | None:
+        """Eager, many tokens (a prefill): the group's Monarch products in two grouped launches for every member
+        where they apply (:meth:`_many_engine`), made once per key; None: the members' own paths."""
+        run = None
+        if not (x.is_cuda and torch.is_autocast_enabled("cuda")):
+            d, width = member.in_features, len(self.members) * self.out
+            engine = self._many_engine(member, x.reshape(-1, d))
+            if engine is not None:
+                call = self._many_call(engine)
+
+                def run(x: Tensor) -> Tensor:
+                    dispatch._record("monarch", engine)
+                    y = call(x.reshape(-1, d))
+                    return y if x.dim() == 2 else y.view(*x.shape[:-1], width)
+
+        if len(self._plans) < 64:
+            self._plans[key] = run
+        return run
+
     def output(self, member: StructuredLinear, index: int, x: Tensor) -> Tensor | None:
         """Member ``index``'s output for ``x`` (its weight only, in x's shape with out features), or None: the
         member runs its own path."""
@@ -218,7 +261,8 @@ class SiblingGroup:
         if torch.compiler.is_compiling():
             return self._traced(member, x, lo)
         # eager: every check below is host time paid per member and token, so the cheap ones come first
-        if _many_tokens(x):  # (a prefill: each member runs its own path; nothing to look up)
+        many = _many_tokens(x)
+        if many and self.op != "monarch":  # (a prefill: each member runs its own path; nothing to look up)
             return None
         version = -2 if x.is_inference() else x._version  # (inference tensors keep no version counter)
         held = self._held
@@ -226,7 +270,7 @@ class SiblingGroup:
             y, pending = held[2], held[3] - 1
         else:
             key = plan_key(x, dispatch._GRAPHED[0])
-            run = self._plans[key] if key in self._plans else self._plan(member, x, key)
+            run = self._plans[key] if key in self._plans else (self._many_plan if many else self._plan)(member, x, key)
             if run is None:
                 return None
             y, pending = run(x.contiguous()), len(self.members) - 1
@@ -238,15 +282,22 @@ class SiblingGroup:
         """Under torch.compile: the same bookkeeping on trace-time attributes (dynamo tracks the mutation and
         compares traced tensors by identity), so the graph holds one call per group; it ends with them cleared."""
         flat = x if x.dim() == 2 else x.reshape(-1, member.in_features)
-        if flat.shape[0] > dispatch.DECODE_MAX_TOKENS or (flat.is_cuda and torch.is_autocast_enabled("cuda")):
+        if flat.is_cuda and torch.is_autocast_enabled("cuda"):
             return None
-        if not self._takes_decode(member, flat):
+        if flat.shape[0] > dispatch.DECODE_MAX_TOKENS:
+            engine = self._many_engine(member, flat)
+            if engine is None:
+                return None
+            call = self._many_call(engine, traced=True)
+        elif self._takes_decode(member, flat):
+            call = self._call()
+        else:
             return None
         if self._traced_x is x and self._traced_pending > 0:
             y = self._traced_y
             self._traced_pending -= 1
         else:
-            y = self._call()(flat)
+            y = call(flat)
             self._traced_x, self._traced_y, self._traced_pending = x, y, len(self.members) - 1
         if self._traced_pending == 0:
             self._traced_x = self._traced_y = None
@@ -327,8 +378,8 @@ class SiblingGroup:
 
 
 def _many_tokens(x: Tensor) -> bool:
-    """More rows than the decode kernels take: a group never runs its product there (its members and a gated MLP
-    run their own paths), so an eager call asks nothing else (no plan key, no lookup)."""
+    """More rows than the decode kernels take: a group other than Monarch's never runs its product there (its
+    members and a gated MLP run their own paths), so an eager call asks nothing else (no plan key, no lookup)."""
     return x.numel() > dispatch.DECODE_MAX_TOKENS * x.shape[-1]
 
 

@@ -8,6 +8,8 @@ so ``torch.compile(fullgraph=True)`` traces through them as opaque nodes. Shapes
       [y == structures.monarch.monarch_multiply; h is the permuted intermediate kept for the backward pass]
   ``structmat::monarch_fused_mm(x, R, L)``: y alone, in one persistent launch (inference, many tokens, opt-in:
       ``MONARCH_FUSED``; ``_triton_monarch``)
+  ``structmat::monarch_siblings_mm(x, R, L, members)``: the y of ``members`` fused Monarch siblings (their stacked
+      factors, ``structmat.siblings``) in two grouped launches (inference, many tokens)
   ``structmat::nm_expand(values, positions, n, m)``: rows of an N:M weight expanded to dense (``_triton_nm_expand``);
       :func:`nm` is the many-token inference product on such tiles (never the whole dense weight)
 
@@ -201,6 +203,41 @@ def _two_launch_forward(x: Tensor, R: Tensor, L: Tensor, engine: str = "triton",
     _gemm("mon_s2", engine, h, (bc, h.stride(0), 1), L, (L.stride(0), L.stride(2), L.stride(1)),
           y, (u, y.stride(0), 1), b, n, u, bc)
     return y, h
+
+
+def monarch_siblings(x: Tensor, R: Tensor, L: Tensor, members: int, engine: str = "triton") -> Tensor:
+    """The Monarch products of ``members`` fused siblings for one input (inference, many tokens): R and L their
+    stacks (``structmat.siblings``: R (b, members*b*c, p), each block's rows member after member; L (members*b, u,
+    b*c), block after block), y (N, members*b*u), member j's output in columns [j*b*u, (j+1)*b*u). Two grouped
+    GEMMs for all members where each member alone takes two: stage 1 N = members*b*c columns per block (member j's
+    chunks land in its own intermediate, h[:, j*b*b*c:]), stage 2 members*b groups. Thin attention projections
+    (2048^2 at nb=4, K = 512) get wider products and more programs, and the model issues a third of the launches."""
+    b, gbc, p = R.shape
+    if gbc % members or L.shape[0] != members * b:
+        raise ValueError(f"monarch_siblings: R {tuple(R.shape)} and L {tuple(L.shape)} are not the stacks of "
+                         f"{members} Monarch siblings of {b} blocks")
+    bc = gbc // members
+    c, u, n = bc // b, L.shape[1], x.shape[0]
+    h = _empty((n, members * b * bc), x)
+    y = _empty((n, members * b * u), x)
+    # stage 1, group k: column (j*b+s, q) of R[k]'s rows -> h[:, (j*b+s)*b*c + k*c + q] (member j's (s, k, q) order)
+    _gemm("mon_s1", engine, x, (p * x.stride(1), x.stride(0), x.stride(1)), R, (R.stride(0), R.stride(2), R.stride(1)),
+          h, (c, h.stride(0), 1), b, n, gbc, p, chunk=c, chunk_stride=bc)
+    # stage 2, group j*b+s: A = h[:, (j*b+s)*b*c:] (contiguous b*c), B = L[j*b+s]^T, C = y[:, (j*b+s)*u:]
+    _gemm("mon_s2", engine, h, (bc, h.stride(0), 1), L, (L.stride(0), L.stride(2), L.stride(1)),
+          y, (u, y.stride(0), 1), members * b, n, u, bc)
+    return y
+
+
+@torch.library.custom_op("structmat::monarch_siblings_mm", mutates_args=())
+def monarch_siblings_mm(x: Tensor, R: Tensor, L: Tensor, members: int, engine: str = "triton") -> Tensor:
+    """Inference only (no autograd registered): :func:`monarch_siblings` under torch.compile."""
+    return monarch_siblings(x, R, L, members, engine)
+
+
+@monarch_siblings_mm.register_fake
+def _(x, R, L, members, engine="triton"):
+    return x.new_empty((x.shape[0], L.shape[0] * L.shape[1]))
 
 
 #: Above the few-token range under the "triton" engine: Monarch's forward as ONE persistent kernel
