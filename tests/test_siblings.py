@@ -281,23 +281,27 @@ def test_monarch_siblings_at_many_tokens_one_grouped_product_interpreter(interpr
     assert entry["compiled_ops"] == 1 and entry["compiled_err"] <= TOL, entry
 
 
-def test_monarch_siblings_at_many_tokens_in_process(monkeypatch):
-    """The same on the cuBLAS engine in this process (strided-batched ``torch.bmm``, which runs on CPU tensors), and
-    training through the members takes their own paths (the grouped product has no backward)."""
+@pytest.mark.parametrize("name", ["monarch", "lowrank"])
+def test_siblings_at_many_tokens_in_process(monkeypatch, name):
+    """Monarch's grouped product on the cuBLAS engine in this process (strided-batched ``torch.bmm``, which runs on
+    CPU tensors) and low-rank's (one GEMM, one strided-batched GEMM): one group product per forward, each member's
+    slice equal to its float64 reference; training through the members takes their own paths (no backward)."""
+    from structmat import siblings
     from structmat.kernels import dispatch, ops
 
     monkeypatch.setattr(dispatch, "INTERPRET", True)  # (CPU tensors may take the kernel engines)
     runs = [0]
-    body = ops.monarch_siblings
+    owner, attr = (ops, "monarch_siblings") if name == "monarch" else (siblings, "_lowrank_siblings")
+    body = getattr(owner, attr)
 
     def counted(*args, **kwargs):
         runs[0] += 1
         return body(*args, **kwargs)
 
-    monkeypatch.setattr(ops, "monarch_siblings", counted)
+    monkeypatch.setattr(owner, attr, counted)
     torch.manual_seed(0)
-    model = Attention(SPECS["monarch"]).eval()
-    ref64 = Attention(SPECS["monarch"], torch.float64).eval()
+    model = Attention(SPECS[name]).eval()
+    ref64 = Attention(SPECS[name], torch.float64).eval()
     ref64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
     groups = structmat.fuse_siblings(model)
     x = torch.randn(2, 48, IN)
@@ -309,7 +313,8 @@ def test_monarch_siblings_at_many_tokens_in_process(monkeypatch):
             assert torch.equal(model(x), y) and runs[0] == 2  # (the kept plan)
         xs = x.clone().requires_grad_()
         model(xs).sum().backward()
-    assert runs[0] == 2 and model.q_proj.R.grad is not None and xs.grad is not None
+    assert runs[0] == 2 and xs.grad is not None
+    assert all(p.grad is not None for p in model.q_proj.parameters())
 
 
 @pytest.mark.parametrize("spec", ["monarch:nblocks=4,ratio=0.5", "lowrank:ratio=0.5"])
@@ -526,8 +531,8 @@ class Block(nn.Module):
 @pytest.mark.parametrize("spec", ["lowrank:ratio=0.5", "monarch:nblocks=4,ratio=0.5", "blockdiag:nblocks=4",
                                   "nm:n=2,m=4", "dense"])
 def test_fused_siblings_match_reference_gpu(spec):
-    """bf16 at the bench shape, 1-64 tokens (the group product: every member's slice) and 300 (Monarch: the group's
-    grouped launches, ops.monarch_siblings; the others: each member's own path on its strided view of the stacks),
+    """bf16 at the bench shape, 1-64 tokens (the group product: every member's slice) and 300 (Monarch and low-rank:
+    the group's two launches, siblings.MANY_TOKEN_OPS; the others: each member's own path on its strided view),
     eager and replayed from a CUDA graph, against float64 (bf16 tolerance, as the decode kernels' GPU test)."""
     torch.manual_seed(0)
     model = Block(spec).eval()

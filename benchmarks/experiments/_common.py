@@ -97,3 +97,19 @@ def restore_knobs(module, saved: dict) -> None:
             attr[:] = value
         else:
             setattr(module, name, value)
+
+
+def write_prefill_result(result: dict, out: str, prefix: str) -> None:
+    """An experiment's end: ``models_vs_dense`` from ``result["models"]`` (name -> tokens/s per interleaved round;
+    each model's best round against dense's best), the JSON written as ``<out>/<prefix>-<UTC>.json``, both printed."""
+    import json
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    best = {k: max(v) for k, v in result["models"].items()}
+    result["models_vs_dense"] = {k: v / best["dense"] for k, v in best.items()}
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = Path(out) / f"{prefix}-{stamp}.json"
+    path.write_text(json.dumps(result, indent=1, default=str))
+    print(json.dumps(result["models_vs_dense"], indent=1))
+    print("wrote", path)

@@ -7,7 +7,7 @@
 # kernels' rows at 1-16 tokens with the cold columns (each call's weight from HBM, as in a model).
 STEP_DIR=${OUT:?set OUT}/12
 source benchmarks/experiments/_round.sh
-step prefill 200 python3 -m structmat bench infer --structures monarch,monarch+fused,lowrank,blockdiag,nm24 \
+step prefill 200 python3 -m structmat bench infer --structures monarch,monarch+fused,lowrank,lowrank+fused,blockdiag,nm24 \
   --steps prefill_tps,prefill_compiled --prefill-compile-mode reduce-overhead --no-kernels --reps 5 \
   --budget-s 170 --out "$OUT/12"
 step kernels 90 python3 -m structmat bench kernels --out "$OUT/12" --graphs --tokens 1,4,16 \

@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 
-import _common  # noqa: F401  (puts src/ on the path)
+import _common  # (puts src/ on the path)
 import torch
 import torch.nn.functional as F
 
@@ -112,13 +110,7 @@ def main() -> None:
             print("round", rnd, {k: round(v[-1]) for k, v in result["models"].items()}, flush=True)
     finally:
         sparse.TILE_WEIGHT_FRACTION = saved
-    best = {k: max(v) for k, v in result["models"].items()}
-    result["models_vs_dense"] = {k: v / best["dense"] for k, v in best.items()}
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = Path(args.out) / f"nm-prefill-tiles-{stamp}.json"
-    path.write_text(json.dumps(result, indent=1, default=str))
-    print(json.dumps(result["models_vs_dense"], indent=1))
-    print("wrote", path)
+    _common.write_prefill_result(result, args.out, "nm-prefill-tiles")
 
 
 if __name__ == "__main__":

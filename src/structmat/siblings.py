@@ -14,9 +14,9 @@ launch for all members: ``structmat.kernels.decode`` with stacked operands) and 
     member has taken its slice;
   * under ``torch.compile`` the same bookkeeping is traced (dynamo compares traced tensors by identity): the graph
     holds one call of the group's custom op per group.
-Monarch siblings at many tokens in inference (a prefill) run as one product too, where each member's own dispatch
-takes the grouped GEMMs: two grouped launches for all members (``kernels.ops.monarch_siblings``: wider products
-than the thin attention projections make alone). Anywhere else (other structures at many tokens, gradients, CPU
+Monarch and low-rank siblings at many tokens in inference (a prefill) run as one product too, where each member's
+own dispatch takes the kernels' GEMMs: two launches for all members (``kernels.ops.monarch_siblings``,
+``_lowrank_siblings``: wider products than the thin attention projections make alone). Anywhere else (other structures at many tokens, gradients, CPU
 without Triton, autocast) each member runs its own path, unchanged.
 A member called with another input than its siblings gets a correct result at the cost of the whole group's product.
 
@@ -48,6 +48,9 @@ SIBLING_NAMES: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("
                                               ("query", "key", "value"), ("w1", "w3"))
 #: A gated MLP's (gate, up, down) children: down(act_fn(gate(x)) * up(x)) with act_fn SiLU
 GATED_MLP = ("gate_proj", "up_proj", "down_proj")
+#: Structures whose fused siblings also run one product at many tokens in inference (a prefill): two launches for
+#: all members, the first over every member's factors at once (``_lowrank_siblings``, ``ops.monarch_siblings``)
+MANY_TOKEN_OPS = ("monarch", "lowrank")
 
 
 # How each structure stacks: (dispatch op, factor names, dim of each factor along which members are stacked,
@@ -215,16 +218,21 @@ class SiblingGroup:
         """Many tokens in inference: the engine ("triton" or "cublas") of the group's Monarch products
         (``ops.monarch_siblings``) where the member's own dispatch takes that engine for this input; None elsewhere
         (another structure, the reference, the opt-in one-launch kernel, no Triton: each member's own path)."""
-        if self.op != "monarch" or dispatch.ops is None:
+        if self.op not in MANY_TOKEN_OPS or dispatch.ops is None:
             return None
         factors = self._factors(member)
-        engine = dispatch._OPS["monarch"][0](flat, *factors)
+        engine = dispatch._OPS[self.op][0](flat, *factors)
+        if self.op == "lowrank":  # (its many-token path is cuBLAS's two GEMMs: the group's is too)
+            return engine if engine == "cublas" else None
         if engine not in ("triton", "cublas") or dispatch.ops.fused_applies(flat.shape[0], flat, *factors, engine):
             return None
         return engine
 
     def _many_call(self, engine: str, traced: bool = False) -> Callable[[Tensor], Tensor]:
-        """The group's many-token Monarch product on a 2-D input (the custom op while tracing)."""
+        """The group's many-token product on a 2-D input (Monarch's: the custom op while tracing)."""
+        if self.op == "lowrank":
+            U, V = self.stacks
+            return lambda flat: _lowrank_siblings(flat, U, V)
         ops = dispatch.ops
         R, L = self.stacks
         g = len(self.members)
@@ -233,8 +241,8 @@ class SiblingGroup:
         return lambda flat: ops.monarch_siblings(flat, R, L, g, engine)
 
     def _many_plan(self, member: StructuredLinear, x: Tensor, key: tuple) -> Callable[[Tensor], Tensor] | None:
-        """Eager, many tokens (a prefill): the group's Monarch products in two grouped launches for every member
-        where they apply (:meth:`_many_engine`), made once per key; None: the members' own paths."""
+        """Eager, many tokens (a prefill): the group's product in two launches for every member where it applies
+        (:meth:`_many_engine`), made once per key; None: the members' own paths."""
         run = None
         if not (x.is_cuda and torch.is_autocast_enabled("cuda")):
             d, width = member.in_features, len(self.members) * self.out
@@ -242,8 +250,10 @@ class SiblingGroup:
             if engine is not None:
                 call = self._many_call(engine)
 
+                op = self.op
+
                 def run(x: Tensor) -> Tensor:
-                    dispatch._record("monarch", engine)
+                    dispatch._record(op, engine)
                     y = call(x.reshape(-1, d))
                     return y if x.dim() == 2 else y.view(*x.shape[:-1], width)
 
@@ -262,7 +272,7 @@ class SiblingGroup:
             return self._traced(member, x, lo)
         # eager: every check below is host time paid per member and token, so the cheap ones come first
         many = _many_tokens(x)
-        if many and self.op != "monarch":  # (a prefill: each member runs its own path; nothing to look up)
+        if many and self.op not in MANY_TOKEN_OPS:  # (a prefill: each member runs its own path; nothing to look up)
             return None
         version = -2 if x.is_inference() else x._version  # (inference tensors keep no version counter)
         held = self._held
@@ -285,7 +295,7 @@ class SiblingGroup:
         if flat.is_cuda and torch.is_autocast_enabled("cuda"):
             return None
         if flat.shape[0] > dispatch.DECODE_MAX_TOKENS:
-            engine = self._many_engine(member, flat)
+            engine = self._many_engine(member, flat) if self.op == "monarch" else None  # (low-rank: inductor's GEMMs)
             if engine is None:
                 return None
             call = self._many_call(engine, traced=True)
@@ -377,8 +387,21 @@ class SiblingGroup:
         return y
 
 
+def _lowrank_siblings(x: Tensor, U: Tensor, V: Tensor) -> Tensor:
+    """The low-rank products of fused siblings (stacks U (g, out, r), V (g*r, in)) for one 2-D input: one GEMM into
+    the members' stacked bottleneck, then one strided-batched GEMM writing each member's output into its columns of
+    y (N, g*out). Two launches where the members alone take 2g, the first g times as wide."""
+    g, out, r = U.shape
+    n = x.shape[0]
+    t = F.linear(x, V)
+    y = x.new_empty(n, g * out)
+    torch.bmm(t.as_strided((g, n, r), (r, t.stride(0), 1)), U.transpose(1, 2),
+              out=y.as_strided((g, n, out), (out, y.stride(0), 1)))
+    return y
+
+
 def _many_tokens(x: Tensor) -> bool:
-    """More rows than the decode kernels take: a group other than Monarch's never runs its product there (its
+    """More rows than the decode kernels take: a group outside MANY_TOKEN_OPS never runs its product there (its
     members and a gated MLP run their own paths), so an eager call asks nothing else (no plan key, no lookup)."""
     return x.numel() > dispatch.DECODE_MAX_TOKENS * x.shape[-1]
 
