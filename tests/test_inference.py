@@ -129,6 +129,7 @@ def test_sparse_references_rebuild_a_few_rows_at_a_time(monkeypatch):
         with torch.no_grad():  # inference: each tile's product written into its output columns, no cat
             monkeypatch.setattr(torch, "cat", lambda *a, **k: pytest.fail("inference concatenated the tiles"))
             assert torch.equal(layer(x), tiled)
+            assert layer.to("meta")(x.to("meta")).shape == tiled.shape  # (shape inference: no autocast to ask)
         monkeypatch.undo()
     assert NMSparse(32, 16, n=2, m=4).index.shape == (16, 4)  # 2:4: 16 positions of 2 bits per row, 4 bytes
 

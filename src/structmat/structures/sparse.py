@@ -125,8 +125,9 @@ def _tiled_product(x: Tensor, values: Tensor, out_features: int, blocks: list, t
     concatenated."""
     if len(blocks) == 1:
         return F.linear(x, tile(*blocks[0]).to(x.dtype))
+    device = x.device.type  # (autocast does not apply to out= calls; the meta device has no autocast to ask)
     if (torch.is_grad_enabled() and (x.requires_grad or values.requires_grad)) or torch.compiler.is_compiling() \
-            or torch.is_autocast_enabled(x.device.type):  # (autocast does not apply to out= calls)
+            or (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
         return torch.cat([F.linear(x, tile(lo, hi).to(x.dtype)) for lo, hi in blocks], dim=1)
     y = x.new_empty(x.shape[0], out_features)
     for lo, hi in blocks:
