@@ -131,41 +131,41 @@ def _interpret_report() -> dict:
         report[f"{name}-compiled"] = dict(max_err=max(errs), calls=per_call,
                                           graphs=int(counters["stats"]["unique_graphs"]),
                                           traced_cleared=groups[0]._traced_x is None and groups[0]._traced_y is None)
-    # Monarch at many tokens (a prefill): the group's two grouped launches for every member (ops.monarch_siblings)
-    # on each engine, eager and compiled (one custom op in the graph)
+    # Monarch and N:M at many tokens (a prefill): one group product for every member (ops.monarch_siblings on each
+    # engine; ops.nm over the stacked rows), eager and compiled (one group product in the graph)
     import structmat.kernels as K
 
     group_runs = [0]
-    siblings_body = ops.monarch_siblings
+    bodies = {"monarch_siblings": ops.monarch_siblings, "nm": ops.nm}
 
     def counted_siblings(*args, **kwargs):
         group_runs[0] += 1
-        return siblings_body(*args, **kwargs)
+        return bodies["monarch_siblings"](*args, **kwargs)
 
-    ops.monarch_siblings = counted_siblings
-    model = Attention(SPECS["monarch"]).eval()
-    ref64 = Attention(SPECS["monarch"], torch.float64).eval()
-    ref64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
-    groups = structmat.fuse_siblings(model)
-    x = torch.randn(2, 48, IN)  # (96 tokens: above the decode kernels' range)
-    ref = ref64(x.double())
-    for engine in ("triton", "cublas"):
-        with K.use_backend(engine), torch.inference_mode():
-            group_runs[0] = 0
-            y = model(x)
-            entry = dict(err=rel_rms(y, ref), runs=group_runs[0], held=groups[0]._x is not None)
-        torch._dynamo.reset()
-        codes = []
+    def counted_nm(x, values, *rest):
+        group_runs[0] += values.shape[0] == 3 * OUT  # (the stacked rows; a member's own call has OUT)
+        return bodies["nm"](x, values, *rest)
 
-        def keep(gm, example_inputs):
-            codes.append(gm.code)
-            return gm.forward
-
-        with K.use_backend(engine), torch.no_grad():
-            entry["compiled_err"] = rel_rms(torch.compile(model, backend=keep, fullgraph=True)(x), ref)
-        entry["compiled_ops"] = codes[0].count("structmat.monarch_siblings_mm")
-        report[f"monarch-many-{engine}"] = entry
-    ops.monarch_siblings = siblings_body
+    ops.monarch_siblings, ops.nm = counted_siblings, counted_nm
+    for name, engines in (("monarch", ("triton", "cublas")), ("nm", ("auto",))):
+        model = Attention(SPECS[name]).eval()
+        ref64 = Attention(SPECS[name], torch.float64).eval()
+        ref64.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in model.state_dict().items()})
+        groups = structmat.fuse_siblings(model)
+        x = torch.randn(2, 48, IN)  # (96 tokens: above the decode kernels' range)
+        ref = ref64(x.double())
+        for engine in engines:
+            with K.use_backend(engine), torch.inference_mode():
+                group_runs[0] = 0
+                y = model(x)
+                entry = dict(err=rel_rms(y, ref), runs=group_runs[0], held=groups[0]._x is not None)
+            torch._dynamo.reset()
+            with K.use_backend(engine), torch.no_grad():
+                group_runs[0] = 0
+                entry["compiled_err"] = rel_rms(torch.compile(model, backend="aot_eager", fullgraph=True)(x), ref)
+            entry["compiled_runs"] = group_runs[0]
+            report[f"{name}-many-{engine}"] = entry
+    ops.monarch_siblings, ops.nm = bodies["monarch_siblings"], bodies["nm"]
     # gated MLPs: two products where the decode kernels run (no SiLU call), eager and compiled
     silu_calls = [0]
     silu = torch.nn.functional.silu
@@ -272,13 +272,14 @@ def test_compiled_fused_siblings_one_product_no_recompile_interpreter(interpret_
     assert entry["traced_cleared"], entry
 
 
-@pytest.mark.parametrize("engine", ["triton", "cublas"])
-def test_monarch_siblings_at_many_tokens_one_grouped_product_interpreter(interpret_report, engine):
-    """A prefill through fused Monarch q/k/v: one group product (two grouped launches) for the three members, eager
-    and compiled, each member's slice equal to its float64 reference; nothing held afterwards."""
-    entry = interpret_report[f"monarch-many-{engine}"]
+@pytest.mark.parametrize("case", ["monarch-many-triton", "monarch-many-cublas", "nm-many-auto"])
+def test_siblings_at_many_tokens_one_group_product_interpreter(interpret_report, case):
+    """A prefill through fused q/k/v: one group product for the three members (Monarch: two grouped launches on
+    either engine; N:M: the tiles of the stacked rows), eager and compiled, each member's slice equal to its float64
+    reference; nothing held afterwards."""
+    entry = interpret_report[case]
     assert entry["runs"] == 1 and entry["err"] <= TOL and not entry["held"], entry
-    assert entry["compiled_ops"] == 1 and entry["compiled_err"] <= TOL, entry
+    assert entry["compiled_runs"] == 1 and entry["compiled_err"] <= TOL, entry
 
 
 @pytest.mark.parametrize("name", ["monarch", "lowrank"])

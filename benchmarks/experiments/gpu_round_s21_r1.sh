@@ -10,16 +10,15 @@
 #   0.8-0.9x; nm_prefill_tiles also times tile fractions 0.25 / 0.5 / 1 (fewer, larger tiles);
 # - fused Monarch siblings at many tokens run one grouped product (ops.monarch_siblings): q/k/v 1.2x -> 1.45-1.6x
 #   dense per member-equivalent, gate/up within 5%, the fused model's prefill 0.4-0.6 ms faster than unfused
-#   (siblings_many; low-rank's group: one GEMM over the stacked V and one strided-batched GEMM, 5-10% on q/k/v).
+#   (siblings_many; low-rank's group: one GEMM over the stacked V and one strided-batched GEMM, 5-10% on q/k/v;
+#   2:4's: the stacked rows' tiles, a third of the launches, 5-15%).
+# Round 2 has the prefill rows (host time with and without the direct launches; bench infer).
 # The GPU tests first (LaunchCache's direct path, the fused siblings at 300 tokens, N:M expansion).
 STEP_DIR=${OUT:?set OUT}/12
 source benchmarks/experiments/_round.sh
 step gputest 120 python3 -m pytest -q -p no:warnings -m gpu tests/test_inference.py tests/test_kernels.py \
   tests/test_siblings.py -k "many_token_launches or direct_launch or launch_runs or nm_many_tokens or siblings_match"
-step siblings 120 python3 benchmarks/experiments/siblings_many.py --out "$OUT/12"
+step siblings 150 python3 benchmarks/experiments/siblings_many.py --out "$OUT/12"
 step tiles 120 python3 benchmarks/experiments/nm_prefill_tiles.py --out "$OUT/12"
-step gap1 70 python3 benchmarks/experiments/prefill_fused.py --out "$OUT/12" --models dense,monarch,monarch+fused,lowrank+fused,nm24
-step gap0 70 env STRUCTMAT_DIRECT_LAUNCH=0 python3 benchmarks/experiments/prefill_fused.py --out "$OUT/12" \
-  --models dense,monarch,monarch+fused,lowrank+fused,nm24
 tar czf "$OUT/round.tgz" -C "$OUT" 12 steps.log gpu.txt && rm -rf "$OUT/12"
 exit 0

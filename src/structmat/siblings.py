@@ -14,9 +14,10 @@ launch for all members: ``structmat.kernels.decode`` with stacked operands) and 
     member has taken its slice;
   * under ``torch.compile`` the same bookkeeping is traced (dynamo compares traced tensors by identity): the graph
     holds one call of the group's custom op per group.
-Monarch and low-rank siblings at many tokens in inference (a prefill) run as one product too, where each member's
-own dispatch takes the kernels' GEMMs: two launches for all members (``kernels.ops.monarch_siblings``,
-``_lowrank_siblings``: wider products than the thin attention projections make alone). Anywhere else (other structures at many tokens, gradients, CPU
+Monarch, low-rank and N:M siblings at many tokens in inference (a prefill) run as one product too, where each
+member's own dispatch takes the kernels' GEMMs: two launches for all members (``kernels.ops.monarch_siblings``,
+``_lowrank_siblings``), or N:M's tiles over the stacked rows (``kernels.ops.nm``): wider products than the thin
+attention projections make alone. Anywhere else (other structures at many tokens, gradients, CPU
 without Triton, autocast) each member runs its own path, unchanged.
 A member called with another input than its siblings gets a correct result at the cost of the whole group's product.
 
@@ -49,8 +50,9 @@ SIBLING_NAMES: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("
 #: A gated MLP's (gate, up, down) children: down(act_fn(gate(x)) * up(x)) with act_fn SiLU
 GATED_MLP = ("gate_proj", "up_proj", "down_proj")
 #: Structures whose fused siblings also run one product at many tokens in inference (a prefill): two launches for
-#: all members, the first over every member's factors at once (``_lowrank_siblings``, ``ops.monarch_siblings``)
-MANY_TOKEN_OPS = ("monarch", "lowrank")
+#: all members, the first over every member's factors at once (``_lowrank_siblings``, ``ops.monarch_siblings``);
+#: N:M's stacked rows are one taller layer, so its many-token tiles (``ops.nm``) each serve every member
+MANY_TOKEN_OPS = ("monarch", "lowrank", "nm")
 
 
 # How each structure stacks: (dispatch op, factor names, dim of each factor along which members are stacked,
@@ -224,6 +226,8 @@ class SiblingGroup:
         engine = dispatch._OPS[self.op][0](flat, *factors)
         if self.op == "lowrank":  # (its many-token path is cuBLAS's two GEMMs: the group's is too)
             return engine if engine == "cublas" else None
+        if self.op == "nm":  # (the tiles of the stacked rows: each tile's expansion and GEMM serve every member)
+            return engine if engine == "triton" else None
         if engine not in ("triton", "cublas") or dispatch.ops.fused_applies(flat.shape[0], flat, *factors, engine):
             return None
         return engine
@@ -233,6 +237,10 @@ class SiblingGroup:
         if self.op == "lowrank":
             U, V = self.stacks
             return lambda flat: _lowrank_siblings(flat, U, V)
+        if self.op == "nm":  # (the stacks are the members' rows one after another: one N:M layer g times as tall)
+            values, positions = self.stacks
+            n, m = self.members[0].n, self.members[0].m
+            return lambda flat: dispatch.ops.nm(flat, values, positions, n, m)
         ops = dispatch.ops
         R, L = self.stacks
         g = len(self.members)
@@ -295,7 +303,7 @@ class SiblingGroup:
         if flat.is_cuda and torch.is_autocast_enabled("cuda"):
             return None
         if flat.shape[0] > dispatch.DECODE_MAX_TOKENS:
-            engine = self._many_engine(member, flat) if self.op == "monarch" else None  # (low-rank: inductor's GEMMs)
+            engine = self._many_engine(member, flat) if self.op != "lowrank" else None  # (low-rank: inductor's GEMMs)
             if engine is None:
                 return None
             call = self._many_call(engine, traced=True)
