@@ -318,6 +318,53 @@ def test_siblings_at_many_tokens_in_process(monkeypatch, name):
     assert all(p.grad is not None for p in model.q_proj.parameters())
 
 
+class CrossAttention(Attention):
+    """q reads one input, k and v another (an encoder-decoder's cross-attention, as BART names its projections)."""
+
+    def forward(self, x, memory):
+        return self.o_proj(self.q_proj(x) * self.k_proj(memory).sigmoid() + self.v_proj(memory))
+
+
+def test_siblings_reading_different_inputs_at_many_tokens_split(monkeypatch):
+    """Fused siblings whose inputs differ at many tokens (cross-attention): the first forward wastes one group
+    product, then the members run their own paths (a wasted product costs a prefill's projections); right outputs
+    throughout, and few tokens keep the group."""
+    from structmat.kernels import dispatch, ops
+
+    monkeypatch.setattr(dispatch, "INTERPRET", True)  # (the cuBLAS engine on CPU tensors, as above)
+    runs = [0]
+    body = ops.monarch_siblings
+
+    def counted(*args, **kwargs):
+        runs[0] += 1
+        return body(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "monarch_siblings", counted)
+    torch.manual_seed(0)
+    model = CrossAttention(SPECS["monarch"]).eval()
+    ref64 = CrossAttention(SPECS["monarch"], torch.float64).eval()
+    ref64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    (group,) = structmat.fuse_siblings(model)
+    x, memory = torch.randn(2, 48, IN), torch.randn(2, 48, IN)  # (same length: this toy multiplies q and k)
+    with structmat.kernels.use_backend("cublas"), torch.inference_mode():
+        ys = [model(x, memory) for _ in range(3)]
+    assert runs[0] == 1 and group._many_split and group._x is None
+    assert all(rel_rms(y, ref64(x.double(), memory.double())) <= TOL for y in ys)
+    torch._dynamo.reset()  # compiled: the same split while tracing, then graphs of the members' own paths
+    (group,) = structmat.fuse_siblings(model.to(torch.float64).float())  # (a fresh group: moving dissolved the old)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with structmat.kernels.use_backend("cublas"), torch.no_grad():
+        ys = [compiled(x, memory) for _ in range(3)]
+    assert group._many_split and all(rel_rms(y, ref64(x.double(), memory.double())) <= TOL for y in ys)
+    fused = Attention(SPECS["monarch"]).eval()  # (siblings that share their input keep the group product)
+    (shared,) = structmat.fuse_siblings(fused)
+    with structmat.kernels.use_backend("cublas"), torch.inference_mode():
+        runs[0] = 0
+        for _ in range(3):
+            fused(x)
+    assert runs[0] == 3 and not shared._many_split
+
+
 @pytest.mark.parametrize("spec", ["monarch:nblocks=4,ratio=0.5", "lowrank:ratio=0.5"])
 def test_fused_siblings_in_hf_llama_generate_interpreter(interpret_report, spec):
     """A structured HF Llama fused (q/k/v and gate/up per layer) generates the unfused model's tokens."""
