@@ -115,6 +115,8 @@ def _interpret_report() -> dict:
             alone = model.k_proj(other)
             dispatch._GRAPHED[0] = None
         report[f"{name}-alone"] = rel_rms(alone, ref64.k_proj(other.double()))
+        report[f"{name}-alone-split"] = groups[0]._inputs_differ  # (its product was not taken: eager calls split)
+        groups = structmat.fuse_siblings(model.to(torch.float64).float())  # (a fresh group for what follows)
         # compiled: one group product per forward, lengths 1..6 without a graph per length
         torch._dynamo.reset()
         counters = torch._dynamo.utils.counters
@@ -238,6 +240,18 @@ def _interpret_report() -> dict:
                                        logits_err=rel_rms(fused_logits, plain_logits), calls=len(calls),
                                        gated=sum("forward" in m.__dict__ for m in model.modules()))
     dispatch._GRAPHED[0] = None
+    # cross-attention at one token (k and v read another input): one wasted group product, then the members' own
+    cross = CrossAttention(SPECS["lowrank"]).eval()
+    cross64 = CrossAttention(SPECS["lowrank"], torch.float64).eval()
+    cross64.load_state_dict({k: v.double() for k, v in cross.state_dict().items()})
+    (group,) = structmat.fuse_siblings(cross)
+    memory, errs = torch.randn(1, 1, IN), []
+    with torch.inference_mode():
+        calls.clear()
+        for _ in range(3):
+            x = torch.randn(1, 1, IN)
+            errs.append(rel_rms(cross(x, memory), cross64(x.double(), memory.double())))
+    report["cross-1"] = dict(calls=list(calls), split=group._inputs_differ, max_err=max(errs))
     return report
 
 
@@ -325,6 +339,14 @@ class CrossAttention(Attention):
         return self.o_proj(self.q_proj(x) * self.k_proj(memory).sigmoid() + self.v_proj(memory))
 
 
+def test_siblings_reading_different_inputs_at_one_token_split_interpreter(interpret_report):
+    """Cross-attention at one token: its first call wastes one group product, then each member runs its own decode
+    kernel (eager); a member called alone with another input splits its group the same way."""
+    entry = interpret_report["cross-1"]
+    assert entry["calls"] == ["lowrank"] and entry["split"] and entry["max_err"] <= TOL, entry
+    assert all(interpret_report[f"{name}-alone-split"] for name in SPECS)
+
+
 def test_siblings_reading_different_inputs_at_many_tokens_split(monkeypatch):
     """Fused siblings whose inputs differ at many tokens (cross-attention): the first forward wastes one group
     product, then the members run their own paths (a wasted product costs a prefill's projections); right outputs
@@ -348,21 +370,21 @@ def test_siblings_reading_different_inputs_at_many_tokens_split(monkeypatch):
     x, memory = torch.randn(2, 48, IN), torch.randn(2, 48, IN)  # (same length: this toy multiplies q and k)
     with structmat.kernels.use_backend("cublas"), torch.inference_mode():
         ys = [model(x, memory) for _ in range(3)]
-    assert runs[0] == 1 and group._many_split and group._x is None
+    assert runs[0] == 1 and group._inputs_differ and group._x is None
     assert all(rel_rms(y, ref64(x.double(), memory.double())) <= TOL for y in ys)
     torch._dynamo.reset()  # compiled: the same split while tracing, then graphs of the members' own paths
     (group,) = structmat.fuse_siblings(model.to(torch.float64).float())  # (a fresh group: moving dissolved the old)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with structmat.kernels.use_backend("cublas"), torch.no_grad():
         ys = [compiled(x, memory) for _ in range(3)]
-    assert group._many_split and all(rel_rms(y, ref64(x.double(), memory.double())) <= TOL for y in ys)
+    assert group._inputs_differ and all(rel_rms(y, ref64(x.double(), memory.double())) <= TOL for y in ys)
     fused = Attention(SPECS["monarch"]).eval()  # (siblings that share their input keep the group product)
     (shared,) = structmat.fuse_siblings(fused)
     with structmat.kernels.use_backend("cublas"), torch.inference_mode():
         runs[0] = 0
         for _ in range(3):
             fused(x)
-    assert runs[0] == 3 and not shared._many_split
+    assert runs[0] == 3 and not shared._inputs_differ
 
 
 @pytest.mark.parametrize("spec", ["monarch:nblocks=4,ratio=0.5", "lowrank:ratio=0.5"])

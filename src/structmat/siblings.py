@@ -115,15 +115,16 @@ class SiblingGroup:
             m.__dict__["_sibling_group"] = (self, i)
         self._plans: dict = {}
         self._gated_plans: dict = {}
-        self._many_split = False  # (set by _split: the members read different inputs at many tokens)
+        self._inputs_differ = False  # (set by _split: the members read different inputs)
         self._forget()
 
     def _split(self) -> None:
-        """A many-token group product was not taken by every member before another input came: the members read
-        different inputs (an encoder-decoder's cross-attention: q the decoder's states, k and v the encoder's) or
-        threads interleave prefills. From now on the members run their own paths at many tokens, where a wasted
-        product costs a whole prefill's projections (few tokens keep the group: a wasted product is cheap there)."""
-        self._many_split = True
+        """A group product was not taken by every member before another input came: the members read different
+        inputs (an encoder-decoder's cross-attention: q the decoder's states, k and v the encoder's, which its
+        decode caches: every step's q would pay for k and v again) or threads interleave their calls. From now on
+        the members run their own paths in eager calls (and in traces at many tokens, where the same is seen while
+        tracing: a wasted product costs a whole prefill's projections)."""
+        self._inputs_differ = True
         self._held = None
         self._traced_x = self._traced_y = None
         self._traced_pending = 0
@@ -292,14 +293,14 @@ class SiblingGroup:
             return self._traced(member, x, lo)
         # eager: every check below is host time paid per member and token, so the cheap ones come first
         many = _many_tokens(x)
-        if many and (self.op not in MANY_TOKEN_OPS or self._many_split):  # (each member's own path: no lookup)
+        if self._inputs_differ or many and self.op not in MANY_TOKEN_OPS:  # (each member's own path: no lookup)
             return None
         version = -2 if x.is_inference() else x._version  # (inference tensors keep no version counter)
         held = self._held
         if held is not None and held[0] is x and held[1] == version:
             y, pending = held[2], held[3] - 1
         else:
-            if many and held is not None and held[3] > 0 and _many_tokens(held[0]):
+            if held is not None and held[3] > 0:  # (the last product was not taken by every member)
                 return self._split()
             key = plan_key(x, dispatch._GRAPHED[0])
             run = self._plans[key] if key in self._plans else (self._many_plan if many else self._plan)(member, x, key)
@@ -317,7 +318,7 @@ class SiblingGroup:
         if flat.is_cuda and torch.is_autocast_enabled("cuda"):
             return None
         if flat.shape[0] > dispatch.DECODE_MAX_TOKENS:
-            if self._many_split:
+            if self._inputs_differ:
                 return None
             if self._traced_x is not None and self._traced_x is not x and self._traced_pending > 0:
                 return self._split()
