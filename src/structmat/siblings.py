@@ -19,7 +19,8 @@ member's own dispatch takes the kernels' GEMMs: two launches for all members (``
 ``_lowrank_siblings``), or N:M's tiles over the stacked rows (``kernels.ops.nm``): wider products than the thin
 attention projections make alone. Anywhere else (other structures at many tokens, gradients, CPU
 without Triton, autocast) each member runs its own path, unchanged.
-A member called with another input than its siblings gets a correct result at the cost of the whole group's product.
+A member called with another input than its siblings gets a correct result at the cost of the whole group's product;
+the group then splits (``SiblingGroup._split``): its members run their own paths in eager calls from then on.
 
 Gated MLPs (``gate_proj``/``up_proj``/``down_proj`` with a SiLU ``act_fn``, as Llama, Mistral, Qwen, SmolLM): where
 gate and up fuse and ``down_proj`` is structured, the MLP itself runs as TWO products at few tokens, the down product
