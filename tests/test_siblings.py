@@ -320,12 +320,17 @@ def test_siblings_at_many_tokens_in_process(monkeypatch, name):
     ref64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
     groups = structmat.fuse_siblings(model)
     x = torch.randn(2, 48, IN)
+    asked = [0]  # (the members' later calls are their eager forms, SiblingGroup.eager_member: output() not asked)
+    output = siblings.SiblingGroup.output
+    monkeypatch.setattr(siblings.SiblingGroup, "output",
+                        lambda *args: (asked.__setitem__(0, asked[0] + 1), output(*args))[1])
     with structmat.kernels.use_backend("cublas"):
         with torch.inference_mode():
             y = model(x)
-            assert runs[0] == 1 and groups[0]._x is None
+            assert runs[0] == 1 and groups[0]._x is None and asked[0] == 3
             assert rel_rms(y, ref64(x.double())) <= TOL
-            assert torch.equal(model(x), y) and runs[0] == 2  # (the kept plan)
+            assert torch.equal(model(x), y) and runs[0] == 2 and asked[0] == 3  # (the kept plans)
+            assert groups[0]._x is None
         xs = x.clone().requires_grad_()
         model(xs).sum().backward()
     assert runs[0] == 2 and xs.grad is not None

@@ -126,6 +126,9 @@ class SiblingGroup:
         the members run their own paths in eager calls (and in traces at many tokens, where the same is seen while
         tracing: a wasted product costs a whole prefill's projections)."""
         self._inputs_differ = True
+        for m in self.members:  # (their eager forms, eager_member's, are made again: now none)
+            if m._plans:
+                m._plans.clear()
         self._held = None
         self._traced_x = self._traced_y = None
         self._traced_pending = 0
@@ -282,6 +285,38 @@ class SiblingGroup:
         if len(self._plans) < 64:
             self._plans[key] = run
         return run
+
+    def eager_member(self, member: StructuredLinear, index: int, x: Tensor) -> Callable[[Tensor], Tensor | None] | None:
+        """A member's whole eager call for contiguous inputs like ``x`` (``structures.base``'s per-shape plan), where
+        the group's product runs for them (its plan made by the call that asks): the held product's slice, or the
+        product, and nothing else asked per call (eager decode is host-bound: a member's call through
+        :meth:`output` costs as much host time as its own product's launch). The call returns None where
+        :meth:`output` must decide (another input while a product is held: the split; an emulated capture)."""
+        key = plan_key(x, dispatch._GRAPHED[0])
+        run = self._plans.get(key)
+        bias = member._parameters.get("bias")
+        if run is None or dispatch._GRAPHED[0] is not None or self._inputs_differ or (
+                bias is not None and bias.dtype != x.dtype) or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return None
+        lo, out, pending_after = index * self.out, self.out, len(self.members) - 1
+        params, graphed = member._parameters, dispatch._GRAPHED
+
+        def call(x: Tensor) -> Tensor | None:
+            if graphed[0] is not None:
+                return None
+            version = -2 if x.is_inference() else x._version
+            held = self._held
+            if held is not None and held[0] is x and held[1] == version:
+                y, pending = held[2], held[3] - 1
+            elif held is not None and held[3] > 0 or self._inputs_differ:
+                return None
+            else:
+                y, pending = run(x), pending_after
+            self._held = (x, version, y, pending) if pending > 0 else None
+            y = y.narrow(-1, lo, out)
+            return y if bias is None else y + params["bias"]
+
+        return call
 
     def output(self, member: StructuredLinear, index: int, x: Tensor) -> Tensor | None:
         """Member ``index``'s output for ``x`` (its weight only, in x's shape with out features), or None: the

@@ -398,7 +398,9 @@ class StructuredLinear(nn.Module):
             key = plan_key(x, "layer")
             eager = plans.get(key)  # (a call, False where there is none, None where not yet asked)
             if eager and x.is_contiguous():
-                return eager(x)
+                y = eager(x)  # (None: declined this call, e.g. a fused member whose group split; the path below)
+                if y is not None:
+                    return y
             if eager is not None:  # (decided: a non-contiguous input takes the layer's path, deciding nothing)
                 key = None
         if x.shape[-1] != self.in_features:
@@ -420,8 +422,11 @@ class StructuredLinear(nn.Module):
             y = y + bias.to(y.dtype)
         if key is not None and len(plans) < MAX_PLANS:  # (asked once per input shape: its plan exists now)
             form = EAGER_FORM[0]
-            plans[key] = (form is not None and merged is None and group is None
-                          and x.is_contiguous() and form(self, x)) or False
+            if group is not None:  # (a fused member: its slice of the group's product, as few calls as its own)
+                plans[key] = (merged is None and x.is_contiguous() and group[0].eager_member(self, group[1], x)
+                              ) or False
+            else:
+                plans[key] = (form is not None and merged is None and x.is_contiguous() and form(self, x)) or False
         return y
 
     def _check_input_dtype(self, x: Tensor) -> None:
