@@ -234,9 +234,10 @@ class SiblingGroup:
         return run
 
     def _many_engine(self, member: StructuredLinear, flat: Tensor) -> str | None:
-        """Many tokens in inference: the engine ("triton" or "cublas") of the group's Monarch products
-        (``ops.monarch_siblings``) where the member's own dispatch takes that engine for this input; None elsewhere
-        (another structure, the reference, the opt-in one-launch kernel, no Triton: each member's own path)."""
+        """Many tokens in inference: the engine of the group's product (:meth:`_many_call`) where the member's own
+        dispatch takes it for this input (Monarch: "triton" or "cublas"; low-rank: "cublas"; N:M: "triton", its tile
+        expansion); None elsewhere (another structure, the reference, Monarch's opt-in one-launch kernel, no
+        Triton: each member's own path)."""
         if self.op not in MANY_TOKEN_OPS or dispatch.ops is None:
             return None
         factors = self._factors(member)
@@ -273,9 +274,7 @@ class SiblingGroup:
             d, width = member.in_features, len(self.members) * self.out
             engine = self._many_engine(member, x.reshape(-1, d))
             if engine is not None:
-                call = self._many_call(engine)
-
-                op = self.op
+                call, op = self._many_call(engine), self.op
 
                 def run(x: Tensor) -> Tensor:
                     dispatch._record(op, engine)
@@ -292,11 +291,11 @@ class SiblingGroup:
         product, and nothing else asked per call (eager decode is host-bound: a member's call through
         :meth:`output` costs as much host time as its own product's launch). The call returns None where
         :meth:`output` must decide (another input while a product is held: the split; an emulated capture)."""
-        key = plan_key(x, dispatch._GRAPHED[0])
-        run = self._plans.get(key)
+        if dispatch._GRAPHED[0] is not None or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return None
+        run = self._plans.get(plan_key(x, None))  # (the key output() made the group's plan under)
         bias = member._parameters.get("bias")
-        if run is None or dispatch._GRAPHED[0] is not None or self._inputs_differ or (
-                bias is not None and bias.dtype != x.dtype) or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if run is None or self._inputs_differ or bias is not None and bias.dtype != x.dtype:
             return None
         lo, out, pending_after = index * self.out, self.out, len(self.members) - 1
         params, graphed = member._parameters, dispatch._GRAPHED
