@@ -134,6 +134,9 @@ class LaunchCache:
         launch = self.launches.get(key)
         if launch is None:
             if len(self.launches) >= self.limit:
-                del self.launches[next(iter(self.launches))]
+                try:  # (threads may evict at once: one of them finds the key gone or the dict changed)
+                    self.launches.pop(next(iter(self.launches)), None)
+                except (RuntimeError, StopIteration):
+                    pass
             launch = self.launches[key] = Launch(self.kernel, grid, **kw)
         launch(*args)
