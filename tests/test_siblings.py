@@ -198,6 +198,12 @@ def _interpret_report() -> dict:
                                                                        replanned=made[0],
                                                                        same=torch.equal(again, y))
         dispatch._GRAPHED[0] = None
+        x = torch.randn(2, 48, IN)  # many tokens (a prefill): the group product, then SiLU(gate) * up in one kernel
+        with torch.inference_mode():
+            silu_calls[0] = 0
+            y = model(x)
+            silu_seen = silu_calls[0]
+        entry["eager-many"] = dict(err=rel_rms(y, ref64(x.double())), silu=silu_seen)
         torch.nn.functional.silu = silu  # (a traced counter would guard on its value: a graph per call)
         torch._dynamo.reset()
         codes = []
@@ -404,8 +410,8 @@ def test_fused_siblings_in_hf_llama_generate_interpreter(interpret_report, spec)
 def test_gated_mlp_runs_as_two_products_interpreter(interpret_report, name):
     """A fused gated MLP: where the decode kernels run (one token in a graph; eager where the members take them) the
     MLP is the group product and the down product, which forms SiLU(gate) * up on load (no SiLU call, none in the
-    compiled one-token graph); elsewhere the MLP's own forward; the float64 reference's output either way;
-    unfuse_siblings gives the class's forward back."""
+    compiled one-token graph); at many tokens the group product and SiLU(gate) * up in one kernel; elsewhere the MLP's
+    own forward; the float64 reference's output either way; unfuse_siblings gives the class's forward back."""
     entry = interpret_report[f"{name}-mlp"]
     assert entry["installed"] and entry["unfused"], entry
     for mode in ("eager", "graphed"):
@@ -416,6 +422,10 @@ def test_gated_mlp_runs_as_two_products_interpreter(interpret_report, name):
             if entry[f"{mode}-{n}"]["silu"] == 0:  # (the two products ran; the planning call runs each once: a
                 assert entry[f"{mode}-{n}"]["first_runs"] == 2, (mode, n, entry)  # capture would keep a second run)
     assert entry["graphed-1"]["silu"] == 0, entry
+    # many tokens: the activation in one kernel where the group runs its product (not block-diagonal's, whose members
+    # run their own paths there, nor low-rank's here, whose members take the reference at these sizes on the CPU)
+    assert entry["eager-many"]["err"] <= TOL, entry
+    assert entry["eager-many"]["silu"] == (name in ("blockdiag", "lowrank")), entry
     compiled = entry["compiled"]
     assert compiled["max_err"] <= TOL and compiled["graphs"] <= 2, compiled
     assert compiled["first_ops"] == 2 and not compiled["first_silu"], compiled  # (group product, down with act)
@@ -629,6 +639,42 @@ def test_fused_siblings_match_reference_gpu(spec):
             errs = [rel_rms(y.cpu(), r.cpu()) for y, r in zip(outs, refs)]
             assert max(errs) <= 3e-2, (spec, n, errs)
         assert all(g._x is None for g in groups)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ["lowrank:ratio=0.5", "monarch:nblocks=4,ratio=0.5", "nm:n=2,m=4"])
+def test_fused_gated_mlp_at_many_tokens_gpu(spec):
+    """A fused gated MLP of the bench shape (bf16) at 300 tokens: the gate|up group product, SiLU(gate) * up in one
+    kernel (``_triton_decode.gated_rows``), down's own path, against float64 (bf16 tolerance)."""
+    from structmat.kernels import _triton_decode
+
+    torch.manual_seed(0)
+    dev, dt = "cuda", torch.bfloat16
+    model = MLP(spec, dt)  # (its layers rebuilt at the bench shape, on the GPU)
+    model.gate_proj, model.up_proj = (build(spec, 2048, 8192, False, device=dev, dtype=dt).init_() for _ in range(2))
+    model.down_proj = build(spec, 8192, 2048, False, device=dev, dtype=dt).init_()
+    x = torch.randn(1, 300, 2048, device=dev, dtype=dt)
+    dense = {n: getattr(model, n).to_dense().double() for n in ("gate_proj", "up_proj", "down_proj")}
+    xd = x.double()
+    ref = (torch.nn.functional.silu(xd @ dense["gate_proj"].T) * (xd @ dense["up_proj"].T)) @ dense["down_proj"].T
+    (group,) = structmat.fuse_siblings(model)
+    assert "forward" in model.__dict__  # (the gated MLP's forward installed)
+    with torch.no_grad():  # (where the members' own dispatch takes the kernels' GEMMs: the group's product runs)
+        engine = group._many_engine(model.gate_proj, x.reshape(-1, 2048))
+    calls = [0]
+    body = _triton_decode.gated_rows
+
+    def counted(*args):
+        calls[0] += 1
+        return body(*args)
+
+    _triton_decode.gated_rows = counted
+    try:
+        with torch.no_grad():
+            y = model(x)
+    finally:
+        _triton_decode.gated_rows = body
+    assert calls[0] == (engine is not None) and rel_rms(y.cpu(), ref.cpu()) <= 3e-2, (spec, engine, calls)
 
 
 if __name__ == "__main__":

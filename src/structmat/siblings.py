@@ -387,13 +387,31 @@ class SiblingGroup:
         if torch.compiler.is_compiling():
             found = self._gated_products(down, x, planned=False)
             return None if found is None else found[2]
-        if _many_tokens(x):  # (the MLP's own forward)
-            return None
+        if _many_tokens(x):
+            return self._gated_many(down, x)
         key = plan_key(x, dispatch._GRAPHED[0])
         if key in self._gated_plans:
             run = self._gated_plans[key]
             return None if run is None else run(x)
         return self._gated_plan(down, x, key)  # (the planning call's output: its products ran once, as any call's)
+
+    def _gated_many(self, down: StructuredLinear, x: Tensor) -> Tensor | None:
+        """Many tokens, eager (a prefill): the gate|up group's product, SiLU(gate) * up in one kernel
+        (``_triton_decode.gated_rows``; the MLP's own forward runs two, each writing a hidden-sized tensor), then
+        down's own path. None where the group does not run its product here (the MLP's own forward)."""
+        from .kernels import _triton_decode
+
+        f = self.out
+        if self._inputs_differ or self.op not in MANY_TOKEN_OPS or not (x.is_cuda or _triton_decode.INTERPRET) \
+                or x.numel() // x.shape[-1] > _triton_decode.GATE_ROWS_MAX:
+            return None
+        key = plan_key(x, dispatch._GRAPHED[0])
+        run = self._plans[key] if key in self._plans else self._many_plan(self.members[0], x, key)
+        if run is None:
+            return None
+        y = run(x.contiguous())
+        h = _triton_decode.gated_rows(y.reshape(-1, 2 * f), f)
+        return down(h.view(*x.shape[:-1], f))
 
     def _gated_products(self, down: StructuredLinear, x: Tensor, planned: bool):
         """(group product, down product, the MLP's output for ``x``), or None where they do not apply. ``planned``:

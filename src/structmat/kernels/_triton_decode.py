@@ -38,7 +38,7 @@ from torch import Tensor
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..structures.sparse import position_bits
-from ._launch import Launch
+from ._launch import Launch, LaunchCache
 
 try:  # (Gluon, Triton's language with explicit layouts: Triton >= 3.4)
     from . import _gluon_nm24
@@ -558,6 +558,26 @@ def _gate_rows(X, H, K, s_xn, s_xk, ACT_OFF, BLOCK: tl.constexpr):
     ptrs = X + tok.to(tl.int64) * s_xn + offs * s_xk
     h = _gated(tl.load(ptrs, mask=ok, other=0.0), tl.load(ptrs + ACT_OFF, mask=ok, other=0.0))
     tl.store(H + tok.to(tl.int64) * K + offs, h, mask=ok)
+
+
+#: The many-token form's launches (a prefill's gated MLP; ``gated_rows``)
+_GATE_ROWS = LaunchCache(_gate_rows)
+#: ... up to this many rows (the grid's second dimension)
+GATE_ROWS_MAX = 65535
+
+
+def gated_rows(y: Tensor, k: int) -> Tensor:
+    """SiLU(y[:, :k]) * y[:, k:2k] of a 2-D gate|up product (rows of at least 2k, last dim contiguous): (N, k),
+    contiguous, in one kernel (``_gated``: fp32, rounded once), where a gated MLP's own forward runs two (the
+    activation, then the product, each writing an (N, k) tensor). N at most GATE_ROWS_MAX."""
+    n = y.shape[0]
+    if y.dim() != 2 or y.shape[1] < 2 * k or y.stride(1) != 1 or n > GATE_ROWS_MAX:
+        raise ValueError(f"gated_rows: y {tuple(y.shape)} (strides {y.stride()}) is not a gate|up product of "
+                         f"{2 * k} columns with at most {GATE_ROWS_MAX} rows")
+    h = torch.empty(n, k, dtype=y.dtype, device=y.device)
+    if h.numel():
+        _GATE_ROWS((_cdiv(k, 1024), n), y, h, k, y.stride(0), 1, k, BLOCK=1024, num_warps=4)
+    return h
 
 
 @triton.jit
