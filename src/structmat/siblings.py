@@ -300,7 +300,7 @@ class SiblingGroup:
         lo, out, pending_after = index * self.out, self.out, len(self.members) - 1
         params, graphed = member._parameters, dispatch._GRAPHED
 
-        def call(x: Tensor) -> Tensor | None:
+        def call(x: Tensor) -> Tensor | None:  # (output()'s bookkeeping, inlined: a helper's frame is host time)
             if graphed[0] is not None:
                 return None
             version = -2 if x.is_inference() else x._version
