@@ -129,3 +129,17 @@ def test_generate_chat_wraps_the_prompt_in_the_template_and_prints_the_reply(mod
     assert reply.strip() == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
     code, _, err = _run(capsys, "--model", models / "dense", "--chat", "--max-new-tokens", 3)
     assert code == 1 and "no chat template" in err
+
+
+@pytest.mark.gpu
+def test_generate_compiled_on_gpu_holds_at_least_its_parameters(models, capsys):
+    """CUDA graphs (inductor's reduce-overhead) free the process's cuBLAS workspaces while recording: measured against
+    a baseline that held them, a compiled model's held bytes read below its parameters (H200, session 19)."""
+    for compile_args in ((), ("--compile", "inductor")):
+        record = models / f"held{len(compile_args)}.json"
+        code, _, err = _run(capsys, "--model", models / "lowrank", "--baseline", models / "dense", "--device", "cuda",
+                            "--dtype", "bfloat16", "--max-new-tokens", 4, "--rounds", 1, *compile_args, "--json", record)
+        assert code == 0, err
+        got = json.loads(record.read_text())
+        for measured in (got["model"], got["baseline"]):
+            assert measured["param_bytes"] <= measured["held_bytes"] <= measured["peak_bytes"], compile_args
