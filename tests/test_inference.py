@@ -114,6 +114,8 @@ def test_merge_for_inference_is_explicit_and_reversible():
 
 def test_sparse_references_rebuild_a_few_rows_at_a_time(monkeypatch):
     """The sparse references never build the whole dense weight: with tiles of 64 elements the product is the same."""
+    import torch._dynamo  # noqa: F401  (imported while torch.cat is patched below, dynamo's tables would keep the
+    # patch as "torch.cat" and later compiled tests would fail to trace the real one: this file run alone did)
     from structmat.structures import sparse
     from structmat.structures.sparse import FixedSparse
 
@@ -1445,6 +1447,66 @@ def test_launch_cache_keeps_one_launch_per_call_signature():
             ((4, 1, 1), (torch.float32, 7), {"BLOCK": 32})]
     assert seen[1][1][0] is b32
     assert ((4, 1), ("BLOCK", 16), torch.float32, torch.device("cpu"), 7) not in cache.launches
+
+
+def test_launch_direct_calls_pass_addresses_to_the_recorded_launcher(monkeypatch):
+    """``_launch.Launch`` with a stand-in for Triton (a kernel whose ``[grid]`` call runs its compiled launcher): the
+    first call goes through Triton, the second too while recording the launcher's arguments, later calls call the
+    launcher directly with each tensor given as its address (an int: Triton's launcher then skips the tensor's
+    ``data_ptr`` call and the driver's pointer query), the integers and the launcher's tail as recorded. A misaligned
+    tensor, other integers or a launch hook send the call through Triton again; STRUCTMAT_LAUNCH_ADDRESSES=0
+    (``ADDRESSES``) passes the tensors themselves."""
+    from structmat.kernels import _launch
+
+    class OnDevice(torch.Tensor):  # (the direct path is for device tensors; a CPU tensor stands in for one)
+        @property
+        def is_cuda(self):
+            return True
+
+    class Compiled:
+        function, packed_metadata = 11, 22
+
+        def run(self, *a):
+            launched.append(a)
+
+    launched, through, compiled = [], [0], Compiled()
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def call(*args, **kw):
+                through[0] += 1
+                compiled.run(*grid, 5, 11, 22, None, None, None, *args, "global scratch", None)
+                return compiled
+            return call
+
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 5, raising=False)
+    monkeypatch.setattr(_launch, "DIRECT", [True])
+    x, y = torch.zeros(8).as_subclass(OnDevice), torch.zeros(4).as_subclass(OnDevice)
+    launch = _launch.Launch(Kernel(), (3,), BLOCK=16)
+    for _ in range(2):
+        launch(x, 7, y, 9)
+    assert through[0] == 2 and launch.run is not None
+    del launched[:]
+    launch(x, 7, y, 9)
+    assert through[0] == 2  # (direct)
+    (a,) = launched
+    assert a[:6] == (3, 1, 1, 5, 11, 22) and a[9:] == (x.data_ptr(), 7, y.data_ptr(), 9, "global scratch", None)
+    assert all(type(v) is int for v in (a[9], a[11]))
+    monkeypatch.setattr(_launch, "ADDRESSES", [False])
+    launch(x, 7, y, 9)
+    assert through[0] == 2 and launched[-1][9] is x and launched[-1][11] is y
+    monkeypatch.setattr(_launch, "ADDRESSES", [True])
+    launch(torch.zeros(9).as_subclass(OnDevice)[1:], 7, y, 9)  # (4 bytes past an aligned start)
+    launch(x, 8, y, 9)  # (another integer)
+    assert through[0] == 4 and launched[-1][9] is x and launched[-1][10] == 8
+    from triton import knobs
+
+    class Hook:
+        calls = [lambda *a: None]
+
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", Hook())
+    launch(x, 7, y, 9)
+    assert through[0] == 5
 
 
 @pytest.mark.gpu

@@ -6,15 +6,17 @@
 # prediction on the GPU host (~3.5x slower Python): ~25 us per layer and token less, fused models +2-4% (session 19:
 # low-rank 1.03x, Monarch 1.06x, block-diagonal 1.05x, 2:4 0.99x -> all >= 1.0x). siblings_host.py first (real
 # launches), then HF generate eager at batch 1, 9 interleaved rounds (the host drifts by +-30% between rounds).
-# Last (session 22): `structmat generate`'s held bytes no longer count the cuBLAS workspaces that CUDA-graph
-# recording frees (session 19: compiled low-rank held 651.0 MB for 666.4 MB of parameters); the -m gpu test asserts
-# parameters <= held <= peak, eager and compiled by inductor, for the structured model and its dense baseline.
+# Session 22: host_costs.py first (per-call host time: primitives, each decode launch through Triton / direct with
+# the tensors / direct with their addresses, layers' eager forms with and without addresses, q/k/v and MLP blocks).
+# Prediction: passing addresses skips a data_ptr call and a cuPointerGetAttribute per pointer in Triton's launcher,
+# ~0.5-1 us each on the lent host: 2-5 us less per launch (4-6 pointers), lowrank's eager layer 28.6 -> 24-26 us
+# against nn.Linear's 23.6 (session 9, host-costs-20261204T075901Z.json); unfused eager decode +2-4%.
 STEP_DIR=${OUT:?set OUT}/12
 source benchmarks/experiments/_round.sh
+step hostcosts 120 python3 benchmarks/experiments/host_costs.py --out "$OUT/12"
 step host 60 python3 benchmarks/experiments/siblings_host.py --out "$OUT/12"
 step eager 400 python3 benchmarks/experiments/decode_floor.py --out "$OUT/12" --models dense --graph-batches 1 \
   --eager-models "" --generate-models "" --eager-rounds 9 \
   --eager-interleaved dense,lowrank,monarch,blockdiag,nm24,lowrank+fused,monarch+fused,blockdiag+fused,nm24+fused
-step heldtest 180 python3 -m pytest -q -p no:warnings -m gpu tests/test_generate.py
 tar czf "$OUT/round.tgz" -C "$OUT" 12 steps.log gpu.txt && rm -rf "$OUT/12"
 exit 0

@@ -75,22 +75,25 @@ def launches(rows):
     }
     for name, (plan_of, operands) in ops.items():
         out = {}
-        for direct in (False, True):
-            _launch.DIRECT[0] = direct
+        # (through Triton; direct with the tensors, the launcher resolving each pointer through the driver; direct
+        # with their addresses, session 22)
+        for direct, addresses in ((False, False), (True, False), (True, True)):
+            _launch.DIRECT[0], _launch.ADDRESSES[0] = direct, addresses
             run = plan_of(x, *operands)
             with torch.no_grad():
-                out[direct] = run(x, *operands).clone()
-                rows.append({"case": f"launch {name}", "direct": direct, "us": us(lambda: run(x, *operands))})
+                out[direct, addresses] = run(x, *operands).clone()
+                rows.append({"case": f"launch {name}", "direct": direct, "addresses": addresses,
+                             "us": us(lambda: run(x, *operands))})
             print(rows[-1], flush=True)
-        rows[-1]["bitwise_equal"] = bool(torch.equal(out[False], out[True]))
+        rows[-1]["bitwise_equal"] = all(torch.equal(out[False, False], o) for o in out.values())
         print("  equal:", rows[-1]["bitwise_equal"], flush=True)
-    _launch.DIRECT[0] = True
+    _launch.DIRECT[0] = _launch.ADDRESSES[0] = True
 
 
 def layers(rows):
     """One structured layer's eager call at one token ((1, 1, in), as a block gives it) under each backend, with and
     without the layer's eager form (structures.base.EAGER_FORM), beside nn.Linear: what dispatch.HOST_US holds."""
-    from structmat.kernels import dispatch
+    from structmat.kernels import _launch, dispatch
     from structmat.structures import base, build
 
     form = base.EAGER_FORM[0]
@@ -112,6 +115,14 @@ def layers(rows):
                     rows.append({"case": f"layer {name} {inp}->{outf}", "backend": backend, "choice": choice,
                                  "eager_form": eager_form, "us": t})
                     print(rows[-1], flush=True)
+            base.EAGER_FORM[0] = form
+            _launch.ADDRESSES[0] = False  # (the eager form with the tensors given to the launcher: session 22's A/B)
+            with torch.no_grad():
+                layer(xi)
+                rows.append({"case": f"layer {name} {inp}->{outf}", "backend": "auto", "eager_form": True,
+                             "addresses": False, "us": us(lambda: layer(xi), 1000)})
+            _launch.ADDRESSES[0] = True
+            print(rows[-1], flush=True)
     base.EAGER_FORM[0] = form
 
 

@@ -8,6 +8,12 @@ the exact arguments Triton passed to the compiled kernel's launcher; later calls
 recorded one (same integer arguments, every pointer 16-byte aligned as recorded) call that launcher directly.
 Anything else (another Triton whose launcher takes other arguments, a profiler's launch hooks, the interpreter, a
 call whose integers differ) goes through Triton as before.
+
+The direct call passes each tensor as its address (``data_ptr()``, an int), which Triton's launcher takes as the
+device pointer as it is. Given the tensor, the launcher calls its ``data_ptr`` method and asks the driver what the
+address is (``cuPointerGetAttribute``), once per pointer argument on every call: a driver call per pointer is host
+time that a few-token decode pays per layer. The addresses are read here anyway (the alignment check); a tensor here
+is always on the plan's device (plans are per device and are dropped when a layer moves).
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 #: STRUCTMAT_DIRECT_LAUNCH=0 sends every launch through Triton (a switch for benchmarks and bisecting)
 DIRECT = [os.environ.get("STRUCTMAT_DIRECT_LAUNCH", "1") not in ("", "0") and _knobs is not None]
+#: STRUCTMAT_LAUNCH_ADDRESSES=0: direct calls pass the tensors themselves (the launcher resolves each pointer
+#: through the driver), a switch to measure what passing their addresses saves
+ADDRESSES = [os.environ.get("STRUCTMAT_LAUNCH_ADDRESSES", "1") not in ("", "0")]
 
 
 def _hooks_idle() -> tuple | None:
@@ -52,26 +61,30 @@ class Launch:
     kernel's positional arguments, constexprs and launch options as keywords), directly after the first call where
     that is safe (module docstring)."""
 
-    __slots__ = ("kernel", "grid", "kw", "compiled", "tail", "device", "run", "values", "values_of", "tensors_of")
+    __slots__ = ("kernel", "grid", "kw", "compiled", "tail", "device", "run", "values", "values_of", "tensors_at")
 
     def __init__(self, kernel, grid: tuple, **kw):
         self.kernel, self.grid, self.kw = kernel, tuple(grid) + (1,) * (3 - len(grid)), kw
-        self.compiled = self.tail = self.run = self.device = self.values = self.values_of = self.tensors_of = None
+        self.compiled = self.tail = self.run = self.device = self.values = self.values_of = self.tensors_at = None
 
     def __call__(self, *args) -> None:
         # (the specialization check: the same non-tensor arguments, every pointer 16-byte aligned as recorded; a
         # tensor's dtype is the plan's, which made this launch for it)
         if self.run is not None and self.values_of(args) == self.values:
-            for t in self.tensors_of(args):
-                if t.data_ptr() & 15:
-                    break
-            else:
-                hooks = _hooks_idle()
-                if hooks is not None:
+            hooks = _hooks_idle()
+            if hooks is not None:
+                direct = list(args)
+                for i in self.tensors_at:
+                    address = direct[i].data_ptr()
+                    if address & 15:
+                        break
+                    if ADDRESSES[0]:
+                        direct[i] = address
+                else:
                     g = self.grid
                     self.run(g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(self.device),
-                             self.compiled.function, self.compiled.packed_metadata, None, hooks[0], hooks[1], *args,
-                             *self.tail)
+                             self.compiled.function, self.compiled.packed_metadata, None, hooks[0], hooks[1],
+                             *direct, *self.tail)
                     return
         if self.compiled is not None and self.tail is None and DIRECT[0]:
             self._record(args)  # (the second call: through Triton once, its launcher's arguments recorded)
@@ -112,7 +125,7 @@ class Launch:
         if any(isinstance(x, Tensor) and x.data_ptr() & 15 for x in args):
             return  # (a misaligned pointer was specialized as such: leave this launch to Triton)
         self.values_of = _picker([i for i, x in enumerate(args) if not isinstance(x, Tensor)])
-        self.tensors_of = _picker([i for i, x in enumerate(args) if isinstance(x, Tensor)])
+        self.tensors_at = tuple(i for i, x in enumerate(args) if isinstance(x, Tensor))
         self.values = self.values_of(args)
         self.tail, self.device, self.run = tuple(rest[len(args):]), device, launcher
 
