@@ -1452,7 +1452,7 @@ def test_launch_cache_keeps_one_launch_per_call_signature():
 def test_launch_direct_calls_pass_addresses_to_the_recorded_launcher(monkeypatch):
     """``_launch.Launch`` with a stand-in for Triton (a kernel whose ``[grid]`` call runs its compiled launcher): the
     first call goes through Triton, the second too while recording the launcher's arguments, later calls call the
-    launcher directly with each tensor given as its address (an int: Triton's launcher then skips the tensor's
+    launcher directly with each tensor (they come first) given as its address (an int: Triton's launcher then skips the tensor's
     ``data_ptr`` call and the driver's pointer query), the integers and the launcher's tail as recorded. A misaligned
     tensor, other integers or a launch hook send the call through Triton again; STRUCTMAT_LAUNCH_ADDRESSES=0
     (``ADDRESSES``) passes the tensors themselves."""
@@ -1484,29 +1484,34 @@ def test_launch_direct_calls_pass_addresses_to_the_recorded_launcher(monkeypatch
     x, y = torch.zeros(8).as_subclass(OnDevice), torch.zeros(4).as_subclass(OnDevice)
     launch = _launch.Launch(Kernel(), (3,), BLOCK=16)
     for _ in range(2):
-        launch(x, 7, y, 9)
+        launch(x, y, 7, None, 9)
     assert through[0] == 2 and launch.run is not None
     del launched[:]
-    launch(x, 7, y, 9)
+    launch(x, y, 7, None, 9)
     assert through[0] == 2  # (direct)
     (a,) = launched
-    assert a[:6] == (3, 1, 1, 5, 11, 22) and a[9:] == (x.data_ptr(), 7, y.data_ptr(), 9, "global scratch", None)
-    assert all(type(v) is int for v in (a[9], a[11]))
+    assert a[:6] == (3, 1, 1, 5, 11, 22) and a[9:] == (x.data_ptr(), y.data_ptr(), 7, None, 9, "global scratch", None)
+    assert all(type(v) is int for v in a[9:11])
     monkeypatch.setattr(_launch, "ADDRESSES", [False])
-    launch(x, 7, y, 9)
-    assert through[0] == 2 and launched[-1][9] is x and launched[-1][11] is y
+    launch(x, y, 7, None, 9)
+    assert through[0] == 2 and launched[-1][9] is x and launched[-1][10] is y
     monkeypatch.setattr(_launch, "ADDRESSES", [True])
-    launch(torch.zeros(9).as_subclass(OnDevice)[1:], 7, y, 9)  # (4 bytes past an aligned start)
-    launch(x, 8, y, 9)  # (another integer)
-    assert through[0] == 4 and launched[-1][9] is x and launched[-1][10] == 8
+    launch(torch.zeros(9).as_subclass(OnDevice)[1:], y, 7, None, 9)  # (4 bytes past an aligned start)
+    launch(x, y, 8, None, 9)  # (another integer)
+    assert through[0] == 4 and launched[-1][9] is x and launched[-1][11] == 8
+    # a kernel whose tensors do not all come first stays with Triton (none here is written so)
+    mixed = _launch.Launch(Kernel(), (3,), BLOCK=16)
+    for _ in range(3):
+        mixed(x, 7, y)
+    assert mixed.run is None and through[0] == 7
     from triton import knobs
 
     class Hook:
         calls = [lambda *a: None]
 
     monkeypatch.setattr(knobs.runtime, "launch_enter_hook", Hook())
-    launch(x, 7, y, 9)
-    assert through[0] == 5
+    launch(x, y, 7, None, 9)
+    assert through[0] == 8
 
 
 @pytest.mark.gpu

@@ -73,12 +73,30 @@ def time_us(fn, calls: int, repeats: int, sync) -> float:
 
 
 def stub_launches() -> None:
-    """Run the GPU decode path on CPU tensors with every Triton launch a no-op (host cost without the launch)."""
-    from structmat.kernels import _triton_decode, dispatch
+    """Run the GPU decode path on CPU tensors with every Triton launch a no-op (host cost without the launch). Each
+    kernel stands in for a compiled one whose launcher does nothing, so a ``_launch.Launch`` records it and then
+    calls it directly with the tensors' addresses, as on a GPU: the Python of the direct path is timed too."""
+    from structmat.kernels import _launch, _triton_decode, dispatch
+
+    class _Compiled:
+        function = packed_metadata = 0
+
+        @staticmethod
+        def run(*args):
+            return None
+
+    compiled = _Compiled()
 
     class _NoLaunch:
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: None
+            def launch(*args, **constexprs):  # (as Triton calls a compiled kernel's launcher)
+                compiled.run(*grid, 0, 0, 0, None, None, None, *args, None, None)
+                return compiled
+            return launch
+
+    _launch.ON_DEVICE[0] = lambda t: True
+    if not hasattr(torch._C, "_cuda_getCurrentRawStream"):  # (a CPU build of torch)
+        torch._C._cuda_getCurrentRawStream = lambda device: 0
 
     from triton.runtime.jit import JITFunction
 

@@ -18,7 +18,6 @@ is always on the plan's device (plans are per device and are dropped when a laye
 
 from __future__ import annotations
 
-import operator
 import os
 
 import torch
@@ -34,6 +33,9 @@ DIRECT = [os.environ.get("STRUCTMAT_DIRECT_LAUNCH", "1") not in ("", "0") and _k
 #: STRUCTMAT_LAUNCH_ADDRESSES=0: direct calls pass the tensors themselves (the launcher resolves each pointer
 #: through the driver), a switch to measure what passing their addresses saves
 ADDRESSES = [os.environ.get("STRUCTMAT_LAUNCH_ADDRESSES", "1") not in ("", "0")]
+#: whether a first call's tensors are on a device whose launches may be recorded (``bench.decode_host``'s stubbed
+#: launches on a CPU take the direct path too, so that its host time is the GPU's Python)
+ON_DEVICE = [lambda t: t.is_cuda]
 
 
 def _hooks_idle() -> tuple | None:
@@ -46,52 +48,40 @@ def _hooks_idle() -> tuple | None:
     return enter, exit_
 
 
-def _picker(positions: list[int]):
-    """args -> the tuple of args at ``positions`` (operator.itemgetter, which returns a bare item for one)."""
-    if not positions:
-        return lambda args: ()
-    if len(positions) == 1:
-        i = positions[0]
-        return lambda args: (args[i],)
-    return operator.itemgetter(*positions)
-
-
 class Launch:
     """``Launch(kernel, grid, **constexprs)(*args)`` runs ``kernel[grid](*args, **constexprs)`` (``args``: the
     kernel's positional arguments, constexprs and launch options as keywords), directly after the first call where
     that is safe (module docstring)."""
 
-    __slots__ = ("kernel", "grid", "kw", "compiled", "tail", "device", "run", "values", "values_of", "tensors_at")
+    __slots__ = ("kernel", "grid", "kw", "compiled", "tail", "device", "run", "values", "lead")
 
     def __init__(self, kernel, grid: tuple, **kw):
         self.kernel, self.grid, self.kw = kernel, tuple(grid) + (1,) * (3 - len(grid)), kw
-        self.compiled = self.tail = self.run = self.device = self.values = self.values_of = self.tensors_at = None
+        self.compiled = self.tail = self.run = self.device = self.values = self.lead = None
 
     def __call__(self, *args) -> None:
         # (the specialization check: the same non-tensor arguments, every pointer 16-byte aligned as recorded; a
-        # tensor's dtype is the plan's, which made this launch for it)
-        if self.run is not None and self.values_of(args) == self.values:
+        # tensor's dtype is the plan's, which made this launch for it. The tensors come first: ``_record``)
+        if self.run is not None and args[self.lead:] == self.values:
             hooks = _hooks_idle()
             if hooks is not None:
-                direct = list(args)
-                for i in self.tensors_at:
-                    address = direct[i].data_ptr()
-                    if address & 15:
-                        break
-                    if ADDRESSES[0]:
-                        direct[i] = address
-                else:
+                tensors = args[:self.lead]
+                addresses = [t.data_ptr() for t in tensors]
+                bits = 0
+                for a in addresses:
+                    bits |= a
+                if not bits & 15:
                     g = self.grid
                     self.run(g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(self.device),
                              self.compiled.function, self.compiled.packed_metadata, None, hooks[0], hooks[1],
-                             *direct, *self.tail)
+                             *(addresses if ADDRESSES[0] else tensors), *self.values, *self.tail)
                     return
         if self.compiled is not None and self.tail is None and DIRECT[0]:
             self._record(args)  # (the second call: through Triton once, its launcher's arguments recorded)
             return
         compiled = self.kernel[self.grid](*args, **self.kw)
         if self.compiled is None and compiled is not None and args and isinstance(args[0], Tensor) \
-                and args[0].is_cuda:
+                and ON_DEVICE[0](args[0]):
             self.compiled = compiled
 
     def _record(self, args: tuple) -> None:
@@ -124,9 +114,10 @@ class Launch:
             return
         if any(isinstance(x, Tensor) and x.data_ptr() & 15 for x in args):
             return  # (a misaligned pointer was specialized as such: leave this launch to Triton)
-        self.values_of = _picker([i for i, x in enumerate(args) if not isinstance(x, Tensor)])
-        self.tensors_at = tuple(i for i, x in enumerate(args) if isinstance(x, Tensor))
-        self.values = self.values_of(args)
+        lead = sum(isinstance(x, Tensor) for x in args)
+        if any(isinstance(x, Tensor) for x in args[lead:]):
+            return  # (every kernel here takes its tensors first; one that does not stays with Triton)
+        self.lead, self.values = lead, tuple(args[lead:])
         self.tail, self.device, self.run = tuple(rest[len(args):]), device, launcher
 
 

@@ -826,11 +826,13 @@ def gemv_launcher(groups: int, n: int, M: int, K: int, plan: dict, dtype: torch.
         return lambda a, a_strides, w, w_strides, c, c_strides, act_off=0, t=None, cnt=None: None
     launches = _by_precision(_decode_gemv, grid, ACT=act, REDUCE=reduce_splits, PDL=pdl and not INTERPRET, **meta)
 
+    sizes = (n, M, K, a_partials, plan["split_len"], m_blocks, a_partial_stride)
+
     def launch(a: Tensor, a_strides: tuple, w: Tensor, w_strides: tuple, c: Tensor, c_strides: tuple,
                act_off: int = 0, t: Tensor | None = None, cnt: Tensor | None = None) -> None:
-        launches(fixed or _precision(w.dtype))(a, w, c, c if t is None else t, c if cnt is None else cnt, n, M, K,
-                                               a_partials, plan["split_len"], m_blocks, a_partial_stride, *a_strides,
-                                               *w_strides, c_split_stride, *c_strides, chunk_stride, chunk, act_off)
+        launches(fixed or _precision(w.dtype))(a, w, c, c if t is None else t, c if cnt is None else cnt, *sizes,
+                                               *a_strides, *w_strides, c_split_stride, *c_strides, chunk_stride,
+                                               chunk, act_off)
 
     return launch
 
@@ -953,10 +955,12 @@ def pdl_launcher(plan: dict, m1: int, k1: int, m2: int, k2: int, chunk1: int = 0
     stage2 = Launch(_pdl_stage2, (plan["P2"],), **{k: plan[k] for k in ("S1", "K2_ITERS", "BM2", "BK2")},
                     WAIT=1 if pdl else 2, num_warps=warps, num_stages=1, **extra)
 
+    m1_blocks, m2_blocks = plan["M1_BLOCKS"], plan["M2_BLOCKS"]
+
     def launch(x: Tensor, xs: tuple, w1: Tensor, w1s: tuple, t: Tensor, ts: tuple, w2: Tensor, w2s: tuple, as_: tuple,
                y: Tensor, ys: tuple, sync: Tensor | None = None, act_off: int = 0) -> None:
-        stage1(x, w1, t, m1, k1, plan["M1_BLOCKS"], *xs, *w1s, *ts, chunk1, act_off)
-        stage2(t, w2, y, m2, k2, plan["M2_BLOCKS"], ts[0], *as_, *w2s, *ys)
+        stage1(x, w1, t, m1, k1, m1_blocks, *xs, *w1s, *ts, chunk1, act_off)
+        stage2(t, w2, y, m2, k2, m2_blocks, ts[0], *as_, *w2s, *ys)
 
     return launch
 
@@ -1015,10 +1019,11 @@ def fused_launcher(plan: dict, m1: int, k1: int, m2: int, k2: int, chunk1: int =
                     **{k: plan[k] for k in ("S1", "K1_ITERS", "K2_ITERS", "BM1", "BK1", "BM2", "BK2", "num_warps")},
                     **FUSED_META, ACT=act)
 
+    sizes = (m1, k1, plan["M1_BLOCKS"], plan["P1"], m2, k2, plan["M2_BLOCKS"], plan["P2"])
+
     def launch(x: Tensor, xs: tuple, w1: Tensor, w1s: tuple, t: Tensor, ts: tuple, w2: Tensor, w2s: tuple, as_: tuple,
                y: Tensor, ys: tuple, sync: Tensor, act_off: int = 0) -> None:
-        kernel(x, w1, t, w2, y, sync, m1, k1, plan["M1_BLOCKS"], plan["P1"], m2, k2, plan["M2_BLOCKS"], plan["P2"],
-               *xs, *w1s, *ts, chunk1, *as_, *w2s, *ys, act_off)
+        kernel(x, w1, t, w2, y, sync, *sizes, *xs, *w1s, *ts, chunk1, *as_, *w2s, *ys, act_off)
 
     return launch
 

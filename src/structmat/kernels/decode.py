@@ -47,10 +47,11 @@ __all__ = ["MAX_TOKENS", "blockdiag", "lowrank", "monarch", "nm"]
 
 
 def _empty(shape: tuple, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    dtype = like.dtype if dtype is None else dtype
     if _ops.POISON:  # tests: an element a kernel does not write shows as NaN
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
+        return torch.full(shape, float("nan"), dtype=like.dtype if dtype is None else dtype, device=like.device)
+    # (new_empty: contiguous, on like's device; its arguments cost the host less than torch.empty's keywords, and
+    # every few-token call allocates its output)
+    return like.new_empty(shape) if dtype is None else like.new_empty(shape, dtype=dtype)
 
 
 def _tokens(x: Tensor) -> int:
@@ -144,13 +145,13 @@ def lowrank_plan(x: Tensor, U: Tensor, V: Tensor, act: int = 0):
         plan, sync, launcher = fused
         launch = launcher(plan, gr, k, out, r, act=bool(act))
         scratch = _scratch((plan["S1"], gr), x, _eager(x))
+        vs, y_shape = (0, *V.stride()), (*lead, g * out)  # (a plan holds factor strides: layers drop plans on a change)
 
         def run_fused(x: Tensor, U: Tensor, V: Tensor, act: int = 0) -> Tensor:
             t = scratch()
-            y = _empty((*lead, g * out), x)
+            y = _empty(y_shape, x)
             cs = rows(x)[1]
-            launch(x, (0, cs), V, (0, V.stride(0), V.stride(1)), t, (gr, 0, 1, 0), U, us, (r, 1),
-                   y, (out, 1), sync, k * cs)
+            launch(x, (0, cs), V, vs, t, (gr, 0, 1, 0), U, us, (r, 1), y, (out, 1), sync, k * cs)
             return y
 
         return run_fused
@@ -160,6 +161,7 @@ def lowrank_plan(x: Tensor, U: Tensor, V: Tensor, act: int = 0):
     if cnt is not None:  # stage 1's splits summed in its kernel: stage 2 reads the intermediate h (n, g*r)
         # (the second stage launched early, its weight loaded while stage 1 runs)
         pair = pdl_dot_ok(n, r, U.numel() * U.element_size(), x.device)
+        vs = (0, *V.stride())
         stage1 = gemv_launcher(1, n, gr, k, p1, V.dtype, act=bool(act), reduce=True, pdl=pair)
         stage2 = (pdl_dot_launcher(g, n, out, r, U.dtype) if pair else gemv_launcher(g, n, out, r, p2, U.dtype))
         words, views = scratch_after_partials(p1["splits"] * n * gr, n * gr, x.dtype)  # (partials, then h)
@@ -168,7 +170,7 @@ def lowrank_plan(x: Tensor, U: Tensor, V: Tensor, act: int = 0):
         def run_reduced(x: Tensor, U: Tensor, V: Tensor, act: int = 0) -> Tensor:
             t, h = views(scratch())
             rs, cs = rows(x)
-            stage1(x, (0, rs, cs), V, (0, V.stride(0), V.stride(1)), h, (0, gr, 1), k * cs, t, cnt)
+            stage1(x, (0, rs, cs), V, vs, h, (0, gr, 1), k * cs, t, cnt)
             y = _empty(y_shape, x)
             stage2(h, (r, gr, 1), U, us, y, (out, g * out, 1))
             return y
@@ -177,11 +179,12 @@ def lowrank_plan(x: Tensor, U: Tensor, V: Tensor, act: int = 0):
     stage1 = gemv_launcher(1, n, gr, k, p1, V.dtype, c_split_stride=n * gr, act=bool(act))
     stage2 = gemv_launcher(g, n, out, r, p2, U.dtype, a_partials=p1["splits"], a_partial_stride=n * gr)
     scratch = _scratch((p1["splits"], n, gr), x, _eager(x))
+    vs = (0, *V.stride())
 
     def run(x: Tensor, U: Tensor, V: Tensor, act: int = 0) -> Tensor:
         t = scratch()
         rs, cs = rows(x)
-        stage1(x, (0, rs, cs), V, (0, V.stride(0), V.stride(1)), t, (0, gr, 1), k * cs)
+        stage1(x, (0, rs, cs), V, vs, t, (0, gr, 1), k * cs)
         y = _empty(y_shape, x)
         stage2(t, (r, gr, 1), U, us, y, (out, g * out, 1))
         return y
@@ -198,10 +201,12 @@ def blockdiag_plan(x: Tensor, W: Tensor, siblings: int = 1, act: int = 0):
     launch = gemv_launcher(b, n, m, p, plan_gemv(n, b, m, p, x.device, split_ok=False, act=bool(act)), W.dtype,
                            chunk=u if siblings > 1 else 0, chunk_stride=b * u, act=bool(act))
 
+    ws, y_shape = W.stride(), (*lead, b * m)
+
     def run(x: Tensor, W: Tensor, siblings: int = 1, act: int = 0) -> Tensor:
-        y = _empty((*lead, b * m), x)
+        y = _empty(y_shape, x)
         rs, cs = rows(x)
-        launch(x, (p * cs, rs, cs), W, W.stride(), y, (u, b * m, 1), b * p * cs)
+        launch(x, (p * cs, rs, cs), W, ws, y, (u, b * m, 1), b * p * cs)
         return y
 
     return run
@@ -225,13 +230,13 @@ def monarch_plan(x: Tensor, R: Tensor, L: Tensor, act: int = 0):
         plan, sync, launcher = fused
         launch = launcher(plan, m1, p, u, bc, chunk1=c, act=bool(act))
         scratch = _scratch((plan["S1"], g2 * bc), x, _eager(x))
+        rs_, ls, y_shape = R.stride(), L.stride(), (*lead, g2 * u)
 
         def run_fused(x: Tensor, R: Tensor, L: Tensor, act: int = 0) -> Tensor:
             h = scratch()
-            y = _empty((*lead, g2 * u), x)
+            y = _empty(y_shape, x)
             cs = rows(x)[1]
-            launch(x, (p * cs, cs), R, R.stride(), h, (g2 * bc, c, 1, bc), L, L.stride(), (bc, 1),
-                   y, (u, 1), sync, b * p * cs)
+            launch(x, (p * cs, cs), R, rs_, h, (g2 * bc, c, 1, bc), L, ls, (bc, 1), y, (u, 1), sync, b * p * cs)
             return y
 
         return run_fused
@@ -246,13 +251,14 @@ def monarch_plan(x: Tensor, R: Tensor, L: Tensor, act: int = 0):
     # stage 2, group j*b + s: h[:, (j*b + s)*b*c:][:b*c] (summed over the partials) @ L_(j*b + s)^T
     stage2 = gemv_launcher(g2, n, u, bc, p2, L.dtype, a_partials=p1["splits"], a_partial_stride=n * g2 * bc)
     scratch = _scratch((p1["splits"], n, g2 * bc), x, _eager(x))
+    rs_, ls, y_shape = R.stride(), L.stride(), (*lead, g2 * u)
 
     def run(x: Tensor, R: Tensor, L: Tensor, act: int = 0) -> Tensor:
         h = scratch()
         rs, cs = rows(x)
-        stage1(x, (p * cs, rs, cs), R, R.stride(), h, (c, g2 * bc, 1), b * p * cs)
-        y = _empty((*lead, g2 * u), x)
-        stage2(h, (bc, g2 * bc, 1), L, L.stride(), y, (u, g2 * u, 1))
+        stage1(x, (p * cs, rs, cs), R, rs_, h, (c, g2 * bc, 1), b * p * cs)
+        y = _empty(y_shape, x)
+        stage2(h, (bc, g2 * bc, 1), L, ls, y, (u, g2 * u, 1))
         return y
 
     return run
@@ -265,8 +271,10 @@ def nm_plan(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, act: i
                                 act=bool(act))
     scratch = _scratch(shape, x, _eager(x)) if shape is not None else (lambda: None)
 
+    y_shape = (*lead, values.shape[0])
+
     def run(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, act: int = 0) -> Tensor:
-        y = _empty((*lead, values.shape[0]), x)
+        y = _empty(y_shape, x)
         launch(x, values, positions, y, scratch(), k * rows(x)[1])
         return y
 
