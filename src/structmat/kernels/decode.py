@@ -270,12 +270,11 @@ def nm_plan(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, act: i
     launch, shape = nm_launcher(_tokens(x), values.shape[0], k, values.shape[1], n, m, x.device, x.dtype,
                                 act=bool(act))
     scratch = _scratch(shape, x, _eager(x)) if shape is not None else (lambda: None)
-
-    y_shape = (*lead, values.shape[0])
+    y_shape, gated = (*lead, values.shape[0]), bool(act)
 
     def run(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, act: int = 0) -> Tensor:
         y = _empty(y_shape, x)
-        launch(x, values, positions, y, scratch(), k * rows(x)[1])
+        launch(x, values, positions, y, scratch(), k * rows(x)[1] if gated else 0)  # (the up half's offset)
         return y
 
     return run
