@@ -369,6 +369,31 @@ def _interpret_report() -> dict:
             knob[0] = True
             _triton_decode.clear_plans()
     report["fused_sync_after"] = {str(k): v.tolist() for k, v in _triton_decode._SYNC.items()}
+    # eager plans on two streams (CPU tensors have none: a stand-in for the stream query, and every plan eager, as
+    # on a GPU: one grid at one token, kept scratch): each stream's calls count in buffers of their own, the device's
+    # made beside them (what a later capture takes), every count reset by the calls
+    from structmat.kernels import decode
+
+    saved_eager, saved_query = decode._eager, getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    stream = [0]
+    decode._eager = lambda x: True
+    torch._C._cuda_getCurrentRawStream = lambda device: stream[0]
+    try:
+        for s in (7, 9):
+            stream[0] = s
+            report[f"eager_stream_{s}"] = decode_errors(
+                "cpu", torch.float32, {k: v for k, v in DECODE_SHAPES.items()
+                                       if k.startswith(("monarch", "lowrank")) or k in ("nm_wide", "nm_wide216")},
+                (1, 3))
+    finally:
+        decode._eager = saved_eager
+        if saved_query is None:
+            del torch._C._cuda_getCurrentRawStream
+        else:
+            torch._C._cuda_getCurrentRawStream = saved_query
+    report["eager_stream_buffers"] = {
+        name: {str(k): int(v.abs().sum()) for k, v in store.items()}
+        for name, store in (("sync", _triton_decode._SYNC), ("counters", _triton_decode._COUNTERS))}
     report["addresses"] = {"installed": checker.installed, "checked": checker.checked,
                            "violations": checker.violations[:20]}
     # auto dispatch under the interpreter: inference at few tokens takes the decode kernels
@@ -682,6 +707,20 @@ def test_fused_two_stage_decode_matches_reference_interpreter(interpret_report):
     assert interpret_report["fused_sync_after"] == {"('cpu', None)": [0, 0, 0, 0]}, interpret_report
 
 
+def test_eager_decode_plans_count_per_stream_interpreter(interpret_report):
+    """Eager plans made on two streams count in buffers of their own stream (two models decoding side by side on two
+    streams of a device never share counters), with the device's buffers made beside them for CUDA-graph captures;
+    the products are right and every count is reset afterwards."""
+    for s in (7, 9):
+        errs = interpret_report[f"eager_stream_{s}"]
+        assert errs and not {k: v for k, v in errs.items() if not v <= TOL["float32"]}, (s, errs)
+    buffers = interpret_report["eager_stream_buffers"]
+    device = "('cpu', None)"
+    for name in ("sync", "counters"):
+        assert {device, f"({device}, 7)", f"({device}, 9)"} <= set(buffers[name]), (name, buffers[name])
+        assert not any(buffers[name].values()), (name, buffers[name])
+
+
 def test_decode_kernels_stay_in_bounds_interpreter(interpret_report):
     """Every enabled load/store lane of the decode kernels lies inside its tensors, with the interpreter's plans and
     with the GPU's (wider tiles, token blocks of 16 past 16 tokens); the GPU plans also give the reference's sums."""
@@ -892,6 +931,39 @@ def test_direct_launch_skips_triton_binding_gpu():
     finally:
         jit.JITFunction.run = original
         _triton_decode.PDL[0] = saved
+
+
+@pytest.mark.gpu
+def test_eager_decode_on_two_streams_at_once_gpu():
+    """Two models' structured layers decoding at once on two streams of one device, eager: each stream's plans count
+    in buffers of their own (the one-grid kernel's tickets, the split reductions' arrivals), so every output equals
+    the layer's alone (before session 22 the counters were per device: mixed counts, wrong outputs or a wait that
+    never ends). Low-rank at one token (the one grid) and at 4 tokens (its first stage's splits summed in-kernel),
+    2:4 at one token (split rows)."""
+    import structmat.kernels as K
+    from structmat.structures import build
+
+    torch.manual_seed(0)
+    dev, dt = "cuda", torch.bfloat16
+    for spec, n in (("lowrank:ratio=0.5", 1), ("lowrank:ratio=0.5", 4), ("nm:n=2,m=4", 1)):
+        a, b = (build(spec, 2048, 2048, bias=False, device=dev, dtype=dt).init_().eval() for _ in range(2))
+        xa, xb = torch.randn(n, 2048, device=dev, dtype=dt), torch.randn(n, 2048, device=dev, dtype=dt)
+        s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+        with torch.inference_mode():
+            ref_a, ref_b = a(xa).clone(), b(xb).clone()
+            for s in (s1, s2):
+                s.wait_stream(torch.cuda.current_stream())
+            outs = []
+            for _ in range(300):
+                with torch.cuda.stream(s1):
+                    ya = a(xa)
+                with torch.cuda.stream(s2):
+                    yb = b(xb)
+                outs.append((ya, yb))
+            torch.cuda.synchronize()
+        assert K.LAST_CHOICE.get(a.name) == "decode", spec  # (the decode kernels ran, not a fallback)
+        wrong = sum(not (torch.equal(ya, ref_a) and torch.equal(yb, ref_b)) for ya, yb in outs)
+        assert wrong == 0, (spec, n, wrong)
 
 
 @pytest.mark.gpu

@@ -218,7 +218,8 @@ class SiblingGroup:
         run = None
         if flat.shape[0] <= dispatch.DECODE_MAX_TOKENS and not (x.is_cuda and torch.is_autocast_enabled("cuda")):
             run = self._planned(xc) if self._takes_decode(member, flat) else None
-            if flat.is_cuda and not key[-2]:  # (not capturing) compile and load the kernels now, never in a capture
+            if flat.is_cuda and key[-2] is not True:  # (not capturing: plan_key) compile and load the kernels now,
+                # never in a capture
                 if run is not None:
                     run(xc)
                 dispatch._GRAPHED[0] = True  # what a captured call would take: ready it as well
@@ -455,7 +456,7 @@ class SiblingGroup:
             def run(x: Tensor) -> Tensor:
                 return second(group(x.contiguous()))
 
-            if x.is_cuda and not key[-2]:
+            if x.is_cuda and key[-2] is not True:  # (not capturing: plan_key)
                 dispatch._GRAPHED[0] = True
                 try:
                     with decode.captured_form():

@@ -901,30 +901,37 @@ _SYNC: dict[tuple, Tensor] = {}
 _COUNTERS: dict[tuple, Tensor] = {}
 
 
-def _zeros_outside_capture(store: dict, device: torch.device, size: int, least: int) -> Tensor | None:
+def _zeros_outside_capture(store: dict, device: torch.device, size: int, least: int,
+                           stream: int | None = None) -> Tensor | None:
     """``store``'s int32 zeros on ``device``, at least ``size`` of them (made with ``max(size, least)``), made
     outside any CUDA graph capture (memory allocated inside a capture belongs to the graph's pool); None while
-    capturing if there are too few. The kernels reset what they count, so one buffer serves every call; calls of one
-    device must not run concurrently on two streams (decode runs on one)."""
-    key = (device.type, device.index)
-    buf = store.get(key)
-    if buf is None or buf.numel() < size:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buf = store[key] = torch.zeros(max(size, least), dtype=torch.int32, device=device)
-    return buf
+    capturing if there are too few. The kernels reset what they count, so one buffer serves every call of a stream.
+    ``stream``: an eager plan's stream (its raw handle): eager calls count in buffers of their own stream, so decodes
+    on two streams of a device (two models served side by side) never share counters; None: the device's buffers,
+    which CUDA-graph captures take (made by any earlier call of the size outside a capture: an eager call makes both),
+    so graphs replayed on two streams at once must not share a device."""
+    shared = (device.type, device.index)
+    for key in ((shared, stream), shared) if stream is not None else (shared,):
+        buf = store.get(key)
+        if buf is None or buf.numel() < size:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return None
+            store[key] = torch.zeros(max(size, least), dtype=torch.int32, device=device)
+    return store[(shared, stream) if stream is not None else shared]
 
 
-def sync_buffer(device: torch.device) -> Tensor | None:
+def sync_buffer(device: torch.device, stream: int | None = None) -> Tensor | None:
     """The fused kernel's counters on ``device`` (ticket, arrivals, departures; reset by each call's last program);
-    None while capturing before they exist (the caller takes the two-launch path)."""
-    return _zeros_outside_capture(_SYNC, device, 4, 4)
+    None while capturing before they exist (the caller takes the two-launch path). ``stream``: as
+    :func:`_zeros_outside_capture`'s."""
+    return _zeros_outside_capture(_SYNC, device, 4, 4, stream)
 
 
-def split_counters(device: torch.device, size: int) -> Tensor | None:
+def split_counters(device: torch.device, size: int, stream: int | None = None) -> Tensor | None:
     """The N:M split kernel's arrival counters on ``device``, one per tile (each reset by the last split of its
-    tile); None while capturing if there are too few (the caller does not split)."""
-    return _zeros_outside_capture(_COUNTERS, device, size, 4096)
+    tile); None while capturing if there are too few (the caller does not split). ``stream``: as
+    :func:`_zeros_outside_capture`'s."""
+    return _zeros_outside_capture(_COUNTERS, device, size, 4096, stream)
 
 
 #: The one-token two-stage product as two launches joined by programmatic dependent launch (Hopper and later:
@@ -1116,7 +1123,8 @@ def _sparse_mma_ok(N: int, M: int, K: int, kept: int, n_keep: int, group: int, d
             and _capability(device.type, device.index) >= (8, 0))
 
 
-def _sparse_mma_launcher(N: int, M: int, K: int, device: torch.device, dtype: torch.dtype, act: bool = False):
+def _sparse_mma_launcher(N: int, M: int, K: int, device: torch.device, dtype: torch.dtype, act: bool = False,
+                         stream: int | None = None):
     """The ``mma.sp`` launch (``_gluon_nm24``) with ``nm_launcher``'s calling convention (``act``: SiLU(gate) * up
     formed first by ``_gate_rows``, into the scratch); a call whose operands are not aligned for its loads (values and
     codes 8 bytes a lane, inputs 4) takes the launch ``nm_launcher`` makes without it. The scratch: the inputs in
@@ -1131,7 +1139,8 @@ def _sparse_mma_launcher(N: int, M: int, K: int, device: torch.device, dtype: to
                     DEPTH=NM24_SP_DEPTH[0], PREP=prep, FP16=dtype == torch.float16, num_warps=warps)
     fragments = Launch(_gluon_nm24._input_fragments, (sb, blocks), num_warps=4) if prep else None
     gate = Launch(_gate_rows, (_cdiv(K, 1024), N), BLOCK=1024, num_warps=4) if act else None
-    other, other_scratch = nm_launcher(N, M, K, K // 2, 2, 4, device, dtype, act=act, sparse_mma=False)
+    other, other_scratch = nm_launcher(N, M, K, K // 2, 2, 4, device, dtype, act=act, sparse_mma=False,
+                                       stream=stream)
     xf_words = blocks * sb * 256 if prep else 0
     h_words = _cdiv(N * K * dtype.itemsize, 4) if act else 0
     other_words = math.prod(other_scratch) if other_scratch is not None else 0
@@ -1174,13 +1183,13 @@ def _sparse_mma_launcher(N: int, M: int, K: int, device: torch.device, dtype: to
 
 
 def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, device: torch.device,
-                dtype: torch.dtype, act: bool = False, sparse_mma: bool = True):
+                dtype: torch.dtype, act: bool = False, sparse_mma: bool = True, stream: int | None = None):
     """The N:M launch for one shape, worked out once: ``(launch, scratch)``, ``launch(x, values, positions, y, t,
     act_off=0)`` (``act`` as :func:`gemv_launcher`'s; K is the product's input width); ``scratch`` the shape of the
     fp32 scratch ``t`` it needs (None: none, ``t`` ignored): the split partials, and at one token with ``act`` and
-    NM_ROW_GATE_FIRST, flat, the gated input after them."""
+    NM_ROW_GATE_FIRST, flat, the gated input after them. ``stream``: an eager plan's (:func:`split_counters`)."""
     if sparse_mma and _sparse_mma_ok(N, M, K, kept, n_keep, group, device, dtype, act):
-        return _sparse_mma_launcher(N, M, K, device, dtype, act)
+        return _sparse_mma_launcher(N, M, K, device, dtype, act, stream)
     gate_first = act and NM_ROW_GATE_FIRST[0]
     # 2:4 of 16-bit values at up to NM24_ROW_TOKENS tokens: the byte-permute kernel, ``tokens24`` tokens a program
     pair_ok = (NM24_ROW[0] and (n_keep, group) == (2, 4) and K == kept * 2 and dtype in (torch.bfloat16, torch.float16)
@@ -1193,7 +1202,7 @@ def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, devi
         return (lambda x, values, positions, y, t=None, act_off=0: None), None
     grid = (_cdiv(M, plan["BLOCK_M"]), _cdiv(N, plan.get("BLOCK_N", 1)))
     splits = plan["SPLITS"]
-    cnt = split_counters(device, grid[0] * grid[1]) if splits > 1 else None
+    cnt = split_counters(device, grid[0] * grid[1], stream) if splits > 1 else None
     if splits > 1 and cnt is None:  # (first met inside a capture: no counters yet, so no split)
         plan = dict(plan, SPLITS=1, SPLIT_LEN=kept if not dot else kept // n_keep)
         splits = 1

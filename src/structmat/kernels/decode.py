@@ -84,6 +84,12 @@ def captured_form():
         _AS_CAPTURED[0] = saved
 
 
+def _stream(x: Tensor) -> int | None:
+    """The counters' stream key of a plan for ``x``: an eager plan's current stream (its calls count in that stream's
+    buffers, ``_triton_decode._zeros_outside_capture``), None for any other (the device's buffers)."""
+    return torch._C._cuda_getCurrentRawStream(x.get_device()) if _eager(x) else None
+
+
 def _scratch(shape: tuple, like: Tensor, keep: bool):
     """A plan's fp32 scratch (split-K partials, a first stage's output): allocated per call, or once per thread and
     reused where ``keep`` (an eager plan: one thread's calls are ordered on its stream; threads sharing a model each
@@ -112,13 +118,13 @@ def _fused_plan(x: Tensor, g1: int, m1: int, k1: int, g2: int, m2: int, k2: int)
     plan = plan_fused(g1, m1, k1, g2, m2, k2, _triton_decode.INTERPRET)
     if pdl_ok(x.device) and not (_triton_decode.EAGER_ONE_GRID[0] and _eager(x)):
         return plan, None, pdl_launcher
-    sync = sync_buffer(x.device)
+    sync = sync_buffer(x.device, _stream(x))
     if sync is None:
         return None
     return plan, sync, fused_launcher
 
 
-def _stage1_plan(n: int, groups: int, M: int, K: int, device: torch.device, act: int):
+def _stage1_plan(n: int, groups: int, M: int, K: int, device: torch.device, act: int, stream: int | None = None):
     """(plan, counters) of low-rank's first stage outside the fused one-token forms: above one token with
     ``MULTI_TOKEN_REDUCE``, split as at one token and summed in the kernel (counters given); otherwise (one token,
     the knob off, no split, or first met inside a CUDA graph capture before the counters exist) split at most
@@ -126,7 +132,7 @@ def _stage1_plan(n: int, groups: int, M: int, K: int, device: torch.device, act:
     if n > 1 and _triton_decode.MULTI_TOKEN_REDUCE[0]:
         plan = plan_gemv(n, groups, M, K, device, split_ok=True, act=bool(act), reduce=True)
         if plan["splits"] > 1:
-            cnt = split_counters(device, groups * -(-M // plan["BLOCK_M"]))
+            cnt = split_counters(device, groups * -(-M // plan["BLOCK_M"]), stream)
             if cnt is not None:
                 return plan, cnt
     return plan_gemv(n, groups, M, K, device, split_ok=True, act=bool(act)), None
@@ -155,7 +161,7 @@ def lowrank_plan(x: Tensor, U: Tensor, V: Tensor, act: int = 0):
             return y
 
         return run_fused
-    p1, cnt = _stage1_plan(n, 1, gr, k, x.device, act)
+    p1, cnt = _stage1_plan(n, 1, gr, k, x.device, act, _stream(x))
     p2 = plan_gemv(n, g, out, r, x.device, split_ok=False)
     y_shape = (*lead, g * out)
     if cnt is not None:  # stage 1's splits summed in its kernel: stage 2 reads the intermediate h (n, g*r)
@@ -268,7 +274,7 @@ def nm_plan(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, act: i
     k = x.shape[-1] // 2 if act else x.shape[-1]
     lead = tuple(x.shape[:-1])
     launch, shape = nm_launcher(_tokens(x), values.shape[0], k, values.shape[1], n, m, x.device, x.dtype,
-                                act=bool(act))
+                                act=bool(act), stream=_stream(x))
     scratch = _scratch(shape, x, _eager(x)) if shape is not None else (lambda: None)
     y_shape, gated = (*lead, values.shape[0]), bool(act)
 

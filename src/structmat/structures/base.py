@@ -229,10 +229,12 @@ def register_fast_path(op: str, fn: Callable[..., Tensor | None]) -> None:
 
 def plan_key(x: Tensor, *tag) -> tuple:
     """What a cached inference plan for input ``x`` depends on: shape, dtype, device, the plan epoch, autocast, and
-    whether the call is captured into a CUDA graph (there only GPU time counts: such calls have plans of their own);
-    ``tag`` tells apart plans of other kinds for the same input."""
+    on a GPU the stream: True while a CUDA graph is captured (there only GPU time counts: such calls have plans of
+    their own), else the current stream (an eager plan keeps scratch and counters for the stream it runs on, so two
+    streams never share them); ``tag`` tells apart plans of other kinds for the same input."""
     return (x.shape, x.dtype, x.device, PLAN_EPOCH[0], torch.is_autocast_enabled(),
-            x.is_cuda and torch.cuda.is_current_stream_capturing(), *tag)
+            x.is_cuda and (torch.cuda.is_current_stream_capturing()
+                           or torch._C._cuda_getCurrentRawStream(x.get_device())), *tag)
 
 
 def invalidate_plans() -> None:
