@@ -385,7 +385,15 @@ def _interpret_report() -> dict:
                 "cpu", torch.float32, {k: v for k, v in DECODE_SHAPES.items()
                                        if k.startswith(("monarch", "lowrank")) or k in ("nm_wide", "nm_wide216")},
                 (1, 3))
+        # an eager gated down product forms its input inside the N:M row kernel (EAGER_GATE_IN_ROW: one launch)
+        launched.clear()
+        _triton_decode.Launch.__call__ = recording
+        report["eager_act_nm"] = decode_errors(
+            "cpu", torch.float32, {k: v for k, v in DECODE_SHAPES.items() if k.startswith("nm")}, (1, 2), act=True)
+        report["eager_act_nm24"] = decode_errors("cpu", torch.bfloat16, nm24, (1,), act=True)
+        report["eager_act_launched"] = sorted(launched)
     finally:
+        _triton_decode.Launch.__call__ = call
         decode._eager = saved_eager
         if saved_query is None:
             del torch._C._cuda_getCurrentRawStream
@@ -710,10 +718,16 @@ def test_fused_two_stage_decode_matches_reference_interpreter(interpret_report):
 def test_eager_decode_plans_count_per_stream_interpreter(interpret_report):
     """Eager plans made on two streams count in buffers of their own stream (two models decoding side by side on two
     streams of a device never share counters), with the device's buffers made beside them for CUDA-graph captures;
-    the products are right and every count is reset afterwards."""
+    the products are right and every count is reset afterwards. An eager gated N:M down product at one token forms
+    its input inside the row kernel (one launch, no ``_gate_rows``)."""
     for s in (7, 9):
         errs = interpret_report[f"eager_stream_{s}"]
         assert errs and not {k: v for k, v in errs.items() if not v <= TOL["float32"]}, (s, errs)
+    for key, tol in (("eager_act_nm", TOL["float32"]), ("eager_act_nm24", TOL["bfloat16"])):
+        errs = interpret_report[key]
+        assert errs and not {k: v for k, v in errs.items() if not v <= tol}, (key, errs)
+    assert "_gate_rows" not in interpret_report["eager_act_launched"], interpret_report["eager_act_launched"]
+    assert "_decode_nm_row" in interpret_report["eager_act_launched"]
     buffers = interpret_report["eager_stream_buffers"]
     device = "('cpu', None)"
     for name in ("sync", "counters"):

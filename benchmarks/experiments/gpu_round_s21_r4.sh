@@ -10,7 +10,9 @@
 # the tensors / direct with their addresses, layers' eager forms with and without addresses, q/k/v and MLP blocks).
 # Prediction: passing addresses skips a data_ptr call and a cuPointerGetAttribute per pointer in Triton's launcher,
 # ~0.5-1 us each on the lent host: 2-5 us less per launch (4-6 pointers), lowrank's eager layer 28.6 -> 24-26 us
-# against nn.Linear's 23.6 (session 9, host-costs-20261204T075901Z.json); unfused eager decode +2-4%.
+# against nn.Linear's 23.6 (session 9, host-costs-20261204T075901Z.json); unfused eager decode +2-4%. Also eager
+# fused 2:4's gated down product forms its input inside the row kernel (one launch; EAGER_GATE_IN_ROW): siblings_host
+# times its MLP both ways; fused 2:4 eager 0.99x -> ~1.01x.
 STEP_DIR=${OUT:?set OUT}/12
 source benchmarks/experiments/_round.sh
 step hostcosts 120 python3 benchmarks/experiments/host_costs.py --out "$OUT/12"

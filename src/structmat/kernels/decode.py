@@ -274,7 +274,7 @@ def nm_plan(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, act: i
     k = x.shape[-1] // 2 if act else x.shape[-1]
     lead = tuple(x.shape[:-1])
     launch, shape = nm_launcher(_tokens(x), values.shape[0], k, values.shape[1], n, m, x.device, x.dtype,
-                                act=bool(act), stream=_stream(x))
+                                act=bool(act), stream=_stream(x), eager=_eager(x))
     scratch = _scratch(shape, x, _eager(x)) if shape is not None else (lambda: None)
     y_shape, gated = (*lead, values.shape[0]), bool(act)
 
