@@ -258,6 +258,21 @@ def _interpret_report() -> dict:
             x = torch.randn(1, 1, IN)
             errs.append(rel_rms(cross(x, memory), cross64(x.double(), memory.double())))
     report["cross-1"] = dict(calls=list(calls), split=group._inputs_differ, max_err=max(errs))
+    # compiled after that split (a decode step compiled after an eager prefill found the inputs differ): each member
+    # runs its own product in the graph, none the group's (widths: the decode products' output columns)
+    torch._dynamo.reset()
+    widths = []
+
+    def backend(gm, example_inputs):
+        widths.extend(int(node.meta["example_value"].shape[-1]) for node in gm.graph.nodes
+                      if node.op == "call_function" and "decode_lowrank" in str(node.target))
+        return gm.forward
+
+    compiled = torch.compile(cross, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        x = torch.randn(1, 1, IN)
+        err = rel_rms(compiled(x, memory), cross64(x.double(), memory.double()))
+    report["cross-1-compiled"] = dict(widths=widths, err=err)
     return report
 
 
@@ -352,9 +367,12 @@ class CrossAttention(Attention):
 
 def test_siblings_reading_different_inputs_at_one_token_split_interpreter(interpret_report):
     """Cross-attention at one token: its first call wastes one group product, then each member runs its own decode
-    kernel (eager); a member called alone with another input splits its group the same way."""
+    kernel (eager, and in a step compiled afterwards); a member called alone with another input splits its group
+    the same way."""
     entry = interpret_report["cross-1"]
     assert entry["calls"] == ["lowrank"] and entry["split"] and entry["max_err"] <= TOL, entry
+    entry = interpret_report["cross-1-compiled"]  # (q, k, v and o: each its own product, OUT columns)
+    assert entry["widths"] == [OUT] * 4 and entry["err"] <= TOL, entry
     assert all(interpret_report[f"{name}-alone-split"] for name in SPECS)
 
 

@@ -362,6 +362,8 @@ class SiblingGroup:
             if engine is None:
                 return None
             call = self._many_call(engine, traced=True)
+        elif self._inputs_differ:  # (split by earlier eager calls, e.g. an encoder-decoder's eager prefill: in the
+            return None            # compiled decode step each member reads its own weight, not the group's)
         elif self._takes_decode(member, flat):
             call = self._call()
         else:
