@@ -14,15 +14,14 @@
 #   2:4's: the stacked rows' tiles, a third of the launches, 5-15%).
 # Round 2 has the prefill rows (host time with and without the direct launches; bench infer).
 # The GPU tests first (LaunchCache's direct path, the fused siblings at 300 tokens, N:M expansion; session 22: the
-# direct launches now pass addresses, covered by the direct-launch tests), then (session 22) `structmat generate`'s
-# held bytes without the cuBLAS workspaces that CUDA-graph recording frees (session 19: compiled low-rank held
-# 651.0 MB for 666.4 MB of parameters): parameters <= held <= peak, eager and compiled by inductor. Also (session
-# 22) eager decode on two streams at once: per-stream plans and counters, every output equal to the layer's alone.
+# direct launches now pass addresses, covered by the direct-launch tests; eager decode on two streams at once:
+# per-stream plans and counters; the decode kernels against float64 again, eager gated N:M now forming its input
+# in the row kernel; round 2 has session 22's generate held-bytes test).
 STEP_DIR=${OUT:?set OUT}/12
 source benchmarks/experiments/_round.sh
-step gputest 120 python3 -m pytest -q -p no:warnings -m gpu tests/test_inference.py tests/test_kernels.py \
-  tests/test_siblings.py -k "many_token_launches or direct_launch or launch_runs or nm_many_tokens or siblings_match or gated_mlp_at_many or two_streams"
-step heldtest 150 python3 -m pytest -q -p no:warnings -m gpu tests/test_generate.py
+step gputest 240 python3 -m pytest -q -p no:warnings -m gpu tests/test_inference.py tests/test_kernels.py \
+  tests/test_siblings.py -k "many_token_launches or direct_launch or launch_runs or nm_many_tokens or siblings_match or gated_mlp_at_many or two_streams \
+  or decode_kernels_match_reference or eager_form_matches or fused_decode_repeats"
 step siblings 150 python3 benchmarks/experiments/siblings_many.py --out "$OUT/12"
 step tiles 120 python3 benchmarks/experiments/nm_prefill_tiles.py --out "$OUT/12"
 tar czf "$OUT/round.tgz" -C "$OUT" 12 steps.log gpu.txt && rm -rf "$OUT/12"

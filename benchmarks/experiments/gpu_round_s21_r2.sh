@@ -14,5 +14,9 @@ step gap0 90 env STRUCTMAT_DIRECT_LAUNCH=0 python3 benchmarks/experiments/prefil
 step prefill 200 python3 -m structmat bench infer --structures monarch+fused,lowrank+fused,nm24+fused \
   --steps prefill_tps,prefill_compiled --prefill-compile-mode reduce-overhead --no-kernels --reps 5 \
   --budget-s 170 --out "$OUT/12"
+# (session 22) `structmat generate`'s held bytes without the cuBLAS workspaces that CUDA-graph recording frees
+# (session 19: compiled low-rank held 651.0 MB for 666.4 MB of parameters): parameters <= held <= peak, eager and
+# compiled by inductor, for the structured model and its dense baseline
+step heldtest 150 python3 -m pytest -q -p no:warnings -m gpu tests/test_generate.py
 tar czf "$OUT/round.tgz" -C "$OUT" 12 steps.log gpu.txt && rm -rf "$OUT/12"
 exit 0
