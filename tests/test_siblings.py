@@ -36,6 +36,19 @@ class Attention(nn.Module):
         return self.o_proj(self.q_proj(x) * self.k_proj(x).sigmoid() + self.v_proj(x))
 
 
+class GQA(nn.Module):
+    """q twice as wide as k and v (grouped-query attention: fewer key/value heads than query heads)."""
+
+    def __init__(self, spec: str, dtype=torch.float32) -> None:
+        super().__init__()
+        self.q_proj = build(spec, IN, 2 * OUT, dtype=dtype).init_()
+        self.k_proj, self.v_proj = (build(spec, IN, OUT, dtype=dtype).init_() for _ in range(2))
+
+    def forward(self, x):
+        q = self.q_proj(x)
+        return q[..., :OUT] * self.k_proj(x).sigmoid() + self.v_proj(x) - q[..., OUT:]
+
+
 class MLP(nn.Module):
     """A gated MLP as Llama's: down(SiLU(gate(x)) * up(x))."""
 
@@ -258,6 +271,25 @@ def _interpret_report() -> dict:
             x = torch.randn(1, 1, IN)
             errs.append(rel_rms(cross(x, memory), cross64(x.double(), memory.double())))
     report["cross-1"] = dict(calls=list(calls), split=group._inputs_differ, max_err=max(errs))
+    # grouped-query attention: N:M's stacks are rows, so q (twice as wide) fuses with k and v; eager at few and many
+    # tokens, and compiled
+    gqa, gqa64 = GQA(SPECS["nm"]).eval(), GQA(SPECS["nm"], torch.float64).eval()
+    gqa64.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in gqa.state_dict().items()})
+    gqa_groups = structmat.fuse_siblings(gqa)
+    gqa_errs = {}
+    calls.clear()
+    with torch.inference_mode():
+        for n in (1, 3, 17, 70):
+            x = torch.randn(1, n, IN)
+            gqa_errs[f"eager-{n}"] = rel_rms(gqa(x), gqa64(x.double()))
+    eager_calls = list(calls)
+    torch._dynamo.reset()
+    compiled = torch.compile(gqa, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        for n in (1, 3):
+            x = torch.randn(1, n, IN)
+            gqa_errs[f"compiled-{n}"] = rel_rms(compiled(x), gqa64(x.double()))
+    report["gqa-nm"] = dict(widths=[g.widths for g in gqa_groups], errs=gqa_errs, eager_calls=eager_calls)
     # compiled after that split (a decode step compiled after an eager prefill found the inputs differ): each member
     # runs its own product in the graph, none the group's (widths: the decode products' output columns)
     torch._dynamo.reset()
@@ -567,6 +599,44 @@ def test_dense_siblings_run_one_gemm():
     assert torch.allclose(y, ref, rtol=1e-6, atol=1e-6)
 
 
+def test_siblings_of_different_widths_fuse_where_stacks_are_rows_interpreter(interpret_report):
+    """Grouped-query attention (q wider than k and v) with N:M: one group of all three (its stacks are the members'
+    rows), each member's columns right against float64 at 1-70 tokens, eager and compiled, one group product per
+    forward at few tokens."""
+    entry = interpret_report["gqa-nm"]
+    assert entry["widths"] == [[2 * OUT, OUT, OUT]], entry
+    assert all(v <= TOL for v in entry["errs"].values()) and len(entry["errs"]) == 6, entry
+    assert entry["eager_calls"] == ["nm"] * 3, entry  # (1, 3 and 17 tokens: one product each; 70: the tiles)
+
+
+def test_dense_siblings_of_different_widths_fuse():
+    """Dense-structured GQA projections fuse into one GEMM over rows of different heights; the other structures'
+    grouped kernels take equal members (q stays alone, k and v fuse); state dict and unfuse as for equal members."""
+    torch.manual_seed(0)
+    model = GQA("dense").eval()
+    x = torch.randn(2, 3, IN)
+    keys = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = model(x)
+        (group,) = structmat.fuse_siblings(model)
+        assert group.widths == [2 * OUT, OUT, OUT] and group.offsets == [0, 2 * OUT, 3 * OUT]
+        seen = []
+        handle = torch.nn.functional.linear
+        try:
+            torch.nn.functional.linear = lambda a, w, b=None: seen.append(tuple(w.shape)) or handle(a, w, b)
+            y = model(x)
+        finally:
+            torch.nn.functional.linear = handle
+    assert seen == [(4 * OUT, IN)] and torch.allclose(y, ref, rtol=1e-6, atol=1e-6)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == keys
+    assert structmat.unfuse_siblings(model) == 1
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref, rtol=1e-6, atol=1e-6)
+    for name in ("lowrank", "monarch", "blockdiag"):
+        groups = structmat.fuse_siblings(GQA(SPECS[name]))
+        assert [g.widths for g in groups] == [[OUT, OUT]], name
+
+
 def test_only_equal_siblings_fuse():
     model = Attention(SPECS["lowrank"])
     model.v_proj = build("lowrank:rank=4", IN, OUT)  # another size: q and k fuse, v stays alone
@@ -657,6 +727,36 @@ def test_fused_siblings_match_reference_gpu(spec):
             errs = [rel_rms(y.cpu(), r.cpu()) for y, r in zip(outs, refs)]
             assert max(errs) <= 3e-2, (spec, n, errs)
         assert all(g._x is None for g in groups)
+
+
+@pytest.mark.gpu
+def test_siblings_of_different_widths_match_reference_gpu():
+    """2:4 grouped-query projections of a Llama-3-like shape (q 2048 -> 2048, k and v 2048 -> 512), bf16, fused
+    into one group: 1-64 tokens (one decode product) and 300 (the tiles of the stacked rows), eager and replayed
+    from a CUDA graph, against float64."""
+    torch.manual_seed(0)
+    dev, dt = "cuda", torch.bfloat16
+    model = GQA("nm:n=2,m=4").eval()
+    model.q_proj = build("nm:n=2,m=4", 2048, 2048, False, device=dev, dtype=dt).init_()
+    model.k_proj, model.v_proj = (build("nm:n=2,m=4", 2048, 512, False, device=dev, dtype=dt).init_()
+                                  for _ in range(2))
+    dense = [m.to_dense().double() for m in (model.q_proj, model.k_proj, model.v_proj)]
+    (group,) = structmat.fuse_siblings(model)
+    assert group.widths == [2048, 512, 512]
+    for n in (1, 4, 16, 64, 300):
+        x = torch.randn(1, n, 2048, device=dev, dtype=dt)
+        refs = [x.double() @ w.T for w in dense]
+        members = (model.q_proj, model.k_proj, model.v_proj)
+        with torch.no_grad():
+            eager = [m(x) for m in members]
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static = [m(x) for m in members]
+            graph.replay()
+            torch.cuda.synchronize()
+        for outs in (eager, static):
+            errs = [rel_rms(y.cpu(), r.cpu()) for y, r in zip(outs, refs)]
+            assert max(errs) <= 3e-2, (n, errs)
 
 
 @pytest.mark.gpu

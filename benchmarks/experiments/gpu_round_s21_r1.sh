@@ -21,7 +21,7 @@ STEP_DIR=${OUT:?set OUT}/12
 source benchmarks/experiments/_round.sh
 step gputest 240 python3 -m pytest -q -p no:warnings -m gpu tests/test_inference.py tests/test_kernels.py \
   tests/test_siblings.py -k "many_token_launches or direct_launch or launch_runs or nm_many_tokens or siblings_match or gated_mlp_at_many or two_streams \
-  or decode_kernels_match_reference or eager_form_matches or fused_decode_repeats"
+  or decode_kernels_match_reference or eager_form_matches or fused_decode_repeats or different_widths"
 step siblings 150 python3 benchmarks/experiments/siblings_many.py --out "$OUT/12"
 step tiles 120 python3 benchmarks/experiments/nm_prefill_tiles.py --out "$OUT/12"
 tar czf "$OUT/round.tgz" -C "$OUT" 12 steps.log gpu.txt && rm -rf "$OUT/12"

@@ -74,15 +74,22 @@ def _padded(layer: StructuredLinear) -> bool:
             or getattr(layer, "out_padded", layer.out_features) != layer.out_features)
 
 
+#: Structures whose stacks are the members' rows one after another (each member a block of output rows of one
+#: taller layer): their members may differ in width, as a GQA attention's q_proj and k_proj/v_proj do
+ROW_STACKS = ("nm", "dense")
+
+
 def _key(layer: StructuredLinear) -> tuple | None:
-    """Members fuse when everything but their numbers is equal; None for a layer that cannot be fused."""
+    """Members fuse when everything but their numbers is equal (for ROW_STACKS, but their output widths too); None
+    for a layer that cannot be fused."""
     if layer.name not in _LAYOUT or _padded(layer) or layer._buffers.get("merged_weight") is not None:
         return None
     tensors = [_get(layer, name, buf) for name, _, buf in _LAYOUT[layer.name][1]]
     if any(t.is_meta or not t.is_contiguous() for t in tensors):
         return None
-    return (layer.name, layer.config, layer.in_features, layer.out_features,
-            tuple((t.dtype, t.device, tuple(t.shape)) for t in tensors))
+    rows = layer.name in ROW_STACKS  # (then every stacked tensor's dim 0 is the output rows)
+    return (layer.name, layer.config, layer.in_features, None if rows else layer.out_features,
+            tuple((t.dtype, t.device, tuple(t.shape)[1:] if rows else tuple(t.shape)) for t in tensors))
 
 
 def _get(layer: nn.Module, name: str, buffer: bool) -> Tensor:
@@ -95,7 +102,11 @@ class SiblingGroup:
     def __init__(self, members: list[StructuredLinear]) -> None:
         self.members = members
         self.op, layout = _LAYOUT[members[0].name]
-        self.out = members[0].out_features
+        # each member's columns of the group's output: [offsets[i], offsets[i] + widths[i]) of width in all (equal
+        # widths but for ROW_STACKS)
+        self.widths = [m.out_features for m in members]
+        self.offsets = [sum(self.widths[:i]) for i in range(len(members))]
+        self.width = sum(self.widths)
         stacks = []
         with torch.no_grad():
             for name, dim, buffer in layout:
@@ -105,7 +116,8 @@ class SiblingGroup:
         for i, m in enumerate(members):  # members' tensors become views of the stacks (their own ones are freed)
             for (name, dim, buffer), stack in zip(layout, self.stacks):
                 old = _get(m, name, buffer)
-                view = stack[i] if dim == "new" else stack.narrow(dim, i * old.shape[dim], old.shape[dim])
+                start = sum(_get(o, name, buffer).shape[dim] for o in members[:i]) if dim != "new" else i
+                view = stack[i] if dim == "new" else stack.narrow(dim, start, old.shape[dim])
                 if buffer:
                     m._buffers[name] = view
                 else:
@@ -272,7 +284,7 @@ class SiblingGroup:
         (:meth:`_many_engine`), made once per key; None: the members' own paths."""
         run = None
         if not (x.is_cuda and torch.is_autocast_enabled("cuda")):
-            d, width = member.in_features, len(self.members) * self.out
+            d, width = member.in_features, self.width
             engine = self._many_engine(member, x.reshape(-1, d))
             if engine is not None:
                 call, op = self._many_call(engine), self.op
@@ -298,7 +310,7 @@ class SiblingGroup:
         bias = member._parameters.get("bias")
         if run is None or self._inputs_differ or bias is not None and bias.dtype != x.dtype:
             return None
-        lo, out, pending_after = index * self.out, self.out, len(self.members) - 1
+        lo, out, pending_after = self.offsets[index], self.widths[index], len(self.members) - 1
         params, graphed = member._parameters, dispatch._GRAPHED
 
         def call(x: Tensor) -> Tensor | None:  # (output()'s bookkeeping, inlined: a helper's frame is host time)
@@ -324,9 +336,9 @@ class SiblingGroup:
         if torch.is_grad_enabled() and (x.requires_grad or any(
                 isinstance(f, Tensor) and f.requires_grad for f in self._factors(member))):
             return None
-        lo = index * self.out
+        lo, out = self.offsets[index], self.widths[index]
         if torch.compiler.is_compiling():
-            return self._traced(member, x, lo)
+            return self._traced(member, x, lo, out)
         # eager: every check below is host time paid per member and token, so the cheap ones come first
         many = _many_tokens(x)
         if self._inputs_differ or many and self.op not in MANY_TOKEN_OPS:  # (each member's own path: no lookup)
@@ -345,9 +357,9 @@ class SiblingGroup:
             y, pending = run(x.contiguous()), len(self.members) - 1
         # (every member has its slice: nothing of this step stays alive)
         self._held = (x, version, y, pending) if pending > 0 else None
-        return y.narrow(-1, lo, self.out)
+        return y.narrow(-1, lo, out)
 
-    def _traced(self, member: StructuredLinear, x: Tensor, lo: int) -> Tensor | None:
+    def _traced(self, member: StructuredLinear, x: Tensor, lo: int, out: int) -> Tensor | None:
         """Under torch.compile: the same bookkeeping on trace-time attributes (dynamo tracks the mutation and
         compares traced tensors by identity), so the graph holds one call per group; it ends with them cleared."""
         flat = x if x.dim() == 2 else x.reshape(-1, member.in_features)
@@ -376,8 +388,8 @@ class SiblingGroup:
             self._traced_x, self._traced_y, self._traced_pending = x, y, len(self.members) - 1
         if self._traced_pending == 0:
             self._traced_x = self._traced_y = None
-        y = y[:, lo:lo + self.out]
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out)
+        y = y[:, lo:lo + out]
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out)
 
 
     # --- a gated MLP over this group (gate, up) ------------------------------------------------------------------
@@ -404,7 +416,7 @@ class SiblingGroup:
         down's own path. None where the group does not run its product here (the MLP's own forward)."""
         from .kernels import _triton_decode
 
-        f = self.out
+        f = self.widths[0]  # (gate and up: equal widths, _gated_ok)
         if self._inputs_differ or self.op not in MANY_TOKEN_OPS or not (x.is_cuda or _triton_decode.INTERPRET) \
                 or x.numel() // x.shape[-1] > _triton_decode.GATE_ROWS_MAX:
             return None
@@ -515,7 +527,8 @@ def _gated_ok(parent: nn.Module, group: "SiblingGroup") -> bool:
     if _key(down) is None or "_sibling_group" in down.__dict__ or not (
             isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"):
         return False
-    if any(m.bias is not None for m in (gate, up, down)) or down.in_features != gate.out_features:
+    if any(m.bias is not None for m in (gate, up, down)) \
+            or not down.in_features == gate.out_features == up.out_features:
         return False
     factor = _get(gate, _LAYOUT[gate.name][1][0][0], _LAYOUT[gate.name][1][0][2])
     x = torch.randn(1, gate.in_features, device=factor.device, dtype=factor.dtype)
