@@ -580,6 +580,16 @@ def test_training_through_fused_members_takes_their_own_path():
         assert torch.allclose(p.grad, ref[n], rtol=1e-6, atol=1e-7), n
 
 
+def linear_weights_seen(call):
+    """(the weight shapes ``F.linear`` was called with during ``call()``, its result)."""
+    seen, handle = [], torch.nn.functional.linear
+    torch.nn.functional.linear = lambda a, w, b=None: seen.append(tuple(w.shape)) or handle(a, w, b)
+    try:
+        return seen, call()
+    finally:
+        torch.nn.functional.linear = handle
+
+
 def test_dense_siblings_run_one_gemm():
     """Dense-structured siblings (a model structured only in part) fuse too: one GEMM over the stacked rows."""
     torch.manual_seed(0)
@@ -588,13 +598,7 @@ def test_dense_siblings_run_one_gemm():
     with torch.no_grad():
         ref = model(x)
         assert len(structmat.fuse_siblings(model)) == 1
-        seen = []
-        handle = torch.nn.functional.linear
-        try:
-            torch.nn.functional.linear = lambda a, w, b=None: seen.append(tuple(w.shape)) or handle(a, w, b)
-            y = model(x)
-        finally:
-            torch.nn.functional.linear = handle
+        seen, y = linear_weights_seen(lambda: model(x))
     assert seen[0] == (3 * OUT, IN) and (3 * OUT, IN) not in seen[1:]
     assert torch.allclose(y, ref, rtol=1e-6, atol=1e-6)
 
@@ -620,13 +624,7 @@ def test_dense_siblings_of_different_widths_fuse():
         ref = model(x)
         (group,) = structmat.fuse_siblings(model)
         assert group.widths == [2 * OUT, OUT, OUT] and group.offsets == [0, 2 * OUT, 3 * OUT]
-        seen = []
-        handle = torch.nn.functional.linear
-        try:
-            torch.nn.functional.linear = lambda a, w, b=None: seen.append(tuple(w.shape)) or handle(a, w, b)
-            y = model(x)
-        finally:
-            torch.nn.functional.linear = handle
+        seen, y = linear_weights_seen(lambda: model(x))
     assert seen == [(4 * OUT, IN)] and torch.allclose(y, ref, rtol=1e-6, atol=1e-6)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == keys
     assert structmat.unfuse_siblings(model) == 1
