@@ -5,8 +5,9 @@ At decode a layer's time is a fixed cost per launch plus its bytes; a transforme
 the one-launch-per-linear bound of issue 12 names: at the bench shape each block linear costs ~4 us of launch and
 ramp-up before its bytes.
 
-:func:`fuse_siblings` stacks the factors of each group of equal structured siblings into one tensor per factor and
-makes every member's parameters *views* of it: no memory is added, state dicts and checkpoints keep their keys and
+:func:`fuse_siblings` stacks the factors of each group of equal structured siblings (N:M and dense members may differ
+in width: their stacks are rows, ``ROW_STACKS``) into one tensor per factor and makes every member's parameters
+*views* of it: no memory is added, state dicts and checkpoints keep their keys and
 shapes, in-place updates (a load, an optimizer step) write into the stack. At few tokens in inference, where each
 member's own dispatch would take the decode kernels, the first member called runs the group's product once (one
 launch for all members: ``structmat.kernels.decode`` with stacked operands) and every member returns its slice:
