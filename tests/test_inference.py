@@ -1246,6 +1246,34 @@ def test_decode_host_stub_runs_the_decode_path_on_cpu(tmp_path):
     assert all(isinstance(r["forced_us"].get("decode"), float) for r in rows if r["mode"] == "inference_mode"), rows
 
 
+def test_bench_infer_checkpoint_rows_load_and_fuse(monkeypatch):
+    """``bench infer --checkpoint DIR``: the ``checkpoint`` row is the model ``load_pretrained`` reads,
+    ``--structures checkpoint+fused`` the same with its siblings fused; without --checkpoint, a clear error."""
+    import argparse
+
+    import structmat.io
+    from structmat.bench import infer
+    from structmat.siblings import sibling_groups
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def tiny(directory, device=None, dtype=None):
+        assert directory == "ckpt" and device == "cuda"  # (loaded on the GPU the bench runs on)
+        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                             vocab_size=64)
+        model = LlamaForCausalLM(config)
+        structmat.structurize(model, {r".*_proj": "lowrank:ratio=0.5"})
+        return model
+
+    monkeypatch.setattr(structmat.io, "load_pretrained", tiny)
+    args = argparse.Namespace(checkpoint="ckpt")
+    plain = infer._build_named("checkpoint", args, torch.float32, {})
+    fused = infer._build_named("checkpoint+fused", args, torch.float32, {})
+    assert not sibling_groups(plain) and len(sibling_groups(fused)) == 2  # (q/k/v, gate/up)
+    assert plain.config.use_cache and not plain.training
+    with pytest.raises(ValueError, match="--checkpoint"):
+        infer._build_named("checkpoint+fused", argparse.Namespace(checkpoint=None), torch.float32, {})
+
+
 def test_gpu_round_infer_script_arguments(tmp_path):
     """The round-2 script's steps, printed by --dry-run, all parse (a flag error would cost the GPU round) and write
     only under $OUT/12."""

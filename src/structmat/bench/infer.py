@@ -430,11 +430,16 @@ class _CompileLog(logging.Handler):
 
 
 def _build_named(name: str, args, dtype: torch.dtype, shape: dict):
-    if name == "checkpoint":
+    if name in ("checkpoint", "checkpoint" + FUSED):  # (--structures checkpoint+fused: it with its siblings fused)
         from structmat.io import load_pretrained
+        from structmat.siblings import fuse_siblings
 
+        if not args.checkpoint:
+            raise ValueError(f"bench infer: the {name!r} row needs --checkpoint DIR (a structmat compress output)")
         model = load_pretrained(args.checkpoint, device="cuda", dtype=dtype)
         model.config.use_cache = True
+        if name.endswith(FUSED):
+            fuse_siblings(model)
         return model.eval()
     if name in ("floor", "floor1", "floor2"):  # (see floor_model: the bound on any structure's speedup)
         return floor_model(dtype, shape, int(name[5:] or 0))
