@@ -627,7 +627,11 @@ def test_dense_siblings_of_different_widths_fuse():
         seen, y = linear_weights_seen(lambda: model(x))
     assert seen == [(4 * OUT, IN)] and torch.allclose(y, ref, rtol=1e-6, atol=1e-6)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == keys
+    # the biases stacked too (the GEMM adds them; members add none of their own), members' biases views of it
+    assert group.bias is not None and group.bias.shape == (4 * OUT,)
+    assert model.k_proj.bias.data_ptr() == group.bias.data_ptr() + 2 * OUT * group.bias.element_size()
     assert structmat.unfuse_siblings(model) == 1
+    assert model.k_proj.bias.data_ptr() != group.bias.data_ptr() + 2 * OUT * group.bias.element_size()
     with torch.no_grad():
         assert torch.allclose(model(x), ref, rtol=1e-6, atol=1e-6)
     for name in ("lowrank", "monarch", "blockdiag"):
@@ -645,6 +649,10 @@ def test_only_equal_siblings_fuse():
     mixed = Attention(SPECS["lowrank"])
     mixed.k_proj = build(SPECS["monarch"], IN, OUT)
     assert [len(g.members) for g in structmat.fuse_siblings(mixed)] == [2]  # q and v
+    unbiased = Attention(SPECS["lowrank"])  # (a bias or none: stacked biases are all the members' or none)
+    unbiased.v_proj = build(SPECS["lowrank"], IN, OUT, bias=False)
+    (group,) = structmat.fuse_siblings(unbiased)
+    assert group.members == [unbiased.q_proj, unbiased.k_proj] and group.bias is not None
 
 
 def test_gated_mlp_only_where_the_forward_is_gated_silu():
@@ -729,21 +737,23 @@ def test_fused_siblings_match_reference_gpu(spec):
 
 @pytest.mark.gpu
 def test_siblings_of_different_widths_match_reference_gpu():
-    """2:4 grouped-query projections of a Llama-3-like shape (q 2048 -> 2048, k and v 2048 -> 512), bf16, fused
-    into one group: 1-64 tokens (one decode product) and 300 (the tiles of the stacked rows), eager and replayed
-    from a CUDA graph, against float64."""
+    """2:4 grouped-query projections of a Llama-3-like shape (q 2048 -> 2048, k and v 2048 -> 512) with biases (as
+    Qwen2's), bf16, fused into one group: 1-64 tokens (one decode product) and 300 (the tiles of the stacked rows),
+    eager and replayed from a CUDA graph, against float64."""
     torch.manual_seed(0)
     dev, dt = "cuda", torch.bfloat16
     model = GQA("nm:n=2,m=4").eval()
-    model.q_proj = build("nm:n=2,m=4", 2048, 2048, False, device=dev, dtype=dt).init_()
-    model.k_proj, model.v_proj = (build("nm:n=2,m=4", 2048, 512, False, device=dev, dtype=dt).init_()
+    model.q_proj = build("nm:n=2,m=4", 2048, 2048, True, device=dev, dtype=dt).init_()
+    model.k_proj, model.v_proj = (build("nm:n=2,m=4", 2048, 512, True, device=dev, dtype=dt).init_()
                                   for _ in range(2))
-    dense = [m.to_dense().double() for m in (model.q_proj, model.k_proj, model.v_proj)]
+    for m in (model.q_proj, model.k_proj, model.v_proj):  # (biases, as Qwen2's q/k/v: stacked, one add)
+        torch.nn.init.normal_(m.bias, std=0.5)
+    dense = [(m.to_dense().double(), m.bias.double()) for m in (model.q_proj, model.k_proj, model.v_proj)]
     (group,) = structmat.fuse_siblings(model)
-    assert group.widths == [2048, 512, 512]
+    assert group.widths == [2048, 512, 512] and group.bias is not None
     for n in (1, 4, 16, 64, 300):
         x = torch.randn(1, n, 2048, device=dev, dtype=dt)
-        refs = [x.double() @ w.T for w in dense]
+        refs = [x.double() @ w.T + b for w, b in dense]
         members = (model.q_proj, model.k_proj, model.v_proj)
         with torch.no_grad():
             eager = [m(x) for m in members]

@@ -89,8 +89,10 @@ def _key(layer: StructuredLinear) -> tuple | None:
     if any(t.is_meta or not t.is_contiguous() for t in tensors):
         return None
     rows = layer.name in ROW_STACKS  # (then every stacked tensor's dim 0 is the output rows)
+    bias = layer._parameters.get("bias")
     return (layer.name, layer.config, layer.in_features, None if rows else layer.out_features,
-            tuple((t.dtype, t.device, tuple(t.shape)[1:] if rows else tuple(t.shape)) for t in tensors))
+            tuple((t.dtype, t.device, tuple(t.shape)[1:] if rows else tuple(t.shape)) for t in tensors),
+            None if bias is None else bias.dtype)
 
 
 def _get(layer: nn.Module, name: str, buffer: bool) -> Tensor:
@@ -125,6 +127,15 @@ class SiblingGroup:
                     m._parameters[name] = nn.Parameter(view, requires_grad=old.requires_grad)
             if m._plans:
                 m._plans.clear()
+        # the members' biases stacked too, where each has one in its factors' dtype: the group's product adds them
+        # in one go (a launch per group, where each member's output took one), and members add none of their own
+        biases = [m._parameters.get("bias") for m in members]
+        self.bias = None
+        if all(b is not None and b.dtype == self.stacks[0].dtype for b in biases):
+            with torch.no_grad():
+                self.bias = torch.cat(biases)
+            for m, b, lo in zip(members, biases, self.offsets):
+                m._parameters["bias"] = nn.Parameter(self.bias.narrow(0, lo, b.shape[0]), requires_grad=b.requires_grad)
         for i, m in enumerate(members):
             m.__dict__["_sibling_group"] = (self, i)
         self._plans: dict = {}
@@ -179,19 +190,24 @@ class SiblingGroup:
     def _factors(self, member: StructuredLinear) -> tuple:
         return _factors_of(member)
 
+    def _biased(self, product: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+        """``product`` (the group's, a fresh output) with the stacked biases added in place, where there are."""
+        bias = self.bias
+        return product if bias is None else (lambda x: product(x).add_(bias))
+
     def _call(self) -> Callable[[Tensor], Tensor]:
         from .kernels import decode
 
         stacks = self.stacks
-        if self.op == "dense":
-            return lambda x: torch.nn.functional.linear(x, stacks[0])
+        if self.op == "dense":  # (the bias in cuBLAS's epilogue)
+            return lambda x: torch.nn.functional.linear(x, stacks[0], self.bias)
         if self.op == "blockdiag":
             g = len(self.members)
-            return lambda x: decode.blockdiag(x, stacks[0], g)
+            return self._biased(lambda x: decode.blockdiag(x, stacks[0], g))
         if self.op == "nm":
             n, m = self.members[0].n, self.members[0].m
-            return lambda x: decode.nm(x, stacks[0], stacks[1], n, m)
-        return lambda x: getattr(decode, self.op)(x, *stacks)
+            return self._biased(lambda x: decode.nm(x, stacks[0], stacks[1], n, m))
+        return self._biased(lambda x: getattr(decode, self.op)(x, *stacks))
 
     def _takes_decode(self, member: StructuredLinear, flat: Tensor) -> bool:
         """Whether the group runs its decode product for this input: where the member's own dispatch takes the
@@ -220,7 +236,7 @@ class SiblingGroup:
         args += (self.members[0].n, self.members[0].m) if self.op == "nm" else ()
         operands = (*self.stacks, *args)
         run = decode.PLANS[self.op](flat, *operands)
-        return lambda x: run(x, *operands)
+        return self._biased(lambda x: run(x, *operands))
 
     def _plan(self, member: StructuredLinear, x: Tensor, key: tuple) -> Callable[[Tensor], Tensor] | None:
         """Eager: the group's call for inputs like ``x`` (None: the members' own paths), made once per key."""
@@ -268,17 +284,17 @@ class SiblingGroup:
         """The group's many-token product on a 2-D input (Monarch's: the custom op while tracing)."""
         if self.op == "lowrank":
             U, V = self.stacks
-            return lambda flat: _lowrank_siblings(flat, U, V)
+            return self._biased(lambda flat: _lowrank_siblings(flat, U, V))
         if self.op == "nm":  # (the stacks are the members' rows one after another: one N:M layer g times as tall)
             values, positions = self.stacks
             n, m = self.members[0].n, self.members[0].m
-            return lambda flat: dispatch.ops.nm(flat, values, positions, n, m)
+            return self._biased(lambda flat: dispatch.ops.nm(flat, values, positions, n, m))
         ops = dispatch.ops
         R, L = self.stacks
         g = len(self.members)
         if traced:
-            return lambda flat: ops.monarch_siblings_mm(flat, R, L, g, engine)
-        return lambda flat: ops.monarch_siblings(flat, R, L, g, engine)
+            return self._biased(lambda flat: ops.monarch_siblings_mm(flat, R, L, g, engine))
+        return self._biased(lambda flat: ops.monarch_siblings(flat, R, L, g, engine))
 
     def _many_plan(self, member: StructuredLinear, x: Tensor, key: tuple) -> Callable[[Tensor], Tensor] | None:
         """Eager, many tokens (a prefill): the group's product in two launches for every member where it applies
@@ -308,7 +324,7 @@ class SiblingGroup:
         if dispatch._GRAPHED[0] is not None or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             return None
         run = self._plans.get(plan_key(x, None))  # (the key output() made the group's plan under)
-        bias = member._parameters.get("bias")
+        bias = None if self.bias is not None else member._parameters.get("bias")  # (stacked: in the product)
         if run is None or self._inputs_differ or bias is not None and bias.dtype != x.dtype:
             return None
         lo, out, pending_after = self.offsets[index], self.widths[index], len(self.members) - 1
@@ -594,7 +610,10 @@ def unfuse_siblings(model: nn.Module) -> int:
         group.dissolve()
         with torch.no_grad():
             for m in members:
-                for name, _, buffer in _LAYOUT[m.name][1]:
+                names = [(name, buffer) for name, _, buffer in _LAYOUT[m.name][1]]
+                if group.bias is not None:
+                    names.append(("bias", False))
+                for name, buffer in names:
                     own = _get(m, name, buffer).clone()
                     if buffer:
                         m._buffers[name] = own

@@ -420,6 +420,8 @@ class StructuredLinear(nn.Module):
             y = self._matmul(x if x.dim() == 2 else x.reshape(-1, self.in_features))
             if x.dim() != 2:
                 y = y.reshape(*x.shape[:-1], self.out_features)
+        elif group[0].bias is not None:  # (the group's product added its members' stacked biases)
+            bias = None
         if bias is not None:
             y = y + bias.to(y.dtype)
         if key is not None and len(plans) < MAX_PLANS:  # (asked once per input shape: its plan exists now)
