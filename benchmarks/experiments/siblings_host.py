@@ -88,9 +88,13 @@ def main() -> None:
             unfused = time_us(lambda: model(x), args.calls, args.repeats, sync)
             structmat.fuse_siblings(model)
             fused = time_us(lambda: model(x), args.calls, args.repeats, sync)
-            rows[name] = {"unfused_us": unfused, "fused_us": fused}
-            print(f"{name:>10}: unfused {unfused:6.2f} us, fused {fused:6.2f} us per token "
-                  f"(3 nn.Linear {rows['nn.Linear']:.2f})", flush=True)
+            # with biases (as Qwen2's q/k/v): the group adds them once (session 22; before, each member added its own)
+            biased = QKV(lambda: build(spec, w, w, bias=True, device=dev, dtype=dt).eval())
+            structmat.fuse_siblings(biased)
+            fused_biased = time_us(lambda: biased(x), args.calls, args.repeats, sync)
+            rows[name] = {"unfused_us": unfused, "fused_us": fused, "fused_biased_us": fused_biased}
+            print(f"{name:>10}: unfused {unfused:6.2f} us, fused {fused:6.2f} us (with biases {fused_biased:6.2f}) "
+                  f"per token (3 nn.Linear {rows['nn.Linear']:.2f})", flush=True)
         # a gated MLP: dense, each structure unfused and fused (two products), N:M's down product with its gated
         # input formed inside the row kernel in eager calls or by a kernel of its own (EAGER_GATE_IN_ROW, session 22)
         make = (lambda i, o: nn.Linear(i, o, bias=False, device=dev, dtype=dt))
