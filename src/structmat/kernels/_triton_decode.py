@@ -1187,16 +1187,15 @@ def _sparse_mma_launcher(N: int, M: int, K: int, device: torch.device, dtype: to
 
 
 def nm_launcher(N: int, M: int, K: int, kept: int, n_keep: int, group: int, device: torch.device,
-                dtype: torch.dtype, act: bool = False, sparse_mma: bool = True, stream: int | None = None,
-                eager: bool = False):
+                dtype: torch.dtype, act: bool = False, sparse_mma: bool = True, stream: int | None = None):
     """The N:M launch for one shape, worked out once: ``(launch, scratch)``, ``launch(x, values, positions, y, t,
     act_off=0)`` (``act`` as :func:`gemv_launcher`'s; K is the product's input width); ``scratch`` the shape of the
     fp32 scratch ``t`` it needs (None: none, ``t`` ignored): the split partials, and at one token with ``act`` and
-    NM_ROW_GATE_FIRST, flat, the gated input after them. ``stream``: an eager plan's (:func:`split_counters`);
-    ``eager``: the plan runs eagerly (EAGER_GATE_IN_ROW)."""
+    NM_ROW_GATE_FIRST, flat, the gated input after them. ``stream``: an eager plan's (:func:`split_counters`), None
+    for any other plan (so it also tells an eager plan: EAGER_GATE_IN_ROW)."""
     if sparse_mma and _sparse_mma_ok(N, M, K, kept, n_keep, group, device, dtype, act):
         return _sparse_mma_launcher(N, M, K, device, dtype, act, stream)
-    gate_first = act and NM_ROW_GATE_FIRST[0] and not (eager and EAGER_GATE_IN_ROW[0])
+    gate_first = act and NM_ROW_GATE_FIRST[0] and not (stream is not None and EAGER_GATE_IN_ROW[0])
     # 2:4 of 16-bit values at up to NM24_ROW_TOKENS tokens: the byte-permute kernel, ``tokens24`` tokens a program
     pair_ok = (NM24_ROW[0] and (n_keep, group) == (2, 4) and K == kept * 2 and dtype in (torch.bfloat16, torch.float16)
                and not (act and not gate_first))

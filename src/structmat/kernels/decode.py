@@ -145,13 +145,14 @@ def lowrank_plan(x: Tensor, U: Tensor, V: Tensor, act: int = 0):
     n, k, lead = _tokens(x), V.shape[1], tuple(x.shape[:-1])
     g, out, r = U.shape if U.dim() == 3 else (1, *U.shape)
     us = U.stride() if U.dim() == 3 else (0, *U.stride())
+    vs = (0, *V.stride())  # (a plan holds its factors' strides: layers drop their plans when a factor may change)
+    y_shape = (*lead, g * out)
     gr = V.shape[0]  # stage 1 is one (g*r, in) product; stage 2 group j reads its r columns of it
     fused = _fused_plan(x, 1, gr, k, g, out, r)
     if fused is not None:  # one launch: t = x V^T (split-K fp32 partials), then y = t U^T
         plan, sync, launcher = fused
         launch = launcher(plan, gr, k, out, r, act=bool(act))
         scratch = _scratch((plan["S1"], gr), x, _eager(x))
-        vs, y_shape = (0, *V.stride()), (*lead, g * out)  # (a plan holds factor strides: layers drop plans on a change)
 
         def run_fused(x: Tensor, U: Tensor, V: Tensor, act: int = 0) -> Tensor:
             t = scratch()
@@ -163,11 +164,9 @@ def lowrank_plan(x: Tensor, U: Tensor, V: Tensor, act: int = 0):
         return run_fused
     p1, cnt = _stage1_plan(n, 1, gr, k, x.device, act, _stream(x))
     p2 = plan_gemv(n, g, out, r, x.device, split_ok=False)
-    y_shape = (*lead, g * out)
     if cnt is not None:  # stage 1's splits summed in its kernel: stage 2 reads the intermediate h (n, g*r)
         # (the second stage launched early, its weight loaded while stage 1 runs)
         pair = pdl_dot_ok(n, r, U.numel() * U.element_size(), x.device)
-        vs = (0, *V.stride())
         stage1 = gemv_launcher(1, n, gr, k, p1, V.dtype, act=bool(act), reduce=True, pdl=pair)
         stage2 = (pdl_dot_launcher(g, n, out, r, U.dtype) if pair else gemv_launcher(g, n, out, r, p2, U.dtype))
         words, views = scratch_after_partials(p1["splits"] * n * gr, n * gr, x.dtype)  # (partials, then h)
@@ -185,7 +184,6 @@ def lowrank_plan(x: Tensor, U: Tensor, V: Tensor, act: int = 0):
     stage1 = gemv_launcher(1, n, gr, k, p1, V.dtype, c_split_stride=n * gr, act=bool(act))
     stage2 = gemv_launcher(g, n, out, r, p2, U.dtype, a_partials=p1["splits"], a_partial_stride=n * gr)
     scratch = _scratch((p1["splits"], n, gr), x, _eager(x))
-    vs = (0, *V.stride())
 
     def run(x: Tensor, U: Tensor, V: Tensor, act: int = 0) -> Tensor:
         t = scratch()
@@ -226,6 +224,7 @@ def monarch_plan(x: Tensor, R: Tensor, L: Tensor, act: int = 0):
     b, m1, p = R.shape
     g2, u, bc = L.shape  # g2 = g*b stage-2 groups of (u, b*c)
     c, n, lead = bc // b, _tokens(x), tuple(x.shape[:-1])
+    rs_, ls, y_shape = R.stride(), L.stride(), (*lead, g2 * u)
     nbytes = (R.numel() + L.numel()) * R.element_size()
     if _triton_decode.EAGER_ONE_GRID[0] and _eager(x):
         least = 0  # (eager: one launch where two would be; the host's time is what counts)
@@ -236,7 +235,6 @@ def monarch_plan(x: Tensor, R: Tensor, L: Tensor, act: int = 0):
         plan, sync, launcher = fused
         launch = launcher(plan, m1, p, u, bc, chunk1=c, act=bool(act))
         scratch = _scratch((plan["S1"], g2 * bc), x, _eager(x))
-        rs_, ls, y_shape = R.stride(), L.stride(), (*lead, g2 * u)
 
         def run_fused(x: Tensor, R: Tensor, L: Tensor, act: int = 0) -> Tensor:
             h = scratch()
@@ -257,7 +255,6 @@ def monarch_plan(x: Tensor, R: Tensor, L: Tensor, act: int = 0):
     # stage 2, group j*b + s: h[:, (j*b + s)*b*c:][:b*c] (summed over the partials) @ L_(j*b + s)^T
     stage2 = gemv_launcher(g2, n, u, bc, p2, L.dtype, a_partials=p1["splits"], a_partial_stride=n * g2 * bc)
     scratch = _scratch((p1["splits"], n, g2 * bc), x, _eager(x))
-    rs_, ls, y_shape = R.stride(), L.stride(), (*lead, g2 * u)
 
     def run(x: Tensor, R: Tensor, L: Tensor, act: int = 0) -> Tensor:
         h = scratch()
@@ -274,7 +271,7 @@ def nm_plan(x: Tensor, values: Tensor, positions: Tensor, n: int, m: int, act: i
     k = x.shape[-1] // 2 if act else x.shape[-1]
     lead = tuple(x.shape[:-1])
     launch, shape = nm_launcher(_tokens(x), values.shape[0], k, values.shape[1], n, m, x.device, x.dtype,
-                                act=bool(act), stream=_stream(x), eager=_eager(x))
+                                act=bool(act), stream=_stream(x))
     scratch = _scratch(shape, x, _eager(x)) if shape is not None else (lambda: None)
     y_shape, gated = (*lead, values.shape[0]), bool(act)
 
