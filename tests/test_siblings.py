@@ -390,6 +390,42 @@ def test_siblings_at_many_tokens_in_process(monkeypatch, name):
     assert all(p.grad is not None for p in model.q_proj.parameters())
 
 
+def test_group_readies_what_a_capture_runs_instead(monkeypatch):
+    """Where eager calls ran the group's product but a CUDA-graph capture of the same input chooses otherwise (by GPU
+    time alone: Monarch at 2-64 tokens takes the grouped GEMM on each member's own path), the planning eager call
+    runs that path once, outside the capture (a capture must not build or autotune kernels; on the H100 the members'
+    grouped GEMM autotuned inside a capture and broke it); once per distinct member shape, and nothing where the
+    capture takes what eager calls ran."""
+    from structmat import siblings
+    from structmat.kernels import dispatch, ops
+
+    if dispatch.ops is None:
+        pytest.skip("needs Triton")  # (the many-token engines live in kernels.ops)
+    runs = []
+    monkeypatch.setitem(dispatch._OPS, "monarch", (
+        lambda x, R, L: ("triton" if dispatch._GRAPHED[0] else "cublas") if x.shape[0] > 64 else
+        ("triton" if dispatch._GRAPHED[0] else "decode"),
+        lambda choice: (lambda x, R, L: runs.append(("own", choice, x.shape[0], tuple(R.shape))))))
+    monkeypatch.setattr(ops, "monarch_siblings", lambda x, R, L, g, engine: (
+        runs.append(("group", engine, g)), x.new_zeros(x.shape[0], g * OUT))[1])
+    monkeypatch.setattr(ops, "fused_applies", lambda *args: False)
+    model = Attention(SPECS["monarch"]).eval()
+    (group,) = structmat.fuse_siblings(model)
+    member = model.q_proj
+    few, many = torch.randn(1, 16, IN), torch.randn(1, 300, IN)
+    group._ready_capture(member, few, False)  # (eager ran the members' own paths: their plans ready themselves)
+    assert runs == []
+    group._ready_capture(member, few, True)  # (eager ran the group's decode product; a capture: each member's own)
+    assert runs == [("own", "triton", 16, tuple(member.R.shape))]  # (three members of one shape: run once)
+    runs.clear()
+    group._ready_capture(member, many, "cublas")  # (a capture takes the group's product under another engine)
+    assert runs == [("group", "triton", 3)]
+    runs.clear()
+    group._ready_capture(member, many, "triton")  # (the same engine as eager's: nothing to ready)
+    assert runs == []
+    assert dispatch._GRAPHED[0] is None
+
+
 class CrossAttention(Attention):
     """q reads one input, k and v another (an encoder-decoder's cross-attention, as BART names its projections)."""
 

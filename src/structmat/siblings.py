@@ -240,8 +240,6 @@ class SiblingGroup:
 
     def _plan(self, member: StructuredLinear, x: Tensor, key: tuple) -> Callable[[Tensor], Tensor] | None:
         """Eager: the group's call for inputs like ``x`` (None: the members' own paths), made once per key."""
-        from .kernels import decode
-
         flat = x.reshape(-1, member.in_features)
         xc = x.contiguous()  # (planned on the input's own shape: the output comes in it, no reshapes)
         run = None
@@ -251,17 +249,34 @@ class SiblingGroup:
                 # never in a capture
                 if run is not None:
                     run(xc)
-                dispatch._GRAPHED[0] = True  # what a captured call would take: ready it as well
-                try:
-                    graphed = self._takes_decode(member, flat)
-                finally:
-                    dispatch._GRAPHED[0] = None
-                if graphed:
-                    with decode.captured_form():
-                        self._planned(xc)(xc)
+                self._ready_capture(member, xc, run is not None)
         if len(self._plans) < 64:
             self._plans[key] = run
         return run
+
+    def _ready_capture(self, member: StructuredLinear, x: Tensor, ran: bool | str) -> None:
+        """Compile, load and autotune now what a CUDA-graph capture of inputs like ``x`` runs where this eager call
+        ran something else (``ran``: True, the group's decode product; a string, its many-token product under that
+        engine; False, the members' own paths, whose own plans ready their captured choice): a first build or an
+        autotuner's timing inside a capture breaks it. A capture chooses by GPU time alone, so it may take the
+        group's decode product in its captured form, the many-token product under another engine, or each member's
+        own path (Monarch at 2-64 tokens: the grouped GEMM), which eager calls never ran where the group did."""
+        from .kernels import decode
+
+        flat = x.reshape(-1, member.in_features)
+        few = flat.shape[0] <= dispatch.DECODE_MAX_TOKENS
+        dispatch._GRAPHED[0] = True
+        try:
+            captured = self._takes_decode(member, flat) if few else self._many_engine(member, flat)
+        finally:
+            dispatch._GRAPHED[0] = None
+        if captured is True:
+            with decode.captured_form():
+                self._planned(x)(x)
+        elif captured and captured != ran:
+            self._many_call(captured)(flat)
+        elif not captured and ran:
+            _ready_own_paths(self.members, flat)
 
     def _many_engine(self, member: StructuredLinear, flat: Tensor) -> str | None:
         """Many tokens in inference: the engine of the group's product (:meth:`_many_call`) where the member's own
@@ -311,6 +326,9 @@ class SiblingGroup:
                     y = call(x.reshape(-1, d))
                     return y if x.dim() == 2 else y.view(*x.shape[:-1], width)
 
+
+            if x.is_cuda and key[-2] is not True:  # (not capturing: plan_key)
+                self._ready_capture(member, x, engine or False)
         if len(self._plans) < 64:
             self._plans[key] = run
         return run
@@ -491,9 +509,13 @@ class SiblingGroup:
                 dispatch._GRAPHED[0] = True
                 try:
                     with decode.captured_form():
-                        self._gated_products(down, x, planned=True)
+                        captured = self._gated_products(down, x, planned=True)
                 finally:
                     dispatch._GRAPHED[0] = None
+                if captured is None:  # (a capture runs the MLP's own forward: gate/up and down on their own paths)
+                    flat = x.reshape(-1, down.out_features)
+                    self._ready_capture(self.members[0], x, True)
+                    _ready_own_paths([down], flat.new_zeros(flat.shape[0], down.in_features))
         if len(self._gated_plans) < 64:
             self._gated_plans[key] = run
         return y
@@ -510,6 +532,32 @@ def _lowrank_siblings(x: Tensor, U: Tensor, V: Tensor) -> Tensor:
     torch.bmm(t.as_strided((g, n, r), (r, t.stride(0), 1)), U.transpose(1, 2),
               out=y.as_strided((g, n, out), (out, y.stride(0), 1)))
     return y
+
+
+def _ready_own_paths(layers, flat: Tensor) -> None:
+    """Each layer's own path for the 2-D input ``flat`` as a CUDA-graph capture chooses it (GPU time alone), run
+    once now, once per distinct shape: where eager calls ran a group's product instead, the layers' own plans (which
+    ready their captured choice themselves) were never made, and a capture must not build or autotune kernels."""
+    from .kernels import decode
+
+    chosen = {}
+    dispatch._GRAPHED[0] = True
+    try:
+        for layer in layers:
+            op, factors = _LAYOUT[layer.name][0], _factors_of(layer)
+            if op in dispatch._OPS:
+                shapes = tuple(t.shape for t in factors if isinstance(t, Tensor))
+                chosen.setdefault((op, shapes), (dispatch._OPS[op][0](flat, *factors), factors))
+    finally:
+        dispatch._GRAPHED[0] = None
+    for (op, _), (choice, factors) in chosen.items():
+        if choice == "decode":
+            with decode.captured_form():
+                decode.PLANS[op](flat, *factors)(flat, *factors)
+        else:
+            call = dispatch._OPS[op][1](choice)
+            if call is not None:
+                call(flat, *factors)
 
 
 def _many_tokens(x: Tensor) -> bool:
