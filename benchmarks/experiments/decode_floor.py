@@ -136,8 +136,14 @@ def main() -> int:
             print("eager round", r, {n: round(v[-1], 1) for n, v in runs.items()}, flush=True)
         # (a NaN sample: the 32-token call was no slower than the 1-token one, host noise; left out of the median)
         med = {n: statistics.median([t for t in v if t == t] or [float("nan")]) for n, v in runs.items()}
+        # each round's ratio to the dense model timed beside it: on a noisy host (session 23's H100: dense 94-152
+        # tokens/s over nine rounds) the median of these paired ratios is steadier than the ratio of the medians
+        paired = {n: [t / d for t, d in zip(v, runs["dense"]) if t == t and d == d] if "dense" in runs else []
+                  for n, v in runs.items()}
         rep["eager_interleaved"] = {n: {"tokens_per_s": runs[n], "median": med[n],
-                                        "vs_dense": med[n] / med["dense"] if "dense" in med else None}
+                                        "vs_dense": med[n] / med["dense"] if "dense" in med else None,
+                                        "vs_dense_per_round": paired[n],
+                                        "vs_dense_paired_median": statistics.median(paired[n]) if paired[n] else None}
                                     for n in names}
         del models
         save()
