@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Session 23, GPU call C (one H100/H200), issue 12, from the repo root:
+# Session 23, GPU call C (one H100/H200), issue 12 (not run: five later starts were refused; next session's first
+# call), from the repo root:
 #   OUT=$OUT bash benchmarks/experiments/gpu_round_s23_c.sh
 # Call A's GPU tests found two failures: the direct-launch test's 2:4 operands repeated positions within a group
 # (random bytes; the sparse tensor cores and the strided call's expanded tile define those differently: now valid
