@@ -326,7 +326,6 @@ class SiblingGroup:
                     y = call(x.reshape(-1, d))
                     return y if x.dim() == 2 else y.view(*x.shape[:-1], width)
 
-
             if x.is_cuda and key[-2] is not True:  # (not capturing: plan_key)
                 self._ready_capture(member, x, engine or False)
         if len(self._plans) < 64:
@@ -513,9 +512,8 @@ class SiblingGroup:
                 finally:
                     dispatch._GRAPHED[0] = None
                 if captured is None:  # (a capture runs the MLP's own forward: gate/up and down on their own paths)
-                    flat = x.reshape(-1, down.out_features)
                     self._ready_capture(self.members[0], x, True)
-                    _ready_own_paths([down], flat.new_zeros(flat.shape[0], down.in_features))
+                    _ready_own_paths([down], x.new_zeros(x.numel() // x.shape[-1], down.in_features))
         if len(self._gated_plans) < 64:
             self._gated_plans[key] = run
         return y
