@@ -396,11 +396,8 @@ def test_group_readies_what_a_capture_runs_instead(monkeypatch):
     runs that path once, outside the capture (a capture must not build or autotune kernels; on the H100 the members'
     grouped GEMM autotuned inside a capture and broke it); once per distinct member shape, and nothing where the
     capture takes what eager calls ran."""
-    from structmat import siblings
     from structmat.kernels import dispatch, ops
 
-    if dispatch.ops is None:
-        pytest.skip("needs Triton")  # (the many-token engines live in kernels.ops)
     runs = []
     monkeypatch.setitem(dispatch._OPS, "monarch", (
         lambda x, R, L: ("triton" if dispatch._GRAPHED[0] else "cublas") if x.shape[0] > 64 else

@@ -533,29 +533,17 @@ def _lowrank_siblings(x: Tensor, U: Tensor, V: Tensor) -> Tensor:
 
 
 def _ready_own_paths(layers, flat: Tensor) -> None:
-    """Each layer's own path for the 2-D input ``flat`` as a CUDA-graph capture chooses it (GPU time alone), run
-    once now, once per distinct shape: where eager calls ran a group's product instead, the layers' own plans (which
-    ready their captured choice themselves) were never made, and a capture must not build or autotune kernels."""
-    from .kernels import decode
-
-    chosen = {}
-    dispatch._GRAPHED[0] = True
-    try:
-        for layer in layers:
-            op, factors = _LAYOUT[layer.name][0], _factors_of(layer)
-            if op in dispatch._OPS:
-                shapes = tuple(t.shape for t in factors if isinstance(t, Tensor))
-                chosen.setdefault((op, shapes), (dispatch._OPS[op][0](flat, *factors), factors))
-    finally:
-        dispatch._GRAPHED[0] = None
-    for (op, _), (choice, factors) in chosen.items():
-        if choice == "decode":
-            with decode.captured_form():
-                decode.PLANS[op](flat, *factors)(flat, *factors)
-        else:
-            call = dispatch._OPS[op][1](choice)
-            if call is not None:
-                call(flat, *factors)
+    """Each layer's own path for the 2-D input ``flat`` as a CUDA-graph capture chooses it, run once now, once per
+    distinct shape (``dispatch.ready_captured``): where eager calls ran a group's product instead, the layers' own
+    plans (which ready their captured choice themselves) were never made, and a capture must not build or autotune
+    kernels."""
+    shapes = set()
+    for layer in layers:
+        op, factors = _LAYOUT[layer.name][0], _factors_of(layer)
+        key = (op, tuple(t.shape for t in factors if isinstance(t, Tensor)))
+        if op in dispatch._OPS and key not in shapes:
+            shapes.add(key)
+            dispatch.ready_captured(op, flat, *factors)
 
 
 def _many_tokens(x: Tensor) -> bool:

@@ -593,6 +593,27 @@ def eager_form(layer, x: Tensor) -> Callable[[Tensor], Tensor] | None:
     return lambda x: run(x).add_(params["bias"])
 
 
+def ready_captured(op: str, x: Tensor, *rest, ran: str | None = None,
+                   reference: Callable[..., Tensor] | None = None) -> None:
+    """Run ``op`` on these inputs once now as a CUDA-graph capture of them would (its choice by GPU time alone), so
+    its kernels are compiled, loaded and autotuned before a capture, never inside one: always the captured form of
+    the decode kernels (eager plans may take other kernels, ``decode._eager``), another path only where it is not
+    ``ran`` (what this eager call ran) nor the dense merge. ``reference``: the call where the choice has none."""
+    choose_, call_ = _OPS[op]
+    _GRAPHED[0] = True
+    try:
+        graphed = choose_(x, *rest)
+    finally:
+        _GRAPHED[0] = None
+    if graphed == "decode":
+        with decode.captured_form():
+            decode.PLANS[op](x, *rest)(x, *rest)
+    elif graphed not in (ran, "dense"):
+        fn = call_(graphed) or reference
+        if fn is not None:
+            fn(x, *rest)
+
+
 def planner(op: str) -> Callable[..., Callable[..., Tensor] | None]:
     """``run_op``'s planner for ``op``: the call chosen for these inputs, replayed by the layer while the shapes,
     dtypes, device, backend setting and autocast state are those of the key ``run_op`` caches it under. Not under
@@ -608,18 +629,7 @@ def planner(op: str) -> Callable[..., Callable[..., Tensor] | None]:
         # decode: the kernels' own plan for this shape (tile plans, grids and constant arguments made once)
         fn = decode.PLANS[op](x, *rest) if choice == "decode" else call_(choice) or reference
         if x.is_cuda and not torch.cuda.is_current_stream_capturing():
-            # A captured call of this shape may choose another path (GPU time alone): run that one once now, so its
-            # kernels are compiled and loaded before a capture (never inside one)
-            _GRAPHED[0] = True
-            try:
-                graphed = choose_(x, *rest)
-            finally:
-                _GRAPHED[0] = None
-            if graphed == "decode":  # (the captured form: eager plans may take other kernels, decode._eager)
-                with decode.captured_form():
-                    decode.PLANS[op](x, *rest)(x, *rest)
-            elif graphed not in (choice, "dense"):
-                (call_(graphed) or reference)(x, *rest)
+            ready_captured(op, x, *rest, ran=choice, reference=reference)
 
         def run(*args: Tensor) -> Tensor:
             _record(op, choice)
