@@ -982,6 +982,46 @@ def test_eager_decode_on_two_streams_at_once_gpu():
 
 
 @pytest.mark.gpu
+def test_kept_counters_stay_out_of_a_graph_pool_gpu(monkeypatch):
+    """The decode kernels' kept counters, first needed while inductor's CUDA-graph trees warm up a compiled graph
+    (every allocation of that thread routed to the graph's private pool, no capture under way), are made outside
+    the pool: a kept tensor from it fails the recording ("tensor(s) in the cudagraph pool not tracked as outputs",
+    session 24, `structmat generate --compile inductor`). Directly under a routed pool, then through a low-rank
+    layer compiled with reduce-overhead, its counters first made during the warm-up."""
+    from structmat.kernels import _triton_decode as T
+    from structmat.structures import build
+
+    monkeypatch.setattr(T, "_SYNC", {})
+    monkeypatch.setattr(T, "_COUNTERS", {})
+    dev = torch.device("cuda", torch.cuda.current_device())
+    side = torch.cuda.Stream()
+    pool = torch.cuda.MemPool()
+    with torch.cuda.use_mem_pool(pool):
+        kept = [T.sync_buffer(dev, side.cuda_stream), T.split_counters(dev, 8192, side.cuda_stream)]
+        scratch = torch.empty(1 << 20, device=dev)  # (the routing works: this one is the pool's)
+    spans = [(seg["address"], seg["address"] + seg["total_size"]) for seg in pool.snapshot()]
+    inside = lambda t: any(lo <= t.data_ptr() < hi for lo, hi in spans)  # noqa: E731
+    assert inside(scratch)
+    assert not any(inside(t) for t in kept)
+    assert all(int(t.count_nonzero()) == 0 for t in kept)
+    del scratch
+
+    monkeypatch.setattr(T, "_SYNC", {})
+    torch.manual_seed(0)
+    layer = build("lowrank:ratio=0.5", 2048, 8192, bias=False, device=dev, dtype=torch.bfloat16).init_().eval()
+    x = torch.randn(1, 2048, device=dev, dtype=torch.bfloat16)
+    ref = x.double() @ layer.to_dense().double().T
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    with torch.inference_mode():
+        outs = [compiled(x).clone() for _ in range(4)]  # warm-up, recording, replays
+    torch._dynamo.reset()
+    assert T._SYNC, "the one-token product's counters were never needed: the test lost its subject"
+    for y in outs:
+        assert (y.double() - ref).abs().max().item() <= TOL["bfloat16"] * ref.abs().max().item()
+
+
+@pytest.mark.gpu
 def test_launch_runs_the_kernel_once_per_call_gpu():
     """A Launch's every call launches its kernel exactly once: the first (compiling), the second (recording the
     launcher's arguments), the direct ones after it, and a fresh one's single call inside a CUDA graph capture (a

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 import warnings
 
 import torch
@@ -920,8 +921,35 @@ def _zeros_outside_capture(store: dict, device: torch.device, size: int, least: 
         if buf is None or buf.numel() < size:
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 return None
-            store[key] = torch.zeros(max(size, least), dtype=torch.int32, device=device)
+            store[key] = _kept_zeros(max(size, least), device)
     return store[(shared, stream) if stream is not None else shared]
+
+
+def _kept_zeros(size: int, device: torch.device) -> Tensor:
+    """int32 zeros kept past this call, on CUDA made by a helper thread: inductor's CUDA-graph trees
+    (``mode="reduce-overhead"``) route every allocation of the thread that warms up or records a graph to that
+    graph's private pool (``_cuda_beginAllocateCurrentThreadToPool``, no capture under way while warming up), and a
+    kept tensor from that pool is one the pool does not track: the recording fails ("tensor(s) in the cudagraph pool
+    not tracked as outputs"). Made once per buffer; the helper waits for its fill before it returns."""
+    if device.type != "cuda":
+        return torch.zeros(size, dtype=torch.int32, device=device)
+    made: list = []
+
+    def make() -> None:
+        try:
+            with torch.cuda.device(device):
+                buf = torch.zeros(size, dtype=torch.int32, device=device)
+                torch.cuda.current_stream(device).synchronize()  # (filled before any stream of the caller reads it)
+            made.append(buf)
+        except BaseException as err:  # (re-raised in the caller's thread)
+            made.append(err)
+
+    helper = threading.Thread(target=make, name="structmat-kept-zeros")
+    helper.start()
+    helper.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
 
 
 def sync_buffer(device: torch.device, stream: int | None = None) -> Tensor | None:
