@@ -102,7 +102,8 @@ def hidden_tensors(model: nn.Module, before: dict[int, Any] | set[int] = frozens
                    device_type: str | None = None) -> list[dict[str, Any]]:
     """Live tensors that are neither ``model``'s parameters and buffers nor in ``before`` (a
     :func:`live_storages` census taken before the model was built), largest first, each with its bytes, shape, dtype
-    and, where one is found, its owner (a module attribute, or the dispatch's dense-merge cache). A structured model
+    and, where one is found, its owner (a module attribute, the dispatch's dense-merge cache, the decode kernels'
+    kept eager scratch or counters). A structured model
     in inference should have none of size: its memory is its parameters plus activations."""
     own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()] if not t.is_meta}
     owners: dict[int, str] = {}
@@ -114,6 +115,12 @@ def hidden_tensors(model: nn.Module, before: dict[int, Any] | set[int] = frozens
 
     for _, _, merged in list(dispatch._dense_cache.values()):
         owners.setdefault(merged.untyped_storage().data_ptr(), "structmat.kernels dense-merge cache")
+    if dispatch.decode is not None:  # (the decode kernels' own small state: kept per plan, stream and device)
+        kernels = dispatch.decode._triton_decode
+        for kept in list(dispatch.decode.KEPT_SCRATCH):
+            owners.setdefault(kept.untyped_storage().data_ptr(), "structmat decode plans' eager scratch (per thread)")
+        for kept in [*kernels._SYNC.values(), *kernels._COUNTERS.values()]:
+            owners.setdefault(kept.untyped_storage().data_ptr(), "structmat decode kernels' counters")
     rows = [dict(bytes=nbytes, shape=list(t.shape), dtype=str(t.dtype).replace("torch.", ""),
                  owner=owners.get(ptr, "unknown (not referenced by the model)"))
             for ptr, (nbytes, t) in live_storages(device_type).items() if ptr not in own and ptr not in before]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 
 import torch
 from torch import Tensor
@@ -64,6 +65,8 @@ def _tokens(x: Tensor) -> int:
 
 
 _AS_CAPTURED = [False]
+#: every scratch an eager plan keeps (while its plan lives): a memory census names them (``inference.hidden_tensors``)
+KEPT_SCRATCH: weakref.WeakSet[Tensor] = weakref.WeakSet()
 
 
 def _eager(x: Tensor) -> bool:
@@ -103,6 +106,7 @@ def _scratch(shape: tuple, like: Tensor, keep: bool):
         buf = getattr(held, "buf", None)
         if buf is None:
             buf = held.buf = _empty(shape, like, torch.float32)
+            KEPT_SCRATCH.add(buf)
         return buf
 
     return get
