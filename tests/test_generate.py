@@ -131,10 +131,25 @@ def test_generate_chat_wraps_the_prompt_in_the_template_and_prints_the_reply(mod
     assert code == 1 and "no chat template" in err
 
 
+def test_held_bytes_leave_out_the_graph_pools_on_the_measured_device():
+    """A model's held bytes leave out what CUDA-graph trees keep live in their private pools (the last outputs of the
+    current graph path, freed when another model's graphs run): only default-pool segments of its device count."""
+    from structmat.generate import _outside_graph_pools
+
+    segments = [dict(device=0, segment_pool_id=(0, 0), allocated_size=1000),
+                dict(device=0, segment_pool_id=(1, 2), allocated_size=300),  # a graph pool on this device
+                dict(device=0, segment_pool_id=[1, 5], allocated_size=200),
+                dict(device=1, segment_pool_id=(1, 2), allocated_size=7000)]  # another device's pool
+    assert _outside_graph_pools(1500, segments, 0) == 1000
+    assert _outside_graph_pools(9000, segments, 1) == 2000
+    assert _outside_graph_pools(1000, segments[:1], 0) == 1000
+
+
 @pytest.mark.gpu
 def test_generate_compiled_on_gpu_holds_at_least_its_parameters(models, capsys):
     """CUDA graphs (inductor's reduce-overhead) free the process's cuBLAS workspaces while recording: measured against
-    a baseline that held them, a compiled model's held bytes read below its parameters (H200, session 19)."""
+    a baseline that held them, a compiled model's held bytes read below its parameters (H200, session 19); the graphs'
+    pool outputs of the model run first are freed when the second model's graphs run (H100, session 25)."""
     for compile_args in ((), ("--compile", "inductor")):
         record = models / f"held{len(compile_args)}.json"
         code, _, err = _run(capsys, "--model", models / "lowrank", "--baseline", models / "dense", "--device", "cuda",
