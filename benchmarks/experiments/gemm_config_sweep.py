@@ -114,8 +114,9 @@ def main() -> None:
             picked_row = next((r for r in ok if picked and all(r[k] == picked.get(k) for k in
                                                                 ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps",
                                                                  "num_stages"))), None)
-            launch_row = dict(groups=groups, M=M, N=N, K=K, chunk=chunk, picked=picked, picked_ms=(picked_row or {}).get("ms"),
-                              best=ok[:5], worst=ok[-1:] if ok else [], errors=sum("error" in r for r in rows))
+            launch_row = dict(groups=groups, M=M, N=N, K=K, chunk=chunk, picked=picked,
+                              picked_ms=(picked_row or {}).get("ms"), best=ok[:5], worst=ok[-1:],
+                              errors=sum("error" in r for r in rows))
             if picked_row and ok:
                 launch_row["best_vs_picked"] = picked_row["ms"] / ok[0]["ms"]
             case["launches"].append(launch_row)
