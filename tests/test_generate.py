@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from corpora import tiny_llama_folder
 from transformers import AutoTokenizer
@@ -85,6 +86,53 @@ def test_generate_measures_a_structured_model_beside_its_baseline(models, capsys
     assert sampled[0] == sampled[1]  # seeded: the same draw
 
 
+def test_graph_loop_decodes_hf_generates_tokens_without_hf_per_token_work(models, capsys):
+    """``--loop graph``: structmat's greedy loop over a static cache (a CUDA graph per step on a GPU, the step as a
+    function here) writes the tokens HF generate writes, compiled or not, and a second call reuses its loop."""
+    args = ("--model", models / "lowrank", "--prompt", "import os", "--max-new-tokens", 6, "--rounds", 2)
+    code, text, err = _run(capsys, *args)
+    assert code == 0, err
+    record = models / "loop.json"
+    code, looped, err = _run(capsys, *args, "--loop", "graph", "--baseline", models / "dense", "--json", record)
+    assert code == 0 and looped == text, err
+    got = json.loads(record.read_text())
+    assert got["model"]["loop"] == got["baseline"]["loop"] == "graph" and "--loop graph" in err
+    assert got["model"]["decode_tokens_per_s"] > 0 and len(got["model"]["generate_s"]) == 2
+    record = models / "loop-compiled.json"
+    code, compiled, err = _run(capsys, *args, "--loop", "graph", "--compile", "eager", "--json", record)
+    assert code == 0 and compiled == text, err
+    got = json.loads(record.read_text())["model"]
+    assert got["graphs_in_warmup"] >= 1 and got["graphs_in_rounds"] == 0
+    code, _, err = _run(capsys, *args, "--loop", "graph", "--sample")
+    assert code == 2 and "--loop graph decodes greedily" in err
+
+
+def test_graph_loop_suppresses_end_of_sequence_and_refuses_another_shape():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from structmat.generate import GraphLoop
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=40)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.inference_mode():
+        free = GraphLoop(model, ids, 8, None)(ids, 8)[0, 3:]
+    model.generation_config.eos_token_id = [int(free[0]), int(free[1])]  # the tokens it picked: now forbidden
+    with torch.inference_mode():
+        loop = GraphLoop(model, ids, 8, None)
+        held = loop(ids, 8)[0, 3:]
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                              do_sample=False, pad_token_id=0, cache_implementation="static")[0, 3:]
+    assert not set(held.tolist()) & {int(free[0]), int(free[1])} and torch.equal(held, want)
+    assert torch.equal(loop(ids, 3)[0, 3:], held[:3])  # (a shorter call on the same loop: the budget's start)
+    with pytest.raises(ValueError, match="build a loop for that shape"):
+        loop(torch.tensor([[3, 4]]), 2)
+    with pytest.raises(ValueError, match="build a loop for that shape"):
+        loop(ids, 9)
+
+
 def test_generate_on_cpu_names_sparse_layers_and_densifies_them_on_request(models, capsys):
     code, _, err = _run(capsys, "--model", models / "nm", "--tokenizer", models / "dense", "--max-new-tokens", 3,
                         "--rounds", 1, "--device", "cpu")
@@ -158,3 +206,23 @@ def test_generate_compiled_on_gpu_holds_at_least_its_parameters(models, capsys):
         got = json.loads(record.read_text())
         for measured in (got["model"], got["baseline"]):
             assert measured["param_bytes"] <= measured["held_bytes"] <= measured["peak_bytes"], compile_args
+
+
+@pytest.mark.gpu
+def test_graph_loop_on_gpu_replays_a_captured_step_with_hf_generates_tokens(models, capsys):
+    """On a GPU each token of ``--loop graph`` is one CUDA-graph replay (structured layers in their captured forms),
+    eager or compiled by inductor first; float32, so that HF's eager path and the captured kernels pick the same
+    tokens."""
+    args = ("--model", models / "lowrank", "--device", "cuda", "--dtype", "float32", "--prompt", "import os",
+            "--max-new-tokens", 8, "--rounds", 2)
+    code, text, err = _run(capsys, *args)
+    assert code == 0, err
+    for extra in ((), ("--compile", "inductor")):
+        record = models / f"gpu-loop{len(extra)}.json"
+        code, looped, err = _run(capsys, *args, "--loop", "graph", "--baseline", models / "dense", *extra,
+                                 "--json", record)
+        assert code == 0 and looped == text, (extra, err)
+        got = json.loads(record.read_text())
+        for measured in (got["model"], got["baseline"]):
+            assert measured["param_bytes"] <= measured["held_bytes"] <= measured["peak_bytes"], extra
+            assert measured["graphs_in_rounds"] in (None, 0), extra

@@ -366,6 +366,9 @@ def _generate(args: argparse.Namespace) -> int:
         print("structmat generate: --max-new-tokens must be >= 2, --rounds and --batch >= 1, --temperature > 0",
               file=sys.stderr)
         return 2
+    if args.loop == "graph" and args.sample:
+        print("structmat generate: --loop graph decodes greedily; drop --sample or use --loop hf", file=sys.stderr)
+        return 2
     return run(args)
 
 
@@ -544,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                      help="static KV cache and HF's compiled decode step with this torch.compile backend (inductor "
                      "when given alone; reduce-overhead CUDA graphs on a GPU); reports graphs compiled while timed")
+    gen.add_argument("--loop", choices=["hf", "graph"], default="hf", help="hf: HF generate (its host work and a "
+                     "GPU sync after every token); graph: structmat's greedy loop over a static KV cache, each token "
+                     "one decode step replayed from a CUDA graph on a GPU (compiled first with --compile BACKEND)")
     gen.add_argument("--sample", action="store_true", help="sample (seeded) instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=0.8, help="with --sample")
     gen.add_argument("--seed", type=int, default=0, help="with --sample: the draw (every round draws the same)")

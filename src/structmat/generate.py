@@ -45,6 +45,7 @@ class Measured:
     new_tokens: int
     batch: int
     compile_backend: str | None = None
+    loop: str = "hf"  # hf: HF generate; graph: structmat's decode loop (GraphLoop)
     prefill_s: list[float] = field(default_factory=list)
     generate_s: list[float] = field(default_factory=list)
     held_bytes: int | None = None  # GPU: what the model keeps on the device between calls (parameters, kept scratch)
@@ -167,16 +168,92 @@ def _generate(model, ids: torch.Tensor, new: int, sample: bool, temperature: flo
     return out, seconds
 
 
+class GraphLoop:
+    """structmat's own greedy decode loop (``--loop graph``): HF ``generate`` runs host work after every token and
+    waits on the GPU for its stopping check, which at batch 1 costs more than a small model's decode step (session
+    26, H100: dense 1.6 ms a token in HF's compiled loop against a 0.76 ms step). Here the prompt fills a static KV
+    cache (an eager forward), then each token is one decode step whose argmax, end-of-sequence suppression (as
+    ``min_new_tokens`` does), output write and position advance stay on the device; on a GPU that step is captured
+    once in a CUDA graph (after ``torch.compile`` with ``backend`` where given) and replayed with no host sync, so a
+    token costs the step's GPU time. On a CPU the same step runs as a function. One loop serves one batch size,
+    prompt length and token budget; its tensors are reused by every call (the cache is zeroed in place)."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, new_tokens: int, backend: str | None):
+        from transformers import StaticCache
+
+        self.model, self.prompt, self.new_tokens = model, ids.shape[1], new_tokens
+        self.cache = StaticCache(config=model.config, max_cache_len=self.prompt + new_tokens)
+        device = ids.device
+        eos = model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
+        self.tok = torch.zeros(ids.shape[0], 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.out = torch.zeros(ids.shape[0], new_tokens, dtype=torch.long, device=device)
+        step = self._step if backend is None else torch.compile(self._step, backend=backend)
+        self._prefill(ids)  # (allocates the cache's tensors: the capture below records their addresses)
+        self.graph = None
+        if device.type == "cuda":
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # (a capture needs its kernels' first calls, plans and compiles, done before it)
+                    step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                step()
+        self.step = step
+
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.eos is not None:  # (every call decodes its whole budget, as HF's min_new_tokens makes it)
+            logits = logits.index_fill(-1, self.eos, float("-inf"))
+        return logits.argmax(-1, keepdim=True)
+
+    def _prefill(self, ids: torch.Tensor) -> None:
+        self.cache.reset()
+        position = torch.arange(self.prompt, device=ids.device)
+        logits = self.model(input_ids=ids, past_key_values=self.cache, cache_position=position, use_cache=True,
+                            logits_to_keep=1).logits[:, -1]
+        self.tok.copy_(self._pick(logits))
+        self.out[:, :1].copy_(self.tok)
+        self.pos.fill_(self.prompt)
+
+    def _step(self) -> None:
+        logits = self.model(input_ids=self.tok, past_key_values=self.cache, cache_position=self.pos, use_cache=True,
+                            logits_to_keep=1).logits[:, -1]
+        self.tok.copy_(self._pick(logits))
+        self.out.index_copy_(1, self.pos - (self.prompt - 1), self.tok)
+        self.pos.add_(1)
+
+    def __call__(self, ids: torch.Tensor, new: int) -> torch.Tensor:
+        """The prompt ``ids`` (the loop's batch and length) and ``new`` greedy tokens after it (``new`` up to the
+        loop's budget)."""
+        if ids.shape[1] != self.prompt or ids.shape[0] != self.tok.shape[0] or not 1 <= new <= self.new_tokens:
+            raise ValueError(f"GraphLoop for {self.tok.shape[0]} x {self.prompt} prompt tokens and up to "
+                             f"{self.new_tokens} new: got {tuple(ids.shape)} and {new}; build a loop for that shape")
+        with torch.inference_mode():
+            self._prefill(ids)
+            for _ in range(new - 1):
+                self.graph.replay() if self.graph is not None else self.step()
+            return torch.cat([ids, self.out[:, :new]], dim=1)
+
+
 class Runner:
     """One model prepared for generation and its measurements."""
 
     def __init__(self, model: nn.Module, tokenizer, source: str, device: torch.device, dtype: torch.dtype,
                  prompt: str, new_tokens: int, fuse: bool, densify_sparse: bool, sample: bool, temperature: float,
-                 seed: int, compile_backend: str | None = None, batch: int = 1, chat: bool = False):
+                 seed: int, compile_backend: str | None = None, batch: int = 1, chat: bool = False,
+                 loop: str = "hf"):
         if new_tokens < 2:
             raise ValueError(f"--max-new-tokens {new_tokens}: at least 2 (decode speed is measured past the first)")
         if batch < 1:
             raise ValueError(f"--batch {batch}: at least 1")
+        if loop not in ("hf", "graph"):
+            raise ValueError(f"--loop {loop!r}: use hf (HF generate) or graph (structmat's decode loop)")
+        if loop == "graph" and sample:
+            raise ValueError("--loop graph decodes greedily; drop --sample or use --loop hf")
         allocated = _allocated_own(device)  # (another model may be on the device already: only the change is ours)
         did = prepare(model, device, dtype, fuse, densify_sparse)
         self.model, self.tokenizer, self.sample, self.temperature, self.seed = model, tokenizer, sample, temperature, seed
@@ -188,18 +265,29 @@ class Runner:
         params = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         self.measured = Measured(source, str(device), str(dtype).replace("torch.", ""), params,
                                  prompt_tokens=self.ids.shape[1], new_tokens=new_tokens, batch=batch,
-                                 compile_backend=compile_backend, **did)
-        self.compiled = compile_options(compile_backend, device)
+                                 compile_backend=compile_backend, loop=loop, **did)
+        # HF's compiled step (--loop hf), or the backend structmat's loop compiles its step with before the capture
+        self.compiled = compile_options(compile_backend, device) if loop == "hf" else {}
+        self.loop, self.backend, self._graph_loop = loop, compile_backend, None
         self.output: torch.Tensor | None = None
         graphs = _graphs()
-        for new in ((1, new_tokens) if self.compiled else (2,)):  # warm-up (compiled: each cache length's graph)
+        for new in ((1, new_tokens) if compile_backend else (2,)):  # warm-up (compiled: each cache length's graph)
             self._run(new)
-        if self.compiled:
+        if compile_backend:
             self.measured.graphs_in_warmup = _graphs() - graphs
         if device.type == "cuda":
             self.measured.held_bytes = _allocated_own(device) - allocated
 
     def _run(self, new: int) -> tuple[torch.Tensor, float]:
+        if self.loop == "graph":
+            if self._graph_loop is None:  # (built, compiled and captured once, in the warm-up)
+                with torch.inference_mode():
+                    self._graph_loop = GraphLoop(self.model, self.ids, self.measured.new_tokens, self.backend)
+            _sync(self.ids.device)
+            start = time.perf_counter()
+            out = self._graph_loop(self.ids, new)
+            _sync(self.ids.device)
+            return out, time.perf_counter() - start
         return _generate(self.model, self.ids, new, self.sample, self.temperature, self.seed, self.pad,
                          self.compiled)
 
@@ -213,7 +301,7 @@ class Runner:
         self.output, full = self._run(self.measured.new_tokens)
         self.measured.prefill_s.append(first)
         self.measured.generate_s.append(full)
-        if self.compiled:
+        if self.backend:
             self.measured.graphs_in_rounds = (self.measured.graphs_in_rounds or 0) + _graphs() - graphs
         if device.type == "cuda":
             peak = self.measured.held_bytes + torch.cuda.max_memory_allocated(device) - allocated
@@ -234,6 +322,7 @@ def _line(m: Measured) -> str:
     densified = f", {m.densified_layers} sparse layers made dense" if m.densified_layers else ""
     compiled = (f"; compiled ({m.compile_backend}): {m.graphs_in_warmup} graphs in the warm-up, "
                 f"{m.graphs_in_rounds} while timed") if m.compile_backend else ""
+    compiled += "; structmat's decode loop (--loop graph)" if m.loop == "graph" else ""
     return (f"{m.source}: prefill {m.prompt_tokens} tokens{rows} {min(m.prefill_s) * 1e3:.1f} ms, decode "
             f"{m.decode_tokens_per_s:.1f} tokens/s ({m.new_tokens} tokens{rows}, {m.device}, {m.dtype}), parameters "
             f"{mib(m.param_bytes)}{gpu}; {m.structured_layers} structured layers, {m.fused_groups} fused groups"
@@ -255,7 +344,7 @@ def run(args) -> int:
     options = dict(device=device, dtype=dtype, prompt=args.prompt, new_tokens=args.max_new_tokens,
                    fuse=args.fuse, densify_sparse=args.densify_sparse, sample=args.sample,
                    temperature=args.temperature, seed=args.seed, compile_backend=args.compile, batch=args.batch,
-                   chat=args.chat)
+                   chat=args.chat, loop=args.loop)
     runners = []
     for name in [args.model] + ([args.baseline] if args.baseline else []):
         loaded = _load(name, args.tokenizer)
