@@ -12,7 +12,10 @@ N-token call with end-of-sequence suppressed (``min_new_tokens``), so every roun
 decode tokens/s = (N - 1) / (N-token time - 1-token time), the best round's. ``--compile BACKEND``: a static KV cache
 and HF's compiled decode step (``CompileConfig``; inductor takes ``reduce-overhead``, CUDA graphs, on a GPU); the
 warm-up then runs the 1- and the N-token call once each (a static cache of each length compiles its graph) and the
-graphs dynamo compiled in the timed rounds are counted (0: no recompiles).
+graphs dynamo compiled in the timed rounds are counted (0: no recompiles). ``--loop graph``: structmat's own greedy
+loop (:class:`GraphLoop`) instead of HF ``generate``, whose per-token host work bounds a batch-1 decode on a GPU:
+each token is one replay of a captured decode step (compiled first by ``--compile BACKEND``), no host sync until
+the end.
 """
 
 from __future__ import annotations
