@@ -127,6 +127,12 @@ def test_graph_loop_suppresses_end_of_sequence_and_refuses_another_shape():
                               do_sample=False, pad_token_id=0, cache_implementation="static")[0, 3:]
     assert not set(held.tolist()) & {int(free[0]), int(free[1])} and torch.equal(held, want)
     assert torch.equal(loop(ids, 3)[0, 3:], held[:3])  # (a shorter call on the same loop: the budget's start)
+    two = torch.tensor([[3, 4, 5], [7, 1, 2]])  # (a batch of different prompts: each row its own tokens)
+    with torch.inference_mode():
+        rows = GraphLoop(model, two, 5, None)(two, 5)
+        want = model.generate(two, attention_mask=torch.ones_like(two), max_new_tokens=5, min_new_tokens=5,
+                              do_sample=False, pad_token_id=0, cache_implementation="static")
+    assert torch.equal(rows, want) and not torch.equal(rows[0, 3:], rows[1, 3:])
     with pytest.raises(ValueError, match="build a loop for that shape"):
         loop(torch.tensor([[3, 4]]), 2)
     with pytest.raises(ValueError, match="build a loop for that shape"):
