@@ -133,6 +133,8 @@ def test_graph_loop_suppresses_end_of_sequence_and_refuses_another_shape():
         want = model.generate(two, attention_mask=torch.ones_like(two), max_new_tokens=5, min_new_tokens=5,
                               do_sample=False, pad_token_id=0, cache_implementation="static")
     assert torch.equal(rows, want) and not torch.equal(rows[0, 3:], rows[1, 3:])
+    with torch.inference_mode():  # (the smallest budget: the warm-up steps stay inside it)
+        assert torch.equal(GraphLoop(model, ids, 2, None)(ids, 2)[0, 3:], held[:2])
     with pytest.raises(ValueError, match="build a loop for that shape"):
         loop(torch.tensor([[3, 4]]), 2)
     with pytest.raises(ValueError, match="build a loop for that shape"):

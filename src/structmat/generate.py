@@ -20,6 +20,7 @@ the end.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 import time
@@ -187,7 +188,7 @@ class GraphLoop:
         self.model, self.prompt, self.new_tokens = model, ids.shape[1], new_tokens
         self.cache = StaticCache(config=model.config, max_cache_len=self.prompt + new_tokens)
         device = ids.device
-        eos = model.generation_config.eos_token_id
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
         self.tok = torch.zeros(ids.shape[0], 1, dtype=torch.long, device=device)
@@ -195,13 +196,15 @@ class GraphLoop:
         self.out = torch.zeros(ids.shape[0], new_tokens, dtype=torch.long, device=device)
         step = self._step if backend is None else torch.compile(self._step, backend=backend)
         self._prefill(ids)  # (allocates the cache's tensors: the capture below records their addresses)
-        self.graph = None
-        if device.type == "cuda":
-            side = torch.cuda.Stream(device)
+        side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        if side is not None:
             side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(2):  # (a capture needs its kernels' first calls, plans and compiles, done before it)
-                    step()
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            for _ in range(2):  # (a capture needs its kernels' first calls, plans and compiles, done before it;
+                self.pos.fill_(self.prompt)  # each at the first decode position: a budget of 2 has no third)
+                step()
+        self.graph = None
+        if side is not None:
             torch.cuda.current_stream(device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
