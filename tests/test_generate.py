@@ -117,8 +117,7 @@ def test_graph_loop_suppresses_end_of_sequence_and_refuses_another_shape():
                          vocab_size=40)
     model = LlamaForCausalLM(config).eval()
     ids = torch.tensor([[3, 4, 5]])
-    with torch.inference_mode():
-        free = GraphLoop(model, ids, 8, None)(ids, 8)[0, 3:]
+    free = GraphLoop(model, ids, 8, None)(ids, 8)[0, 3:]  # (the loop builds and runs in inference mode itself)
     model.generation_config.eos_token_id = [int(free[0]), int(free[1])]  # the tokens it picked: now forbidden
     with torch.inference_mode():
         loop = GraphLoop(model, ids, 8, None)

@@ -182,6 +182,7 @@ class GraphLoop:
     token costs the step's GPU time. On a CPU the same step runs as a function. One loop serves one batch size,
     prompt length and token budget; its tensors are reused by every call (the cache is zeroed in place)."""
 
+    @torch.inference_mode()
     def __init__(self, model: nn.Module, ids: torch.Tensor, new_tokens: int, backend: str | None):
         from transformers import StaticCache
 
@@ -287,8 +288,7 @@ class Runner:
     def _run(self, new: int) -> tuple[torch.Tensor, float]:
         if self.loop == "graph":
             if self._graph_loop is None:  # (built, compiled and captured once, in the warm-up)
-                with torch.inference_mode():
-                    self._graph_loop = GraphLoop(self.model, self.ids, self.measured.new_tokens, self.backend)
+                self._graph_loop = GraphLoop(self.model, self.ids, self.measured.new_tokens, self.backend)
             _sync(self.ids.device)
             start = time.perf_counter()
             out = self._graph_loop(self.ids, new)
