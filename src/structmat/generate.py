@@ -20,7 +20,6 @@ the end.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import sys
 import time
@@ -197,19 +196,10 @@ class GraphLoop:
         self.out = torch.zeros(ids.shape[0], new_tokens, dtype=torch.long, device=device)
         step = self._step if backend is None else torch.compile(self._step, backend=backend)
         self._prefill(ids)  # (allocates the cache's tensors: the capture below records their addresses)
-        side = torch.cuda.Stream(device) if device.type == "cuda" else None
-        if side is not None:
-            side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            for _ in range(2):  # (a capture needs its kernels' first calls, plans and compiles, done before it;
-                self.pos.fill_(self.prompt)  # each at the first decode position: a budget of 2 has no third)
-                step()
-        self.graph = None
-        if side is not None:
-            torch.cuda.current_stream(device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                step()
+        from .bench.infer import capture
+
+        # (each warm-up step at the first decode position: a budget of 2 has no third; on a CPU, no graph)
+        self.graph = capture(step, before=lambda: self.pos.fill_(self.prompt), device=device)
         self.step = step
 
     def _pick(self, logits: torch.Tensor) -> torch.Tensor:

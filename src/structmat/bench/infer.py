@@ -341,18 +341,26 @@ def decode_step(model, batch: int, steps: int = 32):
     return step, pos
 
 
-def capture(step) -> torch.cuda.CUDAGraph:
-    """``step`` captured in a CUDA graph (run twice on a side stream first, as a capture needs), synchronized."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
+def capture(step, before=None, device: torch.device | None = None) -> torch.cuda.CUDAGraph | None:
+    """``step`` captured in a CUDA graph (run twice on a side stream first, as a capture needs: first calls, plans,
+    compiles), synchronized; ``before`` runs ahead of each warm-up call (to reset state the step advances). On a
+    ``device`` that is not a GPU only the warm-up runs (on the current stream) and the result is None."""
+    cuda = device is None or device.type == "cuda"
+    s = torch.cuda.Stream(device) if cuda else None
+    if cuda:
+        s.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(s) if cuda else contextlib.nullcontext():
         for _ in range(2):
+            if before is not None:
+                before()
             step()
-    torch.cuda.current_stream().wait_stream(s)
+    if not cuda:
+        return None
+    torch.cuda.current_stream(device).wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    _sync()
+    torch.cuda.synchronize(device)
     return graph
 
 
