@@ -53,6 +53,7 @@ def test_generate_measures_a_structured_model_beside_its_baseline(models, capsys
     model, base = got["model"], got["baseline"]
     assert model["structured_layers"] == 14 and model["fused_groups"] > 0  # 2 blocks x 7 linears; q/k/v, gate/up
     assert base["structured_layers"] == 0 and base["fused_groups"] == 0
+    assert model["loop"] == base["loop"] == "hf"  # (--loop auto on a CPU: HF generate)
     assert len(model["prefill_s"]) == len(model["generate_s"]) == 2 and model["new_tokens"] == 5
     assert model["decode_tokens_per_s"] > 0 and base["decode_tokens_per_s"] > 0
     held = structmat.load_pretrained(models / "lowrank")
@@ -105,6 +106,17 @@ def test_graph_loop_decodes_hf_generates_tokens_without_hf_per_token_work(models
     assert got["graphs_in_warmup"] >= 1 and got["graphs_in_rounds"] == 0
     code, _, err = _run(capsys, *args, "--loop", "graph", "--sample")
     assert code == 2 and "--loop graph decodes greedily" in err
+
+
+def test_loop_auto_takes_structmats_loop_for_greedy_decoding_on_a_gpu_only():
+    from structmat.generate import resolve_loop
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert resolve_loop("auto", gpu, sample=False) == "graph"
+    assert resolve_loop("auto", gpu, sample=True) == "hf"  # (the loop is greedy)
+    assert resolve_loop("auto", cpu, sample=False) == "hf"
+    assert [resolve_loop(given, d, False) for given in ("hf", "graph") for d in (gpu, cpu)] == ["hf", "hf", "graph",
+                                                                                                  "graph"]
 
 
 def test_graph_loop_suppresses_end_of_sequence_and_refuses_another_shape():
@@ -208,7 +220,8 @@ def test_generate_compiled_on_gpu_holds_at_least_its_parameters(models, capsys):
     for compile_args in ((), ("--compile", "inductor")):
         record = models / f"held{len(compile_args)}.json"
         code, _, err = _run(capsys, "--model", models / "lowrank", "--baseline", models / "dense", "--device", "cuda",
-                            "--dtype", "bfloat16", "--max-new-tokens", 4, "--rounds", 1, *compile_args, "--json", record)
+                            "--dtype", "bfloat16", "--max-new-tokens", 4, "--rounds", 1, "--loop", "hf", *compile_args,
+                            "--json", record)
         assert code == 0, err
         got = json.loads(record.read_text())
         for measured in (got["model"], got["baseline"]):
@@ -218,18 +231,18 @@ def test_generate_compiled_on_gpu_holds_at_least_its_parameters(models, capsys):
 @pytest.mark.gpu
 def test_graph_loop_on_gpu_replays_a_captured_step_with_hf_generates_tokens(models, capsys):
     """On a GPU each token of ``--loop graph`` is one CUDA-graph replay (structured layers in their captured forms),
-    eager or compiled by inductor first; float32, so that HF's eager path and the captured kernels pick the same
-    tokens."""
+    eager (the default on a GPU: ``--loop auto``) or compiled by inductor first; float32, so that HF's eager path and
+    the captured kernels pick the same tokens."""
     args = ("--model", models / "lowrank", "--device", "cuda", "--dtype", "float32", "--prompt", "import os",
             "--max-new-tokens", 8, "--rounds", 2)
-    code, text, err = _run(capsys, *args)
+    code, text, err = _run(capsys, *args, "--loop", "hf")
     assert code == 0, err
-    for extra in ((), ("--compile", "inductor")):
+    for extra in ((), ("--loop", "graph", "--compile", "inductor")):
         record = models / f"gpu-loop{len(extra)}.json"
-        code, looped, err = _run(capsys, *args, "--loop", "graph", "--baseline", models / "dense", *extra,
-                                 "--json", record)
+        code, looped, err = _run(capsys, *args, "--baseline", models / "dense", *extra, "--json", record)
         assert code == 0 and looped == text, (extra, err)
         got = json.loads(record.read_text())
         for measured in (got["model"], got["baseline"]):
+            assert measured["loop"] == "graph", extra
             assert measured["param_bytes"] <= measured["held_bytes"] <= measured["peak_bytes"], extra
             assert measured["graphs_in_rounds"] in (None, 0), extra

@@ -545,11 +545,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--densify-sparse", action="store_true", help="make N:M / fixed-sparse / sparse+low-rank "
                      "layers dense first (on a CPU they have no kernel: dense speed at dense memory)")
     gen.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                     help="static KV cache and HF's compiled decode step with this torch.compile backend (inductor "
-                     "when given alone; reduce-overhead CUDA graphs on a GPU); reports graphs compiled while timed")
-    gen.add_argument("--loop", choices=["hf", "graph"], default="hf", help="hf: HF generate (its host work and a "
-                     "GPU sync after every token); graph: structmat's greedy loop over a static KV cache, each token "
-                     "one decode step replayed from a CUDA graph on a GPU (compiled first with --compile BACKEND)")
+                     help="compile the decode step with this torch.compile backend (inductor when given alone) over a "
+                     "static KV cache: structmat's loop compiles it, then captures it (--loop graph); HF generate "
+                     "runs it with reduce-overhead CUDA graphs on a GPU (--loop hf); reports graphs compiled while "
+                     "timed")
+    gen.add_argument("--loop", choices=["auto", "hf", "graph"], default="auto", help="hf: HF generate (its host "
+                     "work and a GPU sync after every token); graph: structmat's greedy loop over a static KV cache, "
+                     "each token one decode step replayed from a CUDA graph on a GPU (compiled first with --compile "
+                     "BACKEND); auto: graph on a GPU when decoding greedily, hf when sampling or on a CPU")
     gen.add_argument("--sample", action="store_true", help="sample (seeded) instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=0.8, help="with --sample")
     gen.add_argument("--seed", type=int, default=0, help="with --sample: the draw (every round draws the same)")

@@ -236,6 +236,15 @@ class GraphLoop:
             return torch.cat([ids, self.out[:, :new]], dim=1)
 
 
+def resolve_loop(loop: str, device: torch.device, sample: bool) -> str:
+    """``--loop auto``: structmat's decode loop where it serves best, greedy decoding on a GPU (HF ``generate``'s
+    per-token host work bounds a small batch there: session 26); HF ``generate`` for sampling (the loop is greedy) and
+    on a CPU (no graph to replay: the step's host work is the same either way). ``hf`` and ``graph`` as given."""
+    if loop != "auto":
+        return loop
+    return "graph" if device.type == "cuda" and not sample else "hf"
+
+
 class Runner:
     """One model prepared for generation and its measurements."""
 
@@ -278,7 +287,11 @@ class Runner:
     def _run(self, new: int) -> tuple[torch.Tensor, float]:
         if self.loop == "graph":
             if self._graph_loop is None:  # (built, compiled and captured once, in the warm-up)
-                self._graph_loop = GraphLoop(self.model, self.ids, self.measured.new_tokens, self.backend)
+                try:
+                    self._graph_loop = GraphLoop(self.model, self.ids, self.measured.new_tokens, self.backend)
+                except (RuntimeError, NotImplementedError) as exc:  # (a step that cannot be captured or compiled)
+                    raise RuntimeError(f"structmat's decode loop could not run {self.measured.source}: {exc}\n"
+                                       "run it with --loop hf (HF generate)") from exc
             _sync(self.ids.device)
             start = time.perf_counter()
             out = self._graph_loop(self.ids, new)
@@ -340,7 +353,7 @@ def run(args) -> int:
     options = dict(device=device, dtype=dtype, prompt=args.prompt, new_tokens=args.max_new_tokens,
                    fuse=args.fuse, densify_sparse=args.densify_sparse, sample=args.sample,
                    temperature=args.temperature, seed=args.seed, compile_backend=args.compile, batch=args.batch,
-                   chat=args.chat, loop=args.loop)
+                   chat=args.chat, loop=resolve_loop(args.loop, device, args.sample))
     runners = []
     for name in [args.model] + ([args.baseline] if args.baseline else []):
         loaded = _load(name, args.tokenizer)
