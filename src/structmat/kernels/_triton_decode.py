@@ -50,11 +50,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # (small t
 RUNS_IN_INTERPRETER = INTERPRET  # (no PTX: inline assembly takes its portable form)
 MAX_TOKENS = 64  # the kernels keep all tokens in one tile
 TARGET_PROGRAMS = 4  # programs per SM to aim for: enough bytes in flight to stream HBM
-#: The gemv kernel's launch options and its reduction tile at K >= 2048 (module-level so a benchmark can sweep them;
-#: a layer's plan reads them when it is made)
+#: The gemv kernel's launch options and its reduction tile at K >= 2048 and below (module-level so a benchmark can sweep
+#: them; a layer's plan reads them when it is made)
 GEMV_META = {"num_warps": 4, "num_stages": 4}
 SMEM_BUDGET = 160 * 1024  # bytes of pipelined operand tiles per program (the H100/H200 allow 227 KB in all)
 BLOCK_K_LARGE = [256]
+BLOCK_K_SMALL = [128]  # (and always with ``act``: the gated input's second tile in registers)
 #: Up to this many tokens the N:M kernel gathers, per value, the one input its position selects (``_decode_nm_row``: one
 #: multiply-add per value and token, values read as contiguous row tiles); above, the expanded-tile kernel
 #: (``_decode_nm``; a one-element list so a benchmark can compare both). Measured on the H200 (cold, bench shapes
@@ -776,7 +777,7 @@ MULTI_TOKEN_REDUCE = [os.environ.get("STRUCTMAT_MULTI_TOKEN_REDUCE", "1") not in
 def _plan(n: int, groups: int, M: int, K: int, device_type: str, index: int | None, split_ok: bool,
           act: bool = False, reduce: bool = False) -> dict:
     target = TARGET_PROGRAMS * _sms(device_type, index)
-    block_k = 16 if INTERPRET else (BLOCK_K_LARGE[0] if K >= 2048 and not act else 128)
+    block_k = 16 if INTERPRET else (BLOCK_K_LARGE[0] if K >= 2048 and not act else 128 if act else BLOCK_K_SMALL[0])
     block_m = 16
     for bm in (64, 32):  # the largest row block that still leaves enough programs
         if not INTERPRET and groups * _cdiv(M, bm) >= target:
