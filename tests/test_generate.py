@@ -117,6 +117,15 @@ def test_loop_auto_takes_structmats_loop_for_greedy_decoding_on_a_gpu_only():
     assert resolve_loop("auto", cpu, sample=False) == "hf"
     assert [resolve_loop(given, d, False) for given in ("hf", "graph") for d in (gpu, cpu)] == ["hf", "hf", "graph",
                                                                                                   "graph"]
+    # a model whose class does not declare a step that compiles as one graph over a static cache keeps HF generate
+    from transformers import LlamaForCausalLM
+
+    class Undeclared(torch.nn.Module):
+        _can_compile_fullgraph = False
+
+    assert resolve_loop("auto", gpu, False, LlamaForCausalLM) == "graph"
+    assert resolve_loop("auto", gpu, False, Undeclared()) == "hf"
+    assert resolve_loop("graph", gpu, False, Undeclared()) == "graph"  # (asked for: tried, and its error says so)
 
 
 def test_graph_loop_suppresses_end_of_sequence_and_refuses_another_shape():

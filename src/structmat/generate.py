@@ -236,13 +236,16 @@ class GraphLoop:
             return torch.cat([ids, self.out[:, :new]], dim=1)
 
 
-def resolve_loop(loop: str, device: torch.device, sample: bool) -> str:
+def resolve_loop(loop: str, device: torch.device, sample: bool, model: nn.Module | None = None) -> str:
     """``--loop auto``: structmat's decode loop where it serves best, greedy decoding on a GPU (HF ``generate``'s
-    per-token host work bounds a small batch there: session 26); HF ``generate`` for sampling (the loop is greedy) and
-    on a CPU (no graph to replay: the step's host work is the same either way). ``hf`` and ``graph`` as given."""
+    per-token host work bounds a small batch there: session 26) of a model whose class declares a step that compiles
+    as one graph over a static cache (transformers' ``_can_compile_fullgraph``, as a captured step needs); HF
+    ``generate`` for sampling (the loop is greedy), on a CPU (no graph to replay: the step's host work is the same
+    either way) and for other models. ``hf`` and ``graph`` as given."""
     if loop != "auto":
         return loop
-    return "graph" if device.type == "cuda" and not sample else "hf"
+    static = model is None or bool(getattr(model, "_can_compile_fullgraph", False))
+    return "graph" if device.type == "cuda" and not sample and static else "hf"
 
 
 class Runner:
@@ -256,8 +259,9 @@ class Runner:
             raise ValueError(f"--max-new-tokens {new_tokens}: at least 2 (decode speed is measured past the first)")
         if batch < 1:
             raise ValueError(f"--batch {batch}: at least 1")
-        if loop not in ("hf", "graph"):
-            raise ValueError(f"--loop {loop!r}: use hf (HF generate) or graph (structmat's decode loop)")
+        if loop not in ("auto", "hf", "graph"):
+            raise ValueError(f"--loop {loop!r}: use auto, hf (HF generate) or graph (structmat's decode loop)")
+        loop = resolve_loop(loop, device, sample, model)
         if loop == "graph" and sample:
             raise ValueError("--loop graph decodes greedily; drop --sample or use --loop hf")
         allocated = _allocated_own(device)  # (another model may be on the device already: only the change is ours)
@@ -353,7 +357,7 @@ def run(args) -> int:
     options = dict(device=device, dtype=dtype, prompt=args.prompt, new_tokens=args.max_new_tokens,
                    fuse=args.fuse, densify_sparse=args.densify_sparse, sample=args.sample,
                    temperature=args.temperature, seed=args.seed, compile_backend=args.compile, batch=args.batch,
-                   chat=args.chat, loop=resolve_loop(args.loop, device, args.sample))
+                   chat=args.chat, loop=args.loop)
     runners = []
     for name in [args.model] + ([args.baseline] if args.baseline else []):
         loaded = _load(name, args.tokenizer)
