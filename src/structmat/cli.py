@@ -552,8 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--loop", choices=["auto", "hf", "graph"], default="auto", help="hf: HF generate (its host "
                      "work and a GPU sync after every token); graph: structmat's greedy loop over a static KV cache, "
                      "each token one decode step replayed from a CUDA graph on a GPU (compiled first with --compile "
-                     "BACKEND); auto: graph on a GPU when decoding greedily a model whose step compiles as one graph (transformers' "
-                     "_can_compile_fullgraph: Llama, Qwen2, SmolLM2, ...), hf otherwise")
+                     "BACKEND); auto: graph on a GPU when decoding greedily a model whose step compiles as one graph "
+                     "(transformers' _can_compile_fullgraph: Llama, Qwen2, SmolLM2, ...), hf otherwise")
     gen.add_argument("--sample", action="store_true", help="sample (seeded) instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=0.8, help="with --sample")
     gen.add_argument("--seed", type=int, default=0, help="with --sample: the draw (every round draws the same)")

@@ -777,7 +777,7 @@ MULTI_TOKEN_REDUCE = [os.environ.get("STRUCTMAT_MULTI_TOKEN_REDUCE", "1") not in
 def _plan(n: int, groups: int, M: int, K: int, device_type: str, index: int | None, split_ok: bool,
           act: bool = False, reduce: bool = False) -> dict:
     target = TARGET_PROGRAMS * _sms(device_type, index)
-    block_k = 16 if INTERPRET else (BLOCK_K_LARGE[0] if K >= 2048 and not act else 128 if act else BLOCK_K_SMALL[0])
+    block_k = 16 if INTERPRET else 128 if act else BLOCK_K_LARGE[0] if K >= 2048 else BLOCK_K_SMALL[0]
     block_m = 16
     for bm in (64, 32):  # the largest row block that still leaves enough programs
         if not INTERPRET and groups * _cdiv(M, bm) >= target:
